@@ -1,0 +1,85 @@
+/*
+ * backend.h - the table of primitive operations a model runs on (internal).
+ *
+ * Layers call these slots and never know which backend runs them. The CPU
+ * backend fills every slot with the float instantiation of cpu_ops; the CUDA
+ * backend fills the slots it implements and leaves the rest NULL, and
+ * kd_backend_missing() names the first empty slot a model would need, so an
+ * unfinished backend is refused (or, with device: auto, the CPU is used)
+ * before any work starts.
+ *
+ * Operations return nothing: a backend that can fail asynchronously (CUDA)
+ * keeps the first error and reports it from sync(), which the trainer calls
+ * once per step. All pointers given to an operation live on the backend's
+ * device.
+ */
+#ifndef KD_BACKEND_H
+#define KD_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cpu_ops.h"
+#include "status.h"
+#include "tensor.h"
+
+typedef struct kd_backend {
+    const char *name;
+    kd_device device;
+
+    kd_status (*alloc)(void **p, size_t bytes); /* zero-filled */
+    void (*release)(void *p);
+    kd_status (*upload)(void *dst, const void *src, size_t bytes);   /* host -> device */
+    kd_status (*download)(void *dst, const void *src, size_t bytes); /* device -> host */
+    kd_status (*zero)(void *dst, size_t bytes);
+    kd_status (*sync)(void); /* waits for queued work; returns the first error */
+
+    void (*linear_fwd)(int n, int in, int out, const float *x, const float *w, const float *b,
+                       float *y);
+    void (*linear_bwd)(int n, int in, int out, const float *x, const float *w, const float *dy,
+                       float *dx, float *dw, float *db);
+    size_t (*conv2d_ws)(const kd_conv_shape *s);
+    void (*conv2d_fwd)(const kd_conv_shape *s, const float *x, const float *w, const float *b,
+                       float *y, float *ws);
+    void (*conv2d_bwd)(const kd_conv_shape *s, const float *x, const float *w, const float *dy,
+                       float *dx, float *dw, float *db, float *ws);
+    void (*bn_fwd_train)(int n, int c, int hw, const float *x, const float *gamma,
+                         const float *beta, float *y, float *save_mean, float *save_invstd,
+                         float *run_mean, float *run_var, double momentum, double eps);
+    void (*bn_fwd_eval)(int n, int c, int hw, const float *x, const float *gamma,
+                        const float *beta, const float *run_mean, const float *run_var, float *y,
+                        double eps);
+    void (*bn_bwd)(int n, int c, int hw, const float *x, const float *dy, const float *gamma,
+                   const float *save_mean, const float *save_invstd, float *dx, float *dgamma,
+                   float *dbeta);
+    void (*act_fwd)(size_t n, const float *x, float *y, double cap);
+    void (*act_bwd)(size_t n, const float *x, const float *dy, float *dx, double cap);
+    void (*maxpool_fwd)(const kd_pool_shape *p, const float *x, float *y, int32_t *arg);
+    void (*maxpool_bwd)(const kd_pool_shape *p, const float *dy, const int32_t *arg, float *dx);
+    void (*avgpool_fwd)(const kd_pool_shape *p, const float *x, float *y);
+    void (*avgpool_bwd)(const kd_pool_shape *p, const float *dy, float *dx);
+    void (*gap_fwd)(int n, int c, int hw, const float *x, float *y);
+    void (*gap_bwd)(int n, int c, int hw, const float *dy, float *dx);
+    void (*dropout_fwd)(size_t n, const float *x, float *y, float *mask, double p,
+                        uint64_t seed);
+    void (*mul)(size_t n, const float *a, const float *b, float *y);
+    void (*add)(size_t n, const float *a, const float *b, float *y);
+    void (*copy)(size_t n, const float *src, float *dst);
+    /* summed cross-entropy; dlogits = scale * d(mean)/dlogits; labels on the device */
+    double (*ce)(int n, int c, const float *logits, const int32_t *labels, double smoothing,
+                 float *dlogits, double scale, int64_t *correct);
+} kd_backend;
+
+/* The CPU backend: always available. */
+const kd_backend *kd_backend_cpu(void);
+
+/*
+ * The CUDA backend, or NULL when distill was built without CUDA or no device
+ * answers; *why then says which (for the log line of device: auto).
+ */
+const kd_backend *kd_backend_cuda(const char **why);
+
+/* Name of the first operation slot in `needed` (comma-separated) that be lacks, or NULL. */
+const char *kd_backend_missing(const kd_backend *be, const char *needed);
+
+#endif

@@ -1,0 +1,197 @@
+/*
+ * checkpoint.c - safetensors checkpoints of a model's state table.
+ *
+ * The state table (model.h) is the single description of what is saved:
+ * PARAM rows slice the parameter buffer, BUFFER rows the running-statistics
+ * buffer, COUNTER rows are int64 scalars. Loading validates every row before
+ * touching the model, so a bad file leaves the model as it was.
+ */
+#include "checkpoint.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "safetensors.h"
+
+#define KD_CKPT_FORMAT "distill-checkpoint-v1"
+
+kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *state,
+                             size_t nstate, const kd_ckpt_info *info)
+{
+    size_t nent = (size_t)m->nentries + (state ? 1 : 0);
+    kd_st_entry *ents = calloc(nent, sizeof *ents);
+    float *hp = malloc((m->nparams + 1) * sizeof(float));
+    float *hb = malloc((m->nbuffers + 1) * sizeof(float));
+    float *hs = state ? malloc((nstate + 1) * sizeof(float)) : NULL;
+    int64_t *counters = calloc((size_t)m->nentries + 1, sizeof(int64_t));
+    kd_status st = KD_OK;
+    if (!ents || !hp || !hb || !counters || (state && !hs)) {
+        st = KD_FAIL(KD_ERR_NOMEM, "out of memory saving '%s'", path);
+        goto done;
+    }
+    if ((st = m->be->download(hp, m->params, m->nparams * sizeof(float))) ||
+        (st = m->be->download(hb, m->buffers, m->nbuffers * sizeof(float))) ||
+        (state && (st = m->be->download(hs, state, nstate * sizeof(float)))))
+        goto done;
+    for (int i = 0; i < m->nentries; i++) {
+        const kd_state_entry *e = &m->entries[i];
+        kd_st_entry *t = &ents[i];
+        t->name = e->name;
+        t->ndim = e->ndim;
+        memcpy(t->shape, e->shape, sizeof t->shape);
+        if (e->kind == KD_ENTRY_COUNTER) {
+            counters[i] = e->counter ? *e->counter : 0;
+            t->dtype = KD_DTYPE_I64;
+            t->data = &counters[i];
+        } else {
+            t->dtype = KD_DTYPE_F32;
+            t->data = (e->kind == KD_ENTRY_PARAM ? hp : hb) + e->offset;
+        }
+    }
+    if (state) {
+        kd_st_entry *t = &ents[m->nentries];
+        t->name = "__optim__.state";
+        t->dtype = KD_DTYPE_F32;
+        t->ndim = 2;
+        t->shape[0] = m->nparams ? (int64_t)(nstate / m->nparams) : 0;
+        t->shape[1] = (int64_t)m->nparams;
+        t->data = hs;
+    }
+    char hash[32], step[32], epoch[32], best[64], seed[32];
+    snprintf(hash, sizeof hash, "%016" PRIx64, m->def_hash);
+    snprintf(step, sizeof step, "%" PRId64, info->step);
+    snprintf(epoch, sizeof epoch, "%" PRId64, info->epoch);
+    snprintf(best, sizeof best, "%.17g", info->best_val_acc);
+    snprintf(seed, sizeof seed, "%" PRIu64, info->seed);
+    const char *meta[] = {"format", KD_CKPT_FORMAT, "model_hash", hash, "step", step, "epoch", epoch,
+                          "best_val_acc", best, "seed", seed, "optimizer",
+                          info->optimizer ? info->optimizer : "none"};
+    st = kd_safetensors_save(path, ents, nent, meta, sizeof meta / sizeof meta[0] / 2);
+done:
+    free(ents);
+    free(hp);
+    free(hb);
+    free(hs);
+    free(counters);
+    return st;
+}
+
+static int same_shape(const kd_st_entry *t, const kd_state_entry *e)
+{
+    if (t->ndim != e->ndim)
+        return 0;
+    for (int i = 0; i < e->ndim; i++)
+        if (t->shape[i] != e->shape[i])
+            return 0;
+    return 1;
+}
+
+kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t nstate,
+                             kd_ckpt_info *info)
+{
+    kd_safetensors *st = NULL;
+    KD_TRY(kd_safetensors_open(path, &st));
+    kd_status rc = KD_OK;
+    char report[1536] = "";
+    size_t used = 0;
+    int bad = 0;
+    float *hp = NULL, *hb = NULL;
+#define REPORT(...)                                                                          \
+    do {                                                                                     \
+        if (bad++ < 12 && used < sizeof report)                                              \
+            used += (size_t)snprintf(report + used, sizeof report - used, __VA_ARGS__);      \
+    } while (0)
+    for (int i = 0; i < m->nentries; i++) {
+        const kd_state_entry *e = &m->entries[i];
+        const kd_st_entry *t = kd_safetensors_find(st, e->name);
+        char a[64], b[64];
+        if (!t) {
+            REPORT("\n  missing %s %s", e->name, kd_shape_str(e->shape, e->ndim, a, sizeof a));
+            continue;
+        }
+        kd_dtype want = e->kind == KD_ENTRY_COUNTER ? KD_DTYPE_I64 : KD_DTYPE_F32;
+        if (!same_shape(t, e))
+            REPORT("\n  %s is %s in the checkpoint but %s in the model", e->name,
+                   kd_shape_str(t->shape, t->ndim, a, sizeof a),
+                   kd_shape_str(e->shape, e->ndim, b, sizeof b));
+        else if (t->dtype != want)
+            REPORT("\n  %s has dtype %s, expected %s", e->name, kd_dtype_name(t->dtype),
+                   kd_dtype_name(want));
+    }
+    for (size_t i = 0; i < kd_safetensors_count(st); i++) {
+        const char *name = kd_safetensors_entry(st, i)->name;
+        if (strcmp(name, "__optim__.state") == 0)
+            continue;
+        int known = 0;
+        for (int j = 0; j < m->nentries && !known; j++)
+            known = strcmp(m->entries[j].name, name) == 0;
+        if (!known)
+            REPORT("\n  unexpected %s (not in the model)", name);
+    }
+    if (bad) {
+        if (bad > 12)
+            used += (size_t)snprintf(report + used, sizeof report - used, "\n  ... and %d more",
+                                     bad - 12);
+        rc = KD_FAIL(KD_ERR_SHAPE,
+                     "checkpoint '%s' does not match the model (%d difference%s): is it from "
+                     "another model definition?%s",
+                     path, bad, bad == 1 ? "" : "s", report);
+        goto done;
+    }
+    const kd_st_entry *os = NULL;
+    if (state) {
+        os = kd_safetensors_find(st, "__optim__.state");
+        size_t have = 0;
+        if (os && os->dtype == KD_DTYPE_F32 && os->ndim == 2)
+            have = (size_t)(os->shape[0] * os->shape[1]);
+        if (!os || have != nstate || (os->ndim == 2 && os->shape[1] != (int64_t)m->nparams)) {
+            const char *opt = kd_safetensors_meta(st, "optimizer");
+            rc = KD_FAIL(KD_ERR_FORMAT,
+                         "checkpoint '%s' has no optimiser state for this job (it holds %zu floats "
+                         "from optimizer '%s', the job needs %zu): resume with the optimizer it "
+                         "was trained with",
+                         path, have, opt ? opt : "?", nstate);
+            goto done;
+        }
+    }
+    hp = malloc((m->nparams + 1) * sizeof(float));
+    hb = malloc((m->nbuffers + 1) * sizeof(float));
+    if (!hp || !hb) {
+        rc = KD_FAIL(KD_ERR_NOMEM, "out of memory loading '%s'", path);
+        goto done;
+    }
+    for (int i = 0; i < m->nentries; i++) {
+        const kd_state_entry *e = &m->entries[i];
+        const kd_st_entry *t = kd_safetensors_find(st, e->name);
+        if (e->kind == KD_ENTRY_COUNTER) {
+            if (e->counter)
+                memcpy(e->counter, t->data, sizeof(int64_t));
+        } else {
+            memcpy((e->kind == KD_ENTRY_PARAM ? hp : hb) + e->offset, t->data,
+                   e->numel * sizeof(float));
+        }
+    }
+    if ((rc = m->be->upload(m->params, hp, m->nparams * sizeof(float))) ||
+        (rc = m->be->upload(m->buffers, hb, m->nbuffers * sizeof(float))))
+        goto done;
+    if (state && (rc = m->be->upload(state, os->data, nstate * sizeof(float))))
+        goto done;
+    if (info) {
+        static _Thread_local char opt[16];
+        const char *v;
+        info->step = (v = kd_safetensors_meta(st, "step")) ? strtoll(v, NULL, 10) : 0;
+        info->epoch = (v = kd_safetensors_meta(st, "epoch")) ? strtoll(v, NULL, 10) : 0;
+        info->best_val_acc = (v = kd_safetensors_meta(st, "best_val_acc")) ? strtod(v, NULL) : 0;
+        info->seed = (v = kd_safetensors_meta(st, "seed")) ? strtoull(v, NULL, 10) : 0;
+        snprintf(opt, sizeof opt, "%s", (v = kd_safetensors_meta(st, "optimizer")) ? v : "");
+        info->optimizer = opt;
+    }
+done:
+#undef REPORT
+    free(hp);
+    free(hb);
+    kd_safetensors_close(st);
+    return rc;
+}

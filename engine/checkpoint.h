@@ -1,0 +1,41 @@
+/*
+ * checkpoint.h - model and training state in safetensors files.
+ *
+ * Tensors are named as PyTorch's state_dict names them ("3.weight",
+ * "1.running_mean", "1.num_batches_tracked"), so a checkpoint loads into the
+ * mirrored nn.Sequential; the optimiser state goes in one extra tensor
+ * "__optim__.state" [k, nparams]. Metadata (all strings): format, model_hash,
+ * step, epoch, best_val_acc, seed, optimizer. Saving is atomic: the previous
+ * file survives any failure.
+ */
+#ifndef KD_CHECKPOINT_H
+#define KD_CHECKPOINT_H
+
+#include <stdint.h>
+
+#include "model.h"
+#include "status.h"
+
+typedef struct {
+    int64_t step;  /* optimiser updates done */
+    int64_t epoch; /* epochs fully done */
+    double best_val_acc;
+    uint64_t seed;
+    const char *optimizer; /* "sgd" / "adamw" */
+} kd_ckpt_info;
+
+/* Save params, buffers, counters and (if state != NULL) nstate optimiser floats. */
+kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *state,
+                             size_t nstate, const kd_ckpt_info *info);
+
+/*
+ * Load into m. Every model tensor must be present with the same shape;
+ * mismatches are listed by name and shape in the message and nothing in m is
+ * changed. When state != NULL the optimiser state must be present with nstate
+ * floats. info (may be NULL) receives step, epoch, best_val_acc and seed;
+ * info->optimizer points into a static buffer.
+ */
+kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t nstate,
+                             kd_ckpt_info *info);
+
+#endif

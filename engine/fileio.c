@@ -1,0 +1,246 @@
+/*
+ * fileio.c - durable whole-file writes, whole-file reads, mkdir -p.
+ *
+ * Invariants of kd_file_write_atomic: the temporary file lives in the same
+ * directory as the target (rename is only atomic within one filesystem); it
+ * is renamed only after every write, fflush, fsync and fclose succeeded; on
+ * every failure path it is unlinked. One writer per target path at a time:
+ * the temporary name is unique per process, not per thread.
+ */
+#include "fileio.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+kd_status kd_fwrite_all(FILE *f, const void *p, size_t n, const char *what)
+{
+    if (n == 0)
+        return KD_OK;
+    errno = 0;
+    size_t done = fwrite(p, 1, n, f);
+    if (done != n) {
+        /* A short count with errno 0 is still a failure: never trust a partial file. */
+        return KD_FAIL(KD_ERR_IO, "%s: short write (%zu of %zu bytes): %s", what, done, n,
+                       errno ? strerror(errno) : "unknown error");
+    }
+    return KD_OK;
+}
+
+/* The directory holding path, for the fsync that makes the rename durable. */
+static char *dir_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        return strdup(".");
+    if (slash == path)
+        return strdup("/");
+    return strndup(path, (size_t)(slash - path));
+}
+
+kd_status kd_file_write_atomic(const char *path, kd_write_fn fn, void *ctx)
+{
+    if (!path || !*path || !fn)
+        return KD_FAIL(KD_ERR_INVALID, "kd_file_write_atomic: empty path or no writer");
+
+    kd_status st = KD_OK;
+    const char *step = NULL;
+    int err = 0;
+    FILE *f = NULL;
+    int tmp_exists = 0, rc, dfd;
+    char *dir = NULL;
+    size_t tlen = strlen(path) + 32;
+    char *tmp = malloc(tlen);
+    if (!tmp)
+        return KD_FAIL(KD_ERR_NOMEM, "writing '%s': out of memory", path);
+    snprintf(tmp, tlen, "%s.tmp.%ld", path, (long)getpid());
+
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        step = "creating temporary file";
+        err = errno;
+        goto fail;
+    }
+    tmp_exists = 1;
+    f = fdopen(fd, "wb");
+    if (!f) {
+        step = "fdopen";
+        err = errno;
+        close(fd);
+        goto fail;
+    }
+
+    st = fn(f, ctx);
+    if (st != KD_OK) {
+        kd_fail_context(st, "writing '%s': ", path);
+        goto fail;
+    }
+    /* Catches writers that used fprintf & co. without checking each call. */
+    if (ferror(f)) {
+        step = "write";
+        err = errno ? errno : EIO;
+        goto fail;
+    }
+    if (fflush(f) != 0) {
+        step = "fflush";
+        err = errno;
+        goto fail;
+    }
+    if (fsync(fileno(f)) != 0) {
+        step = "fsync";
+        err = errno;
+        goto fail;
+    }
+    /* fclose releases the stream even when it fails, so never close it twice. */
+    rc = fclose(f);
+    f = NULL;
+    if (rc != 0) {
+        step = "fclose";
+        err = errno;
+        goto fail;
+    }
+    if (rename(tmp, path) != 0) {
+        step = "rename";
+        err = errno;
+        goto fail;
+    }
+    tmp_exists = 0;
+
+    /* Without this the rename itself may be lost on power failure. */
+    dir = dir_of(path);
+    if (!dir) {
+        st = KD_FAIL(KD_ERR_NOMEM, "writing '%s': out of memory", path);
+        goto fail;
+    }
+    dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) {
+        step = "opening directory";
+        err = errno;
+        goto fail;
+    }
+    /* Some filesystems cannot fsync a directory (EINVAL); the data is already safe there. */
+    if (fsync(dfd) != 0 && errno != EINVAL) {
+        err = errno;
+        close(dfd);
+        step = "fsync of directory";
+        goto fail;
+    }
+    close(dfd);
+    free(dir);
+    free(tmp);
+    return KD_OK;
+
+fail:
+    if (step)
+        st = KD_FAIL(KD_ERR_IO, "writing '%s': %s failed: %s", path, step,
+                     err ? strerror(err) : "unknown error");
+    if (f)
+        fclose(f);
+    if (tmp_exists)
+        unlink(tmp);
+    free(dir);
+    free(tmp);
+    return st;
+}
+
+kd_status kd_file_read_all(const char *path, void **buf, size_t *len)
+{
+    if (!path || !buf || !len)
+        return KD_FAIL(KD_ERR_INVALID, "kd_file_read_all: NULL argument");
+    *buf = NULL;
+    *len = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        int e = errno;
+        return KD_FAIL(e == ENOENT ? KD_ERR_NOT_FOUND : KD_ERR_IO, "cannot open '%s': %s", path,
+                       strerror(e));
+    }
+    struct stat sb;
+    if (fstat(fd, &sb) != 0) {
+        int e = errno;
+        close(fd);
+        return KD_FAIL(KD_ERR_IO, "cannot stat '%s': %s", path, strerror(e));
+    }
+    /* The size is only a hint: pipes report 0 and files may grow, so read to EOF. */
+    size_t cap = (S_ISREG(sb.st_mode) && sb.st_size > 0) ? (size_t)sb.st_size + 1 : 4096;
+    size_t n = 0;
+    char *p = malloc(cap);
+    if (!p) {
+        close(fd);
+        return KD_FAIL(KD_ERR_NOMEM, "reading '%s': out of memory (%zu bytes)", path, cap);
+    }
+    for (;;) {
+        if (n + 1 >= cap) {
+            size_t ncap = cap * 2;
+            char *np = realloc(p, ncap);
+            if (!np) {
+                free(p);
+                close(fd);
+                return KD_FAIL(KD_ERR_NOMEM, "reading '%s': out of memory (%zu bytes)", path, ncap);
+            }
+            p = np;
+            cap = ncap;
+        }
+        ssize_t r = read(fd, p + n, cap - 1 - n);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            int e = errno;
+            free(p);
+            close(fd);
+            return KD_FAIL(KD_ERR_IO, "reading '%s': %s", path, strerror(e));
+        }
+        if (r == 0)
+            break;
+        n += (size_t)r;
+    }
+    close(fd);
+    p[n] = '\0';
+    *buf = p;
+    *len = n;
+    return KD_OK;
+}
+
+/* mkdir one component; an existing directory counts as success, anything else in the way not. */
+static kd_status mkdir_one(const char *dir, const char *full)
+{
+    if (mkdir(dir, 0755) == 0)
+        return KD_OK;
+    int e = errno;
+    struct stat sb;
+    if (e == EEXIST || e == EISDIR) {
+        if (stat(dir, &sb) == 0 && S_ISDIR(sb.st_mode))
+            return KD_OK;
+        return KD_FAIL(KD_ERR_IO, "cannot create directory '%s': '%s' exists and is not a directory",
+                       full, dir);
+    }
+    return KD_FAIL(KD_ERR_IO, "cannot create directory '%s': mkdir '%s': %s", full, dir, strerror(e));
+}
+
+kd_status kd_mkdir_p(const char *dir)
+{
+    if (!dir || !*dir)
+        return KD_FAIL(KD_ERR_INVALID, "kd_mkdir_p: empty directory name");
+    char *buf = strdup(dir);
+    if (!buf)
+        return KD_FAIL(KD_ERR_NOMEM, "cannot create directory '%s': out of memory", dir);
+    kd_status st = KD_OK;
+    /* Create each prefix ending before a '/', skipping the root and repeated slashes. */
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/' || p[-1] == '/')
+            continue;
+        *p = '\0';
+        st = mkdir_one(buf, dir);
+        *p = '/';
+        if (st != KD_OK)
+            goto done;
+    }
+    st = mkdir_one(buf, dir);
+done:
+    free(buf);
+    return st;
+}

@@ -1,0 +1,51 @@
+/*
+ * fileio.h - durable whole-file writes and small filesystem helpers.
+ *
+ * kd_file_write_atomic either leaves the complete new contents at path or
+ * leaves whatever was there before: the bytes go to a temporary file in the
+ * same directory, which is flushed to disk and only then renamed over path.
+ * A crash or a full disk can never leave a half-written checkpoint behind.
+ */
+#ifndef KD_FILEIO_H
+#define KD_FILEIO_H
+
+#include <stddef.h>
+#include <stdio.h>
+
+#include "status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/*
+ * Writes the contents of a file to f. It must report every write error
+ * (kd_fwrite_all does); the stream is also checked with ferror afterwards.
+ */
+typedef kd_status (*kd_write_fn)(FILE *f, void *ctx);
+
+/*
+ * Replace path with what fn writes: path.tmp.<pid> is written, flushed,
+ * fsynced and closed, renamed over path, and the directory is fsynced. On
+ * failure the temporary file is removed, the old file at path is untouched,
+ * and the message names path and the step that failed.
+ */
+kd_status kd_file_write_atomic(const char *path, kd_write_fn fn, void *ctx);
+
+/* fwrite that fails (KD_ERR_IO, naming what) unless all n bytes were written. */
+kd_status kd_fwrite_all(FILE *f, const void *p, size_t n, const char *what);
+
+/*
+ * Read a whole file into a malloc'd buffer (caller frees with free()). The
+ * buffer has a NUL after the last byte so text can be used as a C string;
+ * *len excludes it. A missing file is KD_ERR_NOT_FOUND.
+ */
+kd_status kd_file_read_all(const char *path, void **buf, size_t *len);
+
+/* mkdir -p: create dir and its missing parents; an existing directory is fine. */
+kd_status kd_mkdir_p(const char *dir);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

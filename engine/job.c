@@ -1,0 +1,305 @@
+/*
+ * job.c - reading and checking a job file. Every section has its list of
+ * allowed keys; defaults live here and are documented in README.md.
+ */
+#include "job.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static kd_status copy_str(const kd_node *map, const char *key, int required, char *dst,
+                          size_t len)
+{
+    const char *v = NULL;
+    KD_TRY(kd_node_get_str(map, key, required, &v));
+    if (!v)
+        return KD_OK;
+    if (strlen(v) >= len) {
+        char pos[160];
+        return KD_FAIL(KD_ERR_CONFIG, "%s: '%s' is longer than %zu characters",
+                       kd_node_where(kd_node_child(map, key), pos, sizeof pos), key, len - 1);
+    }
+    snprintf(dst, len, "%s", v);
+    return KD_OK;
+}
+
+static kd_status get_int_range(const kd_node *map, const char *key, int required, int64_t lo,
+                               int64_t hi, int64_t *out)
+{
+    int64_t v = *out;
+    KD_TRY(kd_node_get_int(map, key, required, &v));
+    if (v < lo || v > hi) {
+        char pos[160];
+        return KD_FAIL(KD_ERR_CONFIG, "%s: '%s' must be in [%lld, %lld], got %lld",
+                       kd_node_where(kd_node_child(map, key), pos, sizeof pos), key,
+                       (long long)lo, (long long)hi, (long long)v);
+    }
+    *out = v;
+    return KD_OK;
+}
+
+static kd_status get_i32(const kd_node *map, const char *key, int required, int lo, int hi,
+                         int *out)
+{
+    int64_t v = *out;
+    KD_TRY(get_int_range(map, key, required, lo, hi, &v));
+    *out = (int)v;
+    return KD_OK;
+}
+
+static kd_status section(const kd_node *root, const char *key, int required,
+                         const char *const *allowed, const kd_node **out)
+{
+    char pos[160];
+    *out = kd_node_child(root, key);
+    if (!*out) {
+        if (required)
+            return KD_FAIL(KD_ERR_CONFIG, "%s: missing required section '%s'",
+                           kd_node_where(root, pos, sizeof pos), key);
+        return KD_OK;
+    }
+    if ((*out)->kind == KD_NODE_SCALAR && !(*out)->quoted &&
+        (!(*out)->value[0] || !strcmp((*out)->value, "null") || !strcmp((*out)->value, "~"))) {
+        *out = NULL;
+        return KD_OK;
+    }
+    return kd_node_check_keys(*out, allowed, key);
+}
+
+static kd_status parse_run(kd_job *j)
+{
+    static const char *const keys[] = {"name", "out_dir", "seed", "device", "threads",
+                                       "log_every", "checkpoint_every", NULL};
+    const kd_node *s;
+    KD_TRY(section(j->root, "run", 0, keys, &s));
+    snprintf(j->name, sizeof j->name, "run");
+    snprintf(j->device, sizeof j->device, "auto");
+    long nproc = sysconf(_SC_NPROCESSORS_ONLN);
+    j->threads = nproc > 0 ? (int)nproc : 1;
+    j->log_every = 100;
+    int64_t seed = 1;
+    if (s) {
+        KD_TRY(copy_str(s, "name", 0, j->name, sizeof j->name));
+        KD_TRY(copy_str(s, "out_dir", 0, j->out_dir, sizeof j->out_dir));
+        KD_TRY(get_int_range(s, "seed", 0, 0, INT64_MAX, &seed));
+        KD_TRY(copy_str(s, "device", 0, j->device, sizeof j->device));
+        KD_TRY(get_i32(s, "threads", 0, 1, 1024, &j->threads));
+        KD_TRY(get_i32(s, "log_every", 0, 1, 1 << 30, &j->log_every));
+        KD_TRY(get_i32(s, "checkpoint_every", 0, 0, 1 << 30, &j->checkpoint_every));
+        if (strcmp(j->device, "auto") && strcmp(j->device, "cpu") && strcmp(j->device, "cuda")) {
+            char pos[160];
+            return KD_FAIL(KD_ERR_CONFIG, "%s: device must be auto, cpu or cuda, got '%s'",
+                           kd_node_where(kd_node_child(s, "device"), pos, sizeof pos), j->device);
+        }
+    }
+    j->seed = (uint64_t)seed;
+    if (!j->out_dir[0])
+        snprintf(j->out_dir, sizeof j->out_dir, "runs/%s", j->name);
+    return KD_OK;
+}
+
+static kd_status parse_data(kd_job *j)
+{
+    static const char *const keys[] = {"dataset", "root", "batch_size", "eval_batch_size",
+                                       "val_size", "augment", "train_limit", NULL};
+    static const char *const aug_keys[] = {"crop_pad", "hflip", NULL};
+    const kd_node *s;
+    KD_TRY(section(j->root, "data", 1, keys, &s));
+    KD_TRY(copy_str(s, "dataset", 1, j->dataset, sizeof j->dataset));
+    KD_TRY(copy_str(s, "root", 0, j->data_root, sizeof j->data_root));
+    j->batch_size = 128;
+    j->eval_batch_size = 500;
+    j->val_size = 5000;
+    KD_TRY(get_i32(s, "batch_size", 0, 1, 1 << 20, &j->batch_size));
+    KD_TRY(get_i32(s, "eval_batch_size", 0, 1, 1 << 20, &j->eval_batch_size));
+    KD_TRY(get_int_range(s, "val_size", 0, 0, INT64_MAX, &j->val_size));
+    KD_TRY(get_int_range(s, "train_limit", 0, 0, INT64_MAX, &j->train_limit));
+    const kd_node *a;
+    KD_TRY(section(s, "augment", 0, aug_keys, &a));
+    if (a) {
+        KD_TRY(get_i32(a, "crop_pad", 0, 0, 64, &j->augment.crop_pad));
+        KD_TRY(kd_node_get_bool(a, "hflip", 0, &j->augment.hflip));
+    }
+    return KD_OK;
+}
+
+static kd_status parse_model(kd_job *j)
+{
+    char pos[160];
+    const kd_node *mnode = kd_node_child(j->root, "model");
+    if (!mnode)
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "%s: missing required section 'model' (a model file path, or a mapping "
+                       "with 'input' and 'layers')",
+                       kd_node_where(j->root, pos, sizeof pos));
+    const kd_node *def = mnode;
+    if (mnode->kind == KD_NODE_SCALAR) {
+        KD_TRY(kd_yaml_load_file(mnode->value, &j->model_doc));
+        def = j->model_doc;
+        snprintf(j->model_desc, sizeof j->model_desc, "%s", mnode->value);
+    } else {
+        snprintf(j->model_desc, sizeof j->model_desc, "%s (inline)", j->path);
+    }
+    static const char *const keys[] = {"input", "layers", "name", NULL};
+    KD_TRY(kd_node_check_keys(def, keys, "model"));
+    j->model_input = kd_node_child(def, "input");
+    j->model_layers = kd_node_child(def, "layers");
+    if (!j->model_input || !j->model_layers)
+        return KD_FAIL(KD_ERR_CONFIG, "%s: the model needs both 'input' and 'layers'",
+                       kd_node_where(def, pos, sizeof pos));
+    return KD_OK;
+}
+
+static kd_status parse_distill(kd_job *j)
+{
+    static const char *const keys[] = {"mode", "losses", NULL};
+    static const char *const loss_keys[] = {"type", "weight", "label_smoothing", NULL};
+    const kd_node *s;
+    char pos[160];
+    KD_TRY(section(j->root, "distill", 0, keys, &s));
+    snprintf(j->mode, sizeof j->mode, "none");
+    j->ce_weight = 1.0;
+    if (!s)
+        return KD_OK;
+    KD_TRY(copy_str(s, "mode", 0, j->mode, sizeof j->mode));
+    if (strcmp(j->mode, "none") != 0) {
+        if (!strcmp(j->mode, "offline") || !strcmp(j->mode, "online") || !strcmp(j->mode, "self"))
+            return KD_FAIL(KD_ERR_UNSUPPORTED,
+                           "%s: distill.mode '%s' is not available in this version; only 'none' "
+                           "(supervised training) is",
+                           kd_node_where(kd_node_child(s, "mode"), pos, sizeof pos), j->mode);
+        return KD_FAIL(KD_ERR_CONFIG, "%s: distill.mode must be none, offline, online or self, got "
+                                      "'%s'",
+                       kd_node_where(kd_node_child(s, "mode"), pos, sizeof pos), j->mode);
+    }
+    const kd_node *losses = kd_node_child(s, "losses");
+    if (!losses)
+        return KD_OK;
+    if (losses->kind != KD_NODE_SEQ)
+        return KD_FAIL(KD_ERR_CONFIG, "%s: distill.losses must be a list",
+                       kd_node_where(losses, pos, sizeof pos));
+    int have_ce = 0;
+    for (size_t i = 0; i < losses->len; i++) {
+        const kd_node *l = losses->items[i];
+        KD_TRY(kd_node_check_keys(l, loss_keys, "a loss term"));
+        const char *type = NULL;
+        KD_TRY(kd_node_get_str(l, "type", 1, &type));
+        if (strcmp(type, "ce") != 0)
+            return KD_FAIL(KD_ERR_CONFIG, "%s: loss type '%s' is not available with mode none "
+                                          "(known: ce)",
+                           kd_node_where(l, pos, sizeof pos), type);
+        if (have_ce++)
+            return KD_FAIL(KD_ERR_CONFIG, "%s: 'ce' is listed twice",
+                           kd_node_where(l, pos, sizeof pos));
+        KD_TRY(kd_node_get_float(l, "weight", 0, &j->ce_weight));
+        KD_TRY(kd_node_get_float(l, "label_smoothing", 0, &j->label_smoothing));
+        if (!(j->label_smoothing >= 0 && j->label_smoothing < 1) || !(j->ce_weight > 0))
+            return KD_FAIL(KD_ERR_CONFIG,
+                           "%s: ce needs weight > 0 and label_smoothing in [0, 1)",
+                           kd_node_where(l, pos, sizeof pos));
+    }
+    return KD_OK;
+}
+
+static kd_status parse_optim(kd_job *j)
+{
+    static const char *const keys[] = {"name", "lr", "momentum", "nesterov", "beta1", "beta2",
+                                       "eps", "weight_decay", "clip_norm", "epochs", "schedule",
+                                       NULL};
+    static const char *const sched_keys[] = {"type", "warmup_steps", "min_lr", "step_size",
+                                             "gamma", NULL};
+    const kd_node *s;
+    char pos[160];
+    KD_TRY(section(j->root, "optim", 1, keys, &s));
+    KD_TRY(copy_str(s, "name", 1, j->optim_name, sizeof j->optim_name));
+    kd_optim_cfg *o = &j->optim;
+    memset(o, 0, sizeof *o);
+    o->beta1 = 0.9;
+    o->beta2 = 0.999;
+    o->eps = 1e-8;
+    if (!strcmp(j->optim_name, "sgd"))
+        o->kind = KD_OPTIM_SGD;
+    else if (!strcmp(j->optim_name, "adamw"))
+        o->kind = KD_OPTIM_ADAMW;
+    else
+        return KD_FAIL(KD_ERR_CONFIG, "%s: optim.name must be sgd or adamw, got '%s'",
+                       kd_node_where(kd_node_child(s, "name"), pos, sizeof pos), j->optim_name);
+    KD_TRY(kd_node_get_float(s, "lr", 1, &o->lr));
+    KD_TRY(kd_node_get_float(s, "momentum", 0, &o->momentum));
+    KD_TRY(kd_node_get_bool(s, "nesterov", 0, &o->nesterov));
+    KD_TRY(kd_node_get_float(s, "beta1", 0, &o->beta1));
+    KD_TRY(kd_node_get_float(s, "beta2", 0, &o->beta2));
+    KD_TRY(kd_node_get_float(s, "eps", 0, &o->eps));
+    KD_TRY(kd_node_get_float(s, "weight_decay", 0, &o->weight_decay));
+    KD_TRY(kd_node_get_float(s, "clip_norm", 0, &o->clip_norm));
+    j->epochs = 10;
+    KD_TRY(get_i32(s, "epochs", 0, 1, 1 << 20, &j->epochs));
+    kd_status st = kd_optim_cfg_check(o);
+    if (st != KD_OK)
+        return kd_fail_context(st, "%s: ", kd_node_where(s, pos, sizeof pos));
+    kd_sched_cfg *c = &j->sched;
+    memset(c, 0, sizeof *c);
+    c->kind = KD_SCHED_CONSTANT;
+    c->gamma = 0.1;
+    const kd_node *sc;
+    KD_TRY(section(s, "schedule", 0, sched_keys, &sc));
+    if (sc) {
+        char type[16] = "constant";
+        KD_TRY(copy_str(sc, "type", 0, type, sizeof type));
+        if (!strcmp(type, "constant"))
+            c->kind = KD_SCHED_CONSTANT;
+        else if (!strcmp(type, "step"))
+            c->kind = KD_SCHED_STEP;
+        else if (!strcmp(type, "cosine"))
+            c->kind = KD_SCHED_COSINE;
+        else
+            return KD_FAIL(KD_ERR_CONFIG,
+                           "%s: schedule type must be constant, step or cosine, got '%s'",
+                           kd_node_where(kd_node_child(sc, "type"), pos, sizeof pos), type);
+        KD_TRY(get_int_range(sc, "warmup_steps", 0, 0, INT64_MAX, &c->warmup_steps));
+        KD_TRY(get_int_range(sc, "step_size", 0, 0, INT64_MAX, &c->step_size));
+        KD_TRY(kd_node_get_float(sc, "min_lr", 0, &c->min_lr));
+        KD_TRY(kd_node_get_float(sc, "gamma", 0, &c->gamma));
+        if (c->kind == KD_SCHED_STEP && c->step_size <= 0)
+            return KD_FAIL(KD_ERR_CONFIG, "%s: a step schedule needs step_size > 0",
+                           kd_node_where(sc, pos, sizeof pos));
+    }
+    return KD_OK;
+}
+
+kd_status kd_job_load(const char *path, const char *const *overrides, kd_job *job)
+{
+    memset(job, 0, sizeof *job);
+    snprintf(job->path, sizeof job->path, "%s", path);
+    kd_status st = kd_yaml_load_file(path, &job->root);
+    for (int i = 0; st == KD_OK && overrides && overrides[i]; i++)
+        st = kd_node_set_path(job->root, overrides[i]);
+    if (st == KD_OK) {
+        static const char *const keys[] = {"run", "data", "model", "distill", "optim", NULL};
+        st = kd_node_check_keys(job->root, keys, "the job file");
+    }
+    if (st == KD_OK)
+        st = parse_run(job);
+    if (st == KD_OK)
+        st = parse_data(job);
+    if (st == KD_OK)
+        st = parse_model(job);
+    if (st == KD_OK)
+        st = parse_distill(job);
+    if (st == KD_OK)
+        st = parse_optim(job);
+    if (st != KD_OK) {
+        kd_job_free(job);
+        return st;
+    }
+    return KD_OK;
+}
+
+void kd_job_free(kd_job *job)
+{
+    kd_node_free(job->root);
+    kd_node_free(job->model_doc);
+    job->root = job->model_doc = NULL;
+}

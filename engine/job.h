@@ -1,0 +1,60 @@
+/*
+ * job.h - a training job as read from its YAML file (internal).
+ *
+ * kd_job_load reads the file, applies --set overrides, and checks every key:
+ * unknown keys, wrong types and missing required keys are errors naming
+ * file:line:column. The resolved tree is kept so the run directory can hold
+ * the exact config that ran.
+ */
+#ifndef KD_JOB_H
+#define KD_JOB_H
+
+#include <stdint.h>
+
+#include "augment.h"
+#include "config_yaml.h"
+#include "optim.h"
+#include "status.h"
+
+typedef struct {
+    char path[512];
+    kd_node *root;       /* the job file with overrides applied */
+    kd_node *model_doc;  /* the model file when `model:` names one (else NULL) */
+    char model_desc[640];
+    const kd_node *model_input, *model_layers;
+
+    /* run */
+    char name[128];
+    char out_dir[512];
+    uint64_t seed;
+    char device[16]; /* auto | cpu | cuda */
+    int threads;
+    int log_every;        /* steps between plain log lines */
+    int checkpoint_every; /* steps between mid-epoch checkpoints; 0 = end of epoch only */
+
+    /* data */
+    char dataset[64];
+    char data_root[512]; /* "" = search the default places */
+    int batch_size;
+    int eval_batch_size;
+    int64_t val_size;
+    kd_augment_cfg augment;
+    int64_t train_limit; /* use only the first N training samples (0 = all) */
+
+    /* distill */
+    char mode[16];
+    double ce_weight;
+    double label_smoothing;
+
+    /* optim */
+    char optim_name[16];
+    kd_optim_cfg optim;
+    kd_sched_cfg sched;
+    int epochs;
+} kd_job;
+
+/* overrides: NULL-terminated list of "key.path=value" (may be NULL). */
+kd_status kd_job_load(const char *path, const char *const *overrides, kd_job *job);
+void kd_job_free(kd_job *job);
+
+#endif

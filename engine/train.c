@@ -1,0 +1,544 @@
+/*
+ * train.c - the supervised training loop and evaluation.
+ *
+ * Determinism: the sample order of epoch e is a function of (seed, e), each
+ * sample's augmentation of (seed, e, sample index), dropout masks of (seed,
+ * step); nothing depends on history, so a run resumed from any checkpoint
+ * follows the same path as one that never stopped, bit for bit on the CPU.
+ *
+ * Memory: the model, optimiser state and one staging batch are allocated
+ * before the first step; the loop itself allocates nothing.
+ */
+#include "train.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "augment.h"
+#include "checkpoint.h"
+#include "dataset.h"
+#include "fileio.h"
+#include "model.h"
+#include "rng.h"
+#include "sampler.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+void openblas_set_num_threads(int num_threads);
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void set_threads(int n)
+{
+    openblas_set_num_threads(n);
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#endif
+}
+
+static kd_status pick_backend(const kd_job *job, const kd_backend **be, FILE *log)
+{
+    const char *why = NULL;
+    if (!strcmp(job->device, "cpu")) {
+        *be = kd_backend_cpu();
+        return KD_OK;
+    }
+    const kd_backend *cuda = kd_backend_cuda(&why);
+    if (cuda) {
+        *be = cuda;
+        return KD_OK;
+    }
+    if (!strcmp(job->device, "cuda"))
+        return KD_FAIL(KD_ERR_DEVICE, "%s: run.device is cuda but %s", job->path, why);
+    if (log)
+        fprintf(log, "device: cpu (%s)\n", why);
+    *be = kd_backend_cpu();
+    return KD_OK;
+}
+
+/*
+ * Build the job's model on *be. With device: auto a backend that lacks an
+ * operation the model needs gives way to the CPU, saying so in the log.
+ */
+static kd_status build_model(const kd_job *job, int max_batch, const kd_backend **be, kd_model **m,
+                             FILE *log)
+{
+    kd_status st = kd_model_build(job->model_input, job->model_layers, *be, max_batch, job->seed, m);
+    if (st == KD_ERR_UNSUPPORTED && *be != kd_backend_cpu() && !strcmp(job->device, "auto")) {
+        if (log)
+            fprintf(log, "device: cpu (%s)\n", kd_last_error());
+        *be = kd_backend_cpu();
+        st = kd_model_build(job->model_input, job->model_layers, *be, max_batch, job->seed, m);
+    }
+    return st;
+}
+
+typedef struct {
+    kd_dataset train, val, test;
+    int have_val;
+} kd_data_splits;
+
+static void free_splits(kd_data_splits *d)
+{
+    kd_dataset_free(&d->train);
+    kd_dataset_free(&d->val);
+    kd_dataset_free(&d->test);
+}
+
+static kd_status load_splits(const kd_job *job, int need_train, kd_data_splits *d)
+{
+    memset(d, 0, sizeof *d);
+    const char *root = job->data_root[0] ? job->data_root : NULL;
+    kd_status st;
+    if (need_train) {
+        kd_dataset full;
+        KD_TRY(kd_dataset_load(job->dataset, root, 1, &full));
+        if (job->val_size >= full.n) {
+            int64_t n = full.n;
+            kd_dataset_free(&full);
+            return KD_FAIL(KD_ERR_CONFIG, "%s: data.val_size %" PRId64
+                                          " leaves no training samples (the training set has %"
+                                          PRId64 ")",
+                           job->path, job->val_size, n);
+        }
+        st = kd_dataset_split(&full, job->val_size, job->seed, &d->train, &d->val);
+        kd_dataset_free(&full);
+        if (st != KD_OK)
+            return st;
+        d->have_val = job->val_size > 0;
+        if (job->train_limit > 0 && job->train_limit < d->train.n)
+            d->train.n = job->train_limit; /* a prefix of a shuffled split: still random */
+    }
+    st = kd_dataset_load(job->dataset, root, 0, &d->test);
+    if (st != KD_OK)
+        free_splits(d);
+    return st;
+}
+
+static kd_status check_model_fits_data(const kd_model *m, const kd_dataset *d, const kd_job *job)
+{
+    size_t per = (size_t)d->c * d->h * d->w;
+    if (per != m->in_numel || (m->in_ndim == 3 && (m->in[0] != d->c || m->in[1] != d->h ||
+                                                  m->in[2] != d->w)))
+        return KD_FAIL(KD_ERR_SHAPE,
+                       "model %s takes input [%d, %d, %d] but data set '%s' has samples of "
+                       "[%d, %d, %d]",
+                       job->model_desc, m->in[0], m->in[1], m->in[2], d->name, d->c, d->h, d->w);
+    if (m->out_features != d->num_classes)
+        return KD_FAIL(KD_ERR_SHAPE, "model %s outputs %d logits but data set '%s' has %d classes",
+                       job->model_desc, m->out_features, d->name, d->num_classes);
+    return KD_OK;
+}
+
+/* Mean loss and accuracy over a whole data set in eval mode; x_dev/y_dev hold one batch. */
+static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_dev,
+                          int32_t *y_dev, double smoothing, kd_eval_result *r)
+{
+    const kd_backend *be = m->be;
+    size_t per = (size_t)d->c * d->h * d->w;
+    double loss = 0;
+    int64_t correct = 0;
+    for (int64_t s0 = 0; s0 < d->n; s0 += batch) {
+        int n = (int)(d->n - s0 < batch ? d->n - s0 : batch);
+        KD_TRY(be->upload(x_dev, d->x + (size_t)s0 * per, (size_t)n * per * sizeof(float)));
+        KD_TRY(be->upload(y_dev, d->y + s0, (size_t)n * sizeof(int32_t)));
+        kd_model_forward(m, x_dev, n, 0, 0);
+        int64_t c = 0;
+        loss += be->ce(n, m->out_features, kd_model_output(m), y_dev, smoothing, NULL, 1.0, &c);
+        correct += c;
+    }
+    KD_TRY(be->sync());
+    r->n = d->n;
+    r->loss = d->n ? loss / d->n : 0;
+    r->acc = d->n ? (double)correct / d->n : 0;
+    return KD_OK;
+}
+
+static void fmt_eta(double s, char *buf, size_t len)
+{
+    if (!(s >= 0) || s > 99 * 3600)
+        snprintf(buf, len, "--");
+    else if (s >= 3600)
+        snprintf(buf, len, "%dh%02dm", (int)(s / 3600), (int)fmod(s / 60, 60));
+    else
+        snprintf(buf, len, "%dm%02ds", (int)(s / 60), (int)fmod(s, 60));
+}
+
+static kd_status write_config_copy(const kd_job *job)
+{
+    char path[600];
+    snprintf(path, sizeof path, "%s/config.yaml", job->out_dir);
+    FILE *f = fopen(path, "w");
+    if (!f)
+        return KD_FAIL(KD_ERR_IO, "cannot write '%s': %s", path, strerror(errno));
+    kd_status st = kd_node_write_yaml(job->root, f);
+    if (fclose(f) != 0 && st == KD_OK)
+        st = KD_FAIL(KD_ERR_IO, "cannot write '%s': %s", path, strerror(errno));
+    return st;
+}
+
+/* Keep only the metrics lines of epochs <= keep_epochs (a resumed run rewrites the rest). */
+static kd_status trim_metrics(const char *path, int64_t keep_epochs)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return KD_OK;
+    char *kept = NULL;
+    size_t klen = 0;
+    FILE *mem = open_memstream(&kept, &klen);
+    char line[4096];
+    while (mem && fgets(line, sizeof line, f)) {
+        long long ep = -1;
+        const char *p = strstr(line, "\"epoch\":");
+        if (p)
+            ep = strtoll(p + 8, NULL, 10);
+        if (ep >= 0 && ep <= keep_epochs)
+            fputs(line, mem);
+    }
+    fclose(f);
+    if (!mem)
+        return KD_FAIL(KD_ERR_NOMEM, "out of memory trimming '%s'", path);
+    fclose(mem);
+    FILE *w = fopen(path, "w");
+    kd_status st = KD_OK;
+    if (!w || fwrite(kept, 1, klen, w) != klen)
+        st = KD_FAIL(KD_ERR_IO, "cannot rewrite '%s': %s", path, strerror(errno));
+    if (w && fclose(w) != 0 && st == KD_OK)
+        st = KD_FAIL(KD_ERR_IO, "cannot rewrite '%s': %s", path, strerror(errno));
+    free(kept);
+    return st;
+}
+
+typedef struct {
+    const kd_job *job;
+    kd_model *m;
+    float *state;
+    size_t nstate;
+    kd_ckpt_info info;
+} kd_saver;
+
+static kd_status save_ckpt(kd_saver *s, const char *file)
+{
+    char path[600];
+    snprintf(path, sizeof path, "%s/%s", s->job->out_dir, file);
+    kd_status st = kd_checkpoint_save(path, s->m, s->state, s->nstate, &s->info);
+    return st;
+}
+
+kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
+{
+    set_threads(job->threads);
+    FILE *log = stderr;
+    const kd_backend *be = NULL;
+    KD_TRY(pick_backend(job, &be, log));
+    kd_data_splits d;
+    KD_TRY(load_splits(job, 1, &d));
+    kd_status st;
+    kd_model *m = NULL;
+    float *x_host = NULL, *x_dev = NULL, *state = NULL, *p_host = NULL, *g_host = NULL;
+    int32_t *y_host = NULL, *y_dev = NULL;
+    uint32_t *perm = NULL;
+    FILE *metrics = NULL;
+    int batch = job->batch_size;
+    int eval_batch = job->eval_batch_size;
+    int max_batch = batch > eval_batch ? batch : eval_batch;
+    if ((st = build_model(job, max_batch, &be, &m, log)))
+        goto done;
+    if ((st = check_model_fits_data(m, &d.train, job)))
+        goto done;
+    size_t per = m->in_numel;
+    size_t nstate = kd_optim_state_floats(&job->optim, m->nparams);
+    x_host = malloc((size_t)max_batch * per * sizeof(float));
+    y_host = malloc((size_t)max_batch * sizeof(int32_t));
+    perm = malloc((size_t)d.train.n * sizeof(uint32_t));
+    if (!x_host || !y_host || !perm) {
+        st = KD_FAIL(KD_ERR_NOMEM, "out of memory allocating batches");
+        goto done;
+    }
+    if ((st = be->alloc((void **)&x_dev, (size_t)max_batch * per * sizeof(float))) ||
+        (st = be->alloc((void **)&y_dev, (size_t)max_batch * sizeof(int32_t))) ||
+        (st = be->alloc((void **)&state, (nstate ? nstate : 1) * sizeof(float))))
+        goto done;
+    if (be->device != KD_DEVICE_CPU) {
+        /* the optimiser runs on the host until the device update lands */
+        p_host = malloc(m->nparams * sizeof(float));
+        g_host = malloc(m->nparams * sizeof(float));
+        if (!p_host || !g_host) {
+            st = KD_FAIL(KD_ERR_NOMEM, "out of memory");
+            goto done;
+        }
+    }
+    if ((st = kd_mkdir_p(job->out_dir)) || (st = write_config_copy(job)))
+        goto done;
+
+    kd_saver saver = {.job = job, .m = m, .state = nstate ? state : NULL, .nstate = nstate};
+    saver.info.seed = job->seed;
+    saver.info.optimizer = job->optim_name;
+    int64_t step = 0, epoch0 = 0;
+    if (opts->resume) {
+        char path[600];
+        if (!strcmp(opts->resume, "auto"))
+            snprintf(path, sizeof path, "%s/last.safetensors", job->out_dir);
+        else
+            snprintf(path, sizeof path, "%s", opts->resume);
+        kd_ckpt_info in;
+        if ((st = kd_checkpoint_load(path, m, saver.state, nstate, &in)))
+            goto done;
+        if (in.seed != job->seed) {
+            st = KD_FAIL(KD_ERR_CONFIG,
+                         "checkpoint '%s' was trained with seed %" PRIu64
+                         " but the job says %" PRIu64 ": resuming would not reproduce the run",
+                         path, in.seed, job->seed);
+            goto done;
+        }
+        step = in.step;
+        epoch0 = in.epoch;
+        saver.info.best_val_acc = in.best_val_acc;
+        fprintf(log, "resumed from %s at epoch %" PRId64 ", step %" PRId64 "\n", path, epoch0,
+                step);
+    }
+    char mpath[600];
+    snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", job->out_dir);
+    if (opts->resume && (st = trim_metrics(mpath, epoch0)))
+        goto done;
+    metrics = fopen(mpath, opts->resume ? "a" : "w");
+    if (!metrics) {
+        st = KD_FAIL(KD_ERR_IO, "cannot open '%s': %s", mpath, strerror(errno));
+        goto done;
+    }
+
+    const int64_t n_train = d.train.n;
+    const int64_t steps_per_epoch = (n_train + batch - 1) / batch;
+    kd_sched_cfg sched = job->sched;
+    if (sched.kind == KD_SCHED_COSINE)
+        sched.total_steps = steps_per_epoch * job->epochs;
+    const kd_augment_cfg *aug =
+        (job->augment.crop_pad > 0 || job->augment.hflip) ? &job->augment : NULL;
+    float fill = (0.0f - d.train.mean) / d.train.std;
+    (void)fill;
+    fprintf(log, "training %s: %zu parameters, %" PRId64 " samples, %" PRId64
+                 " steps/epoch, %d epochs, batch %d, %s backend, %d threads\n",
+            job->model_desc, m->nparams, n_train, steps_per_epoch, job->epochs, batch, be->name,
+            job->threads);
+    double t_run = now_s();
+    for (int64_t epoch = step / steps_per_epoch; epoch < job->epochs; epoch++) {
+        kd_epoch_permutation(perm, (uint32_t)n_train, job->seed, (uint64_t)epoch);
+        double ep_loss = 0, t0 = now_s(), last_log = 0;
+        int64_t ep_correct = 0, ep_seen = 0;
+        int64_t first = step - epoch * steps_per_epoch;
+        for (int64_t k = first; k < steps_per_epoch; k++) {
+            int64_t s0 = k * batch;
+            int n = (int)(n_train - s0 < batch ? n_train - s0 : batch);
+            kd_batch_gather(&d.train, perm + s0, n, aug, job->seed, (uint64_t)epoch, x_host,
+                            y_host, NULL);
+            if ((st = be->upload(x_dev, x_host, (size_t)n * per * sizeof(float))) ||
+                (st = be->upload(y_dev, y_host, (size_t)n * sizeof(int32_t))))
+                goto done;
+            kd_model_zero_grad(m);
+            kd_model_forward(m, x_dev, n, 1, kd_mix64(job->seed, (uint64_t)step, 0xd0));
+            int64_t correct = 0;
+            double loss = be->ce(n, m->out_features, kd_model_output(m), y_dev,
+                                 job->label_smoothing, kd_model_output_grad(m), job->ce_weight,
+                                 &correct);
+            kd_model_backward(m, x_dev, n);
+            if ((st = be->sync()))
+                goto done;
+            double lr = kd_sched_lr(&sched, job->optim.lr, step);
+            float *P = m->params, *G = m->grads;
+            if (p_host) {
+                if ((st = be->download(p_host, m->params, m->nparams * sizeof(float))) ||
+                    (st = be->download(g_host, m->grads, m->nparams * sizeof(float))))
+                    goto done;
+                P = p_host;
+                G = g_host;
+            }
+            if (job->optim.clip_norm > 0)
+                kd_clip_grad_norm(G, m->nparams, job->optim.clip_norm);
+            if ((st = kd_optim_step(&job->optim, P, G, state, m->decay_mask, m->nparams, lr,
+                                    step + 1)))
+                goto done;
+            if (p_host && (st = be->upload(m->params, p_host, m->nparams * sizeof(float))))
+                goto done;
+            step++;
+            if (!isfinite(loss)) {
+                st = KD_FAIL(KD_ERR_INTERNAL,
+                             "loss became %g at epoch %" PRId64 " step %" PRId64
+                             ": lower optim.lr or set optim.clip_norm",
+                             loss, epoch + 1, step);
+                goto done;
+            }
+            ep_loss += loss;
+            ep_correct += correct;
+            ep_seen += n;
+            double el = now_s() - t0;
+            double sps = ep_seen / (el > 1e-9 ? el : 1e-9);
+            double left = ((double)(steps_per_epoch - k - 1) * batch +
+                           (double)(job->epochs - epoch - 1) * n_train) /
+                          (sps > 0 ? sps : 1);
+            char eta[32];
+            fmt_eta(left, eta, sizeof eta);
+            int last = k + 1 == steps_per_epoch;
+            if (opts->progress && (el - last_log > 0.2 || last)) {
+                last_log = el;
+                int width = 24, fill_n = (int)((k + 1) * width / steps_per_epoch);
+                char bar[32];
+                for (int i = 0; i < width; i++)
+                    bar[i] = i < fill_n ? '#' : '.';
+                bar[width] = 0;
+                fprintf(stderr,
+                        "\repoch %" PRId64 "/%d [%s] %" PRId64 "/%" PRId64
+                        " loss %.4f acc %.2f%% %.0f samples/s ETA %s   ",
+                        epoch + 1, job->epochs, bar, k + 1, steps_per_epoch, ep_loss / ep_seen,
+                        100.0 * ep_correct / ep_seen, sps, eta);
+                fflush(stderr);
+            } else if (!opts->progress && ((k + 1) % job->log_every == 0)) {
+                fprintf(log,
+                        "epoch %" PRId64 "/%d step %" PRId64 "/%" PRId64
+                        " loss %.4f acc %.2f%% lr %.3g %.0f samples/s eta %s\n",
+                        epoch + 1, job->epochs, k + 1, steps_per_epoch, ep_loss / ep_seen,
+                        100.0 * ep_correct / ep_seen, lr, sps, eta);
+            }
+            int stop = opts->stop && *opts->stop;
+            if (!last && (stop || (job->checkpoint_every > 0 &&
+                                   step % job->checkpoint_every == 0))) {
+                saver.info.step = step;
+                saver.info.epoch = epoch;
+                if ((st = save_ckpt(&saver, "last.safetensors")))
+                    goto done;
+            }
+            if (stop && !last) {
+                if (opts->progress)
+                    fputc('\n', stderr);
+                st = KD_FAIL(KD_ERR_INTERRUPTED,
+                             "stopped at epoch %" PRId64 " step %" PRId64
+                             "; checkpoint saved in %s/last.safetensors (continue with --resume)",
+                             epoch + 1, step, job->out_dir);
+                goto done;
+            }
+        }
+        if (opts->progress)
+            fputc('\n', stderr);
+        double train_time = now_s() - t0;
+        kd_eval_result val = {0};
+        if (d.have_val && (st = evaluate(m, &d.val, eval_batch, x_dev, y_dev, 0.0, &val)))
+            goto done;
+        int best = d.have_val && val.acc > saver.info.best_val_acc;
+        if (best)
+            saver.info.best_val_acc = val.acc;
+        saver.info.step = step;
+        saver.info.epoch = epoch + 1;
+        if ((st = save_ckpt(&saver, "last.safetensors")) ||
+            (best && (st = save_ckpt(&saver, "best.safetensors"))))
+            goto done;
+        double lr_now = kd_sched_lr(&sched, job->optim.lr, step > 0 ? step - 1 : 0);
+        fprintf(metrics,
+                "{\"epoch\": %" PRId64 ", \"step\": %" PRId64
+                ", \"train_loss\": %.6f, \"train_acc\": %.6f, \"val_loss\": %.6f, "
+                "\"val_acc\": %.6f, \"lr\": %.6g, \"samples_per_s\": %.1f, \"epoch_s\": %.2f}\n",
+                epoch + 1, step, ep_seen ? ep_loss / ep_seen : 0.0,
+                ep_seen ? (double)ep_correct / ep_seen : 0.0, val.loss, val.acc, lr_now,
+                ep_seen / (train_time > 0 ? train_time : 1), train_time);
+        if (fflush(metrics) != 0) {
+            st = KD_FAIL(KD_ERR_IO, "cannot write '%s': %s", mpath, strerror(errno));
+            goto done;
+        }
+        if (d.have_val)
+            fprintf(log, "epoch %" PRId64 "/%d: train loss %.4f acc %.2f%% | val loss %.4f acc "
+                         "%.2f%%%s | %.1fs\n",
+                    epoch + 1, job->epochs, ep_seen ? ep_loss / ep_seen : 0.0,
+                    ep_seen ? 100.0 * ep_correct / ep_seen : 0.0, val.loss, 100 * val.acc,
+                    best ? " (best)" : "", train_time);
+        else
+            fprintf(log, "epoch %" PRId64 "/%d: train loss %.4f acc %.2f%% | %.1fs\n", epoch + 1,
+                    job->epochs, ep_seen ? ep_loss / ep_seen : 0.0,
+                    ep_seen ? 100.0 * ep_correct / ep_seen : 0.0, train_time);
+        if (opts->stop && *opts->stop && epoch + 1 < job->epochs) {
+            st = KD_FAIL(KD_ERR_INTERRUPTED,
+                         "stopped after epoch %" PRId64 "; checkpoint saved in "
+                         "%s/last.safetensors (continue with --resume)",
+                         epoch + 1, job->out_dir);
+            goto done;
+        }
+    }
+    {
+        kd_eval_result test;
+        if ((st = evaluate(m, &d.test, eval_batch, x_dev, y_dev, 0.0, &test)))
+            goto done;
+        double total = now_s() - t_run;
+        fprintf(log, "test: loss %.4f acc %.2f%% (%" PRId64 " samples) | %zu parameters | %.1fs\n",
+                test.loss, 100 * test.acc, test.n, m->nparams, total);
+        char rpath[600];
+        snprintf(rpath, sizeof rpath, "%s/result.json", job->out_dir);
+        FILE *f = fopen(rpath, "w");
+        if (!f) {
+            st = KD_FAIL(KD_ERR_IO, "cannot write '%s': %s", rpath, strerror(errno));
+            goto done;
+        }
+        fprintf(f,
+                "{\"name\": \"%s\", \"model\": \"%s\", \"params\": %zu, \"epochs\": %d, "
+                "\"seed\": %" PRIu64 ", \"test_acc\": %.6f, \"test_loss\": %.6f, "
+                "\"best_val_acc\": %.6f, \"train_seconds\": %.1f}\n",
+                job->name, job->model_desc, m->nparams, job->epochs, job->seed, test.acc,
+                test.loss, saver.info.best_val_acc, total);
+        if (fclose(f) != 0)
+            st = KD_FAIL(KD_ERR_IO, "cannot write '%s': %s", rpath, strerror(errno));
+    }
+done:
+    if (metrics)
+        fclose(metrics);
+    if (m) {
+        be->release(x_dev);
+        be->release(y_dev);
+        be->release(state);
+    }
+    free(x_host);
+    free(y_host);
+    free(perm);
+    free(p_host);
+    free(g_host);
+    kd_model_free(m);
+    free_splits(&d);
+    return st;
+}
+
+kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out)
+{
+    set_threads(job->threads);
+    const kd_backend *be = NULL;
+    KD_TRY(pick_backend(job, &be, NULL));
+    kd_data_splits d;
+    KD_TRY(load_splits(job, 0, &d));
+    kd_model *m = NULL;
+    float *x_dev = NULL;
+    int32_t *y_dev = NULL;
+    kd_status st;
+    int batch = job->eval_batch_size;
+    if ((st = build_model(job, batch, &be, &m, NULL)) ||
+        (st = check_model_fits_data(m, &d.test, job)) ||
+        (st = kd_checkpoint_load(checkpoint, m, NULL, 0, NULL)) ||
+        (st = be->alloc((void **)&x_dev, (size_t)batch * m->in_numel * sizeof(float))) ||
+        (st = be->alloc((void **)&y_dev, (size_t)batch * sizeof(int32_t))))
+        goto done;
+    st = evaluate(m, &d.test, batch, x_dev, y_dev, 0.0, out);
+done:
+    if (m) {
+        be->release(x_dev);
+        be->release(y_dev);
+    }
+    kd_model_free(m);
+    free_splits(&d);
+    return st;
+}

@@ -1,0 +1,29 @@
+/*
+ * train.h - running a job: supervised training, evaluation (internal).
+ */
+#ifndef KD_TRAIN_H
+#define KD_TRAIN_H
+
+#include <signal.h>
+
+#include "job.h"
+#include "status.h"
+
+typedef struct {
+    const char *resume;  /* checkpoint to resume from, "auto" = <out_dir>/last.safetensors, or NULL */
+    int progress;        /* 1: redraw a progress bar on stderr; 0: plain log lines */
+    volatile sig_atomic_t *stop; /* set by a signal handler: save a checkpoint and stop */
+} kd_train_opts;
+
+typedef struct {
+    double loss, acc; /* mean loss, accuracy in [0, 1] */
+    int64_t n;
+} kd_eval_result;
+
+/* Train the job to the end (or until *stop), writing checkpoints and metrics under out_dir. */
+kd_status kd_train(const kd_job *job, const kd_train_opts *opts);
+
+/* Evaluate a checkpoint of the job's model on the data set's test split. */
+kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out);
+
+#endif

@@ -1,0 +1,34 @@
+/*
+ * elementwise.h - host-callable launchers for the elementwise CUDA kernels.
+ *
+ * Every pointer is device memory; every launcher queues work on `stream`
+ * (a cudaStream_t passed as void * so C callers need no CUDA headers) and
+ * returns KD_ERR_DEVICE with the CUDA error text when the launch fails.
+ */
+#ifndef KD_KERNELS_ELEMENTWISE_H
+#define KD_KERNELS_ELEMENTWISE_H
+
+#include <stddef.h>
+
+#include "status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* y = relu(x) (cap < 0) or min(max(x, 0), cap) */
+kd_status kd_cuda_act_fwd(void *stream, size_t n, const float *x, float *y, float cap);
+/* dx = dy where 0 < x < cap, else 0 */
+kd_status kd_cuda_act_bwd(void *stream, size_t n, const float *x, const float *dy, float *dx,
+                          float cap);
+kd_status kd_cuda_add(void *stream, size_t n, const float *a, const float *b, float *y);
+kd_status kd_cuda_mul(void *stream, size_t n, const float *a, const float *b, float *y);
+/* y[r, c] += bias[c] for a row-major [rows, cols] matrix */
+kd_status kd_cuda_bias_rows(void *stream, int rows, int cols, const float *bias, float *y);
+/* db[c] += sum_r dy[r, c] */
+kd_status kd_cuda_bias_grad_rows(void *stream, int rows, int cols, const float *dy, float *db);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,276 @@
+/*
+ * test_model.c - building models from YAML, the state table's PyTorch names,
+ * shape errors, whole-model gradients (float, finite differences accumulated
+ * in double) and checkpoint round trips.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "checkpoint.h"
+#include "config_yaml.h"
+#include "kd_test.h"
+#include "model.h"
+#include "rng.h"
+
+static const char *const every_layer =
+    "input: [2, 8, 8]\n"
+    "layers:\n"
+    "  - conv2d: {out: 6, kernel: 3, pad: 1}\n"                        /* 0 */
+    "  - batchnorm: {}\n"                                              /* 1 */
+    "  - relu6: {tap: stem}\n"                                         /* 2 */
+    "  - residual:\n"                                                  /* 3 */
+    "      body:\n"
+    "        - conv2d: {out: 6, kernel: 3, pad: 1, groups: 6, bias: false}\n"
+    "        - batchnorm: {}\n"
+    "        - relu: {}\n"
+    "        - conv2d: {out: 6, kernel: 1}\n"
+    "  - maxpool2d: {kernel: 2}\n"                                     /* 4 -> [6,4,4] */
+    "  - residual:\n"                                                  /* 5 */
+    "      body:\n"
+    "        - conv2d: {out: 8, kernel: 3, stride: 2, pad: 1, groups: 2}\n"
+    "      proj:\n"
+    "        - conv2d: {out: 8, kernel: 1, stride: 2, bias: false}\n"
+    "        - batchnorm: {}\n"
+    "  - avgpool2d: {kernel: 2, stride: 1}\n"                          /* 6 -> [8,1,1] */
+    "  - flatten: {}\n"                                                /* 7 -> [8] */
+    "  - dropout: {p: 0.25}\n"                                         /* 8 */
+    "  - linear: {out: 5}\n"                                           /* 9 */
+    "  - batchnorm: {}\n"                                              /* 10 */
+    "  - relu: {}\n"                                                   /* 11 */
+    "  - linear: {out: 3, tap: logits}\n";                             /* 12 */
+
+static kd_model *build(const char *yaml, int batch, kd_status *st_out)
+{
+    kd_node *doc = NULL;
+    kd_status st = kd_yaml_load_string(yaml, "model.yaml", &doc);
+    kd_model *m = NULL;
+    if (st == KD_OK)
+        st = kd_model_build(kd_node_child(doc, "input"), kd_node_child(doc, "layers"),
+                            kd_backend_cpu(), batch, 42, &m);
+    kd_node_free(doc);
+    if (st_out)
+        *st_out = st;
+    return m;
+}
+
+static void test_build_names_and_shapes(void **state)
+{
+    (void)state;
+    kd_status st;
+    kd_model *m = build(every_layer, 4, &st);
+    assert_int_equal(st, KD_OK);
+    assert_non_null(m);
+    assert_int_equal(m->out_features, 3);
+    const char *want[] = {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean",
+                          "1.running_var", "1.num_batches_tracked", "3.body.0.weight",
+                          "3.body.1.weight", "3.body.1.bias", "3.body.1.running_mean",
+                          "3.body.1.running_var", "3.body.1.num_batches_tracked",
+                          "3.body.3.weight", "3.body.3.bias", "5.body.0.weight", "5.body.0.bias",
+                          "5.proj.0.weight", "5.proj.1.weight", "5.proj.1.bias",
+                          "5.proj.1.running_mean", "5.proj.1.running_var",
+                          "5.proj.1.num_batches_tracked", "9.weight", "9.bias", "10.weight",
+                          "10.bias", "10.running_mean", "10.running_var",
+                          "10.num_batches_tracked", "12.weight", "12.bias"};
+    assert_int_equal(m->nentries, (int)(sizeof want / sizeof want[0]));
+    for (int i = 0; i < m->nentries; i++)
+        assert_string_equal(m->entries[i].name, want[i]);
+    /* OIHW conv weights, [out, in] linear weights */
+    assert_int_equal(m->entries[0].ndim, 4);
+    assert_int_equal(m->entries[0].shape[0], 6);
+    assert_int_equal(m->entries[0].shape[1], 2);
+    assert_int_equal(m->entries[7].shape[1], 1); /* depthwise: C/groups = 1 */
+    assert_int_equal(m->entries[15].shape[1], 3); /* groups 2: 6/2 inputs per group */
+    assert_int_equal(m->entries[23].shape[0], 5);
+    assert_int_equal(m->entries[23].shape[1], 8);
+    /* parameter count: sum of PARAM entries equals nparams */
+    size_t total = 0;
+    for (int i = 0; i < m->nentries; i++)
+        if (m->entries[i].kind == KD_ENTRY_PARAM)
+            total += m->entries[i].numel;
+    assert_int_equal(total, m->nparams);
+    const kd_block *tap = kd_model_tap(m, "stem");
+    assert_non_null(tap);
+    assert_int_equal(tap->out[0], 6);
+    assert_null(kd_model_tap(m, "nope"));
+    kd_model_free(m);
+}
+
+static double proj_loss(kd_model *m, const float *x, int n, const float *r)
+{
+    kd_model_forward(m, x, n, 1, 7);
+    const float *y = kd_model_output(m);
+    double s = 0;
+    for (int i = 0; i < n * m->out_features; i++)
+        s += (double)y[i] * r[i];
+    return s;
+}
+
+static void test_model_gradients(void **state)
+{
+    (void)state;
+    const int n = 4;
+    kd_model *m = build(every_layer, n, NULL);
+    assert_non_null(m);
+    kd_rng rg;
+    kd_rng_seed(&rg, 3, 3);
+    float *x = malloc(sizeof(float) * n * m->in_numel);
+    float r[4 * 3];
+    for (size_t i = 0; i < n * m->in_numel; i++)
+        x[i] = kd_rng_normal(&rg);
+    for (int i = 0; i < n * 3; i++)
+        r[i] = kd_rng_normal(&rg);
+    kd_model_zero_grad(m);
+    proj_loss(m, x, n, r);
+    memcpy(kd_model_output_grad(m), r, sizeof r);
+    kd_model_backward(m, x, n);
+    float *g = malloc(sizeof(float) * m->nparams);
+    memcpy(g, m->grads, sizeof(float) * m->nparams);
+    /* every parameter, central differences in float with the loss summed in double */
+    int bad = 0;
+    const float h = 3e-4f; /* small enough that few ReLU kinks fall inside [-h, h] */
+    for (size_t i = 0; i < m->nparams; i++) {
+        float keep = m->params[i];
+        m->params[i] = keep + h;
+        double lp = proj_loss(m, x, n, r);
+        m->params[i] = keep - h;
+        double lm = proj_loss(m, x, n, r);
+        m->params[i] = keep;
+        double num = (lp - lm) / (2.0 * h);
+        double err = fabs(num - g[i]) / fmax(0.05, fabs(num) + fabs(g[i]));
+        if (err > 0.03) {
+            bad++;
+            print_message("param %zu: analytic %g numeric %g\n", i, g[i], num);
+        }
+    }
+    /* a ReLU kink can sit within h of a pre-activation: allow a handful of such elements */
+    assert_true(bad <= (int)(m->nparams / 100) + 1);
+    /* parameter gradients accumulate: a second backward doubles them */
+    proj_loss(m, x, n, r);
+    memcpy(kd_model_output_grad(m), r, sizeof r);
+    kd_model_backward(m, x, n);
+    for (size_t i = 0; i < m->nparams; i += 7)
+        kd_assert_close(m->grads[i], 2 * g[i], 1e-5 + 1e-4 * fabs(g[i]));
+    free(x);
+    free(g);
+    kd_model_free(m);
+}
+
+static void expect_build_error(const char *yaml, kd_status want, const char *const *parts)
+{
+    kd_status st;
+    kd_model *m = build(yaml, 2, &st);
+    assert_null(m);
+    assert_int_equal(st, want);
+    for (int i = 0; parts[i]; i++)
+        if (!strstr(kd_last_error(), parts[i]))
+            fail_msg("message '%s' lacks '%s'", kd_last_error(), parts[i]);
+}
+
+static void test_shape_errors(void **state)
+{
+    (void)state;
+    expect_build_error("input: [1, 8, 8]\nlayers:\n  - conv2d: {out: 4, kernel: 3}\n"
+                       "  - linear: {out: 10}\n",
+                       KD_ERR_SHAPE,
+                       (const char *[]){"model.yaml:4:", "layer 1 (linear)", "[4, 6, 6]",
+                                        "flatten", NULL});
+    expect_build_error("input: [1, 8, 8]\nlayers:\n  - flatten\n  - linear: {out: 10, in: 100}\n",
+                       KD_ERR_SHAPE,
+                       (const char *[]){"layer 1 (linear)", "in: 100", "[64]", NULL});
+    expect_build_error("input: [3, 8, 8]\nlayers:\n  - residual:\n      body:\n"
+                       "        - conv2d: {out: 5, kernel: 1}\n  - global_avgpool\n",
+                       KD_ERR_SHAPE,
+                       (const char *[]){"layer 0 (residual)", "[5, 8, 8]", "[3, 8, 8]", "proj",
+                                        NULL});
+    expect_build_error("input: [3, 8, 8]\nlayers:\n  - conv2d: {out: 4, kernel: 3, groups: 2}\n",
+                       KD_ERR_SHAPE, (const char *[]){"groups 2", "(3)", NULL});
+    expect_build_error("input: [1, 4, 4]\nlayers:\n  - conv2d: {out: 4, kernel: 7}\n",
+                       KD_ERR_SHAPE, (const char *[]){"kernel 7", "[1, 4, 4]", NULL});
+    expect_build_error("input: [1, 8, 8]\nlayers:\n  - conv3d: {out: 4}\n", KD_ERR_CONFIG,
+                       (const char *[]){"model.yaml:3:", "unknown layer type 'conv3d'", NULL});
+    expect_build_error("input: [1, 8, 8]\nlayers:\n  - conv2d: {out: 4, kernal: 3}\n",
+                       KD_ERR_CONFIG, (const char *[]){"kernal", NULL});
+    expect_build_error("input: [1, 8, 8]\nlayers:\n  - conv2d: {out: four, kernel: 3}\n",
+                       KD_ERR_CONFIG, (const char *[]){"model.yaml:3:", "four", NULL});
+    expect_build_error("input: [1, 8, 8]\nlayers:\n  - conv2d: {out: 4, kernel: 3}\n",
+                       KD_ERR_SHAPE, (const char *[]){"flat vector of logits", NULL});
+}
+
+static void test_checkpoint_round_trip(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/kd_model_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char path[256];
+    snprintf(path, sizeof path, "%s/ck.safetensors", dir);
+    kd_model *a = build(every_layer, 2, NULL);
+    for (size_t i = 0; i < a->nparams; i++)
+        a->params[i] += 0.001f * (float)i;
+    for (size_t i = 0; i < a->nbuffers; i++)
+        a->buffers[i] = 0.5f + 0.01f * (float)i;
+    a->blocks[1].bn_batches = 17;
+    float opt[3 * 1000];
+    size_t nstate = a->nparams;
+    for (size_t i = 0; i < nstate; i++)
+        opt[i] = (float)i;
+    kd_ckpt_info info = {.step = 5, .epoch = 1, .best_val_acc = 0.75, .seed = 9,
+                         .optimizer = "sgd"};
+    assert_true(nstate <= 3000);
+    assert_int_equal(kd_checkpoint_save(path, a, opt, nstate, &info), KD_OK);
+    kd_model *b = build(every_layer, 2, NULL);
+    float opt2[3 * 1000] = {0};
+    kd_ckpt_info in;
+    assert_int_equal(kd_checkpoint_load(path, b, opt2, nstate, &in), KD_OK);
+    assert_memory_equal(a->params, b->params, a->nparams * sizeof(float));
+    assert_memory_equal(a->buffers, b->buffers, a->nbuffers * sizeof(float));
+    assert_memory_equal(opt, opt2, nstate * sizeof(float));
+    assert_int_equal(b->blocks[1].bn_batches, 17);
+    assert_int_equal(in.step, 5);
+    assert_int_equal(in.epoch, 1);
+    assert_int_equal(in.seed, 9);
+    kd_assert_close(in.best_val_acc, 0.75, 0);
+
+    /* a checkpoint of another model: every difference listed, the model untouched */
+    kd_model *c = build("input: [2, 8, 8]\nlayers:\n  - conv2d: {out: 5, kernel: 3, pad: 1}\n"
+                        "  - global_avgpool\n  - linear: {out: 3}\n  - linear: {out: 3}\n",
+                        2, NULL);
+    assert_non_null(c);
+    float *before = malloc(c->nparams * sizeof(float));
+    memcpy(before, c->params, c->nparams * sizeof(float));
+    assert_int_equal(kd_checkpoint_load(path, c, NULL, 0, NULL), KD_ERR_SHAPE);
+    const char *msg = kd_last_error();
+    assert_non_null(strstr(msg, path));
+    assert_non_null(strstr(msg, "0.weight is [6, 2, 3, 3] in the checkpoint but [5, 2, 3, 3]"));
+    assert_non_null(strstr(msg, "missing 3.weight [3, 3]"));
+    assert_non_null(strstr(msg, "unexpected 1.running_mean"));
+    assert_memory_equal(before, c->params, c->nparams * sizeof(float));
+    /* optimiser state of the wrong size is refused */
+    assert_int_equal(kd_checkpoint_load(path, b, opt2, 2 * nstate, NULL), KD_ERR_FORMAT);
+    assert_non_null(strstr(kd_last_error(), "optimiser state"));
+    free(before);
+    kd_model_free(a);
+    kd_model_free(b);
+    kd_model_free(c);
+    unlink(path);
+    rmdir(dir);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_build_names_and_shapes),
+        cmocka_unit_test(test_model_gradients),
+        cmocka_unit_test(test_shape_errors),
+        cmocka_unit_test(test_checkpoint_round_trip),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

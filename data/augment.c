@@ -84,9 +84,8 @@ void kd_augment_apply(const float params[KD_AUG_NPARAMS], const float *src, floa
     }
 }
 
-void kd_batch_gather(const kd_dataset *d, const uint32_t *idx, int count,
-                     const kd_augment_cfg *aug, uint64_t seed, uint64_t epoch, float *x_out,
-                     int32_t *y_out, float *params_out)
+void kd_batch_gather(const kd_dataset *d, const uint32_t *idx, int count, const kd_augment_cfg *aug,
+                     uint64_t seed, uint64_t epoch, float *x_out, int32_t *y_out, float *params_out)
 {
     size_t per = (size_t)d->c * (size_t)d->h * (size_t)d->w;
     float fill = (0.0f - d->mean) / d->std;

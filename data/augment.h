@@ -45,8 +45,8 @@ void kd_augment_apply(const float params[KD_AUG_NPARAMS], const float *src, floa
  * zeros when aug is NULL. The fill is the normalised black pixel of d.
  * Every idx[i] must be below d->n.
  */
-void kd_batch_gather(const kd_dataset *d, const uint32_t *idx, int count,
-                     const kd_augment_cfg *aug, uint64_t seed, uint64_t epoch, float *x_out,
-                     int32_t *y_out, float *params_out);
+void kd_batch_gather(const kd_dataset *d, const uint32_t *idx, int count, const kd_augment_cfg *aug,
+                     uint64_t seed, uint64_t epoch, float *x_out, int32_t *y_out,
+                     float *params_out);
 
 #endif

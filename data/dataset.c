@@ -67,8 +67,8 @@ static kd_status add_dir(char dirs[][KD_DS_PATH_MAX], int *ndirs, const char *a,
     int k = b ? snprintf(dirs[*ndirs], KD_DS_PATH_MAX, "%s/%s", a, b)
               : snprintf(dirs[*ndirs], KD_DS_PATH_MAX, "%s", a);
     if (k < 0 || k >= KD_DS_PATH_MAX)
-        return KD_FAIL(KD_ERR_INVALID, "data directory path '%s%s%s' is too long", a,
-                       b ? "/" : "", b ? b : "");
+        return KD_FAIL(KD_ERR_INVALID, "data directory path '%s%s%s' is too long", a, b ? "/" : "",
+                       b ? b : "");
     (*ndirs)++;
     return KD_OK;
 }
@@ -110,13 +110,13 @@ static kd_status check_shapes(const kd_dataset_info *info, const char *img_path,
         return KD_FAIL(KD_ERR_FORMAT, "'%s': label file has %d dimensions, expected 1", lbl_path,
                        lbl->ndim);
     if (img->dims[0] != lbl->dims[0])
-        return KD_FAIL(KD_ERR_FORMAT, "'%s' holds %lld images but '%s' holds %lld labels",
-                       img_path, (long long)img->dims[0], lbl_path, (long long)lbl->dims[0]);
+        return KD_FAIL(KD_ERR_FORMAT, "'%s' holds %lld images but '%s' holds %lld labels", img_path,
+                       (long long)img->dims[0], lbl_path, (long long)lbl->dims[0]);
     for (size_t i = 0; i < lbl->size; i++)
         if (lbl->data[i] >= info->num_classes)
             return KD_FAIL(KD_ERR_FORMAT,
-                           "'%s': label %zu is %u, outside [0, %d) for data set '%s'", lbl_path,
-                           i, lbl->data[i], info->num_classes, info->name);
+                           "'%s': label %zu is %u, outside [0, %d) for data set '%s'", lbl_path, i,
+                           lbl->data[i], info->num_classes, info->name);
     return KD_OK;
 }
 
@@ -187,10 +187,9 @@ kd_status kd_dataset_load(const char *name, const char *root, int train, kd_data
             found = 1;
         else if (has_img || has_lbl)
             /* Half a split is a broken install; falling through would hide it. */
-            return KD_FAIL(KD_ERR_NOT_FOUND,
-                           "data set '%s' is incomplete in '%s': found '%s' but not %s[.gz]",
-                           info->name, dirs[i], has_img ? img_path : lbl_path,
-                           has_img ? lbl_base : img_base);
+            return KD_FAIL(
+                KD_ERR_NOT_FOUND, "data set '%s' is incomplete in '%s': found '%s' but not %s[.gz]",
+                info->name, dirs[i], has_img ? img_path : lbl_path, has_img ? lbl_base : img_base);
     }
     if (!found)
         return not_found(info, dirs, ndirs);
@@ -235,8 +234,8 @@ static kd_status dataset_alloc_like(const kd_dataset *src, int64_t n, kd_dataset
     out->y = malloc((size_t)n * sizeof *out->y);
     if (!out->x || !out->y) {
         kd_dataset_free(out);
-        return KD_FAIL(KD_ERR_NOMEM, "cannot allocate %lld samples of data set '%s'",
-                       (long long)n, src->name);
+        return KD_FAIL(KD_ERR_NOMEM, "cannot allocate %lld samples of data set '%s'", (long long)n,
+                       src->name);
     }
     return KD_OK;
 }
@@ -256,8 +255,9 @@ kd_status kd_dataset_split(const kd_dataset *full, int64_t val_count, uint64_t s
                        "cannot hold out %lld validation samples from data set '%s' of %lld",
                        (long long)val_count, full->name, (long long)full->n);
     if (full->n > (int64_t)UINT32_MAX)
-        return KD_FAIL(KD_ERR_UNSUPPORTED, "data set '%s' has %lld samples; splitting supports "
-                                           "at most 2^32 - 1",
+        return KD_FAIL(KD_ERR_UNSUPPORTED,
+                       "data set '%s' has %lld samples; splitting supports "
+                       "at most 2^32 - 1",
                        full->name, (long long)full->n);
 
     uint32_t n = (uint32_t)full->n;

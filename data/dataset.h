@@ -17,8 +17,8 @@
 
 typedef struct {
     char name[64];
-    int64_t n;       /* samples */
-    int c, h, w;     /* NCHW per sample */
+    int64_t n;   /* samples */
+    int c, h, w; /* NCHW per sample */
     int num_classes;
     float *x;        /* n*c*h*w, normalised: (pixel/255 - mean) / std */
     int32_t *y;      /* n labels in [0, num_classes) */

@@ -20,7 +20,7 @@
 #include <zlib.h>
 
 /* Cap per gzread call: it takes an unsigned length and returns an int. */
-#define KD_IDX_CHUNK (1u << 24)
+#define KD_IDX_CHUNK       (1u << 24)
 #define KD_IDX_FIRST_ALLOC ((size_t)1 << 20)
 
 static const char *idx_type_name(int type)

@@ -46,9 +46,8 @@ typedef struct kd_backend {
     void (*bn_fwd_train)(int n, int c, int hw, const float *x, const float *gamma,
                          const float *beta, float *y, float *save_mean, float *save_invstd,
                          float *run_mean, float *run_var, double momentum, double eps);
-    void (*bn_fwd_eval)(int n, int c, int hw, const float *x, const float *gamma,
-                        const float *beta, const float *run_mean, const float *run_var, float *y,
-                        double eps);
+    void (*bn_fwd_eval)(int n, int c, int hw, const float *x, const float *gamma, const float *beta,
+                        const float *run_mean, const float *run_var, float *y, double eps);
     void (*bn_bwd)(int n, int c, int hw, const float *x, const float *dy, const float *gamma,
                    const float *save_mean, const float *save_invstd, float *dx, float *dgamma,
                    float *dbeta);
@@ -60,8 +59,7 @@ typedef struct kd_backend {
     void (*avgpool_bwd)(const kd_pool_shape *p, const float *dy, float *dx);
     void (*gap_fwd)(int n, int c, int hw, const float *x, float *y);
     void (*gap_bwd)(int n, int c, int hw, const float *dy, float *dx);
-    void (*dropout_fwd)(size_t n, const float *x, float *y, float *mask, double p,
-                        uint64_t seed);
+    void (*dropout_fwd)(size_t n, const float *x, float *y, float *mask, double p, uint64_t seed);
     void (*mul)(size_t n, const float *a, const float *b, float *y);
     void (*add)(size_t n, const float *a, const float *b, float *y);
     void (*copy)(size_t n, const float *src, float *dst);

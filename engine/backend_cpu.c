@@ -72,7 +72,10 @@ static const kd_backend kd_cpu_backend = {
 const kd_backend *kd_backend_cpu(void) { return &kd_cpu_backend; }
 
 /* slot names, in table order, for kd_backend_missing */
-#define KD_SLOT(name) {#name, offsetof(kd_backend, name)}
+#define KD_SLOT(name)                                                                              \
+    {                                                                                              \
+#name, offsetof(kd_backend, name)                                                          \
+    }
 static const struct {
     const char *name;
     size_t off;

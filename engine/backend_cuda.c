@@ -141,9 +141,9 @@ static void cu_mul(size_t n, const float *a, const float *b, float *y)
 
 static void cu_copy(size_t n, const float *src, float *dst)
 {
-    keep(cuda_check(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice,
-                                    kd_stream),
-                    "cudaMemcpyAsync device->device"));
+    keep(cuda_check(
+        cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, kd_stream),
+        "cudaMemcpyAsync device->device"));
 }
 
 static const kd_backend kd_cuda_backend = {

@@ -17,8 +17,8 @@
 
 #define KD_CKPT_FORMAT "distill-checkpoint-v1"
 
-kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *state,
-                             size_t nstate, const kd_ckpt_info *info)
+kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *state, size_t nstate,
+                             const kd_ckpt_info *info)
 {
     size_t nent = (size_t)m->nentries + (state ? 1 : 0);
     kd_st_entry *ents = calloc(nent, sizeof *ents);
@@ -65,9 +65,13 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
     snprintf(epoch, sizeof epoch, "%" PRId64, info->epoch);
     snprintf(best, sizeof best, "%.17g", info->best_val_acc);
     snprintf(seed, sizeof seed, "%" PRIu64, info->seed);
-    const char *meta[] = {"format", KD_CKPT_FORMAT, "model_hash", hash, "step", step, "epoch", epoch,
-                          "best_val_acc", best, "seed", seed, "optimizer",
-                          info->optimizer ? info->optimizer : "none"};
+    const char *meta[] = {"format",       KD_CKPT_FORMAT,
+                          "model_hash",   hash,
+                          "step",         step,
+                          "epoch",        epoch,
+                          "best_val_acc", best,
+                          "seed",         seed,
+                          "optimizer",    info->optimizer ? info->optimizer : "none"};
     st = kd_safetensors_save(path, ents, nent, meta, sizeof meta / sizeof meta[0] / 2);
 done:
     free(ents);
@@ -98,10 +102,10 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
     size_t used = 0;
     int bad = 0;
     float *hp = NULL, *hb = NULL;
-#define REPORT(...)                                                                          \
-    do {                                                                                     \
-        if (bad++ < 12 && used < sizeof report)                                              \
-            used += (size_t)snprintf(report + used, sizeof report - used, __VA_ARGS__);      \
+#define REPORT(...)                                                                                \
+    do {                                                                                           \
+        if (bad++ < 12 && used < sizeof report)                                                    \
+            used += (size_t)snprintf(report + used, sizeof report - used, __VA_ARGS__);            \
     } while (0)
     for (int i = 0; i < m->nentries; i++) {
         const kd_state_entry *e = &m->entries[i];

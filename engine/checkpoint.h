@@ -25,8 +25,8 @@ typedef struct {
 } kd_ckpt_info;
 
 /* Save params, buffers, counters and (if state != NULL) nstate optimiser floats. */
-kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *state,
-                             size_t nstate, const kd_ckpt_info *info);
+kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *state, size_t nstate,
+                             const kd_ckpt_info *info);
 
 /*
  * Load into m. Every model tensor must be present with the same shape;

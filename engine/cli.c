@@ -9,9 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "job.h"
-#include "model.h"
-#include "train.h"
+#include "kd.h"
 
 #define KD_VERSION "0.1.0"
 

@@ -19,24 +19,34 @@ int kd_conv_shape_init(kd_conv_shape *s, int n, int c, int h, int w, int o, int 
     int ho = (h + 2 * pad - kh) / stride + 1, wo = (w + 2 * pad - kw) / stride + 1;
     if (h + 2 * pad < kh || w + 2 * pad < kw || ho <= 0 || wo <= 0)
         return 0;
-    *s = (kd_conv_shape){.n = n, .c = c, .h = h, .w = w, .o = o, .kh = kh, .kw = kw,
-                         .stride = stride, .pad = pad, .groups = groups, .ho = ho, .wo = wo};
+    *s = (kd_conv_shape){.n = n,
+                         .c = c,
+                         .h = h,
+                         .w = w,
+                         .o = o,
+                         .kh = kh,
+                         .kw = kw,
+                         .stride = stride,
+                         .pad = pad,
+                         .groups = groups,
+                         .ho = ho,
+                         .wo = wo};
     /* enough samples per chunk that each GEMM has about 1024 columns */
     int chunk = (1024 + ho * wo - 1) / (ho * wo);
     s->chunk = chunk < n ? chunk : n;
     return 1;
 }
 
-#define T float
-#define SFX f32
+#define T    float
+#define SFX  f32
 #define GEMM cblas_sgemm
 #include "cpu_ops_body.h"
 #undef T
 #undef SFX
 #undef GEMM
 
-#define T double
-#define SFX f64
+#define T    double
+#define SFX  f64
 #define GEMM cblas_dgemm
 #include "cpu_ops_body.h"
 #undef T

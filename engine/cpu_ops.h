@@ -22,11 +22,11 @@
 
 /* A convolution's geometry; filled by kd_conv_shape_init. */
 typedef struct {
-    int n, c, h, w;       /* input */
-    int o, kh, kw;        /* output channels and kernel */
+    int n, c, h, w; /* input */
+    int o, kh, kw;  /* output channels and kernel */
     int stride, pad, groups;
-    int ho, wo;           /* output spatial size */
-    int chunk;            /* samples per im2col chunk (workspace sizing) */
+    int ho, wo; /* output spatial size */
+    int chunk;  /* samples per im2col chunk (workspace sizing) */
 } kd_conv_shape;
 
 /* Fills ho/wo/chunk; returns 0 when the geometry is impossible. */
@@ -38,54 +38,53 @@ typedef struct {
     int n, c, h, w, k, stride, pad, ho, wo;
 } kd_pool_shape;
 
-#define KD_CPU_OPS_DECLARE(T, SFX)                                                               \
-    /* x [N, I], w [O, I], b [O] or NULL -> y [N, O] */                                          \
-    void kd_cpu_linear_fwd_##SFX(int n, int in, int out, const T *x, const T *w, const T *b,     \
-                                 T *y);                                                          \
-    /* dy [N, O] -> dx [N, I] (may be NULL), dw += , db += (may be NULL) */                     \
-    void kd_cpu_linear_bwd_##SFX(int n, int in, int out, const T *x, const T *w, const T *dy,    \
-                                 T *dx, T *dw, T *db);                                           \
-    /* elements of T the conv needs as scratch */                                                \
-    size_t kd_cpu_conv2d_ws_##SFX(const kd_conv_shape *s);                                        \
-    /* x [N, C, H, W], w [O, C/g, kh, kw], b [O] or NULL -> y [N, O, Ho, Wo] */                  \
-    void kd_cpu_conv2d_fwd_##SFX(const kd_conv_shape *s, const T *x, const T *w, const T *b,     \
-                                 T *y, T *ws);                                                   \
-    /* dy [N, O, Ho, Wo] -> dx (may be NULL) =, dw +=, db (may be NULL) += */                   \
-    void kd_cpu_conv2d_bwd_##SFX(const kd_conv_shape *s, const T *x, const T *w, const T *dy,    \
-                                 T *dx, T *dw, T *db, T *ws);                                    \
-    /* batch norm over N and HW per channel. Training: saves mean and 1/std, updates running   \
-       stats with PyTorch's rule (unbiased variance into running_var). */                        \
-    void kd_cpu_bn_fwd_train_##SFX(int n, int c, int hw, const T *x, const T *gamma,             \
-                                   const T *beta, T *y, T *save_mean, T *save_invstd,            \
-                                   T *run_mean, T *run_var, double momentum, double eps);        \
-    void kd_cpu_bn_fwd_eval_##SFX(int n, int c, int hw, const T *x, const T *gamma,              \
-                                  const T *beta, const T *run_mean, const T *run_var, T *y,      \
-                                  double eps);                                                   \
-    void kd_cpu_bn_bwd_##SFX(int n, int c, int hw, const T *x, const T *dy, const T *gamma,      \
-                             const T *save_mean, const T *save_invstd, T *dx, T *dgamma,         \
-                             T *dbeta);                                                          \
-    /* relu (cap < 0) or clipped relu min(max(x, 0), cap) */                                     \
-    void kd_cpu_act_fwd_##SFX(size_t n, const T *x, T *y, double cap);                           \
-    void kd_cpu_act_bwd_##SFX(size_t n, const T *x, const T *dy, T *dx, double cap);             \
-    /* max pooling; arg [N, C, Ho, Wo] records the winning input offset within the plane */      \
-    void kd_cpu_maxpool_fwd_##SFX(const kd_pool_shape *p, const T *x, T *y, int32_t *arg);       \
+#define KD_CPU_OPS_DECLARE(T, SFX)                                                                 \
+    /* x [N, I], w [O, I], b [O] or NULL -> y [N, O] */                                            \
+    void kd_cpu_linear_fwd_##SFX(int n, int in, int out, const T *x, const T *w, const T *b,       \
+                                 T *y);                                                            \
+    /* dy [N, O] -> dx [N, I] (may be NULL), dw += , db += (may be NULL) */                        \
+    void kd_cpu_linear_bwd_##SFX(int n, int in, int out, const T *x, const T *w, const T *dy,      \
+                                 T *dx, T *dw, T *db);                                             \
+    /* elements of T the conv needs as scratch */                                                  \
+    size_t kd_cpu_conv2d_ws_##SFX(const kd_conv_shape *s);                                         \
+    /* x [N, C, H, W], w [O, C/g, kh, kw], b [O] or NULL -> y [N, O, Ho, Wo] */                    \
+    void kd_cpu_conv2d_fwd_##SFX(const kd_conv_shape *s, const T *x, const T *w, const T *b, T *y, \
+                                 T *ws);                                                           \
+    /* dy [N, O, Ho, Wo] -> dx (may be NULL) =, dw +=, db (may be NULL) += */                      \
+    void kd_cpu_conv2d_bwd_##SFX(const kd_conv_shape *s, const T *x, const T *w, const T *dy,      \
+                                 T *dx, T *dw, T *db, T *ws);                                      \
+    /* batch norm over N and HW per channel. Training: saves mean and 1/std, updates running       \
+       stats with PyTorch's rule (unbiased variance into running_var). */                          \
+    void kd_cpu_bn_fwd_train_##SFX(int n, int c, int hw, const T *x, const T *gamma,               \
+                                   const T *beta, T *y, T *save_mean, T *save_invstd, T *run_mean, \
+                                   T *run_var, double momentum, double eps);                       \
+    void kd_cpu_bn_fwd_eval_##SFX(int n, int c, int hw, const T *x, const T *gamma, const T *beta, \
+                                  const T *run_mean, const T *run_var, T *y, double eps);          \
+    void kd_cpu_bn_bwd_##SFX(int n, int c, int hw, const T *x, const T *dy, const T *gamma,        \
+                             const T *save_mean, const T *save_invstd, T *dx, T *dgamma,           \
+                             T *dbeta);                                                            \
+    /* relu (cap < 0) or clipped relu min(max(x, 0), cap) */                                       \
+    void kd_cpu_act_fwd_##SFX(size_t n, const T *x, T *y, double cap);                             \
+    void kd_cpu_act_bwd_##SFX(size_t n, const T *x, const T *dy, T *dx, double cap);               \
+    /* max pooling; arg [N, C, Ho, Wo] records the winning input offset within the plane */        \
+    void kd_cpu_maxpool_fwd_##SFX(const kd_pool_shape *p, const T *x, T *y, int32_t *arg);         \
     void kd_cpu_maxpool_bwd_##SFX(const kd_pool_shape *p, const T *dy, const int32_t *arg, T *dx); \
-    /* average pooling, padding counted in the divisor (PyTorch's default) */                    \
-    void kd_cpu_avgpool_fwd_##SFX(const kd_pool_shape *p, const T *x, T *y);                     \
-    void kd_cpu_avgpool_bwd_##SFX(const kd_pool_shape *p, const T *dy, T *dx);                   \
-    /* x [N, C, HW] -> y [N, C] */                                                               \
-    void kd_cpu_gap_fwd_##SFX(int n, int c, int hw, const T *x, T *y);                           \
-    void kd_cpu_gap_bwd_##SFX(int n, int c, int hw, const T *dy, T *dx);                         \
-    /* inverted dropout: mask holds 0 or 1/(1-p), drawn from (seed, index) */                    \
-    void kd_cpu_dropout_fwd_##SFX(size_t n, const T *x, T *y, T *mask, double p, uint64_t seed); \
-    void kd_cpu_mul_##SFX(size_t n, const T *a, const T *b, T *y);                               \
-    /* y = a + b */                                                                              \
-    void kd_cpu_add_##SFX(size_t n, const T *a, const T *b, T *y);                               \
-    /* mean cross-entropy with label smoothing eps over N rows of C logits. Writes             \
-       dlogits = scale * d(mean loss)/dlogits when dlogits != NULL; returns the summed loss    \
-       (not the mean) and counts argmax hits in *correct. */                                    \
-    double kd_cpu_ce_##SFX(int n, int c, const T *logits, const int32_t *labels,                 \
-                           double smoothing, T *dlogits, double scale, int64_t *correct);
+    /* average pooling, padding counted in the divisor (PyTorch's default) */                      \
+    void kd_cpu_avgpool_fwd_##SFX(const kd_pool_shape *p, const T *x, T *y);                       \
+    void kd_cpu_avgpool_bwd_##SFX(const kd_pool_shape *p, const T *dy, T *dx);                     \
+    /* x [N, C, HW] -> y [N, C] */                                                                 \
+    void kd_cpu_gap_fwd_##SFX(int n, int c, int hw, const T *x, T *y);                             \
+    void kd_cpu_gap_bwd_##SFX(int n, int c, int hw, const T *dy, T *dx);                           \
+    /* inverted dropout: mask holds 0 or 1/(1-p), drawn from (seed, index) */                      \
+    void kd_cpu_dropout_fwd_##SFX(size_t n, const T *x, T *y, T *mask, double p, uint64_t seed);   \
+    void kd_cpu_mul_##SFX(size_t n, const T *a, const T *b, T *y);                                 \
+    /* y = a + b */                                                                                \
+    void kd_cpu_add_##SFX(size_t n, const T *a, const T *b, T *y);                                 \
+    /* mean cross-entropy with label smoothing eps over N rows of C logits. Writes                 \
+       dlogits = scale * d(mean loss)/dlogits when dlogits != NULL; returns the summed loss        \
+       (not the mean) and counts argmax hits in *correct. */                                       \
+    double kd_cpu_ce_##SFX(int n, int c, const T *logits, const int32_t *labels, double smoothing, \
+                           T *dlogits, double scale, int64_t *correct);
 
 KD_CPU_OPS_DECLARE(float, f32)
 KD_CPU_OPS_DECLARE(double, f64)

@@ -5,8 +5,8 @@
  * include guard on purpose. See cpu_ops.h for shapes and the gradient rule.
  */
 #define KD_CAT_(a, b) a##_##b
-#define KD_CAT(a, b) KD_CAT_(a, b)
-#define OP(name) KD_CAT(kd_cpu_##name, SFX)
+#define KD_CAT(a, b)  KD_CAT_(a, b)
+#define OP(name)      KD_CAT(kd_cpu_##name, SFX)
 
 void OP(linear_fwd)(int n, int in, int out, const T *x, const T *w, const T *b, T *y)
 {
@@ -36,7 +36,10 @@ void OP(linear_bwd)(int n, int in, int out, const T *x, const T *w, const T *dy,
 
 /* ---- convolution: im2col + GEMM per group over chunks of samples; depthwise direct ---- */
 
-static int OP(conv_is_depthwise)(const kd_conv_shape *s) { return s->groups > 1 && s->groups == s->c; }
+static int OP(conv_is_depthwise)(const kd_conv_shape *s)
+{
+    return s->groups > 1 && s->groups == s->c;
+}
 
 size_t OP(conv2d_ws)(const kd_conv_shape *s)
 {
@@ -102,8 +105,8 @@ static void OP(col2im)(const kd_conv_shape *s, const T *col, int s0, int cnt, in
             T *plane = dx + ((size_t)(s0 + si) * s->c + (size_t)g * cg + ci) * s->h * s->w;
             for (int ky = 0; ky < s->kh; ky++)
                 for (int kx = 0; kx < s->kw; kx++) {
-                    const T *src = col + (size_t)((ci * s->kh + ky) * s->kw + kx) * ncols +
-                                   (size_t)si * hwo;
+                    const T *src =
+                        col + (size_t)((ci * s->kh + ky) * s->kw + kx) * ncols + (size_t)si * hwo;
                     for (int oy = 0; oy < s->ho; oy++) {
                         int iy = oy * s->stride - s->pad + ky;
                         if (iy < 0 || iy >= s->h)

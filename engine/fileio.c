@@ -215,10 +215,12 @@ static kd_status mkdir_one(const char *dir, const char *full)
     if (e == EEXIST || e == EISDIR) {
         if (stat(dir, &sb) == 0 && S_ISDIR(sb.st_mode))
             return KD_OK;
-        return KD_FAIL(KD_ERR_IO, "cannot create directory '%s': '%s' exists and is not a directory",
-                       full, dir);
+        return KD_FAIL(KD_ERR_IO,
+                       "cannot create directory '%s': '%s' exists and is not a directory", full,
+                       dir);
     }
-    return KD_FAIL(KD_ERR_IO, "cannot create directory '%s': mkdir '%s': %s", full, dir, strerror(e));
+    return KD_FAIL(KD_ERR_IO, "cannot create directory '%s': mkdir '%s': %s", full, dir,
+                   strerror(e));
 }
 
 kd_status kd_mkdir_p(const char *dir)

@@ -9,8 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static kd_status copy_str(const kd_node *map, const char *key, int required, char *dst,
-                          size_t len)
+static kd_status copy_str(const kd_node *map, const char *key, int required, char *dst, size_t len)
 {
     const char *v = NULL;
     KD_TRY(kd_node_get_str(map, key, required, &v));
@@ -33,8 +32,8 @@ static kd_status get_int_range(const kd_node *map, const char *key, int required
     if (v < lo || v > hi) {
         char pos[160];
         return KD_FAIL(KD_ERR_CONFIG, "%s: '%s' must be in [%lld, %lld], got %lld",
-                       kd_node_where(kd_node_child(map, key), pos, sizeof pos), key,
-                       (long long)lo, (long long)hi, (long long)v);
+                       kd_node_where(kd_node_child(map, key), pos, sizeof pos), key, (long long)lo,
+                       (long long)hi, (long long)v);
     }
     *out = v;
     return KD_OK;
@@ -70,7 +69,7 @@ static kd_status section(const kd_node *root, const char *key, int required,
 
 static kd_status parse_run(kd_job *j)
 {
-    static const char *const keys[] = {"name", "out_dir", "seed", "device", "threads",
+    static const char *const keys[] = {"name",      "out_dir",          "seed", "device", "threads",
                                        "log_every", "checkpoint_every", NULL};
     const kd_node *s;
     KD_TRY(section(j->root, "run", 0, keys, &s));
@@ -102,7 +101,7 @@ static kd_status parse_run(kd_job *j)
 
 static kd_status parse_data(kd_job *j)
 {
-    static const char *const keys[] = {"dataset", "root", "batch_size", "eval_batch_size",
+    static const char *const keys[] = {"dataset",  "root",    "batch_size",  "eval_batch_size",
                                        "val_size", "augment", "train_limit", NULL};
     static const char *const aug_keys[] = {"crop_pad", "hflip", NULL};
     const kd_node *s;
@@ -170,8 +169,9 @@ static kd_status parse_distill(kd_job *j)
                            "%s: distill.mode '%s' is not available in this version; only 'none' "
                            "(supervised training) is",
                            kd_node_where(kd_node_child(s, "mode"), pos, sizeof pos), j->mode);
-        return KD_FAIL(KD_ERR_CONFIG, "%s: distill.mode must be none, offline, online or self, got "
-                                      "'%s'",
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "%s: distill.mode must be none, offline, online or self, got "
+                       "'%s'",
                        kd_node_where(kd_node_child(s, "mode"), pos, sizeof pos), j->mode);
     }
     const kd_node *losses = kd_node_child(s, "losses");
@@ -187,8 +187,9 @@ static kd_status parse_distill(kd_job *j)
         const char *type = NULL;
         KD_TRY(kd_node_get_str(l, "type", 1, &type));
         if (strcmp(type, "ce") != 0)
-            return KD_FAIL(KD_ERR_CONFIG, "%s: loss type '%s' is not available with mode none "
-                                          "(known: ce)",
+            return KD_FAIL(KD_ERR_CONFIG,
+                           "%s: loss type '%s' is not available with mode none "
+                           "(known: ce)",
                            kd_node_where(l, pos, sizeof pos), type);
         if (have_ce++)
             return KD_FAIL(KD_ERR_CONFIG, "%s: 'ce' is listed twice",
@@ -196,8 +197,7 @@ static kd_status parse_distill(kd_job *j)
         KD_TRY(kd_node_get_float(l, "weight", 0, &j->ce_weight));
         KD_TRY(kd_node_get_float(l, "label_smoothing", 0, &j->label_smoothing));
         if (!(j->label_smoothing >= 0 && j->label_smoothing < 1) || !(j->ce_weight > 0))
-            return KD_FAIL(KD_ERR_CONFIG,
-                           "%s: ce needs weight > 0 and label_smoothing in [0, 1)",
+            return KD_FAIL(KD_ERR_CONFIG, "%s: ce needs weight > 0 and label_smoothing in [0, 1)",
                            kd_node_where(l, pos, sizeof pos));
     }
     return KD_OK;
@@ -205,11 +205,11 @@ static kd_status parse_distill(kd_job *j)
 
 static kd_status parse_optim(kd_job *j)
 {
-    static const char *const keys[] = {"name", "lr", "momentum", "nesterov", "beta1", "beta2",
-                                       "eps", "weight_decay", "clip_norm", "epochs", "schedule",
-                                       NULL};
-    static const char *const sched_keys[] = {"type", "warmup_steps", "min_lr", "step_size",
-                                             "gamma", NULL};
+    static const char *const keys[] = {"name",      "lr",     "momentum", "nesterov",
+                                       "beta1",     "beta2",  "eps",      "weight_decay",
+                                       "clip_norm", "epochs", "schedule", NULL};
+    static const char *const sched_keys[] = {"type",      "warmup_steps", "min_lr",
+                                             "step_size", "gamma",        NULL};
     const kd_node *s;
     char pos[160];
     KD_TRY(section(j->root, "optim", 1, keys, &s));

@@ -18,8 +18,8 @@
 
 typedef struct {
     char path[512];
-    kd_node *root;       /* the job file with overrides applied */
-    kd_node *model_doc;  /* the model file when `model:` names one (else NULL) */
+    kd_node *root;      /* the job file with overrides applied */
+    kd_node *model_doc; /* the model file when `model:` names one (else NULL) */
     char model_desc[640];
     const kd_node *model_input, *model_layers;
 

@@ -21,10 +21,10 @@
 #include "rng.h"
 
 static const char *const kd_layer_names[KD_L_COUNT_] = {
-    [KD_L_LINEAR] = "linear",        [KD_L_CONV2D] = "conv2d",       [KD_L_BATCHNORM] = "batchnorm",
-    [KD_L_RELU] = "relu",            [KD_L_RELU6] = "relu6",         [KD_L_MAXPOOL] = "maxpool2d",
-    [KD_L_AVGPOOL] = "avgpool2d",    [KD_L_GAP] = "global_avgpool",  [KD_L_FLATTEN] = "flatten",
-    [KD_L_DROPOUT] = "dropout",      [KD_L_RESIDUAL] = "residual",
+    [KD_L_LINEAR] = "linear",     [KD_L_CONV2D] = "conv2d",      [KD_L_BATCHNORM] = "batchnorm",
+    [KD_L_RELU] = "relu",         [KD_L_RELU6] = "relu6",        [KD_L_MAXPOOL] = "maxpool2d",
+    [KD_L_AVGPOOL] = "avgpool2d", [KD_L_GAP] = "global_avgpool", [KD_L_FLATTEN] = "flatten",
+    [KD_L_DROPOUT] = "dropout",   [KD_L_RESIDUAL] = "residual",
 };
 
 typedef struct {
@@ -70,16 +70,13 @@ static kd_status add_entry(kd_builder *bd, const char *prefix, const char *leaf,
     return KD_OK;
 }
 
-static void hash_in(kd_builder *bd, uint64_t a, uint64_t b)
-{
-    bd->hash = kd_mix64(bd->hash, a, b);
-}
+static void hash_in(kd_builder *bd, uint64_t a, uint64_t b) { bd->hash = kd_mix64(bd->hash, a, b); }
 
 static kd_status parse_trunk(kd_builder *bd, const kd_node *list, const char *prefix, int in_ndim,
                              const int *in, kd_block **out, int *count, const char *what);
 
-static kd_status get_pos_int(const kd_node *opts, const char *key, int required, int min,
-                             int *out, const char *where)
+static kd_status get_pos_int(const kd_node *opts, const char *key, int required, int min, int *out,
+                             const char *where)
 {
     if (!opts)
         return required ? KD_FAIL(KD_ERR_CONFIG, "%s: missing required key '%s'", where, key)
@@ -118,8 +115,7 @@ static kd_status parse_block(kd_builder *bd, const kd_node *item, const char *na
         if (opts->kind == KD_NODE_SCALAR)
             opts = NULL;
         else if (opts->kind != KD_NODE_MAP)
-            return KD_FAIL(KD_ERR_CONFIG, "%s: options of '%s' must be a mapping", b->where,
-                           kname);
+            return KD_FAIL(KD_ERR_CONFIG, "%s: options of '%s' must be a mapping", b->where, kname);
     } else {
         return KD_FAIL(KD_ERR_CONFIG,
                        "%s: layer %s must be a name or a one-key mapping like "
@@ -131,17 +127,18 @@ static kd_status parse_block(kd_builder *bd, const kd_node *item, const char *na
         if (strcmp(kname, kd_layer_names[k]) == 0)
             kind = k;
     if (kind < 0)
-        return KD_FAIL(KD_ERR_CONFIG,
-                       "%s: unknown layer type '%s' (known: linear, conv2d, batchnorm, relu, relu6, "
-                       "maxpool2d, avgpool2d, global_avgpool, flatten, dropout, residual)",
-                       b->where, kname);
+        return KD_FAIL(
+            KD_ERR_CONFIG,
+            "%s: unknown layer type '%s' (known: linear, conv2d, batchnorm, relu, relu6, "
+            "maxpool2d, avgpool2d, global_avgpool, flatten, dropout, residual)",
+            b->where, kname);
     b->kind = (kd_layer_kind)kind;
     char what[96], ins[64], outs[64];
     snprintf(what, sizeof what, "layer %s (%s)", name, kname);
 
     static const char *const k_linear[] = {"out", "in", "bias", "tap", NULL};
-    static const char *const k_conv[] = {"out", "in", "kernel", "stride", "pad", "groups",
-                                         "bias", "tap", NULL};
+    static const char *const k_conv[] = {"out",    "in",   "kernel", "stride", "pad",
+                                         "groups", "bias", "tap",    NULL};
     static const char *const k_bn[] = {"eps", "momentum", "tap", NULL};
     static const char *const k_pool[] = {"kernel", "stride", "pad", "tap", NULL};
     static const char *const k_drop[] = {"p", "tap", NULL};
@@ -175,8 +172,9 @@ static kd_status parse_block(kd_builder *bd, const kd_node *item, const char *na
     b->out_ndim = in_ndim;
     memcpy(b->out, in, sizeof b->out);
     shape_text(in_ndim, in, ins, sizeof ins);
-    hash_in(bd, (uint64_t)b->kind, ((uint64_t)in_ndim << 48) ^ ((uint64_t)in[0] << 32) ^
-                                       ((uint64_t)in[1] << 16) ^ (uint64_t)in[2]);
+    hash_in(bd, (uint64_t)b->kind,
+            ((uint64_t)in_ndim << 48) ^ ((uint64_t)in[0] << 32) ^ ((uint64_t)in[1] << 16) ^
+                (uint64_t)in[2]);
 
     switch (b->kind) {
     case KD_L_LINEAR: {
@@ -258,7 +256,8 @@ static kd_status parse_block(kd_builder *bd, const kd_node *item, const char *na
         size_t ws_need = bd->m->be->conv2d_ws ? bd->m->be->conv2d_ws(&full) : 0;
         if (ws_need > bd->ws_floats)
             bd->ws_floats = ws_need;
-        hash_in(bd, ((uint64_t)b->features << 32) ^ ((uint64_t)b->kernel << 16) ^ (uint64_t)b->stride,
+        hash_in(bd,
+                ((uint64_t)b->features << 32) ^ ((uint64_t)b->kernel << 16) ^ (uint64_t)b->stride,
                 ((uint64_t)b->pad << 32) ^ ((uint64_t)b->groups << 1) ^ (uint64_t)b->has_bias);
         break;
     }
@@ -361,17 +360,15 @@ static kd_status parse_block(kd_builder *bd, const kd_node *item, const char *na
             char sk[64];
             shape_text(b->out_ndim, b->out, outs, sizeof outs);
             shape_text(skip_ndim, skip, sk, sizeof sk);
-            return KD_FAIL(KD_ERR_SHAPE,
-                           "%s: %s: body output %s does not match the %s %s; %s", b->where, what,
-                           outs, proj ? "projection output" : "skip input", sk,
+            return KD_FAIL(KD_ERR_SHAPE, "%s: %s: body output %s does not match the %s %s; %s",
+                           b->where, what, outs, proj ? "projection output" : "skip input", sk,
                            proj ? "fix the proj layers"
                                 : "add 'proj: [conv2d: {out: ..., kernel: 1, stride: ...}]'");
         }
         hash_in(bd, 0x5e51d, (uint64_t)b->nbody << 8 | (uint64_t)b->nproj);
         break;
     }
-    default:
-        break;
+    default: break;
     }
     b->out_numel = (size_t)b->out[0] * (b->out_ndim == 3 ? (size_t)b->out[1] * b->out[2] : 1);
     return KD_OK;
@@ -423,12 +420,12 @@ static kd_status parse_trunk(kd_builder *bd, const kd_node *list, const char *pr
 /* Hand out arena slices (base != NULL) or only count them (base == NULL). */
 static void arena_walk(kd_block *blocks, int n, int batch, float *base, size_t *cur)
 {
-#define TAKE(ptr, type, count)                                        \
-    do {                                                              \
-        size_t cnt_ = (size_t)(count);                                \
-        if (base)                                                     \
-            (ptr) = (type *)(base + *cur);                            \
-        *cur += (cnt_ + 15) / 16 * 16;                                \
+#define TAKE(ptr, type, count)                                                                     \
+    do {                                                                                           \
+        size_t cnt_ = (size_t)(count);                                                             \
+        if (base)                                                                                  \
+            (ptr) = (type *)(base + *cur);                                                         \
+        *cur += (cnt_ + 15) / 16 * 16;                                                             \
     } while (0)
     for (int i = 0; i < n; i++) {
         kd_block *b = &blocks[i];
@@ -566,8 +563,8 @@ kd_status kd_model_build(const kd_node *input, const kd_node *layers, const kd_b
     }
     m->in_numel = (size_t)m->in[0] * m->in[1] * m->in[2];
     kd_builder bd = {.m = m, .hash = 0x6b64};
-    kd_status st = parse_trunk(&bd, layers, "", m->in_ndim, m->in, &m->blocks, &m->nblocks,
-                               "'layers'");
+    kd_status st =
+        parse_trunk(&bd, layers, "", m->in_ndim, m->in, &m->blocks, &m->nblocks, "'layers'");
     if (st != KD_OK) {
         free(bd.entries);
         free(m);
@@ -670,8 +667,15 @@ static void chain_fwd(kd_model *m, kd_block *blocks, int count, const float *x, 
 
 static kd_pool_shape pool_shape(const kd_block *b, int n)
 {
-    return (kd_pool_shape){.n = n, .c = b->in[0], .h = b->in[1], .w = b->in[2], .k = b->kernel,
-                           .stride = b->stride, .pad = b->pad, .ho = b->out[1], .wo = b->out[2]};
+    return (kd_pool_shape){.n = n,
+                           .c = b->in[0],
+                           .h = b->in[1],
+                           .w = b->in[2],
+                           .k = b->kernel,
+                           .stride = b->stride,
+                           .pad = b->pad,
+                           .ho = b->out[1],
+                           .wo = b->out[2]};
 }
 
 static void block_fwd(kd_model *m, kd_block *b, const float *x, int n, int train, uint64_t seed)
@@ -681,8 +685,8 @@ static void block_fwd(kd_model *m, kd_block *b, const float *x, int n, int train
     size_t act = (size_t)n * b->out_numel;
     switch (b->kind) {
     case KD_L_LINEAR:
-        be->linear_fwd(n, b->in[0], b->features, x, P + b->w_off,
-                       b->has_bias ? P + b->b_off : NULL, b->y);
+        be->linear_fwd(n, b->in[0], b->features, x, P + b->w_off, b->has_bias ? P + b->b_off : NULL,
+                       b->y);
         break;
     case KD_L_CONV2D: {
         kd_conv_shape s;
@@ -695,12 +699,12 @@ static void block_fwd(kd_model *m, kd_block *b, const float *x, int n, int train
         int hw = b->in_ndim == 3 ? b->in[1] * b->in[2] : 1;
         if (train) {
             be->bn_fwd_train(n, b->in[0], hw, x, P + b->w_off, P + b->b_off, b->y, b->save_a,
-                             b->save_b, m->buffers + b->rm_off, m->buffers + b->rv_off,
-                             b->momentum, b->eps);
+                             b->save_b, m->buffers + b->rm_off, m->buffers + b->rv_off, b->momentum,
+                             b->eps);
             b->bn_batches++;
         } else {
-            be->bn_fwd_eval(n, b->in[0], hw, x, P + b->w_off, P + b->b_off,
-                            m->buffers + b->rm_off, m->buffers + b->rv_off, b->y, b->eps);
+            be->bn_fwd_eval(n, b->in[0], hw, x, P + b->w_off, P + b->b_off, m->buffers + b->rm_off,
+                            m->buffers + b->rv_off, b->y, b->eps);
         }
         break;
     }
@@ -770,8 +774,8 @@ static void block_bwd(kd_model *m, kd_block *b, const float *x, int n, float *dx
     }
     case KD_L_BATCHNORM: {
         int hw = b->in_ndim == 3 ? b->in[1] * b->in[2] : 1;
-        be->bn_bwd(n, b->in[0], hw, x, b->dy, P + b->w_off, b->save_a, b->save_b, dx,
-                   G + b->w_off, G + b->b_off);
+        be->bn_bwd(n, b->in[0], hw, x, b->dy, P + b->w_off, b->save_a, b->save_b, dx, G + b->w_off,
+                   G + b->b_off);
         break;
     }
     case KD_L_RELU:
@@ -872,7 +876,8 @@ static void summary_walk(const kd_block *blocks, int n, int depth, FILE *f)
     for (int i = 0; i < n; i++) {
         const kd_block *b = &blocks[i];
         char s[64];
-        size_t np = (b->w_off != SIZE_MAX ? b->w_numel : 0) + (b->b_off != SIZE_MAX ? b->b_numel : 0);
+        size_t np =
+            (b->w_off != SIZE_MAX ? b->w_numel : 0) + (b->b_off != SIZE_MAX ? b->b_numel : 0);
         fprintf(f, "  %*s%-12s %-16s %-18s %8zu%s%s\n", depth * 2, "", b->name,
                 kd_layer_names[b->kind], shape_text(b->out_ndim, b->out, s, sizeof s), np,
                 b->tap[0] ? "  tap=" : "", b->tap);

@@ -43,7 +43,7 @@ struct kd_block {
     char where[192]; /* "file:line:col" of its definition, for messages */
     char tap[32];    /* "" when untapped */
     int in_ndim, out_ndim;
-    int in[3], out[3];        /* per-sample shapes */
+    int in[3], out[3]; /* per-sample shapes */
     size_t in_numel, out_numel;
     /* hyper-parameters */
     int features, kernel, stride, pad, groups, has_bias;
@@ -72,8 +72,8 @@ typedef struct {
     int64_t shape[4];
     size_t offset; /* floats into params/grads (PARAM) or buffers (BUFFER) */
     size_t numel;
-    int decay;           /* weight decay applies (weights of conv/linear) */
-    int64_t *counter;    /* COUNTER: the bn_batches it stands for */
+    int decay;        /* weight decay applies (weights of conv/linear) */
+    int64_t *counter; /* COUNTER: the bn_batches it stands for */
 } kd_state_entry;
 
 typedef struct kd_model {

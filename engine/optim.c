@@ -19,7 +19,7 @@
 
 #ifdef _OPENMP
 #define KD_OMP_(...) _Pragma(#__VA_ARGS__)
-#define KD_OMP(...) KD_OMP_(omp __VA_ARGS__)
+#define KD_OMP(...)  KD_OMP_(omp __VA_ARGS__)
 #else
 #define KD_OMP(...)
 #endif
@@ -54,7 +54,7 @@
 #define KD_OPTIM_PAR_MIN ((size_t)1 << 16)
 
 /* The norm is summed over at most this many blocks of at least the minimum size. */
-#define KD_NORM_BLOCKS 256
+#define KD_NORM_BLOCKS    256
 #define KD_NORM_MIN_BLOCK ((size_t)4096)
 
 /* torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing. */
@@ -102,8 +102,7 @@ double kd_sched_lr(const kd_sched_cfg *s, double base_lr, int64_t step)
     int64_t warm = s->warmup_steps > 0 ? s->warmup_steps : 0;
     int64_t t = step - warm;
     switch (s->kind) {
-    case KD_SCHED_CONSTANT:
-        return base_lr;
+    case KD_SCHED_CONSTANT: return base_lr;
     case KD_SCHED_STEP:
         /* A config that never passed kd_sched_cfg_check degrades to constant, not to a crash. */
         if (s->step_size <= 0)
@@ -128,8 +127,7 @@ kd_status kd_sched_cfg_check(const kd_sched_cfg *s, double base_lr)
         return KD_FAIL(KD_ERR_CONFIG, "schedule: warmup_steps must be >= 0, got %lld",
                        (long long)s->warmup_steps);
     switch (s->kind) {
-    case KD_SCHED_CONSTANT:
-        return KD_OK;
+    case KD_SCHED_CONSTANT: return KD_OK;
     case KD_SCHED_STEP:
         if (s->step_size <= 0)
             return KD_FAIL(KD_ERR_CONFIG, "step schedule: step_size must be > 0, got %lld",
@@ -156,10 +154,8 @@ size_t kd_optim_state_floats(const kd_optim_cfg *c, size_t nparams)
     if (c == NULL)
         return 0;
     switch (c->kind) {
-    case KD_OPTIM_SGD:
-        return c->momentum != 0.0 ? nparams : 0;
-    case KD_OPTIM_ADAMW:
-        return 2 * nparams;
+    case KD_OPTIM_SGD: return c->momentum != 0.0 ? nparams : 0;
+    case KD_OPTIM_ADAMW: return 2 * nparams;
     }
     return 0;
 }
@@ -246,8 +242,8 @@ enum { KD_SGD_PLAIN, KD_SGD_MOMENTUM, KD_SGD_NESTEROV };
  * NULL or real mask, becomes its own branch-free loop.
  */
 static KD_ALWAYS_INLINE void sgd_kernel(float *restrict p, const float *restrict g,
-                                        float *restrict buf, const uint8_t *restrict mask,
-                                        size_t n, float keep, float lr, float mom, int mode)
+                                        float *restrict buf, const uint8_t *restrict mask, size_t n,
+                                        float keep, float lr, float mom, int mode)
 {
     KD_OMP(parallel for simd schedule(static) if (parallel : n >= KD_OPTIM_PAR_MIN))
     for (size_t i = 0; i < n; i++) {

@@ -33,7 +33,7 @@
 #endif
 
 #define KD_ST_MAX_HEADER (100u * 1024u * 1024u)
-#define KD_ST_ALIGN 64
+#define KD_ST_ALIGN      64
 /* Largest integer a JSON number (a double in cJSON) holds exactly. */
 #define KD_ST_MAX_JSON_INT 9007199254740992.0
 
@@ -43,7 +43,7 @@ struct kd_safetensors {
     kd_st_entry *entries; /* header order */
     size_t n;
     const kd_st_entry **by_name; /* entries sorted by name, for bsearch */
-    unsigned char *arena; /* all tensor data, each tensor KD_ST_ALIGN aligned */
+    unsigned char *arena;        /* all tensor data, each tensor KD_ST_ALIGN aligned */
 };
 
 /* ---- writing ------------------------------------------------------------------------------ */
@@ -296,7 +296,6 @@ static int json_uint(const cJSON *v, uint64_t *out)
     return 1;
 }
 
-
 typedef struct {
     uint64_t begin, end;
     size_t idx;
@@ -326,8 +325,8 @@ static kd_status parse_entry(const char *path, const cJSON *item, uint64_t bufsi
 {
     const char *name = item->string;
     if (!cJSON_IsObject(item))
-        return KD_FAIL(KD_ERR_FORMAT, "reading '%s': tensor '%s': entry is not a JSON object",
-                       path, name);
+        return KD_FAIL(KD_ERR_FORMAT, "reading '%s': tensor '%s': entry is not a JSON object", path,
+                       name);
     const cJSON *dt = cJSON_GetObjectItemCaseSensitive(item, "dtype");
     const cJSON *shape = cJSON_GetObjectItemCaseSensitive(item, "shape");
     const cJSON *offs = cJSON_GetObjectItemCaseSensitive(item, "data_offsets");
@@ -361,12 +360,12 @@ static kd_status parse_entry(const char *path, const cJSON *item, uint64_t bufsi
     {
         uint64_t u;
         if (cJSON_IsNumber(v) && v->valuedouble < 0)
-            return KD_FAIL(KD_ERR_FORMAT, "reading '%s': tensor '%s': negative dimension %g",
-                           path, name, v->valuedouble);
+            return KD_FAIL(KD_ERR_FORMAT, "reading '%s': tensor '%s': negative dimension %g", path,
+                           name, v->valuedouble);
         if (!json_uint(v, &u))
             return KD_FAIL(KD_ERR_FORMAT,
-                           "reading '%s': tensor '%s': 'shape' element %d is not an integer",
-                           path, name, d);
+                           "reading '%s': tensor '%s': 'shape' element %d is not an integer", path,
+                           name, d);
         e->shape[d++] = (int64_t)u;
     }
     if (!offs)
@@ -416,8 +415,8 @@ static kd_status parse_metadata(const char *path, kd_safetensors *s, const cJSON
     cJSON_ArrayForEach(v, item)
     {
         if (!cJSON_IsString(v))
-            return KD_FAIL(KD_ERR_FORMAT,
-                           "reading '%s': metadata value of '%s' is not a string", path, v->string);
+            return KD_FAIL(KD_ERR_FORMAT, "reading '%s': metadata value of '%s' is not a string",
+                           path, v->string);
     }
     s->meta = item;
     return KD_OK;
@@ -576,8 +575,8 @@ kd_status kd_safetensors_open(const char *path, kd_safetensors **out)
         size_t len = (size_t)(sp->end - sp->begin);
         s->entries[sp->idx].data = s->arena + pos;
         if (len && (err = pread_all(fd, s->arena + pos, len, 8 + hlen + sp->begin))) {
-            st = KD_FAIL(KD_ERR_IO, "reading '%s': tensor '%s': %s", path,
-                         s->entries[sp->idx].name, strerror(err));
+            st = KD_FAIL(KD_ERR_IO, "reading '%s': tensor '%s': %s", path, s->entries[sp->idx].name,
+                         strerror(err));
             goto fail;
         }
         pos += (len + KD_ST_ALIGN - 1) / KD_ST_ALIGN * KD_ST_ALIGN;

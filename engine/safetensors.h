@@ -24,9 +24,9 @@ extern "C" {
 typedef struct {
     const char *name;
     kd_dtype dtype;
-    int ndim;                       /* 0..KD_MAX_DIMS (0 = scalar) */
-    int64_t shape[KD_MAX_DIMS];     /* read entries: unused trailing dims are 1 */
-    const void *data;               /* host memory, numel * dtype size bytes */
+    int ndim;                   /* 0..KD_MAX_DIMS (0 = scalar) */
+    int64_t shape[KD_MAX_DIMS]; /* read entries: unused trailing dims are 1 */
+    const void *data;           /* host memory, numel * dtype size bytes */
 } kd_st_entry;
 
 /*

@@ -14,18 +14,18 @@ extern "C" {
 #endif
 
 /* X(name, text): the text is what kd_status_str() returns. */
-#define KD_STATUS_LIST(X)                                   \
-    X(KD_OK, "ok")                                          \
-    X(KD_ERR_INVALID, "invalid argument")                   \
-    X(KD_ERR_IO, "i/o error")                               \
-    X(KD_ERR_FORMAT, "malformed file")                      \
-    X(KD_ERR_CONFIG, "config error")                        \
-    X(KD_ERR_SHAPE, "shape mismatch")                       \
-    X(KD_ERR_NOMEM, "out of memory")                        \
-    X(KD_ERR_NOT_FOUND, "not found")                        \
-    X(KD_ERR_UNSUPPORTED, "unsupported")                    \
-    X(KD_ERR_DEVICE, "device error")                        \
-    X(KD_ERR_INTERRUPTED, "interrupted")                    \
+#define KD_STATUS_LIST(X)                                                                          \
+    X(KD_OK, "ok")                                                                                 \
+    X(KD_ERR_INVALID, "invalid argument")                                                          \
+    X(KD_ERR_IO, "i/o error")                                                                      \
+    X(KD_ERR_FORMAT, "malformed file")                                                             \
+    X(KD_ERR_CONFIG, "config error")                                                               \
+    X(KD_ERR_SHAPE, "shape mismatch")                                                              \
+    X(KD_ERR_NOMEM, "out of memory")                                                               \
+    X(KD_ERR_NOT_FOUND, "not found")                                                               \
+    X(KD_ERR_UNSUPPORTED, "unsupported")                                                           \
+    X(KD_ERR_DEVICE, "device error")                                                               \
+    X(KD_ERR_INTERRUPTED, "interrupted")                                                           \
     X(KD_ERR_INTERNAL, "internal error")
 
 #define KD_STATUS_ENUM_(name, text) name,
@@ -65,11 +65,11 @@ kd_status kd_fail_context(kd_status st, const char *fmt, ...)
 #define KD_FAIL(st, ...) kd_fail_at((st), __FILE__, __LINE__, __VA_ARGS__)
 
 /* Evaluate a kd_status expression and return it from the caller on failure. */
-#define KD_TRY(expr)                       \
-    do {                                   \
-        kd_status kd_try_st_ = (expr);     \
-        if (kd_try_st_ != KD_OK)           \
-            return kd_try_st_;             \
+#define KD_TRY(expr)                                                                               \
+    do {                                                                                           \
+        kd_status kd_try_st_ = (expr);                                                             \
+        if (kd_try_st_ != KD_OK)                                                                   \
+            return kd_try_st_;                                                                     \
     } while (0)
 
 #ifdef __cplusplus

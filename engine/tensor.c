@@ -15,9 +15,15 @@ static const struct {
     [KD_DTYPE_I32] = {"I32", 4}, [KD_DTYPE_I64] = {"I64", 8},
 };
 
-size_t kd_dtype_size(kd_dtype dt) { return (unsigned)dt < KD_DTYPE_COUNT_ ? kd_dtype_table[dt].size : 0; }
+size_t kd_dtype_size(kd_dtype dt)
+{
+    return (unsigned)dt < KD_DTYPE_COUNT_ ? kd_dtype_table[dt].size : 0;
+}
 
-const char *kd_dtype_name(kd_dtype dt) { return (unsigned)dt < KD_DTYPE_COUNT_ ? kd_dtype_table[dt].name : "?"; }
+const char *kd_dtype_name(kd_dtype dt)
+{
+    return (unsigned)dt < KD_DTYPE_COUNT_ ? kd_dtype_table[dt].name : "?";
+}
 
 int kd_dtype_from_name(const char *name)
 {

@@ -76,7 +76,8 @@ static kd_status pick_backend(const kd_job *job, const kd_backend **be, FILE *lo
 static kd_status build_model(const kd_job *job, int max_batch, const kd_backend **be, kd_model **m,
                              FILE *log)
 {
-    kd_status st = kd_model_build(job->model_input, job->model_layers, *be, max_batch, job->seed, m);
+    kd_status st =
+        kd_model_build(job->model_input, job->model_layers, *be, max_batch, job->seed, m);
     if (st == KD_ERR_UNSUPPORTED && *be != kd_backend_cpu() && !strcmp(job->device, "auto")) {
         if (log)
             fprintf(log, "device: cpu (%s)\n", kd_last_error());
@@ -109,9 +110,9 @@ static kd_status load_splits(const kd_job *job, int need_train, kd_data_splits *
         if (job->val_size >= full.n) {
             int64_t n = full.n;
             kd_dataset_free(&full);
-            return KD_FAIL(KD_ERR_CONFIG, "%s: data.val_size %" PRId64
-                                          " leaves no training samples (the training set has %"
-                                          PRId64 ")",
+            return KD_FAIL(KD_ERR_CONFIG,
+                           "%s: data.val_size %" PRId64
+                           " leaves no training samples (the training set has %" PRId64 ")",
                            job->path, job->val_size, n);
         }
         st = kd_dataset_split(&full, job->val_size, job->seed, &d->train, &d->val);
@@ -131,8 +132,8 @@ static kd_status load_splits(const kd_job *job, int need_train, kd_data_splits *
 static kd_status check_model_fits_data(const kd_model *m, const kd_dataset *d, const kd_job *job)
 {
     size_t per = (size_t)d->c * d->h * d->w;
-    if (per != m->in_numel || (m->in_ndim == 3 && (m->in[0] != d->c || m->in[1] != d->h ||
-                                                  m->in[2] != d->w)))
+    if (per != m->in_numel ||
+        (m->in_ndim == 3 && (m->in[0] != d->c || m->in[1] != d->h || m->in[2] != d->w)))
         return KD_FAIL(KD_ERR_SHAPE,
                        "model %s takes input [%d, %d, %d] but data set '%s' has samples of "
                        "[%d, %d, %d]",
@@ -144,8 +145,8 @@ static kd_status check_model_fits_data(const kd_model *m, const kd_dataset *d, c
 }
 
 /* Mean loss and accuracy over a whole data set in eval mode; x_dev/y_dev hold one batch. */
-static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_dev,
-                          int32_t *y_dev, double smoothing, kd_eval_result *r)
+static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_dev, int32_t *y_dev,
+                          double smoothing, kd_eval_result *r)
 {
     const kd_backend *be = m->be;
     size_t per = (size_t)d->c * d->h * d->w;
@@ -329,8 +330,9 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
         (job->augment.crop_pad > 0 || job->augment.hflip) ? &job->augment : NULL;
     float fill = (0.0f - d.train.mean) / d.train.std;
     (void)fill;
-    fprintf(log, "training %s: %zu parameters, %" PRId64 " samples, %" PRId64
-                 " steps/epoch, %d epochs, batch %d, %s backend, %d threads\n",
+    fprintf(log,
+            "training %s: %zu parameters, %" PRId64 " samples, %" PRId64
+            " steps/epoch, %d epochs, batch %d, %s backend, %d threads\n",
             job->model_desc, m->nparams, n_train, steps_per_epoch, job->epochs, batch, be->name,
             job->threads);
     double t_run = now_s();
@@ -342,17 +344,17 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
         for (int64_t k = first; k < steps_per_epoch; k++) {
             int64_t s0 = k * batch;
             int n = (int)(n_train - s0 < batch ? n_train - s0 : batch);
-            kd_batch_gather(&d.train, perm + s0, n, aug, job->seed, (uint64_t)epoch, x_host,
-                            y_host, NULL);
+            kd_batch_gather(&d.train, perm + s0, n, aug, job->seed, (uint64_t)epoch, x_host, y_host,
+                            NULL);
             if ((st = be->upload(x_dev, x_host, (size_t)n * per * sizeof(float))) ||
                 (st = be->upload(y_dev, y_host, (size_t)n * sizeof(int32_t))))
                 goto done;
             kd_model_zero_grad(m);
             kd_model_forward(m, x_dev, n, 1, kd_mix64(job->seed, (uint64_t)step, 0xd0));
             int64_t correct = 0;
-            double loss = be->ce(n, m->out_features, kd_model_output(m), y_dev,
-                                 job->label_smoothing, kd_model_output_grad(m), job->ce_weight,
-                                 &correct);
+            double loss =
+                be->ce(n, m->out_features, kd_model_output(m), y_dev, job->label_smoothing,
+                       kd_model_output_grad(m), job->ce_weight, &correct);
             kd_model_backward(m, x_dev, n);
             if ((st = be->sync()))
                 goto done;
@@ -412,8 +414,8 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
                         100.0 * ep_correct / ep_seen, lr, sps, eta);
             }
             int stop = opts->stop && *opts->stop;
-            if (!last && (stop || (job->checkpoint_every > 0 &&
-                                   step % job->checkpoint_every == 0))) {
+            if (!last &&
+                (stop || (job->checkpoint_every > 0 && step % job->checkpoint_every == 0))) {
                 saver.info.step = step;
                 saver.info.epoch = epoch;
                 if ((st = save_ckpt(&saver, "last.safetensors")))
@@ -456,8 +458,9 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
             goto done;
         }
         if (d.have_val)
-            fprintf(log, "epoch %" PRId64 "/%d: train loss %.4f acc %.2f%% | val loss %.4f acc "
-                         "%.2f%%%s | %.1fs\n",
+            fprintf(log,
+                    "epoch %" PRId64 "/%d: train loss %.4f acc %.2f%% | val loss %.4f acc "
+                    "%.2f%%%s | %.1fs\n",
                     epoch + 1, job->epochs, ep_seen ? ep_loss / ep_seen : 0.0,
                     ep_seen ? 100.0 * ep_correct / ep_seen : 0.0, val.loss, 100 * val.acc,
                     best ? " (best)" : "", train_time);
@@ -491,8 +494,8 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
                 "{\"name\": \"%s\", \"model\": \"%s\", \"params\": %zu, \"epochs\": %d, "
                 "\"seed\": %" PRIu64 ", \"test_acc\": %.6f, \"test_loss\": %.6f, "
                 "\"best_val_acc\": %.6f, \"train_seconds\": %.1f}\n",
-                job->name, job->model_desc, m->nparams, job->epochs, job->seed, test.acc,
-                test.loss, saver.info.best_val_acc, total);
+                job->name, job->model_desc, m->nparams, job->epochs, job->seed, test.acc, test.loss,
+                saver.info.best_val_acc, total);
         if (fclose(f) != 0)
             st = KD_FAIL(KD_ERR_IO, "cannot write '%s': %s", rpath, strerror(errno));
     }

@@ -10,8 +10,9 @@
 #include "status.h"
 
 typedef struct {
-    const char *resume;  /* checkpoint to resume from, "auto" = <out_dir>/last.safetensors, or NULL */
-    int progress;        /* 1: redraw a progress bar on stderr; 0: plain log lines */
+    const char
+        *resume;  /* checkpoint to resume from, "auto" = <out_dir>/last.safetensors, or NULL */
+    int progress; /* 1: redraw a progress bar on stderr; 0: plain log lines */
     volatile sig_atomic_t *stop; /* set by a signal handler: save a checkpoint and stop */
 } kd_train_opts;
 

@@ -14,9 +14,9 @@
 
 #include "augment.h"
 
-#define C 2
-#define H 5
-#define W 7
+#define C   2
+#define H   5
+#define W   7
 #define PER (C * H * W)
 
 static void fill_image(float *img)

@@ -22,7 +22,7 @@
 #include "sampler.h"
 
 #define FAKE_N 12
-#define HW 28
+#define HW     28
 
 static char tmpdir[256];
 
@@ -429,16 +429,11 @@ static void test_permutation(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_load_fake_gz),
-        cmocka_unit_test(test_load_fake_raw_test_split),
-        cmocka_unit_test(test_env_search),
-        cmocka_unit_test(test_not_found),
-        cmocka_unit_test(test_unknown_name),
-        cmocka_unit_test(test_validation),
-        cmocka_unit_test(test_real_fashion_mnist),
-        cmocka_unit_test(test_split),
-        cmocka_unit_test(test_split_edges),
-        cmocka_unit_test(test_permutation),
+        cmocka_unit_test(test_load_fake_gz),       cmocka_unit_test(test_load_fake_raw_test_split),
+        cmocka_unit_test(test_env_search),         cmocka_unit_test(test_not_found),
+        cmocka_unit_test(test_unknown_name),       cmocka_unit_test(test_validation),
+        cmocka_unit_test(test_real_fashion_mnist), cmocka_unit_test(test_split),
+        cmocka_unit_test(test_split_edges),        cmocka_unit_test(test_permutation),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

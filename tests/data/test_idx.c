@@ -302,11 +302,11 @@ static void test_free_zeroed(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_valid_raw),      cmocka_unit_test(test_valid_gz),
+        cmocka_unit_test(test_valid_raw),       cmocka_unit_test(test_valid_gz),
         cmocka_unit_test(test_valid_1d_and_4d), cmocka_unit_test(test_truncated),
-        cmocka_unit_test(test_trailing),       cmocka_unit_test(test_bad_magic),
-        cmocka_unit_test(test_wrong_type),     cmocka_unit_test(test_bad_ndim),
-        cmocka_unit_test(test_corrupt_gzip),   cmocka_unit_test(test_missing),
+        cmocka_unit_test(test_trailing),        cmocka_unit_test(test_bad_magic),
+        cmocka_unit_test(test_wrong_type),      cmocka_unit_test(test_bad_ndim),
+        cmocka_unit_test(test_corrupt_gzip),    cmocka_unit_test(test_missing),
         cmocka_unit_test(test_free_zeroed),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -40,8 +40,7 @@ static double dot(const double *a, const double *b, size_t n)
 }
 
 /* Compare analytic gradient g of L w.r.t. v (n elements) with central differences. */
-static void check_grad(const char *what, loss_fn f, void *ctx, double *v, const double *g,
-                       size_t n)
+static void check_grad(const char *what, loss_fn f, void *ctx, double *v, const double *g, size_t n)
 {
     const double h = 1e-6;
     double worst = 0;
@@ -133,16 +132,15 @@ static void run_conv(int n, int ci, int h, int w, int o, int k, int stride, int 
     check_grad("conv dw", conv_loss, &c, c.w, dw, nw);
     if (bias)
         check_grad("conv db", conv_loss, &c, c.b, db, (size_t)o);
-    free(c.x), free(c.w), free(c.b), free(c.r), free(c.y), free(c.ws), free(dx), free(dw),
-        free(db);
+    free(c.x), free(c.w), free(c.b), free(c.r), free(c.y), free(c.ws), free(dx), free(dw), free(db);
 }
 
 static void test_conv_plain(void **state)
 {
     (void)state;
-    run_conv(2, 3, 6, 5, 4, 3, 1, 1, 1, 0, 1);  /* all samples in one chunk */
-    run_conv(3, 3, 6, 6, 4, 3, 2, 1, 1, 1, 1);  /* one sample per chunk, stride 2 */
-    run_conv(3, 2, 5, 5, 3, 3, 1, 0, 1, 2, 0);  /* partial last chunk, no padding, no bias */
+    run_conv(2, 3, 6, 5, 4, 3, 1, 1, 1, 0, 1); /* all samples in one chunk */
+    run_conv(3, 3, 6, 6, 4, 3, 2, 1, 1, 1, 1); /* one sample per chunk, stride 2 */
+    run_conv(3, 2, 5, 5, 3, 3, 1, 0, 1, 2, 0); /* partial last chunk, no padding, no bias */
 }
 
 static void test_conv_groups(void **state)
@@ -203,8 +201,8 @@ typedef struct {
 static double bn_loss(void *p)
 {
     bn_ctx *c = p;
-    kd_cpu_bn_fwd_train_f64(c->n, c->c, c->hw, c->x, c->g, c->b, c->y, c->m, c->is, NULL, NULL,
-                            0.1, 1e-5);
+    kd_cpu_bn_fwd_train_f64(c->n, c->c, c->hw, c->x, c->g, c->b, c->y, c->m, c->is, NULL, NULL, 0.1,
+                            1e-5);
     return dot(c->y, c->r, (size_t)c->n * c->c * c->hw);
 }
 
@@ -241,9 +239,9 @@ static void test_batchnorm_stats(void **state)
     double x[4] = {1, 2, 3, 6}, g = 1, b = 0, y[4], m, is, rm = 0, rv = 1;
     kd_cpu_bn_fwd_train_f64(4, 1, 1, x, &g, &b, y, &m, &is, &rm, &rv, 0.1, 1e-5);
     kd_assert_close(m, 3.0, 1e-12);
-    kd_assert_close(is, 1.0 / sqrt(3.5 + 1e-5), 1e-12);      /* biased var 14/4 */
+    kd_assert_close(is, 1.0 / sqrt(3.5 + 1e-5), 1e-12); /* biased var 14/4 */
     kd_assert_close(rm, 0.3, 1e-12);
-    kd_assert_close(rv, 0.9 + 0.1 * 14.0 / 3.0, 1e-12);      /* unbiased var 14/3 */
+    kd_assert_close(rv, 0.9 + 0.1 * 14.0 / 3.0, 1e-12); /* unbiased var 14/3 */
     double ye[4];
     kd_cpu_bn_fwd_eval_f64(4, 1, 1, x, &g, &b, &rm, &rv, ye, 1e-5);
     kd_assert_close(ye[3], (6 - rm) / sqrt(rv + 1e-5), 1e-12);
@@ -395,12 +393,17 @@ static void test_cross_entropy(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_linear),          cmocka_unit_test(test_conv_plain),
-        cmocka_unit_test(test_conv_groups),     cmocka_unit_test(test_conv_1x1),
+        cmocka_unit_test(test_linear),
+        cmocka_unit_test(test_conv_plain),
+        cmocka_unit_test(test_conv_groups),
+        cmocka_unit_test(test_conv_1x1),
         cmocka_unit_test(test_conv_matches_direct_sum),
-        cmocka_unit_test(test_batchnorm_grad),  cmocka_unit_test(test_batchnorm_stats),
-        cmocka_unit_test(test_activations),     cmocka_unit_test(test_pooling),
-        cmocka_unit_test(test_dropout),         cmocka_unit_test(test_cross_entropy),
+        cmocka_unit_test(test_batchnorm_grad),
+        cmocka_unit_test(test_batchnorm_stats),
+        cmocka_unit_test(test_activations),
+        cmocka_unit_test(test_pooling),
+        cmocka_unit_test(test_dropout),
+        cmocka_unit_test(test_cross_entropy),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

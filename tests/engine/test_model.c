@@ -24,29 +24,29 @@
 static const char *const every_layer =
     "input: [2, 8, 8]\n"
     "layers:\n"
-    "  - conv2d: {out: 6, kernel: 3, pad: 1}\n"                        /* 0 */
-    "  - batchnorm: {}\n"                                              /* 1 */
-    "  - relu6: {tap: stem}\n"                                         /* 2 */
-    "  - residual:\n"                                                  /* 3 */
+    "  - conv2d: {out: 6, kernel: 3, pad: 1}\n" /* 0 */
+    "  - batchnorm: {}\n"                       /* 1 */
+    "  - relu6: {tap: stem}\n"                  /* 2 */
+    "  - residual:\n"                           /* 3 */
     "      body:\n"
     "        - conv2d: {out: 6, kernel: 3, pad: 1, groups: 6, bias: false}\n"
     "        - batchnorm: {}\n"
     "        - relu: {}\n"
     "        - conv2d: {out: 6, kernel: 1}\n"
-    "  - maxpool2d: {kernel: 2}\n"                                     /* 4 -> [6,4,4] */
-    "  - residual:\n"                                                  /* 5 */
+    "  - maxpool2d: {kernel: 2}\n" /* 4 -> [6,4,4] */
+    "  - residual:\n"              /* 5 */
     "      body:\n"
     "        - conv2d: {out: 8, kernel: 3, stride: 2, pad: 1, groups: 2}\n"
     "      proj:\n"
     "        - conv2d: {out: 8, kernel: 1, stride: 2, bias: false}\n"
     "        - batchnorm: {}\n"
-    "  - avgpool2d: {kernel: 2, stride: 1}\n"                          /* 6 -> [8,1,1] */
-    "  - flatten: {}\n"                                                /* 7 -> [8] */
-    "  - dropout: {p: 0.25}\n"                                         /* 8 */
-    "  - linear: {out: 5}\n"                                           /* 9 */
-    "  - batchnorm: {}\n"                                              /* 10 */
-    "  - relu: {}\n"                                                   /* 11 */
-    "  - linear: {out: 3, tap: logits}\n";                             /* 12 */
+    "  - avgpool2d: {kernel: 2, stride: 1}\n" /* 6 -> [8,1,1] */
+    "  - flatten: {}\n"                       /* 7 -> [8] */
+    "  - dropout: {p: 0.25}\n"                /* 8 */
+    "  - linear: {out: 5}\n"                  /* 9 */
+    "  - batchnorm: {}\n"                     /* 10 */
+    "  - relu: {}\n"                          /* 11 */
+    "  - linear: {out: 3, tap: logits}\n";    /* 12 */
 
 static kd_model *build(const char *yaml, int batch, kd_status *st_out)
 {
@@ -70,16 +70,38 @@ static void test_build_names_and_shapes(void **state)
     assert_int_equal(st, KD_OK);
     assert_non_null(m);
     assert_int_equal(m->out_features, 3);
-    const char *want[] = {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean",
-                          "1.running_var", "1.num_batches_tracked", "3.body.0.weight",
-                          "3.body.1.weight", "3.body.1.bias", "3.body.1.running_mean",
-                          "3.body.1.running_var", "3.body.1.num_batches_tracked",
-                          "3.body.3.weight", "3.body.3.bias", "5.body.0.weight", "5.body.0.bias",
-                          "5.proj.0.weight", "5.proj.1.weight", "5.proj.1.bias",
-                          "5.proj.1.running_mean", "5.proj.1.running_var",
-                          "5.proj.1.num_batches_tracked", "9.weight", "9.bias", "10.weight",
-                          "10.bias", "10.running_mean", "10.running_var",
-                          "10.num_batches_tracked", "12.weight", "12.bias"};
+    const char *want[] = {"0.weight",
+                          "0.bias",
+                          "1.weight",
+                          "1.bias",
+                          "1.running_mean",
+                          "1.running_var",
+                          "1.num_batches_tracked",
+                          "3.body.0.weight",
+                          "3.body.1.weight",
+                          "3.body.1.bias",
+                          "3.body.1.running_mean",
+                          "3.body.1.running_var",
+                          "3.body.1.num_batches_tracked",
+                          "3.body.3.weight",
+                          "3.body.3.bias",
+                          "5.body.0.weight",
+                          "5.body.0.bias",
+                          "5.proj.0.weight",
+                          "5.proj.1.weight",
+                          "5.proj.1.bias",
+                          "5.proj.1.running_mean",
+                          "5.proj.1.running_var",
+                          "5.proj.1.num_batches_tracked",
+                          "9.weight",
+                          "9.bias",
+                          "10.weight",
+                          "10.bias",
+                          "10.running_mean",
+                          "10.running_var",
+                          "10.num_batches_tracked",
+                          "12.weight",
+                          "12.bias"};
     assert_int_equal(m->nentries, (int)(sizeof want / sizeof want[0]));
     for (int i = 0; i < m->nentries; i++)
         assert_string_equal(m->entries[i].name, want[i]);
@@ -87,7 +109,7 @@ static void test_build_names_and_shapes(void **state)
     assert_int_equal(m->entries[0].ndim, 4);
     assert_int_equal(m->entries[0].shape[0], 6);
     assert_int_equal(m->entries[0].shape[1], 2);
-    assert_int_equal(m->entries[7].shape[1], 1); /* depthwise: C/groups = 1 */
+    assert_int_equal(m->entries[7].shape[1], 1);  /* depthwise: C/groups = 1 */
     assert_int_equal(m->entries[15].shape[1], 3); /* groups 2: 6/2 inputs per group */
     assert_int_equal(m->entries[23].shape[0], 5);
     assert_int_equal(m->entries[23].shape[1], 8);
@@ -178,31 +200,30 @@ static void expect_build_error(const char *yaml, kd_status want, const char *con
 static void test_shape_errors(void **state)
 {
     (void)state;
-    expect_build_error("input: [1, 8, 8]\nlayers:\n  - conv2d: {out: 4, kernel: 3}\n"
-                       "  - linear: {out: 10}\n",
-                       KD_ERR_SHAPE,
-                       (const char *[]){"model.yaml:4:", "layer 1 (linear)", "[4, 6, 6]",
-                                        "flatten", NULL});
+    expect_build_error(
+        "input: [1, 8, 8]\nlayers:\n  - conv2d: {out: 4, kernel: 3}\n"
+        "  - linear: {out: 10}\n",
+        KD_ERR_SHAPE,
+        (const char *[]){"model.yaml:4:", "layer 1 (linear)", "[4, 6, 6]", "flatten", NULL});
     expect_build_error("input: [1, 8, 8]\nlayers:\n  - flatten\n  - linear: {out: 10, in: 100}\n",
-                       KD_ERR_SHAPE,
-                       (const char *[]){"layer 1 (linear)", "in: 100", "[64]", NULL});
-    expect_build_error("input: [3, 8, 8]\nlayers:\n  - residual:\n      body:\n"
-                       "        - conv2d: {out: 5, kernel: 1}\n  - global_avgpool\n",
-                       KD_ERR_SHAPE,
-                       (const char *[]){"layer 0 (residual)", "[5, 8, 8]", "[3, 8, 8]", "proj",
-                                        NULL});
+                       KD_ERR_SHAPE, (const char *[]){"layer 1 (linear)", "in: 100", "[64]", NULL});
+    expect_build_error(
+        "input: [3, 8, 8]\nlayers:\n  - residual:\n      body:\n"
+        "        - conv2d: {out: 5, kernel: 1}\n  - global_avgpool\n",
+        KD_ERR_SHAPE,
+        (const char *[]){"layer 0 (residual)", "[5, 8, 8]", "[3, 8, 8]", "proj", NULL});
     expect_build_error("input: [3, 8, 8]\nlayers:\n  - conv2d: {out: 4, kernel: 3, groups: 2}\n",
                        KD_ERR_SHAPE, (const char *[]){"groups 2", "(3)", NULL});
-    expect_build_error("input: [1, 4, 4]\nlayers:\n  - conv2d: {out: 4, kernel: 7}\n",
-                       KD_ERR_SHAPE, (const char *[]){"kernel 7", "[1, 4, 4]", NULL});
+    expect_build_error("input: [1, 4, 4]\nlayers:\n  - conv2d: {out: 4, kernel: 7}\n", KD_ERR_SHAPE,
+                       (const char *[]){"kernel 7", "[1, 4, 4]", NULL});
     expect_build_error("input: [1, 8, 8]\nlayers:\n  - conv3d: {out: 4}\n", KD_ERR_CONFIG,
                        (const char *[]){"model.yaml:3:", "unknown layer type 'conv3d'", NULL});
     expect_build_error("input: [1, 8, 8]\nlayers:\n  - conv2d: {out: 4, kernal: 3}\n",
                        KD_ERR_CONFIG, (const char *[]){"kernal", NULL});
     expect_build_error("input: [1, 8, 8]\nlayers:\n  - conv2d: {out: four, kernel: 3}\n",
                        KD_ERR_CONFIG, (const char *[]){"model.yaml:3:", "four", NULL});
-    expect_build_error("input: [1, 8, 8]\nlayers:\n  - conv2d: {out: 4, kernel: 3}\n",
-                       KD_ERR_SHAPE, (const char *[]){"flat vector of logits", NULL});
+    expect_build_error("input: [1, 8, 8]\nlayers:\n  - conv2d: {out: 4, kernel: 3}\n", KD_ERR_SHAPE,
+                       (const char *[]){"flat vector of logits", NULL});
 }
 
 static void test_checkpoint_round_trip(void **state)
@@ -222,8 +243,8 @@ static void test_checkpoint_round_trip(void **state)
     size_t nstate = a->nparams;
     for (size_t i = 0; i < nstate; i++)
         opt[i] = (float)i;
-    kd_ckpt_info info = {.step = 5, .epoch = 1, .best_val_acc = 0.75, .seed = 9,
-                         .optimizer = "sgd"};
+    kd_ckpt_info info = {
+        .step = 5, .epoch = 1, .best_val_acc = 0.75, .seed = 9, .optimizer = "sgd"};
     assert_true(nstate <= 3000);
     assert_int_equal(kd_checkpoint_save(path, a, opt, nstate, &info), KD_OK);
     kd_model *b = build(every_layer, 2, NULL);

@@ -185,7 +185,7 @@ static const float ref_g[3][6] = {{0.1f, -0.4f, 0.9f, -1.3f, 0.05f, 2.0f},
                                   {-0.2f, 0.3f, 0.7f, -0.6f, -0.15f, 1.1f},
                                   {0.4f, -0.1f, -0.5f, 0.2f, 0.25f, -0.8f}};
 static const uint8_t ref_mask[6] = {1, 0, 1, 1, 0, 1};
-static const float ref_sgd_plain[6] = {0.783800602f, -1.49000001f, 0.194687665f,
+static const float ref_sgd_plain[6] = {0.783800602f, -1.49000001f,  0.194687665f,
                                        2.08192134f,  -0.307500005f, 1.08332849f};
 static const float ref_sgd_mom[6] = {0.784252822f, -1.46930003f,  0.0862579122f,
                                      2.22004199f,  -0.305025011f, 0.862873435f};
@@ -269,9 +269,8 @@ static void test_adamw_by_hand(void **st)
     float state[4] = {0};
     const uint8_t mask[2] = {0, 1};
     const float g[3][2] = {{1.0f, 0.5f}, {-1.0f, 0.5f}, {2.0f, 0.5f}};
-    const float want[3][2] = {{0.99f, -0.5095f},
-                              {0.990526316f, -0.5189905f},
-                              {0.985543894f, -0.5284715095f}};
+    const float want[3][2] = {
+        {0.99f, -0.5095f}, {0.990526316f, -0.5189905f}, {0.985543894f, -0.5284715095f}};
     for (int t = 0; t < 3; t++) {
         assert_int_equal(kd_optim_step(&c, p, g[t], state, mask, 2, 0.01, t + 1), KD_OK);
         assert_all_close(p, want[t], 2, 1e-6, "adamw by hand");

@@ -476,23 +476,21 @@ static void test_shape_wrong_type(void **state)
 
 static void test_shape_element_not_integer(void **state)
 {
-    expect_bad_header(*state,
-                      "{\"w\":{\"dtype\":\"F32\",\"shape\":[1.5],\"data_offsets\":[0,4]}}", 4,
-                      "tensor 'w': 'shape' element 0 is not an integer");
+    expect_bad_header(*state, "{\"w\":{\"dtype\":\"F32\",\"shape\":[1.5],\"data_offsets\":[0,4]}}",
+                      4, "tensor 'w': 'shape' element 0 is not an integer");
 }
 
 static void test_too_many_dims(void **state)
 {
     expect_bad_header(*state,
-                      "{\"w\":{\"dtype\":\"F32\",\"shape\":[1,1,1,1,1],\"data_offsets\":[0,4]}}",
-                      4, "tensor 'w': 5 dimensions, at most 4");
+                      "{\"w\":{\"dtype\":\"F32\",\"shape\":[1,1,1,1,1],\"data_offsets\":[0,4]}}", 4,
+                      "tensor 'w': 5 dimensions, at most 4");
 }
 
 static void test_negative_dim(void **state)
 {
-    expect_bad_header(*state,
-                      "{\"w\":{\"dtype\":\"F32\",\"shape\":[2,-3],\"data_offsets\":[0,4]}}", 4,
-                      "tensor 'w': negative dimension -3");
+    expect_bad_header(*state, "{\"w\":{\"dtype\":\"F32\",\"shape\":[2,-3],\"data_offsets\":[0,4]}}",
+                      4, "tensor 'w': negative dimension -3");
 }
 
 static void test_missing_offsets(void **state)
@@ -524,8 +522,8 @@ static void test_offsets_beyond_buffer(void **state)
 
 static void test_size_mismatch(void **state)
 {
-    expect_bad_header(*state,
-                      "{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,16]}}", 16,
+    expect_bad_header(*state, "{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,16]}}",
+                      16,
                       "tensor 'w': data_offsets span 16 bytes but shape [2, 3] of F32 needs 24 "
                       "bytes");
 }

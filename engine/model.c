@@ -72,6 +72,27 @@ static kd_status add_entry(kd_builder *bd, const char *prefix, const char *leaf,
 
 static void hash_in(kd_builder *bd, uint64_t a, uint64_t b) { bd->hash = kd_mix64(bd->hash, a, b); }
 
+/* The decayed weight of a linear or conv layer (shape wshape) and its optional bias. */
+static kd_status add_weight_bias(kd_builder *bd, kd_block *b, const char *name, int wndim,
+                                 const int64_t *wshape)
+{
+    b->w_numel = 1;
+    for (int i = 0; i < wndim; i++)
+        b->w_numel *= (size_t)wshape[i];
+    b->w_off = bd->nparams;
+    KD_TRY(add_entry(bd, name, "weight", KD_ENTRY_PARAM, wndim, wshape, bd->nparams, 1));
+    bd->nparams += b->w_numel;
+    b->b_numel = 0;
+    if (b->has_bias) {
+        int64_t bs[1] = {b->features};
+        b->b_numel = (size_t)b->features;
+        b->b_off = bd->nparams;
+        KD_TRY(add_entry(bd, name, "bias", KD_ENTRY_PARAM, 1, bs, bd->nparams, 0));
+        bd->nparams += b->b_numel;
+    }
+    return KD_OK;
+}
+
 static kd_status parse_trunk(kd_builder *bd, const kd_node *list, const char *prefix, int in_ndim,
                              const int *in, kd_block **out, int *count, const char *what);
 
@@ -193,18 +214,8 @@ static kd_status parse_block(kd_builder *bd, const kd_node *item, const char *na
         if (opts)
             KD_TRY(kd_node_get_bool(opts, "bias", 0, &b->has_bias));
         b->out[0] = b->features;
-        b->w_numel = (size_t)b->features * in[0];
-        b->b_numel = b->has_bias ? (size_t)b->features : 0;
         int64_t ws[2] = {b->features, in[0]};
-        b->w_off = bd->nparams;
-        KD_TRY(add_entry(bd, name, "weight", KD_ENTRY_PARAM, 2, ws, bd->nparams, 1));
-        bd->nparams += b->w_numel;
-        if (b->has_bias) {
-            int64_t bs[1] = {b->features};
-            b->b_off = bd->nparams;
-            KD_TRY(add_entry(bd, name, "bias", KD_ENTRY_PARAM, 1, bs, bd->nparams, 0));
-            bd->nparams += b->b_numel;
-        }
+        KD_TRY(add_weight_bias(bd, b, name, 2, ws));
         hash_in(bd, (uint64_t)b->features, (uint64_t)b->has_bias);
         break;
     }
@@ -238,18 +249,8 @@ static kd_status parse_block(kd_builder *bd, const kd_node *item, const char *na
         b->out[0] = b->features;
         b->out[1] = cs.ho;
         b->out[2] = cs.wo;
-        b->w_numel = (size_t)b->features * (in[0] / b->groups) * b->kernel * b->kernel;
-        b->b_numel = b->has_bias ? (size_t)b->features : 0;
         int64_t ws[4] = {b->features, in[0] / b->groups, b->kernel, b->kernel};
-        b->w_off = bd->nparams;
-        KD_TRY(add_entry(bd, name, "weight", KD_ENTRY_PARAM, 4, ws, bd->nparams, 1));
-        bd->nparams += b->w_numel;
-        if (b->has_bias) {
-            int64_t bs[1] = {b->features};
-            b->b_off = bd->nparams;
-            KD_TRY(add_entry(bd, name, "bias", KD_ENTRY_PARAM, 1, bs, bd->nparams, 0));
-            bd->nparams += b->b_numel;
-        }
+        KD_TRY(add_weight_bias(bd, b, name, 4, ws));
         kd_conv_shape full;
         kd_conv_shape_init(&full, bd->m->max_batch, in[0], in[1], in[2], b->features, b->kernel,
                            b->kernel, b->stride, b->pad, b->groups);

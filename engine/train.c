@@ -328,8 +328,6 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
         sched.total_steps = steps_per_epoch * job->epochs;
     const kd_augment_cfg *aug =
         (job->augment.crop_pad > 0 || job->augment.hflip) ? &job->augment : NULL;
-    float fill = (0.0f - d.train.mean) / d.train.std;
-    (void)fill;
     fprintf(log,
             "training %s: %zu parameters, %" PRId64 " samples, %" PRId64
             " steps/epoch, %d epochs, batch %d, %s backend, %d threads\n",

@@ -59,19 +59,23 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
         t->shape[1] = (int64_t)m->nparams;
         t->data = hs;
     }
-    char hash[32], step[32], epoch[32], best[64], seed[32];
+    char hash[32], step[32], epoch[32], best[64], seed[32], bs[32], ns[32];
     snprintf(hash, sizeof hash, "%016" PRIx64, m->def_hash);
     snprintf(step, sizeof step, "%" PRId64, info->step);
     snprintf(epoch, sizeof epoch, "%" PRId64, info->epoch);
     snprintf(best, sizeof best, "%.17g", info->best_val_acc);
     snprintf(seed, sizeof seed, "%" PRIu64, info->seed);
-    const char *meta[] = {"format",       KD_CKPT_FORMAT,
-                          "model_hash",   hash,
-                          "step",         step,
-                          "epoch",        epoch,
-                          "best_val_acc", best,
-                          "seed",         seed,
-                          "optimizer",    info->optimizer ? info->optimizer : "none"};
+    snprintf(bs, sizeof bs, "%" PRId64, info->batch_size);
+    snprintf(ns, sizeof ns, "%" PRId64, info->train_samples);
+    const char *meta[] = {"format",        KD_CKPT_FORMAT,
+                          "model_hash",    hash,
+                          "step",          step,
+                          "epoch",         epoch,
+                          "best_val_acc",  best,
+                          "seed",          seed,
+                          "optimizer",     info->optimizer ? info->optimizer : "none",
+                          "batch_size",    bs,
+                          "train_samples", ns};
     st = kd_safetensors_save(path, ents, nent, meta, sizeof meta / sizeof meta[0] / 2);
 done:
     free(ents);
@@ -189,6 +193,9 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
         info->epoch = (v = kd_safetensors_meta(st, "epoch")) ? strtoll(v, NULL, 10) : 0;
         info->best_val_acc = (v = kd_safetensors_meta(st, "best_val_acc")) ? strtod(v, NULL) : 0;
         info->seed = (v = kd_safetensors_meta(st, "seed")) ? strtoull(v, NULL, 10) : 0;
+        info->batch_size = (v = kd_safetensors_meta(st, "batch_size")) ? strtoll(v, NULL, 10) : 0;
+        info->train_samples =
+            (v = kd_safetensors_meta(st, "train_samples")) ? strtoll(v, NULL, 10) : 0;
         snprintf(opt, sizeof opt, "%s", (v = kd_safetensors_meta(st, "optimizer")) ? v : "");
         info->optimizer = opt;
     }

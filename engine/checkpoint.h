@@ -5,8 +5,8 @@
  * "1.running_mean", "1.num_batches_tracked"), so a checkpoint loads into the
  * mirrored nn.Sequential; the optimiser state goes in one extra tensor
  * "__optim__.state" [k, nparams]. Metadata (all strings): format, model_hash,
- * step, epoch, best_val_acc, seed, optimizer. Saving is atomic: the previous
- * file survives any failure.
+ * step, epoch, best_val_acc, seed, optimizer, batch_size, train_samples. Saving is atomic: the
+ * previous file survives any failure.
  */
 #ifndef KD_CHECKPOINT_H
 #define KD_CHECKPOINT_H
@@ -22,6 +22,8 @@ typedef struct {
     double best_val_acc;
     uint64_t seed;
     const char *optimizer; /* "sgd" / "adamw" */
+    int64_t batch_size;    /* what a step meant, so a resume can refuse another meaning; */
+    int64_t train_samples; /* 0 when unknown (a checkpoint written outside training) */
 } kd_ckpt_info;
 
 /* Save params, buffers, counters and (if state != NULL) nstate optimiser floats. */
@@ -32,7 +34,7 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
  * Load into m. Every model tensor must be present with the same shape;
  * mismatches are listed by name and shape in the message and nothing in m is
  * changed. When state != NULL the optimiser state must be present with nstate
- * floats. info (may be NULL) receives step, epoch, best_val_acc and seed;
+ * floats. info (may be NULL) receives the metadata fields above;
  * info->optimizer points into a static buffer.
  */
 kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t nstate,

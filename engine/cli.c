@@ -145,9 +145,15 @@ int main(int argc, char **argv)
             }
             checkpoint = argv[++i];
         } else if (!strcmp(a, "--resume") && usage == usage_train) {
+            /* the checkpoint is optional: a following word is taken as it when CONFIG was
+             * already given or the word names a .safetensors file */
             resume = "auto";
-            if (i + 1 < argc && argv[i + 1][0] != '-' && config)
-                resume = argv[++i];
+            if (i + 1 < argc && argv[i + 1][0] != '-') {
+                const char *nx = argv[i + 1];
+                size_t len = strlen(nx);
+                if (config || (len > 12 && !strcmp(nx + len - 12, ".safetensors")))
+                    resume = argv[++i];
+            }
         } else if (!strcmp(a, "--progress") && usage == usage_train) {
             progress = 1;
         } else if (!strcmp(a, "--no-progress") && usage == usage_train) {

@@ -288,13 +288,22 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
     kd_saver saver = {.job = job, .m = m, .state = nstate ? state : NULL, .nstate = nstate};
     saver.info.seed = job->seed;
     saver.info.optimizer = job->optim_name;
+    saver.info.batch_size = batch;
+    saver.info.train_samples = d.train.n;
     int64_t step = 0, epoch0 = 0;
-    if (opts->resume) {
-        char path[600];
-        if (!strcmp(opts->resume, "auto"))
-            snprintf(path, sizeof path, "%s/last.safetensors", job->out_dir);
-        else
-            snprintf(path, sizeof path, "%s", opts->resume);
+    int resuming = opts->resume != NULL;
+    char path[600];
+    if (resuming && !strcmp(opts->resume, "auto")) {
+        /* a run stopped before its first checkpoint simply starts again */
+        snprintf(path, sizeof path, "%s/last.safetensors", job->out_dir);
+        if (access(path, F_OK) != 0) {
+            fprintf(log, "no checkpoint at %s: starting from the beginning\n", path);
+            resuming = 0;
+        }
+    } else if (resuming) {
+        snprintf(path, sizeof path, "%s", opts->resume);
+    }
+    if (resuming) {
         kd_ckpt_info in;
         if ((st = kd_checkpoint_load(path, m, saver.state, nstate, &in)))
             goto done;
@@ -305,6 +314,15 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
                          path, in.seed, job->seed);
             goto done;
         }
+        if ((in.batch_size && in.batch_size != batch) ||
+            (in.train_samples && in.train_samples != d.train.n)) {
+            st = KD_FAIL(KD_ERR_CONFIG,
+                         "checkpoint '%s' comes from a run with batch size %" PRId64 " on %" PRId64
+                         " training samples, but the job now has batch size %d "
+                         "on %" PRId64 ": resuming would change what each step means",
+                         path, in.batch_size, in.train_samples, batch, d.train.n);
+            goto done;
+        }
         step = in.step;
         epoch0 = in.epoch;
         saver.info.best_val_acc = in.best_val_acc;
@@ -313,9 +331,9 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
     }
     char mpath[600];
     snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", job->out_dir);
-    if (opts->resume && (st = trim_metrics(mpath, epoch0)))
+    if (resuming && (st = trim_metrics(mpath, epoch0)))
         goto done;
-    metrics = fopen(mpath, opts->resume ? "a" : "w");
+    metrics = fopen(mpath, resuming ? "a" : "w");
     if (!metrics) {
         st = KD_FAIL(KD_ERR_IO, "cannot open '%s': %s", mpath, strerror(errno));
         goto done;
@@ -440,8 +458,10 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
             saver.info.best_val_acc = val.acc;
         saver.info.step = step;
         saver.info.epoch = epoch + 1;
-        if ((st = save_ckpt(&saver, "last.safetensors")) ||
-            (best && (st = save_ckpt(&saver, "best.safetensors"))))
+        /* last.safetensors is the epoch's commit point, so it is written after everything
+         * else: a failure before it resumes from the previous epoch and redoes this one,
+         * rewriting best.safetensors and this epoch's metrics line identically */
+        if (best && (st = save_ckpt(&saver, "best.safetensors")))
             goto done;
         double lr_now = kd_sched_lr(&sched, job->optim.lr, step > 0 ? step - 1 : 0);
         fprintf(metrics,
@@ -451,10 +471,12 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
                 epoch + 1, step, ep_seen ? ep_loss / ep_seen : 0.0,
                 ep_seen ? (double)ep_correct / ep_seen : 0.0, val.loss, val.acc, lr_now,
                 ep_seen / (train_time > 0 ? train_time : 1), train_time);
-        if (fflush(metrics) != 0) {
+        if (fflush(metrics) != 0 || fsync(fileno(metrics)) != 0) {
             st = KD_FAIL(KD_ERR_IO, "cannot write '%s': %s", mpath, strerror(errno));
             goto done;
         }
+        if ((st = save_ckpt(&saver, "last.safetensors")))
+            goto done;
         if (d.have_val)
             fprintf(log,
                     "epoch %" PRId64 "/%d: train loss %.4f acc %.2f%% | val loss %.4f acc "

@@ -1,0 +1,501 @@
+/*
+ * test_cli_errors.c - the distill command on bad input: every failure exits
+ * non-zero and its message names the file and the problem. Each case also
+ * has a positive control where that is meaningful (the same job with good
+ * input succeeds), so a check cannot pass because distill failed for some
+ * other reason. Everything is written into a mkdtemp directory under /tmp.
+ * KD_TEST_VERBOSE=1 prints every command with its output.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "kd_cli_util.h"
+#include "kd_fake_data.h"
+
+#define OUT_LEN  (64 * 1024)
+#define N_TRAIN  300
+#define N_TEST   100
+#define MLP_LINE "model: {input: [1, 28, 28], layers: [flatten, {linear: {out: 10}}]}"
+
+static char tmp[256];  /* the test's private directory */
+static char data[512]; /* a complete fake data set */
+static char out[OUT_LEN];
+
+static const char *tpath(char *buf, size_t len, const char *name)
+{
+    snprintf(buf, len, "%s/%s", tmp, name);
+    return buf;
+}
+
+/*
+ * A job file in block style so line numbers are known:
+ *   line 8 is batch_size, line 10 the model, line 13 the lr key.
+ */
+static void write_job(const char *path, const char *out_dir, const char *root, const char *batch,
+                      const char *model_line, const char *lr_line)
+{
+    char text[2048];
+    snprintf(text, sizeof text,
+             "run:\n"                     /* 1 */
+             "  out_dir: %s\n"            /* 2 */
+             "  seed: 1\n"                /* 3 */
+             "  threads: 2\n"             /* 4 */
+             "data:\n"                    /* 5 */
+             "  dataset: fashion-mnist\n" /* 6 */
+             "  root: %s\n"               /* 7 */
+             "  batch_size: %s\n"         /* 8 */
+             "  val_size: 50\n"           /* 9 */
+             "%s\n"                       /* 10 */
+             "optim:\n"                   /* 11 */
+             "  name: sgd\n"              /* 12 */
+             "  %s\n"                     /* 13 */
+             "  momentum: 0.9\n"          /* 14 */
+             "  epochs: 1\n",             /* 15 */
+             out_dir, root, batch, model_line, lr_line);
+    assert_int_equal(kd_write_text(path, text), 0);
+}
+
+/* The default job: the MLP on the good data set, writing into tmp/<out_name>. */
+static void write_mlp_job(const char *path, const char *out_name)
+{
+    char od[600];
+    write_job(path, tpath(od, sizeof od, out_name), data, "32", MLP_LINE, "lr: 0.05");
+}
+
+/*
+ * Run distill; require exit code `want_rc` and every NULL-terminated
+ * substring in the combined output. Prints the command's output on failure.
+ */
+static void run_expect(const char *const *argv, int want_rc, ...)
+{
+    int rc = -1;
+    int ran = kd_run_distill(argv, out, sizeof out, &rc);
+    int ok = ran == 0 && rc == want_rc;
+    char missing[1024] = "";
+    va_list ap;
+    va_start(ap, want_rc);
+    for (const char *s = va_arg(ap, const char *); s; s = va_arg(ap, const char *)) {
+        if (!strstr(out, s)) {
+            ok = 0;
+            size_t u = strlen(missing);
+            snprintf(missing + u, sizeof missing - u, "\n    \"%s\"", s);
+        }
+    }
+    va_end(ap);
+    if (!ok || getenv("KD_TEST_VERBOSE")) {
+        fprintf(stderr, "command: distill");
+        for (int i = 0; argv[i]; i++)
+            fprintf(stderr, " %s", argv[i]);
+        fprintf(stderr, "\n--- output (exit %d, ran %d) ---\n%s--- end ---\n", rc, ran, out);
+    }
+    if (!ok) {
+        fail_msg("want exit %d, got %d; missing from the output:%s", want_rc, rc,
+                 missing[0] ? missing : " (nothing)");
+    }
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    if (!kd_distill_path()) {
+        fprintf(stderr, "DISTILL is not set (run through ctest)\n");
+        return -1;
+    }
+    if (kd_make_tmpdir("kd_cli_errors_", tmp, sizeof tmp))
+        return -1;
+    snprintf(data, sizeof data, "%s/data", tmp);
+    if (mkdir(data, 0755) || kd_fake_fmnist_write(data, N_TRAIN, N_TEST, 7))
+        return -1;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    kd_rm_rf(tmp);
+    return 0;
+}
+
+/* Copy the good data set into tmp/<name> and return its path in dir. */
+static void copy_data(const char *name, char *dir, size_t len)
+{
+    static const char *const files[] = {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                                        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+                                        NULL};
+    tpath(dir, len, name);
+    assert_int_equal(mkdir(dir, 0755), 0);
+    for (int i = 0; files[i]; i++) {
+        char src[700], dst[700];
+        uint8_t *b;
+        size_t n;
+        snprintf(src, sizeof src, "%s/%s", data, files[i]);
+        snprintf(dst, sizeof dst, "%s/%s", dir, files[i]);
+        assert_int_equal(kd_read_file(src, &b, &n), 0);
+        assert_int_equal(kd_write_bytes(dst, b, n), 0);
+        free(b);
+    }
+}
+
+/* Positive control: the default job trains on the fake data and writes its outputs. */
+static void test_good_job_trains(void **state)
+{
+    (void)state;
+    char job[600], res[700];
+    write_mlp_job(tpath(job, sizeof job, "good.yaml"), "good");
+    const char *argv[] = {"train", job, NULL};
+    run_expect(argv, 0, "test: loss", NULL);
+    assert_true(kd_file_exists(tpath(res, sizeof res, "good/result.json")));
+    assert_true(kd_file_exists(tpath(res, sizeof res, "good/last.safetensors")));
+}
+
+/* a. data.root is an empty directory: the set is named with the package that installs it. */
+static void test_dataset_not_installed(void **state)
+{
+    (void)state;
+    char job[600], empty[600], od[600];
+    tpath(empty, sizeof empty, "empty");
+    assert_int_equal(mkdir(empty, 0755), 0);
+    write_job(tpath(job, sizeof job, "nodata.yaml"), tpath(od, sizeof od, "nodata"), empty, "32",
+              MLP_LINE, "lr: 0.05");
+    const char *argv[] = {"train", job, NULL};
+    run_expect(argv, 1, "distill: error:", "data set 'fashion-mnist' not found", empty,
+               "apt-get install dataset-fashion-mnist", NULL);
+    const char *ev[] = {"eval", job, "--checkpoint", "whatever.safetensors", NULL};
+    run_expect(ev, 1, "data set 'fashion-mnist' not found", "apt-get install dataset-fashion-mnist",
+               NULL);
+}
+
+/* b. An IDX file whose header promises more than the decompressed payload holds. */
+static void test_truncated_idx(void **state)
+{
+    (void)state;
+    char dir[600], img[700], job[600], od[600];
+    copy_data("trunc", dir, sizeof dir);
+    snprintf(img, sizeof img, "%s/train-images-idx3-ubyte.gz", dir);
+    uint32_t dims[3] = {N_TRAIN, 28, 28};
+    uint8_t payload[1000];
+    memset(payload, 9, sizeof payload);
+    assert_int_equal(kd_fake_idx_write_gz(img, 3, dims, payload, sizeof payload), 0);
+    write_job(tpath(job, sizeof job, "trunc.yaml"), tpath(od, sizeof od, "trunc_out"), dir, "32",
+              MLP_LINE, "lr: 0.05");
+    const char *argv[] = {"train", job, NULL};
+    char want[800];
+    snprintf(want, sizeof want, "'%s' is truncated", img);
+    run_expect(argv, 1, want, "235200 bytes", "1000", "fashion-mnist", NULL);
+}
+
+/* c. Bytes flipped in the middle of a .gz file: the message names that file. */
+static void test_corrupt_gzip(void **state)
+{
+    (void)state;
+    char dir[600], img[700], job[600], od[600];
+    copy_data("corrupt", dir, sizeof dir);
+    snprintf(img, sizeof img, "%s/t10k-images-idx3-ubyte.gz", dir);
+    uint8_t *b;
+    size_t n;
+    assert_int_equal(kd_read_file(img, &b, &n), 0);
+    assert_true(n > 200);
+    for (size_t i = n / 2; i < n / 2 + 32; i++)
+        b[i] ^= 0xa5;
+    assert_int_equal(kd_write_bytes(img, b, n), 0);
+    free(b);
+    write_job(tpath(job, sizeof job, "corrupt.yaml"), tpath(od, sizeof od, "corrupt_out"), dir,
+              "32", MLP_LINE, "lr: 0.05");
+    /* eval reads only the test split, so the corrupt file is the first thing to fail */
+    char good_ckpt[700];
+    tpath(good_ckpt, sizeof good_ckpt, "unused.safetensors");
+    const char *argv[] = {"eval", job, "--checkpoint", good_ckpt, NULL};
+    char want[800];
+    snprintf(want, sizeof want, "'%s'", img);
+    run_expect(argv, 1, want, "gzip", "loading data set 'fashion-mnist'", NULL);
+    assert_null(strstr(out, "unused.safetensors"));
+}
+
+/* d. A YAML syntax error reports file:line:column. */
+static void test_yaml_syntax_error(void **state)
+{
+    (void)state;
+    char job[600];
+    tpath(job, sizeof job, "job.yaml");
+    assert_int_equal(kd_write_text(job, "run:\n"
+                                        "  seed: 1\n"
+                                        "  name: [a, b\n"
+                                        "data: {dataset: fashion-mnist}\n"),
+                     0);
+    const char *argv[] = {"train", job, NULL};
+    char want[700];
+    /* the flow sequence opened on line 3 is still open where line 4 starts a new key */
+    snprintf(want, sizeof want, "%s:4:5: YAML syntax error", job);
+    run_expect(argv, 1, want, "line 3, column 9", NULL);
+}
+
+/* e. An unknown key in a section: position, the key and what is allowed. */
+static void test_unknown_key(void **state)
+{
+    (void)state;
+    char job[600], od[600], want[700];
+    write_job(tpath(job, sizeof job, "unknown.yaml"), tpath(od, sizeof od, "unk"), data, "32",
+              MLP_LINE, "lrr: 0.1");
+    const char *argv[] = {"train", job, NULL};
+    snprintf(want, sizeof want, "%s:13:3", job);
+    run_expect(argv, 1, want, "unknown key 'lrr'", "optim", "lr", NULL);
+    assert_false(kd_file_exists(od));
+}
+
+/* f. A value of the wrong type: position, the key name and the value. */
+static void test_wrong_type(void **state)
+{
+    (void)state;
+    char job[600], od[600], want[700];
+    write_job(tpath(job, sizeof job, "type.yaml"), tpath(od, sizeof od, "type"), data, "big",
+              MLP_LINE, "lr: 0.05");
+    const char *argv[] = {"train", job, NULL};
+    snprintf(want, sizeof want, "%s:8:15:", job);
+    run_expect(argv, 1, want, "batch_size", "integer", "'big'", NULL);
+    const char *sv[] = {"summary", job, NULL};
+    run_expect(sv, 1, want, "batch_size", "'big'", NULL);
+}
+
+/* g. Layers whose shapes do not chain: the layer and the shape it receives are named. */
+static void test_layer_shapes(void **state)
+{
+    (void)state;
+    char job[600], od[600], want[700];
+    write_job(tpath(job, sizeof job, "shapes.yaml"), tpath(od, sizeof od, "shapes"), data, "32",
+              "model: {input: [1, 28, 28], layers: [{conv2d: {out: 8, kernel: 3, stride: 2, pad: "
+              "1}}, {linear: {out: 10}}]}",
+              "lr: 0.05");
+    const char *argv[] = {"summary", job, NULL};
+    snprintf(want, sizeof want, "%s:10:88:", job); /* where '{linear' starts */
+    run_expect(argv, 1, want, "layer 1 (linear)", "needs a flat input", "[8, 14, 14]", "flatten",
+               NULL);
+    const char *tr[] = {"train", job, NULL};
+    run_expect(tr, 1, "layer 1 (linear)", "[8, 14, 14]", NULL);
+    /* control: with flatten in between the same model builds and reports its shapes */
+    write_job(job, od, data, "32",
+              "model: {input: [1, 28, 28], layers: [{conv2d: {out: 8, kernel: 3, stride: 2, pad: "
+              "1}}, flatten, {linear: {out: 10}}]}",
+              "lr: 0.05");
+    run_expect(argv, 0, "1568", NULL);
+}
+
+/* h. The config file does not exist. */
+static void test_missing_config(void **state)
+{
+    (void)state;
+    char job[600];
+    tpath(job, sizeof job, "no-such-job.yaml");
+    const char *tr[] = {"train", job, NULL};
+    run_expect(tr, 1, job, "No such file", NULL);
+    const char *ev[] = {"eval", job, "--checkpoint", "x.safetensors", NULL};
+    run_expect(ev, 1, job, NULL);
+}
+
+/* i. --set with an unknown key, without '=', and without an argument. */
+static void test_set_errors(void **state)
+{
+    (void)state;
+    char job[600];
+    write_mlp_job(tpath(job, sizeof job, "set.yaml"), "set");
+    const char *unk[] = {"summary", job, "--set", "optim.lrr=0.1", NULL};
+    run_expect(unk, 1, "unknown key 'lrr'", "optim.lrr", NULL);
+    const char *noeq[] = {"summary", job, "--set", "optim.lr", NULL};
+    run_expect(noeq, 1, "--set", "optim.lr", "key.path=value", NULL);
+    const char *noarg[] = {"summary", job, "--set", NULL};
+    run_expect(noarg, 2, "--set needs KEY=VALUE", "usage: distill summary", NULL);
+    const char *badtype[] = {"summary", job, "--set=data.batch_size=huge", NULL};
+    run_expect(badtype, 1, "batch_size", "'huge'", NULL);
+    /* control: a valid override is accepted and takes effect */
+    const char *ok[] = {"summary", job, "--set", "optim.lr=0.01", NULL};
+    run_expect(ok, 0, "7850", NULL);
+}
+
+/* j. eval with a checkpoint of another model lists every mismatched tensor. */
+static void test_eval_wrong_model(void **state)
+{
+    (void)state;
+    char job[600], job2[600], od[600], ckpt[700];
+    write_mlp_job(tpath(job, sizeof job, "mlp.yaml"), "mlp");
+    const char *tr[] = {"train", job, NULL};
+    run_expect(tr, 0, "epoch 1/1", NULL);
+    tpath(ckpt, sizeof ckpt, "mlp/last.safetensors");
+    assert_true(kd_file_exists(ckpt));
+    /* control: the checkpoint evaluates with its own model */
+    const char *ev_ok[] = {"eval", job, "--checkpoint", ckpt, NULL};
+    run_expect(ev_ok, 0, "accuracy", "100 samples", NULL);
+
+    write_job(tpath(job2, sizeof job2, "mlp2.yaml"), tpath(od, sizeof od, "mlp2"), data, "32",
+              "model: {input: [1, 28, 28], layers: [flatten, {linear: {out: 32}}, relu, "
+              "{linear: {out: 10}}]}",
+              "lr: 0.05");
+    const char *ev[] = {"eval", job2, "--checkpoint", ckpt, NULL};
+    run_expect(ev, 1, ckpt, "does not match the model",
+               "1.weight is [10, 784] in the checkpoint but [32, 784] in the model",
+               "1.bias is [10] in the checkpoint but [32] in the model",
+               "missing 3.weight [10, 32]", "missing 3.bias [10]", NULL);
+    assert_null(strstr(out, "accuracy"));
+    /* and --resume refuses it the same way */
+    const char *rs[] = {"train", job2, "--resume", ckpt, NULL};
+    run_expect(rs, 1, ckpt, "1.weight is [10, 784] in the checkpoint but [32, 784] in the model",
+               NULL);
+}
+
+/* Whether dir holds a file whose name starts with prefix. */
+static int has_file_prefix(const char *dir, const char *prefix)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return 0;
+    int found = 0;
+    for (struct dirent *e; (e = readdir(d)) && !found;)
+        found = strncmp(e->d_name, prefix, strlen(prefix)) == 0;
+    closedir(d);
+    return found;
+}
+
+/* k. A write failing while checkpointing leaves the previous checkpoint intact and loadable. */
+static void test_failed_checkpoint_write(void **state)
+{
+    (void)state;
+    char job[600], dir[600], ckpt[700];
+    write_mlp_job(tpath(job, sizeof job, "fsize.yaml"), "fsize");
+    tpath(dir, sizeof dir, "fsize");
+    const char *tr[] = {"train", job, NULL};
+    run_expect(tr, 0, "epoch 1/1", NULL);
+    /* result.json marks a finished run; the failing run below must not write one */
+    char res[700];
+    assert_int_equal(remove(tpath(res, sizeof res, "fsize/result.json")), 0);
+    snprintf(ckpt, sizeof ckpt, "%s/last.safetensors", dir);
+    uint8_t *before;
+    size_t nbefore;
+    assert_int_equal(kd_read_file(ckpt, &before, &nbefore), 0);
+    assert_true(nbefore > 4096);
+
+    const char *rs[] = {"train", job, "--set", "optim.epochs=2", "--resume", NULL};
+    int rc = -1;
+    long long limit = (long long)nbefore / 2;
+    assert_int_equal(kd_run_distill_fsize(rs, limit, out, sizeof out, &rc), 0);
+    char want[800];
+    snprintf(want, sizeof want, "writing '%s'", ckpt);
+    int ok = rc == 1 && strstr(out, "resumed from") && strstr(out, want) &&
+             strstr(out, "File too large");
+    if (!ok || getenv("KD_TEST_VERBOSE"))
+        fprintf(stderr, "--- output (exit %d) ---\n%s--- end ---\n", rc, out);
+    if (!ok)
+        fail_msg("want exit 1 with \"resumed from\", \"%s\" and \"File too large\"", want);
+    assert_false(kd_file_exists(res));
+    assert_false(has_file_prefix(dir, "last.safetensors.tmp"));
+
+    uint8_t *after;
+    size_t nafter;
+    assert_int_equal(kd_read_file(ckpt, &after, &nafter), 0);
+    assert_int_equal(nafter, nbefore);
+    assert_memory_equal(after, before, nbefore);
+    free(before);
+    free(after);
+    const char *ev[] = {"eval", job, "--checkpoint", ckpt, NULL};
+    run_expect(ev, 0, "accuracy", NULL);
+    /* and it still resumes: without the limit the second epoch completes */
+    run_expect(rs, 0, "resumed from", "epoch 2/2", "test: loss", NULL);
+}
+
+/*
+ * last.safetensors is an epoch's commit point: when writing best.safetensors
+ * fails, the resumed run redoes the epoch and writes best.safetensors and the
+ * epoch's metrics line after all.
+ */
+static void test_best_write_failure_then_resume(void **state)
+{
+    (void)state;
+    char job[600], best[700], metrics[700];
+    write_mlp_job(tpath(job, sizeof job, "best.yaml"), "bestfail");
+    tpath(best, sizeof best, "bestfail/best.safetensors");
+    tpath(metrics, sizeof metrics, "bestfail/metrics.jsonl");
+    assert_int_equal(mkdir(tpath(metrics, sizeof metrics, "bestfail"), 0755), 0);
+    assert_int_equal(mkdir(best, 0755), 0); /* a directory in the way: the rename fails */
+    const char *tr[] = {"train", job, NULL};
+    run_expect(tr, 1, best, NULL);
+    assert_int_equal(rmdir(best), 0);
+    const char *rs[] = {"train", job, "--resume", NULL};
+    run_expect(rs, 0, "test: loss", NULL);
+    if (!kd_file_exists(best))
+        fail_msg("%s was never written after the resume", best);
+    char *m = kd_read_text(tpath(metrics, sizeof metrics, "bestfail/metrics.jsonl"));
+    assert_non_null(m);
+    if (!strstr(m, "\"epoch\": 1,")) {
+        fprintf(stderr, "metrics.jsonl:\n%s\n", m);
+        free(m);
+        fail_msg("metrics.jsonl lost the line of epoch 1");
+    }
+    free(m);
+}
+
+/* l. Unknown commands and options are usage errors: exit 2 with the usage text. */
+static void test_usage_errors(void **state)
+{
+    (void)state;
+    char job[600];
+    write_mlp_job(tpath(job, sizeof job, "usage.yaml"), "usage");
+    const char *a[] = {"frobnicate", NULL};
+    run_expect(a, 2, "unknown command 'frobnicate'", "usage: distill <command>", NULL);
+    const char *b[] = {"train", job, "--bogus", NULL};
+    run_expect(b, 2, "unknown option '--bogus'", "usage: distill train CONFIG", NULL);
+    const char *c[] = {NULL};
+    run_expect(c, 2, "missing command", "usage: distill <command>", NULL);
+    const char *d[] = {"eval", job, NULL};
+    run_expect(d, 2, "--checkpoint", "usage: distill eval CONFIG", NULL);
+    const char *e[] = {"summary", NULL};
+    run_expect(e, 2, "missing CONFIG", "usage: distill summary", NULL);
+    const char *f[] = {"summary", job, "extra", NULL};
+    run_expect(f, 2, "unexpected argument 'extra'", NULL);
+    const char *g[] = {"eval", job, "--resume", NULL};
+    run_expect(g, 2, "unknown option '--resume'", "usage: distill eval", NULL);
+}
+
+/* m. Help is not an error. */
+static void test_help(void **state)
+{
+    (void)state;
+    const char *a[] = {"--help", NULL};
+    run_expect(a, 0, "usage: distill <command>", "train CONFIG", NULL);
+    const char *b[] = {"help", "train", NULL};
+    run_expect(b, 0, "usage: distill train CONFIG", "--resume", NULL);
+    const char *c[] = {"train", "--help", NULL};
+    run_expect(c, 0, "usage: distill train CONFIG", NULL);
+    const char *d[] = {"help", "eval", NULL};
+    run_expect(d, 0, "usage: distill eval CONFIG --checkpoint FILE", NULL);
+    const char *e[] = {"--version", NULL};
+    run_expect(e, 0, "distill 0.", NULL);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_good_job_trains),
+        cmocka_unit_test(test_dataset_not_installed),
+        cmocka_unit_test(test_truncated_idx),
+        cmocka_unit_test(test_corrupt_gzip),
+        cmocka_unit_test(test_yaml_syntax_error),
+        cmocka_unit_test(test_unknown_key),
+        cmocka_unit_test(test_wrong_type),
+        cmocka_unit_test(test_layer_shapes),
+        cmocka_unit_test(test_missing_config),
+        cmocka_unit_test(test_set_errors),
+        cmocka_unit_test(test_eval_wrong_model),
+        cmocka_unit_test(test_failed_checkpoint_write),
+        cmocka_unit_test(test_best_write_failure_then_resume),
+        cmocka_unit_test(test_usage_errors),
+        cmocka_unit_test(test_help),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

@@ -1,0 +1,347 @@
+/*
+ * test_resume.c - the resume guarantee of `distill train --resume`: a run
+ * SIGKILLed at two points and resumed each time from its last checkpoint
+ * ends with the same bytes in last.safetensors and best.safetensors, the
+ * same per-epoch validation metrics and the same test accuracy as a run that
+ * never stopped. The model exercises every piece of training state: batchnorm
+ * running statistics, dropout masks, augmentation, SGD momentum and a cosine
+ * schedule with warm-up. Kill delays come from a fixed seed (KD_RESUME_SEED
+ * overrides it) and are printed, so a failure can be replayed.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kd_cli_util.h"
+#include "kd_fake_data.h"
+
+#define N_TRAIN     1500
+#define N_TEST      200
+#define EPOCHS      3
+#define BATCH       32
+#define VAL         200
+#define STEPS_EPOCH ((N_TRAIN - VAL + BATCH - 1) / BATCH)
+#define STEPS_TOTAL (STEPS_EPOCH * EPOCHS)
+
+static char tmp[256];
+static char data[512];
+
+static int setup(void **state)
+{
+    (void)state;
+    if (!kd_distill_path()) {
+        fprintf(stderr, "DISTILL is not set (run through ctest)\n");
+        return -1;
+    }
+    if (kd_make_tmpdir("kd_resume_", tmp, sizeof tmp))
+        return -1;
+    snprintf(data, sizeof data, "%s/data", tmp);
+    if (mkdir(data, 0755) || kd_fake_fmnist_write(data, N_TRAIN, N_TEST, 11))
+        return -1;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    kd_rm_rf(tmp);
+    return 0;
+}
+
+static void write_job(const char *path, const char *out_dir)
+{
+    char text[4096];
+    snprintf(text, sizeof text,
+             "run: {out_dir: %s, seed: 3, threads: 2, log_every: 1000, checkpoint_every: 5}\n"
+             "data:\n"
+             "  dataset: fashion-mnist\n"
+             "  root: %s\n"
+             "  batch_size: %d\n"
+             "  val_size: %d\n"
+             "  augment: {crop_pad: 2, hflip: true}\n"
+             "model:\n"
+             "  input: [1, 28, 28]\n"
+             "  layers:\n"
+             "    - conv2d: {out: 8, kernel: 3, stride: 2, pad: 1}\n"
+             "    - batchnorm: {}\n"
+             "    - relu\n"
+             "    - dropout: {p: 0.1}\n"
+             "    - conv2d: {out: 8, kernel: 3, pad: 1, groups: 8}\n"
+             "    - global_avgpool\n"
+             "    - linear: {out: 10}\n"
+             "optim:\n"
+             "  name: sgd\n"
+             "  lr: 0.1\n"
+             "  momentum: 0.9\n"
+             "  weight_decay: 1.0e-4\n"
+             "  epochs: %d\n"
+             "  schedule: {type: cosine, warmup_steps: 20, min_lr: 1.0e-3}\n",
+             out_dir, data, BATCH, VAL, EPOCHS);
+    assert_int_equal(kd_write_text(path, text), 0);
+}
+
+static void print_log(const char *log)
+{
+    char *t = kd_read_text(log);
+    if (t)
+        fprintf(stderr, "--- %s ---\n%s--- end ---\n", log, t);
+    free(t);
+}
+
+/* The number after "key": in a JSON text (values may be quoted, as in safetensors metadata). */
+static int json_number(const char *text, const char *key, double *out)
+{
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\":", key);
+    const char *p = strstr(text, pat);
+    if (!p)
+        return -1;
+    p += strlen(pat);
+    while (*p == ' ' || *p == '"')
+        p++;
+    char *end;
+    *out = strtod(p, &end);
+    return end == p ? -1 : 0;
+}
+
+/* The "step" recorded in a checkpoint's safetensors metadata, or -1. */
+static long ckpt_step(const char *path)
+{
+    uint8_t *b = NULL;
+    size_t n = 0;
+    double step = -1;
+    if (kd_read_file(path, &b, &n) == 0 && n > 8) {
+        uint64_t hlen = 0;
+        for (int i = 7; i >= 0; i--)
+            hlen = hlen << 8 | b[i];
+        if (hlen < n - 8) {
+            b[8 + hlen] = 0;
+            if (json_number((const char *)b + 8, "step", &step))
+                step = -1;
+        }
+    }
+    free(b);
+    return (long)step;
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+/* Inode of path, 0 when it does not exist. */
+static ino_t inode_of(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0 ? sb.st_ino : 0;
+}
+
+/*
+ * Start `distill train job [--resume]`, wait until it writes a new
+ * last.safetensors holding step min_step or later, let it run delay_ms more
+ * and SIGKILL it. Fails unless it was killed by that signal while still
+ * running. Returns the step of the checkpoint it left behind.
+ */
+static long kill_mid_run(const char *job, const char *dir, int resume, long min_step, long delay_ms,
+                         const char *log)
+{
+    char ckpt[700], result[700];
+    snprintf(ckpt, sizeof ckpt, "%s/last.safetensors", dir);
+    snprintf(result, sizeof result, "%s/result.json", dir);
+    ino_t seen = inode_of(ckpt);
+    const char *argv[] = {"train", job, resume ? "--resume" : NULL, NULL};
+    pid_t pid = kd_spawn_distill(argv, log);
+    assert_true(pid > 0);
+    int exited = 0, reached = 0, code = -1;
+    for (int i = 0; i < 60000 && !reached; i++) { /* up to about 60 s */
+        ino_t now = inode_of(ckpt);
+        if (now != 0 && now != seen) {
+            seen = now;
+            reached = ckpt_step(ckpt) >= min_step;
+        } else if (kd_wait_exit_nohang(pid, &code)) {
+            exited = 1;
+            break;
+        } else {
+            sleep_ms(1);
+        }
+    }
+    if (!exited) {
+        sleep_ms(delay_ms);
+        kill(pid, SIGKILL);
+        assert_int_equal(kd_wait_exit(pid, &code), 0);
+    }
+    if (!reached || code != 128 + SIGKILL) {
+        print_log(log);
+        fail_msg("distill was to be SIGKILLed after a checkpoint of step >= %ld, but it %s with "
+                 "code %d: make the job bigger",
+                 min_step, exited ? "exited by itself" : "ended", code);
+    }
+    if (kd_file_exists(result)) {
+        print_log(log);
+        fail_msg("%s exists after the kill: the run had already finished", result);
+    }
+    long step = ckpt_step(ckpt);
+    fprintf(stderr, "killed %ld ms after a checkpoint of step >= %ld; %s holds step %ld of %d\n",
+            delay_ms, min_step, ckpt, step, STEPS_TOTAL);
+    assert_true(step >= min_step && step < STEPS_TOTAL);
+    return step;
+}
+
+static char *read_text(const char *path)
+{
+    char *t = kd_read_text(path);
+    if (!t)
+        fail_msg("cannot read %s", path);
+    return t;
+}
+
+/* Compare val_loss/val_acc of every epoch line; both files must have exactly EPOCHS lines. */
+static void compare_metrics(const char *a_path, const char *b_path)
+{
+    char *a = read_text(a_path), *b = read_text(b_path);
+    const char *pa = a, *pb = b;
+    for (int e = 1; e <= EPOCHS; e++) {
+        double ea = 0, eb = 0, va = -1, vb = -2, la = -1, lb = -2;
+        assert_int_equal(json_number(pa, "epoch", &ea), 0);
+        assert_int_equal(json_number(pb, "epoch", &eb), 0);
+        assert_int_equal((int)ea, e);
+        assert_int_equal((int)eb, e);
+        assert_int_equal(json_number(pa, "val_acc", &va), 0);
+        assert_int_equal(json_number(pb, "val_acc", &vb), 0);
+        assert_int_equal(json_number(pa, "val_loss", &la), 0);
+        assert_int_equal(json_number(pb, "val_loss", &lb), 0);
+        if (va != vb || la != lb)
+            fail_msg("epoch %d: uninterrupted val_acc %.6f val_loss %.6f, resumed val_acc %.6f "
+                     "val_loss %.6f",
+                     e, va, la, vb, lb);
+        pa = strchr(pa, '\n');
+        pb = strchr(pb, '\n');
+        assert_non_null(pa);
+        assert_non_null(pb);
+        pa++;
+        pb++;
+    }
+    if (*pa || *pb)
+        fail_msg("metrics.jsonl has more than %d lines:\n%s\n---\n%s", EPOCHS, a, b);
+    free(a);
+    free(b);
+}
+
+static void test_resume_is_bit_identical(void **state)
+{
+    (void)state;
+    char dir_a[600], dir_b[600], job_a[600], job_b[600], log_a[600], log_b[600];
+    snprintf(dir_a, sizeof dir_a, "%s/A", tmp);
+    snprintf(dir_b, sizeof dir_b, "%s/B", tmp);
+    snprintf(job_a, sizeof job_a, "%s/a.yaml", tmp);
+    snprintf(job_b, sizeof job_b, "%s/b.yaml", tmp);
+    snprintf(log_a, sizeof log_a, "%s/a.log", tmp);
+    snprintf(log_b, sizeof log_b, "%s/b.log", tmp);
+    write_job(job_a, dir_a);
+    write_job(job_b, dir_b);
+
+    const char *seed_env = getenv("KD_RESUME_SEED");
+    unsigned seed = seed_env ? (unsigned)strtoul(seed_env, NULL, 10) : 20240611u;
+    fprintf(stderr, "kill-delay seed %u (set KD_RESUME_SEED to replay another)\n", seed);
+    long d1 = rand_r(&seed) % 301, d2 = rand_r(&seed) % 301;
+
+    /* B: killed soon after its first checkpoint, resumed, then killed again in epoch 2 or
+     * later, after an end-of-epoch validation and best checkpoint */
+    long s1 = kill_mid_run(job_b, dir_b, 0, 1, d1, log_b);
+    long s2 = kill_mid_run(job_b, dir_b, 1, STEPS_EPOCH + 1, d2, log_b);
+    char best_b[700];
+    snprintf(best_b, sizeof best_b, "%s/best.safetensors", dir_b);
+    assert_true(kd_file_exists(best_b));
+    if (s2 <= s1) {
+        print_log(log_b);
+        fail_msg("the second kill left step %ld, not later than the first (%ld)", s2, s1);
+    }
+    /* B runs to the end; then A, the same job never interrupted (one run at a time) */
+    const char *resume_b[] = {"train", job_b, "--resume", NULL};
+    pid_t pid = kd_spawn_distill(resume_b, log_b);
+    assert_true(pid > 0);
+    int code = -1;
+    assert_int_equal(kd_wait_exit(pid, &code), 0);
+    if (code != 0) {
+        print_log(log_b);
+        fail_msg("the final resume of B exited with %d", code);
+    }
+    const char *run_a[] = {"train", job_a, NULL};
+    pid = kd_spawn_distill(run_a, log_a);
+    assert_true(pid > 0);
+    assert_int_equal(kd_wait_exit(pid, &code), 0);
+    if (code != 0) {
+        print_log(log_a);
+        fail_msg("the uninterrupted run A exited with %d", code);
+    }
+
+    /* B's log shows both resumes, from the two checkpoints */
+    char *lb = read_text(log_b);
+    char want[128];
+    snprintf(want, sizeof want, ", step %ld\n", s1);
+    if (!strstr(lb, want))
+        fail_msg("B's log lacks a resume from step %ld:\n%s", s1, lb);
+    snprintf(want, sizeof want, ", step %ld\n", s2);
+    if (!strstr(lb, want))
+        fail_msg("B's log lacks a resume from step %ld:\n%s", s2, lb);
+    free(lb);
+
+    static const char *const files[] = {"last.safetensors", "best.safetensors", NULL};
+    for (int i = 0; files[i]; i++) {
+        char fa[700], fb[700];
+        snprintf(fa, sizeof fa, "%s/%s", dir_a, files[i]);
+        snprintf(fb, sizeof fb, "%s/%s", dir_b, files[i]);
+        assert_true(kd_file_exists(fa));
+        assert_true(kd_file_exists(fb));
+        if (!kd_files_equal(fa, fb)) {
+            print_log(log_a);
+            print_log(log_b);
+            fail_msg("%s differs between the uninterrupted and the resumed run", files[i]);
+        }
+    }
+    char fa[700], fb[700];
+    snprintf(fa, sizeof fa, "%s/last.safetensors", dir_a);
+    assert_int_equal(ckpt_step(fa), STEPS_TOTAL);
+
+    snprintf(fa, sizeof fa, "%s/metrics.jsonl", dir_a);
+    snprintf(fb, sizeof fb, "%s/metrics.jsonl", dir_b);
+    compare_metrics(fa, fb);
+
+    snprintf(fa, sizeof fa, "%s/result.json", dir_a);
+    snprintf(fb, sizeof fb, "%s/result.json", dir_b);
+    char *ra = read_text(fa), *rb = read_text(fb);
+    double acc_a = -1, acc_b = -2, loss_a = -1, loss_b = -2;
+    assert_int_equal(json_number(ra, "test_acc", &acc_a), 0);
+    assert_int_equal(json_number(rb, "test_acc", &acc_b), 0);
+    assert_int_equal(json_number(ra, "test_loss", &loss_a), 0);
+    assert_int_equal(json_number(rb, "test_loss", &loss_b), 0);
+    fprintf(stderr, "test_acc %.6f (A) %.6f (B)\n", acc_a, acc_b);
+    if (acc_a != acc_b || loss_a != loss_b)
+        fail_msg("test_acc/test_loss: uninterrupted %.6f/%.6f, resumed %.6f/%.6f", acc_a, loss_a,
+                 acc_b, loss_b);
+    /* the fake classes are learnable: well above the 10% of guessing */
+    assert_true(acc_a > 0.3);
+    free(ra);
+    free(rb);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_resume_is_bit_identical),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

@@ -2,7 +2,7 @@
  * train_throughput.c - training throughput of distill against PyTorch on Fashion-MNIST.
  *
  *   ./build/bench_train_throughput [--warmup N] [--steps N] [--batch N] [--threads N]
- *                                  [--rounds N] [--root DIR] [--python PATH]
+ *                                  [--rounds N] [--root DIR] [--python PATH] [--only FILE]
  *
  * For the MLP and the tiny CNN of configs/fashion-mnist/models: build the model, train it with
  * AdamW (lr 1e-3, weight decay 1e-4) and mean cross-entropy on the pre-loaded training set
@@ -95,7 +95,7 @@ void __wrap_cblas_sgemm(OPENBLAS_CONST enum CBLAS_ORDER order,
 
 typedef struct {
     int warmup, steps, batch, threads, rounds;
-    const char *root, *python;
+    const char *root, *python, *only;
 } bench_opts;
 
 static int parse_args(int argc, char **argv, bench_opts *o)
@@ -108,7 +108,7 @@ static int parse_args(int argc, char **argv, bench_opts *o)
                    : !strcmp(a, "--threads") ? &o->threads
                    : !strcmp(a, "--rounds")  ? &o->rounds
                                              : NULL;
-        if ((num || !strcmp(a, "--root") || !strcmp(a, "--python")) && !v) {
+        if ((num || !strcmp(a, "--root") || !strcmp(a, "--python") || !strcmp(a, "--only")) && !v) {
             fprintf(stderr, "bench_train_throughput: %s needs a value\n", a);
             return 0;
         }
@@ -126,10 +126,13 @@ static int parse_args(int argc, char **argv, bench_opts *o)
             o->root = argv[++i];
         } else if (!strcmp(a, "--python")) {
             o->python = argv[++i];
+        } else if (!strcmp(a, "--only")) {
+            o->only = argv[++i];
         } else {
             fprintf(stderr,
                     "usage: bench_train_throughput [--warmup N (>= %d)] [--steps N] [--batch N] "
-                    "[--threads N] [--rounds N (<= %d)] [--root DIR] [--python PATH]\n",
+                    "[--threads N] [--rounds N (<= %d)] [--root DIR] [--python PATH] "
+                    "[--only mlp.yaml|tiny_cnn.yaml]\n",
                     CHECK_STEPS, MAX_ROUNDS);
             return 0;
         }
@@ -567,11 +570,19 @@ int main(int argc, char **argv)
 #ifdef _OPENMP
     omp_set_num_threads(o.threads);
 #endif
-    model_result res[] = {
+    model_result all[] = {
         {.file = "mlp.yaml", .label = "MLP 784-256-10", .target = 1.0},
         {.file = "tiny_cnn.yaml", .label = "tiny CNN", .target = 1.5},
     };
-    enum { NMODELS = sizeof res / sizeof res[0] };
+    model_result res[sizeof all / sizeof all[0]];
+    int NMODELS = 0;
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        if (!o.only || !strcmp(o.only, all[i].file))
+            res[NMODELS++] = all[i];
+    if (NMODELS == 0) {
+        fprintf(stderr, "bench_train_throughput: --only: no model '%s'\n", o.only);
+        return 1;
+    }
 
     kd_dataset d;
     if (kd_dataset_load("fashion-mnist", NULL, 1, &d) != KD_OK) {

@@ -5,7 +5,6 @@ and returns (nn.Sequential, input_shape). Layer indices, nesting and defaults fo
 engine/model.c, so the state_dict names match distill's ("3.weight", "5.body.1.bias",
 "5.proj.0.weight") and a checkpoint can be compared tensor for tensor.
 """
-import torch
 import torch.nn as nn
 import yaml
 

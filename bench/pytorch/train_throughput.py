@@ -14,17 +14,13 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kd_models import build_model  # noqa: E402
 
 MEAN, STD = 0.2860, 0.3530  # distill's Fashion-MNIST normalisation
 
 
 def read_idx(path):
+    import numpy as np
     with gzip.open(path, "rb") as f:
         raw = f.read()
     magic = int.from_bytes(raw[0:4], "big")
@@ -34,6 +30,8 @@ def read_idx(path):
 
 
 def load_train(root):
+    import numpy as np
+    import torch
     x = read_idx(os.path.join(root, "train-images-idx3-ubyte.gz"))
     y = read_idx(os.path.join(root, "train-labels-idx1-ubyte.gz"))
     xf = (x.astype(np.float32) / np.float32(255.0) - np.float32(MEAN)) / np.float32(STD)
@@ -49,7 +47,18 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--blas-threads", type=int, default=1,
+                    help="OPENBLAS_NUM_THREADS for torch's BLAS (default 1, see below)")
     a = ap.parse_args()
+    # numpy and torch are imported only after this, as OpenBLAS reads it when it loads.
+    # Debian's torch calls the pthread OpenBLAS, whose own thread pool fights torch's OpenMP
+    # threads for the 2 cores: with both at 2 the MLP step varies from 2 ms to over 100 ms.
+    # One BLAS thread (torch's OpenMP ops still use --threads) is its fastest stable setting.
+    if a.blas_threads > 0:
+        os.environ["OPENBLAS_NUM_THREADS"] = str(a.blas_threads)
+    import torch
+    import torch.nn.functional as F
+    from kd_models import build_model
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -100,6 +109,7 @@ def main():
         "last_loss": last,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
     }))
     return 0
 

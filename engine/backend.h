@@ -43,14 +43,16 @@ typedef struct kd_backend {
                        float *y, float *ws);
     void (*conv2d_bwd)(const kd_conv_shape *s, const float *x, const float *w, const float *dy,
                        float *dx, float *dw, float *db, float *ws);
+    /* batch norm with an optional fused activation (cap: 0 none, < 0 relu, > 0 relu-cap) */
     void (*bn_fwd_train)(int n, int c, int hw, const float *x, const float *gamma,
                          const float *beta, float *y, float *save_mean, float *save_invstd,
-                         float *run_mean, float *run_var, double momentum, double eps);
+                         float *run_mean, float *run_var, double momentum, double eps, double cap);
     void (*bn_fwd_eval)(int n, int c, int hw, const float *x, const float *gamma, const float *beta,
-                        const float *run_mean, const float *run_var, float *y, double eps);
+                        const float *run_mean, const float *run_var, float *y, double eps,
+                        double cap);
     void (*bn_bwd)(int n, int c, int hw, const float *x, const float *dy, const float *gamma,
-                   const float *save_mean, const float *save_invstd, float *dx, float *dgamma,
-                   float *dbeta);
+                   const float *save_mean, const float *save_invstd, const float *y, double cap,
+                   float *dx, float *dgamma, float *dbeta);
     void (*act_fwd)(size_t n, const float *x, float *y, double cap);
     void (*act_bwd)(size_t n, const float *x, const float *dy, float *dx, double cap);
     void (*maxpool_fwd)(const kd_pool_shape *p, const float *x, float *y, int32_t *arg);

@@ -53,16 +53,19 @@ typedef struct {
     /* dy [N, O, Ho, Wo] -> dx (may be NULL) =, dw +=, db (may be NULL) += */                      \
     void kd_cpu_conv2d_bwd_##SFX(const kd_conv_shape *s, const T *x, const T *w, const T *dy,      \
                                  T *dx, T *dw, T *db, T *ws);                                      \
-    /* batch norm over N and HW per channel. Training: saves mean and 1/std, updates running       \
-       stats with PyTorch's rule (unbiased variance into running_var). */                          \
+    /* batch norm over N and HW per channel, then the fused activation act(cap): cap 0 none,       \
+       cap < 0 relu, cap > 0 min(relu, cap). Training saves mean and 1/std and updates the         \
+       running stats with PyTorch's rule (unbiased variance into running_var). */                  \
     void kd_cpu_bn_fwd_train_##SFX(int n, int c, int hw, const T *x, const T *gamma,               \
                                    const T *beta, T *y, T *save_mean, T *save_invstd, T *run_mean, \
-                                   T *run_var, double momentum, double eps);                       \
+                                   T *run_var, double momentum, double eps, double cap);           \
     void kd_cpu_bn_fwd_eval_##SFX(int n, int c, int hw, const T *x, const T *gamma, const T *beta, \
-                                  const T *run_mean, const T *run_var, T *y, double eps);          \
+                                  const T *run_mean, const T *run_var, T *y, double eps,           \
+                                  double cap);                                                     \
+    /* y is the forward output (read only when cap != 0, to mask dy like the activation) */        \
     void kd_cpu_bn_bwd_##SFX(int n, int c, int hw, const T *x, const T *dy, const T *gamma,        \
-                             const T *save_mean, const T *save_invstd, T *dx, T *dgamma,           \
-                             T *dbeta);                                                            \
+                             const T *save_mean, const T *save_invstd, const T *y, double cap,     \
+                             T *dx, T *dgamma, T *dbeta);                                          \
     /* relu (cap < 0) or clipped relu min(max(x, 0), cap) */                                       \
     void kd_cpu_act_fwd_##SFX(size_t n, const T *x, T *y, double cap);                             \
     void kd_cpu_act_bwd_##SFX(size_t n, const T *x, const T *dy, T *dx, double cap);               \

@@ -124,6 +124,135 @@ static void OP(col2im)(const kd_conv_shape *s, const T *col, int s0, int cnt, in
     }
 }
 
+/*
+ * Depthwise, stride 1, small planes: the input plane is copied into a zero-
+ * bordered buffer wp = w + 2*pad wide, and outputs are computed on rows of
+ * the same width, so every kernel tap is one contiguous multiply-add over the
+ * whole plane (long vectorised loops instead of many 7- or 14-wide ones); the
+ * wp - wo extra columns are discarded. Larger planes and strides use the
+ * direct loops below.
+ */
+#define KD_DW_PLANE_MAX 4096
+
+static int OP(dw_padded_ok)(const kd_conv_shape *s)
+{
+    return s->stride == 1 &&
+           (size_t)(s->h + 2 * s->pad) * (s->w + 2 * s->pad) + (size_t)s->kw <= KD_DW_PLANE_MAX;
+}
+
+/* P[(iy + pad) * wp + ix + pad] = plane[iy * w + ix], zero elsewhere (hp * wp + kw floats) */
+static void OP(dw_pad_plane)(const kd_conv_shape *s, const T *plane, T *P)
+{
+    const int wp = s->w + 2 * s->pad, hp = s->h + 2 * s->pad;
+    memset(P, 0, sizeof(T) * ((size_t)hp * wp + s->kw));
+    for (int iy = 0; iy < s->h; iy++)
+        memcpy(P + (size_t)(iy + s->pad) * wp + s->pad, plane + (size_t)iy * s->w,
+               sizeof(T) * s->w);
+}
+
+/* G[oy * wp + ox] = g[oy * wo + ox] for ox < wo, zero in the extra columns */
+static void OP(dw_widen)(const kd_conv_shape *s, const T *g, T *G)
+{
+    const int wp = s->w + 2 * s->pad;
+    for (int oy = 0; oy < s->ho; oy++) {
+        memcpy(G + (size_t)oy * wp, g + (size_t)oy * s->wo, sizeof(T) * s->wo);
+        memset(G + (size_t)oy * wp + s->wo, 0, sizeof(T) * (wp - s->wo));
+    }
+}
+
+static void OP(dw_fwd_padded)(const kd_conv_shape *s, const T *x, const T *w, const T *b, T *y)
+{
+    const int mult = s->o / s->c, wp = s->w + 2 * s->pad, hwo = s->ho * s->wo;
+    const int span = s->ho * wp;
+#pragma omp parallel for schedule(static)
+    for (long no = 0; no < (long)s->n * s->o; no++) {
+        T P[KD_DW_PLANE_MAX], acc[KD_DW_PLANE_MAX];
+        int ni = (int)(no / s->o), o = (int)(no % s->o), ci = o / mult;
+        OP(dw_pad_plane)(s, x + ((size_t)ni * s->c + ci) * s->h * s->w, P);
+        const T *k = w + (size_t)o * s->kh * s->kw;
+        T bias = b ? b[o] : 0;
+        for (int i = 0; i < span; i++)
+            acc[i] = bias;
+        for (int ky = 0; ky < s->kh; ky++)
+            for (int kx = 0; kx < s->kw; kx++) {
+                const T kv = k[ky * s->kw + kx];
+                const T *src = P + (size_t)ky * wp + kx;
+#pragma omp simd
+                for (int i = 0; i < span; i++)
+                    acc[i] += kv * src[i];
+            }
+        T *out = y + (size_t)no * hwo;
+        for (int oy = 0; oy < s->ho; oy++)
+            memcpy(out + (size_t)oy * s->wo, acc + (size_t)oy * wp, sizeof(T) * s->wo);
+    }
+}
+
+static void OP(dw_bwd_padded)(const kd_conv_shape *s, const T *x, const T *w, const T *dy, T *dx,
+                              T *dw, T *db)
+{
+    const int mult = s->o / s->c, wp = s->w + 2 * s->pad, hwo = s->ho * s->wo;
+    const int span = s->ho * wp, hw = s->h * s->w;
+    /* parameter grads: one output channel per iteration, summed over the batch */
+#pragma omp parallel for schedule(static)
+    for (int o = 0; o < s->o; o++) {
+        T P[KD_DW_PLANE_MAX], G[KD_DW_PLANE_MAX], taps[64];
+        const int ntaps = s->kh * s->kw, ci = o / mult;
+        double dk[64] = {0};
+        double bsum = 0;
+        for (int ni = 0; ni < s->n; ni++) {
+            const T *g = dy + ((size_t)ni * s->o + o) * hwo;
+            OP(dw_pad_plane)(s, x + ((size_t)ni * s->c + ci) * hw, P);
+            OP(dw_widen)(s, g, G);
+            T gs = 0;
+#pragma omp simd reduction(+ : gs)
+            for (int i = 0; i < hwo; i++)
+                gs += g[i];
+            bsum += gs;
+            for (int ky = 0; ky < s->kh; ky++)
+                for (int kx = 0; kx < s->kw; kx++) {
+                    const T *src = P + (size_t)ky * wp + kx;
+                    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+                    for (int i = 0; i < span; i++)
+                        acc += G[i] * src[i];
+                    taps[ky * s->kw + kx] = acc;
+                }
+            for (int t = 0; t < ntaps; t++)
+                dk[t] += taps[t];
+        }
+        for (int t = 0; t < ntaps; t++)
+            dw[(size_t)o * ntaps + t] += (T)dk[t];
+        if (db)
+            db[o] += (T)bsum;
+    }
+    if (!dx)
+        return;
+#pragma omp parallel for schedule(static)
+    for (long nc = 0; nc < (long)s->n * s->c; nc++) {
+        T D[KD_DW_PLANE_MAX], G[KD_DW_PLANE_MAX];
+        int ni = (int)(nc / s->c), ci = (int)(nc % s->c);
+        const int hp = s->h + 2 * s->pad;
+        memset(D, 0, sizeof(T) * ((size_t)hp * wp + s->kw));
+        for (int m = 0; m < mult; m++) {
+            int o = ci * mult + m;
+            OP(dw_widen)(s, dy + ((size_t)ni * s->o + o) * hwo, G);
+            const T *k = w + (size_t)o * s->kh * s->kw;
+            for (int ky = 0; ky < s->kh; ky++)
+                for (int kx = 0; kx < s->kw; kx++) {
+                    const T kv = k[ky * s->kw + kx];
+                    T *dst = D + (size_t)ky * wp + kx;
+#pragma omp simd
+                    for (int i = 0; i < span; i++)
+                        dst[i] += kv * G[i];
+                }
+        }
+        T *dplane = dx + (size_t)nc * hw;
+        for (int iy = 0; iy < s->h; iy++)
+            memcpy(dplane + (size_t)iy * s->w, D + (size_t)(iy + s->pad) * wp + s->pad,
+                   sizeof(T) * s->w);
+    }
+}
+
 static void OP(dw_fwd)(const kd_conv_shape *s, const T *x, const T *w, const T *b, T *y)
 {
     const int mult = s->o / s->c, hwo = s->ho * s->wo;
@@ -194,8 +323,17 @@ static void OP(dw_bwd)(const kd_conv_shape *s, const T *x, const T *w, const T *
                             continue;
                         const T *xrow = plane + (size_t)iy * s->w;
                         const T *grow = g + (size_t)oy * s->wo;
-                        for (int ox = lo; ox < hi; ox++)
-                            acc += grow[ox] * xrow[ox * s->stride + off];
+                        T racc = 0;
+                        if (s->stride == 1) {
+#pragma omp simd reduction(+ : racc)
+                            for (int ox = lo; ox < hi; ox++)
+                                racc += grow[ox] * xrow[ox + off];
+                        } else {
+#pragma omp simd reduction(+ : racc)
+                            for (int ox = lo; ox < hi; ox++)
+                                racc += grow[ox] * xrow[ox * s->stride + off];
+                        }
+                        acc += racc;
                     }
                     dk[ky * s->kw + kx] += acc;
                 }
@@ -241,7 +379,10 @@ static void OP(dw_bwd)(const kd_conv_shape *s, const T *x, const T *w, const T *
 void OP(conv2d_fwd)(const kd_conv_shape *s, const T *x, const T *w, const T *b, T *y, T *ws)
 {
     if (OP(conv_is_depthwise)(s)) {
-        OP(dw_fwd)(s, x, w, b, y);
+        if (OP(dw_padded_ok)(s) && s->kh * s->kw <= 64)
+            OP(dw_fwd_padded)(s, x, w, b, y);
+        else
+            OP(dw_fwd)(s, x, w, b, y);
         return;
     }
     const int cg = s->c / s->groups, og = s->o / s->groups, hwo = s->ho * s->wo;
@@ -291,7 +432,10 @@ void OP(conv2d_bwd)(const kd_conv_shape *s, const T *x, const T *w, const T *dy,
                     T *db, T *ws)
 {
     if (OP(conv_is_depthwise)(s)) {
-        OP(dw_bwd)(s, x, w, dy, dx, dw, db);
+        if (OP(dw_padded_ok)(s) && s->kh * s->kw <= 64)
+            OP(dw_bwd_padded)(s, x, w, dy, dx, dw, db);
+        else
+            OP(dw_bwd)(s, x, w, dy, dx, dw, db);
         return;
     }
     const int cg = s->c / s->groups, og = s->o / s->groups, hwo = s->ho * s->wo;
@@ -360,94 +504,147 @@ void OP(conv2d_bwd)(const kd_conv_shape *s, const T *x, const T *w, const T *dy,
     }
 }
 
-/* ---- batch norm ---- */
+/* ---- batch norm, optionally fused with the activation that follows ---- */
+
+/*
+ * Per-channel statistics in one pass. Sums are taken around a pivot (the
+ * channel's first value) so a large mean does not cancel the variance, in T
+ * within a plane (vectorised) and in double across planes.
+ */
+static void OP(bn_stats)(int n, int c, int hw, const T *x, int ch, double *mean, double *var)
+{
+    const T pivot = x[(size_t)ch * hw];
+    double s = 0, q = 0;
+    for (int i = 0; i < n; i++) {
+        const T *p = x + ((size_t)i * c + ch) * hw;
+        T ps = 0, pq = 0;
+#pragma omp simd reduction(+ : ps, pq)
+        for (int j = 0; j < hw; j++) {
+            T d = p[j] - pivot;
+            ps += d;
+            pq += d * d;
+        }
+        s += ps;
+        q += pq;
+    }
+    const double m = (double)n * hw;
+    double dm = s / m;
+    *mean = pivot + dm;
+    *var = q / m - dm * dm;
+    if (*var < 0)
+        *var = 0;
+}
+
+static void OP(bn_apply)(int n, int c, int hw, const T *x, T *y, int ch, T sc, T sh, T cap)
+{
+    for (int i = 0; i < n; i++) {
+        const T *p = x + ((size_t)i * c + ch) * hw;
+        T *q = y + ((size_t)i * c + ch) * hw;
+        if (cap == 0) {
+#pragma omp simd
+            for (int j = 0; j < hw; j++)
+                q[j] = p[j] * sc + sh;
+        } else {
+            const T hi = cap > 0 ? cap : (T)INFINITY;
+#pragma omp simd
+            for (int j = 0; j < hw; j++) {
+                T v = p[j] * sc + sh;
+                v = v > 0 ? v : 0;
+                q[j] = v < hi ? v : hi;
+            }
+        }
+    }
+}
 
 void OP(bn_fwd_train)(int n, int c, int hw, const T *x, const T *gamma, const T *beta, T *y,
                       T *save_mean, T *save_invstd, T *run_mean, T *run_var, double momentum,
-                      double eps)
+                      double eps, double cap)
 {
     const double m = (double)n * hw;
 #pragma omp parallel for schedule(static)
     for (int ch = 0; ch < c; ch++) {
-        double sum = 0, sq = 0;
-        for (int i = 0; i < n; i++) {
-            const T *p = x + ((size_t)i * c + ch) * hw;
-            for (int j = 0; j < hw; j++)
-                sum += p[j];
-        }
-        double mean = sum / m;
-        for (int i = 0; i < n; i++) {
-            const T *p = x + ((size_t)i * c + ch) * hw;
-            for (int j = 0; j < hw; j++) {
-                double d = p[j] - mean;
-                sq += d * d;
-            }
-        }
-        double var = sq / m;
+        double mean, var;
+        OP(bn_stats)(n, c, hw, x, ch, &mean, &var);
         double invstd = 1.0 / sqrt(var + eps);
         save_mean[ch] = (T)mean;
         save_invstd[ch] = (T)invstd;
         if (run_mean) {
-            double unbiased = m > 1 ? sq / (m - 1) : var;
+            double unbiased = m > 1 ? var * m / (m - 1) : var;
             run_mean[ch] = (T)((1 - momentum) * run_mean[ch] + momentum * mean);
             run_var[ch] = (T)((1 - momentum) * run_var[ch] + momentum * unbiased);
         }
-        T sc = (T)(gamma[ch] * invstd), sh = (T)(beta[ch] - mean * gamma[ch] * invstd);
-        for (int i = 0; i < n; i++) {
-            const T *p = x + ((size_t)i * c + ch) * hw;
-            T *q = y + ((size_t)i * c + ch) * hw;
-            for (int j = 0; j < hw; j++)
-                q[j] = p[j] * sc + sh;
-        }
+        OP(bn_apply)
+        (n, c, hw, x, y, ch, (T)(gamma[ch] * invstd), (T)(beta[ch] - mean * gamma[ch] * invstd),
+         (T)cap);
     }
 }
 
 void OP(bn_fwd_eval)(int n, int c, int hw, const T *x, const T *gamma, const T *beta,
-                     const T *run_mean, const T *run_var, T *y, double eps)
+                     const T *run_mean, const T *run_var, T *y, double eps, double cap)
 {
 #pragma omp parallel for schedule(static)
     for (int ch = 0; ch < c; ch++) {
         double invstd = 1.0 / sqrt((double)run_var[ch] + eps);
-        T sc = (T)(gamma[ch] * invstd), sh = (T)(beta[ch] - run_mean[ch] * gamma[ch] * invstd);
-        for (int i = 0; i < n; i++) {
-            const T *p = x + ((size_t)i * c + ch) * hw;
-            T *q = y + ((size_t)i * c + ch) * hw;
-            for (int j = 0; j < hw; j++)
-                q[j] = p[j] * sc + sh;
-        }
+        OP(bn_apply)
+        (n, c, hw, x, y, ch, (T)(gamma[ch] * invstd),
+         (T)(beta[ch] - run_mean[ch] * gamma[ch] * invstd), (T)cap);
     }
 }
 
 void OP(bn_bwd)(int n, int c, int hw, const T *x, const T *dy, const T *gamma, const T *save_mean,
-                const T *save_invstd, T *dx, T *dgamma, T *dbeta)
+                const T *save_invstd, const T *y, double cap, T *dx, T *dgamma, T *dbeta)
 {
     const double m = (double)n * hw;
+    /* with a fused activation, the gradient reaching the norm is dy where 0 < y < cap */
+    const T lo = 0, hi = cap > 0 ? (T)cap : (T)INFINITY;
+    const int masked = cap != 0;
 #pragma omp parallel for schedule(static)
     for (int ch = 0; ch < c; ch++) {
-        double mean = save_mean[ch], invstd = save_invstd[ch];
+        const T mean = save_mean[ch];
+        const double invstd = save_invstd[ch];
         double sdy = 0, sdyx = 0;
         for (int i = 0; i < n; i++) {
-            const T *p = x + ((size_t)i * c + ch) * hw;
-            const T *g = dy + ((size_t)i * c + ch) * hw;
-            for (int j = 0; j < hw; j++) {
-                sdy += g[j];
-                sdyx += g[j] * (p[j] - mean);
+            size_t off = ((size_t)i * c + ch) * hw;
+            const T *p = x + off, *g = dy + off, *o = y + off;
+            T a = 0, b = 0;
+            if (masked) {
+#pragma omp simd reduction(+ : a, b)
+                for (int j = 0; j < hw; j++) {
+                    T gj = g[j] * (T)((o[j] > lo) & (o[j] < hi));
+                    a += gj;
+                    b += gj * (p[j] - mean);
+                }
+            } else {
+#pragma omp simd reduction(+ : a, b)
+                for (int j = 0; j < hw; j++) {
+                    a += g[j];
+                    b += g[j] * (p[j] - mean);
+                }
             }
+            sdy += a;
+            sdyx += b;
         }
         dgamma[ch] += (T)(sdyx * invstd);
         dbeta[ch] += (T)sdy;
         if (!dx)
             continue;
-        /* dx = gamma*invstd * (dy - mean(dy) - xhat * mean(dy*xhat)) */
-        double k = gamma[ch] * invstd;
-        double mdy = sdy / m, mdyx = sdyx * invstd / m;
+        /* dx = gamma*invstd * (g - mean(g) - xhat * mean(g*xhat)) */
+        const T k = (T)(gamma[ch] * invstd), mdy = (T)(sdy / m);
+        const T mdyx = (T)(sdyx * invstd / m), is = (T)invstd;
         for (int i = 0; i < n; i++) {
-            const T *p = x + ((size_t)i * c + ch) * hw;
-            const T *g = dy + ((size_t)i * c + ch) * hw;
-            T *q = dx + ((size_t)i * c + ch) * hw;
-            for (int j = 0; j < hw; j++) {
-                double xhat = (p[j] - mean) * invstd;
-                q[j] = (T)(k * (g[j] - mdy - xhat * mdyx));
+            size_t off = ((size_t)i * c + ch) * hw;
+            const T *p = x + off, *g = dy + off, *o = y + off;
+            T *q = dx + off;
+            if (masked) {
+#pragma omp simd
+                for (int j = 0; j < hw; j++) {
+                    T gj = g[j] * (T)((o[j] > lo) & (o[j] < hi));
+                    q[j] = k * (gj - mdy - (p[j] - mean) * is * mdyx);
+                }
+            } else {
+#pragma omp simd
+                for (int j = 0; j < hw; j++)
+                    q[j] = k * (g[j] - mdy - (p[j] - mean) * is * mdyx);
             }
         }
     }
@@ -472,9 +669,11 @@ void OP(act_fwd)(size_t n, const T *x, T *y, double cap)
 void OP(act_bwd)(size_t n, const T *x, const T *dy, T *dx, double cap)
 {
     const T c = cap < 0 ? (T)INFINITY : (T)cap;
+    /* a multiply by the 0/1 mask rather than a select: a conditional load of dy keeps the
+     * compiler from vectorising, and the data-dependent branch mispredicts half the time */
 #pragma omp parallel for simd schedule(static) if (n > 65536)
     for (size_t i = 0; i < n; i++)
-        dx[i] = (x[i] > 0 && x[i] < c) ? dy[i] : 0;
+        dx[i] = dy[i] * (T)((x[i] > 0) & (x[i] < c));
 }
 
 /* ---- pooling ---- */

@@ -431,6 +431,14 @@ static void arena_walk(kd_block *blocks, int n, int batch, float *base, size_t *
     for (int i = 0; i < n; i++) {
         kd_block *b = &blocks[i];
         size_t act = (size_t)batch * b->out_numel;
+        if (b->fused) {
+            /* the batchnorm before it wrote the activated output into its own buffers */
+            if (base) {
+                b->y = blocks[i - 1].y;
+                b->dy = blocks[i - 1].dy;
+            }
+            continue;
+        }
         TAKE(b->y, float, act);
         TAKE(b->dy, float, act);
         switch (b->kind) {
@@ -456,6 +464,45 @@ static void arena_walk(kd_block *blocks, int n, int batch, float *base, size_t *
         }
     }
 #undef TAKE
+}
+
+static int has_params(const kd_block *b)
+{
+    if (b->w_off != SIZE_MAX || b->b_off != SIZE_MAX)
+        return 1;
+    for (int i = 0; i < b->nbody; i++)
+        if (has_params(&b->body[i]))
+            return 1;
+    for (int i = 0; i < b->nproj; i++)
+        if (has_params(&b->proj[i]))
+            return 1;
+    return 0;
+}
+
+/*
+ * Decide fusions and which blocks need their input gradient. A batchnorm
+ * fuses the relu/relu6 right after it unless the batchnorm's own output is
+ * tapped, or the activation ends a residual branch (whose gradient buffer the
+ * residual shares).
+ */
+static void plan_walk(kd_block *blocks, int n, int nested)
+{
+    int seen = 0;
+    for (int i = 0; i < n; i++) {
+        kd_block *b = &blocks[i];
+        b->params_before = seen;
+        seen |= has_params(b);
+        if (b->kind == KD_L_BATCHNORM && i + 1 < n && !b->tap[0] &&
+            (blocks[i + 1].kind == KD_L_RELU || blocks[i + 1].kind == KD_L_RELU6) &&
+            !(nested && i + 1 == n - 1)) {
+            b->fuse_cap = blocks[i + 1].kind == KD_L_RELU ? -1.0 : 6.0;
+            blocks[i + 1].fused = 1;
+        }
+        if (b->kind == KD_L_RESIDUAL) {
+            plan_walk(b->body, b->nbody, 1);
+            plan_walk(b->proj, b->nproj, 1);
+        }
+    }
 }
 
 static void counters_walk(kd_block *blocks, int n, kd_state_entry *e, int ne, int *next)
@@ -602,6 +649,7 @@ kd_status kd_model_build(const kd_node *input, const kd_node *layers, const kd_b
     }
     int next = 0;
     counters_walk(m->blocks, m->nblocks, m->entries, m->nentries, &next);
+    plan_walk(m->blocks, m->nblocks, 0);
 
     size_t count = 0;
     arena_walk(m->blocks, m->nblocks, max_batch, NULL, &count);
@@ -701,16 +749,19 @@ static void block_fwd(kd_model *m, kd_block *b, const float *x, int n, int train
         if (train) {
             be->bn_fwd_train(n, b->in[0], hw, x, P + b->w_off, P + b->b_off, b->y, b->save_a,
                              b->save_b, m->buffers + b->rm_off, m->buffers + b->rv_off, b->momentum,
-                             b->eps);
+                             b->eps, b->fuse_cap);
             b->bn_batches++;
         } else {
             be->bn_fwd_eval(n, b->in[0], hw, x, P + b->w_off, P + b->b_off, m->buffers + b->rm_off,
-                            m->buffers + b->rv_off, b->y, b->eps);
+                            m->buffers + b->rv_off, b->y, b->eps, b->fuse_cap);
         }
         break;
     }
-    case KD_L_RELU: be->act_fwd(act, x, b->y, -1.0); break;
-    case KD_L_RELU6: be->act_fwd(act, x, b->y, 6.0); break;
+    case KD_L_RELU:
+    case KD_L_RELU6:
+        if (!b->fused)
+            be->act_fwd(act, x, b->y, b->kind == KD_L_RELU ? -1.0 : 6.0);
+        break;
     case KD_L_MAXPOOL: {
         kd_pool_shape p = pool_shape(b, n);
         be->maxpool_fwd(&p, x, b->y, b->arg);
@@ -775,17 +826,15 @@ static void block_bwd(kd_model *m, kd_block *b, const float *x, int n, float *dx
     }
     case KD_L_BATCHNORM: {
         int hw = b->in_ndim == 3 ? b->in[1] * b->in[2] : 1;
-        be->bn_bwd(n, b->in[0], hw, x, b->dy, P + b->w_off, b->save_a, b->save_b, dx, G + b->w_off,
-                   G + b->b_off);
+        be->bn_bwd(n, b->in[0], hw, x, b->dy, P + b->w_off, b->save_a, b->save_b, b->y, b->fuse_cap,
+                   dx, G + b->w_off, G + b->b_off);
         break;
     }
     case KD_L_RELU:
-        if (dx)
-            be->act_bwd(act, x, b->dy, dx, -1.0);
-        break;
     case KD_L_RELU6:
-        if (dx)
-            be->act_bwd(act, x, b->dy, dx, 6.0);
+        /* fused: the batchnorm's backward applies the mask; dy already is its dy */
+        if (dx && !b->fused)
+            be->act_bwd(act, x, b->dy, dx, b->kind == KD_L_RELU ? -1.0 : 6.0);
         break;
     case KD_L_MAXPOOL:
         if (dx) {
@@ -826,12 +875,17 @@ static void block_bwd(kd_model *m, kd_block *b, const float *x, int n, float *dx
     }
 }
 
+/* Backward through a trunk; stops early once no earlier block has parameters and the
+ * caller needs no input gradient (dx == NULL), so e.g. the first layer skips its dx. */
 static void chain_bwd(kd_model *m, kd_block *blocks, int count, const float *x, int n, float *dx)
 {
     for (int i = count - 1; i >= 0; i--) {
         const float *in = i ? blocks[i - 1].y : x;
-        float *din = i ? blocks[i - 1].dy : dx;
+        int more = dx || blocks[i].params_before;
+        float *din = !more ? NULL : i ? blocks[i - 1].dy : dx;
         block_bwd(m, &blocks[i], in, n, din);
+        if (!more)
+            break;
     }
 }
 

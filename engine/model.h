@@ -52,6 +52,11 @@ struct kd_block {
     size_t w_off, b_off, w_numel, b_numel;
     size_t rm_off, rv_off; /* batchnorm running stats in the buffer array */
     int64_t bn_batches;    /* num_batches_tracked */
+    /* fusion: a batchnorm followed by relu/relu6 applies the activation itself (fuse_cap:
+     * 0 none, -1 relu, 6 relu6) and the activation block only shares its buffers (fused) */
+    double fuse_cap;
+    int fused;
+    int params_before; /* some block before this one in its trunk has parameters */
     /* activations: y and dy are [N, out] */
     float *y, *dy;
     float *save_a, *save_b; /* batchnorm mean / invstd; dropout mask in save_a */

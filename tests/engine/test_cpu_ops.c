@@ -195,6 +195,7 @@ static void test_conv_matches_direct_sum(void **state)
 /* ---- batch norm ---- */
 typedef struct {
     int n, c, hw;
+    double cap; /* fused activation: 0 none, -1 relu, 6 relu6 */
     double *x, *g, *b, *r, *y, *m, *is;
 } bn_ctx;
 
@@ -202,22 +203,23 @@ static double bn_loss(void *p)
 {
     bn_ctx *c = p;
     kd_cpu_bn_fwd_train_f64(c->n, c->c, c->hw, c->x, c->g, c->b, c->y, c->m, c->is, NULL, NULL, 0.1,
-                            1e-5);
+                            1e-5, c->cap);
     return dot(c->y, c->r, (size_t)c->n * c->c * c->hw);
 }
 
-static void run_bn(int n, int ch, int hw)
+static void run_bn(int n, int ch, int hw, double cap)
 {
     kd_rng r;
     kd_rng_seed(&r, 11, (uint64_t)hw);
     size_t nx = (size_t)n * ch * hw;
-    bn_ctx c = {.n = n, .c = ch, .hw = hw};
-    c.x = rnd(&r, nx, 2), c.g = rnd(&r, (size_t)ch, 1), c.b = rnd(&r, (size_t)ch, 1);
+    bn_ctx c = {.n = n, .c = ch, .hw = hw, .cap = cap};
+    /* beta spread over [-3, 3] and gamma over [-4, 4] put values on both sides of 0 and 6 */
+    c.x = rnd(&r, nx, 2), c.g = rnd(&r, (size_t)ch, 4), c.b = rnd(&r, (size_t)ch, 3);
     c.r = rnd(&r, nx, 1), c.y = calloc(nx, 8), c.m = calloc((size_t)ch, 8),
     c.is = calloc((size_t)ch, 8);
     double *dx = calloc(nx, 8), *dg = calloc((size_t)ch, 8), *dbt = calloc((size_t)ch, 8);
     bn_loss(&c);
-    kd_cpu_bn_bwd_f64(n, ch, hw, c.x, c.r, c.g, c.m, c.is, dx, dg, dbt);
+    kd_cpu_bn_bwd_f64(n, ch, hw, c.x, c.r, c.g, c.m, c.is, c.y, cap, dx, dg, dbt);
     check_grad("bn dx", bn_loss, &c, c.x, dx, nx);
     check_grad("bn dgamma", bn_loss, &c, c.g, dg, (size_t)ch);
     check_grad("bn dbeta", bn_loss, &c, c.b, dbt, (size_t)ch);
@@ -228,8 +230,10 @@ static void run_bn(int n, int ch, int hw)
 static void test_batchnorm_grad(void **state)
 {
     (void)state;
-    run_bn(4, 3, 5); /* BatchNorm2d */
-    run_bn(6, 4, 1); /* BatchNorm1d */
+    run_bn(4, 3, 5, 0);  /* BatchNorm2d */
+    run_bn(6, 4, 1, 0);  /* BatchNorm1d */
+    run_bn(4, 3, 5, -1); /* fused with relu */
+    run_bn(4, 3, 5, 6);  /* fused with relu6 */
 }
 
 static void test_batchnorm_stats(void **state)
@@ -237,14 +241,29 @@ static void test_batchnorm_stats(void **state)
     (void)state;
     /* running stats follow PyTorch: unbiased variance, momentum 0.1 */
     double x[4] = {1, 2, 3, 6}, g = 1, b = 0, y[4], m, is, rm = 0, rv = 1;
-    kd_cpu_bn_fwd_train_f64(4, 1, 1, x, &g, &b, y, &m, &is, &rm, &rv, 0.1, 1e-5);
+    kd_cpu_bn_fwd_train_f64(4, 1, 1, x, &g, &b, y, &m, &is, &rm, &rv, 0.1, 1e-5, 0);
     kd_assert_close(m, 3.0, 1e-12);
     kd_assert_close(is, 1.0 / sqrt(3.5 + 1e-5), 1e-12); /* biased var 14/4 */
     kd_assert_close(rm, 0.3, 1e-12);
     kd_assert_close(rv, 0.9 + 0.1 * 14.0 / 3.0, 1e-12); /* unbiased var 14/3 */
     double ye[4];
-    kd_cpu_bn_fwd_eval_f64(4, 1, 1, x, &g, &b, &rm, &rv, ye, 1e-5);
+    kd_cpu_bn_fwd_eval_f64(4, 1, 1, x, &g, &b, &rm, &rv, ye, 1e-5, 0);
     kd_assert_close(ye[3], (6 - rm) / sqrt(rv + 1e-5), 1e-12);
+    /* the fused activation clamps the same values */
+    double yr[4];
+    kd_cpu_bn_fwd_train_f64(4, 1, 1, x, &g, &b, yr, &m, &is, NULL, NULL, 0.1, 1e-5, -1);
+    kd_assert_close(yr[0], 0.0, 0);
+    kd_assert_close(yr[3], y[3], 1e-15);
+    double big[4] = {0, 0, 0, 100}, y6[4];
+    kd_cpu_bn_fwd_train_f64(4, 1, 1, big, &g, &b, y6, &m, &is, NULL, NULL, 0.1, 1e-5, 6);
+    double g6 = 10, yc[4];
+    kd_cpu_bn_fwd_train_f64(4, 1, 1, big, &g6, &b, yc, &m, &is, NULL, NULL, 0.1, 1e-5, 6);
+    kd_assert_close(y6[3], 3.0 * 100 / sqrt(100 * 100 * 3.0 / 16 + 1e-5) / 4, 1e-9);
+    kd_assert_close(yc[3], 6.0, 0);
+    /* a mean far from zero does not cancel the variance */
+    double off[4] = {1e6 + 1, 1e6 + 2, 1e6 + 3, 1e6 + 6}, yo[4];
+    kd_cpu_bn_fwd_train_f64(4, 1, 1, off, &g, &b, yo, &m, &is, NULL, NULL, 0.1, 1e-5, 0);
+    kd_assert_close(is, 1.0 / sqrt(3.5 + 1e-5), 1e-9);
 }
 
 /* ---- activations, pooling, elementwise ---- */

@@ -152,6 +152,40 @@ static void test_conv_groups(void **state)
     run_conv(2, 3, 5, 4, 3, 5, 1, 2, 3, 0, 0); /* depthwise 5x5 */
 }
 
+static void test_conv_depthwise_large_plane(void **state)
+{
+    (void)state;
+    /* planes too large for the padded-plane path take the direct loops: check both give the
+     * same result by comparing with a plane small enough for the padded path, embedded in a
+     * large one whose extra area is zero, and check the weight gradient by differences */
+    kd_rng r;
+    kd_rng_seed(&r, 21, 0);
+    kd_conv_shape big, small;
+    assert_true(kd_conv_shape_init(&big, 1, 2, 70, 70, 2, 3, 3, 1, 1, 2));
+    assert_true(kd_conv_shape_init(&small, 1, 2, 6, 70, 2, 3, 3, 1, 1, 2));
+    conv_ctx c = {.s = big};
+    size_t nx = 2 * 70 * 70, ny = 2 * 70 * 70;
+    c.x = calloc(nx, 8), c.w = rnd(&r, 18, 1), c.b = rnd(&r, 2, 1), c.r = rnd(&r, ny, 1);
+    c.y = calloc(ny, 8), c.ws = calloc(kd_cpu_conv2d_ws_f64(&big) + 1, 8);
+    double *xs = rnd(&r, 2 * 6 * 70, 1), *ys = calloc(2 * 6 * 70, 8);
+    for (int ch = 0; ch < 2; ch++)
+        memcpy(c.x + (size_t)ch * 4900, xs + (size_t)ch * 420, 420 * sizeof(double));
+    kd_cpu_conv2d_fwd_f64(&c.s, c.x, c.w, c.b, c.y, c.ws);
+    kd_cpu_conv2d_fwd_f64(&small, xs, c.w, c.b, ys, c.ws);
+    /* rows 0..4 of each output plane see only the embedded rows (row 5 sees row 6 = 0) */
+    for (int ch = 0; ch < 2; ch++)
+        for (int i = 0; i < 5 * 70; i++)
+            kd_assert_close(c.y[(size_t)ch * 4900 + i], ys[(size_t)ch * 420 + i], 1e-12);
+    double dw[18] = {0}, db[2] = {0};
+    double *dx = calloc(nx, 8);
+    kd_cpu_conv2d_bwd_f64(&c.s, c.x, c.w, c.r, dx, dw, db, c.ws);
+    check_grad("large depthwise dw", conv_loss, &c, c.w, dw, 18);
+    check_grad("large depthwise db", conv_loss, &c, c.b, db, 2);
+    /* dx on a few elements (the full plane would be slow to difference) */
+    check_grad("large depthwise dx", conv_loss, &c, c.x + 4900 + 3000, dx + 4900 + 3000, 40);
+    free(c.x), free(c.w), free(c.b), free(c.r), free(c.y), free(c.ws), free(xs), free(ys), free(dx);
+}
+
 static void test_conv_1x1(void **state)
 {
     (void)state;
@@ -412,17 +446,12 @@ static void test_cross_entropy(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_linear),
-        cmocka_unit_test(test_conv_plain),
-        cmocka_unit_test(test_conv_groups),
-        cmocka_unit_test(test_conv_1x1),
-        cmocka_unit_test(test_conv_matches_direct_sum),
-        cmocka_unit_test(test_batchnorm_grad),
-        cmocka_unit_test(test_batchnorm_stats),
-        cmocka_unit_test(test_activations),
-        cmocka_unit_test(test_pooling),
-        cmocka_unit_test(test_dropout),
-        cmocka_unit_test(test_cross_entropy),
+        cmocka_unit_test(test_linear),         cmocka_unit_test(test_conv_plain),
+        cmocka_unit_test(test_conv_groups),    cmocka_unit_test(test_conv_depthwise_large_plane),
+        cmocka_unit_test(test_conv_1x1),       cmocka_unit_test(test_conv_matches_direct_sum),
+        cmocka_unit_test(test_batchnorm_grad), cmocka_unit_test(test_batchnorm_stats),
+        cmocka_unit_test(test_activations),    cmocka_unit_test(test_pooling),
+        cmocka_unit_test(test_dropout),        cmocka_unit_test(test_cross_entropy),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 PACKAGES=(build-essential cmake pkg-config libopenblas-dev libopenblas-openmp-dev libyaml-dev libcjson-dev zlib1g-dev
-          libhdf5-dev libcmocka-dev dataset-fashion-mnist)
+          libhdf5-dev hdf5-filter-plugin libcmocka-dev dataset-fashion-mnist python3-h5py)
 BUILD_DIR=${BUILD_DIR:-build}
 JOBS=$(nproc 2>/dev/null || echo 2)
 

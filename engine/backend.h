@@ -68,6 +68,14 @@ typedef struct kd_backend {
     /* summed cross-entropy; dlogits = scale * d(mean)/dlogits; labels on the device */
     double (*ce)(int n, int c, const float *logits, const int32_t *labels, double smoothing,
                  float *dlogits, double scale, int64_t *correct);
+    /* distillation loss coef * KL(.. || ..) at a temperature (engine/loss_kd.md): summed row
+       losses; ds = scale * d(sum / n)/ds when ds != NULL. kd_topk takes the teacher as top-k
+       raw logits tv [N, K], their classes ti [N, K] and full-row log-sum-exps t_lse [N]. */
+    double (*kd_dense)(int n, int c, const float *s, const float *t, double temperature,
+                       int reverse, int t2_scale, float *ds, double scale);
+    double (*kd_topk)(int n, int c, int k, const float *s, const float *tv, const int32_t *ti,
+                      const float *t_lse, double temperature, int reverse, int t2_scale, float *ds,
+                      double scale);
 } kd_backend;
 
 /* The CPU backend: always available. */

@@ -67,6 +67,8 @@ static const kd_backend kd_cpu_backend = {
     .add = kd_cpu_add_f32,
     .copy = cpu_copy,
     .ce = kd_cpu_ce_f32,
+    .kd_dense = kd_cpu_kd_dense_f32,
+    .kd_topk = kd_cpu_kd_topk_f32,
 };
 
 const kd_backend *kd_backend_cpu(void) { return &kd_cpu_backend; }
@@ -85,7 +87,7 @@ static const struct {
     KD_SLOT(act_fwd),     KD_SLOT(act_bwd),      KD_SLOT(maxpool_fwd), KD_SLOT(maxpool_bwd),
     KD_SLOT(avgpool_fwd), KD_SLOT(avgpool_bwd),  KD_SLOT(gap_fwd),     KD_SLOT(gap_bwd),
     KD_SLOT(dropout_fwd), KD_SLOT(mul),          KD_SLOT(add),         KD_SLOT(copy),
-    KD_SLOT(ce),
+    KD_SLOT(ce),          KD_SLOT(kd_dense),     KD_SLOT(kd_topk),
 };
 
 const char *kd_backend_missing(const kd_backend *be, const char *needed)

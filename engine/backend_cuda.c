@@ -10,6 +10,7 @@
  * y = x W^T is cublasSgemm(T, N) with W as stored; TF32 is off so results
  * match the CPU reference to float rounding.
  */
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -22,6 +23,7 @@
 #include <nccl.h>
 
 #include "elementwise.h"
+#include "softmax_kl.h"
 
 static cudaStream_t kd_stream;
 static cublasHandle_t kd_blas;
@@ -146,6 +148,39 @@ static void cu_copy(size_t n, const float *src, float *dst)
         "cudaMemcpyAsync device->device"));
 }
 
+/* per-row losses and their sum for kd_dense; grown on demand, kept for the process */
+static double *kd_kl_rows;
+static int kd_kl_cap;
+
+static double cu_kd_dense(int n, int c, const float *s, const float *t, double temperature,
+                          int reverse, int t2_scale, float *ds, double scale)
+{
+    if (n <= 0)
+        return 0;
+    if (n > kd_kl_cap) {
+        if (kd_kl_rows)
+            keep(cuda_check(cudaFree(kd_kl_rows), "cudaFree"));
+        kd_kl_rows = NULL;
+        kd_kl_cap = 0;
+        kd_status st = cuda_check(cudaMalloc((void **)&kd_kl_rows, sizeof(double) * (n + 1)),
+                                  "cudaMalloc (kd loss rows)");
+        if (st != KD_OK) {
+            keep(st);
+            return NAN;
+        }
+        kd_kl_cap = n;
+    }
+    kd_status st = kd_cuda_softmax_kl(kd_stream, n, c, KD_SKL_F32, s, t, temperature, reverse,
+                                      t2_scale, ds, KD_SKL_F32, scale, kd_kl_rows, KD_SKL_AUTO);
+    if (st == KD_OK)
+        st = kd_cuda_sum_f64(kd_stream, n, kd_kl_rows, kd_kl_rows + kd_kl_cap);
+    double total = NAN;
+    if (st == KD_OK)
+        st = cu_download(&total, kd_kl_rows + kd_kl_cap, sizeof total);
+    keep(st);
+    return st == KD_OK ? total : NAN;
+}
+
 static const kd_backend kd_cuda_backend = {
     .name = "cuda",
     .device = KD_DEVICE_CUDA,
@@ -162,6 +197,7 @@ static const kd_backend kd_cuda_backend = {
     .mul = cu_mul,
     .add = cu_add,
     .copy = cu_copy,
+    .kd_dense = cu_kd_dense,
 };
 
 const kd_backend *kd_backend_cuda(const char **why)

@@ -87,7 +87,18 @@ typedef struct {
        dlogits = scale * d(mean loss)/dlogits when dlogits != NULL; returns the summed loss        \
        (not the mean) and counts argmax hits in *correct. */                                       \
     double kd_cpu_ce_##SFX(int n, int c, const T *logits, const int32_t *labels, double smoothing, \
-                           T *dlogits, double scale, int64_t *correct);
+                           T *dlogits, double scale, int64_t *correct);                            \
+    /* distillation loss coef * KL at temperature T over N rows of C logits (engine/loss_kd.md):   \
+       forward KL(p_t || p_s) or reverse KL(p_s || p_t), coef = T^2 when t2_scale else 1.          \
+       Returns the summed row losses; writes ds = scale * d(sum / n)/ds when ds != NULL. */        \
+    double kd_cpu_kd_dense_##SFX(int n, int c, const T *s, const T *t, double temperature,         \
+                                 int reverse, int t2_scale, T *ds, double scale);                  \
+    /* the same against top-k teacher targets: tv [N, K] raw logits, ti [N, K] their classes,      \
+       t_lse [N] the teacher's full-row log-sum-exp at T = 1; the other C - K classes form one     \
+       tail bucket (rule in loss_kd_body.h). k == c is the dense loss. */                          \
+    double kd_cpu_kd_topk_##SFX(int n, int c, int k, const T *s, const T *tv, const int32_t *ti,   \
+                                const T *t_lse, double temperature, int reverse, int t2_scale,     \
+                                T *ds, double scale);
 
 KD_CPU_OPS_DECLARE(float, f32)
 KD_CPU_OPS_DECLARE(double, f64)

@@ -868,6 +868,8 @@ double OP(ce)(int n, int c, const T *logits, const int32_t *labels, double smoot
     return total;
 }
 
+#include "loss_kd_body.h"
+
 #undef OP
 #undef KD_CAT
 #undef KD_CAT_

@@ -1,0 +1,1803 @@
+/*
+ * cache.c - the HDF5 teacher-logit cache (schema: DESIGN.md section 3,
+ * data/README.md).
+ *
+ * Row layout in memory (one "row" = one sample, all its views), used by the
+ * in-memory reader, the streaming ring and the chunk loader alike:
+ *   main [V, W] of esize bytes (W = C for full logits, K for top-k values,
+ *   stored as in the file: float32, or float16 bits), idx [V, K] int32,
+ *   lse [V] float32, aug [V, P] float32, lab int32.
+ *
+ * Crash safety of the writer: every dataset is created with its chunks
+ * allocated up front (H5D_ALLOC_TIME_EARLY) and without object timestamps,
+ * so a put rewrites chunks whose index entries already exist. The data are
+ * written and flushed (+fsync) before /done is, and /done is one small
+ * fixed-size chunk rewritten in place. A SIGKILL can therefore only lose work
+ * on the chunk being written, which /done does not yet claim. A new file is
+ * built under a temporary name and renamed into place once complete.
+ *
+ * HDF5 errors: automatic printing is turned off per thread (the thread-safe
+ * library keeps that setting per thread) and h5_fail folds the innermost and
+ * outermost entries of HDF5's error stack into our message.
+ */
+#include "cache.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <hdf5.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define KD_CACHE_DEFAULT_MEMORY_LIMIT ((int64_t)2 << 30)
+
+/* ---- small helpers ------------------------------------------------------------------------ */
+
+static void h5_quiet(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
+
+typedef struct {
+    char inner[384];
+    char outer[256];
+} h5_err_text;
+
+static herr_t h5_walk_cb(unsigned n, const H5E_error2_t *e, void *data)
+{
+    h5_err_text *t = data;
+    /* Walking upward: entry 0 is where HDF5 detected the error, the last is the API call. */
+    if (n == 0)
+        snprintf(t->inner, sizeof t->inner, "%s", e->desc ? e->desc : "");
+    snprintf(t->outer, sizeof t->outer, "%s%s%s", e->func_name ? e->func_name : "",
+             e->func_name ? ": " : "", e->desc ? e->desc : "");
+    return 0;
+}
+
+/* HDF5's error stack as "api: what (innermost detail)", then cleared. */
+static void h5_detail(char *buf, size_t len)
+{
+    h5_err_text t = {{0}, {0}};
+    H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, h5_walk_cb, &t);
+    H5Eclear2(H5E_DEFAULT);
+    if (!t.outer[0])
+        snprintf(buf, len, "no HDF5 error detail");
+    else if (t.inner[0] && strcmp(t.inner, t.outer) != 0 && !strstr(t.outer, t.inner))
+        snprintf(buf, len, "%s (%s)", t.outer, t.inner);
+    else
+        snprintf(buf, len, "%s", t.outer);
+}
+
+/* Record "cache 'path': call failed: <hdf5 detail>" with status st. */
+static kd_status h5_fail_at(kd_status st, const char *file, int line, const char *path,
+                            const char *call)
+{
+    char d[700];
+    h5_detail(d, sizeof d);
+    return kd_fail_at(st, file, line, "cache '%s': %s failed: %s", path, call, d);
+}
+#define H5_FAIL(st, path, call) h5_fail_at((st), __FILE__, __LINE__, (path), (call))
+
+/* Evaluate an HDF5 call; on a negative result record the failure and jump to `done`. */
+#define H5_CHECK(expr, call)                                                                       \
+    do {                                                                                           \
+        if ((expr) < 0) {                                                                          \
+            st = H5_FAIL(KD_ERR_IO, path, call);                                                   \
+            goto done;                                                                             \
+        }                                                                                          \
+    } while (0)
+
+static void close_id(hid_t *id, herr_t (*fn)(hid_t))
+{
+    if (*id >= 0)
+        fn(*id);
+    *id = H5I_INVALID_HID;
+}
+
+static pthread_once_t f16_once = PTHREAD_ONCE_INIT;
+static hid_t f16_type_id = H5I_INVALID_HID;
+
+/* IEEE binary16 little-endian, built the way h5py builds numpy's float16. */
+static void f16_type_make(void)
+{
+    hid_t t = H5Tcopy(H5T_IEEE_F32LE);
+    if (t < 0 || H5Tset_fields(t, 15, 10, 5, 0, 10) < 0 || H5Tset_size(t, 2) < 0 ||
+        H5Tset_ebias(t, 15) < 0) {
+        if (t >= 0)
+            H5Tclose(t);
+        return;
+    }
+    f16_type_id = t; /* lives as long as the process */
+}
+
+static hid_t f16_type(void)
+{
+    pthread_once(&f16_once, f16_type_make);
+    return f16_type_id;
+}
+
+static const char *dtype_str(kd_dtype dt)
+{
+    return dt == KD_DTYPE_F16 ? "float16" : dt == KD_DTYPE_F32 ? "float32" : "unsupported";
+}
+
+static int valid_hash(const char *h)
+{
+    size_t n = strnlen(h, 65);
+    if (n == 0)
+        return 1;
+    if (n != 64)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!((h[i] >= '0' && h[i] <= '9') || (h[i] >= 'a' && h[i] <= 'f')))
+            return 0;
+    return 1;
+}
+
+static int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+static int64_t meta_rows(const kd_cache_meta *m) { return m->row_end - m->row_begin; }
+
+static int64_t meta_chunks(const kd_cache_meta *m) { return div_up(meta_rows(m), m->chunk_rows); }
+
+/* W: values per view in the main dataset. */
+static int meta_width(const kd_cache_meta *m) { return m->topk ? m->topk : m->num_classes; }
+
+static size_t meta_esize(const kd_cache_meta *m) { return m->dtype == KD_DTYPE_F16 ? 2 : 4; }
+
+static int fsync_path(const char *p, int dir)
+{
+    int fd = open(p, dir ? O_RDONLY | O_DIRECTORY : O_RDONLY);
+    if (fd < 0)
+        return -1;
+    int rc = fsync(fd);
+    close(fd);
+    return rc;
+}
+
+static void dir_of(const char *path, char *buf, size_t len)
+{
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        snprintf(buf, len, ".");
+    else if (slash == path)
+        snprintf(buf, len, "/");
+    else
+        snprintf(buf, len, "%.*s", (int)(slash - path), path);
+}
+
+/* ---- float16 ------------------------------------------------------------------------------ */
+
+uint16_t kd_f32_to_f16(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
+    uint32_t exp = (u >> 23) & 0xff, man = u & 0x7fffff;
+    if (exp == 0xff) /* Inf stays Inf; NaN stays a (quiet) NaN */
+        return (uint16_t)(sign | 0x7c00 | (man ? 0x200 | (man >> 13) : 0));
+    int e = (int)exp - 127 + 15;
+    if (e >= 31)
+        return (uint16_t)(sign | 0x7c00);
+    if (e <= 0) {
+        /* Subnormal half: m * 2^-24 with m = full * 2^(e - 14), rounded to nearest even. */
+        if (e < -10)
+            return sign; /* below half the smallest subnormal: rounds to zero */
+        uint32_t full = man | 0x800000;
+        int shift = 14 - e;
+        uint32_t m = full >> shift, rem = full & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (m & 1)))
+            m++; /* may carry into the smallest normal: still the right encoding */
+        return (uint16_t)(sign | m);
+    }
+    uint32_t hv = ((uint32_t)e << 10) | (man >> 13), rem = man & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (hv & 1)))
+        hv++; /* a carry out of the mantissa bumps the exponent, up to Inf */
+    return (uint16_t)(sign | hv);
+}
+
+float kd_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0) {
+        float v = (float)man * 5.9604644775390625e-8f; /* 2^-24, exact */
+        return sign ? -v : v;
+    }
+    if (exp == 31)
+        u = sign | 0x7f800000 | (man << 13);
+    else
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* ---- top-k -------------------------------------------------------------------------------- */
+
+static double row_lse(const float *x, int c)
+{
+    double mx = x[0];
+    for (int j = 1; j < c; j++)
+        if (x[j] > mx)
+            mx = x[j];
+    double s = 0.0;
+    for (int j = 0; j < c; j++)
+        s += exp((double)x[j] - mx);
+    return mx + log(s);
+}
+
+void kd_topk_rows(const float *logits, int n, int c, int k, float *values, int32_t *indices,
+                  float *lse)
+{
+    for (int r = 0; r < n; r++) {
+        const float *x = logits + (size_t)r * c;
+        float *v = values + (size_t)r * k;
+        int32_t *ix = indices + (size_t)r * k;
+        int have = 0;
+        for (int j = 0; j < c; j++) {
+            /* Strictly greater to enter a full list, and inserted after equal values:
+             * ties keep the lower class index first. */
+            if (have == k && !(x[j] > v[k - 1]))
+                continue;
+            int p = have < k ? have : k - 1;
+            while (p > 0 && x[j] > v[p - 1]) {
+                v[p] = v[p - 1];
+                ix[p] = ix[p - 1];
+                p--;
+            }
+            v[p] = x[j];
+            ix[p] = j;
+            if (have < k)
+                have++;
+        }
+        lse[r] = (float)row_lse(x, c);
+    }
+}
+
+/* ---- options ------------------------------------------------------------------------------ */
+
+void kd_cache_write_opts_init(kd_cache_write_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->compress = KD_CACHE_COMPRESS_NONE;
+    o->shuffle = -1;
+    o->fsync = 1;
+}
+
+void kd_cache_expect_init(kd_cache_expect *e)
+{
+    memset(e, 0, sizeof *e);
+    e->num_samples = -1;
+    e->num_classes = -1;
+    e->views = -1;
+    e->topk = -1;
+    e->dtype = -1;
+    e->aug_nparams = -1;
+}
+
+static const char *const compress_names[] = {"none", "deflate", "lz4", "zstd"};
+
+const char *kd_cache_compress_name(kd_cache_compress c)
+{
+    return (unsigned)c < 4 ? compress_names[c] : "unknown";
+}
+
+int kd_cache_compress_from_name(const char *name)
+{
+    for (int i = 0; i < 4; i++)
+        if (strcmp(name, compress_names[i]) == 0)
+            return i;
+    if (strcmp(name, "gzip") == 0)
+        return KD_CACHE_COMPRESS_DEFLATE;
+    return -1;
+}
+
+static H5Z_filter_t compress_filter(kd_cache_compress c)
+{
+    switch (c) {
+    case KD_CACHE_COMPRESS_DEFLATE: return H5Z_FILTER_DEFLATE;
+    case KD_CACHE_COMPRESS_LZ4: return KD_H5Z_FILTER_LZ4;
+    case KD_CACHE_COMPRESS_ZSTD: return KD_H5Z_FILTER_ZSTD;
+    default: return H5Z_FILTER_NONE;
+    }
+}
+
+int kd_cache_compress_available(kd_cache_compress c)
+{
+    h5_quiet();
+    if (c == KD_CACHE_COMPRESS_NONE)
+        return 1;
+    H5Z_filter_t id = compress_filter(c);
+    if (id == H5Z_FILTER_NONE)
+        return 0;
+    /* In HDF5 1.10 this also tries to load a dynamic plugin for the id. */
+    htri_t a = H5Zfilter_avail(id);
+    H5Eclear2(H5E_DEFAULT);
+    return a > 0;
+}
+
+static const char *filter_name(H5Z_filter_t id)
+{
+    switch (id) {
+    case H5Z_FILTER_DEFLATE: return "deflate";
+    case H5Z_FILTER_SHUFFLE: return "shuffle";
+    case H5Z_FILTER_FLETCHER32: return "fletcher32";
+    case H5Z_FILTER_SZIP: return "szip";
+    case H5Z_FILTER_NBIT: return "nbit";
+    case H5Z_FILTER_SCALEOFFSET: return "scaleoffset";
+    case KD_H5Z_FILTER_LZ4: return "lz4";
+    case KD_H5Z_FILTER_ZSTD: return "zstd";
+    case 307: return "bzip2";
+    case 32001: return "blosc";
+    default: return "unknown";
+    }
+}
+
+/* ---- attributes --------------------------------------------------------------------------- */
+
+static kd_status attr_write_i64(hid_t loc, const char *path, const char *name, int64_t v)
+{
+    kd_status st = KD_OK;
+    hid_t sp = H5I_INVALID_HID, a = H5I_INVALID_HID;
+    H5_CHECK(sp = H5Screate(H5S_SCALAR), "H5Screate");
+    H5_CHECK(a = H5Acreate2(loc, name, H5T_STD_I64LE, sp, H5P_DEFAULT, H5P_DEFAULT), "H5Acreate2");
+    H5_CHECK(H5Awrite(a, H5T_NATIVE_INT64, &v), "H5Awrite");
+done:
+    close_id(&a, H5Aclose);
+    close_id(&sp, H5Sclose);
+    if (st != KD_OK)
+        kd_fail_context(st, "writing attribute '%s': ", name);
+    return st;
+}
+
+static kd_status attr_write_str(hid_t loc, const char *path, const char *name, const char *s)
+{
+    kd_status st = KD_OK;
+    hid_t sp = H5I_INVALID_HID, a = H5I_INVALID_HID, t = H5I_INVALID_HID;
+    H5_CHECK(t = H5Tcopy(H5T_C_S1), "H5Tcopy");
+    H5_CHECK(H5Tset_size(t, strlen(s) + 1), "H5Tset_size");
+    H5_CHECK(H5Tset_strpad(t, H5T_STR_NULLTERM), "H5Tset_strpad");
+    H5_CHECK(sp = H5Screate(H5S_SCALAR), "H5Screate");
+    H5_CHECK(a = H5Acreate2(loc, name, t, sp, H5P_DEFAULT, H5P_DEFAULT), "H5Acreate2");
+    H5_CHECK(H5Awrite(a, t, s), "H5Awrite");
+done:
+    close_id(&a, H5Aclose);
+    close_id(&sp, H5Sclose);
+    close_id(&t, H5Tclose);
+    if (st != KD_OK)
+        kd_fail_context(st, "writing attribute '%s': ", name);
+    return st;
+}
+
+/* 1 when the root has attribute name, 0 when not, a status (negative never) on failure. */
+static kd_status attr_open(hid_t loc, const char *path, const char *name, int required, hid_t *out)
+{
+    *out = H5I_INVALID_HID;
+    htri_t ex = H5Aexists(loc, name);
+    if (ex < 0)
+        return H5_FAIL(KD_ERR_FORMAT, path, "H5Aexists");
+    if (!ex) {
+        if (!required)
+            return KD_OK;
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s' has no root attribute '%s' (see data/README.md for the schema)",
+                       path, name);
+    }
+    *out = H5Aopen(loc, name, H5P_DEFAULT);
+    if (*out < 0)
+        return H5_FAIL(KD_ERR_FORMAT, path, "H5Aopen");
+    return KD_OK;
+}
+
+/* Integer attribute of any integer type, converted to int64. *found = 0 when optional & absent. */
+static kd_status attr_read_i64(hid_t loc, const char *path, const char *name, int required,
+                               int64_t *v, int *found)
+{
+    kd_status st = KD_OK;
+    hid_t a, t = H5I_INVALID_HID, sp = H5I_INVALID_HID;
+    if (found)
+        *found = 0;
+    KD_TRY(attr_open(loc, path, name, required, &a));
+    if (a < 0)
+        return KD_OK;
+    H5_CHECK(t = H5Aget_type(a), "H5Aget_type");
+    H5_CHECK(sp = H5Aget_space(a), "H5Aget_space");
+    if (H5Tget_class(t) != H5T_INTEGER || H5Sget_simple_extent_npoints(sp) != 1) {
+        st = KD_FAIL(KD_ERR_FORMAT, "cache '%s': root attribute '%s' must be one integer", path,
+                     name);
+        goto done;
+    }
+    H5_CHECK(H5Aread(a, H5T_NATIVE_INT64, v), "H5Aread");
+    if (found)
+        *found = 1;
+done:
+    close_id(&sp, H5Sclose);
+    close_id(&t, H5Tclose);
+    close_id(&a, H5Aclose);
+    return st;
+}
+
+/* String attribute, fixed-length or variable-length (h5py's default), into buf. */
+static kd_status attr_read_str(hid_t loc, const char *path, const char *name, char *buf, size_t len)
+{
+    kd_status st = KD_OK;
+    hid_t a, t = H5I_INVALID_HID, mt = H5I_INVALID_HID, sp = H5I_INVALID_HID;
+    char *tmp = NULL;
+    buf[0] = '\0';
+    KD_TRY(attr_open(loc, path, name, 1, &a));
+    H5_CHECK(t = H5Aget_type(a), "H5Aget_type");
+    H5_CHECK(sp = H5Aget_space(a), "H5Aget_space");
+    if (H5Tget_class(t) != H5T_STRING || H5Sget_simple_extent_npoints(sp) != 1) {
+        st = KD_FAIL(KD_ERR_FORMAT, "cache '%s': root attribute '%s' must be one string", path,
+                     name);
+        goto done;
+    }
+    H5_CHECK(mt = H5Tcopy(t), "H5Tcopy");
+    htri_t var = H5Tis_variable_str(t);
+    H5_CHECK(var, "H5Tis_variable_str");
+    if (var) {
+        char *vs = NULL;
+        H5_CHECK(H5Aread(a, mt, &vs), "H5Aread");
+        snprintf(buf, len, "%s", vs ? vs : "");
+        if (vs)
+            H5free_memory(vs);
+    } else {
+        size_t n = H5Tget_size(t);
+        tmp = calloc(n + 1, 1);
+        if (!tmp) {
+            st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
+            goto done;
+        }
+        H5_CHECK(H5Aread(a, mt, tmp), "H5Aread");
+        /* Space-padded (Fortran style) strings lose their padding. */
+        while (n > 0 && (tmp[n - 1] == ' ' || tmp[n - 1] == '\0'))
+            tmp[--n] = '\0';
+        snprintf(buf, len, "%s", tmp);
+    }
+done:
+    free(tmp);
+    close_id(&mt, H5Tclose);
+    close_id(&sp, H5Sclose);
+    close_id(&t, H5Tclose);
+    close_id(&a, H5Aclose);
+    return st;
+}
+
+static kd_status meta_write(hid_t f, const char *path, const kd_cache_meta *m)
+{
+    KD_TRY(attr_write_str(f, path, "format", KD_CACHE_FORMAT));
+    KD_TRY(attr_write_i64(f, path, "version", KD_CACHE_VERSION));
+    KD_TRY(attr_write_i64(f, path, "num_samples", m->num_samples));
+    KD_TRY(attr_write_i64(f, path, "num_classes", m->num_classes));
+    KD_TRY(attr_write_i64(f, path, "views", m->views));
+    KD_TRY(attr_write_i64(f, path, "topk", m->topk));
+    KD_TRY(attr_write_str(f, path, "dtype", dtype_str(m->dtype)));
+    KD_TRY(attr_write_str(f, path, "teacher_sha256", m->teacher_sha256));
+    KD_TRY(attr_write_str(f, path, "dataset_sha256", m->dataset_sha256));
+    KD_TRY(attr_write_i64(f, path, "chunk_rows", m->chunk_rows));
+    KD_TRY(attr_write_i64(f, path, "row_begin", m->row_begin));
+    KD_TRY(attr_write_i64(f, path, "row_end", m->row_end));
+    return KD_OK;
+}
+
+/* Read and sanity-check the root attributes (aug_nparams comes later from /aug_params). */
+static kd_status meta_read(hid_t f, const char *path, kd_cache_meta *m)
+{
+    char s[128];
+    int64_t v;
+    int found;
+    memset(m, 0, sizeof *m);
+    KD_TRY(attr_read_str(f, path, "format", s, sizeof s));
+    if (strcmp(s, KD_CACHE_FORMAT) != 0)
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s' is not a distill teacher cache: its format attribute is '%s', "
+                       "expected '%s'",
+                       path, s, KD_CACHE_FORMAT);
+    KD_TRY(attr_read_i64(f, path, "version", 1, &v, NULL));
+    if (v != KD_CACHE_VERSION)
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s' has format version %lld, this distill reads version %d", path,
+                       (long long)v, KD_CACHE_VERSION);
+    KD_TRY(attr_read_i64(f, path, "num_samples", 1, &m->num_samples, NULL));
+    KD_TRY(attr_read_i64(f, path, "num_classes", 1, &v, NULL));
+    m->num_classes = v < 1 || v > INT32_MAX ? -1 : (int)v;
+    KD_TRY(attr_read_i64(f, path, "views", 1, &v, NULL));
+    m->views = v < 1 || v > INT32_MAX ? -1 : (int)v;
+    KD_TRY(attr_read_i64(f, path, "topk", 1, &v, NULL));
+    m->topk = v < 0 || v > INT32_MAX ? -1 : (int)v;
+    KD_TRY(attr_read_i64(f, path, "chunk_rows", 1, &m->chunk_rows, NULL));
+    if (m->num_samples < 1 || m->num_classes < 1 || m->views < 1 || m->topk < 0 ||
+        m->topk > m->num_classes || m->chunk_rows < 1)
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s' has invalid attributes: num_samples %lld, num_classes %d, "
+                       "views %d, topk %d, chunk_rows %lld (need N, C, V, chunk_rows >= 1 and "
+                       "0 <= topk <= C)",
+                       path, (long long)m->num_samples, m->num_classes, m->views, m->topk,
+                       (long long)m->chunk_rows);
+    KD_TRY(attr_read_str(f, path, "dtype", s, sizeof s));
+    if (strcmp(s, "float16") == 0)
+        m->dtype = KD_DTYPE_F16;
+    else if (strcmp(s, "float32") == 0)
+        m->dtype = KD_DTYPE_F32;
+    else
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s' has dtype '%s'; a cache stores 'float16' or 'float32'", path, s);
+    KD_TRY(attr_read_str(f, path, "teacher_sha256", m->teacher_sha256, sizeof m->teacher_sha256));
+    KD_TRY(attr_read_str(f, path, "dataset_sha256", m->dataset_sha256, sizeof m->dataset_sha256));
+    if (!valid_hash(m->teacher_sha256) || !valid_hash(m->dataset_sha256))
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s': teacher_sha256 and dataset_sha256 must be 64 lowercase hex "
+                       "digits or empty",
+                       path);
+    KD_TRY(attr_read_i64(f, path, "row_begin", 0, &m->row_begin, &found));
+    if (!found)
+        m->row_begin = 0;
+    KD_TRY(attr_read_i64(f, path, "row_end", 0, &m->row_end, &found));
+    if (!found)
+        m->row_end = m->num_samples;
+    if (m->row_begin < 0 || m->row_end <= m->row_begin || m->row_end > m->num_samples)
+        return KD_FAIL(KD_ERR_FORMAT, "cache '%s' has an invalid row range [%lld, %lld) of %lld",
+                       path, (long long)m->row_begin, (long long)m->row_end,
+                       (long long)m->num_samples);
+    return KD_OK;
+}
+
+/* ---- datasets ----------------------------------------------------------------------------- */
+
+typedef struct {
+    hid_t main, idx, lse, aug, lab, done;
+} cache_dsets;
+
+static void dsets_init(cache_dsets *d)
+{
+    d->main = d->idx = d->lse = d->aug = d->lab = d->done = H5I_INVALID_HID;
+}
+
+static void dsets_close(cache_dsets *d)
+{
+    close_id(&d->main, H5Dclose);
+    close_id(&d->idx, H5Dclose);
+    close_id(&d->lse, H5Dclose);
+    close_id(&d->aug, H5Dclose);
+    close_id(&d->lab, H5Dclose);
+    close_id(&d->done, H5Dclose);
+}
+
+static char *dims_str(const hsize_t *d, int n, char *buf, size_t len)
+{
+    size_t k = (size_t)snprintf(buf, len, "[");
+    for (int i = 0; i < n && k < len; i++)
+        k += (size_t)snprintf(buf + k, len - k, i ? ", %llu" : "%llu", (unsigned long long)d[i]);
+    if (k < len)
+        snprintf(buf + k, len - k, "]");
+    return buf;
+}
+
+/*
+ * Open /name and check its element class and size and its shape. dims[i] == 0
+ * means "any extent >= 1" and receives the extent found. The dataset is opened
+ * with a chunk cache that holds at least two of its chunks, and every filter
+ * in its pipeline must be available.
+ */
+static kd_status dset_open(hid_t f, const char *path, const char *name, H5T_class_t cls,
+                           size_t size, int ndims, hsize_t *dims, hid_t *out)
+{
+    kd_status st = KD_OK;
+    hid_t d = H5I_INVALID_HID, t = H5I_INVALID_HID, sp = H5I_INVALID_HID, dcpl = H5I_INVALID_HID,
+          dapl = H5I_INVALID_HID;
+    *out = H5I_INVALID_HID;
+    htri_t ex = H5Lexists(f, name, H5P_DEFAULT);
+    if (ex <= 0) {
+        H5Eclear2(H5E_DEFAULT);
+        return KD_FAIL(KD_ERR_FORMAT, "cache '%s' has no dataset /%s (see data/README.md)", path,
+                       name);
+    }
+    H5_CHECK(d = H5Dopen2(f, name, H5P_DEFAULT), "H5Dopen2");
+    H5_CHECK(t = H5Dget_type(d), "H5Dget_type");
+    if (H5Tget_class(t) != cls || H5Tget_size(t) != size ||
+        (cls == H5T_INTEGER && size == 4 && H5Tget_sign(t) != H5T_SGN_2)) {
+        const char *want = cls == H5T_FLOAT ? (size == 2 ? "float16" : "float32")
+                           : size == 4      ? "int32"
+                                            : "uint8";
+        st = KD_FAIL(KD_ERR_FORMAT,
+                     "cache '%s': dataset /%s is stored as a %zu-byte %s, the schema needs %s",
+                     path, name, H5Tget_size(t),
+                     H5Tget_class(t) == H5T_FLOAT     ? "float"
+                     : H5Tget_class(t) == H5T_INTEGER ? "integer"
+                                                      : "non-numeric type",
+                     want);
+        goto done;
+    }
+    H5_CHECK(sp = H5Dget_space(d), "H5Dget_space");
+    hsize_t got[8] = {0};
+    int nd = H5Sget_simple_extent_ndims(sp);
+    int ok = nd == ndims && nd <= 8;
+    if (ok) {
+        H5Sget_simple_extent_dims(sp, got, NULL);
+        for (int i = 0; i < nd; i++)
+            if (dims[i] ? got[i] != dims[i] : got[i] < 1)
+                ok = 0;
+    }
+    if (!ok) {
+        char a[128], b[128];
+        if (nd > 8 || nd < 0)
+            nd = 0;
+        H5Sget_simple_extent_dims(sp, got, NULL);
+        st =
+            KD_FAIL(KD_ERR_FORMAT,
+                    "cache '%s': dataset /%s has shape %s, its attributes imply %s (0 = any)", path,
+                    name, dims_str(got, nd, a, sizeof a), dims_str(dims, ndims, b, sizeof b));
+        goto done;
+    }
+    for (int i = 0; i < nd; i++)
+        dims[i] = got[i];
+
+    H5_CHECK(dcpl = H5Dget_create_plist(d), "H5Dget_create_plist");
+    int nf = H5Pget_nfilters(dcpl);
+    H5_CHECK(nf, "H5Pget_nfilters");
+    for (int i = 0; i < nf; i++) {
+        unsigned flags, cd[8];
+        size_t ncd = 8;
+        char fname[64];
+        H5Z_filter_t id =
+            H5Pget_filter2(dcpl, (unsigned)i, &flags, &ncd, cd, sizeof fname, fname, NULL);
+        H5_CHECK(id, "H5Pget_filter2");
+        htri_t av = H5Zfilter_avail(id);
+        H5Eclear2(H5E_DEFAULT);
+        if (av <= 0) {
+            st = KD_FAIL(KD_ERR_UNSUPPORTED,
+                         "cache '%s': dataset /%s is compressed with HDF5 filter %d (%s), which "
+                         "this HDF5 cannot load: install hdf5-filter-plugin (Debian) or point "
+                         "HDF5_PLUGIN_PATH at the plugin",
+                         path, name, (int)id, filter_name(id));
+            goto done;
+        }
+    }
+    if (H5Pget_layout(dcpl) == H5D_CHUNKED) {
+        hsize_t cdims[8];
+        int cn = H5Pget_chunk(dcpl, 8, cdims);
+        H5_CHECK(cn, "H5Pget_chunk");
+        size_t bytes = size;
+        for (int i = 0; i < cn; i++)
+            bytes *= (size_t)cdims[i];
+        /* Two chunks, so a read that straddles a boundary keeps both; the 1 MiB default
+         * would make HDF5 re-read and re-filter a bigger chunk for every partial access. */
+        size_t want = 2 * bytes + ((size_t)1 << 20);
+        H5_CHECK(dapl = H5Pcreate(H5P_DATASET_ACCESS), "H5Pcreate");
+        H5_CHECK(H5Pset_chunk_cache(dapl, 521, want, 1.0), "H5Pset_chunk_cache");
+        close_id(&d, H5Dclose);
+        H5_CHECK(d = H5Dopen2(f, name, dapl), "H5Dopen2");
+    }
+    *out = d;
+    d = H5I_INVALID_HID;
+done:
+    close_id(&dapl, H5Pclose);
+    close_id(&dcpl, H5Pclose);
+    close_id(&sp, H5Sclose);
+    close_id(&t, H5Tclose);
+    close_id(&d, H5Dclose);
+    return st;
+}
+
+/* Open and check every dataset against m; fills m->aug_nparams from /aug_params. */
+static kd_status dsets_open(hid_t f, const char *path, kd_cache_meta *m, cache_dsets *ds)
+{
+    hsize_t n = (hsize_t)meta_rows(m), v = (hsize_t)m->views;
+    size_t es = meta_esize(m);
+    dsets_init(ds);
+    kd_status st;
+    hsize_t dm[3] = {n, v, (hsize_t)meta_width(m)};
+    st = dset_open(f, path, m->topk ? "topk_values" : "logits", H5T_FLOAT, es, 3, dm, &ds->main);
+    if (st == KD_OK && m->topk) {
+        hsize_t di[3] = {n, v, (hsize_t)m->topk}, dl[2] = {n, v};
+        st = dset_open(f, path, "topk_indices", H5T_INTEGER, 4, 3, di, &ds->idx);
+        if (st == KD_OK)
+            st = dset_open(f, path, "logsumexp", H5T_FLOAT, 4, 2, dl, &ds->lse);
+    }
+    hsize_t da[3] = {n, v, 0}, dl1[1] = {n}, dd[1] = {(hsize_t)meta_chunks(m)};
+    if (st == KD_OK)
+        st = dset_open(f, path, "aug_params", H5T_FLOAT, 4, 3, da, &ds->aug);
+    if (st == KD_OK)
+        st = dset_open(f, path, "labels", H5T_INTEGER, 4, 1, dl1, &ds->lab);
+    if (st == KD_OK)
+        st = dset_open(f, path, "done", H5T_INTEGER, 1, 1, dd, &ds->done);
+    if (st != KD_OK) {
+        dsets_close(ds);
+        return st;
+    }
+    m->aug_nparams = (int)da[2];
+    return KD_OK;
+}
+
+/* Read or write rows [r0, r0+R) of a dataset with `ndims` dims (inner dims whole). */
+static herr_t dset_rows_io(hid_t d, int write, hid_t memtype, int64_t r0, int64_t R, void *buf)
+{
+    hid_t fs = H5Dget_space(d);
+    if (fs < 0)
+        return -1;
+    hsize_t dims[3], start[3] = {(hsize_t)r0, 0, 0};
+    int nd = H5Sget_simple_extent_ndims(fs);
+    herr_t rc = -1;
+    hid_t ms = H5I_INVALID_HID;
+    if (nd < 1 || nd > 3 || H5Sget_simple_extent_dims(fs, dims, NULL) < 0)
+        goto done;
+    dims[0] = (hsize_t)R;
+    if (H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, dims, NULL) < 0)
+        goto done;
+    ms = H5Screate_simple(nd, dims, NULL);
+    if (ms < 0)
+        goto done;
+    rc = write ? H5Dwrite(d, memtype, ms, fs, H5P_DEFAULT, buf)
+               : H5Dread(d, memtype, ms, fs, H5P_DEFAULT, buf);
+done:
+    if (ms >= 0)
+        H5Sclose(ms);
+    H5Sclose(fs);
+    return rc;
+}
+
+/* ---- writer ------------------------------------------------------------------------------- */
+
+struct kd_cache_writer {
+    char *path;
+    hid_t file;
+    cache_dsets ds;
+    kd_cache_meta meta;
+    int fsync;
+    int64_t nchunks;
+    uint8_t *done;
+    uint16_t *half; /* chunk_rows * V * W scratch for float16 */
+    float *zeros;   /* chunk_rows * V * P zeros for aug_params NULL */
+};
+
+static kd_status meta_validate(const kd_cache_meta *m, const char *path)
+{
+    if (m->num_samples < 1 || m->num_classes < 1 || m->views < 1 || m->topk < 0 ||
+        m->topk > m->num_classes || m->aug_nparams < 1 || m->chunk_rows < 1)
+        return KD_FAIL(KD_ERR_INVALID,
+                       "cache '%s': need num_samples, num_classes, views, aug_nparams and "
+                       "chunk_rows >= 1 and 0 <= topk <= num_classes (got %lld, %d, %d, %d, "
+                       "%lld, topk %d)",
+                       path, (long long)m->num_samples, m->num_classes, m->views, m->aug_nparams,
+                       (long long)m->chunk_rows, m->topk);
+    if (m->dtype != KD_DTYPE_F32 && m->dtype != KD_DTYPE_F16)
+        return KD_FAIL(KD_ERR_INVALID, "cache '%s': dtype must be float32 or float16", path);
+    if (m->row_begin < 0 || m->row_end <= m->row_begin || m->row_end > m->num_samples)
+        return KD_FAIL(KD_ERR_INVALID, "cache '%s': row range [%lld, %lld) is not inside [0, %lld)",
+                       path, (long long)m->row_begin, (long long)m->row_end,
+                       (long long)m->num_samples);
+    if (!valid_hash(m->teacher_sha256) || !valid_hash(m->dataset_sha256))
+        return KD_FAIL(KD_ERR_INVALID,
+                       "cache '%s': teacher_sha256 and dataset_sha256 must be 64 lowercase hex "
+                       "digits or empty",
+                       path);
+    return KD_OK;
+}
+
+/* Create one dataset [rows, a, b] (ndims 1..3) with the cache's chunking and filters. */
+static kd_status dset_create(hid_t f, const char *path, const char *name, hid_t ftype, int ndims,
+                             const hsize_t *dims, const hsize_t *chunk,
+                             const kd_cache_write_opts *o, int compress)
+{
+    kd_status st = KD_OK;
+    hid_t sp = H5I_INVALID_HID, dcpl = H5I_INVALID_HID, d = H5I_INVALID_HID;
+    H5_CHECK(sp = H5Screate_simple(ndims, dims, NULL), "H5Screate_simple");
+    H5_CHECK(dcpl = H5Pcreate(H5P_DATASET_CREATE), "H5Pcreate");
+    H5_CHECK(H5Pset_chunk(dcpl, ndims, chunk), "H5Pset_chunk");
+    /* Chunk index built now, so puts only rewrite existing entries (see the file comment). */
+    H5_CHECK(H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_EARLY), "H5Pset_alloc_time");
+    H5_CHECK(H5Pset_obj_track_times(dcpl, 0), "H5Pset_obj_track_times");
+    if (compress && o->compress != KD_CACHE_COMPRESS_NONE) {
+        int shuffle = o->shuffle < 0 ? 1 : o->shuffle;
+        if (shuffle)
+            H5_CHECK(H5Pset_shuffle(dcpl), "H5Pset_shuffle");
+        if (o->compress == KD_CACHE_COMPRESS_DEFLATE) {
+            H5_CHECK(H5Pset_deflate(dcpl, (unsigned)(o->level ? o->level : 4)), "H5Pset_deflate");
+        } else if (o->compress == KD_CACHE_COMPRESS_LZ4) {
+            H5_CHECK(H5Pset_filter(dcpl, KD_H5Z_FILTER_LZ4, H5Z_FLAG_MANDATORY, 0, NULL),
+                     "H5Pset_filter(lz4)");
+        } else {
+            unsigned cd = (unsigned)(o->level ? o->level : 3);
+            H5_CHECK(H5Pset_filter(dcpl, KD_H5Z_FILTER_ZSTD, H5Z_FLAG_MANDATORY, 1, &cd),
+                     "H5Pset_filter(zstd)");
+        }
+    } else if (compress && o->shuffle > 0) {
+        H5_CHECK(H5Pset_shuffle(dcpl), "H5Pset_shuffle");
+    }
+    /* Last, so the checksum covers the bytes as stored. */
+    H5_CHECK(H5Pset_fletcher32(dcpl), "H5Pset_fletcher32");
+    H5_CHECK(d = H5Dcreate2(f, name, ftype, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT), "H5Dcreate2");
+done:
+    close_id(&d, H5Dclose);
+    close_id(&dcpl, H5Pclose);
+    close_id(&sp, H5Sclose);
+    if (st != KD_OK)
+        kd_fail_context(st, "creating /%s: ", name);
+    return st;
+}
+
+static kd_status file_fsync(hid_t f, const char *path)
+{
+    int *fd = NULL;
+    if (H5Fget_vfd_handle(f, H5P_DEFAULT, (void **)&fd) < 0 || !fd)
+        return H5_FAIL(KD_ERR_IO, path, "H5Fget_vfd_handle");
+    if (fsync(*fd) != 0)
+        return KD_FAIL(KD_ERR_IO, "cache '%s': fsync failed: %s", path, strerror(errno));
+    return KD_OK;
+}
+
+/* Build a complete empty cache at path via a temporary file and an atomic rename. */
+static kd_status cache_create(const char *final_path, const kd_cache_meta *m,
+                              const kd_cache_write_opts *o)
+{
+    kd_status st = KD_OK;
+    size_t tlen = strlen(final_path) + 32;
+    char *tmp = malloc(tlen);
+    const char *path = tmp; /* HDF5 failures name the file being built */
+    hid_t f = H5I_INVALID_HID, fcpl = H5I_INVALID_HID;
+    char dir[4096];
+    if (!tmp)
+        return KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", final_path);
+    snprintf(tmp, tlen, "%s.tmp.%ld", final_path, (long)getpid());
+    H5_CHECK(fcpl = H5Pcreate(H5P_FILE_CREATE), "H5Pcreate");
+    H5_CHECK(f = H5Fcreate(tmp, H5F_ACC_TRUNC, fcpl, H5P_DEFAULT), "H5Fcreate");
+    st = meta_write(f, path, m);
+    if (st != KD_OK)
+        goto done;
+    {
+        hsize_t n = (hsize_t)meta_rows(m), v = (hsize_t)m->views, w = (hsize_t)meta_width(m);
+        hsize_t cr = (hsize_t)(m->chunk_rows < meta_rows(m) ? m->chunk_rows : meta_rows(m));
+        hsize_t nch = (hsize_t)meta_chunks(m);
+        hid_t ft = m->dtype == KD_DTYPE_F16 ? f16_type() : H5T_IEEE_F32LE;
+        if (ft < 0) {
+            st = KD_FAIL(KD_ERR_INTERNAL, "cache '%s': cannot build the float16 HDF5 type", path);
+            goto done;
+        }
+        hsize_t d3[3] = {n, v, w}, c3[3] = {cr, v, w};
+        const char *mainname = m->topk ? "topk_values" : "logits";
+        if ((st = dset_create(f, path, mainname, ft, 3, d3, c3, o, 1)) != KD_OK)
+            goto done;
+        if (m->topk) {
+            hsize_t d2[2] = {n, v}, c2[2] = {cr, v};
+            if ((st = dset_create(f, path, "topk_indices", H5T_STD_I32LE, 3, d3, c3, o, 1)) !=
+                    KD_OK ||
+                (st = dset_create(f, path, "logsumexp", H5T_IEEE_F32LE, 2, d2, c2, o, 1)) != KD_OK)
+                goto done;
+        }
+        hsize_t da[3] = {n, v, (hsize_t)m->aug_nparams}, ca[3] = {cr, v, (hsize_t)m->aug_nparams};
+        hsize_t dl[1] = {n}, cl[1] = {cr}, dd[1] = {nch};
+        if ((st = dset_create(f, path, "aug_params", H5T_IEEE_F32LE, 3, da, ca, o, 1)) != KD_OK ||
+            (st = dset_create(f, path, "labels", H5T_STD_I32LE, 1, dl, cl, o, 1)) != KD_OK ||
+            (st = dset_create(f, path, "done", H5T_STD_U8LE, 1, dd, dd, o, 0)) != KD_OK)
+            goto done;
+    }
+    H5_CHECK(H5Fflush(f, H5F_SCOPE_LOCAL), "H5Fflush");
+    if (o->fsync && (st = file_fsync(f, path)) != KD_OK)
+        goto done;
+    H5_CHECK(H5Fclose(f), "H5Fclose");
+    f = H5I_INVALID_HID;
+    if (rename(tmp, final_path) != 0) {
+        st = KD_FAIL(KD_ERR_IO, "cache '%s': rename from '%s' failed: %s", final_path, tmp,
+                     strerror(errno));
+        goto done;
+    }
+    dir_of(final_path, dir, sizeof dir);
+    if (o->fsync && fsync_path(dir, 1) != 0) {
+        st = KD_FAIL(KD_ERR_IO, "cache '%s': fsync of directory '%s' failed: %s", final_path, dir,
+                     strerror(errno));
+        goto done;
+    }
+done:
+    close_id(&f, H5Fclose);
+    close_id(&fcpl, H5Pclose);
+    if (st != KD_OK)
+        unlink(tmp);
+    free(tmp);
+    if (st != KD_OK)
+        kd_fail_context(st, "creating cache '%s': ", final_path);
+    return st;
+}
+
+/* The existing file's metadata must equal the requested one, field by field. */
+static kd_status meta_compare_resume(const char *path, const kd_cache_meta *have,
+                                     const kd_cache_meta *want)
+{
+    const char *hint = "delete the file or choose another cache path; a cache is never "
+                       "overwritten";
+#define CMP_I(field, name, st_)                                                                    \
+    if (have->field != want->field)                                                                \
+        return KD_FAIL(st_, "cache '%s' exists with %s %lld, this run writes %s %lld: %s", path,   \
+                       name, (long long)have->field, name, (long long)want->field, hint);
+    CMP_I(num_samples, "num_samples", KD_ERR_SHAPE)
+    CMP_I(num_classes, "num_classes", KD_ERR_SHAPE)
+    CMP_I(views, "views", KD_ERR_SHAPE)
+    CMP_I(topk, "topk", KD_ERR_SHAPE)
+    CMP_I(aug_nparams, "aug_params width", KD_ERR_SHAPE)
+    CMP_I(chunk_rows, "chunk_rows", KD_ERR_CONFIG)
+    CMP_I(row_begin, "row_begin", KD_ERR_CONFIG)
+    CMP_I(row_end, "row_end", KD_ERR_CONFIG)
+#undef CMP_I
+    if (have->dtype != want->dtype)
+        return KD_FAIL(KD_ERR_CONFIG, "cache '%s' exists with dtype %s, this run writes %s: %s",
+                       path, dtype_str(have->dtype), dtype_str(want->dtype), hint);
+    if (strcmp(have->teacher_sha256, want->teacher_sha256) != 0)
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "cache '%s' exists for teacher sha256 '%s', this run's teacher is '%s': %s",
+                       path, have->teacher_sha256, want->teacher_sha256, hint);
+    if (strcmp(have->dataset_sha256, want->dataset_sha256) != 0)
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "cache '%s' exists for dataset sha256 '%s', this run's dataset is '%s': %s",
+                       path, have->dataset_sha256, want->dataset_sha256, hint);
+    return KD_OK;
+}
+
+static void writer_free(kd_cache_writer *w)
+{
+    if (!w)
+        return;
+    dsets_close(&w->ds);
+    close_id(&w->file, H5Fclose);
+    free(w->done);
+    free(w->half);
+    free(w->zeros);
+    free(w->path);
+    free(w);
+}
+
+kd_status kd_cache_writer_open(const char *path, const kd_cache_meta *meta,
+                               const kd_cache_write_opts *opts, kd_cache_writer **out)
+{
+    *out = NULL;
+    h5_quiet();
+    if (!path || !*path || !meta)
+        return KD_FAIL(KD_ERR_INVALID, "kd_cache_writer_open: no path or metadata");
+    kd_cache_write_opts o;
+    if (opts)
+        o = *opts;
+    else
+        kd_cache_write_opts_init(&o);
+    kd_cache_meta m = *meta;
+    if (m.chunk_rows == 0)
+        m.chunk_rows = KD_CACHE_DEFAULT_CHUNK_ROWS;
+    if (m.row_begin == 0 && m.row_end == 0)
+        m.row_end = m.num_samples;
+    KD_TRY(meta_validate(&m, path));
+    if ((unsigned)o.compress > KD_CACHE_COMPRESS_ZSTD)
+        return KD_FAIL(KD_ERR_INVALID, "cache '%s': unknown compression %d", path, (int)o.compress);
+    if (o.compress == KD_CACHE_COMPRESS_DEFLATE && (o.level < 0 || o.level > 9))
+        return KD_FAIL(KD_ERR_INVALID, "cache '%s': deflate level %d is outside 1..9", path,
+                       o.level);
+    if (o.compress == KD_CACHE_COMPRESS_ZSTD && (o.level < 0 || o.level > 22))
+        return KD_FAIL(KD_ERR_INVALID, "cache '%s': zstd level %d is outside 1..22", path, o.level);
+
+    struct stat sb;
+    int exists = stat(path, &sb) == 0;
+    if (!exists && o.compress != KD_CACHE_COMPRESS_NONE &&
+        !kd_cache_compress_available(o.compress)) {
+        return KD_FAIL(KD_ERR_UNSUPPORTED,
+                       "cache '%s': %s compression needs the HDF5 filter plugin for filter id %d, "
+                       "which this HDF5 cannot load: install hdf5-filter-plugin (Debian; it "
+                       "ships lz4) or set HDF5_PLUGIN_PATH, or use deflate",
+                       path, kd_cache_compress_name(o.compress), (int)compress_filter(o.compress));
+    }
+    if (!exists)
+        KD_TRY(cache_create(path, &m, &o));
+
+    kd_status st = KD_OK;
+    kd_cache_writer *w = calloc(1, sizeof *w);
+    if (!w || !(w->path = strdup(path))) {
+        free(w);
+        return KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
+    }
+    dsets_init(&w->ds);
+    w->fsync = o.fsync;
+    w->file = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    if (w->file < 0) {
+        char d[700];
+        h5_detail(d, sizeof d);
+        st = KD_FAIL(KD_ERR_FORMAT,
+                     "cache '%s' exists but cannot be reopened to resume it: H5Fopen failed: %s; "
+                     "the file is damaged or not HDF5: delete it to start over",
+                     path, d);
+        goto done;
+    }
+    kd_cache_meta have;
+    if ((st = meta_read(w->file, path, &have)) != KD_OK ||
+        (st = dsets_open(w->file, path, &have, &w->ds)) != KD_OK ||
+        (st = meta_compare_resume(path, &have, &m)) != KD_OK)
+        goto done;
+    w->meta = have;
+    w->nchunks = meta_chunks(&have);
+    size_t per_chunk = (size_t)have.chunk_rows * (size_t)have.views;
+    w->done = malloc((size_t)w->nchunks);
+    w->half = have.dtype == KD_DTYPE_F16 ? malloc(per_chunk * (size_t)meta_width(&have) * 2) : NULL;
+    w->zeros = calloc(per_chunk * (size_t)have.aug_nparams, sizeof(float));
+    if (!w->done || !w->zeros || (have.dtype == KD_DTYPE_F16 && !w->half)) {
+        st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
+        goto done;
+    }
+    if (H5Dread(w->ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, w->done) < 0) {
+        st = H5_FAIL(KD_ERR_FORMAT, path, "H5Dread(/done)");
+        goto done;
+    }
+done:
+    if (st != KD_OK) {
+        writer_free(w);
+        return st;
+    }
+    *out = w;
+    return KD_OK;
+}
+
+int64_t kd_cache_writer_num_chunks(const kd_cache_writer *w) { return w->nchunks; }
+
+int64_t kd_cache_writer_chunk_nrows(const kd_cache_writer *w, int64_t chunk)
+{
+    if (chunk < 0 || chunk >= w->nchunks)
+        return 0;
+    int64_t r0 = chunk * w->meta.chunk_rows, n = meta_rows(&w->meta);
+    return n - r0 < w->meta.chunk_rows ? n - r0 : w->meta.chunk_rows;
+}
+
+int kd_cache_writer_chunk_done(const kd_cache_writer *w, int64_t chunk)
+{
+    return chunk >= 0 && chunk < w->nchunks && w->done[chunk] != 0;
+}
+
+int64_t kd_cache_writer_chunks_missing(const kd_cache_writer *w)
+{
+    int64_t k = 0;
+    for (int64_t i = 0; i < w->nchunks; i++)
+        k += w->done[i] == 0;
+    return k;
+}
+
+const kd_cache_meta *kd_cache_writer_meta(const kd_cache_writer *w) { return &w->meta; }
+
+/* Check one chunk's inputs before anything is written. */
+static kd_status put_validate(const kd_cache_writer *w, int64_t g0, int64_t R, const float *main,
+                              const int32_t *idx, const float *lse, const int32_t *labels)
+{
+    const kd_cache_meta *m = &w->meta;
+    int V = m->views, W = meta_width(m), C = m->num_classes;
+    int f16 = m->dtype == KD_DTYPE_F16;
+    for (int64_t r = 0; r < R; r++) {
+        for (int v = 0; v < V; v++) {
+            const float *x = main + ((size_t)r * V + v) * W;
+            for (int j = 0; j < W; j++) {
+                if (!isfinite(x[j]))
+                    return KD_FAIL(KD_ERR_INVALID,
+                                   "cache '%s': non-finite %s %g at row %lld view %d: the "
+                                   "teacher's output is not finite",
+                                   w->path, m->topk ? "top-k value" : "logit", (double)x[j],
+                                   (long long)(g0 + r), v);
+                if (f16 && fabsf(x[j]) > 65504.0f)
+                    return KD_FAIL(KD_ERR_INVALID,
+                                   "cache '%s': logit %g at row %lld view %d does not fit "
+                                   "float16 (|x| <= 65504): write the cache with dtype float32",
+                                   w->path, (double)x[j], (long long)(g0 + r), v);
+            }
+            if (m->topk) {
+                const int32_t *ix = idx + ((size_t)r * V + v) * W;
+                for (int j = 0; j < W; j++)
+                    if (ix[j] < 0 || ix[j] >= C)
+                        return KD_FAIL(KD_ERR_INVALID,
+                                       "cache '%s': top-k index %d at row %lld view %d is outside "
+                                       "[0, %d)",
+                                       w->path, ix[j], (long long)(g0 + r), v, C);
+                if (!isfinite(lse[(size_t)r * V + v]))
+                    return KD_FAIL(KD_ERR_INVALID,
+                                   "cache '%s': non-finite logsumexp at row %lld view %d", w->path,
+                                   (long long)(g0 + r), v);
+            }
+        }
+        if (labels[r] < 0 || labels[r] >= C)
+            return KD_FAIL(KD_ERR_INVALID, "cache '%s': label %d at row %lld is outside [0, %d)",
+                           w->path, labels[r], (long long)(g0 + r), C);
+    }
+    return KD_OK;
+}
+
+kd_status kd_cache_writer_put(kd_cache_writer *w, int64_t chunk, const float *logits_or_null,
+                              const float *topk_values, const int32_t *topk_indices,
+                              const float *lse, const float *aug_params, const int32_t *labels)
+{
+    h5_quiet();
+    const char *path = w->path;
+    const kd_cache_meta *m = &w->meta;
+    if (chunk < 0 || chunk >= w->nchunks)
+        return KD_FAIL(KD_ERR_INVALID, "cache '%s': chunk %lld is outside [0, %lld)", path,
+                       (long long)chunk, (long long)w->nchunks);
+    const float *main = m->topk ? topk_values : logits_or_null;
+    if (!main || !labels || (m->topk && (!topk_indices || !lse)))
+        return KD_FAIL(KD_ERR_INVALID, "cache '%s': a %s cache needs %s and labels for every chunk",
+                       path, m->topk ? "top-k" : "full-logit",
+                       m->topk ? "topk_values, topk_indices, lse" : "logits");
+    int64_t R = kd_cache_writer_chunk_nrows(w, chunk), r0 = chunk * m->chunk_rows;
+    KD_TRY(put_validate(w, m->row_begin + r0, R, main, topk_indices, lse, labels));
+
+    kd_status st = KD_OK;
+    size_t nmain = (size_t)R * m->views * meta_width(m);
+    const void *mainbuf = main;
+    hid_t mt = H5T_NATIVE_FLOAT;
+    if (m->dtype == KD_DTYPE_F16) {
+        for (size_t i = 0; i < nmain; i++)
+            w->half[i] = kd_f32_to_f16(main[i]);
+        mainbuf = w->half;
+        mt = f16_type();
+    }
+    H5_CHECK(dset_rows_io(w->ds.main, 1, mt, r0, R, (void *)mainbuf), "H5Dwrite(main)");
+    if (m->topk) {
+        H5_CHECK(dset_rows_io(w->ds.idx, 1, H5T_NATIVE_INT32, r0, R, (void *)topk_indices),
+                 "H5Dwrite(/topk_indices)");
+        H5_CHECK(dset_rows_io(w->ds.lse, 1, H5T_NATIVE_FLOAT, r0, R, (void *)lse),
+                 "H5Dwrite(/logsumexp)");
+    }
+    H5_CHECK(dset_rows_io(w->ds.aug, 1, H5T_NATIVE_FLOAT, r0, R,
+                          (void *)(aug_params ? aug_params : w->zeros)),
+             "H5Dwrite(/aug_params)");
+    H5_CHECK(dset_rows_io(w->ds.lab, 1, H5T_NATIVE_INT32, r0, R, (void *)labels),
+             "H5Dwrite(/labels)");
+    /* The data must be on disk before /done claims them. */
+    H5_CHECK(H5Fflush(w->file, H5F_SCOPE_LOCAL), "H5Fflush(data)");
+    if (w->fsync && (st = file_fsync(w->file, path)) != KD_OK)
+        goto done;
+    w->done[chunk] = 1;
+    if (H5Dwrite(w->ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, w->done) < 0 ||
+        H5Fflush(w->file, H5F_SCOPE_LOCAL) < 0) {
+        w->done[chunk] = 0;
+        st = H5_FAIL(KD_ERR_IO, path, "H5Dwrite(/done)");
+        goto done;
+    }
+    if (w->fsync && (st = file_fsync(w->file, path)) != KD_OK)
+        goto done;
+done:
+    if (st != KD_OK)
+        kd_fail_context(st, "writing chunk %lld: ", (long long)chunk);
+    return st;
+}
+
+kd_status kd_cache_writer_close(kd_cache_writer *w)
+{
+    if (!w)
+        return KD_OK;
+    h5_quiet();
+    kd_status st = KD_OK;
+    const char *path = w->path;
+    dsets_close(&w->ds);
+    if (w->file >= 0 && H5Fclose(w->file) < 0)
+        st = H5_FAIL(KD_ERR_IO, path, "H5Fclose");
+    w->file = H5I_INVALID_HID;
+    writer_free(w);
+    return st;
+}
+
+/* ---- reader ------------------------------------------------------------------------------- */
+
+/* n rows in the in-memory layout (see the file comment). */
+typedef struct {
+    int64_t cap;
+    uint8_t *main;
+    int32_t *idx;
+    float *lse;
+    float *aug;
+    int32_t *lab;
+} rowbuf;
+
+typedef struct {
+    pthread_t th;
+    int started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    uint32_t *order;
+    int64_t n, slot_rows, nseg, pos;
+    int nslots;
+    rowbuf *slots;
+    int64_t *slot_seg; /* segment a slot holds; -1 free */
+    int stop;
+    kd_status err;
+    int64_t err_seg;
+    char errmsg[2048];
+    rowbuf chunk;      /* producer only */
+    int64_t *sorted;   /* producer only: positions of a segment grouped by chunk */
+    int64_t *bucket;   /* producer only: nchunks + 1 counters */
+    int64_t cur_chunk; /* producer only: chunk held in `chunk`, -1 none */
+} kd_stream;
+
+struct kd_cache {
+    char *path;
+    hid_t file;
+    cache_dsets ds;
+    kd_cache_meta meta;
+    kd_cache_expect opts;
+    int64_t nchunks;
+    int W, V, K, P;
+    size_t esize;
+    int in_memory;
+    rowbuf all;   /* in memory: every row */
+    float *widen; /* W floats: one float16 row widened by row_emit */
+    kd_stream *stream;
+};
+
+static void rowbuf_free(rowbuf *b)
+{
+    free(b->main);
+    free(b->idx);
+    free(b->lse);
+    free(b->aug);
+    free(b->lab);
+    memset(b, 0, sizeof *b);
+}
+
+static int rowbuf_alloc(const kd_cache *c, rowbuf *b, int64_t rows)
+{
+    size_t r = (size_t)rows, v = (size_t)c->V;
+    memset(b, 0, sizeof *b);
+    b->cap = rows;
+    b->main = malloc(r * v * (size_t)c->W * c->esize);
+    b->aug = malloc(r * v * (size_t)c->P * sizeof(float));
+    b->lab = malloc(r * sizeof(int32_t));
+    if (c->K) {
+        b->idx = malloc(r * v * (size_t)c->K * sizeof(int32_t));
+        b->lse = malloc(r * v * sizeof(float));
+    }
+    if (!b->main || !b->aug || !b->lab || (c->K && (!b->idx || !b->lse))) {
+        rowbuf_free(b);
+        return -1;
+    }
+    return 0;
+}
+
+static size_t row_bytes(const kd_cache *c)
+{
+    size_t v = (size_t)c->V;
+    return v * c->W * c->esize + v * c->P * 4 + 4 + (c->K ? v * c->K * 4 + v * 4 : 0);
+}
+
+/* Stored values finite, indices and labels in range, for rows [j0, j0+R) of b (global g0). */
+static kd_status rows_check(const kd_cache *c, const rowbuf *b, int64_t j0, int64_t R, int64_t g0)
+{
+    const char *what = c->K ? "top-k value" : "logit";
+    size_t per = (size_t)c->V * c->W;
+    for (int64_t r = 0; r < R; r++) {
+        size_t base = (size_t)(j0 + r) * per;
+        for (size_t e = 0; e < per; e++) {
+            int bad;
+            double val = 0;
+            if (c->esize == 2) {
+                uint16_t h = ((const uint16_t *)b->main)[base + e];
+                bad = (h & 0x7c00) == 0x7c00;
+                if (bad)
+                    val = kd_f16_to_f32(h);
+            } else {
+                val = ((const float *)b->main)[base + e];
+                bad = !isfinite(val);
+            }
+            if (bad)
+                return KD_FAIL(KD_ERR_FORMAT,
+                               "cache '%s' holds a non-finite %s (%g) at row %lld view %d class "
+                               "slot %d: the teacher's output was not finite; rebuild the cache "
+                               "with `distill cache`",
+                               c->path, what, val, (long long)(g0 + r), (int)(e / c->W),
+                               (int)(e % c->W));
+        }
+        if (c->K) {
+            for (int v = 0; v < c->V; v++) {
+                float l = b->lse[(size_t)(j0 + r) * c->V + v];
+                if (!isfinite(l))
+                    return KD_FAIL(KD_ERR_FORMAT,
+                                   "cache '%s' holds a non-finite logsumexp (%g) at row %lld view "
+                                   "%d; rebuild the cache with `distill cache`",
+                                   c->path, (double)l, (long long)(g0 + r), v);
+                const int32_t *ix = b->idx + ((size_t)(j0 + r) * c->V + v) * c->K;
+                for (int k = 0; k < c->K; k++)
+                    if (ix[k] < 0 || ix[k] >= c->meta.num_classes)
+                        return KD_FAIL(KD_ERR_FORMAT,
+                                       "cache '%s': top-k index %d at row %lld view %d is outside "
+                                       "[0, %d)",
+                                       c->path, ix[k], (long long)(g0 + r), v, c->meta.num_classes);
+            }
+        }
+        int32_t y = b->lab[j0 + r];
+        if (y < 0 || y >= c->meta.num_classes)
+            return KD_FAIL(KD_ERR_FORMAT, "cache '%s': label %d at row %lld is outside [0, %d)",
+                           c->path, y, (long long)(g0 + r), c->meta.num_classes);
+    }
+    return KD_OK;
+}
+
+/* Read file rows [r0, r0+R) into b at row j0, then check them. HDF5 calls only. */
+static kd_status rows_load(const kd_cache *c, rowbuf *b, int64_t j0, int64_t r0, int64_t R)
+{
+    kd_status st = KD_OK;
+    const char *path = c->path;
+    size_t v = (size_t)c->V, j = (size_t)j0;
+    hid_t mt = c->esize == 2 ? f16_type() : H5T_NATIVE_FLOAT;
+    H5_CHECK(dset_rows_io(c->ds.main, 0, mt, r0, R, b->main + j * v * c->W * c->esize),
+             c->K ? "H5Dread(/topk_values)" : "H5Dread(/logits)");
+    if (c->K) {
+        H5_CHECK(dset_rows_io(c->ds.idx, 0, H5T_NATIVE_INT32, r0, R, b->idx + j * v * c->K),
+                 "H5Dread(/topk_indices)");
+        H5_CHECK(dset_rows_io(c->ds.lse, 0, H5T_NATIVE_FLOAT, r0, R, b->lse + j * v),
+                 "H5Dread(/logsumexp)");
+    }
+    H5_CHECK(dset_rows_io(c->ds.aug, 0, H5T_NATIVE_FLOAT, r0, R, b->aug + j * v * c->P),
+             "H5Dread(/aug_params)");
+    H5_CHECK(dset_rows_io(c->ds.lab, 0, H5T_NATIVE_INT32, r0, R, b->lab + j), "H5Dread(/labels)");
+    st = rows_check(c, b, j0, R, c->meta.row_begin + r0);
+done:
+    if (st != KD_OK && strstr(kd_last_error(), "H5Dread"))
+        kd_fail_context(st,
+                        "rows %lld..%lld (damaged chunk? checksums are verified): ", (long long)r0,
+                        (long long)(r0 + R - 1));
+    return st;
+}
+
+static void row_copy(const kd_cache *c, rowbuf *dst, int64_t jd, const rowbuf *src, int64_t js)
+{
+    size_t v = (size_t)c->V;
+    memcpy(dst->main + (size_t)jd * v * c->W * c->esize,
+           src->main + (size_t)js * v * c->W * c->esize, v * c->W * c->esize);
+    memcpy(dst->aug + (size_t)jd * v * c->P, src->aug + (size_t)js * v * c->P,
+           v * c->P * sizeof(float));
+    dst->lab[jd] = src->lab[js];
+    if (c->K) {
+        memcpy(dst->idx + (size_t)jd * v * c->K, src->idx + (size_t)js * v * c->K,
+               v * c->K * sizeof(int32_t));
+        memcpy(dst->lse + (size_t)jd * v, src->lse + (size_t)js * v, v * sizeof(float));
+    }
+}
+
+/* Write row j of b, view `view`, into output slot i (outputs may be NULL). */
+static void row_emit(kd_cache *c, const rowbuf *b, int64_t j, int view, int i, float *lo, float *tv,
+                     int32_t *ti, float *lse_out, float *ao, int32_t *yo)
+{
+    int W = c->W, C = c->meta.num_classes, K = c->K;
+    size_t vi = (size_t)j * c->V + view;
+    const float *vals;
+    if (c->esize == 4) {
+        vals = (const float *)b->main + vi * W;
+    } else {
+        const uint16_t *h = (const uint16_t *)b->main + vi * W;
+        for (int k = 0; k < W; k++)
+            c->widen[k] = kd_f16_to_f32(h[k]);
+        vals = c->widen;
+    }
+    if (!K) {
+        if (lo)
+            memcpy(lo + (size_t)i * C, vals, (size_t)C * sizeof(float));
+        if (lse_out)
+            lse_out[i] = (float)row_lse(vals, C);
+    } else {
+        const int32_t *ix = b->idx + vi * K;
+        double l = b->lse[vi];
+        if (tv)
+            memcpy(tv + (size_t)i * K, vals, (size_t)K * sizeof(float));
+        if (ti)
+            memcpy(ti + (size_t)i * K, ix, (size_t)K * sizeof(int32_t));
+        if (lse_out)
+            lse_out[i] = (float)l;
+        if (lo) {
+            float *row = lo + (size_t)i * C;
+            if (K < C) {
+                /* The probability mass outside the top-k, spread evenly over the other classes. */
+                double mass = 0.0;
+                for (int k = 0; k < K; k++)
+                    mass += exp((double)vals[k] - l);
+                double rest = 1.0 - mass;
+                if (rest < 1e-12)
+                    rest = 1e-12;
+                float tail = (float)(l + log(rest / (C - K)));
+                for (int k = 0; k < C; k++)
+                    row[k] = tail;
+            }
+            for (int k = 0; k < K; k++)
+                row[ix[k]] = vals[k];
+        }
+    }
+    if (ao)
+        memcpy(ao + (size_t)i * c->P, b->aug + vi * c->P, (size_t)c->P * sizeof(float));
+    if (yo)
+        yo[i] = b->lab[j];
+}
+
+static kd_status expect_check(const char *path, const kd_cache_meta *m, const kd_cache_expect *e)
+{
+    if (e->num_samples >= 0 && e->num_samples != m->num_samples)
+        return KD_FAIL(KD_ERR_SHAPE, "cache '%s' was written for %lld samples, the job has %lld",
+                       path, (long long)m->num_samples, (long long)e->num_samples);
+    if (e->num_classes >= 0 && e->num_classes != m->num_classes)
+        return KD_FAIL(KD_ERR_SHAPE, "cache '%s' was written for %d classes, the job has %d", path,
+                       m->num_classes, e->num_classes);
+    if (e->views >= 0 && e->views != m->views)
+        return KD_FAIL(KD_ERR_SHAPE,
+                       "cache '%s' holds %d view(s) per sample, the job asks for %d views", path,
+                       m->views, e->views);
+    if (e->topk >= 0 && e->topk != m->topk)
+        return KD_FAIL(KD_ERR_SHAPE,
+                       "cache '%s' stores topk %d (0 = full logits), the job asks for topk %d",
+                       path, m->topk, e->topk);
+    if (e->aug_nparams >= 0 && e->aug_nparams != m->aug_nparams)
+        return KD_FAIL(KD_ERR_SHAPE,
+                       "cache '%s' stores %d augmentation parameters per view, the job uses %d",
+                       path, m->aug_nparams, e->aug_nparams);
+    if (e->dtype >= 0 && e->dtype != (int)m->dtype)
+        return KD_FAIL(KD_ERR_CONFIG, "cache '%s' stores %s, the job asks for %s", path,
+                       dtype_str(m->dtype), dtype_str((kd_dtype)e->dtype));
+    if (e->teacher_sha256[0] && strcmp(e->teacher_sha256, m->teacher_sha256) != 0)
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "cache '%s' was written by teacher sha256 '%s', the job's teacher has "
+                       "sha256 '%s': rebuild it with `distill cache`",
+                       path, m->teacher_sha256, e->teacher_sha256);
+    if (e->dataset_sha256[0] && strcmp(e->dataset_sha256, m->dataset_sha256) != 0)
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "cache '%s' was written for dataset sha256 '%s', the job's dataset has "
+                       "sha256 '%s': rebuild it with `distill cache`",
+                       path, m->dataset_sha256, e->dataset_sha256);
+    return KD_OK;
+}
+
+kd_status kd_cache_open(const char *path, const kd_cache_expect *expect, kd_cache **out)
+{
+    *out = NULL;
+    h5_quiet();
+    if (!path || !*path)
+        return KD_FAIL(KD_ERR_INVALID, "kd_cache_open: no path");
+    kd_cache_expect e;
+    if (expect)
+        e = *expect;
+    else
+        kd_cache_expect_init(&e);
+    struct stat sb;
+    if (stat(path, &sb) != 0)
+        return KD_FAIL(errno == ENOENT ? KD_ERR_NOT_FOUND : KD_ERR_IO,
+                       "cache '%s' cannot be read: %s%s", path, strerror(errno),
+                       errno == ENOENT ? " (write it with `distill cache`)" : "");
+
+    kd_status st = KD_OK;
+    kd_cache *c = calloc(1, sizeof *c);
+    if (!c || !(c->path = strdup(path))) {
+        free(c);
+        return KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
+    }
+    dsets_init(&c->ds);
+    c->opts = e;
+    c->file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (c->file < 0) {
+        char d[700];
+        h5_detail(d, sizeof d);
+        st = KD_FAIL(KD_ERR_FORMAT,
+                     "cache '%s' cannot be opened: H5Fopen failed: %s; the file is damaged or "
+                     "not HDF5 (truncated or partly copied?): rebuild it with `distill cache`",
+                     path, d);
+        goto done;
+    }
+    if ((st = meta_read(c->file, path, &c->meta)) != KD_OK)
+        goto done;
+    if (c->meta.row_begin != 0 || c->meta.row_end != c->meta.num_samples) {
+        st = KD_FAIL(KD_ERR_UNSUPPORTED,
+                     "cache '%s' is a shard holding rows [%lld, %lld) of %lld; open the file "
+                     "that stitches the shards",
+                     path, (long long)c->meta.row_begin, (long long)c->meta.row_end,
+                     (long long)c->meta.num_samples);
+        goto done;
+    }
+    if ((st = dsets_open(c->file, path, &c->meta, &c->ds)) != KD_OK ||
+        (st = expect_check(path, &c->meta, &e)) != KD_OK)
+        goto done;
+    c->nchunks = meta_chunks(&c->meta);
+    c->V = c->meta.views;
+    c->W = meta_width(&c->meta);
+    c->K = c->meta.topk;
+    c->P = c->meta.aug_nparams;
+    c->esize = meta_esize(&c->meta);
+    if (!(c->widen = malloc((size_t)c->W * sizeof(float)))) {
+        st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
+        goto done;
+    }
+    {
+        uint8_t *done = malloc((size_t)c->nchunks);
+        if (!done) {
+            st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
+            goto done;
+        }
+        if (H5Dread(c->ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, done) < 0) {
+            free(done);
+            st = H5_FAIL(KD_ERR_FORMAT, path, "H5Dread(/done)");
+            goto done;
+        }
+        int64_t missing = 0, first = -1;
+        for (int64_t i = 0; i < c->nchunks; i++)
+            if (!done[i]) {
+                missing++;
+                if (first < 0)
+                    first = i;
+            }
+        free(done);
+        if (missing) {
+            int64_t r0 = first * c->meta.chunk_rows;
+            int64_t r1 = r0 + c->meta.chunk_rows < c->meta.num_samples ? r0 + c->meta.chunk_rows
+                                                                       : c->meta.num_samples;
+            st = KD_FAIL(KD_ERR_FORMAT,
+                         "cache '%s' is incomplete: %lld of %lld chunks are missing (first: chunk "
+                         "%lld, rows %lld..%lld); run `distill cache` with the same settings to "
+                         "resume it",
+                         path, (long long)missing, (long long)c->nchunks, (long long)first,
+                         (long long)r0, (long long)(r1 - 1));
+            goto done;
+        }
+    }
+    int64_t limit = e.memory_limit == 0 ? KD_CACHE_DEFAULT_MEMORY_LIMIT : e.memory_limit;
+    int64_t need = (int64_t)row_bytes(c) * c->meta.num_samples;
+    if (limit >= 0 && need <= limit) {
+        if (rowbuf_alloc(c, &c->all, c->meta.num_samples) != 0) {
+            st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory holding %lld bytes", path,
+                         (long long)need);
+            goto done;
+        }
+        for (int64_t i = 0; i < c->nchunks && st == KD_OK; i++) {
+            int64_t r0 = i * c->meta.chunk_rows;
+            int64_t R = c->meta.num_samples - r0 < c->meta.chunk_rows ? c->meta.num_samples - r0
+                                                                      : c->meta.chunk_rows;
+            st = rows_load(c, &c->all, r0, r0, R);
+        }
+        if (st != KD_OK)
+            goto done;
+        c->in_memory = 1;
+    }
+done:
+    if (st != KD_OK) {
+        kd_cache_close(c);
+        return st;
+    }
+    *out = c;
+    return KD_OK;
+}
+
+const kd_cache_meta *kd_cache_meta_of(const kd_cache *c) { return &c->meta; }
+
+int kd_cache_in_memory(const kd_cache *c) { return c->in_memory; }
+
+/* ---- streaming ---------------------------------------------------------------------------- */
+
+/* Fill ring slot `slot` with the rows of segment seg; producer thread only. */
+static kd_status stream_fill(kd_cache *c, kd_stream *s, int64_t seg, rowbuf *slot)
+{
+    int64_t p0 = seg * s->slot_rows, p1 = p0 + s->slot_rows < s->n ? p0 + s->slot_rows : s->n;
+    int64_t m = p1 - p0, cr = c->meta.chunk_rows;
+    /* Positions grouped by chunk (a counting sort, stable), so each chunk the segment
+     * touches is read once. */
+    memset(s->bucket, 0, (size_t)(c->nchunks + 1) * sizeof *s->bucket);
+    for (int64_t i = p0; i < p1; i++)
+        s->bucket[s->order[i] / cr + 1]++;
+    for (int64_t k = 0; k < c->nchunks; k++)
+        s->bucket[k + 1] += s->bucket[k];
+    for (int64_t i = p0; i < p1; i++)
+        s->sorted[s->bucket[s->order[i] / cr]++] = i;
+    for (int64_t i = 0; i < m; i++) {
+        int64_t pos = s->sorted[i];
+        int64_t row = s->order[pos], ch = row / c->meta.chunk_rows;
+        if (ch != s->cur_chunk) {
+            int64_t r0 = ch * c->meta.chunk_rows;
+            int64_t R = c->meta.num_samples - r0 < c->meta.chunk_rows ? c->meta.num_samples - r0
+                                                                      : c->meta.chunk_rows;
+            s->cur_chunk = -1;
+            KD_TRY(rows_load(c, &s->chunk, 0, r0, R));
+            s->cur_chunk = ch;
+        }
+        row_copy(c, slot, pos - p0, &s->chunk, row - s->cur_chunk * c->meta.chunk_rows);
+        if (s->stop)
+            return KD_ERR_INTERRUPTED;
+    }
+    return KD_OK;
+}
+
+static void *stream_main(void *arg)
+{
+    kd_cache *c = arg;
+    kd_stream *s = c->stream;
+    h5_quiet();
+    for (int64_t seg = 0; seg < s->nseg; seg++) {
+        int slot = (int)(seg % s->nslots);
+        pthread_mutex_lock(&s->mu);
+        while (s->slot_seg[slot] != -1 && !s->stop)
+            pthread_cond_wait(&s->cv, &s->mu);
+        int stop = s->stop;
+        pthread_mutex_unlock(&s->mu);
+        if (stop)
+            break;
+        kd_status st = stream_fill(c, s, seg, &s->slots[slot]);
+        pthread_mutex_lock(&s->mu);
+        if (st != KD_OK) {
+            if (!s->stop) {
+                s->err = st;
+                s->err_seg = seg;
+                snprintf(s->errmsg, sizeof s->errmsg, "%s", kd_last_error());
+            }
+            pthread_cond_broadcast(&s->cv);
+            pthread_mutex_unlock(&s->mu);
+            break;
+        }
+        s->slot_seg[slot] = seg;
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+    }
+    return NULL;
+}
+
+static void stream_free(const kd_cache *c, kd_stream *s)
+{
+    if (!s)
+        return;
+    if (s->slots)
+        for (int i = 0; i < s->nslots; i++)
+            rowbuf_free(&s->slots[i]);
+    rowbuf_free(&s->chunk);
+    free(s->slots);
+    free(s->slot_seg);
+    free(s->sorted);
+    free(s->bucket);
+    free(s->order);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+    free(s);
+}
+
+void kd_cache_stream_end(kd_cache *c)
+{
+    kd_stream *s = c ? c->stream : NULL;
+    if (!s)
+        return;
+    if (s->started) {
+        pthread_mutex_lock(&s->mu);
+        s->stop = 1;
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->th, NULL);
+    }
+    stream_free(c, s);
+    c->stream = NULL;
+}
+
+kd_status kd_cache_stream_begin(kd_cache *c, const uint32_t *order, int64_t n)
+{
+    if (c->in_memory)
+        return KD_OK;
+    kd_cache_stream_end(c);
+    if (n < 1 || !order)
+        return KD_FAIL(KD_ERR_INVALID, "cache '%s': empty stream order", c->path);
+    for (int64_t i = 0; i < n; i++)
+        if (order[i] >= (uint64_t)c->meta.num_samples)
+            return KD_FAIL(KD_ERR_INVALID,
+                           "cache '%s': stream order position %lld names row %u, the cache has "
+                           "%lld rows",
+                           c->path, (long long)i, order[i], (long long)c->meta.num_samples);
+    kd_stream *s = calloc(1, sizeof *s);
+    if (!s)
+        return KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", c->path);
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    s->n = n;
+    s->nslots = c->opts.prefetch_slots > 0 ? c->opts.prefetch_slots : 4;
+    s->slot_rows = c->opts.slot_rows > 0 ? c->opts.slot_rows : 4 * c->meta.chunk_rows;
+    if (s->slot_rows > n)
+        s->slot_rows = n;
+    s->nseg = div_up(n, s->slot_rows);
+    s->cur_chunk = -1;
+    s->order = malloc((size_t)n * sizeof *order);
+    s->slots = calloc((size_t)s->nslots, sizeof *s->slots);
+    s->slot_seg = malloc((size_t)s->nslots * sizeof *s->slot_seg);
+    s->sorted = malloc((size_t)s->slot_rows * sizeof *s->sorted);
+    s->bucket = malloc((size_t)(c->nchunks + 1) * sizeof *s->bucket);
+    int bad = !s->order || !s->slots || !s->slot_seg || !s->sorted || !s->bucket ||
+              rowbuf_alloc(c, &s->chunk, c->meta.chunk_rows) != 0;
+    for (int i = 0; !bad && i < s->nslots; i++) {
+        bad = rowbuf_alloc(c, &s->slots[i], s->slot_rows) != 0;
+        s->slot_seg[i] = -1;
+    }
+    if (bad) {
+        stream_free(c, s);
+        return KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory for the prefetch ring", c->path);
+    }
+    memcpy(s->order, order, (size_t)n * sizeof *order);
+    c->stream = s;
+    if (pthread_create(&s->th, NULL, stream_main, c) != 0) {
+        c->stream = NULL;
+        stream_free(c, s);
+        return KD_FAIL(KD_ERR_INTERNAL, "cache '%s': cannot start the prefetch thread", c->path);
+    }
+    s->started = 1;
+    return KD_OK;
+}
+
+static kd_status stream_get(kd_cache *c, const uint32_t *rows, int count, int view, float *lo,
+                            float *tv, int32_t *ti, float *lse, float *ao, int32_t *yo)
+{
+    kd_stream *s = c->stream;
+    if (!s)
+        return KD_FAIL(KD_ERR_INVALID,
+                       "cache '%s' is streamed (larger than the memory limit): call "
+                       "kd_cache_stream_begin with the epoch's order first",
+                       c->path);
+    if (s->pos + count > s->n)
+        return KD_FAIL(KD_ERR_INVALID,
+                       "cache '%s': the stream order has %lld rows, %lld consumed, %d asked for; "
+                       "begin a new stream for the next epoch",
+                       c->path, (long long)s->n, (long long)s->pos, count);
+    for (int i = 0; i < count; i++)
+        if (rows[i] != s->order[s->pos + i])
+            return KD_FAIL(KD_ERR_INVALID,
+                           "cache '%s' is streamed in the order given to kd_cache_stream_begin: "
+                           "position %lld should be row %u, got row %u",
+                           c->path, (long long)(s->pos + i), s->order[s->pos + i], rows[i]);
+    int i = 0;
+    while (i < count) {
+        int64_t pos = s->pos, seg = pos / s->slot_rows;
+        int slot = (int)(seg % s->nslots);
+        pthread_mutex_lock(&s->mu);
+        while (s->slot_seg[slot] != seg && !(s->err != KD_OK && s->err_seg <= seg))
+            pthread_cond_wait(&s->cv, &s->mu);
+        if (s->slot_seg[slot] != seg) {
+            kd_status err = s->err;
+            char msg[sizeof s->errmsg];
+            memcpy(msg, s->errmsg, sizeof msg);
+            pthread_mutex_unlock(&s->mu);
+            kd_clear_error();
+            return kd_fail_context(err, "%s", msg);
+        }
+        pthread_mutex_unlock(&s->mu);
+        int64_t seg_end = (seg + 1) * s->slot_rows < s->n ? (seg + 1) * s->slot_rows : s->n;
+        int64_t take = seg_end - pos < count - i ? seg_end - pos : count - i;
+        for (int64_t k = 0; k < take; k++, i++)
+            row_emit(c, &s->slots[slot], pos + k - seg * s->slot_rows, view, i, lo, tv, ti, lse, ao,
+                     yo);
+        s->pos += take;
+        if (s->pos == seg_end) {
+            pthread_mutex_lock(&s->mu);
+            s->slot_seg[slot] = -1;
+            pthread_cond_broadcast(&s->cv);
+            pthread_mutex_unlock(&s->mu);
+        }
+    }
+    return KD_OK;
+}
+
+kd_status kd_cache_get_rows(kd_cache *c, const uint32_t *rows, int count, int view,
+                            float *logits_out, float *topk_values_out, int32_t *topk_indices_out,
+                            float *lse_out, float *aug_params_out, int32_t *labels_out)
+{
+    if (view < 0 || view >= c->V)
+        return KD_FAIL(KD_ERR_INVALID, "cache '%s': view %d is outside [0, %d)", c->path, view,
+                       c->V);
+    if (!c->K && (topk_values_out || topk_indices_out))
+        return KD_FAIL(KD_ERR_INVALID,
+                       "cache '%s' stores full logits: ask for logits, not top-k values", c->path);
+    if (count < 0)
+        return KD_FAIL(KD_ERR_INVALID, "cache '%s': negative row count", c->path);
+    if (!c->in_memory)
+        return stream_get(c, rows, count, view, logits_out, topk_values_out, topk_indices_out,
+                          lse_out, aug_params_out, labels_out);
+    for (int i = 0; i < count; i++) {
+        if (rows[i] >= (uint64_t)c->meta.num_samples)
+            return KD_FAIL(KD_ERR_INVALID, "cache '%s': row %u is outside [0, %lld)", c->path,
+                           rows[i], (long long)c->meta.num_samples);
+        row_emit(c, &c->all, rows[i], view, i, logits_out, topk_values_out, topk_indices_out,
+                 lse_out, aug_params_out, labels_out);
+    }
+    return KD_OK;
+}
+
+void kd_cache_close(kd_cache *c)
+{
+    if (!c)
+        return;
+    h5_quiet();
+    kd_cache_stream_end(c);
+    rowbuf_free(&c->all);
+    free(c->widen);
+    dsets_close(&c->ds);
+    close_id(&c->file, H5Fclose);
+    free(c->path);
+    free(c);
+}

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "kd.h"
+#include "teacher.h"
 
 #define KD_VERSION "0.1.0"
 
@@ -20,7 +21,10 @@ static const char *const usage_main =
     "files.\n"
     "\n"
     "commands:\n"
-    "  train CONFIG     train the job's model (supervised: distill.mode none)\n"
+    "  train CONFIG     train the job's model (distill.mode none: supervised; offline: from a\n"
+    "                   teacher's cache or live teacher)\n"
+    "  cache CONFIG     run the job's teacher over the training split and write its logits\n"
+    "                   to teacher.cache (HDF5); an interrupted cache resumes\n"
     "  eval CONFIG      evaluate a checkpoint of the job's model on the test split\n"
     "  summary CONFIG   print the job's model: layers, output shapes, parameters\n"
     "  help [COMMAND]   show help for a command\n"
@@ -54,6 +58,15 @@ static const char *const usage_eval =
     "\n"
     "Evaluate FILE (a safetensors checkpoint of the job's model) on the test split of the job's\n"
     "data set and print the loss and accuracy.\n";
+
+static const char *const usage_cache =
+    "usage: distill cache CONFIG [--set KEY=VALUE ...] [--progress|--no-progress]\n"
+    "\n"
+    "Run the teacher (teacher.model with teacher.checkpoint) over the training split, with\n"
+    "teacher.views augmented views per sample, and write raw logits (teacher.topk > 0: the top\n"
+    "k and the row's log-sum-exp), the augmentation of each view and the labels to the HDF5\n"
+    "file teacher.cache (schema: data/README.md). Running it again on a partial file resumes\n"
+    "it; a file written for another teacher or data set is refused.\n";
 
 static const char *const usage_summary =
     "usage: distill summary CONFIG [--set KEY=VALUE ...]\n"
@@ -108,9 +121,12 @@ int main(int argc, char **argv)
         usage = usage_eval;
     else if (!strcmp(cmd, "summary"))
         usage = usage_summary;
+    else if (!strcmp(cmd, "cache"))
+        usage = usage_cache;
     else if (!strcmp(cmd, "help")) {
         const char *t = argc > 2 ? argv[2] : "";
         fputs(!strcmp(t, "train")     ? usage_train
+              : !strcmp(t, "cache")   ? usage_cache
               : !strcmp(t, "eval")    ? usage_eval
               : !strcmp(t, "summary") ? usage_summary
                                       : usage_main,
@@ -154,9 +170,9 @@ int main(int argc, char **argv)
                 if (config || (len > 12 && !strcmp(nx + len - 12, ".safetensors")))
                     resume = argv[++i];
             }
-        } else if (!strcmp(a, "--progress") && usage == usage_train) {
+        } else if (!strcmp(a, "--progress") && (usage == usage_train || usage == usage_cache)) {
             progress = 1;
-        } else if (!strcmp(a, "--no-progress") && usage == usage_train) {
+        } else if (!strcmp(a, "--no-progress") && (usage == usage_train || usage == usage_cache)) {
             progress = 0;
         } else if (a[0] == '-') {
             free(sets);
@@ -187,6 +203,12 @@ int main(int argc, char **argv)
         signal(SIGTERM, on_signal);
         kd_train_opts opts = {.resume = resume, .progress = progress, .stop = &stop_flag};
         st = kd_train(&job, &opts);
+        rc = st == KD_OK ? 0 : fail(st);
+    } else if (usage == usage_cache) {
+        signal(SIGINT, on_signal);
+        signal(SIGTERM, on_signal);
+        kd_train_opts opts = {.progress = progress, .stop = &stop_flag};
+        st = kd_cache_build(&job, &opts);
         rc = st == KD_OK ? 0 : fail(st);
     } else if (usage == usage_eval) {
         kd_eval_result r;

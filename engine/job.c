@@ -101,8 +101,9 @@ static kd_status parse_run(kd_job *j)
 
 static kd_status parse_data(kd_job *j)
 {
-    static const char *const keys[] = {"dataset",  "root",    "batch_size",  "eval_batch_size",
-                                       "val_size", "augment", "train_limit", NULL};
+    static const char *const keys[] = {"dataset",         "root",       "batch_size",
+                                       "eval_batch_size", "val_size",   "augment",
+                                       "train_limit",     "split_seed", NULL};
     static const char *const aug_keys[] = {"crop_pad", "hflip", NULL};
     const kd_node *s;
     KD_TRY(section(j->root, "data", 1, keys, &s));
@@ -115,12 +116,39 @@ static kd_status parse_data(kd_job *j)
     KD_TRY(get_i32(s, "eval_batch_size", 0, 1, 1 << 20, &j->eval_batch_size));
     KD_TRY(get_int_range(s, "val_size", 0, 0, INT64_MAX, &j->val_size));
     KD_TRY(get_int_range(s, "train_limit", 0, 0, INT64_MAX, &j->train_limit));
+    int64_t split_seed = 1;
+    KD_TRY(get_int_range(s, "split_seed", 0, 0, INT64_MAX, &split_seed));
+    j->split_seed = (uint64_t)split_seed;
     const kd_node *a;
     KD_TRY(section(s, "augment", 0, aug_keys, &a));
     if (a) {
         KD_TRY(get_i32(a, "crop_pad", 0, 0, 64, &j->augment.crop_pad));
         KD_TRY(kd_node_get_bool(a, "hflip", 0, &j->augment.hflip));
     }
+    return KD_OK;
+}
+
+/* A model definition: a file path (loaded into *doc) or an inline {input:, layers:}. */
+static kd_status load_model_def(const kd_job *j, const kd_node *mnode, const char *what,
+                                kd_node **doc, char *desc, size_t desc_len, const kd_node **input,
+                                const kd_node **layers)
+{
+    char pos[160];
+    const kd_node *def = mnode;
+    if (mnode->kind == KD_NODE_SCALAR) {
+        KD_TRY(kd_yaml_load_file(mnode->value, doc));
+        def = *doc;
+        snprintf(desc, desc_len, "%s", mnode->value);
+    } else {
+        snprintf(desc, desc_len, "%s (inline %s)", j->path, what);
+    }
+    static const char *const keys[] = {"input", "layers", "name", NULL};
+    KD_TRY(kd_node_check_keys(def, keys, what));
+    *input = kd_node_child(def, "input");
+    *layers = kd_node_child(def, "layers");
+    if (!*input || !*layers)
+        return KD_FAIL(KD_ERR_CONFIG, "%s: the %s needs both 'input' and 'layers'",
+                       kd_node_where(def, pos, sizeof pos), what);
     return KD_OK;
 }
 
@@ -133,28 +161,47 @@ static kd_status parse_model(kd_job *j)
                        "%s: missing required section 'model' (a model file path, or a mapping "
                        "with 'input' and 'layers')",
                        kd_node_where(j->root, pos, sizeof pos));
-    const kd_node *def = mnode;
-    if (mnode->kind == KD_NODE_SCALAR) {
-        KD_TRY(kd_yaml_load_file(mnode->value, &j->model_doc));
-        def = j->model_doc;
-        snprintf(j->model_desc, sizeof j->model_desc, "%s", mnode->value);
-    } else {
-        snprintf(j->model_desc, sizeof j->model_desc, "%s (inline)", j->path);
-    }
-    static const char *const keys[] = {"input", "layers", "name", NULL};
-    KD_TRY(kd_node_check_keys(def, keys, "model"));
-    j->model_input = kd_node_child(def, "input");
-    j->model_layers = kd_node_child(def, "layers");
-    if (!j->model_input || !j->model_layers)
-        return KD_FAIL(KD_ERR_CONFIG, "%s: the model needs both 'input' and 'layers'",
-                       kd_node_where(def, pos, sizeof pos));
+    return load_model_def(j, mnode, "model", &j->model_doc, j->model_desc, sizeof j->model_desc,
+                          &j->model_input, &j->model_layers);
+}
+
+static kd_status parse_teacher(kd_job *j)
+{
+    static const char *const keys[] = {"model", "checkpoint", "cache",      "views", "topk",
+                                       "dtype", "compress",   "chunk_rows", NULL};
+    const kd_node *s;
+    char pos[160];
+    KD_TRY(section(j->root, "teacher", 0, keys, &s));
+    j->cache_views = 1;
+    snprintf(j->cache_dtype, sizeof j->cache_dtype, "float16");
+    snprintf(j->cache_compress, sizeof j->cache_compress, "none");
+    if (!s)
+        return KD_OK;
+    j->have_teacher = 1;
+    const kd_node *mnode = kd_node_child(s, "model");
+    if (!mnode)
+        return KD_FAIL(KD_ERR_CONFIG, "%s: teacher needs 'model' (its model file)",
+                       kd_node_where(s, pos, sizeof pos));
+    KD_TRY(load_model_def(j, mnode, "teacher model", &j->teacher_doc, j->teacher_desc,
+                          sizeof j->teacher_desc, &j->teacher_input, &j->teacher_layers));
+    KD_TRY(copy_str(s, "checkpoint", 1, j->teacher_ckpt, sizeof j->teacher_ckpt));
+    KD_TRY(copy_str(s, "cache", 0, j->teacher_cache, sizeof j->teacher_cache));
+    KD_TRY(get_i32(s, "views", 0, 1, 1024, &j->cache_views));
+    KD_TRY(get_i32(s, "topk", 0, 0, 1 << 24, &j->cache_topk));
+    KD_TRY(get_i32(s, "chunk_rows", 0, 0, 1 << 24, &j->cache_chunk_rows));
+    KD_TRY(copy_str(s, "dtype", 0, j->cache_dtype, sizeof j->cache_dtype));
+    KD_TRY(copy_str(s, "compress", 0, j->cache_compress, sizeof j->cache_compress));
+    if (strcmp(j->cache_dtype, "float16") && strcmp(j->cache_dtype, "float32"))
+        return KD_FAIL(KD_ERR_CONFIG, "%s: teacher.dtype must be float16 or float32, got '%s'",
+                       kd_node_where(kd_node_child(s, "dtype"), pos, sizeof pos), j->cache_dtype);
     return KD_OK;
 }
 
 static kd_status parse_distill(kd_job *j)
 {
     static const char *const keys[] = {"mode", "losses", NULL};
-    static const char *const loss_keys[] = {"type", "weight", "label_smoothing", NULL};
+    static const char *const loss_keys[] = {
+        "type", "weight", "label_smoothing", "temperature", "direction", "t2_scale", NULL};
     const kd_node *s;
     char pos[160];
     KD_TRY(section(j->root, "distill", 0, keys, &s));
@@ -163,15 +210,14 @@ static kd_status parse_distill(kd_job *j)
     if (!s)
         return KD_OK;
     KD_TRY(copy_str(s, "mode", 0, j->mode, sizeof j->mode));
-    if (strcmp(j->mode, "none") != 0) {
-        if (!strcmp(j->mode, "offline") || !strcmp(j->mode, "online") || !strcmp(j->mode, "self"))
+    if (strcmp(j->mode, "none") != 0 && strcmp(j->mode, "offline") != 0) {
+        if (!strcmp(j->mode, "online") || !strcmp(j->mode, "self"))
             return KD_FAIL(KD_ERR_UNSUPPORTED,
-                           "%s: distill.mode '%s' is not available in this version; only 'none' "
-                           "(supervised training) is",
+                           "%s: distill.mode '%s' is not available in this version (none and "
+                           "offline are)",
                            kd_node_where(kd_node_child(s, "mode"), pos, sizeof pos), j->mode);
         return KD_FAIL(KD_ERR_CONFIG,
-                       "%s: distill.mode must be none, offline, online or self, got "
-                       "'%s'",
+                       "%s: distill.mode must be none, offline, online or self, got '%s'",
                        kd_node_where(kd_node_child(s, "mode"), pos, sizeof pos), j->mode);
     }
     const kd_node *losses = kd_node_child(s, "losses");
@@ -181,25 +227,56 @@ static kd_status parse_distill(kd_job *j)
         return KD_FAIL(KD_ERR_CONFIG, "%s: distill.losses must be a list",
                        kd_node_where(losses, pos, sizeof pos));
     int have_ce = 0;
+    j->ce_weight = 0; /* with a losses list, only the terms listed count */
     for (size_t i = 0; i < losses->len; i++) {
         const kd_node *l = losses->items[i];
         KD_TRY(kd_node_check_keys(l, loss_keys, "a loss term"));
         const char *type = NULL;
         KD_TRY(kd_node_get_str(l, "type", 1, &type));
-        if (strcmp(type, "ce") != 0)
-            return KD_FAIL(KD_ERR_CONFIG,
-                           "%s: loss type '%s' is not available with mode none "
-                           "(known: ce)",
+        if (!strcmp(type, "ce")) {
+            if (have_ce++)
+                return KD_FAIL(KD_ERR_CONFIG, "%s: 'ce' is listed twice",
+                               kd_node_where(l, pos, sizeof pos));
+            j->ce_weight = 1.0;
+            KD_TRY(kd_node_get_float(l, "weight", 0, &j->ce_weight));
+            KD_TRY(kd_node_get_float(l, "label_smoothing", 0, &j->label_smoothing));
+            if (!(j->label_smoothing >= 0 && j->label_smoothing < 1) || !(j->ce_weight > 0))
+                return KD_FAIL(KD_ERR_CONFIG,
+                               "%s: ce needs weight > 0 and label_smoothing in [0, 1)",
+                               kd_node_where(l, pos, sizeof pos));
+        } else if (!strcmp(type, "kd")) {
+            if (strcmp(j->mode, "offline") != 0)
+                return KD_FAIL(KD_ERR_CONFIG,
+                               "%s: a 'kd' term needs a teacher: set distill.mode: offline",
+                               kd_node_where(l, pos, sizeof pos));
+            if (j->have_kd++)
+                return KD_FAIL(KD_ERR_CONFIG, "%s: 'kd' is listed twice",
+                               kd_node_where(l, pos, sizeof pos));
+            j->kd_weight = 1.0;
+            j->kd_temperature = 4.0;
+            j->kd_t2 = 1;
+            const char *dir = "forward";
+            KD_TRY(kd_node_get_float(l, "weight", 0, &j->kd_weight));
+            KD_TRY(kd_node_get_float(l, "temperature", 0, &j->kd_temperature));
+            KD_TRY(kd_node_get_str(l, "direction", 0, &dir));
+            KD_TRY(kd_node_get_bool(l, "t2_scale", 0, &j->kd_t2));
+            if (strcmp(dir, "forward") && strcmp(dir, "reverse"))
+                return KD_FAIL(KD_ERR_CONFIG,
+                               "%s: kd direction must be forward (KL(teacher || student)) or "
+                               "reverse (KL(student || teacher)), got '%s'",
+                               kd_node_where(kd_node_child(l, "direction"), pos, sizeof pos), dir);
+            j->kd_reverse = !strcmp(dir, "reverse");
+            if (!(j->kd_weight > 0) || !(j->kd_temperature > 0))
+                return KD_FAIL(KD_ERR_CONFIG, "%s: kd needs weight > 0 and temperature > 0",
+                               kd_node_where(l, pos, sizeof pos));
+        } else {
+            return KD_FAIL(KD_ERR_CONFIG, "%s: unknown loss type '%s' (known: ce, kd)",
                            kd_node_where(l, pos, sizeof pos), type);
-        if (have_ce++)
-            return KD_FAIL(KD_ERR_CONFIG, "%s: 'ce' is listed twice",
-                           kd_node_where(l, pos, sizeof pos));
-        KD_TRY(kd_node_get_float(l, "weight", 0, &j->ce_weight));
-        KD_TRY(kd_node_get_float(l, "label_smoothing", 0, &j->label_smoothing));
-        if (!(j->label_smoothing >= 0 && j->label_smoothing < 1) || !(j->ce_weight > 0))
-            return KD_FAIL(KD_ERR_CONFIG, "%s: ce needs weight > 0 and label_smoothing in [0, 1)",
-                           kd_node_where(l, pos, sizeof pos));
+        }
     }
+    if (!have_ce && !j->have_kd)
+        return KD_FAIL(KD_ERR_CONFIG, "%s: distill.losses lists no term",
+                       kd_node_where(losses, pos, sizeof pos));
     return KD_OK;
 }
 
@@ -277,7 +354,8 @@ kd_status kd_job_load(const char *path, const char *const *overrides, kd_job *jo
     for (int i = 0; st == KD_OK && overrides && overrides[i]; i++)
         st = kd_node_set_path(job->root, overrides[i]);
     if (st == KD_OK) {
-        static const char *const keys[] = {"run", "data", "model", "distill", "optim", NULL};
+        static const char *const keys[] = {"run",     "data",  "model", "teacher",
+                                           "distill", "optim", NULL};
         st = kd_node_check_keys(job->root, keys, "the job file");
     }
     if (st == KD_OK)
@@ -287,7 +365,14 @@ kd_status kd_job_load(const char *path, const char *const *overrides, kd_job *jo
     if (st == KD_OK)
         st = parse_model(job);
     if (st == KD_OK)
+        st = parse_teacher(job);
+    if (st == KD_OK)
         st = parse_distill(job);
+    if (st == KD_OK && !strcmp(job->mode, "offline") && !job->have_teacher)
+        st =
+            KD_FAIL(KD_ERR_CONFIG, "%s: distill.mode offline needs a 'teacher' section", job->path);
+    if (st == KD_OK && !strcmp(job->mode, "offline") && !job->have_kd)
+        st = KD_FAIL(KD_ERR_CONFIG, "%s: distill.mode offline needs a 'kd' loss term", job->path);
     if (st == KD_OK)
         st = parse_optim(job);
     if (st != KD_OK) {
@@ -301,5 +386,6 @@ void kd_job_free(kd_job *job)
 {
     kd_node_free(job->root);
     kd_node_free(job->model_doc);
-    job->root = job->model_doc = NULL;
+    kd_node_free(job->teacher_doc);
+    job->root = job->model_doc = job->teacher_doc = NULL;
 }

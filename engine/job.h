@@ -40,11 +40,31 @@ typedef struct {
     int64_t val_size;
     kd_augment_cfg augment;
     int64_t train_limit; /* use only the first N training samples (0 = all) */
+    uint64_t split_seed; /* which samples are held out; independent of run.seed so runs with
+                          * different seeds share one training split (and one teacher cache) */
 
     /* distill */
-    char mode[16];
+    char mode[16]; /* none | offline */
     double ce_weight;
     double label_smoothing;
+    int have_kd;      /* a kd term is listed */
+    double kd_weight; /* alpha of the kd term */
+    double kd_temperature;
+    int kd_reverse; /* direction: forward KL(t||s) (0) or reverse KL(s||t) (1) */
+    int kd_t2;      /* multiply by T^2 (default on) */
+
+    /* teacher (offline mode and `distill cache`) */
+    int have_teacher;
+    kd_node *teacher_doc; /* the teacher's model file */
+    char teacher_desc[640];
+    const kd_node *teacher_input, *teacher_layers;
+    char teacher_ckpt[512];
+    char teacher_cache[512]; /* "" = run the teacher live */
+    int cache_views;         /* augmented views per sample in the cache */
+    int cache_topk;          /* 0 = full logits */
+    char cache_dtype[16];    /* float16 | float32 */
+    char cache_compress[16]; /* none | deflate | lz4 | zstd */
+    int cache_chunk_rows;
 
     /* optim */
     char optim_name[16];

@@ -27,6 +27,7 @@
 #include "model.h"
 #include "rng.h"
 #include "sampler.h"
+#include "teacher.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -41,7 +42,7 @@ static double now_s(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static void set_threads(int n)
+void kd_set_threads(int n)
 {
     openblas_set_num_threads(n);
 #ifdef _OPENMP
@@ -49,7 +50,7 @@ static void set_threads(int n)
 #endif
 }
 
-static kd_status pick_backend(const kd_job *job, const kd_backend **be, FILE *log)
+kd_status kd_pick_backend(const kd_job *job, const kd_backend **be, FILE *log)
 {
     const char *why = NULL;
     if (!strcmp(job->device, "cpu")) {
@@ -115,18 +116,26 @@ static kd_status load_splits(const kd_job *job, int need_train, kd_data_splits *
                            " leaves no training samples (the training set has %" PRId64 ")",
                            job->path, job->val_size, n);
         }
-        st = kd_dataset_split(&full, job->val_size, job->seed, &d->train, &d->val);
+        st = kd_dataset_split(&full, job->val_size, job->split_seed, &d->train, &d->val);
         kd_dataset_free(&full);
         if (st != KD_OK)
             return st;
         d->have_val = job->val_size > 0;
-        if (job->train_limit > 0 && job->train_limit < d->train.n)
-            d->train.n = job->train_limit; /* a prefix of a shuffled split: still random */
     }
     st = kd_dataset_load(job->dataset, root, 0, &d->test);
     if (st != KD_OK)
         free_splits(d);
     return st;
+}
+
+kd_status kd_load_train_split(const kd_job *job, kd_dataset *train)
+{
+    kd_data_splits d;
+    KD_TRY(load_splits(job, 1, &d));
+    *train = d.train;
+    memset(&d.train, 0, sizeof d.train);
+    free_splits(&d);
+    return KD_OK;
 }
 
 static kd_status check_model_fits_data(const kd_model *m, const kd_dataset *d, const kd_job *job)
@@ -241,10 +250,10 @@ static kd_status save_ckpt(kd_saver *s, const char *file)
 
 kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
 {
-    set_threads(job->threads);
+    kd_set_threads(job->threads);
     FILE *log = stderr;
     const kd_backend *be = NULL;
-    KD_TRY(pick_backend(job, &be, log));
+    KD_TRY(kd_pick_backend(job, &be, log));
     kd_data_splits d;
     KD_TRY(load_splits(job, 1, &d));
     kd_status st;
@@ -253,6 +262,7 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
     int32_t *y_host = NULL, *y_dev = NULL;
     uint32_t *perm = NULL;
     FILE *metrics = NULL;
+    kd_teacher *teacher = NULL;
     int batch = job->batch_size;
     int eval_batch = job->eval_batch_size;
     int max_batch = batch > eval_batch ? batch : eval_batch;
@@ -260,6 +270,13 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
         goto done;
     if ((st = check_model_fits_data(m, &d.train, job)))
         goto done;
+    if (!strcmp(job->mode, "offline") &&
+        (st = kd_teacher_open(job, be, &d.train, batch, m->out_features, log, &teacher)))
+        goto done;
+    /* train on the first train_limit samples of the split (which is shuffled): the teacher
+     * cache still covers the whole split, so limits never invalidate it */
+    if (job->train_limit > 0 && job->train_limit < d.train.n)
+        d.train.n = job->train_limit;
     size_t per = m->in_numel;
     size_t nstate = kd_optim_state_floats(&job->optim, m->nparams);
     x_host = malloc((size_t)max_batch * per * sizeof(float));
@@ -354,23 +371,42 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
     double t_run = now_s();
     for (int64_t epoch = step / steps_per_epoch; epoch < job->epochs; epoch++) {
         kd_epoch_permutation(perm, (uint32_t)n_train, job->seed, (uint64_t)epoch);
+        if (teacher) {
+            int64_t from = (step - epoch * steps_per_epoch) * batch;
+            if ((st = kd_teacher_epoch(teacher, perm + from, n_train - from)))
+                goto done;
+        }
         double ep_loss = 0, t0 = now_s(), last_log = 0;
         int64_t ep_correct = 0, ep_seen = 0;
         int64_t first = step - epoch * steps_per_epoch;
         for (int64_t k = first; k < steps_per_epoch; k++) {
             int64_t s0 = k * batch;
             int n = (int)(n_train - s0 < batch ? n_train - s0 : batch);
-            kd_batch_gather(&d.train, perm + s0, n, aug, job->seed, (uint64_t)epoch, x_host, y_host,
-                            NULL);
+            if (teacher)
+                st = kd_teacher_batch(teacher, &d.train, perm + s0, n, epoch, aug, job->seed,
+                                      x_host, y_host);
+            else
+                kd_batch_gather(&d.train, perm + s0, n, aug, job->seed, (uint64_t)epoch, x_host,
+                                y_host, NULL);
+            if (st)
+                goto done;
             if ((st = be->upload(x_dev, x_host, (size_t)n * per * sizeof(float))) ||
                 (st = be->upload(y_dev, y_host, (size_t)n * sizeof(int32_t))))
                 goto done;
             kd_model_zero_grad(m);
             kd_model_forward(m, x_dev, n, 1, kd_mix64(job->seed, (uint64_t)step, 0xd0));
+            if (teacher && (st = kd_teacher_targets(teacher, x_dev, n)))
+                goto done;
             int64_t correct = 0;
+            /* the loss is the weighted sum of the terms; each adds its gradient */
             double loss =
+                job->ce_weight *
                 be->ce(n, m->out_features, kd_model_output(m), y_dev, job->label_smoothing,
-                       kd_model_output_grad(m), job->ce_weight, &correct);
+                       kd_model_output_grad(m), job->ce_weight, &correct) /
+                n;
+            if (teacher)
+                loss +=
+                    kd_teacher_loss(teacher, job, kd_model_output(m), n, kd_model_output_grad(m));
             kd_model_backward(m, x_dev, n);
             if ((st = be->sync()))
                 goto done;
@@ -398,7 +434,7 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
                              loss, epoch + 1, step);
                 goto done;
             }
-            ep_loss += loss;
+            ep_loss += loss * n;
             ep_correct += correct;
             ep_seen += n;
             double el = now_s() - t0;
@@ -520,6 +556,7 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
             st = KD_FAIL(KD_ERR_IO, "cannot write '%s': %s", rpath, strerror(errno));
     }
 done:
+    kd_teacher_close(teacher);
     if (metrics)
         fclose(metrics);
     if (m) {
@@ -539,9 +576,9 @@ done:
 
 kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out)
 {
-    set_threads(job->threads);
+    kd_set_threads(job->threads);
     const kd_backend *be = NULL;
-    KD_TRY(pick_backend(job, &be, NULL));
+    KD_TRY(kd_pick_backend(job, &be, NULL));
     kd_data_splits d;
     KD_TRY(load_splits(job, 0, &d));
     kd_model *m = NULL;

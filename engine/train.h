@@ -5,7 +5,10 @@
 #define KD_TRAIN_H
 
 #include <signal.h>
+#include <stdio.h>
 
+#include "backend.h"
+#include "dataset.h"
 #include "job.h"
 #include "status.h"
 
@@ -26,5 +29,12 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts);
 
 /* Evaluate a checkpoint of the job's model on the data set's test split. */
 kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out);
+
+/* Pieces shared with `distill cache`: thread count for BLAS and OpenMP; the job's backend
+ * (device: auto falls back to the CPU, saying why on log); the training split (data.val_size
+ * held out by data.split_seed; the caller frees it with kd_dataset_free). */
+void kd_set_threads(int n);
+kd_status kd_pick_backend(const kd_job *job, const kd_backend **be, FILE *log);
+kd_status kd_load_train_split(const kd_job *job, kd_dataset *train);
 
 #endif

@@ -1,0 +1,64 @@
+/*
+ * teacher.h - where a student's soft targets come from (internal).
+ *
+ * Offline distillation reads the teacher's logits from the HDF5 cache that
+ * `distill cache` wrote (data/cache.h), together with the augmentation each
+ * cached view used, so the student trains on exactly the images the teacher
+ * saw; without a cache the frozen teacher runs live on the student's batch.
+ * Both are checked against the job before training starts: the cache's
+ * teacher hash against the teacher checkpoint, its data-set hash against the
+ * training split, its shape against the models.
+ */
+#ifndef KD_TEACHER_H
+#define KD_TEACHER_H
+
+#include <stdio.h>
+
+#include "dataset.h"
+#include "job.h"
+#include "model.h"
+#include "status.h"
+#include "train.h"
+
+typedef struct kd_teacher kd_teacher;
+
+/* sha256 of a training split: its name, shape, normalised pixels and labels. */
+void kd_dataset_sha256(const kd_dataset *d, char hex[65]);
+
+/*
+ * Open the job's teacher on backend be for batches up to max_batch: the cache
+ * when teacher.cache is set (it must exist: `distill cache` writes it), else
+ * the model from teacher.model + teacher.checkpoint. train is the training
+ * split the student uses (the cache must cover it), classes the student's
+ * output size. On failure nothing is left open.
+ */
+kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_dataset *train,
+                          int max_batch, int classes, FILE *log, kd_teacher **out);
+void kd_teacher_close(kd_teacher *t);
+
+/* Announce an epoch's sample order (a streaming cache prefetches along it). */
+kd_status kd_teacher_epoch(kd_teacher *t, const uint32_t *order, int64_t n);
+
+/*
+ * Prepare batch idx[0..n) of `epoch`: write the student's inputs into x_host
+ * (the cached view's augmentation, or a fresh draw from aug/seed when the
+ * teacher runs live) and labels into y_host; then, once the caller has
+ * uploaded x_host to x_dev, kd_teacher_targets() produces the targets.
+ */
+kd_status kd_teacher_batch(kd_teacher *t, const kd_dataset *d, const uint32_t *idx, int n,
+                           int64_t epoch, const kd_augment_cfg *aug, uint64_t seed, float *x_host,
+                           int32_t *y_host);
+kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, int n);
+
+/*
+ * kd loss of student logits s_dev [n, C] against the batch's targets:
+ * returns weight * (summed row loss) / n and adds weight * d(mean)/ds into
+ * ds_dev (the student's output gradient).
+ */
+double kd_teacher_loss(kd_teacher *t, const kd_job *job, const float *s_dev, int n, float *ds_dev);
+
+/* `distill cache CONFIG`: run the teacher over the training split and write the cache,
+ * resuming a partial file. Progress as kd_train's. */
+kd_status kd_cache_build(const kd_job *job, const kd_train_opts *opts);
+
+#endif

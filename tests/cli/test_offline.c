@@ -1,0 +1,293 @@
+/*
+ * test_offline.c - `distill cache` and offline distillation through the CLI,
+ * on a small fake data set: a teacher is trained, cached, and students learn
+ * from the cache and from the live teacher; a cache killed half-way resumes
+ * to the same contents as one written in one go; every mismatch between a
+ * cache and the job is refused with a message naming the file and both sides.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "augment.h"
+#include "cache.h"
+#include "kd_cli_util.h"
+#include "kd_fake_data.h"
+#include "kd_test.h"
+
+static char dir[256], data[300];
+static char out[1 << 16];
+
+static const char *tp(char *buf, size_t len, const char *name)
+{
+    snprintf(buf, len, "%s/%s", dir, name);
+    return buf;
+}
+
+#define TEACHER_MODEL                                                                              \
+    "{input: [1, 28, 28], layers: [{conv2d: {out: 8, kernel: 3, stride: 2, pad: 1}},"              \
+    " {batchnorm: {}}, relu, {conv2d: {out: 16, kernel: 3, stride: 2, pad: 1}}, relu,"             \
+    " global_avgpool, {linear: {out: 10}}]}"
+#define STUDENT_MODEL                                                                              \
+    "{input: [1, 28, 28], layers: [{conv2d: {out: 8, kernel: 3, stride: 2, pad: 1}},"              \
+    " {batchnorm: {}}, relu, {conv2d: {out: 8, kernel: 3, stride: 2, pad: 1}}, relu,"              \
+    " global_avgpool, {linear: {out: 10}}]}"
+
+/* A job file: the student (or teacher) model, optional teacher section and losses. */
+static void write_job(const char *path, const char *out_name, const char *model,
+                      const char *teacher, const char *distill, int epochs)
+{
+    char od[300], text[4096];
+    snprintf(text, sizeof text,
+             "run: {name: t, out_dir: %s, seed: 3, threads: 2, log_every: 1000}\n"
+             "data: {dataset: fashion-mnist, root: %s, batch_size: 32, val_size: 100,\n"
+             "       augment: {crop_pad: 2, hflip: true}}\n"
+             "model: %s\n%s%s"
+             "optim: {name: adamw, lr: 0.01, epochs: %d}\n",
+             tp(od, sizeof od, out_name), data, model, teacher, distill, epochs);
+    assert_int_equal(kd_write_text(path, text), 0);
+}
+
+static int run(const char *const *argv, int *code)
+{
+    int rc = kd_run_distill(argv, out, sizeof out, code);
+    assert_int_equal(rc, 0);
+    return *code;
+}
+
+static void expect_ok(const char *const *argv)
+{
+    int code;
+    if (run(argv, &code) != 0)
+        fail_msg("distill %s %s exited %d:\n%s", argv[0], argv[1], code, out);
+}
+
+static void expect_fail(const char *const *argv, const char *const *parts)
+{
+    int code;
+    run(argv, &code);
+    if (code != 1)
+        fail_msg("want exit 1, got %d:\n%s", code, out);
+    for (int i = 0; parts[i]; i++)
+        if (!strstr(out, parts[i]))
+            fail_msg("output lacks '%s':\n%s", parts[i], out);
+}
+
+static char teacher_sec[1024], teacher2_sec[1024], live_sec[1024];
+static const char *const kd_losses = "distill: {mode: offline, losses: [{type: ce, weight: 0.5},"
+                                     " {type: kd, weight: 0.5, temperature: 4.0}]}\n";
+
+static int setup(void **state)
+{
+    (void)state;
+    if (kd_make_tmpdir("kd_offline_", dir, sizeof dir))
+        return -1;
+    snprintf(data, sizeof data, "%s/data", dir);
+    if (mkdir(data, 0755) || kd_fake_fmnist_write(data, 700, 200, 5))
+        return -1;
+    char job[300], p1[300], p2[300], c1[300];
+    /* two teachers with different weights (different seeds of the same model) */
+    write_job(tp(job, sizeof job, "teacher.yaml"), "teacher", TEACHER_MODEL, "", "", 3);
+    const char *t1[] = {"train", job, NULL};
+    int code;
+    if (kd_run_distill(t1, out, sizeof out, &code) || code) {
+        fprintf(stderr, "training the teacher failed (%d):\n%s", code, out);
+        return -1;
+    }
+    const char *t2[] = {"train", job, "--set", "run.seed=4", "--set", NULL, NULL};
+    char od[320];
+    snprintf(od, sizeof od, "run.out_dir=%s", tp(p2, sizeof p2, "teacher2"));
+    t2[5] = od;
+    if (kd_run_distill(t2, out, sizeof out, &code) || code) {
+        fprintf(stderr, "training the second teacher failed (%d):\n%s", code, out);
+        return -1;
+    }
+    snprintf(teacher_sec, sizeof teacher_sec,
+             "teacher: {model: %s, checkpoint: %s, cache: %s, views: 2}\n", TEACHER_MODEL,
+             tp(p1, sizeof p1, "teacher/last.safetensors"), tp(c1, sizeof c1, "cache/t.h5"));
+    snprintf(teacher2_sec, sizeof teacher2_sec,
+             "teacher: {model: %s, checkpoint: %s/teacher2/last.safetensors, cache: %s, "
+             "views: 2}\n",
+             TEACHER_MODEL, dir, c1);
+    snprintf(live_sec, sizeof live_sec, "teacher: {model: %s, checkpoint: %s}\n", TEACHER_MODEL,
+             p1);
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    kd_rm_rf(dir);
+    return 0;
+}
+
+static void test_cache_then_distill(void **state)
+{
+    (void)state;
+    char job[300], res[300];
+    write_job(tp(job, sizeof job, "student.yaml"), "student", STUDENT_MODEL, teacher_sec, kd_losses,
+              4);
+    expect_ok((const char *[]){"cache", job, NULL});
+    assert_non_null(strstr(out, "wrote"));
+    /* a second run finds every chunk written */
+    expect_ok((const char *[]){"cache", job, NULL});
+    assert_non_null(strstr(out, "chunks already written"));
+    expect_ok((const char *[]){"train", job, NULL});
+    char *r = kd_read_text(tp(res, sizeof res, "student/result.json"));
+    assert_non_null(r);
+    double acc = atof(strstr(r, "\"test_acc\": ") + 12);
+    free(r);
+    if (!(acc > 0.3)) /* ten classes: chance is 0.1 */
+        fail_msg("distilled student reached only %.3f:\n%s", acc, out);
+    /* the live teacher gives a working run too */
+    write_job(tp(job, sizeof job, "live.yaml"), "live", STUDENT_MODEL, live_sec, kd_losses, 1);
+    expect_ok((const char *[]){"train", job, NULL});
+    assert_non_null(strstr(out, "runs live"));
+}
+
+/* Read every row and view of a cache into one buffer for comparison. */
+static float *cache_contents(const char *path, size_t *len)
+{
+    kd_cache_expect e;
+    kd_cache_expect_init(&e);
+    kd_cache *c = NULL;
+    assert_int_equal(kd_cache_open(path, &e, &c), KD_OK);
+    const kd_cache_meta *m = kd_cache_meta_of(c);
+    int64_t n = m->num_samples;
+    size_t per = (size_t)m->num_classes + KD_AUG_NPARAMS;
+    float *all = calloc((size_t)n * m->views * per, sizeof(float));
+    uint32_t *rows = malloc((size_t)n * sizeof(uint32_t));
+    float *lg = malloc((size_t)n * m->num_classes * sizeof(float));
+    float *ap = malloc((size_t)n * KD_AUG_NPARAMS * sizeof(float));
+    for (int64_t i = 0; i < n; i++)
+        rows[i] = (uint32_t)i;
+    for (int v = 0; v < m->views; v++) {
+        assert_int_equal(kd_cache_get_rows(c, rows, (int)n, v, lg, NULL, NULL, NULL, ap, NULL),
+                         KD_OK);
+        for (int64_t i = 0; i < n; i++) {
+            float *dst = all + ((size_t)v * n + i) * per;
+            memcpy(dst, lg + i * m->num_classes, m->num_classes * sizeof(float));
+            memcpy(dst + m->num_classes, ap + i * KD_AUG_NPARAMS, KD_AUG_NPARAMS * sizeof(float));
+        }
+    }
+    *len = (size_t)n * m->views * per;
+    kd_cache_close(c);
+    free(rows);
+    free(lg);
+    free(ap);
+    return all;
+}
+
+static void test_cache_resumes_after_sigkill(void **state)
+{
+    (void)state;
+    char job[300], logp[300], sec[1024], cpath[300], ref[300];
+    /* small chunks so the kill lands between chunk writes more often than not */
+    snprintf(sec, sizeof sec,
+             "teacher: {model: %s, checkpoint: %s/teacher/last.safetensors, cache: %s, views: 3, "
+             "chunk_rows: 16, dtype: float32}\n",
+             TEACHER_MODEL, dir, tp(cpath, sizeof cpath, "kill/t.h5"));
+    write_job(tp(job, sizeof job, "kill.yaml"), "kill", STUDENT_MODEL, sec, kd_losses, 1);
+    srand((unsigned)time(NULL));
+    int killed = 0;
+    for (int attempt = 0; attempt < 6 && !killed; attempt++) {
+        unlink(cpath);
+        pid_t pid = kd_spawn_distill((const char *[]){"cache", job, NULL},
+                                     tp(logp, sizeof logp, "kill.log"));
+        assert_true(pid > 0);
+        /* wait until the file exists and some chunks are done, then kill */
+        for (int i = 0; i < 400 && !kd_file_exists(cpath); i++)
+            usleep(5000);
+        usleep((useconds_t)(20000 + rand() % 60000));
+        kill(pid, SIGKILL);
+        int code;
+        kd_wait_exit(pid, &code);
+        killed = code == 128 + SIGKILL;
+    }
+    assert_true(killed);
+    /* resume, then write a reference cache in one go and compare contents */
+    expect_ok((const char *[]){"cache", job, NULL});
+    char set[400];
+    snprintf(set, sizeof set, "teacher.cache=%s", tp(ref, sizeof ref, "kill/ref.h5"));
+    expect_ok((const char *[]){"cache", job, "--set", set, NULL});
+    size_t la, lb;
+    float *a = cache_contents(cpath, &la), *b = cache_contents(ref, &lb);
+    assert_int_equal(la, lb);
+    assert_memory_equal(a, b, la * sizeof(float));
+    free(a);
+    free(b);
+}
+
+static void test_bad_caches(void **state)
+{
+    (void)state;
+    char job[300], set[400], c1[300];
+    tp(c1, sizeof c1, "cache/t.h5");
+    /* a cache written for another teacher */
+    write_job(tp(job, sizeof job, "other.yaml"), "other", STUDENT_MODEL, teacher2_sec, kd_losses,
+              1);
+    expect_fail((const char *[]){"train", job, NULL}, (const char *const[]){c1, "teacher", NULL});
+    /* a missing cache says how to write it */
+    write_job(tp(job, sizeof job, "missing.yaml"), "missing", STUDENT_MODEL, teacher_sec, kd_losses,
+              1);
+    snprintf(set, sizeof set, "teacher.cache=%s/nope.h5", dir);
+    expect_fail((const char *[]){"train", job, "--set", set, NULL},
+                (const char *const[]){"nope.h5", "distill cache", NULL});
+    /* another number of views */
+    expect_fail((const char *[]){"train", job, "--set", "teacher.views=3", NULL},
+                (const char *const[]){c1, "3", "2", NULL});
+    /* another training split (more held out): sample count differs */
+    expect_fail((const char *[]){"train", job, "--set", "data.val_size=150", NULL},
+                (const char *const[]){c1, "550", "600", NULL});
+    /* a student with another class count */
+    write_job(tp(job, sizeof job, "classes.yaml"), "classes",
+              "{input: [1, 28, 28], layers: [flatten, {linear: {out: 7}}]}", teacher_sec, kd_losses,
+              1);
+    expect_fail((const char *[]){"train", job, NULL}, (const char *const[]){"7", "10", NULL});
+    /* a truncated cache */
+    char cut[300];
+    uint8_t *bytes;
+    size_t len;
+    assert_int_equal(kd_read_file(c1, &bytes, &len), 0);
+    assert_int_equal(kd_write_bytes(tp(cut, sizeof cut, "cut.h5"), bytes, len / 2), 0);
+    free(bytes);
+    write_job(tp(job, sizeof job, "cut.yaml"), "cut", STUDENT_MODEL, teacher_sec, kd_losses, 1);
+    snprintf(set, sizeof set, "teacher.cache=%s", cut);
+    expect_fail((const char *[]){"train", job, "--set", set, NULL},
+                (const char *const[]){"cut.h5", NULL});
+    /* offline without a kd term, and a kd term without offline */
+    write_job(tp(job, sizeof job, "nokd.yaml"), "nokd", STUDENT_MODEL, teacher_sec,
+              "distill: {mode: offline, losses: [{type: ce}]}\n", 1);
+    expect_fail((const char *[]){"train", job, NULL}, (const char *const[]){"'kd'", NULL});
+    write_job(tp(job, sizeof job, "kdnone.yaml"), "kdnone", STUDENT_MODEL, teacher_sec,
+              "distill: {mode: none, losses: [{type: kd}]}\n", 1);
+    expect_fail((const char *[]){"train", job, NULL},
+                (const char *const[]){"kdnone.yaml:", "offline", NULL});
+    /* a bad direction names the key's position */
+    write_job(tp(job, sizeof job, "dir.yaml"), "dir", STUDENT_MODEL, teacher_sec,
+              "distill: {mode: offline, losses: [{type: kd, direction: sideways}]}\n", 1);
+    expect_fail((const char *[]){"train", job, NULL},
+                (const char *const[]){"dir.yaml:", "sideways", NULL});
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_cache_then_distill),
+        cmocka_unit_test(test_cache_resumes_after_sigkill),
+        cmocka_unit_test(test_bad_caches),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

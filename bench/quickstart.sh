@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-build/distill}
 OUT=${2:-runs/quickstart}
+# the quickstart starts over each time: its output directory is its own scratch space
+rm -rf "$OUT"
 mkdir -p "$OUT"
 TEACHER_CKPT=$OUT/teacher/last.safetensors
 CACHE=$OUT/teacher/logits.h5

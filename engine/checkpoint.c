@@ -59,7 +59,7 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
         t->shape[1] = (int64_t)m->nparams;
         t->data = hs;
     }
-    char hash[32], step[32], epoch[32], best[64], seed[32], bs[32], ns[32];
+    char hash[32], step[32], epoch[32], best[64], seed[32], bs[32], ns[32], el[64], ec[32], es[32];
     snprintf(hash, sizeof hash, "%016" PRIx64, m->def_hash);
     snprintf(step, sizeof step, "%" PRId64, info->step);
     snprintf(epoch, sizeof epoch, "%" PRId64, info->epoch);
@@ -67,6 +67,9 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
     snprintf(seed, sizeof seed, "%" PRIu64, info->seed);
     snprintf(bs, sizeof bs, "%" PRId64, info->batch_size);
     snprintf(ns, sizeof ns, "%" PRId64, info->train_samples);
+    snprintf(el, sizeof el, "%.17g", info->epoch_loss);
+    snprintf(ec, sizeof ec, "%" PRId64, info->epoch_correct);
+    snprintf(es, sizeof es, "%" PRId64, info->epoch_seen);
     const char *meta[] = {"format",        KD_CKPT_FORMAT,
                           "model_hash",    hash,
                           "step",          step,
@@ -75,7 +78,10 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
                           "seed",          seed,
                           "optimizer",     info->optimizer ? info->optimizer : "none",
                           "batch_size",    bs,
-                          "train_samples", ns};
+                          "train_samples", ns,
+                          "epoch_loss",    el,
+                          "epoch_correct", ec,
+                          "epoch_seen",    es};
     st = kd_safetensors_save(path, ents, nent, meta, sizeof meta / sizeof meta[0] / 2);
 done:
     free(ents);
@@ -108,8 +114,11 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
     float *hp = NULL, *hb = NULL;
 #define REPORT(...)                                                                                \
     do {                                                                                           \
-        if (bad++ < 12 && used < sizeof report)                                                    \
+        if (bad++ < 12 && used < sizeof report - 1) {                                              \
             used += (size_t)snprintf(report + used, sizeof report - used, __VA_ARGS__);            \
+            if (used > sizeof report - 1) /* cut: snprintf returns the untruncated size */         \
+                used = sizeof report - 1;                                                          \
+        }                                                                                          \
     } while (0)
     for (int i = 0; i < m->nentries; i++) {
         const kd_state_entry *e = &m->entries[i];
@@ -139,9 +148,8 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
             REPORT("\n  unexpected %s (not in the model)", name);
     }
     if (bad) {
-        if (bad > 12)
-            used += (size_t)snprintf(report + used, sizeof report - used, "\n  ... and %d more",
-                                     bad - 12);
+        if (bad > 12 && used < sizeof report - 1)
+            snprintf(report + used, sizeof report - used, "\n  ... and %d more", bad - 12);
         rc = KD_FAIL(KD_ERR_SHAPE,
                      "checkpoint '%s' does not match the model (%d difference%s): is it from "
                      "another model definition?%s",
@@ -196,6 +204,11 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
         info->batch_size = (v = kd_safetensors_meta(st, "batch_size")) ? strtoll(v, NULL, 10) : 0;
         info->train_samples =
             (v = kd_safetensors_meta(st, "train_samples")) ? strtoll(v, NULL, 10) : 0;
+        info->epoch_loss = (v = kd_safetensors_meta(st, "epoch_loss")) ? strtod(v, NULL) : 0;
+        info->epoch_correct =
+            (v = kd_safetensors_meta(st, "epoch_correct")) ? strtoll(v, NULL, 10) : 0;
+        info->epoch_seen = (v = kd_safetensors_meta(st, "epoch_seen")) ? strtoll(v, NULL, 10) : 0;
+        info->model_hash = (v = kd_safetensors_meta(st, "model_hash")) ? strtoull(v, NULL, 16) : 0;
         snprintf(opt, sizeof opt, "%s", (v = kd_safetensors_meta(st, "optimizer")) ? v : "");
         info->optimizer = opt;
     }

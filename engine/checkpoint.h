@@ -24,6 +24,11 @@ typedef struct {
     const char *optimizer; /* "sgd" / "adamw" */
     int64_t batch_size;    /* what a step meant, so a resume can refuse another meaning; */
     int64_t train_samples; /* 0 when unknown (a checkpoint written outside training) */
+    /* the running sums of a checkpoint taken mid-epoch, so metrics resume exactly too */
+    double epoch_loss;
+    int64_t epoch_correct, epoch_seen;
+    /* read back only: the architecture hash the file was written for (0 = not recorded) */
+    uint64_t model_hash;
 } kd_ckpt_info;
 
 /* Save params, buffers, counters and (if state != NULL) nstate optimiser floats. */

@@ -339,9 +339,12 @@ static kd_status parse_optim(kd_job *j)
         KD_TRY(get_int_range(sc, "step_size", 0, 0, INT64_MAX, &c->step_size));
         KD_TRY(kd_node_get_float(sc, "min_lr", 0, &c->min_lr));
         KD_TRY(kd_node_get_float(sc, "gamma", 0, &c->gamma));
-        if (c->kind == KD_SCHED_STEP && c->step_size <= 0)
-            return KD_FAIL(KD_ERR_CONFIG, "%s: a step schedule needs step_size > 0",
-                           kd_node_where(sc, pos, sizeof pos));
+        /* the total is known only once the data set is loaded; the trainer checks it then */
+        kd_sched_cfg probe = *c;
+        probe.total_steps = INT64_MAX;
+        kd_status sst = kd_sched_cfg_check(&probe, o->lr);
+        if (sst != KD_OK)
+            return kd_fail_context(sst, "%s: ", kd_node_where(sc, pos, sizeof pos));
     }
     return KD_OK;
 }

@@ -568,8 +568,18 @@ static const char *needed_ops(const kd_block *blocks, int n, char *buf, size_t l
         case KD_L_RESIDUAL: ops = "add,"; break;
         default: break;
         }
-        size_t used = strlen(buf);
-        snprintf(buf + used, len - used, "%s", ops);
+        /* append each op once, so any depth of model fits the buffer */
+        char one[32];
+        for (const char *p = ops; *p;) {
+            const char *comma = strchr(p, ',');
+            size_t l = (size_t)(comma - p);
+            snprintf(one, sizeof one, ",%.*s,", (int)l, p);
+            if (!strstr(buf, one)) {
+                size_t used = strlen(buf);
+                snprintf(buf + used, len - used, "%.*s,", (int)l, p);
+            }
+            p = comma + 1;
+        }
         if (b->kind == KD_L_RESIDUAL) {
             needed_ops(b->body, b->nbody, buf, len);
             needed_ops(b->proj, b->nproj, buf, len);
@@ -639,7 +649,8 @@ kd_status kd_model_build(const kd_node *input, const kd_node *layers, const kd_b
         goto fail;
     }
     m->out_features = last->out[0];
-    char need[1024] = "";
+    /* the leading comma lets needed_ops look names up as ",name," */
+    char need[1024] = ",ce,";
     needed_ops(m->blocks, m->nblocks, need, sizeof need);
     const char *miss = kd_backend_missing(be, need);
     if (miss) {

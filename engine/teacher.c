@@ -71,6 +71,23 @@ void kd_teacher_close(kd_teacher *t)
     free(t);
 }
 
+/* The teacher must take the data set's samples as they are. */
+static kd_status check_teacher_input(const kd_job *job, const kd_model *m, const kd_dataset *d)
+{
+    int ok = m->in_numel == (size_t)d->c * d->h * d->w &&
+             (m->in_ndim != 3 || (m->in[0] == d->c && m->in[1] == d->h && m->in[2] == d->w));
+    if (!ok)
+        return KD_FAIL(KD_ERR_SHAPE,
+                       "teacher %s takes input [%d, %d, %d] but data set '%s' has samples of "
+                       "[%d, %d, %d]",
+                       job->teacher_desc, m->in[0], m->in[1], m->in[2], d->name, d->c, d->h, d->w);
+    if (m->out_features != d->num_classes)
+        return KD_FAIL(KD_ERR_SHAPE,
+                       "teacher %s outputs %d logits but data set '%s' has %d classes",
+                       job->teacher_desc, m->out_features, d->name, d->num_classes);
+    return KD_OK;
+}
+
 /* Build the teacher model and load its checkpoint (also used by `distill cache`). */
 static kd_status open_teacher_model(const kd_job *job, const kd_backend *be, int max_batch,
                                     kd_model **out)
@@ -128,7 +145,8 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
         t->views = meta->views;
         t->nparams_aug = meta->aug_nparams;
     } else {
-        if ((st = open_teacher_model(job, be, max_batch, &t->model)))
+        if ((st = open_teacher_model(job, be, max_batch, &t->model)) ||
+            (st = check_teacher_input(job, t->model, train)))
             goto fail;
         if (t->model->out_features != classes) {
             st = KD_FAIL(KD_ERR_SHAPE, "teacher %s outputs %d logits but the student %s has %d",
@@ -261,14 +279,8 @@ kd_status kd_cache_build(const kd_job *job, const kd_train_opts *opts)
     if (st != KD_OK)
         goto done;
     size_t per = (size_t)train.c * train.h * train.w;
-    if (per != m->in_numel || m->out_features != train.num_classes) {
-        st = KD_FAIL(KD_ERR_SHAPE,
-                     "teacher %s takes %zu inputs and gives %d logits; data set '%s' has %zu "
-                     "inputs and %d classes",
-                     job->teacher_desc, m->in_numel, m->out_features, train.name, per,
-                     train.num_classes);
+    if ((st = check_teacher_input(job, m, &train)))
         goto done;
-    }
     const int C = m->out_features, V = job->cache_views, K = job->cache_topk;
     if (K < 0 || K >= C) {
         if (K != 0) {

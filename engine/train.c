@@ -79,6 +79,14 @@ static kd_status build_model(const kd_job *job, int max_batch, const kd_backend 
 {
     kd_status st =
         kd_model_build(job->model_input, job->model_layers, *be, max_batch, job->seed, m);
+    const char *miss = NULL;
+    if (st == KD_OK && !strcmp(job->mode, "offline") &&
+        (miss = kd_backend_missing(*be, job->cache_topk ? "kd_topk,add" : "kd_dense,add"))) {
+        kd_model_free(*m);
+        *m = NULL;
+        st = KD_FAIL(KD_ERR_UNSUPPORTED, "the %s backend does not implement '%s' yet", (*be)->name,
+                     miss);
+    }
     if (st == KD_ERR_UNSUPPORTED && *be != kd_backend_cpu() && !strcmp(job->device, "auto")) {
         if (log)
             fprintf(log, "device: cpu (%s)\n", kd_last_error());
@@ -259,6 +267,7 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
     kd_status st;
     kd_model *m = NULL;
     float *x_host = NULL, *x_dev = NULL, *state = NULL, *p_host = NULL, *g_host = NULL;
+    float *s_host = NULL;
     int32_t *y_host = NULL, *y_dev = NULL;
     uint32_t *perm = NULL;
     FILE *metrics = NULL;
@@ -294,12 +303,13 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
         /* the optimiser runs on the host until the device update lands */
         p_host = malloc(m->nparams * sizeof(float));
         g_host = malloc(m->nparams * sizeof(float));
-        if (!p_host || !g_host) {
+        s_host = malloc((nstate ? nstate : 1) * sizeof(float));
+        if (!p_host || !g_host || !s_host) {
             st = KD_FAIL(KD_ERR_NOMEM, "out of memory");
             goto done;
         }
     }
-    if ((st = kd_mkdir_p(job->out_dir)) || (st = write_config_copy(job)))
+    if ((st = kd_mkdir_p(job->out_dir)))
         goto done;
 
     kd_saver saver = {.job = job, .m = m, .state = nstate ? state : NULL, .nstate = nstate};
@@ -319,11 +329,35 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
         }
     } else if (resuming) {
         snprintf(path, sizeof path, "%s", opts->resume);
+    } else {
+        /* a fresh start never writes over a run already in out_dir */
+        snprintf(path, sizeof path, "%s/last.safetensors", job->out_dir);
+        if (access(path, F_OK) == 0) {
+            st = KD_FAIL(KD_ERR_CONFIG,
+                         "%s already holds a run (%s): continue it with --resume, or choose "
+                         "another run.out_dir",
+                         job->out_dir, path);
+            goto done;
+        }
     }
+    kd_ckpt_info in = {0};
     if (resuming) {
-        kd_ckpt_info in;
         if ((st = kd_checkpoint_load(path, m, saver.state, nstate, &in)))
             goto done;
+        if (in.model_hash && in.model_hash != m->def_hash) {
+            st = KD_FAIL(KD_ERR_CONFIG,
+                         "checkpoint '%s' was written for another architecture than %s (same "
+                         "parameter shapes, other layers or hyper-parameters): resume it with "
+                         "the model it was trained with",
+                         path, job->model_desc);
+            goto done;
+        }
+        if (strcmp(in.optimizer, job->optim_name) != 0) {
+            st = KD_FAIL(KD_ERR_CONFIG,
+                         "checkpoint '%s' was trained with optimizer '%s' but the job uses '%s'",
+                         path, in.optimizer, job->optim_name);
+            goto done;
+        }
         if (in.seed != job->seed) {
             st = KD_FAIL(KD_ERR_CONFIG,
                          "checkpoint '%s' was trained with seed %" PRIu64
@@ -340,12 +374,23 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
                          path, in.batch_size, in.train_samples, batch, d.train.n);
             goto done;
         }
+        int64_t spe = (d.train.n + batch - 1) / batch;
+        if (in.step < 0 || in.epoch < 0 || in.epoch != in.step / spe || in.epoch_seen < 0 ||
+            in.epoch_seen > d.train.n) {
+            st = KD_FAIL(KD_ERR_FORMAT,
+                         "checkpoint '%s' holds an inconsistent position (step %" PRId64
+                         ", epoch %" PRId64 " with %" PRId64 " steps per epoch)",
+                         path, in.step, in.epoch, spe);
+            goto done;
+        }
         step = in.step;
         epoch0 = in.epoch;
         saver.info.best_val_acc = in.best_val_acc;
         fprintf(log, "resumed from %s at epoch %" PRId64 ", step %" PRId64 "\n", path, epoch0,
                 step);
     }
+    if ((st = write_config_copy(job)))
+        goto done;
     char mpath[600];
     snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", job->out_dir);
     if (resuming && (st = trim_metrics(mpath, epoch0)))
@@ -361,6 +406,11 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
     kd_sched_cfg sched = job->sched;
     if (sched.kind == KD_SCHED_COSINE)
         sched.total_steps = steps_per_epoch * job->epochs;
+    if ((st = kd_sched_cfg_check(&sched, job->optim.lr))) {
+        kd_fail_context(st, "%s (%" PRId64 " steps per epoch x %d epochs): ", job->path,
+                        steps_per_epoch, job->epochs);
+        goto done;
+    }
     const kd_augment_cfg *aug =
         (job->augment.crop_pad > 0 || job->augment.hflip) ? &job->augment : NULL;
     fprintf(log,
@@ -379,6 +429,11 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
         double ep_loss = 0, t0 = now_s(), last_log = 0;
         int64_t ep_correct = 0, ep_seen = 0;
         int64_t first = step - epoch * steps_per_epoch;
+        if (first > 0) { /* resumed mid-epoch: the sums so far came with the checkpoint */
+            ep_loss = in.epoch_loss;
+            ep_correct = in.epoch_correct;
+            ep_seen = in.epoch_seen;
+        }
         for (int64_t k = first; k < steps_per_epoch; k++) {
             int64_t s0 = k * batch;
             int n = (int)(n_train - s0 < batch ? n_train - s0 : batch);
@@ -412,19 +467,24 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
                 goto done;
             double lr = kd_sched_lr(&sched, job->optim.lr, step);
             float *P = m->params, *G = m->grads;
+            float *S = state;
             if (p_host) {
+                /* the state stays on the device (checkpoints read it there); the host update
+                 * works on copies of parameters, gradients and state */
                 if ((st = be->download(p_host, m->params, m->nparams * sizeof(float))) ||
-                    (st = be->download(g_host, m->grads, m->nparams * sizeof(float))))
+                    (st = be->download(g_host, m->grads, m->nparams * sizeof(float))) ||
+                    (nstate && (st = be->download(s_host, state, nstate * sizeof(float)))))
                     goto done;
                 P = p_host;
                 G = g_host;
+                S = s_host;
             }
             if (job->optim.clip_norm > 0)
                 kd_clip_grad_norm(G, m->nparams, job->optim.clip_norm);
-            if ((st = kd_optim_step(&job->optim, P, G, state, m->decay_mask, m->nparams, lr,
-                                    step + 1)))
+            if ((st = kd_optim_step(&job->optim, P, G, S, m->decay_mask, m->nparams, lr, step + 1)))
                 goto done;
-            if (p_host && (st = be->upload(m->params, p_host, m->nparams * sizeof(float))))
+            if (p_host && ((st = be->upload(m->params, p_host, m->nparams * sizeof(float))) ||
+                           (nstate && (st = be->upload(state, s_host, nstate * sizeof(float))))))
                 goto done;
             step++;
             if (!isfinite(loss)) {
@@ -470,6 +530,9 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
                 (stop || (job->checkpoint_every > 0 && step % job->checkpoint_every == 0))) {
                 saver.info.step = step;
                 saver.info.epoch = epoch;
+                saver.info.epoch_loss = ep_loss;
+                saver.info.epoch_correct = ep_correct;
+                saver.info.epoch_seen = ep_seen;
                 if ((st = save_ckpt(&saver, "last.safetensors")))
                     goto done;
             }
@@ -494,6 +557,8 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
             saver.info.best_val_acc = val.acc;
         saver.info.step = step;
         saver.info.epoch = epoch + 1;
+        saver.info.epoch_loss = 0;
+        saver.info.epoch_correct = saver.info.epoch_seen = 0;
         /* last.safetensors is the epoch's commit point, so it is written after everything
          * else: a failure before it resumes from the previous epoch and redoes this one,
          * rewriting best.safetensors and this epoch's metrics line identically */
@@ -569,6 +634,7 @@ done:
     free(perm);
     free(p_host);
     free(g_host);
+    free(s_host);
     kd_model_free(m);
     free_splits(&d);
     return st;

@@ -1,0 +1,118 @@
+/*
+ * test_cli_guards.c - what `distill train` refuses so that nothing already
+ * written is lost or silently changed: a fresh start over an existing run, a
+ * resume with another optimizer, and a resume of a checkpoint written for
+ * another architecture with the same parameter shapes.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "kd_cli_util.h"
+#include "kd_fake_data.h"
+
+static char dir[256], data[300], job[300], run_dir[300];
+static char out[1 << 15];
+
+static void write_job(const char *act, const char *optim)
+{
+    char text[2048];
+    snprintf(text, sizeof text,
+             "run: {out_dir: %s, seed: 1, threads: 2}\n"
+             "data: {dataset: fashion-mnist, root: %s, batch_size: 50, val_size: 50}\n"
+             "model: {input: [1, 28, 28], layers: [flatten, {linear: {out: 16}}, %s,"
+             " {linear: {out: 10}}]}\n"
+             "optim: {name: %s, lr: 0.01, momentum: 0.9, epochs: 1}\n",
+             run_dir, data, act, optim);
+    assert_int_equal(kd_write_text(job, text), 0);
+}
+
+static int train(const char *extra, int *code)
+{
+    const char *argv[] = {"train", job, extra, NULL};
+    assert_int_equal(kd_run_distill(argv, out, sizeof out, code), 0);
+    return *code;
+}
+
+static void expect(int code, int want, const char *const *parts)
+{
+    if (code != want)
+        fail_msg("want exit %d, got %d:\n%s", want, code, out);
+    for (int i = 0; parts[i]; i++)
+        if (!strstr(out, parts[i]))
+            fail_msg("output lacks '%s':\n%s", parts[i], out);
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    if (kd_make_tmpdir("kd_guards_", dir, sizeof dir))
+        return -1;
+    snprintf(data, sizeof data, "%s/data", dir);
+    snprintf(job, sizeof job, "%s/job.yaml", dir);
+    snprintf(run_dir, sizeof run_dir, "%s/run", dir);
+    return mkdir(data, 0755) || kd_fake_fmnist_write(data, 300, 50, 9);
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    kd_rm_rf(dir);
+    return 0;
+}
+
+static void test_guards(void **state)
+{
+    (void)state;
+    int code;
+    char ckpt[400], metrics[400], config[400];
+    snprintf(ckpt, sizeof ckpt, "%s/last.safetensors", run_dir);
+    snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", run_dir);
+    snprintf(config, sizeof config, "%s/config.yaml", run_dir);
+    write_job("relu", "sgd");
+    expect(train(NULL, &code), 0, (const char *const[]){"test:", NULL});
+    uint8_t *c0, *m0, *y0;
+    size_t lc, lm, ly;
+    assert_int_equal(kd_read_file(ckpt, &c0, &lc), 0);
+    assert_int_equal(kd_read_file(metrics, &m0, &lm), 0);
+    assert_int_equal(kd_read_file(config, &y0, &ly), 0);
+
+    /* a fresh start over the run is refused and touches nothing */
+    expect(train(NULL, &code), 1, (const char *const[]){run_dir, "--resume", NULL});
+    /* resuming with another optimizer */
+    write_job("relu", "adamw");
+    expect(train("--resume", &code), 1, (const char *const[]){ckpt, "'sgd'", "optimizer", NULL});
+    /* resuming a checkpoint written for another architecture with equal shapes */
+    write_job("relu6", "sgd");
+    expect(train("--resume", &code), 1, (const char *const[]){ckpt, "another architecture", NULL});
+
+    uint8_t *c1, *m1, *y1;
+    size_t l1, l2, l3;
+    assert_int_equal(kd_read_file(ckpt, &c1, &l1), 0);
+    assert_int_equal(kd_read_file(metrics, &m1, &l2), 0);
+    assert_int_equal(kd_read_file(config, &y1, &l3), 0);
+    assert_int_equal(l1, lc);
+    assert_memory_equal(c0, c1, lc);
+    assert_int_equal(l2, lm);
+    assert_memory_equal(m0, m1, lm);
+    assert_int_equal(l3, ly);
+    assert_memory_equal(y0, y1, ly);
+    free(c0), free(m0), free(y0), free(c1), free(m1), free(y1);
+
+    /* the same job resumed is accepted (and, finished already, trains no further) */
+    write_job("relu", "sgd");
+    expect(train("--resume", &code), 0, (const char *const[]){"resumed from", "test:", NULL});
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_guards)};
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

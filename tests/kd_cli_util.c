@@ -5,6 +5,7 @@
 #define _GNU_SOURCE
 #endif
 #include "kd_cli_util.h"
+#include "kd_fake_data.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -288,4 +289,22 @@ int kd_files_equal(const char *a, const char *b)
     free(pa);
     free(pb);
     return eq;
+}
+
+int kd_cli_workspace(const char *prefix, int n_train, int n_test, unsigned seed, char *tmp,
+                     size_t tmp_len, char *data, size_t data_len)
+{
+    if (!kd_distill_path()) {
+        fprintf(stderr, "DISTILL is not set (run through ctest)\n");
+        return -1;
+    }
+    if (kd_make_tmpdir(prefix, tmp, tmp_len))
+        return -1;
+    int k = snprintf(data, data_len, "%s/data", tmp);
+    if (k < 0 || (size_t)k >= data_len || mkdir(data, 0755) ||
+        kd_fake_fmnist_write(data, n_train, n_test, seed)) {
+        fprintf(stderr, "cannot write the fake data set under %s\n", tmp);
+        return -1;
+    }
+    return 0;
 }

@@ -37,6 +37,14 @@ int kd_wait_exit_nohang(pid_t pid, int *exit_code);
 /* Create a fresh directory /tmp/<prefix>XXXXXX into buf; 0 on success. */
 int kd_make_tmpdir(const char *prefix, char *buf, size_t len);
 
+/*
+ * The usual fixture of a CLI test: checks that $DISTILL is set, makes a temporary directory
+ * /tmp/<prefix>XXXXXX into tmp and writes a fake Fashion-MNIST of n_train/n_test samples into
+ * <tmp>/data (its path into data). 0 on success, -1 (with a message on stderr) on failure.
+ */
+int kd_cli_workspace(const char *prefix, int n_train, int n_test, unsigned seed, char *tmp,
+                     size_t tmp_len, char *data, size_t data_len);
+
 /* Remove a directory tree (like rm -rf); quietly ignores what is not there. */
 void kd_rm_rf(const char *path);
 

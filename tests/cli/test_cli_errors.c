@@ -107,16 +107,8 @@ static void run_expect(const char *const *argv, int want_rc, ...)
 static int setup(void **state)
 {
     (void)state;
-    if (!kd_distill_path()) {
-        fprintf(stderr, "DISTILL is not set (run through ctest)\n");
-        return -1;
-    }
-    if (kd_make_tmpdir("kd_cli_errors_", tmp, sizeof tmp))
-        return -1;
-    snprintf(data, sizeof data, "%s/data", tmp);
-    if (mkdir(data, 0755) || kd_fake_fmnist_write(data, N_TRAIN, N_TEST, 7))
-        return -1;
-    return 0;
+    return kd_cli_workspace("kd_cli_errors_", N_TRAIN, N_TEST, 7, tmp, sizeof tmp, data,
+                            sizeof data);
 }
 
 static int teardown(void **state)

@@ -53,12 +53,11 @@ static void expect(int code, int want, const char *const *parts)
 static int setup(void **state)
 {
     (void)state;
-    if (kd_make_tmpdir("kd_guards_", dir, sizeof dir))
+    if (kd_cli_workspace("kd_guards_", 300, 50, 9, dir, sizeof dir, data, sizeof data))
         return -1;
-    snprintf(data, sizeof data, "%s/data", dir);
     snprintf(job, sizeof job, "%s/job.yaml", dir);
     snprintf(run_dir, sizeof run_dir, "%s/run", dir);
-    return mkdir(data, 0755) || kd_fake_fmnist_write(data, 300, 50, 9);
+    return 0;
 }
 
 static int teardown(void **state)

@@ -92,10 +92,7 @@ static const char *const kd_losses = "distill: {mode: offline, losses: [{type: c
 static int setup(void **state)
 {
     (void)state;
-    if (kd_make_tmpdir("kd_offline_", dir, sizeof dir))
-        return -1;
-    snprintf(data, sizeof data, "%s/data", dir);
-    if (mkdir(data, 0755) || kd_fake_fmnist_write(data, 700, 200, 5))
+    if (kd_cli_workspace("kd_offline_", 700, 200, 5, dir, sizeof dir, data, sizeof data))
         return -1;
     char job[300], p1[300], p2[300], c1[300];
     /* two teachers with different weights (different seeds of the same model) */

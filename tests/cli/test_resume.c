@@ -40,16 +40,7 @@ static char data[512];
 static int setup(void **state)
 {
     (void)state;
-    if (!kd_distill_path()) {
-        fprintf(stderr, "DISTILL is not set (run through ctest)\n");
-        return -1;
-    }
-    if (kd_make_tmpdir("kd_resume_", tmp, sizeof tmp))
-        return -1;
-    snprintf(data, sizeof data, "%s/data", tmp);
-    if (mkdir(data, 0755) || kd_fake_fmnist_write(data, N_TRAIN, N_TEST, 11))
-        return -1;
-    return 0;
+    return kd_cli_workspace("kd_resume_", N_TRAIN, N_TEST, 11, tmp, sizeof tmp, data, sizeof data);
 }
 
 static int teardown(void **state)

@@ -16,6 +16,14 @@
  * on the chunk being written, which /done does not yet claim. A new file is
  * built under a temporary name and renamed into place once complete.
  *
+ * A compressed chunk changes size when it is rewritten, so HDF5 must move it
+ * and rewrite its index and free-space records, and a SIGKILL in the middle
+ * of that can leave a file HDF5 cannot extend. Compressed caches are
+ * therefore written uncompressed to <cache>.partial (crash-safe as above),
+ * and when the last chunk is done the writer's close copies it into a
+ * compressed file under a temporary name, renames that to <cache> and removes
+ * the partial file. <cache> exists only once it is complete.
+ *
  * HDF5 errors: automatic printing is turned off per thread (the thread-safe
  * library keeps that setting per thread) and h5_fail folds the innermost and
  * outermost entries of HDF5's error stack into our message.
@@ -740,7 +748,9 @@ done:
 /* ---- writer ------------------------------------------------------------------------------- */
 
 struct kd_cache_writer {
-    char *path;
+    char *path;       /* the file being written: the cache itself, or <cache>.partial */
+    char *final_path; /* compressed caches: where the finished cache goes; else NULL */
+    kd_cache_write_opts opts;
     hid_t file;
     cache_dsets ds;
     kd_cache_meta meta;
@@ -827,19 +837,14 @@ static kd_status file_fsync(hid_t f, const char *path)
     return KD_OK;
 }
 
-/* Build a complete empty cache at path via a temporary file and an atomic rename. */
-static kd_status cache_create(const char *final_path, const kd_cache_meta *m,
-                              const kd_cache_write_opts *o)
+/* Build an empty cache skeleton at `tmp` (left open in *out, flushed). */
+static kd_status cache_build(const char *tmp, const kd_cache_meta *m, const kd_cache_write_opts *o,
+                             hid_t *out)
 {
     kd_status st = KD_OK;
-    size_t tlen = strlen(final_path) + 32;
-    char *tmp = malloc(tlen);
     const char *path = tmp; /* HDF5 failures name the file being built */
     hid_t f = H5I_INVALID_HID, fcpl = H5I_INVALID_HID;
-    char dir[4096];
-    if (!tmp)
-        return KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", final_path);
-    snprintf(tmp, tlen, "%s.tmp.%ld", final_path, (long)getpid());
+    *out = H5I_INVALID_HID;
     H5_CHECK(fcpl = H5Pcreate(H5P_FILE_CREATE), "H5Pcreate");
     H5_CHECK(f = H5Fcreate(tmp, H5F_ACC_TRUNC, fcpl, H5P_DEFAULT), "H5Fcreate");
     st = meta_write(f, path, m);
@@ -873,29 +878,148 @@ static kd_status cache_create(const char *final_path, const kd_cache_meta *m,
             goto done;
     }
     H5_CHECK(H5Fflush(f, H5F_SCOPE_LOCAL), "H5Fflush");
-    if (o->fsync && (st = file_fsync(f, path)) != KD_OK)
-        goto done;
-    H5_CHECK(H5Fclose(f), "H5Fclose");
+    *out = f;
     f = H5I_INVALID_HID;
-    if (rename(tmp, final_path) != 0) {
-        st = KD_FAIL(KD_ERR_IO, "cache '%s': rename from '%s' failed: %s", final_path, tmp,
-                     strerror(errno));
-        goto done;
-    }
-    dir_of(final_path, dir, sizeof dir);
-    if (o->fsync && fsync_path(dir, 1) != 0) {
-        st = KD_FAIL(KD_ERR_IO, "cache '%s': fsync of directory '%s' failed: %s", final_path, dir,
-                     strerror(errno));
-        goto done;
-    }
 done:
     close_id(&f, H5Fclose);
     close_id(&fcpl, H5Pclose);
+    return st;
+}
+
+static char *tmp_name(const char *final_path)
+{
+    size_t tlen = strlen(final_path) + 32;
+    char *tmp = malloc(tlen);
+    if (tmp)
+        snprintf(tmp, tlen, "%s.tmp.%ld", final_path, (long)getpid());
+    return tmp;
+}
+
+/* fsync (when asked) and close *f, rename tmp over final_path, fsync the directory. */
+static kd_status close_and_rename(hid_t *f, const char *tmp, const char *final_path, int sync)
+{
+    kd_status st = KD_OK;
+    const char *path = tmp;
+    char dir[4096];
+    if (sync && (st = file_fsync(*f, tmp)) != KD_OK)
+        return st;
+    H5_CHECK(H5Fclose(*f), "H5Fclose");
+    *f = H5I_INVALID_HID;
+    if (rename(tmp, final_path) != 0)
+        return KD_FAIL(KD_ERR_IO, "cache '%s': rename from '%s' failed: %s", final_path, tmp,
+                       strerror(errno));
+    dir_of(final_path, dir, sizeof dir);
+    if (sync && fsync_path(dir, 1) != 0)
+        return KD_FAIL(KD_ERR_IO, "cache '%s': fsync of directory '%s' failed: %s", final_path, dir,
+                       strerror(errno));
+done:
+    return st;
+}
+
+/* Build a complete empty cache at final_path via a temporary file and an atomic rename. */
+static kd_status cache_create(const char *final_path, const kd_cache_meta *m,
+                              const kd_cache_write_opts *o)
+{
+    kd_status st = KD_OK;
+    char *tmp = tmp_name(final_path);
+    hid_t f = H5I_INVALID_HID;
+    if (!tmp)
+        return KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", final_path);
+    if ((st = cache_build(tmp, m, o, &f)) != KD_OK)
+        goto done;
+    st = close_and_rename(&f, tmp, final_path, o->fsync);
+done:
+    close_id(&f, H5Fclose);
     if (st != KD_OK)
         unlink(tmp);
     free(tmp);
     if (st != KD_OK)
         kd_fail_context(st, "creating cache '%s': ", final_path);
+    return st;
+}
+
+/* Copy dataset `name` row block by row block, in its stored type. */
+static kd_status dset_copy(hid_t fs, hid_t fd, const char *src_path, const char *dst_path,
+                           const char *name, int64_t block_rows)
+{
+    kd_status st = KD_OK;
+    const char *path = src_path;
+    hid_t ds = H5I_INVALID_HID, dd = H5I_INVALID_HID, t = H5I_INVALID_HID, sp = H5I_INVALID_HID;
+    void *buf = NULL;
+    hsize_t dims[3] = {0, 1, 1};
+    H5_CHECK(ds = H5Dopen2(fs, name, H5P_DEFAULT), "H5Dopen2");
+    H5_CHECK(t = H5Dget_type(ds), "H5Dget_type");
+    H5_CHECK(sp = H5Dget_space(ds), "H5Dget_space");
+    int nd = H5Sget_simple_extent_ndims(sp);
+    if (nd < 1 || nd > 3 || H5Sget_simple_extent_dims(sp, dims, NULL) < 0) {
+        st = KD_FAIL(KD_ERR_FORMAT, "cache '%s': /%s has an unexpected shape", src_path, name);
+        goto done;
+    }
+    size_t row = H5Tget_size(t) * (size_t)(nd > 1 ? dims[1] : 1) * (size_t)(nd > 2 ? dims[2] : 1);
+    if (strcmp(name, "done") == 0)
+        block_rows = (int64_t)dims[0];
+    buf = malloc(row * (size_t)block_rows);
+    if (!buf) {
+        st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", dst_path);
+        goto done;
+    }
+    path = dst_path;
+    H5_CHECK(dd = H5Dopen2(fd, name, H5P_DEFAULT), "H5Dopen2");
+    for (int64_t r0 = 0; r0 < (int64_t)dims[0]; r0 += block_rows) {
+        int64_t R = (int64_t)dims[0] - r0 < block_rows ? (int64_t)dims[0] - r0 : block_rows;
+        path = src_path;
+        H5_CHECK(dset_rows_io(ds, 0, t, r0, R, buf), "H5Dread");
+        path = dst_path;
+        H5_CHECK(dset_rows_io(dd, 1, t, r0, R, buf), "H5Dwrite");
+    }
+done:
+    free(buf);
+    close_id(&dd, H5Dclose);
+    close_id(&sp, H5Sclose);
+    close_id(&t, H5Tclose);
+    close_id(&ds, H5Dclose);
+    if (st != KD_OK)
+        kd_fail_context(st, "copying /%s: ", name);
+    return st;
+}
+
+/* The finished <cache>.partial becomes the compressed <cache> (see the file comment). */
+static kd_status cache_compress_finish(const char *partial, const char *final_path,
+                                       const kd_cache_meta *m, const kd_cache_write_opts *o)
+{
+    static const char *const names[] = {"logits",     "topk_values", "topk_indices", "logsumexp",
+                                        "aug_params", "labels",      "done"};
+    kd_status st = KD_OK;
+    char *tmp = tmp_name(final_path);
+    const char *path = partial;
+    hid_t fs = H5I_INVALID_HID, fd = H5I_INVALID_HID;
+    if (!tmp)
+        return KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", final_path);
+    H5_CHECK(fs = H5Fopen(partial, H5F_ACC_RDONLY, H5P_DEFAULT), "H5Fopen");
+    if ((st = cache_build(tmp, m, o, &fd)) != KD_OK)
+        goto done;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        htri_t e = H5Lexists(fs, names[i], H5P_DEFAULT);
+        if (e < 0) {
+            st = H5_FAIL(KD_ERR_FORMAT, partial, "H5Lexists");
+            goto done;
+        }
+        if (e && (st = dset_copy(fs, fd, partial, tmp, names[i], m->chunk_rows)) != KD_OK)
+            goto done;
+    }
+    path = tmp;
+    H5_CHECK(H5Fflush(fd, H5F_SCOPE_LOCAL), "H5Fflush");
+    if ((st = close_and_rename(&fd, tmp, final_path, o->fsync)) != KD_OK)
+        goto done;
+    unlink(partial); /* a leftover is removed by the next writer_open of this cache */
+done:
+    close_id(&fd, H5Fclose);
+    close_id(&fs, H5Fclose);
+    if (st != KD_OK)
+        unlink(tmp);
+    free(tmp);
+    if (st != KD_OK)
+        kd_fail_context(st, "compressing '%s' into '%s': ", partial, final_path);
     return st;
 }
 
@@ -942,6 +1066,7 @@ static void writer_free(kd_cache_writer *w)
     free(w->half);
     free(w->zeros);
     free(w->path);
+    free(w->final_path);
     free(w);
 }
 
@@ -981,17 +1106,53 @@ kd_status kd_cache_writer_open(const char *path, const kd_cache_meta *meta,
                        "ships lz4) or set HDF5_PLUGIN_PATH, or use deflate",
                        path, kd_cache_compress_name(o.compress), (int)compress_filter(o.compress));
     }
-    if (!exists)
-        KD_TRY(cache_create(path, &m, &o));
+    int staged = !exists && o.compress != KD_CACHE_COMPRESS_NONE;
+    size_t plen = strlen(path) + sizeof ".partial";
+    char *partial = malloc(plen);
+    if (!partial)
+        return KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
+    snprintf(partial, plen, "%s.partial", path);
+    if (exists && o.compress != KD_CACHE_COMPRESS_NONE)
+        unlink(partial); /* left over if a run stopped between the final rename and the unlink */
+    if (staged && stat(partial, &sb) != 0) {
+        kd_cache_write_opts plain = o;
+        plain.compress = KD_CACHE_COMPRESS_NONE;
+        plain.shuffle = 0;
+        kd_status cs = cache_create(partial, &m, &plain);
+        if (cs != KD_OK) {
+            free(partial);
+            return cs;
+        }
+    } else if (!exists && !staged) {
+        kd_status cs = cache_create(path, &m, &o);
+        if (cs != KD_OK) {
+            free(partial);
+            return cs;
+        }
+    }
 
     kd_status st = KD_OK;
     kd_cache_writer *w = calloc(1, sizeof *w);
-    if (!w || !(w->path = strdup(path))) {
+    if (w) {
+        w->path = staged ? partial : strdup(path);
+        w->final_path = staged ? strdup(path) : NULL;
+    }
+    if (!staged)
+        free(partial);
+    if (!w || !w->path || (staged && !w->final_path)) {
+        if (w) {
+            free(w->path);
+            free(w->final_path);
+        } else if (staged) {
+            free(partial);
+        }
         free(w);
         return KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
     }
+    path = w->path;
     dsets_init(&w->ds);
     w->fsync = o.fsync;
+    w->opts = o;
     w->file = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
     if (w->file < 0) {
         char d[700];
@@ -1169,6 +1330,8 @@ kd_status kd_cache_writer_close(kd_cache_writer *w)
     if (w->file >= 0 && H5Fclose(w->file) < 0)
         st = H5_FAIL(KD_ERR_IO, path, "H5Fclose");
     w->file = H5I_INVALID_HID;
+    if (st == KD_OK && w->final_path && kd_cache_writer_chunks_missing(w) == 0)
+        st = cache_compress_finish(w->path, w->final_path, &w->meta, &w->opts);
     writer_free(w);
     return st;
 }
@@ -1450,6 +1613,16 @@ kd_status kd_cache_open(const char *path, const kd_cache_expect *expect, kd_cach
     else
         kd_cache_expect_init(&e);
     struct stat sb;
+    if (stat(path, &sb) != 0 && errno == ENOENT) {
+        char partial[4200];
+        snprintf(partial, sizeof partial, "%s.partial", path);
+        if (stat(partial, &sb) == 0)
+            return KD_FAIL(KD_ERR_FORMAT,
+                           "cache '%s' is not finished: '%s' holds the chunks written so far; "
+                           "rerun `distill cache` with the same config to finish it",
+                           path, partial);
+        errno = ENOENT;
+    }
     if (stat(path, &sb) != 0)
         return KD_FAIL(errno == ENOENT ? KD_ERR_NOT_FOUND : KD_ERR_IO,
                        "cache '%s' cannot be read: %s%s", path, strerror(errno),

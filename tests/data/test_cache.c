@@ -527,6 +527,18 @@ static void test_resume_after_sigkill(void **state)
                           trial, trial % 2 == 0 ? "self-kill after k puts" : "timer kill",
                           existed ? "file left behind" : "no file yet", (long long)missing,
                           (long long)nch);
+            char partial_path[600];
+            snprintf(partial_path, sizeof partial_path, "%s.partial", path);
+            if (!existed && stat(partial_path, &sb) == 0) {
+                /* Compressed caches are staged in <cache>.partial; the reader says so. */
+                assert_int_not_equal(o.compress, KD_CACHE_COMPRESS_NONE);
+                kd_cache *c = (kd_cache *)1;
+                kd_clear_error();
+                assert_int_equal(kd_cache_open(path, NULL, &c), KD_ERR_FORMAT);
+                assert_null(c);
+                assert_non_null(strstr(kd_last_error(), "not finished"));
+                assert_non_null(strstr(kd_last_error(), "distill cache"));
+            }
             if (existed && missing) {
                 /* Until resumed, the reader refuses it and says how to finish it. */
                 assert_ok(kd_cache_writer_close(w));

@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 PACKAGES=(build-essential cmake pkg-config libopenblas-dev libopenblas-openmp-dev libyaml-dev libcjson-dev zlib1g-dev
-          libhdf5-dev hdf5-filter-plugin libcmocka-dev dataset-fashion-mnist python3-h5py)
+          libhdf5-dev hdf5-filter-plugin libcmocka-dev dataset-fashion-mnist python3-h5py
+          gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm clang libclang-rt-dev)
 BUILD_DIR=${BUILD_DIR:-build}
 JOBS=$(nproc 2>/dev/null || echo 2)
 

@@ -280,6 +280,22 @@ static kd_status parse_distill(kd_job *j)
     return KD_OK;
 }
 
+static kd_status parse_quant(kd_job *j)
+{
+    static const char *const keys[] = {"bits", "qat", NULL};
+    const kd_node *s;
+    char pos[160];
+    KD_TRY(section(j->root, "quant", 0, keys, &s));
+    if (!s)
+        return KD_OK;
+    KD_TRY(get_i32(s, "bits", 1, 4, 8, &j->quant_bits));
+    if (j->quant_bits != 4 && j->quant_bits != 8)
+        return KD_FAIL(KD_ERR_CONFIG, "%s: quant.bits must be 8 or 4, got %d",
+                       kd_node_where(kd_node_child(s, "bits"), pos, sizeof pos), j->quant_bits);
+    KD_TRY(kd_node_get_bool(s, "qat", 0, &j->quant_qat));
+    return KD_OK;
+}
+
 static kd_status parse_optim(kd_job *j)
 {
     static const char *const keys[] = {"name",      "lr",     "momentum", "nesterov",
@@ -358,7 +374,7 @@ kd_status kd_job_load(const char *path, const char *const *overrides, kd_job *jo
         st = kd_node_set_path(job->root, overrides[i]);
     if (st == KD_OK) {
         static const char *const keys[] = {"run",     "data",  "model", "teacher",
-                                           "distill", "optim", NULL};
+                                           "distill", "quant", "optim", NULL};
         st = kd_node_check_keys(job->root, keys, "the job file");
     }
     if (st == KD_OK)
@@ -376,6 +392,8 @@ kd_status kd_job_load(const char *path, const char *const *overrides, kd_job *jo
             KD_FAIL(KD_ERR_CONFIG, "%s: distill.mode offline needs a 'teacher' section", job->path);
     if (st == KD_OK && !strcmp(job->mode, "offline") && !job->have_kd)
         st = KD_FAIL(KD_ERR_CONFIG, "%s: distill.mode offline needs a 'kd' loss term", job->path);
+    if (st == KD_OK)
+        st = parse_quant(job);
     if (st == KD_OK)
         st = parse_optim(job);
     if (st != KD_OK) {

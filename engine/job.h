@@ -66,6 +66,12 @@ typedef struct {
     char cache_compress[16]; /* none | deflate | lz4 | zstd */
     int cache_chunk_rows;
 
+    /* quant: the bit width the student is meant for (0 = no section); with qat, training
+     * fake-quantizes conv/linear weights per output channel with a straight-through estimator
+     * (engine/quant.h) and the exporter quantizes with the same max-abs rule */
+    int quant_bits; /* 8 | 4 */
+    int quant_qat;
+
     /* optim */
     char optim_name[16];
     kd_optim_cfg optim;

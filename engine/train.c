@@ -25,6 +25,7 @@
 #include "dataset.h"
 #include "fileio.h"
 #include "model.h"
+#include "quant.h"
 #include "rng.h"
 #include "sampler.h"
 #include "teacher.h"
@@ -161,24 +162,71 @@ static kd_status check_model_fits_data(const kd_model *m, const kd_dataset *d, c
     return KD_OK;
 }
 
-/* Mean loss and accuracy over a whole data set in eval mode; x_dev/y_dev hold one batch. */
+/* Quantization-aware training: the bit width and a copy of the float parameters while the
+ * fake-quantized ones are in place (engine/quant.h). bits 0 = off. */
+typedef struct {
+    int bits, applied;
+    float *saved;
+} qat_ctx;
+
+static kd_status qat_open(const kd_job *job, const kd_model *m, qat_ctx *q)
+{
+    q->bits = q->applied = 0;
+    q->saved = NULL;
+    if (!job->quant_qat)
+        return KD_OK;
+    if (strcmp(m->be->name, "cpu") != 0)
+        return KD_FAIL(KD_ERR_UNSUPPORTED,
+                       "%s: quant.qat runs on the CPU backend only; set run.device: cpu",
+                       job->path);
+    q->saved = malloc(m->nparams * sizeof(float));
+    if (!q->saved)
+        return KD_FAIL(KD_ERR_NOMEM, "out of memory for quantization-aware training");
+    q->bits = job->quant_bits;
+    return KD_OK;
+}
+
+static void qat_apply(kd_model *m, qat_ctx *q)
+{
+    if (q && q->bits && !q->applied) {
+        kd_quant_model_apply(m, q->bits, q->saved);
+        q->applied = 1;
+    }
+}
+
+static void qat_restore(kd_model *m, qat_ctx *q)
+{
+    if (q && q->applied) {
+        kd_quant_model_restore(m, q->saved);
+        q->applied = 0;
+    }
+}
+
+/* Mean loss and accuracy over a whole data set in eval mode; x_dev/y_dev hold one batch. With
+ * quantization-aware training the model is evaluated with its quantized weights. */
 static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_dev, int32_t *y_dev,
-                          double smoothing, kd_eval_result *r)
+                          double smoothing, qat_ctx *q, kd_eval_result *r)
 {
     const kd_backend *be = m->be;
     size_t per = (size_t)d->c * d->h * d->w;
     double loss = 0;
     int64_t correct = 0;
-    for (int64_t s0 = 0; s0 < d->n; s0 += batch) {
+    kd_status st = KD_OK;
+    qat_apply(m, q);
+    for (int64_t s0 = 0; s0 < d->n && st == KD_OK; s0 += batch) {
         int n = (int)(d->n - s0 < batch ? d->n - s0 : batch);
-        KD_TRY(be->upload(x_dev, d->x + (size_t)s0 * per, (size_t)n * per * sizeof(float)));
-        KD_TRY(be->upload(y_dev, d->y + s0, (size_t)n * sizeof(int32_t)));
+        if ((st = be->upload(x_dev, d->x + (size_t)s0 * per, (size_t)n * per * sizeof(float))) ||
+            (st = be->upload(y_dev, d->y + s0, (size_t)n * sizeof(int32_t))))
+            break;
         kd_model_forward(m, x_dev, n, 0, 0);
         int64_t c = 0;
         loss += be->ce(n, m->out_features, kd_model_output(m), y_dev, smoothing, NULL, 1.0, &c);
         correct += c;
     }
-    KD_TRY(be->sync());
+    if (st == KD_OK)
+        st = be->sync();
+    qat_restore(m, q);
+    KD_TRY(st);
     r->n = d->n;
     r->loss = d->n ? loss / d->n : 0;
     r->acc = d->n ? (double)correct / d->n : 0;
@@ -272,12 +320,13 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
     uint32_t *perm = NULL;
     FILE *metrics = NULL;
     kd_teacher *teacher = NULL;
+    qat_ctx qat = {0, 0, NULL};
     int batch = job->batch_size;
     int eval_batch = job->eval_batch_size;
     int max_batch = batch > eval_batch ? batch : eval_batch;
     if ((st = build_model(job, max_batch, &be, &m, log)))
         goto done;
-    if ((st = check_model_fits_data(m, &d.train, job)))
+    if ((st = check_model_fits_data(m, &d.train, job)) || (st = qat_open(job, m, &qat)))
         goto done;
     if (!strcmp(job->mode, "offline") &&
         (st = kd_teacher_open(job, be, &d.train, batch, m->out_features, log, &teacher)))
@@ -449,6 +498,7 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
                 (st = be->upload(y_dev, y_host, (size_t)n * sizeof(int32_t))))
                 goto done;
             kd_model_zero_grad(m);
+            qat_apply(m, &qat); /* forward and backward at the quantized weights */
             kd_model_forward(m, x_dev, n, 1, kd_mix64(job->seed, (uint64_t)step, 0xd0));
             if (teacher && (st = kd_teacher_targets(teacher, x_dev, n)))
                 goto done;
@@ -463,6 +513,7 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
                 loss +=
                     kd_teacher_loss(teacher, job, kd_model_output(m), n, kd_model_output_grad(m));
             kd_model_backward(m, x_dev, n);
+            qat_restore(m, &qat); /* the update applies to the float master weights */
             if ((st = be->sync()))
                 goto done;
             double lr = kd_sched_lr(&sched, job->optim.lr, step);
@@ -550,7 +601,7 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
             fputc('\n', stderr);
         double train_time = now_s() - t0;
         kd_eval_result val = {0};
-        if (d.have_val && (st = evaluate(m, &d.val, eval_batch, x_dev, y_dev, 0.0, &val)))
+        if (d.have_val && (st = evaluate(m, &d.val, eval_batch, x_dev, y_dev, 0.0, &qat, &val)))
             goto done;
         int best = d.have_val && val.acc > saver.info.best_val_acc;
         if (best)
@@ -599,7 +650,7 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
     }
     {
         kd_eval_result test;
-        if ((st = evaluate(m, &d.test, eval_batch, x_dev, y_dev, 0.0, &test)))
+        if ((st = evaluate(m, &d.test, eval_batch, x_dev, y_dev, 0.0, &qat, &test)))
             goto done;
         double total = now_s() - t_run;
         fprintf(log, "test: loss %.4f acc %.2f%% (%" PRId64 " samples) | %zu parameters | %.1fs\n",
@@ -621,6 +672,8 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
             st = KD_FAIL(KD_ERR_IO, "cannot write '%s': %s", rpath, strerror(errno));
     }
 done:
+    qat_restore(m, &qat);
+    free(qat.saved);
     kd_teacher_close(teacher);
     if (metrics)
         fclose(metrics);
@@ -652,14 +705,16 @@ kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out
     int32_t *y_dev = NULL;
     kd_status st;
     int batch = job->eval_batch_size;
+    qat_ctx qat = {0, 0, NULL};
     if ((st = build_model(job, batch, &be, &m, NULL)) ||
-        (st = check_model_fits_data(m, &d.test, job)) ||
+        (st = check_model_fits_data(m, &d.test, job)) || (st = qat_open(job, m, &qat)) ||
         (st = kd_checkpoint_load(checkpoint, m, NULL, 0, NULL)) ||
         (st = be->alloc((void **)&x_dev, (size_t)batch * m->in_numel * sizeof(float))) ||
         (st = be->alloc((void **)&y_dev, (size_t)batch * sizeof(int32_t))))
         goto done;
-    st = evaluate(m, &d.test, batch, x_dev, y_dev, 0.0, out);
+    st = evaluate(m, &d.test, batch, x_dev, y_dev, 0.0, &qat, out);
 done:
+    free(qat.saved);
     if (m) {
         be->release(x_dev);
         be->release(y_dev);

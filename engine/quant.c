@@ -1,0 +1,60 @@
+/*
+ * quant.c - symmetric per-output-channel weight quantization (see quant.h).
+ */
+#include "quant.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "model.h"
+
+int kd_quant_qmax(int bits) { return bits == 8 ? 127 : bits == 4 ? 7 : 0; }
+
+void kd_quant_row_scales(const float *w, int64_t out_c, int64_t k, int bits, float *scales)
+{
+    int qmax = kd_quant_qmax(bits);
+    for (int64_t o = 0; o < out_c; o++) {
+        float m = 0.0f;
+        for (int64_t j = 0; j < k; j++)
+            m = fmaxf(m, fabsf(w[o * k + j]));
+        scales[o] = qmax ? m / (float)qmax : 0.0f;
+    }
+}
+
+int kd_quant_round(float w, float scale, int qmax)
+{
+    if (!(scale > 0.0f))
+        return 0;
+    float r = roundf(w / scale); /* half away from zero */
+    return r > (float)qmax ? qmax : r < (float)-qmax ? -qmax : (int)r;
+}
+
+void kd_quant_fake_rows(const float *w, int64_t out_c, int64_t k, int bits, float *wq)
+{
+    int qmax = kd_quant_qmax(bits);
+    for (int64_t o = 0; o < out_c; o++) {
+        float m = 0.0f;
+        for (int64_t j = 0; j < k; j++)
+            m = fmaxf(m, fabsf(w[o * k + j]));
+        float s = qmax ? m / (float)qmax : 0.0f;
+        for (int64_t j = 0; j < k; j++)
+            wq[o * k + j] = s * (float)kd_quant_round(w[o * k + j], s, qmax);
+    }
+}
+
+void kd_quant_model_apply(kd_model *m, int bits, float *saved)
+{
+    memcpy(saved, m->params, m->nparams * sizeof(float));
+    for (int i = 0; i < m->nentries; i++) {
+        const kd_state_entry *e = &m->entries[i];
+        if (e->kind != KD_ENTRY_PARAM || !e->decay || e->ndim < 2 || e->shape[0] < 1)
+            continue;
+        float *w = m->params + e->offset;
+        kd_quant_fake_rows(w, e->shape[0], (int64_t)e->numel / e->shape[0], bits, w);
+    }
+}
+
+void kd_quant_model_restore(kd_model *m, const float *saved)
+{
+    memcpy(m->params, saved, m->nparams * sizeof(float));
+}

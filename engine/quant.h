@@ -1,0 +1,42 @@
+/*
+ * quant.h - the weight quantizer shared by quantization-aware training and the exporter.
+ *
+ * Weights are quantized symmetrically per output channel (DESIGN.md section 3): for a row
+ * w[o, 0..k) (a conv's O x (I*kh*kw) or a linear's out x in), scale[o] = max|w[o, :]| / qmax
+ * with qmax = 127 for 8 bits and 7 for 4 bits, and q = clamp(round(w / scale), -qmax, qmax),
+ * rounding half away from zero. A row of zeros gets scale 0 and q = 0.
+ *
+ * Folding a following BatchNorm multiplies row o by a constant g[o]; with max-abs scales
+ * the folded row quantizes to the same integers (its scale is |g[o]| times larger), so
+ * training against these fake-quantized weights is training against what the exporter
+ * will ship.
+ */
+#ifndef KD_QUANT_H
+#define KD_QUANT_H
+
+#include <stdint.h>
+
+/* 127 for bits == 8, 7 for bits == 4; 0 for anything else. */
+int kd_quant_qmax(int bits);
+
+/* scales[o] for out_c rows of k weights. */
+void kd_quant_row_scales(const float *w, int64_t out_c, int64_t k, int bits, float *scales);
+
+/* The integer of one weight given its row's scale. */
+int kd_quant_round(float w, float scale, int qmax);
+
+/* wq = scale[o] * q(w): the fake-quantized copy of w (wq may equal w). */
+void kd_quant_fake_rows(const float *w, int64_t out_c, int64_t k, int bits, float *wq);
+
+/*
+ * Quantization-aware training on a model whose parameters are in host memory: replace every
+ * conv / linear weight (the state entries weight decay applies to) by its fake-quantized value,
+ * after copying all m->nparams parameters to `saved`; restore puts the float master weights
+ * back. Forward and backward run between the two, so the gradient computed at the quantized
+ * weights updates the float ones (the straight-through estimator; max-abs scales never clip).
+ */
+struct kd_model;
+void kd_quant_model_apply(struct kd_model *m, int bits, float *saved);
+void kd_quant_model_restore(struct kd_model *m, const float *saved);
+
+#endif

@@ -1,0 +1,1 @@
+int kdm_placeholder_;

@@ -167,8 +167,8 @@ static kd_status parse_model(kd_job *j)
 
 static kd_status parse_teacher(kd_job *j)
 {
-    static const char *const keys[] = {"model", "checkpoint", "cache",      "views", "topk",
-                                       "dtype", "compress",   "chunk_rows", NULL};
+    static const char *const keys[] = {"model", "checkpoint", "cache",      "views",        "topk",
+                                       "dtype", "compress",   "chunk_rows", "cache_memory", NULL};
     const kd_node *s;
     char pos[160];
     KD_TRY(section(j->root, "teacher", 0, keys, &s));
@@ -191,6 +191,15 @@ static kd_status parse_teacher(kd_job *j)
     KD_TRY(get_i32(s, "chunk_rows", 0, 0, 1 << 24, &j->cache_chunk_rows));
     KD_TRY(copy_str(s, "dtype", 0, j->cache_dtype, sizeof j->cache_dtype));
     KD_TRY(copy_str(s, "compress", 0, j->cache_compress, sizeof j->cache_compress));
+    char mem[16] = "auto";
+    KD_TRY(copy_str(s, "cache_memory", 0, mem, sizeof mem));
+    if (!strcmp(mem, "auto"))
+        j->cache_stream = 0;
+    else if (!strcmp(mem, "stream"))
+        j->cache_stream = 1;
+    else
+        return KD_FAIL(KD_ERR_CONFIG, "%s: teacher.cache_memory must be auto or stream, got '%s'",
+                       kd_node_where(kd_node_child(s, "cache_memory"), pos, sizeof pos), mem);
     if (strcmp(j->cache_dtype, "float16") && strcmp(j->cache_dtype, "float32"))
         return KD_FAIL(KD_ERR_CONFIG, "%s: teacher.dtype must be float16 or float32, got '%s'",
                        kd_node_where(kd_node_child(s, "dtype"), pos, sizeof pos), j->cache_dtype);

@@ -65,6 +65,7 @@ typedef struct {
     char cache_dtype[16];    /* float16 | float32 */
     char cache_compress[16]; /* none | deflate | lz4 | zstd */
     int cache_chunk_rows;
+    int cache_stream; /* teacher.cache_memory: auto (0: held in memory when it fits) | stream */
 
     /* quant: the bit width the student is meant for (0 = no section); with qat, training
      * fake-quantizes conv/linear weights per output channel with a straight-through estimator

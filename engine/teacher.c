@@ -122,6 +122,8 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
         e.views = job->cache_views;
         e.topk = job->cache_topk;
         e.aug_nparams = KD_AUG_NPARAMS;
+        if (job->cache_stream)
+            e.memory_limit = -1;
         kd_dataset_sha256(train, e.dataset_sha256);
         if (access(job->teacher_ckpt, R_OK) == 0) {
             if ((st = kd_sha256_file_hex(job->teacher_ckpt, e.teacher_sha256)))

@@ -3,12 +3,15 @@
  * 0 success, 1 a failure (the message names the file and what is wrong),
  * 2 a usage error, 130 stopped by a signal after saving a checkpoint.
  */
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "compare.h"
+#include "export.h"
 #include "kd.h"
 #include "teacher.h"
 
@@ -27,6 +30,10 @@ static const char *const usage_main =
     "                   to teacher.cache (HDF5); an interrupted cache resumes\n"
     "  eval CONFIG      evaluate a checkpoint of the job's model on the test split\n"
     "  summary CONFIG   print the job's model: layers, output shapes, parameters\n"
+    "  export CONFIG    quantize a trained checkpoint to INT8/INT4 for the microcontroller\n"
+    "                   runtime: a .kdm blob and/or C source, with a report\n"
+    "  report SPEC      the side-by-side table: teacher and students, float and INT8/INT4,\n"
+    "                   with accuracy, flash, RAM and Cortex-M4 instructions per inference\n"
     "  help [COMMAND]   show help for a command\n"
     "\n"
     "options for every command:\n"
@@ -74,6 +81,61 @@ static const char *const usage_summary =
     "Build the job's model and print each layer with its parameter name, output shape and\n"
     "parameter count.\n";
 
+static const char *const usage_export =
+    "usage: distill export CONFIG --checkpoint FILE --quant int8|int4 --format kdm|c|both\n"
+    "                      --out DIR [--calib N] [--samples N] [--rounding double|single]\n"
+    "                      [--json FILE] [--int8-layers NAMES] [--softmax] [--no-eval]\n"
+    "                      [--set KEY=VALUE ...]\n"
+    "\n"
+    "Quantize FILE (a checkpoint of the job's model) for mcu_runtime: batchnorms are folded into\n"
+    "the conv/linear before them, relu/relu6 fused into its output clamp, activations calibrated\n"
+    "on N training samples (int8 per tensor, asymmetric; the input over the exact pixel range),\n"
+    "weights quantized per output channel (int4: a clipping search per channel; a job trained\n"
+    "with quant: {qat: true} keeps the max-abs scales it learnt; without QAT the biases are\n"
+    "corrected for the mean shift of the rounding), the arena planned once.\n"
+    "Writes into DIR (created when missing; each file replaced atomically):\n"
+    "  model.kdm           the blob (--format kdm or both)\n"
+    "  model.c, model.h    the blob as a const array in flash, KDM_MODEL_ARENA_SIZE,\n"
+    "                      KDM_MODEL_OP_MASK and the input quantization (--format c or both)\n"
+    "  samples.bin         the first N test samples: quantized inputs, labels and the host\n"
+    "                      runtime's outputs, to compare a device with (--samples N)\n"
+    "  report.json         per op: blocks, type, shapes, MACs, bytes, calibration; totals; test\n"
+    "                      accuracy of the float and the integer model (also printed)\n"
+    "\n"
+    "options:\n"
+    "  --calib N           calibration samples from the training split (default 1000)\n"
+    "  --samples N         write samples.bin with the first N test samples (default 0: none)\n"
+    "  --rounding MODE     requantization rounding: double (TFLite's two steps, default) or\n"
+    "                      single\n"
+    "  --json FILE         write the report to FILE instead of DIR/report.json\n"
+    "  --int8-layers NAMES with --quant int4: these conv2d / linear layers (engine names, comma\n"
+    "                      separated, e.g. 0 for the first) keep int8 weights\n"
+    "  --softmax           end the model with a SOFTMAX op (default: the logits, use argmax)\n"
+    "  --no-eval           skip the test-set accuracies\n"
+    "  --progress, --no-progress\n"
+    "                      force progress on stderr on or off (default: on for a terminal)\n";
+
+static const char *const usage_report =
+    "usage: distill report SPEC [--out DIR] [--mcu | --no-mcu] [--source DIR] [--set KEY=VALUE]\n"
+    "\n"
+    "Evaluate or export every row of SPEC (a YAML list of {label, config, checkpoint[, quant:\n"
+    "int8|int4][, int8_layers: NAMES]}, e.g. configs/fashion-mnist/report.yaml) and print one\n"
+    "table: parameters, test accuracy, flash, RAM and Cortex-M4 instructions per inference.\n"
+    "Float rows are evaluated as `distill eval` does; quantized rows are exported as\n"
+    "`distill export` does into DIR/<row>-<quant>/ and their accuracy is the integer model's.\n"
+    "With arm-none-eabi-gcc and qemu-system-arm installed, every export is built into\n"
+    "Cortex-M4 firmware and run under QEMU (bench/mcu/run.sh): its outputs must equal the host\n"
+    "runtime's byte for byte, and flash, RAM and the instruction count come from that firmware.\n"
+    "Writes DIR/report.md and DIR/report.json.\n"
+    "\n"
+    "options:\n"
+    "  --out DIR        where exports and the report go (default: the spec's out_dir)\n"
+    "  --mcu            require the Cortex-M4 measurement (fail without the tools)\n"
+    "  --no-mcu         skip it (default: run it when the tools are installed)\n"
+    "  --source DIR     the distill source tree holding bench/mcu (default: .)\n"
+    "  --set KEY=VALUE  override a key of every row's job config (repeatable)\n"
+    "  --no-progress    no progress lines on stderr\n";
+
 static volatile sig_atomic_t stop_flag;
 
 static void on_signal(int sig)
@@ -101,6 +163,200 @@ static int usage_error(const char *usage, const char *fmt, const char *arg)
     return 2;
 }
 
+static void export_progress(void *ctx, const char *phase, int64_t done, int64_t total)
+{
+    (void)ctx;
+    fprintf(stderr, "\r%-14s %lld / %lld", phase, (long long)done, (long long)total);
+    if (done >= total)
+        fputc('\n', stderr);
+}
+
+/* A whole non-negative decimal integer, or -1. */
+static long long parse_count(const char *s)
+{
+    char *end = NULL;
+    errno = 0;
+    long long v = s && *s ? strtoll(s, &end, 10) : -1;
+    return !s || !*s || *end || errno || v < 0 ? -1 : v;
+}
+
+static int cmd_export(int argc, char **argv)
+{
+    kd_export_opts o;
+    kd_export_opts_default(&o);
+    o.formats = 0;
+    o.bits = 0;
+    const char *config = NULL, *checkpoint = NULL;
+    int progress = isatty(STDERR_FILENO);
+    const char **sets = calloc((size_t)argc + 1, sizeof *sets);
+    if (!sets)
+        return 1;
+    int nsets = 0, rc = 0;
+    const char *bad = NULL, *badarg = NULL;
+    /* the first usage problem: a printf format with one %s, and its argument */
+#define BAD(fmt, arg) (bad = (fmt), badarg = (arg))
+    for (int i = 2; i < argc && !bad; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            fputs(usage_export, stdout);
+            free(sets);
+            return 0;
+        }
+        int takes = !strcmp(a, "--set") || !strcmp(a, "--checkpoint") || !strcmp(a, "--quant") ||
+                    !strcmp(a, "--format") || !strcmp(a, "--out") || !strcmp(a, "--calib") ||
+                    !strcmp(a, "--samples") || !strcmp(a, "--rounding") || !strcmp(a, "--json") ||
+                    !strcmp(a, "--int8-layers");
+        if (!strncmp(a, "--set=", 6)) {
+            sets[nsets++] = a + 6;
+            continue;
+        }
+        if (takes && !v) {
+            BAD("%s needs a value", a);
+            break;
+        }
+        if (takes)
+            i++;
+        if (!strcmp(a, "--set"))
+            sets[nsets++] = v;
+        else if (!strcmp(a, "--checkpoint"))
+            checkpoint = v;
+        else if (!strcmp(a, "--out"))
+            o.out_dir = v;
+        else if (!strcmp(a, "--json"))
+            o.json_path = v;
+        else if (!strcmp(a, "--int8-layers"))
+            o.int8_layers = v;
+        else if (!strcmp(a, "--quant")) {
+            o.bits = !strcmp(v, "int8") ? 8 : !strcmp(v, "int4") ? 4 : 0;
+            if (!o.bits)
+                BAD("--quant must be int8 or int4, got '%s'", v);
+        } else if (!strcmp(a, "--format")) {
+            o.formats = !strcmp(v, "kdm")    ? KD_EXPORT_KDM
+                        : !strcmp(v, "c")    ? KD_EXPORT_C
+                        : !strcmp(v, "both") ? KD_EXPORT_KDM | KD_EXPORT_C
+                                             : 0;
+            if (!o.formats)
+                BAD("--format must be kdm, c or both, got '%s'", v);
+        } else if (!strcmp(a, "--rounding")) {
+            if (!strcmp(v, "single") || !strcmp(v, "double"))
+                o.single_rounding = !strcmp(v, "single");
+            else
+                BAD("--rounding must be double or single, got '%s'", v);
+        } else if (!strcmp(a, "--calib")) {
+            long long n = parse_count(v);
+            if (n < 1 || n > 100000000)
+                BAD("--calib must be a count of at least 1, got '%s'", v);
+            o.calib_samples = n;
+        } else if (!strcmp(a, "--samples")) {
+            long long n = parse_count(v);
+            if (n < 0 || n > 100000000)
+                BAD("--samples must be a count, got '%s'", v);
+            o.n_samples = n;
+        } else if (!strcmp(a, "--softmax"))
+            o.softmax = 1;
+        else if (!strcmp(a, "--no-eval"))
+            o.evaluate = 0;
+        else if (!strcmp(a, "--progress"))
+            progress = 1;
+        else if (!strcmp(a, "--no-progress"))
+            progress = 0;
+        else if (a[0] == '-')
+            BAD("unknown option '%s'", a);
+        else if (!config)
+            config = a;
+        else
+            BAD("unexpected argument '%s'", a);
+    }
+    if (!bad && !config)
+        BAD("%s", "missing CONFIG");
+    else if (!bad && !checkpoint)
+        BAD("%s", "export needs --checkpoint FILE");
+    else if (!bad && !o.bits)
+        BAD("%s", "export needs --quant int8|int4");
+    else if (!bad && !o.formats)
+        BAD("%s", "export needs --format kdm|c|both");
+    else if (!bad && !o.out_dir)
+        BAD("%s", "export needs --out DIR");
+#undef BAD
+    if (bad) {
+        free(sets);
+        return usage_error(usage_export, bad, badarg);
+    }
+    if (progress)
+        o.progress = export_progress;
+    kd_job job;
+    kd_status st = kd_job_load(config, sets, &job);
+    free(sets);
+    if (st != KD_OK)
+        return fail(st);
+    kd_export_report *r = NULL;
+    st = kd_export_run(&job, checkpoint, &o, &r);
+    if (st == KD_OK) {
+        kd_export_report_print(r, stdout);
+        kd_export_report_free(r);
+    } else {
+        rc = fail(st);
+    }
+    kd_job_free(&job);
+    return rc;
+}
+
+static int cmd_report(int argc, char **argv)
+{
+    kd_report_opts o = {NULL, -1, NULL, NULL, 1};
+    const char *spec = NULL;
+    const char **sets = calloc((size_t)argc + 1, sizeof *sets);
+    if (!sets)
+        return 1;
+    int nsets = 0;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            fputs(usage_report, stdout);
+            free(sets);
+            return 0;
+        }
+        int takes = !strcmp(a, "--out") || !strcmp(a, "--source") || !strcmp(a, "--set");
+        if (takes && !v) {
+            free(sets);
+            return usage_error(usage_report, "%s needs a value", a);
+        }
+        if (!strcmp(a, "--out"))
+            o.out_dir = v;
+        else if (!strcmp(a, "--source"))
+            o.source_dir = v;
+        else if (!strcmp(a, "--set"))
+            sets[nsets++] = v;
+        else if (!strncmp(a, "--set=", 6))
+            sets[nsets++] = a + 6;
+        else if (!strcmp(a, "--mcu"))
+            o.mcu = 1;
+        else if (!strcmp(a, "--no-mcu"))
+            o.mcu = 0;
+        else if (!strcmp(a, "--no-progress"))
+            o.progress = 0;
+        else if (!strcmp(a, "--progress"))
+            o.progress = 1;
+        else if (a[0] == '-' || spec) {
+            free(sets);
+            return usage_error(usage_report, "unexpected argument '%s'", a);
+        } else
+            spec = a;
+        if (takes)
+            i++;
+    }
+    if (!spec) {
+        free(sets);
+        return usage_error(usage_report, "%s", "report needs SPEC (a YAML file)");
+    }
+    o.overrides = nsets ? sets : NULL;
+    kd_status st = kd_report_run(spec, &o, stdout);
+    free(sets);
+    return st == KD_OK ? 0 : fail(st);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2)
@@ -114,6 +370,10 @@ int main(int argc, char **argv)
         printf("distill %s\n", KD_VERSION);
         return 0;
     }
+    if (!strcmp(cmd, "export"))
+        return cmd_export(argc, argv);
+    if (!strcmp(cmd, "report"))
+        return cmd_report(argc, argv);
     const char *usage = NULL;
     if (!strcmp(cmd, "train"))
         usage = usage_train;
@@ -129,6 +389,8 @@ int main(int argc, char **argv)
               : !strcmp(t, "cache")   ? usage_cache
               : !strcmp(t, "eval")    ? usage_eval
               : !strcmp(t, "summary") ? usage_summary
+              : !strcmp(t, "export")  ? usage_export
+              : !strcmp(t, "report")  ? usage_report
                                       : usage_main,
               stdout);
         return 0;

@@ -30,8 +30,9 @@
  *
  * Requantization rounding. Default (KDM_FLAG_SINGLE_ROUNDING clear): TFLite's
  * two-step scheme - x * 2^left, then the saturating rounding doubling high
- * multiply by the Q31 multiplier (round half away from zero), then a
- * rounding right shift by `right` (round half away from zero), where
+ * multiply by the Q31 multiplier (ties rounded up, toward +infinity, as
+ * gemmlowp's nudge-and-truncate does), then a rounding right shift by
+ * `right` (round half away from zero), where
  * left = max(shift, 0) and right = max(-shift, 0). This is bit-identical to
  * TFLite Micro's reference MultiplyByQuantizedMultiplier, so outputs can be
  * cross-checked against it. With the flag set: one rounding,
@@ -125,13 +126,13 @@ extern "C" {
  *   SOFTMAX: over a [C] vector; d = max - x, e = lut[d], out = clamp(round(256 * e / sum) - 128)
  *     with output scale 1/256 and zero-point -128
  */
-#define KDM_MAGIC 0x314D444Bu /* bytes 'K' 'D' 'M' '1' */
-#define KDM_VERSION 1u
-#define KDM_HEADER_SIZE 64u
+#define KDM_MAGIC        0x314D444Bu /* bytes 'K' 'D' 'M' '1' */
+#define KDM_VERSION      1u
+#define KDM_HEADER_SIZE  64u
 #define KDM_TENSOR_WORDS 6u
-#define KDM_OP_WORDS 16u
-#define KDM_MAX_TENSORS 4096u
-#define KDM_MAX_OPS 4096u
+#define KDM_OP_WORDS     16u
+#define KDM_MAX_TENSORS  4096u
+#define KDM_MAX_OPS      4096u
 
 #define KDM_FLAG_SINGLE_ROUNDING 1u
 
@@ -154,6 +155,14 @@ typedef enum {
 #define KDM_OP_BIT(op) (1u << (op))
 #ifndef KDM_OP_MASK
 #define KDM_OP_MASK 0x3FEu /* all of KDM_OP_CONV2D .. KDM_OP_SOFTMAX */
+#endif
+
+/* Likewise -DKDM_WBITS_MASK=<bits> links only the weight widths a model uses (bit 1 << wbits:
+ * 0x100 INT8, 0x010 INT4); kdm_load refuses a weighted op of another width with KDM_ERR_OP. The
+ * exported model.h defines KDM_MODEL_WBITS_MASK for this. */
+#define KDM_WBITS_BIT(bits) (1u << (bits))
+#ifndef KDM_WBITS_MASK
+#define KDM_WBITS_MASK 0x110u /* INT8 and INT4 */
 #endif
 
 typedef enum {
@@ -188,8 +197,11 @@ typedef struct {
 
 /*
  * Validate `blob` (len bytes, 4-byte aligned, kept alive and unchanged while the model is
- * used) and fill *m. Never reads outside [blob, blob + len). On any error *m is zeroed
- * and the status says which check failed.
+ * used) and fill *m. Never reads outside [blob, blob + len); bytes past total_len are
+ * ignored. On any error *m is zeroed and the status says which check failed. Beyond the
+ * format, this runtime refuses: a blob or arena of 2^31 bytes or more, pad or stride above
+ * 65535, an AVGPOOL2D window or GLOBAL_AVGPOOL input of 2^24 values or more, and a
+ * MAXPOOL2D pad >= its kernel size (a window entirely in the padding).
  */
 kdm_status kdm_load(kdm_model *m, const void *blob, size_t len);
 

@@ -1,0 +1,66 @@
+/*
+ * fw.h - the little board layer every Cortex-M firmware in bench/mcu links (fw_board.c): output
+ * through semihosting, exit with a status, an instruction counter, and a painted stack.
+ *
+ * Boards: QEMU's mps2-an386 (Cortex-M4) and mps2-an500 (Cortex-M7); code in ZBT SSRAM1 at 0x0,
+ * data and stack in ZBT SSRAM2/3 at 0x20000000 (mps2_an386.ld, mps2_an500.ld). A Cortex-M0+
+ * build links against the same map only to prove that it builds.
+ *
+ * Output. fw_put* append to a line buffer that goes out with SYS_WRITE0 at each '\n' (one
+ * semihosting trap per line, not per character). Nothing here uses newlib's stdio.
+ *
+ * Instruction counting. QEMU run with `-icount shift=0` advances its virtual clock by exactly
+ * 2^0 = 1 ns per executed instruction, whatever the host does. The MPS2 FPGA I/O block's COUNTER
+ * register (0x40028018, PRESCALE left at 0) counts the board's 25 MHz clock on that virtual
+ * clock, so one tick = 40 ns = 40 instructions: instructions = ticks * FW_INSTR_PER_TICK. The
+ * resolution is one tick (40 instructions); fw_calibrate() times a loop of a known instruction
+ * count so a run can check the conversion. Without -icount the ticks follow host time and
+ * mean nothing as instructions.
+ *
+ * Stack. The reset handler fills the stack below its own frame with FW_STACK_PAINT;
+ * fw_stack_used() is the distance from the top of the stack to the lowest word no longer
+ * holding the paint (a high-water mark of everything run so far).
+ */
+#ifndef FW_H
+#define FW_H
+
+#include <stdint.h>
+
+#define FW_TICK_HZ        25000000u
+#define FW_INSTR_PER_TICK 40u /* 1e9 ns/s / 25 MHz, at 1 ns per instruction (-icount shift=0) */
+#define FW_STACK_PAINT    0xA5C3A5C3u
+
+/* The firmware's entry, called by the reset handler once .data and .bss are set up; its return
+ * value is the exit status QEMU reports. */
+int main(void);
+
+void fw_putc(char c);
+void fw_puts(const char *s);
+void fw_put_u32(uint32_t v);
+void fw_put_u64(uint64_t v);
+void fw_put_i32(int32_t v);
+/* v as two lower-case hex digits */
+void fw_put_hex8(uint8_t v);
+/* a key=value pair preceded by a space: " key=v" */
+void fw_put_kv(const char *key, uint32_t v);
+void fw_flush(void);
+
+/* Flush and end the run: QEMU exits with `status` (SYS_EXIT_EXTENDED). */
+void fw_exit(int status) __attribute__((noreturn));
+
+/* The FPGA I/O 25 MHz counter (wraps after 2^32 ticks: 171 s of virtual time). */
+uint32_t fw_ticks(void);
+static inline uint64_t fw_ticks_to_instr(uint32_t ticks)
+{
+    return (uint64_t)ticks * FW_INSTR_PER_TICK;
+}
+
+/* Time a loop of FW_CALIB_INSTR instructions; returns the instructions the counter saw. */
+#define FW_CALIB_INSTR 2000000u
+uint64_t fw_calibrate(void);
+
+/* Bytes of stack ever used (painted words overwritten) and bytes reserved. */
+uint32_t fw_stack_used(void);
+uint32_t fw_stack_size(void);
+
+#endif

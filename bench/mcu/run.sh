@@ -1,0 +1,299 @@
+#!/usr/bin/env bash
+# run.sh - cross-build the distill runtime's Cortex-M firmware (bench/mcu) and run it in QEMU.
+#
+#   bench/mcu/run.sh [bench] EXPORT_DIR
+#       The Cortex-M benchmark of an export (`distill export --format c --samples N --out DIR`:
+#       model.c, model.h, samples.bin). Builds for cortex-m4 with the DSP kernels and with
+#       KDM_FORCE_REF=1, for cortex-m7 and for cortex-m0plus; runs firmware A (run_samples: the
+#       outputs must equal the host runtime's in samples.bin byte for byte) and firmware B
+#       (bench_layers) on mps2-an386 under -icount shift=0, firmware A on mps2-an500 (M7);
+#       prints the per-layer table (DSP beside reference), the flash / RAM figures and the
+#       targets, and writes bench/results/mcu.json (KDM_MCU_JSON overrides the path).
+#   bench/mcu/run.sh check EXPORT_DIR [BUILD_DIR]
+#       Firmware A for cortex-m4 (DSP kernels) in QEMU: every sample's output bytes must equal
+#       samples.bin's host output, and the instruction counter must pass its calibration.
+#   bench/mcu/run.sh compare LOG SAMPLES_BIN
+#       Only the comparison: a run_samples log against a samples.bin (tests use it to show that
+#       a changed byte is caught).
+#   bench/mcu/run.sh kcheck CASES_C [BUILD_DIR]
+#       Firmware C (kernel_check) with the DSP kernels and with KDM_FORCE_REF=1 on the
+#       Cortex-M4: both must reproduce the host outputs and print identical lines.
+# Exit status: 0 pass, 1 fail, 77 when arm-none-eabi-gcc, qemu-system-arm or cmake is missing.
+#
+# Instruction counts: QEMU's -icount shift=0 runs the virtual clock at 1 ns per instruction and
+# the MPS2 FPGA counter ticks at 25 MHz on it, so 1 tick = 40 instructions (bench/mcu/fw.h);
+# every firmware first times a loop of 2,000,000 instructions and this script checks it.
+# Environment: KDM_MCU_BUILD (build root, default build/mcu), KDM_QEMU_TIMEOUT (seconds per
+# QEMU run, default 120), KDM_RUNTIME_DIR (runtime sources, default mcu_runtime), JOBS (2).
+set -u -o pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+jobs=${JOBS:-2}
+qemu_timeout=${KDM_QEMU_TIMEOUT:-120}
+calib_expect=2000000
+calib_tol=100 # two counter ticks and the few instructions around the reads
+
+die() {
+    echo "run.sh: $*" >&2
+    exit 1
+}
+
+need_tools() {
+    local t
+    for t in arm-none-eabi-gcc arm-none-eabi-size qemu-system-arm cmake od; do
+        if ! command -v "$t" >/dev/null 2>&1; then
+            echo "SKIP: $t not found (Debian: apt-get install gcc-arm-none-eabi" \
+                "libnewlib-arm-none-eabi qemu-system-arm cmake)"
+            exit 77
+        fi
+    done
+}
+
+# build DIR CPU FORCE_REF TARGETS... -- extra cmake -D arguments come from $cfg_args
+build() {
+    local dir=$1 cpu=$2 ref=$3
+    shift 3
+    local rt=()
+    [ -n "${KDM_RUNTIME_DIR:-}" ] && rt=("-DKDM_RUNTIME_DIR=$KDM_RUNTIME_DIR")
+    mkdir -p "$dir"
+    if ! cmake -S "$here" -B "$dir" -DCMAKE_TOOLCHAIN_FILE="$root/cmake/arm-none-eabi.cmake" \
+        -DKDM_CPU="$cpu" -DKDM_FORCE_REF="$ref" "${rt[@]}" "${cfg_args[@]}" \
+        >"$dir/configure.log" 2>&1; then
+        cat "$dir/configure.log" >&2
+        die "configuring $dir failed"
+    fi
+    local t targets=()
+    for t in "$@"; do targets+=(--target "$t"); done
+    if ! cmake --build "$dir" -j "$jobs" "${targets[@]}" >"$dir/build.log" 2>&1; then
+        cat "$dir/build.log" >&2
+        die "building $dir failed"
+    fi
+}
+
+# qemu MACHINE ELF LOG [extra qemu args]: run to the firmware's exit; its status is returned.
+# QEMU 7.2 writes semihosting output to stderr, so both streams go to LOG.
+qemu() {
+    local machine=$1 elf=$2 log=$3
+    shift 3
+    timeout "$qemu_timeout" qemu-system-arm -M "$machine" -nographic \
+        -semihosting-config enable=on,target=native "$@" -kernel "$elf" >"$log" 2>&1
+}
+
+# field LOG PREFIX KEY: the value of KEY=... on the first line starting with PREFIX
+field() {
+    awk -v p="$2" -v k="$3" 'index($0, p) == 1 {
+        for (i = 1; i <= NF; i++) if (index($i, k "=") == 1) { print substr($i, length(k) + 2); exit }
+    }' "$1"
+}
+
+# check_calib LOG: the tick -> instruction conversion held for this run
+check_calib() {
+    local got
+    got=$(field "$1" "calib " instr)
+    if [ -z "$got" ] || [ $((got > calib_expect ? got - calib_expect : calib_expect - got)) -gt \
+        $calib_tol ]; then
+        echo "FAIL: calibration loop of $calib_expect instructions measured '${got}'" \
+            "(is QEMU run with -icount shift=0?)"
+        return 1
+    fi
+}
+
+# compare_samples LOG SAMPLES_BIN: every "sample i ... out=HEX" line equals record i's host output
+compare_samples() {
+    local log=$1 bin=$2 n in out rec i off want got bad=0
+    read -r n in out < <(od -An -v -tu4 -j4 -N12 "$bin")
+    [ "$(head -c4 "$bin")" = KDMS ] || die "$bin: not a samples file"
+    rec=$((in + 4 + out))
+    for ((i = 0; i < n; i++)); do
+        off=$((16 + i * rec + in + 4))
+        want=$(od -An -v -tx1 -j "$off" -N "$out" "$bin" | tr -d ' \n')
+        got=$(awk -v i="$i" '$1 == "sample" && $2 == i { sub(/.* out=/, ""); print; exit }' "$log")
+        if [ "$got" != "$want" ]; then
+            [ $bad -lt 5 ] && echo "  sample $i: host $want, QEMU ${got:-<none>}"
+            bad=$((bad + 1))
+        fi
+    done
+    echo "host vs QEMU: $((n - bad))/$n samples byte-identical"
+    [ $bad -eq 0 ] && [ "$n" -gt 0 ]
+}
+
+# run_check MACHINE ELF EXPORT_DIR LOG: firmware A, compared with the host
+run_check() {
+    local machine=$1 elf=$2 dir=$3 log=$4 rc
+    qemu "$machine" "$elf" "$log" -icount shift=0
+    rc=$?
+    if [ $rc -ne 0 ]; then
+        tail -5 "$log"
+        echo "FAIL: run_samples on $machine exited with $rc"
+        return 1
+    fi
+    check_calib "$log" || return 1
+    compare_samples "$log" "$dir/samples.bin" || return 1
+    # no Cortex-M retires more than two MACs per instruction (SMLAD): fewer instructions than
+    # MACs / 2 means kernels did not run (ops compiled out of the dispatch, say), and equal
+    # outputs on both sides would prove nothing
+    local macs instr
+    macs=$(field "$log" summary macs)
+    instr=$(field "$log" summary instr_min)
+    if [ -z "$macs" ] || [ -z "$instr" ] || [ $((instr * 2)) -lt "$macs" ]; then
+        echo "FAIL: $instr instructions per inference for $macs MACs: the kernels did not run"
+        return 1
+    fi
+    echo "instructions per inference ($machine): $(field "$log" summary instr_mean)" \
+        "(min $(field "$log" summary instr_min), max $(field "$log" summary instr_max))"
+}
+
+cmd_check() {
+    local dir=$1 bdir=${2:-${KDM_MCU_BUILD:-$root/build/mcu}/check}
+    [ -f "$dir/samples.bin" ] || die "$dir has no samples.bin"
+    dir=$(cd "$dir" && pwd)
+    cfg_args=(-DKDM_EXPORT_DIR="$dir" -DKDM_KCHECK_SOURCE=)
+    build "$bdir" cortex-m4 OFF run_samples
+    run_check mps2-an386 "$bdir/run_samples.elf" "$dir" "$bdir/run_samples.log"
+}
+
+cmd_compare() {
+    if [ $# -ne 2 ] || [ ! -f "$1" ] || [ ! -f "$2" ]; then
+        die "compare needs LOG SAMPLES_BIN"
+    fi
+    compare_samples "$1" "$2"
+}
+
+cmd_kcheck() {
+    local src=$1 bdir=${2:-${KDM_MCU_BUILD:-$root/build/mcu}/kcheck} k rc fail=0
+    [ -f "$src" ] || die "$src not found"
+    src=$(cd "$(dirname "$src")" && pwd)/$(basename "$src")
+    cfg_args=(-DKDM_EXPORT_DIR= -DKDM_KCHECK_SOURCE="$src")
+    for k in dsp ref; do
+        build "$bdir/$k" cortex-m4 "$([ $k = ref ] && echo ON || echo OFF)" kernel_check
+        qemu mps2-an386 "$bdir/$k/kernel_check.elf" "$bdir/$k/kernel_check.log"
+        rc=$?
+        grep -v ' ok ' "$bdir/$k/kernel_check.log" | head -20
+        [ $rc -eq 0 ] || { echo "FAIL: kernel_check ($k) exited with $rc"; fail=1; }
+    done
+    # the runtime must have built different kernels for the two (KDM_FORCE_REF honoured)
+    if [ "$(arm-none-eabi-size "$bdir/dsp/kernel_check.elf" | awk 'NR == 2 { print $1 }')" = \
+        "$(arm-none-eabi-size "$bdir/ref/kernel_check.elf" | awk 'NR == 2 { print $1 }')" ]; then
+        echo "FAIL: the DSP and KDM_FORCE_REF builds have the same code size: is KDM_FORCE_REF" \
+            "honoured and are DSP kernels built for cortex-m4?"
+        fail=1
+    fi
+    if ! diff <(grep '^case ' "$bdir/dsp/kernel_check.log") \
+        <(grep '^case ' "$bdir/ref/kernel_check.log") >/dev/null; then
+        echo "FAIL: DSP and reference kernels differ on the Cortex-M4:"
+        diff <(grep '^case ' "$bdir/dsp/kernel_check.log") \
+            <(grep '^case ' "$bdir/ref/kernel_check.log") | head -20
+        fail=1
+    fi
+    [ $fail -eq 0 ] && echo "kernel check: $(grep -c '^case ' "$bdir/dsp/kernel_check.log")" \
+        "cases, DSP = reference = host on the Cortex-M4"
+    return $fail
+}
+
+# map_bytes MAP ARCHIVE: bytes of code and constants the link took from ARCHIVE's members
+# (input sections .text* / .rodata*; a long section name puts address, size and file on the
+# next line of the map)
+map_bytes() {
+    awk -v lib="$2" '
+        function hex(s, i, v) {
+            s = tolower(s); sub(/^0x/, "", s); v = 0
+            for (i = 1; i <= length(s); i++) v = v * 16 + index("0123456789abcdef", substr(s, i, 1)) - 1
+            return v
+        }
+        /^Discarded input sections/ { skip = 1 } /^Linker script and memory map/ { skip = 0 }
+        skip { next }
+        /^ \.(text|rodata)[^ ]*$/ { pending = 1; next }
+        pending && /^ +0x/ { if (index($3, lib "(")) sum += hex($2); pending = 0; next }
+        /^ \.(text|rodata)/ && NF >= 4 && $2 ~ /^0x/ { if (index($4, lib "(")) sum += hex($3) }
+        { pending = 0 }
+        END { print sum + 0 }' "$1"
+}
+
+cmd_bench() {
+    local dir=$1 broot=${KDM_MCU_BUILD:-$root/build/mcu} json=${KDM_MCU_JSON:-$root/bench/results/mcu.json}
+    [ -f "$dir/samples.bin" ] || die "$dir has no samples.bin"
+    dir=$(cd "$dir" && pwd)
+    cfg_args=(-DKDM_EXPORT_DIR="$dir" -DKDM_KCHECK_SOURCE=)
+    local ok=1 v
+    echo "== building (cortex-m4 dsp / ref, cortex-m7, cortex-m0plus) into $broot"
+    build "$broot/m4-dsp" cortex-m4 OFF
+    build "$broot/m4-ref" cortex-m4 ON
+    build "$broot/m7" cortex-m7 OFF
+    build "$broot/m0plus" cortex-m0plus OFF footprint
+
+    echo "== firmware A (run_samples)"
+    run_check mps2-an386 "$broot/m4-dsp/run_samples.elf" "$dir" "$broot/m4-dsp/run_samples.log" || ok=0
+    run_check mps2-an386 "$broot/m4-ref/run_samples.elf" "$dir" "$broot/m4-ref/run_samples.log" || ok=0
+    run_check mps2-an500 "$broot/m7/run_samples.elf" "$dir" "$broot/m7/run_samples.log" || ok=0
+
+    echo "== firmware B (bench_layers) and footprint"
+    local machine
+    for v in m4-dsp m4-ref m7; do
+        machine=$([ $v = m7 ] && echo mps2-an500 || echo mps2-an386)
+        for fw in bench_layers footprint; do
+            if ! qemu "$machine" "$broot/$v/$fw.elf" "$broot/$v/$fw.log" -icount shift=0; then
+                tail -3 "$broot/$v/$fw.log"
+                die "$fw ($v) failed"
+            fi
+        done
+        check_calib "$broot/$v/bench_layers.log" || ok=0
+    done
+
+    # sizes: text/data/bss of the footprint firmware, the runtime's share from the link map
+    local sizes=() line
+    for v in m4-dsp m4-ref m7 m0plus; do
+        read -r text data bss _ < <(arm-none-eabi-size "$broot/$v/footprint.elf" | tail -1)
+        local rt blob libc
+        rt=$(map_bytes "$broot/$v/footprint.map" libkdm.a)
+        libc=$(($(map_bytes "$broot/$v/footprint.map" libgcc.a) + $(map_bytes "$broot/$v/footprint.map" libc_nano.a)))
+        blob=$(arm-none-eabi-nm -S "$broot/$v/footprint.elf" | awk '$4 == "kdm_model_blob" { print $2 }')
+        blob=$((16#${blob:-0}))
+        sizes+=("$v $text $data $bss $rt $blob $libc")
+    done
+    local stack_used arena stack_size
+    stack_used=$(field "$broot/m4-dsp/footprint.log" footprint stack_used)
+    stack_size=$(field "$broot/m4-dsp/footprint.log" footprint stack_size)
+    arena=$(field "$broot/m4-dsp/footprint.log" footprint arena)
+
+    local runtime_sha
+    runtime_sha=$(cd "${KDM_RUNTIME_DIR:-$root/mcu_runtime}" && find . -name '*.[ch]' -o -name CMakeLists.txt |
+        LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)
+
+    mkdir -p "$(dirname "$json")"
+    {
+        echo "runtime_sha $runtime_sha"
+        echo "export_dir $dir"
+        echo "model $(head -1 "$dir/model.h" | sed 's|^/\*||; s|\*/$||; s/["\\]//g')"
+        echo "qemu $(qemu-system-arm --version | head -1 | awk '{ print $4 }')"
+        echo "gcc $(arm-none-eabi-gcc -dumpversion)"
+        echo "calib $(field "$broot/m4-dsp/bench_layers.log" "calib " instr)"
+        for v in m4-dsp m4-ref m7; do
+            echo "invoke $v $(field "$broot/$v/run_samples.log" summary instr_mean)" \
+                "$(field "$broot/$v/run_samples.log" summary host_match)" \
+                "$(field "$broot/$v/run_samples.log" summary samples)"
+        done
+        echo "stack $stack_used $stack_size $arena"
+        for line in "${sizes[@]}"; do echo "size $line"; done
+        grep '^layer ' "$broot/m4-dsp/bench_layers.log" | sed 's/^layer/dsp/'
+        grep '^layer ' "$broot/m4-ref/bench_layers.log" | sed 's/^layer/ref/'
+        grep '^layer ' "$broot/m7/bench_layers.log" | sed 's/^layer/m7/'
+    } >"$broot/results.txt"
+    echo "== arm-none-eabi-size of the footprint firmware"
+    (cd "$broot" && arm-none-eabi-size m4-dsp/footprint.elf m4-ref/footprint.elf m7/footprint.elf \
+        m0plus/footprint.elf)
+    awk -v json="$json" -f "$here/report.awk" "$broot/results.txt" || ok=0
+    echo "wrote $json"
+    [ $ok -eq 1 ]
+}
+
+mode=bench
+case "${1:-}" in
+bench | check | compare | kcheck) mode=$1 && shift ;;
+esac
+[ $# -ge 1 ] || {
+    awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"
+    exit 2
+}
+need_tools
+"cmd_$mode" "$@"

@@ -1,0 +1,380 @@
+/*
+ * compare.c - `distill report` (see compare.h): evaluate or export every row of a report spec,
+ * measure the exports on the Cortex-M4 under QEMU when the tools exist, print one table.
+ *
+ * The Cortex-M measurement is bench/mcu/run.sh, run as a child process with its output in
+ * <row dir>/mcu.log and its figures in <row dir>/mcu.json (read back with cJSON); a firmware
+ * whose outputs differ from the host runtime's makes run.sh fail, and so the report.
+ */
+#include "compare.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "export.h"
+#include "export_internal.h"
+#include "fileio.h"
+#include "job.h"
+#include "model.h"
+#include "train.h"
+
+#define MAX_ROWS 32
+
+typedef struct {
+    char label[96];
+    char config[512], checkpoint[512];
+    int bits;              /* 0 float */
+    char int8_layers[256]; /* int4 exports: layers kept at 8 bits ("" none) */
+    /* results */
+    double acc;
+    int64_t params;
+    int64_t flash, ram, instr; /* -1 unknown */
+    int mcu_measured;
+    char dir[1024];
+} row_t;
+
+static kd_status spec_str(const kd_node *row, const char *key, int required, char *buf, size_t len,
+                          const char *spec)
+{
+    const char *s = NULL;
+    KD_TRY(kd_node_get_str(row, key, required, &s));
+    if (!s)
+        return KD_OK;
+    if (strlen(s) >= len) {
+        char pos[160];
+        return KD_FAIL(KD_ERR_CONFIG, "%s: %s is longer than %zu characters",
+                       kd_node_where(kd_node_child(row, key), pos, sizeof pos), key, len - 1);
+    }
+    snprintf(buf, len, "%s", s);
+    (void)spec;
+    return KD_OK;
+}
+
+static kd_status parse_spec(const char *path, char *out_dir, size_t out_len, row_t *rows,
+                            int *nrows)
+{
+    kd_node *doc = NULL;
+    kd_status st = kd_yaml_load_file(path, &doc);
+    if (st != KD_OK)
+        return st;
+    static const char *const keys[] = {"out_dir", "rows", NULL};
+    static const char *const row_keys[] = {"label", "config",      "checkpoint",
+                                           "quant", "int8_layers", NULL};
+    char pos[160];
+    const kd_node *seq = NULL;
+    *nrows = 0;
+    if ((st = kd_node_check_keys(doc, keys, "the report spec")) != KD_OK ||
+        (st = spec_str(doc, "out_dir", 0, out_dir, out_len, path)) != KD_OK)
+        goto done;
+    seq = kd_node_child(doc, "rows");
+    if (!seq || seq->kind != KD_NODE_SEQ || seq->len == 0) {
+        st = KD_FAIL(KD_ERR_CONFIG,
+                     "%s: 'rows' must be a non-empty list of {label, config, "
+                     "checkpoint[, quant]}",
+                     seq ? kd_node_where(seq, pos, sizeof pos) : path);
+        goto done;
+    }
+    if (seq->len > MAX_ROWS) {
+        st = KD_FAIL(KD_ERR_CONFIG, "%s: at most %d rows", kd_node_where(seq, pos, sizeof pos),
+                     MAX_ROWS);
+        goto done;
+    }
+    for (size_t i = 0; i < seq->len; i++) {
+        const kd_node *r = seq->items[i];
+        row_t *w = &rows[i];
+        memset(w, 0, sizeof *w);
+        w->flash = w->ram = w->instr = -1;
+        char quant[16] = "";
+        if (r->kind != KD_NODE_MAP) {
+            st = KD_FAIL(KD_ERR_CONFIG, "%s: a row is a map {label, config, checkpoint[, quant]}",
+                         kd_node_where(r, pos, sizeof pos));
+            goto done;
+        }
+        if ((st = kd_node_check_keys(r, row_keys, "a report row")) != KD_OK ||
+            (st = spec_str(r, "label", 1, w->label, sizeof w->label, path)) != KD_OK ||
+            (st = spec_str(r, "config", 1, w->config, sizeof w->config, path)) != KD_OK ||
+            (st = spec_str(r, "checkpoint", 1, w->checkpoint, sizeof w->checkpoint, path)) !=
+                KD_OK ||
+            (st = spec_str(r, "quant", 0, quant, sizeof quant, path)) != KD_OK ||
+            (st = spec_str(r, "int8_layers", 0, w->int8_layers, sizeof w->int8_layers, path)) !=
+                KD_OK)
+            goto done;
+        if (!quant[0] || !strcmp(quant, "fp32"))
+            w->bits = 0;
+        else if (!strcmp(quant, "int8"))
+            w->bits = 8;
+        else if (!strcmp(quant, "int4"))
+            w->bits = 4;
+        else {
+            st = KD_FAIL(KD_ERR_CONFIG, "%s: quant must be fp32, int8 or int4, got '%s'",
+                         kd_node_where(kd_node_child(r, "quant"), pos, sizeof pos), quant);
+            goto done;
+        }
+        (*nrows)++;
+    }
+done:
+    kd_node_free(doc);
+    return st;
+}
+
+static int have_tool(const char *name)
+{
+    const char *path = getenv("PATH");
+    if (!path)
+        return 0;
+    char buf[4096];
+    const char *p = path;
+    while (*p) {
+        const char *e = strchr(p, ':');
+        size_t n = e ? (size_t)(e - p) : strlen(p);
+        snprintf(buf, sizeof buf, "%.*s/%s", (int)n, p, name);
+        if (access(buf, X_OK) == 0)
+            return 1;
+        if (!e)
+            break;
+        p = e + 1;
+    }
+    return 0;
+}
+
+/* bash <src>/bench/mcu/run.sh bench <dir>, output to <dir>/mcu.log, figures to <dir>/mcu.json */
+static kd_status run_mcu(const char *src, const char *dir, const char *build_root)
+{
+    char script[1200], log[1100], json[1100];
+    snprintf(script, sizeof script, "%s/bench/mcu/run.sh", src);
+    snprintf(log, sizeof log, "%s/mcu.log", dir);
+    snprintf(json, sizeof json, "%s/mcu.json", dir);
+    if (access(script, R_OK) != 0)
+        return KD_FAIL(KD_ERR_NOT_FOUND,
+                       "'%s' not found: run distill report from the source tree or pass --source",
+                       script);
+    pid_t pid = fork();
+    if (pid < 0)
+        return KD_FAIL(KD_ERR_IO, "fork failed: %s", strerror(errno));
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+            close(fd);
+        }
+        setenv("KDM_MCU_JSON", json, 1);
+        setenv("KDM_MCU_BUILD", build_root, 1);
+        execlp("bash", "bash", script, "bench", dir, (char *)NULL);
+        _exit(127);
+    }
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR)
+            return KD_FAIL(KD_ERR_IO, "waitpid failed: %s", strerror(errno));
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        return KD_FAIL(KD_ERR_INTERNAL,
+                       "the Cortex-M4 run of '%s' failed (exit %d): see '%s' (a firmware whose "
+                       "outputs differ from the host runtime's fails it)",
+                       dir, WIFEXITED(status) ? WEXITSTATUS(status) : -1, log);
+    return KD_OK;
+}
+
+static int64_t json_int(const cJSON *o, const char *a, const char *b)
+{
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, a);
+    if (b)
+        x = cJSON_GetObjectItemCaseSensitive(x, b);
+    return cJSON_IsNumber(x) ? (int64_t)x->valuedouble : -1;
+}
+
+static kd_status read_mcu(row_t *w)
+{
+    char json[1100];
+    snprintf(json, sizeof json, "%s/mcu.json", w->dir);
+    void *text = NULL;
+    size_t len = 0;
+    KD_TRY(kd_file_read_all(json, &text, &len));
+    cJSON *j = cJSON_ParseWithLength((const char *)text, len);
+    free(text);
+    if (!j)
+        return KD_FAIL(KD_ERR_FORMAT, "'%s' is not JSON", json);
+    const cJSON *sizes = cJSON_GetObjectItemCaseSensitive(j, "sizes");
+    w->instr = json_int(j, "instr_per_inference", "m4_dsp");
+    w->flash = json_int(sizes, "m4-dsp", "total_flash");
+    w->ram = json_int(j, "ram", "arena_plus_stack");
+    cJSON_Delete(j);
+    if (w->instr < 0 || w->flash < 0 || w->ram < 0)
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "'%s' lacks instr_per_inference.m4_dsp, "
+                       "sizes.m4-dsp.total_flash or ram.arena_plus_stack",
+                       json);
+    w->mcu_measured = 1;
+    return KD_OK;
+}
+
+static kd_status run_row(row_t *w, int idx, const char *out_dir, const kd_report_opts *o, int mcu)
+{
+    kd_job job;
+    KD_TRY(kd_job_load(w->config, o->overrides, &job));
+    kd_status st = KD_OK;
+    kd_model *m = NULL;
+    if ((st = kd_model_build(job.model_input, job.model_layers, kd_backend_cpu(), 1, 0, &m)) !=
+        KD_OK)
+        goto done;
+    w->params = (int64_t)kd_model_num_params(m);
+    if (!w->bits) {
+        kd_eval_result r;
+        if ((st = kd_eval(&job, w->checkpoint, &r)) != KD_OK)
+            goto done;
+        w->acc = r.acc;
+        w->flash = 4 * w->params;
+        goto done;
+    }
+    snprintf(w->dir, sizeof w->dir, "%s/%02d-int%d", out_dir, idx + 1, w->bits);
+    kd_export_opts eo;
+    kd_export_opts_default(&eo);
+    eo.bits = w->bits;
+    eo.formats = KD_EXPORT_KDM | KD_EXPORT_C;
+    eo.out_dir = w->dir;
+    eo.n_samples = 16;
+    eo.int8_layers = w->int8_layers[0] ? w->int8_layers : NULL;
+    kd_export_report *rep = NULL;
+    if ((st = kd_export_run(&job, w->checkpoint, &eo, &rep)) != KD_OK)
+        goto done;
+    w->acc = kd_export_report_int_acc(rep);
+    w->flash = (int64_t)rep->blob_len;
+    w->ram = rep->g->arena_size;
+    kd_export_report_free(rep);
+    if (mcu) {
+        char build_root[1100];
+        snprintf(build_root, sizeof build_root, "%s/mcu-build", out_dir);
+        if ((st = run_mcu(o->source_dir ? o->source_dir : ".", w->dir, build_root)) != KD_OK ||
+            (st = read_mcu(w)) != KD_OK)
+            goto done;
+    }
+done:
+    kd_model_free(m);
+    kd_job_free(&job);
+    if (st != KD_OK)
+        kd_fail_context(st, "report row %d (%s): ", idx + 1, w->label);
+    return st;
+}
+
+static void fmt_bytes(int64_t b, char *buf, size_t len)
+{
+    if (b < 0)
+        snprintf(buf, len, "-");
+    else if (b >= 1 << 20)
+        snprintf(buf, len, "%.2f MB", b / 1048576.0);
+    else
+        snprintf(buf, len, "%.1f KB", b / 1024.0);
+}
+
+static void print_table(FILE *f, const row_t *rows, int n, int md, int mcu)
+{
+    const char *fmt_h = md ? "| %s | %s | %s | %s | %s | %s |\n" : "%-34s %8s %9s %10s %10s %14s\n";
+    const char *fmt_r = md ? "| %s | %s | %s | %s | %s | %s |\n" : "%-34s %8s %9s %10s %10s %14s\n";
+    fprintf(f, fmt_h, "model", "params", "accuracy", "flash", "RAM", "M4 instr/inf");
+    if (md)
+        fprintf(f, "|---|---:|---:|---:|---:|---:|\n");
+    for (int i = 0; i < n; i++) {
+        const row_t *w = &rows[i];
+        char p[32], a[32], fl[32], ram[32], ins[32];
+        snprintf(p, sizeof p, "%lld", (long long)w->params);
+        snprintf(a, sizeof a, "%.2f%%", 100 * w->acc);
+        fmt_bytes(w->flash, fl, sizeof fl);
+        fmt_bytes(w->ram, ram, sizeof ram);
+        if (w->instr >= 0)
+            snprintf(ins, sizeof ins, "%lld", (long long)w->instr);
+        else
+            snprintf(ins, sizeof ins, "-");
+        if (!w->bits && !md)
+            snprintf(fl + strlen(fl), sizeof fl - strlen(fl), "*");
+        fprintf(f, fmt_r, w->label, p, a, fl, ram, ins);
+    }
+    fprintf(f,
+            "%sfloat rows: flash = float32 weights (4 bytes a parameter), not deployable "
+            "as such.\n",
+            md ? "\n" : "* ");
+    fprintf(f, "%s\n",
+            mcu ? "Quantized rows: flash and RAM of the Cortex-M4 firmware (runtime code + model "
+                  "+ startup; arena + measured stack), instructions of one inference on QEMU "
+                  "mps2-an386 with -icount shift=0; accuracy of the integer model on the "
+                  "10000 test images (host build of the same runtime)."
+                : "Quantized rows: flash = the .kdm blob, RAM = the planned arena (the Cortex-M "
+                  "tools were not used); accuracy of the integer model on the test images.");
+}
+
+static kd_status write_outputs(const char *out_dir, const row_t *rows, int n, int mcu)
+{
+    char path[1100];
+    snprintf(path, sizeof path, "%s/report.md", out_dir);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f)
+        return KD_FAIL(KD_ERR_NOMEM, "out of memory");
+    print_table(f, rows, n, 1, mcu);
+    fclose(f);
+    kd_status st = kd_export_write_bytes(path, buf, len);
+    free(buf);
+    KD_TRY(st);
+    cJSON *j = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(j, "rows");
+    for (int i = 0; i < n; i++) {
+        const row_t *w = &rows[i];
+        cJSON *r = cJSON_CreateObject();
+        cJSON_AddStringToObject(r, "label", w->label);
+        cJSON_AddStringToObject(r, "config", w->config);
+        cJSON_AddStringToObject(r, "checkpoint", w->checkpoint);
+        cJSON_AddStringToObject(r, "quant", w->bits == 8 ? "int8" : w->bits == 4 ? "int4" : "fp32");
+        cJSON_AddNumberToObject(r, "params", (double)w->params);
+        cJSON_AddNumberToObject(r, "test_acc", w->acc);
+        cJSON_AddNumberToObject(r, "flash_bytes", (double)w->flash);
+        if (w->ram >= 0)
+            cJSON_AddNumberToObject(r, "ram_bytes", (double)w->ram);
+        if (w->instr >= 0)
+            cJSON_AddNumberToObject(r, "m4_instructions_per_inference", (double)w->instr);
+        cJSON_AddBoolToObject(r, "measured_on_cortex_m4", w->mcu_measured);
+        if (w->dir[0])
+            cJSON_AddStringToObject(r, "export_dir", w->dir);
+        cJSON_AddItemToArray(arr, r);
+    }
+    char *text = cJSON_Print(j);
+    cJSON_Delete(j);
+    if (!text)
+        return KD_FAIL(KD_ERR_NOMEM, "out of memory");
+    snprintf(path, sizeof path, "%s/report.json", out_dir);
+    st = kd_export_write_bytes(path, text, strlen(text));
+    free(text);
+    return st;
+}
+
+kd_status kd_report_run(const char *spec_path, const kd_report_opts *o, FILE *out)
+{
+    static row_t rows[MAX_ROWS];
+    char out_dir[512] = "runs/report";
+    int n = 0;
+    KD_TRY(parse_spec(spec_path, out_dir, sizeof out_dir, rows, &n));
+    if (o->out_dir)
+        snprintf(out_dir, sizeof out_dir, "%s", o->out_dir);
+    KD_TRY(kd_mkdir_p(out_dir));
+    int tools =
+        have_tool("arm-none-eabi-gcc") && have_tool("qemu-system-arm") && have_tool("cmake");
+    if (o->mcu == 1 && !tools)
+        return KD_FAIL(KD_ERR_NOT_FOUND,
+                       "--mcu needs arm-none-eabi-gcc, qemu-system-arm and cmake on PATH "
+                       "(Debian: gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm)");
+    int mcu = o->mcu < 0 ? tools : o->mcu;
+    for (int i = 0; i < n; i++) {
+        if (o->progress)
+            fprintf(stderr, "report: row %d/%d: %s%s\n", i + 1, n, rows[i].label,
+                    rows[i].bits && mcu ? " (export, then the Cortex-M4 under QEMU)" : "");
+        KD_TRY(run_row(&rows[i], i, out_dir, o, mcu));
+    }
+    print_table(out, rows, n, 0, mcu);
+    KD_TRY(write_outputs(out_dir, rows, n, mcu));
+    fprintf(out, "written: %s/report.md, %s/report.json\n", out_dir, out_dir);
+    return KD_OK;
+}

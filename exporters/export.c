@@ -1,0 +1,560 @@
+/*
+ * export.c - `distill export` as a library call: build and load the student, lower, calibrate,
+ * quantize, plan, serialize, evaluate on the test set, write the files (export.h has the steps).
+ *
+ * Order matters for the "nothing written on bad input" promise: every check (options, output
+ * directory, checkpoint, data, lowering, quantization, kdm_load of the blob) runs before the
+ * first file is created. The output directory is only probed (the nearest existing ancestor
+ * must be a writable directory) until then.
+ *
+ * Evaluation runs the three models on every test sample: the engine's own (unfolded) model in
+ * batches as `distill eval` does, the folded float graph, and the blob through the host build of
+ * the runtime (kdm_load once, kdm_invoke per sample, inputs quantized with the blob's own
+ * kdm_input_quant). Their accuracies and agreements go to the report.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "checkpoint.h"
+#include "dataset.h"
+#include "export_internal.h"
+#include "quant.h"
+#include "fileio.h"
+#include "train.h"
+
+/* calibration samples the bias correction runs (it costs two partial forwards per weighted op) */
+#define KD_EXPORT_BC_SAMPLES 256
+
+void kd_export_opts_default(kd_export_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->bits = 8;
+    o->formats = KD_EXPORT_KDM;
+    o->calib_samples = 1000;
+    o->evaluate = 1;
+}
+
+double kd_export_report_float_acc(const kd_export_report *r) { return r->acc_float; }
+double kd_export_report_int_acc(const kd_export_report *r) { return r->acc_int; }
+double kd_export_report_agreement(const kd_export_report *r) { return r->agree_int_float; }
+
+void kd_export_report_free(kd_export_report *r)
+{
+    if (!r)
+        return;
+    kd_export_graph_free(r->g);
+    free(r->op_bytes);
+    free(r);
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Fail unless `path` could be created as a file or directory: its nearest existing ancestor
+ * must be a directory we may write into, and nothing on the way may be a non-directory. */
+static kd_status check_creatable(const char *path, const char *what)
+{
+    char p[1024];
+    if (!path || !*path)
+        return KD_FAIL(KD_ERR_INVALID, "export: empty %s path", what);
+    if (strlen(path) >= sizeof p)
+        return KD_FAIL(KD_ERR_INVALID, "export: %s path '%s' is too long", what, path);
+    snprintf(p, sizeof p, "%s", path);
+    struct stat s;
+    for (;;) {
+        if (stat(p, &s) == 0) {
+            if (!S_ISDIR(s.st_mode))
+                return KD_FAIL(KD_ERR_IO, "export: cannot create %s '%s': '%s' is not a directory",
+                               what, path, p);
+            if (access(p, W_OK | X_OK) != 0)
+                return KD_FAIL(KD_ERR_IO,
+                               "export: cannot create %s '%s': directory '%s' is not "
+                               "writable",
+                               what, path, p);
+            return KD_OK;
+        }
+        if (errno != ENOENT && errno != ENOTDIR)
+            return KD_FAIL(KD_ERR_IO, "export: cannot create %s '%s': '%s': %s", what, path, p,
+                           strerror(errno));
+        char *slash = strrchr(p, '/');
+        while (slash && slash > p && slash[1] == '\0') {
+            *slash = '\0';
+            slash = strrchr(p, '/');
+        }
+        if (!slash) {
+            snprintf(p, sizeof p, ".");
+            continue;
+        }
+        if (slash == p) {
+            p[1] = '\0';
+            continue;
+        }
+        *slash = '\0';
+    }
+}
+
+/* An existing output file must be replaceable (a directory in its place is not). */
+static kd_status check_file_target(const char *path)
+{
+    struct stat s;
+    if (stat(path, &s) == 0 && S_ISDIR(s.st_mode))
+        return KD_FAIL(KD_ERR_IO, "export: cannot write '%s': it is a directory", path);
+    return KD_OK;
+}
+
+static kd_status check_fits(const kd_model *m, const kd_dataset *d, const kd_job *job)
+{
+    size_t per = (size_t)d->c * d->h * d->w;
+    if (per != m->in_numel ||
+        (m->in_ndim == 3 && (m->in[0] != d->c || m->in[1] != d->h || m->in[2] != d->w)))
+        return KD_FAIL(KD_ERR_SHAPE,
+                       "model %s takes input [%d, %d, %d] but data set '%s' has samples of "
+                       "[%d, %d, %d]",
+                       job->model_desc, m->in[0], m->in[1], m->in[2], d->name, d->c, d->h, d->w);
+    if (m->out_features != d->num_classes)
+        return KD_FAIL(KD_ERR_SHAPE, "model %s outputs %d logits but data set '%s' has %d classes",
+                       job->model_desc, m->out_features, d->name, d->num_classes);
+    return KD_OK;
+}
+
+static int argmax_f(const float *v, int n)
+{
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (v[i] > v[best])
+            best = i;
+    return best;
+}
+
+static void *arena_alloc(uint32_t size)
+{
+    size_t n = ((size_t)size + 63) & ~(size_t)63;
+    return aligned_alloc(64, n ? n : 64);
+}
+
+/* Run the blob on every test sample; fills the integer side of the report and samples.bin. */
+static kd_status evaluate(kd_model *m, const kd_export_graph *g, const kd_dataset *test,
+                          const uint8_t *blob, size_t blob_len, const kd_export_opts *o,
+                          kd_export_report *r, uint8_t **samples, size_t *samples_len)
+{
+    kd_status st = KD_OK;
+    kdm_model km;
+    kdm_status ks = kdm_load(&km, blob, blob_len);
+    if (ks != KDM_OK)
+        return KD_FAIL(KD_ERR_INTERNAL, "export: kdm_load: %s", kdm_status_str(ks));
+    uint32_t in_size = kdm_input_size(&km), out_size = kdm_output_size(&km);
+    uint32_t sbits, obits;
+    int32_t zp, ozp;
+    kdm_input_quant(&km, &sbits, &zp);
+    kdm_output_quant(&km, &obits, &ozp);
+    float scale, oscale;
+    memcpy(&scale, &sbits, 4);
+    memcpy(&oscale, &obits, 4);
+
+    int64_t n = o->evaluate ? test->n : o->n_samples;
+    int batch = m->max_batch;
+    size_t per = (size_t)test->c * test->h * test->w;
+    int8_t *qin = malloc(in_size), *qout = malloc(out_size);
+    void *arena = arena_alloc(kdm_arena_size(&km));
+    int *pred_engine = malloc(sizeof(int) * (size_t)(n ? n : 1));
+    float *logits = malloc(sizeof(float) * (size_t)batch * m->out_features);
+    kd_export_acts a = {0};
+    *samples = NULL;
+    *samples_len = 0;
+    size_t rec = in_size + 4 + out_size;
+    if (o->n_samples > 0) {
+        *samples_len = 16 + (size_t)o->n_samples * rec;
+        *samples = calloc(1, *samples_len);
+    }
+    if (!qin || !qout || !arena || !pred_engine || !logits || (o->n_samples > 0 && !*samples)) {
+        st = KD_FAIL(KD_ERR_NOMEM, "export: out of memory");
+        goto done;
+    }
+    if ((st = kd_export_acts_new(g, &a)))
+        goto done;
+    if (o->evaluate) {
+        /* the engine's unfolded model, as `distill eval` runs it */
+        float *x_dev = NULL;
+        if ((st = m->be->alloc((void **)&x_dev, (size_t)batch * per * sizeof(float))))
+            goto done;
+        for (int64_t s0 = 0; s0 < n && st == KD_OK; s0 += batch) {
+            int nb = (int)(n - s0 < batch ? n - s0 : batch);
+            st = m->be->upload(x_dev, test->x + (size_t)s0 * per, (size_t)nb * per * sizeof(float));
+            if (st == KD_OK) {
+                kd_model_forward(m, x_dev, nb, 0, 0);
+                st = m->be->download(logits, kd_model_output(m),
+                                     sizeof(float) * (size_t)nb * m->out_features);
+            }
+            for (int i = 0; i < nb && st == KD_OK; i++)
+                pred_engine[s0 + i] =
+                    argmax_f(logits + (size_t)i * m->out_features, m->out_features);
+            if (o->progress)
+                o->progress(o->progress_ctx, "engine eval", s0 + nb, n);
+        }
+        m->be->release(x_dev);
+        if (st != KD_OK)
+            goto done;
+    }
+    int64_t c_engine = 0, c_float = 0, c_int = 0, agree_fe = 0, agree_if = 0;
+    double err_sum = 0, range_sum = 0;
+    for (int64_t s = 0; s < n; s++) {
+        const float *x = test->x + (size_t)s * per;
+        kd_export_quantize_input(g, x, scale, zp, qin);
+        ks = kdm_invoke(&km, arena, kdm_arena_size(&km), qin, qout);
+        if (ks != KDM_OK) {
+            st = KD_FAIL(KD_ERR_INTERNAL, "export: kdm_invoke on test sample %lld: %s",
+                         (long long)s, kdm_status_str(ks));
+            goto done;
+        }
+        if (s < o->n_samples) {
+            uint8_t *p = *samples + 16 + (size_t)s * rec;
+            memcpy(p, qin, in_size);
+            uint32_t y = (uint32_t)test->y[s];
+            p[in_size] = (uint8_t)y;
+            p[in_size + 1] = (uint8_t)(y >> 8);
+            p[in_size + 2] = (uint8_t)(y >> 16);
+            p[in_size + 3] = (uint8_t)(y >> 24);
+            memcpy(p + in_size + 4, qout, out_size);
+        }
+        if (!o->evaluate)
+            continue;
+        kd_export_forward(g, x, &a);
+        const float *fo = a.v[g->output];
+        int pf = argmax_f(fo, (int)out_size);
+        int pi = (int)kdm_argmax_s8(qout, out_size);
+        int pe = pred_engine[s];
+        c_engine += pe == test->y[s];
+        c_float += pf == test->y[s];
+        c_int += pi == test->y[s];
+        agree_fe += pf == pe;
+        agree_if += pi == pf;
+        double e = 0, mx = 0;
+        for (uint32_t j = 0; j < out_size; j++) {
+            e += fabs((double)oscale * (qout[j] - ozp) - fo[j]);
+            mx = fmax(mx, fabs((double)fo[j]));
+        }
+        err_sum += e / out_size;
+        range_sum += mx;
+        if (o->progress && (s % 256 == 0 || s == n - 1))
+            o->progress(o->progress_ctx, "integer eval", s + 1, n);
+    }
+    if (o->n_samples > 0) {
+        uint8_t *p = *samples;
+        memcpy(p, "KDMS", 4);
+        uint32_t hdr[3] = {(uint32_t)o->n_samples, in_size, out_size};
+        for (int i = 0; i < 3; i++)
+            for (int b = 0; b < 4; b++)
+                p[4 + 4 * i + b] = (uint8_t)(hdr[i] >> (8 * b));
+    }
+    if (o->evaluate && n > 0) {
+        r->evaluated = 1;
+        r->test_n = n;
+        r->acc_engine = (double)c_engine / n;
+        r->acc_float = (double)c_float / n;
+        r->acc_int = (double)c_int / n;
+        r->agree_float_engine = (double)agree_fe / n;
+        r->agree_int_float = (double)agree_if / n;
+        r->mean_int_err = err_sum / n;
+        r->logit_range = range_sum / n;
+    }
+done:
+    kd_export_acts_free(&a);
+    free(qin);
+    free(qout);
+    free(arena);
+    free(pred_engine);
+    free(logits);
+    if (st != KD_OK) {
+        free(*samples);
+        *samples = NULL;
+    }
+    return st;
+}
+
+/* The largest |folded - unfolded| logit over the first samples (a check of the folding). */
+static kd_status fold_error(kd_model *m, const kd_export_graph *g, const kd_dataset *d, double *err)
+{
+    *err = 0;
+    int nb = (int)(d->n < m->max_batch ? d->n : m->max_batch);
+    if (nb > 64)
+        nb = 64;
+    if (nb <= 0 || g->classes != m->out_features)
+        return KD_OK;
+    size_t per = (size_t)d->c * d->h * d->w;
+    float *x_dev = NULL, *y = malloc(sizeof(float) * (size_t)nb * m->out_features);
+    kd_export_acts a = {0};
+    kd_status st = y ? KD_OK : KD_FAIL(KD_ERR_NOMEM, "export: out of memory");
+    if (st || (st = m->be->alloc((void **)&x_dev, (size_t)nb * per * sizeof(float))) ||
+        (st = m->be->upload(x_dev, d->x, (size_t)nb * per * sizeof(float))))
+        goto done;
+    kd_model_forward(m, x_dev, nb, 0, 0);
+    if ((st = m->be->download(y, kd_model_output(m),
+                              sizeof(float) * (size_t)nb * m->out_features)) ||
+        (st = kd_export_acts_new(g, &a)))
+        goto done;
+    for (int s = 0; s < nb; s++) {
+        kd_export_forward(g, d->x + (size_t)s * per, &a);
+        const float *fo = a.v[g->output];
+        if (g->op[g->nop - 1].type == KDM_OP_SOFTMAX)
+            fo = a.v[g->op[g->nop - 1].in0];
+        for (int j = 0; j < m->out_features; j++)
+            *err = fmax(*err, fabs((double)fo[j] - y[(size_t)s * m->out_features + j]));
+    }
+done:
+    kd_export_acts_free(&a);
+    if (x_dev)
+        m->be->release(x_dev);
+    free(y);
+    return st;
+}
+
+static void add_file(kd_export_report *r, const char *path)
+{
+    if (r->nfiles < KD_EXPORT_MAX_FILES)
+        snprintf(r->files[r->nfiles++], sizeof r->files[0], "%s", path);
+}
+
+static kd_status write_outputs(const kd_export_opts *o, kd_export_report *r, const uint8_t *blob,
+                               size_t len, const uint8_t *samples, size_t samples_len)
+{
+    char path[1024];
+    KD_TRY(kd_mkdir_p(o->out_dir));
+    if (o->formats & KD_EXPORT_KDM) {
+        snprintf(path, sizeof path, "%s/model.kdm", o->out_dir);
+        KD_TRY(kd_export_write_bytes(path, blob, len));
+        add_file(r, path);
+    }
+    if (o->formats & KD_EXPORT_C) {
+        KD_TRY(kd_export_write_c(o->out_dir, r->g, blob, len));
+        snprintf(path, sizeof path, "%s/model.c", o->out_dir);
+        add_file(r, path);
+        snprintf(path, sizeof path, "%s/model.h", o->out_dir);
+        add_file(r, path);
+    }
+    if (samples) {
+        snprintf(path, sizeof path, "%s/samples.bin", o->out_dir);
+        KD_TRY(kd_export_write_bytes(path, samples, samples_len));
+        add_file(r, path);
+    }
+    if (o->json_path)
+        snprintf(path, sizeof path, "%s", o->json_path);
+    else
+        snprintf(path, sizeof path, "%s/report.json", o->out_dir);
+    add_file(r, path);
+    if (o->json_path) {
+        /* the report's own directory may differ from out_dir */
+        char dir[1024];
+        snprintf(dir, sizeof dir, "%s", path);
+        char *slash = strrchr(dir, '/');
+        if (slash && slash != dir) {
+            *slash = '\0';
+            KD_TRY(kd_mkdir_p(dir));
+        }
+    }
+    return kd_export_report_write_json(r, path);
+}
+
+/* --int8-layers: the named conv / linear blocks keep 8-bit weights in an int4 export. */
+static kd_status mark_int8_layers(kd_export_graph *g, const char *list, int bits)
+{
+    if (bits != 4)
+        return KD_FAIL(KD_ERR_INVALID, "export: --int8-layers only applies to --quant int4");
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s", list);
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
+         tok = strtok_r(NULL, ",", &save)) {
+        int found = 0;
+        for (int i = 0; i < g->nop; i++)
+            if (g->op[i].w && !strcmp(g->op[i].name, tok)) {
+                g->op[i].wbits = 8;
+                found = 1;
+            }
+        if (!found) {
+            char names[512] = "";
+            for (int i = 0; i < g->nop; i++)
+                if (g->op[i].w) {
+                    size_t l = strlen(names);
+                    snprintf(names + l, sizeof names - l, "%s%s", l ? ", " : "", g->op[i].name);
+                }
+            return KD_FAIL(KD_ERR_INVALID,
+                           "export: --int8-layers names '%s', which is no conv2d or linear layer "
+                           "of the model (those are: %s)",
+                           tok, names);
+        }
+    }
+    return KD_OK;
+}
+
+static kd_status check_opts(const kd_export_opts *o)
+{
+    if (o->bits != 8 && o->bits != 4)
+        return KD_FAIL(KD_ERR_INVALID, "export: --quant must be int8 or int4");
+    if (!(o->formats & (KD_EXPORT_KDM | KD_EXPORT_C)))
+        return KD_FAIL(KD_ERR_INVALID, "export: --format must be kdm, c or both");
+    if (o->calib_samples < 1)
+        return KD_FAIL(KD_ERR_INVALID, "export: --calib must be at least 1, got %lld",
+                       (long long)o->calib_samples);
+    if (o->n_samples < 0)
+        return KD_FAIL(KD_ERR_INVALID, "export: --samples must be at least 0, got %lld",
+                       (long long)o->n_samples);
+    char path[1100];
+    KD_TRY(check_creatable(o->out_dir, "output directory"));
+    const char *names[] = {"model.kdm", "model.c", "model.h", "samples.bin", "report.json"};
+    for (int i = 0; i < 5; i++) {
+        snprintf(path, sizeof path, "%s/%s", o->out_dir, names[i]);
+        KD_TRY(check_file_target(path));
+    }
+    if (o->json_path) {
+        KD_TRY(check_creatable(o->json_path, "report"));
+        KD_TRY(check_file_target(o->json_path));
+    }
+    return KD_OK;
+}
+
+kd_status kd_export_run(const kd_job *job, const char *checkpoint, const kd_export_opts *o,
+                        kd_export_report **report)
+{
+    *report = NULL;
+    double t0 = now_s();
+    KD_TRY(check_opts(o));
+    kd_set_threads(job->threads);
+    kd_export_report *r = calloc(1, sizeof *r);
+    if (!r)
+        return KD_FAIL(KD_ERR_NOMEM, "export: out of memory");
+    kd_model *m = NULL;
+    kd_dataset train = {0}, test = {0};
+    uint8_t *blob = NULL, *samples = NULL;
+    size_t blob_len = 0, samples_len = 0;
+    float *calib = NULL;
+    kd_status st;
+    kd_ckpt_info info = {0};
+    const char *root = job->data_root[0] ? job->data_root : NULL;
+    int batch = job->eval_batch_size > 0 ? job->eval_batch_size : 256;
+
+    snprintf(r->config, sizeof r->config, "%s", job->path);
+    snprintf(r->checkpoint, sizeof r->checkpoint, "%s", checkpoint);
+    snprintf(r->model, sizeof r->model, "%s", job->model_desc);
+    r->bits = o->bits;
+    r->softmax = o->softmax;
+
+    if ((st = kd_model_build(job->model_input, job->model_layers, kd_backend_cpu(), batch,
+                             job->seed, &m)))
+        goto done;
+    if ((st = kd_checkpoint_load(checkpoint, m, NULL, 0, &info)))
+        goto done;
+    if (info.model_hash && info.model_hash != m->def_hash) {
+        st = KD_FAIL(KD_ERR_CONFIG,
+                     "checkpoint '%s' was written for another architecture than %s (same "
+                     "parameter shapes, other layers or hyper-parameters): export it with the "
+                     "job it was trained with",
+                     checkpoint, job->model_desc);
+        goto done;
+    }
+    /* A job trained with fake-quantized weights of these bits (QAT) is the model with those
+     * weights: the float graph, its calibration and its accuracy use them, and quantizing
+     * them again gives back the same integers (engine/quant.h). */
+    r->qat = job->quant_qat && job->quant_bits == o->bits;
+    if (r->qat) {
+        float *master = malloc(m->nparams * sizeof(float));
+        if (!master) {
+            st = KD_FAIL(KD_ERR_NOMEM, "export: out of memory");
+            goto done;
+        }
+        kd_quant_model_apply(m, o->bits, master);
+        free(master);
+    }
+    if ((st = kd_load_train_split(job, &train)) || (st = check_fits(m, &train, job)))
+        goto done;
+    if ((o->evaluate || o->n_samples > 0) &&
+        ((st = kd_dataset_load(job->dataset, root, 0, &test)) || (st = check_fits(m, &test, job))))
+        goto done;
+    if (o->n_samples > test.n) {
+        st = KD_FAIL(KD_ERR_INVALID, "export: --samples %lld is more than the %lld test samples",
+                     (long long)o->n_samples, (long long)test.n);
+        goto done;
+    }
+
+    /* calibration samples spread evenly over the training split */
+    int64_t nc = o->calib_samples < train.n ? o->calib_samples : train.n;
+    size_t per = (size_t)train.c * train.h * train.w;
+    calib = malloc(sizeof(float) * per * (size_t)(nc ? nc : 1));
+    if (!calib) {
+        st = KD_FAIL(KD_ERR_NOMEM, "export: out of memory");
+        goto done;
+    }
+    for (int64_t i = 0; i < nc; i++) {
+        int64_t src = i * train.n / nc;
+        memcpy(calib + (size_t)i * per, train.x + (size_t)src * per, sizeof(float) * per);
+    }
+    r->calib_n = nc;
+
+    if ((st = kd_export_lower(m, &r->g)))
+        goto done;
+    if (o->softmax && (st = kd_export_add_softmax(r->g)))
+        goto done;
+    float plo = (0.0f - train.mean) / train.std, phi = (1.0f - train.mean) / train.std;
+    if ((st = kd_export_calibrate(r->g, calib, nc, plo, phi, o->progress, o->progress_ctx)))
+        goto done;
+    /* with QAT (above) the weights already sit on the max-abs grid kd_export_quantize keeps */
+    if (o->int8_layers && (st = mark_int8_layers(r->g, o->int8_layers, o->bits)))
+        goto done;
+    if ((st = kd_export_quantize(r->g, o->bits, r->qat, o->single_rounding)))
+        goto done;
+    /* a model trained against quantized weights (QAT) already is the integer model; otherwise
+     * remove the mean shift the weights' rounding causes */
+    r->bias_corrected = !r->qat;
+    if (r->bias_corrected &&
+        (st = kd_export_bias_correct(r->g, calib,
+                                     nc < KD_EXPORT_BC_SAMPLES ? nc : KD_EXPORT_BC_SAMPLES,
+                                     o->progress, o->progress_ctx)))
+        goto done;
+    if ((st = kd_export_plan(r->g)) || (st = kd_export_blob(r->g, &blob, &blob_len)))
+        goto done;
+    r->blob_len = blob_len;
+    r->flags = r->g->flags;
+    r->op_mask = kd_export_op_mask(r->g);
+    r->op_bytes = calloc((size_t)r->g->nop, sizeof *r->op_bytes);
+    if (!r->op_bytes) {
+        st = KD_FAIL(KD_ERR_NOMEM, "export: out of memory");
+        goto done;
+    }
+    for (int i = 0; i < r->g->nop; i++) {
+        const kd_export_op *op = &r->g->op[i];
+        uint32_t rows, stride = kd_export_row_stride(op, &rows);
+        r->op_bytes[i] =
+            rows * stride + (stride ? 12u * (uint32_t)op->out_c : 0) + 4u * (uint32_t)op->nparams;
+        r->macs += op->macs;
+        if (op->w)
+            r->params += (int64_t)op->out_c * op->row_len + op->out_c;
+    }
+    if (o->evaluate && (st = fold_error(m, r->g, &test, &r->max_fold_err)))
+        goto done;
+    if ((o->evaluate || o->n_samples > 0) &&
+        (st = evaluate(m, r->g, &test, blob, blob_len, o, r, &samples, &samples_len)))
+        goto done;
+    r->n_samples = o->n_samples;
+    r->seconds = now_s() - t0;
+    st = write_outputs(o, r, blob, blob_len, samples, samples_len);
+done:
+    kd_model_free(m);
+    kd_dataset_free(&train);
+    kd_dataset_free(&test);
+    free(blob);
+    free(samples);
+    free(calib);
+    if (st != KD_OK) {
+        kd_export_report_free(r);
+        return st;
+    }
+    *report = r;
+    return KD_OK;
+}

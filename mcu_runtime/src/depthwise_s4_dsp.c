@@ -1,0 +1,121 @@
+/*
+ * depthwise_s4_dsp.c - depthwise convolution, int4 weights and int8 activations, for the Cortex-M
+ * DSP extension (bit-identical to depthwise_s4_ref.c; see kdm_kernels.h).
+ *
+ * Channels are innermost (NHWC) in both the input pixels and the weight rows, so four channels
+ * of one tap are one word of input and one halfword of weights (4 nibbles). The input word is
+ * split with SXTB16 / SXTB16 ROR #8 into (c0, c2) and (c1, c3) lanes, each nibble is
+ * sign-extended with one SBFX (the shift pair in SNIB), and each channel accumulates
+ * separately with SMLABB / SMLABT: per tap and 4 channels 2 loads, 2 SXTB16, 4 SBFX,
+ * 4 multiply-accumulates and 2 pointer steps. Output pixels whose
+ * window lies inside the input (all but a border of pad pixels) walk the window with no
+ * checks, in a function of their own so that its loop keeps every value in a register (inlined
+ * into the pixel loops, GCC spills there); border pixels check each tap and use a word of
+ * zero-points for padded ones.
+ * Channels past the last multiple of 4 are summed in C. The raw sums of a pixel's channels go
+ * to scratch (in_c int32) and are requantized in one loop afterwards: with the requantization
+ * inlined into the channel-group loop (four copies) GCC spills the accumulators of the taps.
+ * With only kernel_h * kernel_w MACs per output, the requantization (about 25 instructions per
+ * output) is a large share of the time.
+ */
+#include "kdm_dsp.h"
+#include "kdm_kernels.h"
+
+/* Signed nibble at bit `pos` of h (one SBFX). */
+#define SNIB(h, pos) ((uint32_t)((int32_t)((uint32_t)(h) << (28 - (pos))) >> 28))
+
+/* One tap of four channels: input lanes (zero-points when padded), 4 nibbles at wp. */
+#define TAP(x02, x13, wp)                                                                          \
+    do {                                                                                           \
+        uint32_t h = kdm_ld16(wp);                                                                 \
+        a0 = kdm_smlabb(SNIB(h, 0), x02, a0);                                                      \
+        a1 = kdm_smlabb(SNIB(h, 4), x13, a1);                                                      \
+        a2 = kdm_smlabt(SNIB(h, 8), x02, a2);                                                      \
+        a3 = kdm_smlabt(SNIB(h, 12), x13, a3);                                                     \
+    } while (0)
+
+/* The geometry the interior loop needs. */
+typedef struct {
+    int32_t kh, kw, ch, rs,
+        row_skip; /* row_skip: input bytes from a window row's end to the next */
+} window;
+
+/* Four channels over a window inside the input: ip and wp point at the window's first pixel and
+ * weight row, offset to the channel; acc[0..3] hold the biases on entry, the sums on return. */
+static KDM_NOINLINE void window4(const window *g, const int8_t *ip, const uint8_t *wp, int32_t *acc)
+{
+    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    const int32_t ch = g->ch, rs = g->rs, kw = g->kw, skip = g->row_skip;
+    for (int32_t ky = g->kh; ky > 0; ky--, ip += skip) {
+        for (int32_t kx = kw; kx > 0; kx--, ip += ch, wp += rs) {
+            uint32_t v = kdm_ld32(ip);
+            TAP(kdm_sxtb16(v), kdm_sxtb16_ror8(v), wp);
+        }
+    }
+    acc[0] = a0;
+    acc[1] = a1;
+    acc[2] = a2;
+    acc[3] = a3;
+}
+
+void kdm_depthwise_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                          const uint8_t *w, int8_t *out, void *scratch)
+{
+    const kdm_requant_params rq = *q; /* a local copy: the int8 stores cannot alias it */
+    int32_t *acc = (int32_t *)scratch;
+    const int32_t ch = p->in_c, c4 = ch & ~3, kh = p->kernel_h, kw = p->kernel_w;
+    const int32_t rs = p->row_stride;
+    const window g = {kh, kw, ch, rs, (p->in_w - kw) * ch};
+    const uint32_t zz = kdm_pack16(p->in_zp, p->in_zp);
+    for (int32_t oy = 0; oy < p->out_h; oy++) {
+        const int32_t y0 = oy * p->stride - p->pad;
+        for (int32_t ox = 0; ox < p->out_w; ox++) {
+            const int32_t x0 = ox * p->stride - p->pad;
+            int8_t *o = out + (oy * p->out_w + ox) * ch;
+            for (int32_t c = 0; c < ch; c++)
+                acc[c] = rq.bias[c];
+            if (y0 >= 0 && x0 >= 0 && y0 + kh <= p->in_h && x0 + kw <= p->in_w) {
+                const int8_t *ip = in + (y0 * p->in_w + x0) * ch;
+                for (int32_t c = 0; c < c4; c += 4)
+                    window4(&g, ip + c, w + c / 2, acc + c);
+            } else {
+                for (int32_t c = 0; c < c4; c += 4) {
+                    int32_t a0 = acc[c], a1 = acc[c + 1], a2 = acc[c + 2], a3 = acc[c + 3];
+                    const uint8_t *wp = w + c / 2;
+                    for (int32_t ky = 0; ky < kh; ky++) {
+                        const int32_t iy = y0 + ky;
+                        for (int32_t kx = 0; kx < kw; kx++, wp += rs) {
+                            const int32_t ix = x0 + kx;
+                            uint32_t x02 = zz, x13 = zz;
+                            if (iy >= 0 && iy < p->in_h && ix >= 0 && ix < p->in_w) {
+                                uint32_t v = kdm_ld32(in + (iy * p->in_w + ix) * ch + c);
+                                x02 = kdm_sxtb16(v);
+                                x13 = kdm_sxtb16_ror8(v);
+                            }
+                            TAP(x02, x13, wp);
+                        }
+                    }
+                    acc[c] = a0;
+                    acc[c + 1] = a1;
+                    acc[c + 2] = a2;
+                    acc[c + 3] = a3;
+                }
+            }
+            for (int32_t c = c4; c < ch; c++) {
+                uint32_t sum = (uint32_t)acc[c];
+                for (int32_t ky = 0; ky < kh; ky++) {
+                    const int32_t iy = y0 + ky;
+                    for (int32_t kx = 0; kx < kw; kx++) {
+                        const int32_t ix = x0 + kx;
+                        int32_t x = iy >= 0 && iy < p->in_h && ix >= 0 && ix < p->in_w
+                                        ? in[(iy * p->in_w + ix) * ch + c]
+                                        : p->in_zp;
+                        sum += (uint32_t)(x * kdm_nibble_(w + (ky * kw + kx) * rs, c));
+                    }
+                }
+                acc[c] = (int32_t)sum;
+            }
+            kdm_requant_row_(&rq, 0, acc, o, ch);
+        }
+    }
+}

@@ -1,0 +1,197 @@
+/*
+ * kdm_dsp.h - the Cortex-M DSP-extension instructions the DSP kernels use, as inline functions:
+ * the real instruction under __ARM_FEATURE_DSP, a portable C emulation with identical results
+ * elsewhere, so the DSP kernels also build and run on the host where the tests compare them
+ * with the reference kernels bit for bit.
+ *
+ * Lanes: a uint32_t holds two int16 lanes, "bottom" = bits 0..15 (the lower address on a
+ * little-endian machine), "top" = bits 16..31. Multiply-accumulates wrap modulo 2^32 like the
+ * instructions (which only set the sticky Q flag on overflow).
+ *
+ * Also the loads and stores the kernels use on int8 / int16 / staged data: through memcpy (any
+ * alignment, no aliasing assumption; one LDR / STR on Cortex-M4) or, where the address is known
+ * to be 4-byte aligned, through a may_alias type so the compiler keeps the alignment.
+ */
+#ifndef KDM_DSP_H
+#define KDM_DSP_H
+
+#include <stdint.h>
+#include <string.h>
+
+/* 32-bit load from any address. */
+static inline uint32_t kdm_ld32(const void *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* 16-bit load from any address. */
+static inline uint32_t kdm_ld16(const void *p)
+{
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+#if defined(__GNUC__)
+typedef uint32_t kdm_u32a_ __attribute__((may_alias, aligned(4)));
+typedef int16_t kdm_s16a_ __attribute__((may_alias));
+/* 32-bit load / store at a 4-byte aligned address (staged scratch data). */
+static inline uint32_t kdm_ld32a(const void *p) { return *(const kdm_u32a_ *)p; }
+static inline void kdm_st32a(void *p, uint32_t v) { *(kdm_u32a_ *)p = v; }
+static inline void kdm_st16(void *p, int32_t v) { *(kdm_s16a_ *)p = (int16_t)v; }
+#else
+static inline uint32_t kdm_ld32a(const void *p) { return kdm_ld32(p); }
+static inline void kdm_st32a(void *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void kdm_st16(void *p, int32_t v)
+{
+    int16_t s = (int16_t)v;
+    memcpy(p, &s, 2);
+}
+#endif
+
+/*
+ * v, with the compiler made to forget that it is a constant. For masks that must live in a
+ * register: ARM's AND takes a shifted register operand, so (y >> 8) & m is one instruction
+ * when m is in a register, but GCC prefers an immediate mask and then shifts separately.
+ */
+static inline uint32_t kdm_in_register(uint32_t v)
+{
+#if defined(__GNUC__)
+    __asm__("" : "+r"(v));
+#endif
+    return v;
+}
+
+/* Two int16 lanes from their values (bottom, top). */
+static inline uint32_t kdm_pack16(int32_t bottom, int32_t top)
+{
+    return ((uint32_t)bottom & 0xFFFFu) | ((uint32_t)top << 16);
+}
+
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+
+/* SXTB16: bytes 0 and 2 sign-extended into the bottom and top lanes. */
+static inline uint32_t kdm_sxtb16(uint32_t x)
+{
+    uint32_t r;
+    __asm__("sxtb16 %0, %1" : "=r"(r) : "r"(x));
+    return r;
+}
+
+/* SXTB16 with ROR #8: bytes 1 and 3 sign-extended into the bottom and top lanes. */
+static inline uint32_t kdm_sxtb16_ror8(uint32_t x)
+{
+    uint32_t r;
+    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(x));
+    return r;
+}
+
+/* SMLAD: acc + a.bottom * b.bottom + a.top * b.top. */
+static inline int32_t kdm_smlad(uint32_t a, uint32_t b, int32_t acc)
+{
+    int32_t r;
+    __asm__("smlad %0, %1, %2, %3" : "=r"(r) : "r"(a), "r"(b), "r"(acc));
+    return r;
+}
+
+/* SMLABB: acc + a.bottom * b.bottom. */
+static inline int32_t kdm_smlabb(uint32_t a, uint32_t b, int32_t acc)
+{
+    int32_t r;
+    __asm__("smlabb %0, %1, %2, %3" : "=r"(r) : "r"(a), "r"(b), "r"(acc));
+    return r;
+}
+
+/* SMLABT: acc + a.bottom * b.top. */
+static inline int32_t kdm_smlabt(uint32_t a, uint32_t b, int32_t acc)
+{
+    int32_t r;
+    __asm__("smlabt %0, %1, %2, %3" : "=r"(r) : "r"(a), "r"(b), "r"(acc));
+    return r;
+}
+
+/* SMLATT: acc + a.top * b.top. */
+static inline int32_t kdm_smlatt(uint32_t a, uint32_t b, int32_t acc)
+{
+    int32_t r;
+    __asm__("smlatt %0, %1, %2, %3" : "=r"(r) : "r"(a), "r"(b), "r"(acc));
+    return r;
+}
+
+/* PKHBT with LSL #16: bottom lane of a, bottom lane of b as the top lane. */
+static inline uint32_t kdm_pkhbt16(uint32_t a, uint32_t b)
+{
+    uint32_t r;
+    __asm__("pkhbt %0, %1, %2, lsl #16" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+/* PKHTB with ASR #16: top lane of a, top lane of b as the bottom lane. */
+static inline uint32_t kdm_pkhtb16(uint32_t a, uint32_t b)
+{
+    uint32_t r;
+    __asm__("pkhtb %0, %1, %2, asr #16" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+/* SMMLAR: acc + (a * b + 2^31) / 2^32 rounded down, from the exact 64-bit sum. */
+static inline int32_t kdm_smmlar(int32_t a, int32_t b, int32_t acc)
+{
+    int32_t r;
+    __asm__("smmlar %0, %1, %2, %3" : "=r"(r) : "r"(a), "r"(b), "r"(acc));
+    return r;
+}
+
+#else /* portable emulations */
+
+static inline int32_t kdm_lo16_(uint32_t x) { return (int32_t)(int16_t)(uint16_t)x; }
+static inline int32_t kdm_hi16_(uint32_t x) { return (int32_t)(int16_t)(uint16_t)(x >> 16); }
+
+static inline uint32_t kdm_sxtb16(uint32_t x)
+{
+    return kdm_pack16((int8_t)(uint8_t)x, (int8_t)(uint8_t)(x >> 16));
+}
+
+static inline uint32_t kdm_sxtb16_ror8(uint32_t x)
+{
+    return kdm_pack16((int8_t)(uint8_t)(x >> 8), (int8_t)(uint8_t)(x >> 24));
+}
+
+/* Each 16 x 16 product fits int32 (the largest, (-2^15)^2 = 2^30); the sums wrap. */
+static inline int32_t kdm_smlad(uint32_t a, uint32_t b, int32_t acc)
+{
+    uint32_t r = (uint32_t)acc + (uint32_t)(kdm_lo16_(a) * kdm_lo16_(b)) +
+                 (uint32_t)(kdm_hi16_(a) * kdm_hi16_(b));
+    return (int32_t)r;
+}
+
+static inline int32_t kdm_smlabb(uint32_t a, uint32_t b, int32_t acc)
+{
+    return (int32_t)((uint32_t)acc + (uint32_t)(kdm_lo16_(a) * kdm_lo16_(b)));
+}
+
+static inline int32_t kdm_smlabt(uint32_t a, uint32_t b, int32_t acc)
+{
+    return (int32_t)((uint32_t)acc + (uint32_t)(kdm_lo16_(a) * kdm_hi16_(b)));
+}
+
+static inline int32_t kdm_smlatt(uint32_t a, uint32_t b, int32_t acc)
+{
+    return (int32_t)((uint32_t)acc + (uint32_t)(kdm_hi16_(a) * kdm_hi16_(b)));
+}
+
+static inline int32_t kdm_smmlar(int32_t a, int32_t b, int32_t acc)
+{
+    /* modulo 2^64, as the instruction's bits 63:32 of the unbounded sum */
+    uint64_t v = ((uint64_t)(uint32_t)acc << 32) + (uint64_t)((int64_t)a * b) + 0x80000000u;
+    return (int32_t)(uint32_t)(v >> 32);
+}
+static inline uint32_t kdm_pkhbt16(uint32_t a, uint32_t b) { return (a & 0xFFFFu) | (b << 16); }
+
+static inline uint32_t kdm_pkhtb16(uint32_t a, uint32_t b) { return (a & 0xFFFF0000u) | (b >> 16); }
+
+#endif
+
+#endif

@@ -1,0 +1,228 @@
+/*
+ * kdm_kernels.h - the runtime's kernels (internal): one reference and, for conv, depthwise and
+ * fully-connected, one DSP implementation per op and weight type, with identical signatures so
+ * the dispatch (kdm_invoke.c) picks one by name and the test compares both bit for bit.
+ *
+ * Conventions shared by every kernel:
+ *   - Activations are int8 NHWC with N = 1: element (y, x, c) of an [h][w][c] tensor is at
+ *     (y * w + x) * c_count + c. Inputs and outputs never overlap (kdm_load checks it).
+ *   - Accumulators are int32 and wrap modulo 2^32 (two's complement), as SMLAD does; the C code
+ *     adds in uint32_t so that a wrapped sum is defined behaviour and every implementation
+ *     reaches the same bits whatever its summation order.
+ *   - Weights (int8 or int4) are read in the blob's layout, rows `row_stride` bytes apart
+ *     (row_stride a multiple of 4, rows 4-byte aligned). int4: two per byte, low nibble first,
+ *     decoded as a signed 4-bit value (-8 .. 7; the exporter writes -7 .. 7). Row padding is
+ *     never read as a weight.
+ *   - bias / mult / shift point into the blob (4-byte aligned little-endian int32, read in
+ *     place: the runtime targets little-endian machines).
+ *   - `scratch` is the arena's scratch area, 4-byte aligned, at least the op's
+ *     kdm_op_scratch_size bytes; kernels that need none ignore it.
+ *   - Sizes are positive and every index fits int32 (kdm_load bounds the arena and the blob
+ *     below 2^31 bytes).
+ */
+#ifndef KDM_KERNELS_H
+#define KDM_KERNELS_H
+
+#include <stdint.h>
+
+#include "kdm.h"
+
+#if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__) &&                                 \
+    __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the kdm runtime reads the blob's int32 arrays in place and needs a little-endian target"
+#endif
+
+/* Per-output-channel requantization of one op. */
+typedef struct {
+    const int32_t *bias;      /* [out_c] int32 at scale s_in * s_w[c], input zero-point folded */
+    const int32_t *mult;      /* [out_c] Q31 multiplier, 0 or in [2^30, 2^31) */
+    const int32_t *shift;     /* [out_c] power-of-two exponent in [-31, 30] */
+    int32_t out_zp;           /* output zero-point, -128 .. 127 */
+    int32_t act_min, act_max; /* output clamp, -128 <= act_min <= act_max <= 127 */
+    uint32_t flags;           /* the model's flags (KDM_FLAG_SINGLE_ROUNDING) */
+} kdm_requant_params;
+
+/* Geometry of a convolution, depthwise convolution or pooling window. */
+typedef struct {
+    int32_t in_c, in_h, in_w;    /* input [in_h][in_w][in_c] */
+    int32_t out_c, out_h, out_w; /* output [out_h][out_w][out_c]; depthwise: out_c = in_c */
+    int32_t kernel_h, kernel_w;  /* >= 1 */
+    int32_t stride, pad;         /* stride >= 1, pad >= 0 on all four sides */
+    int32_t in_zp;               /* input zero-point: the value read at padded positions */
+    int32_t row_stride;          /* bytes between weight rows (unused by pools) */
+} kdm_conv_params;
+
+/* Geometry of a fully-connected layer. */
+typedef struct {
+    int32_t n_in;       /* input values (the whole input tensor, NHWC order) */
+    int32_t n_out;      /* output values */
+    int32_t row_stride; /* bytes between weight rows */
+} kdm_fc_params;
+
+/* ADD: TFLite's quantized add. */
+typedef struct {
+    int32_t zp1, zp2, out_zp; /* zero-points of the two inputs and of the output */
+    int32_t left_shift;       /* 0 .. 20 */
+    int32_t m1, s1, m2, s2;   /* input rescales (multiplier, shift) as in kdm_requant_params */
+    int32_t m_out, s_out;     /* output rescale */
+    int32_t act_min, act_max; /* output clamp */
+    uint32_t flags;           /* rounding */
+} kdm_add_params;
+
+/* ---- convolution: w = out_c rows of K = kernel_h * kernel_w * in_c weights (OHWI) ---------- */
+
+/* int8 weights; scratch: none (ref); 2 staged int16 columns of K (dsp) */
+void kdm_conv2d_s8_ref(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                       const int8_t *w, int8_t *out, void *scratch);
+void kdm_conv2d_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                       const int8_t *w, int8_t *out, void *scratch);
+/* int4 weights (rows of ceil(K / 2) packed bytes); scratch: none (ref), 2 columns of K (dsp) */
+void kdm_conv2d_s4_ref(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                       const uint8_t *w, int8_t *out, void *scratch);
+void kdm_conv2d_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                       const uint8_t *w, int8_t *out, void *scratch);
+
+/* ---- depthwise: w = kernel_h * kernel_w rows (tap ky * kernel_w + kx) of in_c weights ------- */
+
+/* scratch: none (ref); in_c int32 sums of one output pixel (dsp) */
+void kdm_depthwise_s8_ref(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                          const int8_t *w, int8_t *out, void *scratch);
+void kdm_depthwise_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                          const int8_t *w, int8_t *out, void *scratch);
+void kdm_depthwise_s4_ref(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                          const uint8_t *w, int8_t *out, void *scratch);
+void kdm_depthwise_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                          const uint8_t *w, int8_t *out, void *scratch);
+
+/* ---- fully-connected: w = n_out rows of n_in weights; in [n_in], out [n_out] ---------------- */
+
+/* scratch: none (ref); the input staged as n_in int16 (dsp) */
+void kdm_fully_connected_s8_ref(const kdm_fc_params *p, const kdm_requant_params *q,
+                                const int8_t *in, const int8_t *w, int8_t *out, void *scratch);
+void kdm_fully_connected_s8_dsp(const kdm_fc_params *p, const kdm_requant_params *q,
+                                const int8_t *in, const int8_t *w, int8_t *out, void *scratch);
+void kdm_fully_connected_s4_ref(const kdm_fc_params *p, const kdm_requant_params *q,
+                                const int8_t *in, const uint8_t *w, int8_t *out, void *scratch);
+void kdm_fully_connected_s4_dsp(const kdm_fc_params *p, const kdm_requant_params *q,
+                                const int8_t *in, const uint8_t *w, int8_t *out, void *scratch);
+
+/* ---- ops without weights (one portable implementation each) ---------------------------------- */
+
+/* out[i] = clamp(out_zp + rq(rq(a[i] - zp1 << ls, m1, s1) + rq(b[i] - zp2 << ls, m2, s2),
+ * m_out, s_out)), i < n. */
+void kdm_add_s8(const kdm_add_params *p, const int8_t *a, const int8_t *b, int8_t *out, int32_t n);
+
+/* Pools keep the input's quantization; out_c = in_c; results clamped to [act_min, act_max].
+ * Max pool skips padded positions (kdm_load guarantees pad < kernel, so no window is empty);
+ * average pool has pad 0 and rounds sum / (kernel_h * kernel_w) half away from zero. */
+void kdm_maxpool_s8(const kdm_conv_params *p, int32_t act_min, int32_t act_max, const int8_t *in,
+                    int8_t *out);
+void kdm_avgpool_s8(const kdm_conv_params *p, int32_t act_min, int32_t act_max, const int8_t *in,
+                    int8_t *out);
+/* in [h][w][c] -> out [c]: the mean over h * w (< 2^24) pixels, rounded half away from zero. */
+void kdm_global_avgpool_s8(int32_t c, int32_t hw, int32_t act_min, int32_t act_max,
+                           const int8_t *in, int8_t *out);
+
+/* Softmax over n values: lut[d] = round(65536 * exp(-d * s_in)) with lut[0] >= 1 and every
+ * entry in [0, 65536] (kdm_load checks); out = clamp(round(256 * e / sum) - 128). */
+void kdm_softmax_s8(const int32_t *lut, int32_t act_min, int32_t act_max, const int8_t *in,
+                    int8_t *out, int32_t n);
+
+/* ---- requantization (one copy, used by kdm_requantize and every kernel) --------------------- */
+
+#if defined(__GNUC__)
+#define KDM_ALWAYS_INLINE static inline __attribute__((always_inline))
+#define KDM_NOINLINE      __attribute__((noinline))
+#else
+#define KDM_ALWAYS_INLINE static inline
+#define KDM_NOINLINE
+#endif
+
+/*
+ * RoundingDivideByPOT: v / 2^right, ties away from zero, right in 0 .. 31, v < INT32_MAX (the
+ * doubling high multiply below never reaches INT32_MAX). Negative values are first moved down
+ * by one, so that a tie rounds down (away from zero); then floor((t + 2^(right-1)) / 2^right)
+ * is taken as floor((floor(t / 2^(right-1)) + 1) / 2), which cannot overflow: two shifts and
+ * an add.
+ */
+KDM_ALWAYS_INLINE int32_t kdm_round_shift_(int32_t v, int32_t right)
+{
+    if (right == 0)
+        return v;
+    int32_t u = (v + (v >> 31)) >> (right - 1);
+    return (u + 1) >> 1;
+}
+
+/*
+ * TFLite's MultiplyByQuantizedMultiplier, bit for bit, for mult != INT32_MIN (kdm_load admits
+ * 0 and [2^30, 2^31) only; kdm_requantize handles the rest). Double rounding: x * 2^left wraps
+ * like TFLite's int32 multiply on ARM; the saturating rounding doubling high multiply is
+ * floor((x * mult + 2^30) / 2^31), which equals gemmlowp's nudge-then-truncate for every
+ * product (ties go up, toward +infinity) and cannot saturate or reach INT32_MIN unless
+ * mult = INT32_MIN; then kdm_round_shift_. Single rounding: the 64-bit product, one rounding
+ * half up, saturated to int32. shift in [-31, 30]. Inlined: it runs once per output value.
+ */
+KDM_ALWAYS_INLINE int32_t kdm_requant_(int32_t x, int32_t mult, int32_t shift, uint32_t flags)
+{
+    if (flags & KDM_FLAG_SINGLE_ROUNDING) {
+        int32_t total = 31 - shift; /* 1 .. 62 */
+        int64_t r = ((int64_t)x * mult + ((int64_t)1 << (total - 1))) >> total;
+        return r > INT32_MAX ? INT32_MAX : r < INT32_MIN ? INT32_MIN : (int32_t)r;
+    }
+    int32_t left = shift > 0 ? shift : 0;
+    int64_t a = (int32_t)((uint32_t)x << left);
+    return kdm_round_shift_((int32_t)((a * mult + (1 << 30)) >> 31), left - shift);
+}
+
+/* The int8 output of channel c for accumulator acc: requantize, add the zero-point, clamp.
+ * The clamp comes before the zero-point so a saturated value cannot overflow. */
+static inline int8_t kdm_requant_out_(const kdm_requant_params *q, int32_t c, int32_t acc)
+{
+    int32_t v = kdm_requant_(acc, q->mult[c], q->shift[c], q->flags);
+    int32_t lo = q->act_min - q->out_zp, hi = q->act_max - q->out_zp;
+    v = v < lo ? lo : v > hi ? hi : v;
+    return (int8_t)(v + q->out_zp);
+}
+
+/*
+ * out[i] = clamp(out_zp + requant(acc[i], mult[c0 + i], shift[c0 + i])), i < n: the DSP
+ * kernels collect raw sums (at most KDM_CHUNK channels at a time, on the stack) and
+ * requantize them here, in a loop with the rounding mode hoisted out (kdm_quant.c).
+ */
+#define KDM_CHUNK 16
+void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *acc, int8_t *out,
+                      int32_t n);
+/* The same for two pixels of the same channels (acc0 -> out0, acc1 -> out1), sharing the
+ * per-channel loads; out0 may equal out1 (an odd last pixel paired with itself). */
+void kdm_requant_row2_(const kdm_requant_params *q, int32_t c0, const int32_t *acc0,
+                       const int32_t *acc1, int8_t *out0, int8_t *out1, int32_t n);
+
+/* Weight k of an int4 row: nibble k (low nibble first), as a signed 4-bit value. */
+static inline int32_t kdm_nibble_(const uint8_t *row, int32_t k)
+{
+    uint32_t b = (uint32_t)row[k >> 1] >> ((k & 1) * 4);
+    return (int32_t)((b & 15u) ^ 8u) - 8;
+}
+
+/* sum / count rounded half away from zero (TFLite's pools): count > 0, |sum| + count / 2 within
+ * int32. */
+static inline int32_t kdm_div_round_(int32_t sum, int32_t count)
+{
+    return sum >= 0 ? (sum + count / 2) / count : (sum - count / 2) / count;
+}
+
+/* ---- scratch sizes (the largest over the implementations; see kdm_op_scratch_size) ---------- */
+
+/* conv: two staged int16 columns of K values (every kernel size and weight width) */
+static inline uint64_t kdm_conv2d_scratch_size_(uint64_t k) { return 4 * k; }
+
+/* depthwise: one pixel's in_c int32 sums */
+static inline uint64_t kdm_depthwise_scratch_size_(uint64_t in_c) { return 4 * in_c; }
+
+/* fully-connected: the input as int16, rounded up to whole words */
+static inline uint64_t kdm_fully_connected_scratch_size_(uint64_t n_in)
+{
+    return (2 * n_in + 3) & ~(uint64_t)3;
+}
+
+#endif

@@ -1,1 +1,0 @@
-int kdm_placeholder_;

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# run_fuzz.sh - build the .kdm loader fuzz target with clang's libFuzzer and run it briefly.
+#
+#   KD_SOURCE_DIR=<repo> FUZZ_DIR=<build dir> SEEDGEN=<kdm_fuzz_seeds> bash run_fuzz.sh
+#
+# Compiles tests/fuzz/fuzz_kdm_load.c with every runtime source (mcu_runtime/src/*.c) twice,
+# with -fsanitize=fuzzer,address,undefined: once with the reference kernels, once with
+# -DKDM_FORCE_DSP=1 (the DSP kernels on their portable emulation). Each runs for
+# FUZZ_SECONDS (default 10) seconds with -seed=1 from a fresh copy of the seed corpus that
+# kdm_fuzz_seeds writes. Any crash, sanitizer report or leak fails the test; the reproducer is
+# left in FUZZ_DIR (crash-*). Exit 0 pass, 1 fail, 77 when clang or its libFuzzer runtime is
+# missing (CTest shows the test skipped).
+set -u
+src=${KD_SOURCE_DIR:?KD_SOURCE_DIR not set}
+out=${FUZZ_DIR:?FUZZ_DIR not set}
+seeds=${SEEDGEN:?SEEDGEN not set}
+secs=${FUZZ_SECONDS:-10}
+cc=${FUZZ_CC:-clang}
+
+command -v "$cc" >/dev/null 2>&1 || { echo "SKIP: $cc not found"; exit 77; }
+mkdir -p "$out"
+probe=$out/probe.c
+echo 'int LLVMFuzzerTestOneInput(const unsigned char *d, unsigned long n) { return d && n; }' \
+    >"$probe"
+if ! "$cc" -fsanitize=fuzzer "$probe" -o "$out/probe" >"$out/probe.log" 2>&1; then
+    echo "SKIP: $cc cannot link -fsanitize=fuzzer (libFuzzer runtime missing?)"
+    cat "$out/probe.log"
+    exit 77
+fi
+
+flags=(-std=c99 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+    -fno-omit-frame-pointer -I"$src/mcu_runtime/include" -I"$src/mcu_runtime/src")
+rm -rf "$out/seeds" && mkdir -p "$out/seeds"
+"$seeds" "$out/seeds" || { echo "FAIL: seed generator"; exit 1; }
+
+fail=0
+for variant in ref dsp; do
+    exe=$out/fuzz_kdm_load_$variant
+    def=()
+    [ $variant = dsp ] && def=(-DKDM_FORCE_DSP=1)
+    if ! "$cc" "${flags[@]}" "${def[@]}" "$src/tests/fuzz/fuzz_kdm_load.c" \
+        "$src"/mcu_runtime/src/*.c -o "$exe" >"$out/build_$variant.log" 2>&1; then
+        cat "$out/build_$variant.log"
+        echo "FAIL: building the $variant fuzz target"
+        fail=1
+        continue
+    fi
+    corpus=$out/corpus_$variant
+    rm -rf "$corpus" && mkdir -p "$corpus" && cp "$out"/seeds/* "$corpus"/
+    (cd "$out" && "$exe" -seed=1 -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
+        -print_final_stats=1 "$corpus" >"$out/run_$variant.log" 2>&1)
+    rc=$?
+    grep -E "^stat::number_of_executed_units|^stat::new_units_added" "$out/run_$variant.log" |
+        sed "s/^/$variant: /"
+    if [ $rc -ne 0 ]; then
+        tail -40 "$out/run_$variant.log"
+        echo "FAIL: the $variant fuzz target found a problem (exit $rc); see $out"
+        fail=1
+    fi
+done
+[ $fail -eq 0 ] && echo "fuzz: no crash in ${secs}s per variant"
+exit $fail

@@ -10,13 +10,14 @@
  * 4 multiply-accumulates and 2 pointer steps. Output pixels whose
  * window lies inside the input (all but a border of pad pixels) walk the window with no
  * checks, in a function of their own so that its loop keeps every value in a register (inlined
- * into the pixel loops, GCC spills there); border pixels check each tap and use a word of
- * zero-points for padded ones.
+ * into the pixel loops, GCC spills there), a 3-wide window row unrolled; a border pixel runs the
+ * same function over the part of its window inside the input, then adds its padded taps with a
+ * word of zero-points (no input loads, no per-tap bounds checks).
  * Channels past the last multiple of 4 are summed in C. The raw sums of a pixel's channels go
  * to scratch (in_c int32) and are requantized in one loop afterwards: with the requantization
  * inlined into the channel-group loop (four copies) GCC spills the accumulators of the taps.
- * With only kernel_h * kernel_w MACs per output, the requantization (about 25 instructions per
- * output) is a large share of the time.
+ * With only kernel_h * kernel_w MACs per output, the requantization (about 20 instructions per
+ * output, kdm_quant.c) is a large share of the time.
  */
 #include "kdm_dsp.h"
 #include "kdm_kernels.h"
@@ -36,26 +37,46 @@
 
 /* The geometry the interior loop needs. */
 typedef struct {
-    int32_t kh, kw, ch, rs,
-        row_skip; /* row_skip: input bytes from a window row's end to the next */
+    int32_t kh, kw, ch, rs;
+    int32_t row_skip;  /* input bytes from a window row's end to the next */
+    int32_t wrow_skip; /* weight bytes likewise (non-zero for a window cut by the border) */
 } window;
 
-/* Four channels over a window inside the input: ip and wp point at the window's first pixel and
- * weight row, offset to the channel; acc[0..3] hold the biases on entry, the sums on return. */
-static KDM_NOINLINE void window4(const window *g, const int8_t *ip, const uint8_t *wp, int32_t *acc)
+/* Channels 0 .. c4 - 1, four at a time, over a window inside the input: ip0 and wp0 point at the
+ * window's first pixel and weight row; acc[0 .. c4) hold the biases on entry, the sums on return.
+ */
+static KDM_NOINLINE void window4(const window *g, const int8_t *ip0, const uint8_t *wp0,
+                                 int32_t *acc, int32_t c4)
 {
-    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
     const int32_t ch = g->ch, rs = g->rs, kw = g->kw, skip = g->row_skip;
-    for (int32_t ky = g->kh; ky > 0; ky--, ip += skip) {
-        for (int32_t kx = kw; kx > 0; kx--, ip += ch, wp += rs) {
-            uint32_t v = kdm_ld32(ip);
-            TAP(kdm_sxtb16(v), kdm_sxtb16_ror8(v), wp);
+#define STEP()                                                                                     \
+    do {                                                                                           \
+        uint32_t v = kdm_ld32(ip);                                                                 \
+        TAP(kdm_sxtb16(v), kdm_sxtb16_ror8(v), wp);                                                \
+        ip += ch;                                                                                  \
+        wp += rs;                                                                                  \
+    } while (0)
+    for (int32_t c = 0; c < c4; c += 4) {
+        const int8_t *ip = ip0 + c;
+        const uint8_t *wp = wp0 + c / 2;
+        int32_t a0 = acc[c], a1 = acc[c + 1], a2 = acc[c + 2], a3 = acc[c + 3];
+        if (kw == 3) { /* the common kernel: a window row without loop upkeep */
+            for (int32_t ky = g->kh; ky > 0; ky--, ip += skip, wp += g->wrow_skip) {
+                STEP();
+                STEP();
+                STEP();
+            }
+        } else {
+            for (int32_t ky = g->kh; ky > 0; ky--, ip += skip, wp += g->wrow_skip)
+                for (int32_t kx = kw; kx > 0; kx--)
+                    STEP();
         }
+        acc[c] = a0;
+        acc[c + 1] = a1;
+        acc[c + 2] = a2;
+        acc[c + 3] = a3;
     }
-    acc[0] = a0;
-    acc[1] = a1;
-    acc[2] = a2;
-    acc[3] = a3;
+#undef STEP
 }
 
 void kdm_depthwise_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
@@ -65,7 +86,7 @@ void kdm_depthwise_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q,
     int32_t *acc = (int32_t *)scratch;
     const int32_t ch = p->in_c, c4 = ch & ~3, kh = p->kernel_h, kw = p->kernel_w;
     const int32_t rs = p->row_stride;
-    const window g = {kh, kw, ch, rs, (p->in_w - kw) * ch};
+    const window g = {kh, kw, ch, rs, (p->in_w - kw) * ch, 0};
     const uint32_t zz = kdm_pack16(p->in_zp, p->in_zp);
     for (int32_t oy = 0; oy < p->out_h; oy++) {
         const int32_t y0 = oy * p->stride - p->pad;
@@ -76,29 +97,33 @@ void kdm_depthwise_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q,
                 acc[c] = rq.bias[c];
             if (y0 >= 0 && x0 >= 0 && y0 + kh <= p->in_h && x0 + kw <= p->in_w) {
                 const int8_t *ip = in + (y0 * p->in_w + x0) * ch;
-                for (int32_t c = 0; c < c4; c += 4)
-                    window4(&g, ip + c, w + c / 2, acc + c);
+                window4(&g, ip, w, acc, c4);
             } else {
-                for (int32_t c = 0; c < c4; c += 4) {
-                    int32_t a0 = acc[c], a1 = acc[c + 1], a2 = acc[c + 2], a3 = acc[c + 3];
-                    const uint8_t *wp = w + c / 2;
-                    for (int32_t ky = 0; ky < kh; ky++) {
-                        const int32_t iy = y0 + ky;
-                        for (int32_t kx = 0; kx < kw; kx++, wp += rs) {
-                            const int32_t ix = x0 + kx;
-                            uint32_t x02 = zz, x13 = zz;
-                            if (iy >= 0 && iy < p->in_h && ix >= 0 && ix < p->in_w) {
-                                uint32_t v = kdm_ld32(in + (iy * p->in_w + ix) * ch + c);
-                                x02 = kdm_sxtb16(v);
-                                x13 = kdm_sxtb16_ror8(v);
-                            }
-                            TAP(x02, x13, wp);
+                /* the taps inside the input as a smaller window, then the padded ones (input
+                 * zero-points, no loads, no per-tap checks) */
+                const int32_t kya = y0 < 0 ? -y0 : 0, kxa = x0 < 0 ? -x0 : 0;
+                const int32_t kyb = y0 + kh > p->in_h ? p->in_h - y0 : kh;
+                const int32_t kxb = x0 + kw > p->in_w ? p->in_w - x0 : kw;
+                if (kya < kyb && kxa < kxb) {
+                    const int32_t nx = kxb - kxa;
+                    const window gb = {kyb - kya, nx, ch, rs, (p->in_w - nx) * ch, (kw - nx) * rs};
+                    const int8_t *ip = in + ((y0 + kya) * p->in_w + x0 + kxa) * ch;
+                    window4(&gb, ip, w + (kya * kw + kxa) * rs, acc, c4);
+                }
+                for (int32_t ky = 0; ky < kh; ky++) {
+                    for (int32_t kx = 0; kx < kw; kx++) {
+                        if (ky >= kya && ky < kyb && kx >= kxa && kx < kxb)
+                            continue;
+                        const uint8_t *wp = w + (ky * kw + kx) * rs;
+                        for (int32_t c = 0; c < c4; c += 4) {
+                            int32_t a0 = acc[c], a1 = acc[c + 1], a2 = acc[c + 2], a3 = acc[c + 3];
+                            TAP(zz, zz, wp + c / 2);
+                            acc[c] = a0;
+                            acc[c + 1] = a1;
+                            acc[c + 2] = a2;
+                            acc[c + 3] = a3;
                         }
                     }
-                    acc[c] = a0;
-                    acc[c + 1] = a1;
-                    acc[c + 2] = a2;
-                    acc[c + 3] = a3;
                 }
             }
             for (int32_t c = c4; c < ch; c++) {

@@ -547,10 +547,11 @@ static kd_status cmd_export(const char *dir, int wbits, int n, uint64_t seed)
             &h,
             "/* model.h - random-weight tiny student, int%d (kdm_random_model, seed %llu) */\n"
             "#ifndef KDM_MODEL_H\n#define KDM_MODEL_H\n\n#include <stdint.h>\n\n"
-            "#define KDM_MODEL_ARENA_SIZE %uu\n#define KDM_MODEL_OP_MASK 0x%08Xu\n\n"
+            "#define KDM_MODEL_ARENA_SIZE %uu\n#define KDM_MODEL_OP_MASK 0x%08Xu\n"
+            "#define KDM_MODEL_WBITS_MASK 0x%Xu\n\n"
             "extern const uint8_t kdm_model_blob[];\nextern const uint32_t "
             "kdm_model_blob_len;\n\n#endif\n",
-            wbits, (unsigned long long)seed, arena, mask);
+            wbits, (unsigned long long)seed, arena, mask, wbits == 4 ? 0x10u : 0x100u);
         tb_printf(
             &c,
             "/* model.c - random-weight tiny student, int%d (kdm_random_model, seed %llu) */\n"

@@ -5,8 +5,9 @@
 #
 # Trains the teacher CNN and the MLP, caches the teacher's logits, and trains the tiny student
 # from scratch and distilled from the cache with seeds 1, 2 and 3, each with its config in
-# configs/fashion-mnist/, then prints the table of test accuracies. Takes about an hour and a
-# half on 2 cores. Each run logs to OUT_ROOT/<name>/train.log; a finished run is skipped and an
+# configs/fashion-mnist/, and the distilled student trained against its INT4 weights (QAT), then
+# prints the table of test accuracies and runs `distill report configs/fashion-mnist/report.yaml`
+# (float, INT8 and INT4 side by side, on a Cortex-M4 under QEMU). Takes about two hours on 2 cores. Each run logs to OUT_ROOT/<name>/train.log; a finished run is skipped and an
 # interrupted one resumes from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,8 @@ for seed in 1 2 3; do
     run "fmnist-tiny-scratch-s$seed" configs/fashion-mnist/tiny_scratch.yaml --set "run.seed=$seed"
     run "fmnist-tiny-distill-s$seed" configs/fashion-mnist/tiny_distill.yaml --set "run.seed=$seed" \
         "${TEACHER[@]}"
+    run "fmnist-tiny-distill-qat4-s$seed" configs/fashion-mnist/tiny_distill_qat4.yaml \
+        --set "run.seed=$seed" "${TEACHER[@]}"
 done
 
 python3 - "$OUT" <<'PY'
@@ -47,7 +50,8 @@ def res(name):
         return json.load(f)
 rows = [("teacher CNN", ["fmnist-teacher"]), ("MLP 784-256-10", ["fmnist-mlp"]),
         ("tiny CNN, from scratch", [f"fmnist-tiny-scratch-s{s}" for s in (1, 2, 3)]),
-        ("tiny CNN, distilled", [f"fmnist-tiny-distill-s{s}" for s in (1, 2, 3)])]
+        ("tiny CNN, distilled", [f"fmnist-tiny-distill-s{s}" for s in (1, 2, 3)]),
+        ("distilled, INT4 QAT (fake)", [f"fmnist-tiny-distill-qat4-s{s}" for s in (1, 2, 3)])]
 print(f"{'model':26} {'params':>8} {'test accuracy':>24}")
 for label, names in rows:
     rs = [res(n) for n in names]
@@ -56,3 +60,11 @@ for label, names in rows:
         f"{statistics.mean(a):.2f} ± {statistics.stdev(a):.2f}% (n={len(a)})"
     print(f"{label:26} {rs[0]['params']:>8} {txt:>24}")
 PY
+
+if [ "$OUT" = runs ]; then
+    echo "== $BIN report configs/fashion-mnist/report.yaml"
+    "$BIN" report configs/fashion-mnist/report.yaml --no-progress
+else
+    echo "(configs/fashion-mnist/report.yaml names checkpoints under runs/; with OUT_ROOT=$OUT run" \
+        "it with --set for each row, or copy it)"
+fi

@@ -144,6 +144,30 @@ static inline int32_t kdm_smmlar(int32_t a, int32_t b, int32_t acc)
     return r;
 }
 
+/* QADD: a + b saturated to int32. */
+static inline int32_t kdm_qadd(int32_t a, int32_t b)
+{
+    int32_t r;
+    __asm__("qadd %0, %1, %2" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+/* SSAT #8: x clamped to [-128, 127]. */
+static inline int32_t kdm_ssat8(int32_t x)
+{
+    int32_t r;
+    __asm__("ssat %0, #8, %1" : "=r"(r) : "r"(x));
+    return r;
+}
+
+/* SSAT #8 with ASR #1: floor(x / 2) clamped to [-128, 127]. */
+static inline int32_t kdm_ssat8_asr1(int32_t x)
+{
+    int32_t r;
+    __asm__("ssat %0, #8, %1, asr #1" : "=r"(r) : "r"(x));
+    return r;
+}
+
 #else /* portable emulations */
 
 static inline int32_t kdm_lo16_(uint32_t x) { return (int32_t)(int16_t)(uint16_t)x; }
@@ -189,6 +213,16 @@ static inline int32_t kdm_smmlar(int32_t a, int32_t b, int32_t acc)
     return (int32_t)(uint32_t)(v >> 32);
 }
 static inline uint32_t kdm_pkhbt16(uint32_t a, uint32_t b) { return (a & 0xFFFFu) | (b << 16); }
+
+static inline int32_t kdm_qadd(int32_t a, int32_t b)
+{
+    int64_t r = (int64_t)a + b;
+    return r > INT32_MAX ? INT32_MAX : r < INT32_MIN ? INT32_MIN : (int32_t)r;
+}
+
+static inline int32_t kdm_ssat8(int32_t x) { return x < -128 ? -128 : x > 127 ? 127 : x; }
+
+static inline int32_t kdm_ssat8_asr1(int32_t x) { return kdm_ssat8(x >> 1); }
 
 static inline uint32_t kdm_pkhtb16(uint32_t a, uint32_t b) { return (a & 0xFFFF0000u) | (b >> 16); }
 

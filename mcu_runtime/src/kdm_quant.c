@@ -30,69 +30,108 @@ int32_t kdm_requantize(int32_t acc, int32_t multiplier, int32_t shift, uint32_t 
 }
 
 /*
- * kdm_requant_ in double rounding for the multipliers kdm_load admits (0 or [2^30, 2^31)), in
- * fewer instructions. The doubling high multiply floor((a * m + 2^30) / 2^31) is one SMMLAR:
- * b = 2m read as int32 is 2m - 2^32, and (a * b + 2^31) / 2^32 rounded down is that value
- * minus a, so SMMLAR(a, b, a) = a + floor((a * b + 2^31) / 2^32) is it exactly (m = 0 gives
- * 0 apart). A right shift (shift < 0, right = -shift = ~shift + 1) rounds as kdm_round_shift_.
+ * kdm_requant_ in double rounding for the multipliers kdm_load admits (0 or [2^30, 2^31)), the
+ * zero-point added and the result saturated to int8, in fewer instructions. The doubling high
+ * multiply floor((a * m + 2^30) / 2^31) is one SMMLAR: b = 2m read as int32 is 2m - 2^32, and
+ * (a * b + 2^31) / 2^32 rounded down is that value minus a, so SMMLAR(a, b, a) = a +
+ * floor((a * b + 2^31) / 2^32) is it exactly (m = 0 gives 0 apart: the output is then zp).
+ * A left shift (shift >= 0) gives SSAT8(QADD(h, zp)). A right shift (right = -shift) rounds as
+ * kdm_round_shift_: with u = (h + (h >> 31)) >> ~shift the quotient is (u + 1) >> 1, and that
+ * plus zp is (u + 2 zp + 1) >> 1 (2 zp is even): QADD of zp2 = 2 zp + 1, then SSAT #8 with
+ * ASR #1. QADD saturates only sums whose output is -128 or 127 anyway, so every int32 input
+ * gives kdm_requant_'s value clamped to [-128, 127] after the zero-point. A narrower
+ * [act_min, act_max] is applied after (clamp_row): clamping into it a value already clamped
+ * into [-128, 127] changes nothing else.
+ *
+ * m = 0 (b = 0) must give zp: kdm_requant_row_ accumulates x & (b >> 31) (b < 0 for every
+ * other admitted m), which makes h = 0 with no test; kdm_requant_row2_ tests b once for the
+ * channel's two values. Per value with a right shift: 3 loads, 2 of shift and mask, a branch,
+ * SMMLAR, ADD, ASR, QADD, SSAT, STRB and the loop, 16 instructions in kdm_requant_row_; about
+ * 13 in kdm_requant_row2_, where the channel's loads, tests and branches serve two values (GCC
+ * 12 -O2, Cortex-M4).
  */
-KDM_ALWAYS_INLINE int32_t requant_loaded(int32_t x, int32_t m, int32_t shift)
+
+/* out[i] clamped to [lo, hi], i < n: the activation, when it is narrower than int8. */
+static KDM_NOINLINE void clamp_row(int8_t *out, int32_t n, int32_t lo, int32_t hi)
 {
-    const int32_t b = (int32_t)((uint32_t)m << 1);
-    if (shift >= 0) {
-        const int32_t a = (int32_t)((uint32_t)x << shift);
-        return b ? kdm_smmlar(a, b, a) : 0;
-    }
-    const int32_t h = b ? kdm_smmlar(x, b, x) : 0;
-    return (((h + (h >> 31)) >> ~shift) + 1) >> 1;
+    for (int32_t i = 0; i < n; i++)
+        out[i] = (int8_t)(out[i] < lo ? lo : out[i] > hi ? hi : out[i]);
 }
 
-/* One loop per rounding mode, so the mode is not tested per value; kdm_requant_ is inlined into
- * each with a constant mode. */
-#define REQUANT_LOOP(rq)                                                                           \
-    for (int32_t i = 0; i < n; i++) {                                                              \
-        int32_t v = (rq);                                                                          \
-        v = v < lo ? lo : v;                                                                       \
-        v = v > hi ? hi : v;                                                                       \
-        out[i] = (int8_t)(v + zp);                                                                 \
-    }
+/* Single rounding (one call per value, out of line: it is not the exporter's default and its
+ * 64-bit shifts are long), then the zero-point and the saturation as above. */
+static KDM_NOINLINE int8_t single(int32_t x, int32_t m, int32_t s, int32_t zp)
+{
+    return (int8_t)kdm_ssat8(kdm_qadd(kdm_requant_(x, m, s, KDM_FLAG_SINGLE_ROUNDING), zp));
+}
+#define SINGLE(x, c) single((x), mult[c], shift[c], zp)
 
 void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *acc, int8_t *out,
                       int32_t n)
 {
     const int32_t *mult = q->mult + c0, *shift = q->shift + c0;
-    const int32_t zp = q->out_zp, lo = q->act_min - zp, hi = q->act_max - zp;
-    if (q->flags & KDM_FLAG_SINGLE_ROUNDING)
-        REQUANT_LOOP(kdm_requant_(acc[i], mult[i], shift[i], KDM_FLAG_SINGLE_ROUNDING))
-    else
-        REQUANT_LOOP(requant_loaded(acc[i], mult[i], shift[i]))
-}
-
-/* Double rounding, two outputs per channel: the clamp bounds are biased by the zero-point and
- * compared once each. */
-#define REQUANT2_LOOP(rq0, rq1)                                                                    \
-    for (int32_t i = 0; i < n; i++) {                                                              \
-        const int32_t m = mult[i], s = shift[i];                                                   \
-        int32_t v0 = (rq0);                                                                        \
-        int32_t v1 = (rq1);                                                                        \
-        v0 = v0 < lo ? lo : v0;                                                                    \
-        v0 = v0 > hi ? hi : v0;                                                                    \
-        v1 = v1 < lo ? lo : v1;                                                                    \
-        v1 = v1 > hi ? hi : v1;                                                                    \
-        out0[i] = (int8_t)(v0 + zp);                                                               \
-        out1[i] = (int8_t)(v1 + zp);                                                               \
+    const int32_t zp = q->out_zp;
+    if (q->flags & KDM_FLAG_SINGLE_ROUNDING) {
+        for (int32_t i = 0; i < n; i++)
+            out[i] = SINGLE(acc[i], i);
+        goto clamp;
     }
+    const int32_t zp2 = 2 * zp + 1;
+    for (int32_t i = 0; i < n; i++) {
+        /* b < 0 unless m = 0: then the accumulate x & (b >> 31) is 0, so is h, and the output
+         * is zp with no test */
+        const int32_t b = (int32_t)((uint32_t)mult[i] << 1), s = shift[i], x = acc[i];
+        int32_t v;
+        if (s < 0) {
+            const int32_t h = kdm_smmlar(x, b, x & (b >> 31));
+            v = kdm_ssat8_asr1(kdm_qadd((h + (h >> 31)) >> ~s, zp2));
+        } else {
+            const int32_t l = (int32_t)((uint32_t)x << s);
+            v = kdm_ssat8(kdm_qadd(kdm_smmlar(l, b, l & (b >> 31)), zp));
+        }
+        out[i] = (int8_t)v;
+    }
+clamp:
+    if (q->act_min != -128 || q->act_max != 127)
+        clamp_row(out, n, q->act_min, q->act_max);
+}
 
 void kdm_requant_row2_(const kdm_requant_params *q, int32_t c0, const int32_t *acc0,
                        const int32_t *acc1, int8_t *out0, int8_t *out1, int32_t n)
 {
     const int32_t *mult = q->mult + c0, *shift = q->shift + c0;
-    const int32_t zp = q->out_zp, lo = q->act_min - zp, hi = q->act_max - zp;
-    if (q->flags & KDM_FLAG_SINGLE_ROUNDING)
-        REQUANT2_LOOP(kdm_requant_(acc0[i], m, s, KDM_FLAG_SINGLE_ROUNDING),
-                      kdm_requant_(acc1[i], m, s, KDM_FLAG_SINGLE_ROUNDING))
-    else
-        REQUANT2_LOOP(requant_loaded(acc0[i], m, s), requant_loaded(acc1[i], m, s))
+    const int32_t zp = q->out_zp;
+    if (q->flags & KDM_FLAG_SINGLE_ROUNDING) {
+        for (int32_t i = 0; i < n; i++) {
+            out0[i] = SINGLE(acc0[i], i);
+            out1[i] = SINGLE(acc1[i], i);
+        }
+        goto clamp;
+    }
+    const int32_t zp2 = 2 * zp + 1;
+    for (int32_t i = 0; i < n; i++) {
+        const int32_t b = (int32_t)((uint32_t)mult[i] << 1), s = shift[i];
+        const int32_t x0 = acc0[i], x1 = acc1[i];
+        int32_t v0 = zp, v1 = zp;
+        if (!b) {
+            /* m = 0: zp */
+        } else if (s >= 0) {
+            const int32_t l0 = (int32_t)((uint32_t)x0 << s), l1 = (int32_t)((uint32_t)x1 << s);
+            v0 = kdm_ssat8(kdm_qadd(kdm_smmlar(l0, b, l0), zp));
+            v1 = kdm_ssat8(kdm_qadd(kdm_smmlar(l1, b, l1), zp));
+        } else {
+            const int32_t h0 = kdm_smmlar(x0, b, x0), h1 = kdm_smmlar(x1, b, x1), r = ~s;
+            v0 = kdm_ssat8_asr1(kdm_qadd((h0 + (h0 >> 31)) >> r, zp2));
+            v1 = kdm_ssat8_asr1(kdm_qadd((h1 + (h1 >> 31)) >> r, zp2));
+        }
+        out0[i] = (int8_t)v0;
+        out1[i] = (int8_t)v1;
+    }
+clamp:
+    if (q->act_min != -128 || q->act_max != 127) {
+        clamp_row(out0, n, q->act_min, q->act_max);
+        clamp_row(out1, n, q->act_min, q->act_max);
+    }
 }
 
 uint32_t kdm_crc32(const uint8_t *p, size_t n)

@@ -147,7 +147,7 @@ kd_status kd_load_train_split(const kd_job *job, kd_dataset *train)
     return KD_OK;
 }
 
-static kd_status check_model_fits_data(const kd_model *m, const kd_dataset *d, const kd_job *job)
+kd_status kd_check_model_fits_data(const kd_model *m, const kd_dataset *d, const kd_job *job)
 {
     size_t per = (size_t)d->c * d->h * d->w;
     if (per != m->in_numel ||
@@ -326,7 +326,7 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
     int max_batch = batch > eval_batch ? batch : eval_batch;
     if ((st = build_model(job, max_batch, &be, &m, log)))
         goto done;
-    if ((st = check_model_fits_data(m, &d.train, job)) || (st = qat_open(job, m, &qat)))
+    if ((st = kd_check_model_fits_data(m, &d.train, job)) || (st = qat_open(job, m, &qat)))
         goto done;
     if (!strcmp(job->mode, "offline") &&
         (st = kd_teacher_open(job, be, &d.train, batch, m->out_features, log, &teacher)))
@@ -707,7 +707,7 @@ kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out
     int batch = job->eval_batch_size;
     qat_ctx qat = {0, 0, NULL};
     if ((st = build_model(job, batch, &be, &m, NULL)) ||
-        (st = check_model_fits_data(m, &d.test, job)) || (st = qat_open(job, m, &qat)) ||
+        (st = kd_check_model_fits_data(m, &d.test, job)) || (st = qat_open(job, m, &qat)) ||
         (st = kd_checkpoint_load(checkpoint, m, NULL, 0, NULL)) ||
         (st = be->alloc((void **)&x_dev, (size_t)batch * m->in_numel * sizeof(float))) ||
         (st = be->alloc((void **)&y_dev, (size_t)batch * sizeof(int32_t))))

@@ -37,4 +37,10 @@ void kd_set_threads(int n);
 kd_status kd_pick_backend(const kd_job *job, const kd_backend **be, FILE *log);
 kd_status kd_load_train_split(const kd_job *job, kd_dataset *train);
 
+/* KD_ERR_SHAPE, naming the model and the data set, unless d's samples are the model's input
+ * shape and d's class count its number of outputs. */
+struct kd_model;
+kd_status kd_check_model_fits_data(const struct kd_model *m, const kd_dataset *d,
+                                   const kd_job *job);
+
 #endif

@@ -111,21 +111,6 @@ static kd_status check_file_target(const char *path)
     return KD_OK;
 }
 
-static kd_status check_fits(const kd_model *m, const kd_dataset *d, const kd_job *job)
-{
-    size_t per = (size_t)d->c * d->h * d->w;
-    if (per != m->in_numel ||
-        (m->in_ndim == 3 && (m->in[0] != d->c || m->in[1] != d->h || m->in[2] != d->w)))
-        return KD_FAIL(KD_ERR_SHAPE,
-                       "model %s takes input [%d, %d, %d] but data set '%s' has samples of "
-                       "[%d, %d, %d]",
-                       job->model_desc, m->in[0], m->in[1], m->in[2], d->name, d->c, d->h, d->w);
-    if (m->out_features != d->num_classes)
-        return KD_FAIL(KD_ERR_SHAPE, "model %s outputs %d logits but data set '%s' has %d classes",
-                       job->model_desc, m->out_features, d->name, d->num_classes);
-    return KD_OK;
-}
-
 static int argmax_f(const float *v, int n)
 {
     int best = 0;
@@ -472,10 +457,11 @@ kd_status kd_export_run(const kd_job *job, const char *checkpoint, const kd_expo
         kd_quant_model_apply(m, o->bits, master);
         free(master);
     }
-    if ((st = kd_load_train_split(job, &train)) || (st = check_fits(m, &train, job)))
+    if ((st = kd_load_train_split(job, &train)) || (st = kd_check_model_fits_data(m, &train, job)))
         goto done;
     if ((o->evaluate || o->n_samples > 0) &&
-        ((st = kd_dataset_load(job->dataset, root, 0, &test)) || (st = check_fits(m, &test, job))))
+        ((st = kd_dataset_load(job->dataset, root, 0, &test)) ||
+         (st = kd_check_model_fits_data(m, &test, job))))
         goto done;
     if (o->n_samples > test.n) {
         st = KD_FAIL(KD_ERR_INVALID, "export: --samples %lld is more than the %lld test samples",

@@ -11,7 +11,8 @@ cd "$(dirname "$0")"
 
 PACKAGES=(build-essential cmake pkg-config libopenblas-dev libopenblas-openmp-dev libyaml-dev libcjson-dev zlib1g-dev
           libhdf5-dev hdf5-filter-plugin libcmocka-dev dataset-fashion-mnist python3-h5py
-          gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm clang libclang-rt-dev)
+          gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm clang libclang-rt-dev
+          libopenmpi-dev openmpi-bin)
 BUILD_DIR=${BUILD_DIR:-build}
 JOBS=$(nproc 2>/dev/null || echo 2)
 

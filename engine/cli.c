@@ -10,6 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "comm.h"
 #include "compare.h"
 #include "export.h"
 #include "kd.h"
@@ -147,9 +148,16 @@ static void on_signal(int sig)
     stop_flag = 1;
 }
 
+/* the job's ranks while a train or cache command runs (NULL otherwise) */
+static kd_comm *g_comm;
+
 static int fail(kd_status st)
 {
-    fprintf(stderr, "distill: error: %s\n", kd_last_error());
+    if (g_comm && g_comm->size > 1)
+        fprintf(stderr, "distill: error (rank %d of %d): %s\n", g_comm->rank, g_comm->size,
+                kd_last_error());
+    else
+        fprintf(stderr, "distill: error: %s\n", kd_last_error());
     if (st == KD_ERR_INTERRUPTED)
         return 130;
     return 1;
@@ -460,18 +468,35 @@ int main(int argc, char **argv)
     if (st != KD_OK)
         return fail(st);
     int rc = 0;
-    if (usage == usage_train) {
+    if (usage == usage_train || usage == usage_cache) {
+        /* one process per device: under mpirun/srun the ranks share the work */
+        if ((st = kd_comm_open(job.comm, &g_comm)) != KD_OK) {
+            rc = fail(st);
+            kd_job_free(&job);
+            return rc;
+        }
+        if (g_comm->size > 1 && !job.threads_given) {
+            /* the host's cores are shared among its ranks */
+            int per = job.threads / (g_comm->size < job.threads ? g_comm->size : job.threads);
+            job.threads = per > 0 ? per : 1;
+        }
         signal(SIGINT, on_signal);
         signal(SIGTERM, on_signal);
-        kd_train_opts opts = {.resume = resume, .progress = progress, .stop = &stop_flag};
-        st = kd_train(&job, &opts);
+        kd_train_opts opts = {.resume = resume,
+                              .progress = progress && g_comm->rank == 0,
+                              .stop = &stop_flag,
+                              .comm = g_comm};
+        if (usage == usage_cache)
+            opts.resume = NULL;
+        st = usage == usage_train ? kd_train(&job, &opts) : kd_cache_build(&job, &opts);
         rc = st == KD_OK ? 0 : fail(st);
-    } else if (usage == usage_cache) {
-        signal(SIGINT, on_signal);
-        signal(SIGTERM, on_signal);
-        kd_train_opts opts = {.progress = progress, .stop = &stop_flag};
-        st = kd_cache_build(&job, &opts);
-        rc = st == KD_OK ? 0 : fail(st);
+        if (rc != 0 && g_comm->size > 1) {
+            /* the other ranks may be waiting in a collective: end the job */
+            fflush(stderr);
+            kd_comm_abort(g_comm, rc);
+        }
+        kd_comm_close(g_comm);
+        g_comm = NULL;
     } else if (usage == usage_eval) {
         kd_eval_result r;
         st = kd_eval(&job, checkpoint, &r);

@@ -69,8 +69,9 @@ static kd_status section(const kd_node *root, const char *key, int required,
 
 static kd_status parse_run(kd_job *j)
 {
-    static const char *const keys[] = {"name",      "out_dir",          "seed", "device", "threads",
-                                       "log_every", "checkpoint_every", NULL};
+    static const char *const keys[] = {
+        "name",      "out_dir",          "seed", "device",    "threads",
+        "log_every", "checkpoint_every", "comm", "bucket_kb", NULL};
     const kd_node *s;
     KD_TRY(section(j->root, "run", 0, keys, &s));
     snprintf(j->name, sizeof j->name, "run");
@@ -78,6 +79,8 @@ static kd_status parse_run(kd_job *j)
     long nproc = sysconf(_SC_NPROCESSORS_ONLN);
     j->threads = nproc > 0 ? (int)nproc : 1;
     j->log_every = 100;
+    snprintf(j->comm, sizeof j->comm, "auto");
+    j->bucket_kb = 1024;
     int64_t seed = 1;
     if (s) {
         KD_TRY(copy_str(s, "name", 0, j->name, sizeof j->name));
@@ -85,12 +88,21 @@ static kd_status parse_run(kd_job *j)
         KD_TRY(get_int_range(s, "seed", 0, 0, INT64_MAX, &seed));
         KD_TRY(copy_str(s, "device", 0, j->device, sizeof j->device));
         KD_TRY(get_i32(s, "threads", 0, 1, 1024, &j->threads));
+        j->threads_given = kd_node_child(s, "threads") != NULL;
+        KD_TRY(copy_str(s, "comm", 0, j->comm, sizeof j->comm));
+        KD_TRY(get_i32(s, "bucket_kb", 0, 4, 1 << 22, &j->bucket_kb));
         KD_TRY(get_i32(s, "log_every", 0, 1, 1 << 30, &j->log_every));
         KD_TRY(get_i32(s, "checkpoint_every", 0, 0, 1 << 30, &j->checkpoint_every));
         if (strcmp(j->device, "auto") && strcmp(j->device, "cpu") && strcmp(j->device, "cuda")) {
             char pos[160];
             return KD_FAIL(KD_ERR_CONFIG, "%s: device must be auto, cpu or cuda, got '%s'",
                            kd_node_where(kd_node_child(s, "device"), pos, sizeof pos), j->device);
+        }
+        if (strcmp(j->comm, "auto") && strcmp(j->comm, "single") && strcmp(j->comm, "mpi") &&
+            strcmp(j->comm, "nccl")) {
+            char pos[160];
+            return KD_FAIL(KD_ERR_CONFIG, "%s: comm must be auto, single, mpi or nccl, got '%s'",
+                           kd_node_where(kd_node_child(s, "comm"), pos, sizeof pos), j->comm);
         }
     }
     j->seed = (uint64_t)seed;

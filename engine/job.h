@@ -29,6 +29,9 @@ typedef struct {
     uint64_t seed;
     char device[16]; /* auto | cpu | cuda */
     int threads;
+    int threads_given;    /* run.threads was set (else: cores, shared among the ranks of a host) */
+    char comm[16];        /* auto | single | mpi | nccl (engine/comm.h) */
+    int bucket_kb;        /* gradient bucket size for the all-reduce, KiB */
     int log_every;        /* steps between plain log lines */
     int checkpoint_every; /* steps between mid-epoch checkpoints; 0 = end of epoch only */
 

@@ -17,6 +17,7 @@ typedef struct {
         *resume;  /* checkpoint to resume from, "auto" = <out_dir>/last.safetensors, or NULL */
     int progress; /* 1: redraw a progress bar on stderr; 0: plain log lines */
     volatile sig_atomic_t *stop; /* set by a signal handler: save a checkpoint and stop */
+    struct kd_comm *comm;        /* the job's ranks (engine/comm.h); NULL = one process */
 } kd_train_opts;
 
 typedef struct {

@@ -87,6 +87,26 @@ const kd_backend *kd_backend_cpu(void);
  */
 const kd_backend *kd_backend_cuda(const char **why);
 
+/*
+ * Ask the CUDA backend to run on device (index mod the number of visible devices) when it
+ * first initializes, i.e. on the first kd_backend_cuda() call. A data-parallel job calls it
+ * with its rank's local_rank (engine/comm.h) before picking the backend, so the ranks on
+ * one host spread over its devices; CUDA_VISIBLE_DEVICES still decides which devices are
+ * visible. A negative index, or no call at all, keeps the CUDA runtime's current device
+ * (device 0 unless the process changed it). Calls after the backend has initialized change
+ * nothing. A no-op in builds without CUDA.
+ */
+void kd_backend_cuda_prefer_device(int index);
+
+/*
+ * The stream every CUDA backend operation is queued on (a cudaStream_t, created with
+ * cudaStreamNonBlocking, so it does not synchronize with the legacy default stream), or
+ * NULL before the backend has initialized and in builds without CUDA. Code that queues
+ * device work of its own (the NCCL communicator, engine/comm_nccl.c) orders it against
+ * the backend's through events on this stream.
+ */
+void *kd_backend_cuda_stream(void);
+
 /* Name of the first operation slot in `needed` (comma-separated) that be lacks, or NULL. */
 const char *kd_backend_missing(const kd_backend *be, const char *needed);
 

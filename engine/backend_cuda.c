@@ -1,7 +1,9 @@
 /*
  * backend_cuda.c - the CUDA backend (host side): device memory, cuBLAS
  * matrix products and the kernels/ launchers. It is selected by device: cuda
- * or device: auto when a device answers. Operations queue on one stream and
+ * or device: auto when a device answers, and runs on the device that
+ * kd_backend_cuda_prefer_device named (a data-parallel rank's local_rank) or
+ * else the runtime's current one. Operations queue on one stream and
  * keep the first error, which sync() reports; slots not implemented yet are
  * NULL and a model that needs one is refused at build time (or, with
  * device: auto, trained on the CPU).
@@ -22,10 +24,13 @@
 #include <cudnn.h>
 #include <nccl.h>
 
+#include "cuda_check.h"
 #include "elementwise.h"
 #include "softmax_kl.h"
 
 static cudaStream_t kd_stream;
+static int kd_stream_ready;       /* kd_backend_cuda() succeeded: kd_stream is the one */
+static int kd_prefer_device = -1; /* kd_backend_cuda_prefer_device; -1: the current device */
 static cublasHandle_t kd_blas;
 static kd_status kd_sticky = KD_OK;
 static char kd_sticky_msg[512];
@@ -44,12 +49,8 @@ static void keep_blas(cublasStatus_t s, const char *what)
         keep(KD_FAIL(KD_ERR_DEVICE, "%s failed: cuBLAS status %d", what, (int)s));
 }
 
-static kd_status cuda_check(cudaError_t e, const char *what)
-{
-    if (e != cudaSuccess)
-        return KD_FAIL(KD_ERR_DEVICE, "%s failed: %s", what, cudaGetErrorString(e));
-    return KD_OK;
-}
+/* engine/cuda_check.h: the failure names the line of the call */
+#define cuda_check(e, what) KD_CUDA_CHECK(e, what)
 
 static kd_status cu_alloc(void **p, size_t bytes)
 {
@@ -200,6 +201,10 @@ static const kd_backend kd_cuda_backend = {
     .kd_dense = cu_kd_dense,
 };
 
+void kd_backend_cuda_prefer_device(int index) { kd_prefer_device = index < 0 ? -1 : index; }
+
+void *kd_backend_cuda_stream(void) { return kd_stream_ready ? (void *)kd_stream : NULL; }
+
 const kd_backend *kd_backend_cuda(const char **why)
 {
     static int tried;
@@ -220,8 +225,15 @@ const kd_backend *kd_backend_cuda(const char **why)
             *why = reason;
         return NULL;
     }
+    /* the device first: the stream, cuBLAS and later NCCL all belong to the current one */
+    int dev = kd_prefer_device >= 0 ? kd_prefer_device % count : -1;
     cublasStatus_t bs;
-    if ((e = cudaStreamCreateWithFlags(&kd_stream, cudaStreamNonBlocking)) != cudaSuccess) {
+    if (dev >= 0 && (e = cudaSetDevice(dev)) != cudaSuccess) {
+        snprintf(reason, sizeof reason, "cudaSetDevice(%d) failed (%d devices visible): %s", dev,
+                 count, cudaGetErrorString(e));
+    } else if (dev < 0 && (e = cudaGetDevice(&dev)) != cudaSuccess) {
+        snprintf(reason, sizeof reason, "cudaGetDevice failed: %s", cudaGetErrorString(e));
+    } else if ((e = cudaStreamCreateWithFlags(&kd_stream, cudaStreamNonBlocking)) != cudaSuccess) {
         snprintf(reason, sizeof reason, "cudaStreamCreate failed: %s", cudaGetErrorString(e));
     } else if ((bs = cublasCreate(&kd_blas)) != CUBLAS_STATUS_SUCCESS) {
         snprintf(reason, sizeof reason, "cublasCreate failed: status %d", (int)bs);
@@ -230,9 +242,10 @@ const kd_backend *kd_backend_cuda(const char **why)
     } else {
         int nccl = 0;
         ncclResult_t nr = ncclGetVersion(&nccl);
-        snprintf(reason, sizeof reason, "CUDA device ready (cuDNN %zu, NCCL %d%s)",
-                 (size_t)cudnnGetVersion(), nccl, nr == ncclSuccess ? "" : " unknown");
+        snprintf(reason, sizeof reason, "CUDA device %d of %d ready (cuDNN %zu, NCCL %d%s)", dev,
+                 count, (size_t)cudnnGetVersion(), nccl, nr == ncclSuccess ? "" : " unknown");
         ready = &kd_cuda_backend;
+        kd_stream_ready = 1;
     }
     if (why)
         *why = reason;
@@ -240,6 +253,10 @@ const kd_backend *kd_backend_cuda(const char **why)
 }
 
 #else
+
+void kd_backend_cuda_prefer_device(int index) {}
+
+void *kd_backend_cuda_stream(void) { return NULL; }
 
 const kd_backend *kd_backend_cuda(const char **why)
 {

@@ -814,7 +814,13 @@ static void chain_fwd(kd_model *m, kd_block *blocks, int count, const float *x, 
     }
 }
 
-static void chain_bwd(kd_model *m, kd_block *blocks, int count, const float *x, int n, float *dx);
+typedef struct {
+    kd_grads_ready_fn fn;
+    void *ctx;
+} grads_ready;
+static void chain_bwd(kd_model *m, kd_block *blocks, int count, const float *x, int n, float *dx,
+                      const grads_ready *ready);
+static size_t block_param_lo(const kd_block *b);
 
 /* dy of b is ready; write dx (may be NULL: nobody needs it) and accumulate param grads. */
 static void block_bwd(kd_model *m, kd_block *b, const float *x, int n, float *dx)
@@ -876,9 +882,9 @@ static void block_bwd(kd_model *m, kd_block *b, const float *x, int n, float *dx
         }
         break;
     case KD_L_RESIDUAL:
-        chain_bwd(m, b->body, b->nbody, x, n, dx ? b->dx_body : NULL);
+        chain_bwd(m, b->body, b->nbody, x, n, dx ? b->dx_body : NULL, NULL);
         if (b->nproj)
-            chain_bwd(m, b->proj, b->nproj, x, n, dx ? b->dx_proj : NULL);
+            chain_bwd(m, b->proj, b->nproj, x, n, dx ? b->dx_proj : NULL, NULL);
         if (dx)
             be->add((size_t)n * b->in_numel, b->dx_body, b->nproj ? b->dx_proj : b->dy, dx);
         break;
@@ -887,14 +893,20 @@ static void block_bwd(kd_model *m, kd_block *b, const float *x, int n, float *dx
 }
 
 /* Backward through a trunk; stops early once no earlier block has parameters and the
- * caller needs no input gradient (dx == NULL), so e.g. the first layer skips its dx. */
-static void chain_bwd(kd_model *m, kd_block *blocks, int count, const float *x, int n, float *dx)
+ * caller needs no input gradient (dx == NULL), so e.g. the first layer skips its dx.
+ * ready (top level only): told after each block with parameters that the gradients from
+ * its first parameter to the end of the buffer are final (parameters follow block order). */
+static void chain_bwd(kd_model *m, kd_block *blocks, int count, const float *x, int n, float *dx,
+                      const grads_ready *ready)
 {
     for (int i = count - 1; i >= 0; i--) {
         const float *in = i ? blocks[i - 1].y : x;
         int more = dx || blocks[i].params_before;
         float *din = !more ? NULL : i ? blocks[i - 1].dy : dx;
         block_bwd(m, &blocks[i], in, n, din);
+        size_t lo;
+        if (ready && (lo = block_param_lo(&blocks[i])) != SIZE_MAX && lo > 0)
+            ready->fn(ready->ctx, lo);
         if (!more)
             break;
     }
@@ -911,7 +923,33 @@ float *kd_model_output_grad(kd_model *m) { return m->blocks[m->nblocks - 1].dy; 
 
 void kd_model_backward(kd_model *m, const float *x, int n)
 {
-    chain_bwd(m, m->blocks, m->nblocks, x, n, NULL);
+    chain_bwd(m, m->blocks, m->nblocks, x, n, NULL, NULL);
+}
+
+/* Lowest parameter offset inside b (nested blocks included); SIZE_MAX when it has none. */
+static size_t block_param_lo(const kd_block *b)
+{
+    size_t lo = SIZE_MAX;
+    if (b->w_off != SIZE_MAX && b->w_off < lo)
+        lo = b->w_off;
+    if (b->b_off != SIZE_MAX && b->b_off < lo)
+        lo = b->b_off;
+    for (int i = 0; i < b->nbody; i++) {
+        size_t l = block_param_lo(&b->body[i]);
+        lo = l < lo ? l : lo;
+    }
+    for (int i = 0; i < b->nproj; i++) {
+        size_t l = block_param_lo(&b->proj[i]);
+        lo = l < lo ? l : lo;
+    }
+    return lo;
+}
+
+void kd_model_backward_notify(kd_model *m, const float *x, int n, kd_grads_ready_fn fn, void *ctx)
+{
+    grads_ready r = {fn, ctx};
+    chain_bwd(m, m->blocks, m->nblocks, x, n, NULL, &r);
+    fn(ctx, 0);
 }
 
 void kd_model_zero_grad(kd_model *m) { m->be->zero(m->grads, m->nparams * sizeof(float)); }

@@ -121,6 +121,15 @@ const float *kd_model_output(const kd_model *m);
 float *kd_model_output_grad(kd_model *m);
 /* Backward after a training forward of the same x and n; accumulates into grads. */
 void kd_model_backward(kd_model *m, const float *x, int n);
+/*
+ * The same backward, calling ready(ctx, from) each time the gradients of parameters
+ * [from, nparams) have all been queued (after each top-level block with parameters, last
+ * with from = 0): a data-parallel trainer starts summing those buckets across ranks while
+ * the earlier layers are still computing. Work is queued on the backend's stream in order.
+ */
+typedef void (*kd_grads_ready_fn)(void *ctx, size_t from);
+void kd_model_backward_notify(kd_model *m, const float *x, int n, kd_grads_ready_fn ready,
+                              void *ctx);
 void kd_model_zero_grad(kd_model *m);
 
 /* Find a tapped block by name; NULL if none. */

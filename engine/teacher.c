@@ -229,19 +229,20 @@ kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, int n)
     return be->upload(t->t_dev, t->logits_h, (size_t)n * C * sizeof(float));
 }
 
-double kd_teacher_loss(kd_teacher *t, const kd_job *job, const float *s_dev, int n, float *ds_dev)
+double kd_teacher_loss(kd_teacher *t, const kd_job *job, const float *s_dev, int n, float *ds_dev,
+                       double grad_scale)
 {
     const kd_backend *be = t->be;
     double sum;
     if (t->topk)
         sum = be->kd_topk(n, t->classes, t->topk, s_dev, t->tv_dev, t->ti_dev, t->lse_dev,
                           job->kd_temperature, job->kd_reverse, job->kd_t2, t->grad_dev,
-                          job->kd_weight);
+                          job->kd_weight * grad_scale);
     else
         sum = be->kd_dense(n, t->classes, s_dev, t->t_dev, job->kd_temperature, job->kd_reverse,
-                           job->kd_t2, t->grad_dev, job->kd_weight);
+                           job->kd_t2, t->grad_dev, job->kd_weight * grad_scale);
     be->add((size_t)n * t->classes, ds_dev, t->grad_dev, ds_dev);
-    return job->kd_weight * sum / n;
+    return job->kd_weight * sum;
 }
 
 /* ---- distill cache ---- */

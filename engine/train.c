@@ -22,6 +22,7 @@
 
 #include "augment.h"
 #include "checkpoint.h"
+#include "comm.h"
 #include "dataset.h"
 #include "fileio.h"
 #include "model.h"
@@ -203,18 +204,21 @@ static void qat_restore(kd_model *m, qat_ctx *q)
 }
 
 /* Mean loss and accuracy over a whole data set in eval mode; x_dev/y_dev hold one batch. With
- * quantization-aware training the model is evaluated with its quantized weights. */
+ * quantization-aware training the model is evaluated with its quantized weights. With several
+ * ranks (comm) each evaluates its slice of the set and the sums are added up. */
 static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_dev, int32_t *y_dev,
-                          double smoothing, qat_ctx *q, kd_eval_result *r)
+                          double smoothing, qat_ctx *q, kd_comm *comm, kd_eval_result *r)
 {
     const kd_backend *be = m->be;
     size_t per = (size_t)d->c * d->h * d->w;
     double loss = 0;
-    int64_t correct = 0;
+    int64_t correct = 0, lo = 0, hi = d->n;
     kd_status st = KD_OK;
+    if (comm)
+        kd_comm_slice(d->n, comm->rank, comm->size, &lo, &hi);
     qat_apply(m, q);
-    for (int64_t s0 = 0; s0 < d->n && st == KD_OK; s0 += batch) {
-        int n = (int)(d->n - s0 < batch ? d->n - s0 : batch);
+    for (int64_t s0 = lo; s0 < hi && st == KD_OK; s0 += batch) {
+        int n = (int)(hi - s0 < batch ? hi - s0 : batch);
         if ((st = be->upload(x_dev, d->x + (size_t)s0 * per, (size_t)n * per * sizeof(float))) ||
             (st = be->upload(y_dev, d->y + s0, (size_t)n * sizeof(int32_t))))
             break;
@@ -227,6 +231,12 @@ static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_
         st = be->sync();
     qat_restore(m, q);
     KD_TRY(st);
+    if (comm && comm->size > 1) {
+        double sums[2] = {loss, (double)correct};
+        KD_TRY(comm->ops->sum_f64(comm, sums, 2));
+        loss = sums[0];
+        correct = (int64_t)sums[1];
+    }
     r->n = d->n;
     r->loss = d->n ? loss / d->n : 0;
     r->acc = d->n ? (double)correct / d->n : 0;
@@ -304,11 +314,73 @@ static kd_status save_ckpt(kd_saver *s, const char *file)
     return st;
 }
 
-kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
+/*
+ * Data parallel: every global batch of the epoch's permutation is cut into one contiguous
+ * slice per rank (kd_comm_slice). Writes the samples this rank takes in steps first.. of the
+ * epoch, in order, and returns how many; a run on one rank gets perm[first * batch ..).
+ */
+static int64_t local_order(const uint32_t *perm, int64_t n_train, int batch, int64_t first,
+                           const kd_comm *c, uint32_t *out)
+{
+    int64_t k = 0;
+    for (int64_t s0 = first * batch; s0 < n_train; s0 += batch) {
+        int64_t n = n_train - s0 < batch ? n_train - s0 : batch, lo, hi;
+        kd_comm_slice(n, c->rank, c->size, &lo, &hi);
+        memcpy(out + k, perm + s0 + lo, (size_t)(hi - lo) * sizeof *out);
+        k += hi - lo;
+    }
+    return k;
+}
+
+/* Gradient buckets: while the backward pass runs, each time the gradients [from, hi) add up
+ * to a bucket they are handed to the communicator; the rest goes when the pass ends. */
+typedef struct {
+    kd_comm *c;
+    float *grads;
+    size_t hi, bucket; /* [hi, nparams) already queued; floats per bucket */
+    kd_status st;
+} grad_buckets;
+
+static void grads_ready(void *ctx, size_t from)
+{
+    grad_buckets *b = ctx;
+    if (b->st != KD_OK || from >= b->hi)
+        return;
+    if (b->hi - from >= b->bucket || from == 0) {
+        b->st = b->c->ops->sum_start(b->c, b->grads + from, b->hi - from);
+        b->hi = from;
+    }
+    if (b->st == KD_OK)
+        b->st = b->c->ops->sum_progress(b->c);
+}
+
+/* The job's ranks as this loop uses them: one rank when the caller gave none. On the CUDA
+ * backend the gradients travel through NCCL (device buffers), bootstrapped through MPI. */
+static kd_status open_ranks(const kd_job *job, const kd_train_opts *opts, const kd_backend *be,
+                            kd_comm **solo, kd_comm **nccl, kd_comm **comm)
+{
+    *solo = *nccl = NULL;
+    *comm = opts->comm;
+    if (!*comm) {
+        KD_TRY(kd_comm_open("single", solo));
+        *comm = *solo;
+    }
+    if ((*comm)->size > 1 && be->device != KD_DEVICE_CPU) {
+        kd_status st = kd_comm_nccl_attach(*comm, nccl);
+        if (st != KD_OK)
+            return kd_fail_context(st, "%s: %d ranks on the %s backend need NCCL: ", job->path,
+                                   (*comm)->size, be->name);
+        *comm = *nccl;
+    }
+    return KD_OK;
+}
+
+static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *log)
 {
     kd_set_threads(job->threads);
-    FILE *log = stderr;
     const kd_backend *be = NULL;
+    if (opts->comm && opts->comm->size > 1)
+        kd_backend_cuda_prefer_device(opts->comm->local_rank);
     KD_TRY(kd_pick_backend(job, &be, log));
     kd_data_splits d;
     KD_TRY(load_splits(job, 1, &d));
@@ -321,13 +393,17 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
     FILE *metrics = NULL;
     kd_teacher *teacher = NULL;
     qat_ctx qat = {0, 0, NULL};
+    kd_comm *solo = NULL, *nccl = NULL, *comm = NULL;
+    uint32_t *order = NULL;
     int batch = job->batch_size;
     int eval_batch = job->eval_batch_size;
     int max_batch = batch > eval_batch ? batch : eval_batch;
     if ((st = build_model(job, max_batch, &be, &m, log)))
         goto done;
-    if ((st = kd_check_model_fits_data(m, &d.train, job)) || (st = qat_open(job, m, &qat)))
+    if ((st = kd_check_model_fits_data(m, &d.train, job)) || (st = qat_open(job, m, &qat)) ||
+        (st = open_ranks(job, opts, be, &solo, &nccl, &comm)))
         goto done;
+    const int rank = comm->rank, world = comm->size;
     if (!strcmp(job->mode, "offline") &&
         (st = kd_teacher_open(job, be, &d.train, batch, m->out_features, log, &teacher)))
         goto done;
@@ -340,7 +416,8 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
     x_host = malloc((size_t)max_batch * per * sizeof(float));
     y_host = malloc((size_t)max_batch * sizeof(int32_t));
     perm = malloc((size_t)d.train.n * sizeof(uint32_t));
-    if (!x_host || !y_host || !perm) {
+    order = malloc((size_t)d.train.n * sizeof(uint32_t));
+    if (!x_host || !y_host || !perm || !order) {
         st = KD_FAIL(KD_ERR_NOMEM, "out of memory allocating batches");
         goto done;
     }
@@ -358,7 +435,7 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
             goto done;
         }
     }
-    if ((st = kd_mkdir_p(job->out_dir)))
+    if (rank == 0 && (st = kd_mkdir_p(job->out_dir)))
         goto done;
 
     kd_saver saver = {.job = job, .m = m, .state = nstate ? state : NULL, .nstate = nstate};
@@ -389,6 +466,9 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
             goto done;
         }
     }
+    /* rank 0 decides, so that every rank starts from the same place */
+    if ((st = comm->ops->bcast_bytes(comm, &resuming, sizeof resuming, 0)))
+        goto done;
     kd_ckpt_info in = {0};
     if (resuming) {
         if ((st = kd_checkpoint_load(path, m, saver.state, nstate, &in)))
@@ -438,6 +518,14 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
         fprintf(log, "resumed from %s at epoch %" PRId64 ", step %" PRId64 "\n", path, epoch0,
                 step);
     }
+    /* every rank starts from rank 0's parameters, optimizer state and buffers */
+    if (world > 1 &&
+        ((st = comm->ops->bcast_f32(comm, m->params, m->nparams, 0)) ||
+         (nstate && (st = comm->ops->bcast_f32(comm, state, nstate, 0))) ||
+         (m->nbuffers && (st = comm->ops->bcast_f32(comm, m->buffers, m->nbuffers, 0)))))
+        goto done;
+    if (rank != 0) /* only rank 0 writes files */
+        goto train;
     if ((st = write_config_copy(job)))
         goto done;
     char mpath[600];
@@ -450,6 +538,7 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
         goto done;
     }
 
+train:;
     const int64_t n_train = d.train.n;
     const int64_t steps_per_epoch = (n_train + batch - 1) / batch;
     kd_sched_cfg sched = job->sched;
@@ -462,60 +551,94 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
     }
     const kd_augment_cfg *aug =
         (job->augment.crop_pad > 0 || job->augment.hflip) ? &job->augment : NULL;
+    if (world > 1 && (batch < world || (n_train % batch && n_train % batch < world))) {
+        st = KD_FAIL(KD_ERR_CONFIG,
+                     "%s: %d ranks share each batch, but %s has %d samples: every rank needs at "
+                     "least one (change data.batch_size or the number of ranks)",
+                     job->path, world, batch < world ? "data.batch_size" : "the last batch",
+                     batch < world ? batch : (int)(n_train % batch));
+        goto done;
+    }
     fprintf(log,
             "training %s: %zu parameters, %" PRId64 " samples, %" PRId64
-            " steps/epoch, %d epochs, batch %d, %s backend, %d threads\n",
+            " steps/epoch, %d epochs, batch %d, %s backend, %d threads",
             job->model_desc, m->nparams, n_train, steps_per_epoch, job->epochs, batch, be->name,
             job->threads);
+    if (world > 1)
+        fprintf(log, " per rank, %d ranks (%s, gradient buckets of %d KiB)", world, comm->name,
+                job->bucket_kb);
+    fputc('\n', log);
+    grad_buckets buckets = {
+        .c = comm, .grads = m->grads, .bucket = (size_t)job->bucket_kb * 1024 / sizeof(float)};
     double t_run = now_s();
     for (int64_t epoch = step / steps_per_epoch; epoch < job->epochs; epoch++) {
         kd_epoch_permutation(perm, (uint32_t)n_train, job->seed, (uint64_t)epoch);
-        if (teacher) {
-            int64_t from = (step - epoch * steps_per_epoch) * batch;
-            if ((st = kd_teacher_epoch(teacher, perm + from, n_train - from)))
-                goto done;
-        }
+        int64_t first = step - epoch * steps_per_epoch;
+        /* this rank's samples of the rest of the epoch, in the order it takes them */
+        int64_t n_local = local_order(perm, n_train, batch, first, comm, order), at = 0;
+        if (teacher && (st = kd_teacher_epoch(teacher, order, n_local)))
+            goto done;
         double ep_loss = 0, t0 = now_s(), last_log = 0;
         int64_t ep_correct = 0, ep_seen = 0;
-        int64_t first = step - epoch * steps_per_epoch;
+        int stop = 0;    /* a rank was asked to stop (SIGINT/SIGTERM) */
         if (first > 0) { /* resumed mid-epoch: the sums so far came with the checkpoint */
             ep_loss = in.epoch_loss;
             ep_correct = in.epoch_correct;
             ep_seen = in.epoch_seen;
         }
         for (int64_t k = first; k < steps_per_epoch; k++) {
-            int64_t s0 = k * batch;
+            int64_t s0 = k * batch, lo, hi;
             int n = (int)(n_train - s0 < batch ? n_train - s0 : batch);
+            kd_comm_slice(n, rank, world, &lo, &hi);
+            const int nl = (int)(hi - lo); /* this rank's share of the batch */
+            const uint32_t *idx = order + at;
+            at += nl;
             if (teacher)
-                st = kd_teacher_batch(teacher, &d.train, perm + s0, n, epoch, aug, job->seed,
-                                      x_host, y_host);
+                st = kd_teacher_batch(teacher, &d.train, idx, nl, epoch, aug, job->seed, x_host,
+                                      y_host);
             else
-                kd_batch_gather(&d.train, perm + s0, n, aug, job->seed, (uint64_t)epoch, x_host,
-                                y_host, NULL);
+                kd_batch_gather(&d.train, idx, nl, aug, job->seed, (uint64_t)epoch, x_host, y_host,
+                                NULL);
             if (st)
                 goto done;
-            if ((st = be->upload(x_dev, x_host, (size_t)n * per * sizeof(float))) ||
-                (st = be->upload(y_dev, y_host, (size_t)n * sizeof(int32_t))))
+            if ((st = be->upload(x_dev, x_host, (size_t)nl * per * sizeof(float))) ||
+                (st = be->upload(y_dev, y_host, (size_t)nl * sizeof(int32_t))))
                 goto done;
             kd_model_zero_grad(m);
             qat_apply(m, &qat); /* forward and backward at the quantized weights */
-            kd_model_forward(m, x_dev, n, 1, kd_mix64(job->seed, (uint64_t)step, 0xd0));
-            if (teacher && (st = kd_teacher_targets(teacher, x_dev, n)))
+            kd_model_forward(m, x_dev, nl, 1, kd_mix64(job->seed, (uint64_t)step, 0xd0));
+            if (teacher && (st = kd_teacher_targets(teacher, x_dev, nl)))
                 goto done;
             int64_t correct = 0;
-            /* the loss is the weighted sum of the terms; each adds its gradient */
-            double loss =
-                job->ce_weight *
-                be->ce(n, m->out_features, kd_model_output(m), y_dev, job->label_smoothing,
-                       kd_model_output_grad(m), job->ce_weight, &correct) /
-                n;
+            /* the loss is the weighted sum of the terms, each a mean over the global batch; each
+             * adds its gradient (a rank's share scaled by nl / n, so the ranks' sum is exact) */
+            const double share = (double)nl / n;
+            double loss_sum =
+                job->ce_weight * be->ce(nl, m->out_features, kd_model_output(m), y_dev,
+                                        job->label_smoothing, kd_model_output_grad(m),
+                                        job->ce_weight * share, &correct);
             if (teacher)
-                loss +=
-                    kd_teacher_loss(teacher, job, kd_model_output(m), n, kd_model_output_grad(m));
-            kd_model_backward(m, x_dev, n);
+                loss_sum += kd_teacher_loss(teacher, job, kd_model_output(m), nl,
+                                            kd_model_output_grad(m), share);
+            if (world == 1) {
+                kd_model_backward(m, x_dev, nl);
+            } else {
+                buckets.hi = m->nparams;
+                buckets.st = KD_OK;
+                kd_model_backward_notify(m, x_dev, nl, grads_ready, &buckets);
+                if ((st = buckets.st) || (st = comm->ops->sum_finish(comm)))
+                    goto done;
+            }
             qat_restore(m, &qat); /* the update applies to the float master weights */
             if ((st = be->sync()))
                 goto done;
+            /* the step's statistics and a stop request, summed over the ranks */
+            double stats[3] = {loss_sum, (double)correct, opts->stop && *opts->stop ? 1.0 : 0.0};
+            if (world > 1 && (st = comm->ops->sum_f64(comm, stats, 3)))
+                goto done;
+            double loss = stats[0] / n;
+            correct = (int64_t)stats[1];
+            stop = stats[2] > 0;
             double lr = kd_sched_lr(&sched, job->optim.lr, step);
             float *P = m->params, *G = m->grads;
             float *S = state;
@@ -576,8 +699,7 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
                         epoch + 1, job->epochs, k + 1, steps_per_epoch, ep_loss / ep_seen,
                         100.0 * ep_correct / ep_seen, lr, sps, eta);
             }
-            int stop = opts->stop && *opts->stop;
-            if (!last &&
+            if (rank == 0 && !last &&
                 (stop || (job->checkpoint_every > 0 && step % job->checkpoint_every == 0))) {
                 saver.info.step = step;
                 saver.info.epoch = epoch;
@@ -600,8 +722,21 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
         if (opts->progress)
             fputc('\n', stderr);
         double train_time = now_s() - t0;
+        if (world > 1) {
+            /* one model: batchnorm statistics are rank 0's (each rank normalises its own
+             * slice), and the ranks' parameters must still be identical */
+            float *P = m->params;
+            if (p_host && (st = be->download(p_host, m->params, m->nparams * sizeof(float))))
+                goto done;
+            if (p_host)
+                P = p_host;
+            if ((m->nbuffers && (st = comm->ops->bcast_f32(comm, m->buffers, m->nbuffers, 0))) ||
+                (st = kd_comm_check_same(comm, P, m->nparams * sizeof(float), "the parameters")))
+                goto done;
+        }
         kd_eval_result val = {0};
-        if (d.have_val && (st = evaluate(m, &d.val, eval_batch, x_dev, y_dev, 0.0, &qat, &val)))
+        if (d.have_val &&
+            (st = evaluate(m, &d.val, eval_batch, x_dev, y_dev, 0.0, &qat, comm, &val)))
             goto done;
         int best = d.have_val && val.acc > saver.info.best_val_acc;
         if (best)
@@ -610,6 +745,8 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
         saver.info.epoch = epoch + 1;
         saver.info.epoch_loss = 0;
         saver.info.epoch_correct = saver.info.epoch_seen = 0;
+        if (rank != 0)
+            goto epoch_end;
         /* last.safetensors is the epoch's commit point, so it is written after everything
          * else: a failure before it resumes from the previous epoch and redoes this one,
          * rewriting best.safetensors and this epoch's metrics line identically */
@@ -640,7 +777,8 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
             fprintf(log, "epoch %" PRId64 "/%d: train loss %.4f acc %.2f%% | %.1fs\n", epoch + 1,
                     job->epochs, ep_seen ? ep_loss / ep_seen : 0.0,
                     ep_seen ? 100.0 * ep_correct / ep_seen : 0.0, train_time);
-        if (opts->stop && *opts->stop && epoch + 1 < job->epochs) {
+    epoch_end:
+        if (stop && epoch + 1 < job->epochs) {
             st = KD_FAIL(KD_ERR_INTERRUPTED,
                          "stopped after epoch %" PRId64 "; checkpoint saved in "
                          "%s/last.safetensors (continue with --resume)",
@@ -650,7 +788,9 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
     }
     {
         kd_eval_result test;
-        if ((st = evaluate(m, &d.test, eval_batch, x_dev, y_dev, 0.0, &qat, &test)))
+        if ((st = evaluate(m, &d.test, eval_batch, x_dev, y_dev, 0.0, &qat, comm, &test)))
+            goto done;
+        if (rank != 0)
             goto done;
         double total = now_s() - t_run;
         fprintf(log, "test: loss %.4f acc %.2f%% (%" PRId64 " samples) | %zu parameters | %.1fs\n",
@@ -675,6 +815,9 @@ done:
     qat_restore(m, &qat);
     free(qat.saved);
     kd_teacher_close(teacher);
+    kd_comm_close(nccl);
+    kd_comm_close(solo);
+    free(order);
     if (metrics)
         fclose(metrics);
     if (m) {
@@ -690,6 +833,18 @@ done:
     free(s_host);
     kd_model_free(m);
     free_splits(&d);
+    return st;
+}
+
+kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
+{
+    /* ranks other than 0 train silently: rank 0 speaks for the job */
+    FILE *quiet = NULL;
+    if (opts->comm && opts->comm->rank != 0 && !(quiet = fopen("/dev/null", "w")))
+        return KD_FAIL(KD_ERR_IO, "cannot open /dev/null: %s", strerror(errno));
+    kd_status st = train_run(job, opts, quiet ? quiet : stderr);
+    if (quiet)
+        fclose(quiet);
     return st;
 }
 
@@ -712,7 +867,7 @@ kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out
         (st = be->alloc((void **)&x_dev, (size_t)batch * m->in_numel * sizeof(float))) ||
         (st = be->alloc((void **)&y_dev, (size_t)batch * sizeof(int32_t))))
         goto done;
-    st = evaluate(m, &d.test, batch, x_dev, y_dev, 0.0, &qat, out);
+    st = evaluate(m, &d.test, batch, x_dev, y_dev, 0.0, &qat, NULL, out);
 done:
     free(qat.saved);
     if (m) {

@@ -95,10 +95,9 @@ static double now_s(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-int kd_run_distill_fsize(const char *const *argv, long long fsize_limit, char *out, size_t outlen,
-                         int *exit_code)
+static int run_bin(const char *bin, const char *const *argv, long long fsize_limit, char *out,
+                   size_t outlen, int *exit_code)
 {
-    const char *bin = kd_distill_path();
     if (!bin || !out || outlen == 0 || !exit_code)
         return -1;
     out[0] = '\0';
@@ -155,12 +154,24 @@ int kd_run_distill_fsize(const char *const *argv, long long fsize_limit, char *o
     out[used] = '\0';
     close(fds[0]);
     if (timed_out) {
-        fprintf(stderr, "kd_cli_util: distill ran past %d s; killing it\n", KD_RUN_TIMEOUT_S);
+        fprintf(stderr, "kd_cli_util: %s ran past %d s; killing it\n", bin, KD_RUN_TIMEOUT_S);
         kill(pid, SIGKILL);
     }
     if (kd_wait_exit(pid, exit_code) != 0)
         return -1;
     return timed_out ? -1 : 0;
+}
+
+int kd_run_distill_fsize(const char *const *argv, long long fsize_limit, char *out, size_t outlen,
+                         int *exit_code)
+{
+    return run_bin(kd_distill_path(), argv, fsize_limit, out, outlen, exit_code);
+}
+
+int kd_run_program(const char *bin, const char *const *argv, char *out, size_t outlen,
+                   int *exit_code)
+{
+    return run_bin(bin, argv, 0, out, outlen, exit_code);
 }
 
 int kd_run_distill(const char *const *argv, char *out, size_t outlen, int *exit_code)

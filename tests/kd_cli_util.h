@@ -25,6 +25,10 @@ int kd_run_distill(const char *const *argv, char *out, size_t outlen, int *exit_
 int kd_run_distill_fsize(const char *const *argv, long long fsize_limit, char *out, size_t outlen,
                          int *exit_code);
 
+/* kd_run_distill for another program: bin is its path, argv its arguments after argv[0]. */
+int kd_run_program(const char *bin, const char *const *argv, char *out, size_t outlen,
+                   int *exit_code);
+
 /* Start distill in the background, stdout and stderr appended to log_path; the pid, or -1. */
 pid_t kd_spawn_distill(const char *const *argv, const char *log_path);
 

@@ -1,0 +1,218 @@
+/*
+ * test_mpi_train.c - data-parallel training across MPI ranks on the CPU.
+ *
+ * The same batchnorm-free job (augmentation, SGD with momentum and weight decay, a
+ * global batch that does not split evenly, gradient buckets small enough that the
+ * backward pass sends several) trained on 1 rank and on 2 ranks under mpirun must end
+ * with the same weights up to float rounding (the ranks sum partial gradients in another
+ * order than one process does). A run stopped after one epoch on 2 ranks and resumed on
+ * 1 rank must land on the same weights too, and a global batch smaller than the number
+ * of ranks is a clear error. Skipped (77) when mpirun or the MPI build is missing.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "comm.h"
+#include "kd_cli_util.h"
+#include "safetensors.h"
+
+#define N_TRAIN 1000
+#define N_TEST  200
+
+static char tmp[256];
+static char data[512];
+static const char *mpirun;
+
+static int setup(void **state)
+{
+    (void)state;
+    return kd_cli_workspace("kd_mpi_", N_TRAIN, N_TEST, 5, tmp, sizeof tmp, data, sizeof data);
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    kd_rm_rf(tmp);
+    return 0;
+}
+
+/* 810 training samples in batches of 63: 12 full batches split 31/32 and a last one of 54. */
+static void write_job(const char *path, int epochs, int batch)
+{
+    char text[2048];
+    snprintf(text, sizeof text,
+             "run: {seed: 5, threads: 1, log_every: 1000, bucket_kb: 4}\n"
+             "data:\n"
+             "  dataset: fashion-mnist\n"
+             "  root: %s\n"
+             "  batch_size: %d\n"
+             "  val_size: 190\n"
+             "  augment: {crop_pad: 2, hflip: true}\n"
+             "model:\n"
+             "  input: [1, 28, 28]\n"
+             "  layers:\n"
+             "    - conv2d: {out: 8, kernel: 3, stride: 2, pad: 1}\n"
+             "    - relu\n"
+             "    - conv2d: {out: 16, kernel: 3, stride: 2, pad: 1}\n"
+             "    - relu\n"
+             "    - global_avgpool\n"
+             "    - linear: {out: 10}\n"
+             "optim: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 1.0e-4, epochs: %d}\n",
+             data, batch, epochs);
+    assert_int_equal(kd_write_text(path, text), 0);
+}
+
+/* distill train JOB --set run.out_dir=OUT [extra], on `ranks` processes (0: no mpirun). */
+static int train(const char *job, const char *out, int ranks, const char *extra, char *log,
+                 size_t loglen)
+{
+    char set_out[640];
+    snprintf(set_out, sizeof set_out, "run.out_dir=%s", out);
+    int code = -1;
+    if (ranks == 0) {
+        const char *argv[] = {"train", job, "--no-progress", "--set", set_out, extra, NULL};
+        assert_int_equal(kd_run_distill(argv, log, loglen, &code), 0);
+    } else {
+        char np[16];
+        snprintf(np, sizeof np, "%d", ranks);
+        /* root in a container: Open MPI needs both switches */
+        const char *argv[] = {"--allow-run-as-root",
+                              "--oversubscribe",
+                              "-np",
+                              np,
+                              kd_distill_path(),
+                              "train",
+                              job,
+                              "--no-progress",
+                              "--set",
+                              set_out,
+                              extra,
+                              NULL};
+        assert_int_equal(kd_run_program(mpirun, argv, log, loglen, &code), 0);
+    }
+    return code;
+}
+
+/* Largest |a - b| / (1 + |a|) over every parameter of two checkpoints with the same entries. */
+static double max_rel_diff(const char *a_path, const char *b_path, size_t *compared)
+{
+    kd_safetensors *a = NULL, *b = NULL;
+    assert_int_equal(kd_safetensors_open(a_path, &a), KD_OK);
+    assert_int_equal(kd_safetensors_open(b_path, &b), KD_OK);
+    assert_int_equal(kd_safetensors_count(a), kd_safetensors_count(b));
+    double worst = 0;
+    *compared = 0;
+    for (size_t i = 0; i < kd_safetensors_count(a); i++) {
+        const kd_st_entry *ea = kd_safetensors_entry(a, i);
+        if (ea->dtype != KD_DTYPE_F32)
+            continue;
+        const kd_st_entry *eb = kd_safetensors_find(b, ea->name);
+        assert_non_null(eb);
+        size_t n = 1;
+        for (int d = 0; d < ea->ndim; d++) {
+            assert_int_equal(ea->shape[d], eb->shape[d]);
+            n *= (size_t)ea->shape[d];
+        }
+        const float *x = ea->data, *y = eb->data;
+        for (size_t k = 0; k < n; k++) {
+            double r = fabs((double)x[k] - y[k]) / (1 + fabs((double)x[k]));
+            worst = r > worst ? r : worst;
+        }
+        *compared += n;
+    }
+    kd_safetensors_close(a);
+    kd_safetensors_close(b);
+    return worst;
+}
+
+static void check_same_weights(const char *dir_a, const char *dir_b)
+{
+    char a[600], b[600];
+    snprintf(a, sizeof a, "%s/last.safetensors", dir_a);
+    snprintf(b, sizeof b, "%s/last.safetensors", dir_b);
+    size_t n = 0;
+    double d = max_rel_diff(a, b, &n);
+    printf("  %s vs %s: %zu parameters, largest relative difference %.3g\n", dir_a, dir_b, n, d);
+    assert_true(n > 1000);
+    assert_true(d < 2e-5);
+}
+
+static void test_two_ranks_match_one(void **state)
+{
+    (void)state;
+    char job[600], one[600], two[600], log[16384];
+    snprintf(job, sizeof job, "%s/job.yaml", tmp);
+    snprintf(one, sizeof one, "%s/one", tmp);
+    snprintf(two, sizeof two, "%s/two", tmp);
+    write_job(job, 2, 63);
+    int code = train(job, one, 0, NULL, log, sizeof log);
+    if (code != 0)
+        fprintf(stderr, "%s", log);
+    assert_int_equal(code, 0);
+    code = train(job, two, 2, NULL, log, sizeof log);
+    if (code != 0)
+        fprintf(stderr, "%s", log);
+    assert_int_equal(code, 0);
+    /* rank 0 speaks for the job: one log, saying how the work was shared */
+    assert_non_null(strstr(log, "2 ranks (mpi, gradient buckets of 4 KiB)"));
+    const char *first = strstr(log, "test: loss");
+    assert_non_null(first);
+    assert_null(strstr(first + 1, "test: loss"));
+    check_same_weights(one, two);
+
+    /* the same first epoch on 2 ranks, then the second on 1 rank from its checkpoint */
+    char mixed[600], job1[600];
+    snprintf(mixed, sizeof mixed, "%s/mixed", tmp);
+    snprintf(job1, sizeof job1, "%s/job1.yaml", tmp);
+    write_job(job1, 1, 63);
+    code = train(job1, mixed, 2, NULL, log, sizeof log);
+    assert_int_equal(code, 0);
+    char resume_out[640];
+    snprintf(resume_out, sizeof resume_out, "run.out_dir=%s", mixed);
+    const char *argv[] = {"train",    job1,    "--no-progress",  "--resume", "--set",
+                          resume_out, "--set", "optim.epochs=2", NULL};
+    assert_int_equal(kd_run_distill(argv, log, sizeof log, &code), 0);
+    if (code != 0)
+        fprintf(stderr, "%s", log);
+    assert_int_equal(code, 0);
+    assert_non_null(strstr(log, "resumed from"));
+    check_same_weights(one, mixed);
+}
+
+static void test_batch_smaller_than_ranks(void **state)
+{
+    (void)state;
+    char job[600], out[600], log[16384];
+    snprintf(job, sizeof job, "%s/job_b1.yaml", tmp);
+    snprintf(out, sizeof out, "%s/b1", tmp);
+    write_job(job, 1, 1);
+    int code = train(job, out, 2, NULL, log, sizeof log);
+    assert_int_not_equal(code, 0);
+    assert_non_null(strstr(log, "2 ranks share each batch"));
+    assert_non_null(strstr(log, "data.batch_size"));
+}
+
+int main(void)
+{
+    mpirun = getenv("MPIRUN");
+    if (!mpirun || !*mpirun || !kd_comm_have_mpi()) {
+        printf("skipped: no mpirun, or distill built without MPI\n");
+        return 77;
+    }
+    /* Open MPI refuses root without these, even with --allow-run-as-root on some versions */
+    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_two_ranks_match_one),
+        cmocka_unit_test(test_batch_smaller_than_ranks),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

@@ -85,7 +85,7 @@ kd_status kd_comm_open(const char *kind, kd_comm **out);
 /*
  * On the CUDA backend with more than one rank: a NCCL communicator over the same ranks,
  * its unique id broadcast from rank 0 through `host` (which stays owned by the caller and
- * must outlive the result). Builds without CUDA return KD_ERR_UNSUPPORTED.
+ * must outlive the result). Builds without CUDA or without MPI return KD_ERR_UNSUPPORTED.
  */
 kd_status kd_comm_nccl_attach(kd_comm *host, kd_comm **out);
 

@@ -24,6 +24,15 @@
  * compressed file under a temporary name, renames that to <cache> and removes
  * the partial file. <cache> exists only once it is complete.
  *
+ * Sharded caches: W writers each write an ordinary resumable cache file (a
+ * shard) holding whole chunks [c0, c1) of the global chunk grid, and then one
+ * of them writes a VDS file whose datasets map rows onto the shards' datasets
+ * by relative file name. HDF5 reads fill values, silently, for a source it
+ * cannot open, so every reader checks each mapping and shard (present,
+ * complete, same metadata, exactly the mapped rows) before trusting the VDS
+ * file, and then reads one row through every mapping, which makes HDF5 open
+ * every source at once and keep it open as long as the dataset is.
+ *
  * HDF5 errors: automatic printing is turned off per thread (the thread-safe
  * library keeps that setting per thread) and h5_fail folds the innermost and
  * outermost entries of HDF5's error stack into our message.
@@ -586,10 +595,14 @@ static char *dims_str(const hsize_t *d, int n, char *buf, size_t len)
  * Open /name and check its element class and size and its shape. dims[i] == 0
  * means "any extent >= 1" and receives the extent found. The dataset is opened
  * with a chunk cache that holds at least two of its chunks, and every filter
- * in its pipeline must be available.
+ * in its pipeline must be available. A virtual dataset (a sharded cache) has
+ * no chunks of its own: its chunk cache, which HDF5 hands on to the source
+ * datasets, is sized for two blocks of chunk_rows rows, and its relative
+ * source file names are looked up in vds_dir (NULL: HDF5's default lookup).
  */
 static kd_status dset_open(hid_t f, const char *path, const char *name, H5T_class_t cls,
-                           size_t size, int ndims, hsize_t *dims, hid_t *out)
+                           size_t size, int ndims, hsize_t *dims, const char *vds_dir,
+                           int64_t chunk_rows, hid_t *out)
 {
     kd_status st = KD_OK;
     hid_t d = H5I_INVALID_HID, t = H5I_INVALID_HID, sp = H5I_INVALID_HID, dcpl = H5I_INVALID_HID,
@@ -662,18 +675,28 @@ static kd_status dset_open(hid_t f, const char *path, const char *name, H5T_clas
             goto done;
         }
     }
-    if (H5Pget_layout(dcpl) == H5D_CHUNKED) {
-        hsize_t cdims[8];
-        int cn = H5Pget_chunk(dcpl, 8, cdims);
-        H5_CHECK(cn, "H5Pget_chunk");
+    H5D_layout_t layout = H5Pget_layout(dcpl);
+    H5_CHECK(layout, "H5Pget_layout");
+    if (layout == H5D_CHUNKED || layout == H5D_VIRTUAL) {
         size_t bytes = size;
-        for (int i = 0; i < cn; i++)
-            bytes *= (size_t)cdims[i];
+        if (layout == H5D_CHUNKED) {
+            hsize_t cdims[8];
+            int cn = H5Pget_chunk(dcpl, 8, cdims);
+            H5_CHECK(cn, "H5Pget_chunk");
+            for (int i = 0; i < cn; i++)
+                bytes *= (size_t)cdims[i];
+        } else {
+            bytes *= (size_t)(chunk_rows > 0 ? chunk_rows : 1);
+            for (int i = 1; i < nd; i++)
+                bytes *= (size_t)got[i];
+        }
         /* Two chunks, so a read that straddles a boundary keeps both; the 1 MiB default
          * would make HDF5 re-read and re-filter a bigger chunk for every partial access. */
         size_t want = 2 * bytes + ((size_t)1 << 20);
         H5_CHECK(dapl = H5Pcreate(H5P_DATASET_ACCESS), "H5Pcreate");
         H5_CHECK(H5Pset_chunk_cache(dapl, 521, want, 1.0), "H5Pset_chunk_cache");
+        if (layout == H5D_VIRTUAL && vds_dir)
+            H5_CHECK(H5Pset_virtual_prefix(dapl, vds_dir), "H5Pset_virtual_prefix");
         close_id(&d, H5Dclose);
         H5_CHECK(d = H5Dopen2(f, name, dapl), "H5Dopen2");
     }
@@ -688,34 +711,51 @@ done:
     return st;
 }
 
-/* Open and check every dataset against m; fills m->aug_nparams from /aug_params. */
-static kd_status dsets_open(hid_t f, const char *path, kd_cache_meta *m, cache_dsets *ds)
+/* Open and check every dataset against m; fills m->aug_nparams from /aug_params. vds_dir: as
+ * for dset_open. */
+static kd_status dsets_open(hid_t f, const char *path, kd_cache_meta *m, const char *vds_dir,
+                            cache_dsets *ds)
 {
     hsize_t n = (hsize_t)meta_rows(m), v = (hsize_t)m->views;
     size_t es = meta_esize(m);
     dsets_init(ds);
     kd_status st;
     hsize_t dm[3] = {n, v, (hsize_t)meta_width(m)};
-    st = dset_open(f, path, m->topk ? "topk_values" : "logits", H5T_FLOAT, es, 3, dm, &ds->main);
+    st = dset_open(f, path, m->topk ? "topk_values" : "logits", H5T_FLOAT, es, 3, dm, vds_dir,
+                   m->chunk_rows, &ds->main);
     if (st == KD_OK && m->topk) {
         hsize_t di[3] = {n, v, (hsize_t)m->topk}, dl[2] = {n, v};
-        st = dset_open(f, path, "topk_indices", H5T_INTEGER, 4, 3, di, &ds->idx);
+        st = dset_open(f, path, "topk_indices", H5T_INTEGER, 4, 3, di, vds_dir, m->chunk_rows,
+                       &ds->idx);
         if (st == KD_OK)
-            st = dset_open(f, path, "logsumexp", H5T_FLOAT, 4, 2, dl, &ds->lse);
+            st = dset_open(f, path, "logsumexp", H5T_FLOAT, 4, 2, dl, vds_dir, m->chunk_rows,
+                           &ds->lse);
     }
     hsize_t da[3] = {n, v, 0}, dl1[1] = {n}, dd[1] = {(hsize_t)meta_chunks(m)};
     if (st == KD_OK)
-        st = dset_open(f, path, "aug_params", H5T_FLOAT, 4, 3, da, &ds->aug);
+        st =
+            dset_open(f, path, "aug_params", H5T_FLOAT, 4, 3, da, vds_dir, m->chunk_rows, &ds->aug);
     if (st == KD_OK)
-        st = dset_open(f, path, "labels", H5T_INTEGER, 4, 1, dl1, &ds->lab);
+        st = dset_open(f, path, "labels", H5T_INTEGER, 4, 1, dl1, vds_dir, m->chunk_rows, &ds->lab);
     if (st == KD_OK)
-        st = dset_open(f, path, "done", H5T_INTEGER, 1, 1, dd, &ds->done);
+        st = dset_open(f, path, "done", H5T_INTEGER, 1, 1, dd, vds_dir, m->chunk_rows, &ds->done);
     if (st != KD_OK) {
         dsets_close(ds);
         return st;
     }
     m->aug_nparams = (int)da[2];
     return KD_OK;
+}
+
+/* 1 when dataset d is virtual, 0 when not, -1 on an HDF5 failure. */
+static int dset_is_virtual(hid_t d)
+{
+    hid_t dcpl = H5Dget_create_plist(d);
+    if (dcpl < 0)
+        return -1;
+    H5D_layout_t l = H5Pget_layout(dcpl);
+    H5Pclose(dcpl);
+    return l < 0 ? -1 : l == H5D_VIRTUAL;
 }
 
 /* Read or write rows [r0, r0+R) of a dataset with `ndims` dims (inner dims whole). */
@@ -895,16 +935,10 @@ static char *tmp_name(const char *final_path)
     return tmp;
 }
 
-/* fsync (when asked) and close *f, rename tmp over final_path, fsync the directory. */
-static kd_status close_and_rename(hid_t *f, const char *tmp, const char *final_path, int sync)
+/* Rename the closed file tmp over final_path and (when asked) fsync the directory. */
+static kd_status rename_into_place(const char *tmp, const char *final_path, int sync)
 {
-    kd_status st = KD_OK;
-    const char *path = tmp;
     char dir[4096];
-    if (sync && (st = file_fsync(*f, tmp)) != KD_OK)
-        return st;
-    H5_CHECK(H5Fclose(*f), "H5Fclose");
-    *f = H5I_INVALID_HID;
     if (rename(tmp, final_path) != 0)
         return KD_FAIL(KD_ERR_IO, "cache '%s': rename from '%s' failed: %s", final_path, tmp,
                        strerror(errno));
@@ -912,6 +946,20 @@ static kd_status close_and_rename(hid_t *f, const char *tmp, const char *final_p
     if (sync && fsync_path(dir, 1) != 0)
         return KD_FAIL(KD_ERR_IO, "cache '%s': fsync of directory '%s' failed: %s", final_path, dir,
                        strerror(errno));
+    return KD_OK;
+}
+
+/* fsync (when asked) and close *f, rename tmp over final_path, fsync the directory. */
+static kd_status close_and_rename(hid_t *f, const char *tmp, const char *final_path, int sync)
+{
+    kd_status st = KD_OK;
+    const char *path = tmp;
+    if (sync && (st = file_fsync(*f, tmp)) != KD_OK)
+        return st;
+    herr_t rc = H5Fclose(*f);
+    *f = H5I_INVALID_HID;
+    H5_CHECK(rc, "H5Fclose");
+    st = rename_into_place(tmp, final_path, sync);
 done:
     return st;
 }
@@ -1165,9 +1213,19 @@ kd_status kd_cache_writer_open(const char *path, const kd_cache_meta *meta,
     }
     kd_cache_meta have;
     if ((st = meta_read(w->file, path, &have)) != KD_OK ||
-        (st = dsets_open(w->file, path, &have, &w->ds)) != KD_OK ||
+        (st = dsets_open(w->file, path, &have, NULL, &w->ds)) != KD_OK ||
         (st = meta_compare_resume(path, &have, &m)) != KD_OK)
         goto done;
+    int virt = dset_is_virtual(w->ds.main);
+    if (virt != 0) {
+        st = virt < 0 ? H5_FAIL(KD_ERR_FORMAT, path, "H5Dget_create_plist")
+                      : KD_FAIL(KD_ERR_CONFIG,
+                                "cache '%s' is a sharded cache (a virtual-dataset file over shard "
+                                "files, written by `distill cache` under mpirun); it is read-only "
+                                "and cannot be resumed as one file",
+                                path);
+        goto done;
+    }
     w->meta = have;
     w->nchunks = meta_chunks(&have);
     size_t per_chunk = (size_t)have.chunk_rows * (size_t)have.views;
@@ -1336,6 +1394,704 @@ kd_status kd_cache_writer_close(kd_cache_writer *w)
     return st;
 }
 
+/* ---- sharded caches: shard names, the VDS file and its checks ----------------------------- */
+
+kd_status kd_cache_shard_path(const char *path, int rank, int world, char *buf, size_t len)
+{
+    if (!path || !*path || world < 1 || rank < 0 || rank >= world)
+        return KD_FAIL(KD_ERR_INVALID, "kd_cache_shard_path: bad path or rank %d of %d", rank,
+                       world);
+    const char *base = strrchr(path, '/');
+    base = base ? base + 1 : path;
+    const char *dot = strrchr(base, '.');
+    size_t stem = dot && dot != base ? (size_t)(dot - path) : strlen(path);
+    int n = snprintf(buf, len, "%.*s.shard-%d-of-%d%s", (int)stem, path, rank, world, path + stem);
+    if (n < 0 || (size_t)n >= len)
+        return KD_FAIL(KD_ERR_INVALID, "cache '%s': the shard file name is too long", path);
+    return KD_OK;
+}
+
+/* W of a ".shard-r-of-W" name, 0 when the name is not one. */
+static int shard_world_of(const char *name)
+{
+    const char *p = strstr(name, ".shard-");
+    int r, w;
+    if (!p || sscanf(p, ".shard-%d-of-%d", &r, &w) != 2 || r < 0 || w < 1 || r >= w)
+        return 0;
+    return w;
+}
+
+/* The directory of path, made absolute (the lookup place of a VDS file's relative shards). */
+static kd_status abs_dir_of(const char *path, char *buf, size_t len)
+{
+    char dir[4096], *abs;
+    dir_of(path, dir, sizeof dir);
+    if (!(abs = realpath(dir, NULL)))
+        return KD_FAIL(KD_ERR_IO, "cache '%s': cannot resolve its directory '%s': %s", path, dir,
+                       strerror(errno));
+    int n = snprintf(buf, len, "%s", abs);
+    free(abs);
+    if (n < 0 || (size_t)n >= len)
+        return KD_FAIL(KD_ERR_INVALID, "cache '%s': its directory name is too long", path);
+    return KD_OK;
+}
+
+/*
+ * The first metadata field other than the row range in which a and b differ, its two values
+ * written into va and vb; NULL when they agree.
+ */
+static const char *meta_diff(const kd_cache_meta *a, const kd_cache_meta *b, char *va, char *vb,
+                             size_t len)
+{
+#define DIFF_I(field, name)                                                                        \
+    if (a->field != b->field) {                                                                    \
+        snprintf(va, len, "%lld", (long long)a->field);                                            \
+        snprintf(vb, len, "%lld", (long long)b->field);                                            \
+        return name;                                                                               \
+    }
+    DIFF_I(num_samples, "num_samples")
+    DIFF_I(num_classes, "num_classes")
+    DIFF_I(views, "views")
+    DIFF_I(topk, "topk")
+    DIFF_I(aug_nparams, "aug_params width")
+    DIFF_I(chunk_rows, "chunk_rows")
+#undef DIFF_I
+    if (a->dtype != b->dtype) {
+        snprintf(va, len, "%s", dtype_str(a->dtype));
+        snprintf(vb, len, "%s", dtype_str(b->dtype));
+        return "dtype";
+    }
+    if (strcmp(a->teacher_sha256, b->teacher_sha256) != 0) {
+        snprintf(va, len, "'%s'", a->teacher_sha256);
+        snprintf(vb, len, "'%s'", b->teacher_sha256);
+        return "teacher_sha256";
+    }
+    if (strcmp(a->dataset_sha256, b->dataset_sha256) != 0) {
+        snprintf(va, len, "'%s'", a->dataset_sha256);
+        snprintf(vb, len, "'%s'", b->dataset_sha256);
+        return "dataset_sha256";
+    }
+    return NULL;
+}
+
+/* One shard file of a sharded cache, held open read-only while the cache is open. */
+typedef struct {
+    char *name; /* as the VDS file names it (a basename when distill wrote it) */
+    char *file; /* where it is looked up: <VDS directory>/name, or name when absolute */
+    hid_t fid;
+    kd_cache_meta meta;
+} vds_shard;
+
+typedef struct {
+    vds_shard *v;
+    int n, cap;
+    int world; /* W of the first ".shard-r-of-W" name seen, 0 = none */
+} vds_shards;
+
+static void shards_free(vds_shards *s)
+{
+    for (int i = 0; i < s->n; i++) {
+        close_id(&s->v[i].fid, H5Fclose);
+        free(s->v[i].name);
+        free(s->v[i].file);
+    }
+    free(s->v);
+    memset(s, 0, sizeof *s);
+}
+
+static int shards_find(const vds_shards *s, const char *name)
+{
+    for (int i = 0; i < s->n; i++)
+        if (strcmp(s->v[i].name, name) == 0)
+            return i;
+    return -1;
+}
+
+/* Append a shard (name as stored, file where it lies); its index, or -1 when out of memory. */
+static int shards_add(vds_shards *s, const char *name, const char *file)
+{
+    if (s->n == s->cap) {
+        int cap = s->cap ? 2 * s->cap : 4;
+        vds_shard *v = realloc(s->v, (size_t)cap * sizeof *v);
+        if (!v)
+            return -1;
+        s->v = v;
+        s->cap = cap;
+    }
+    vds_shard *sh = &s->v[s->n];
+    memset(sh, 0, sizeof *sh);
+    sh->fid = H5I_INVALID_HID;
+    sh->name = strdup(name);
+    sh->file = strdup(file);
+    if (!sh->name || !sh->file) {
+        free(sh->name);
+        free(sh->file);
+        return -1;
+    }
+    if (!s->world)
+        s->world = shard_world_of(name);
+    return s->n++;
+}
+
+/*
+ * Open shard sh->file read-only and check it against the sharded cache `vds` (metadata of the
+ * whole cache, from the VDS file at vds_path): it exists, is a cache with the same metadata
+ * apart from its row range, starts on a chunk boundary, is not itself virtual, and every chunk
+ * of it is done. Messages name the VDS file and the shard. sh->fid stays open.
+ */
+static kd_status shard_open(const char *vds_path, const kd_cache_meta *vds, vds_shard *sh)
+{
+    static const char *const redo = "rerun `distill cache` with the same config and the same "
+                                    "number of ranks to rewrite it";
+    struct stat sb;
+    kd_status st = KD_OK;
+    cache_dsets ds;
+    dsets_init(&ds);
+    uint8_t *done = NULL;
+    if (stat(sh->file, &sb) != 0)
+        return KD_FAIL(errno == ENOENT ? KD_ERR_FORMAT : KD_ERR_IO,
+                       "cache '%s' is sharded and its shard '%s' %s (looked for '%s'): the "
+                       "shards must stay in the directory of the VDS file; %s",
+                       vds_path, sh->name, errno == ENOENT ? "is missing" : "cannot be read",
+                       sh->file, redo);
+    sh->fid = H5Fopen(sh->file, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (sh->fid < 0) {
+        char d[700];
+        h5_detail(d, sizeof d);
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s' is sharded and its shard '%s' cannot be opened: H5Fopen "
+                       "failed: %s; the shard is damaged: %s",
+                       vds_path, sh->file, d, redo);
+    }
+    if ((st = meta_read(sh->fid, sh->file, &sh->meta)) != KD_OK ||
+        (st = dsets_open(sh->fid, sh->file, &sh->meta, NULL, &ds)) != KD_OK) {
+        kd_fail_context(st, "cache '%s' (sharded): ", vds_path);
+        goto done;
+    }
+    char va[80], vb[80];
+    const char *field = meta_diff(&sh->meta, vds, va, vb, sizeof va);
+    if (field) {
+        st = KD_FAIL(KD_ERR_FORMAT,
+                     "cache '%s' is sharded and its shard '%s' has %s %s where the VDS file has "
+                     "%s: the shard belongs to another cache; %s",
+                     vds_path, sh->file, field, va, vb, redo);
+        goto done;
+    }
+    if (dset_is_virtual(ds.main) != 0) {
+        st = KD_FAIL(KD_ERR_FORMAT,
+                     "cache '%s' is sharded and its shard '%s' is itself a virtual-dataset file; "
+                     "shards must hold their rows",
+                     vds_path, sh->file);
+        goto done;
+    }
+    if (sh->meta.row_begin % sh->meta.chunk_rows != 0 ||
+        (sh->meta.row_end % sh->meta.chunk_rows != 0 && sh->meta.row_end != vds->num_samples)) {
+        st = KD_FAIL(KD_ERR_FORMAT,
+                     "cache '%s': shard '%s' holds rows [%lld, %lld), which do not start and end "
+                     "on multiples of chunk_rows %lld",
+                     vds_path, sh->file, (long long)sh->meta.row_begin, (long long)sh->meta.row_end,
+                     (long long)sh->meta.chunk_rows);
+        goto done;
+    }
+    int64_t nch = meta_chunks(&sh->meta), missing = 0;
+    if (!(done = malloc((size_t)nch))) {
+        st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", vds_path);
+        goto done;
+    }
+    if (H5Dread(ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, done) < 0) {
+        st = H5_FAIL(KD_ERR_FORMAT, sh->file, "H5Dread(/done)");
+        kd_fail_context(st, "cache '%s' (sharded): ", vds_path);
+        goto done;
+    }
+    for (int64_t i = 0; i < nch; i++)
+        missing += done[i] == 0;
+    if (missing)
+        st = KD_FAIL(KD_ERR_FORMAT,
+                     "cache '%s' is sharded and its shard '%s' is incomplete: %lld of %lld chunks "
+                     "are missing; %s",
+                     vds_path, sh->file, (long long)missing, (long long)nch, redo);
+done:
+    free(done);
+    dsets_close(&ds);
+    if (st != KD_OK)
+        close_id(&sh->fid, H5Fclose);
+    return st;
+}
+
+typedef struct {
+    int64_t a, b; /* rows (chunks for /done) [a, b) of the virtual dataset */
+    int shard;
+} vds_span;
+
+static int span_cmp(const void *x, const void *y)
+{
+    const vds_span *p = x, *q = y;
+    return p->a < q->a ? -1 : p->a > q->a;
+}
+
+/* A string property of mapping i (which = 0: source file name, 1: source dataset name). */
+static char *vds_mapping_str(hid_t dcpl, size_t i, int which)
+{
+    ssize_t n = which ? H5Pget_virtual_dsetname(dcpl, i, NULL, 0)
+                      : H5Pget_virtual_filename(dcpl, i, NULL, 0);
+    if (n < 0)
+        return NULL;
+    char *s = malloc((size_t)n + 1);
+    if (!s)
+        return NULL;
+    ssize_t m = which ? H5Pget_virtual_dsetname(dcpl, i, s, (size_t)n + 1)
+                      : H5Pget_virtual_filename(dcpl, i, s, (size_t)n + 1);
+    if (m < 0) {
+        free(s);
+        return NULL;
+    }
+    s[n] = '\0';
+    return s;
+}
+
+/*
+ * Check one virtual dataset /name (open as d) of the VDS file at path: each mapping takes
+ * whole rows [a, b) of it from the same-named dataset of a shard that holds exactly those rows
+ * (for /done: the shard's chunks), the mappings tile the dataset, and every shard is opened
+ * and checked (shard_open) the first time it is named. Then one row of each mapping is read,
+ * so that HDF5 opens every source now and keeps it open while d is.
+ */
+static kd_status vds_check_dset(const char *path, const kd_cache_meta *m, const char *vds_dir,
+                                const char *name, hid_t d, vds_shards *shards)
+{
+    kd_status st = KD_OK;
+    hid_t dcpl = H5I_INVALID_HID, fs = H5I_INVALID_HID, vsp = H5I_INVALID_HID,
+          ssp = H5I_INVALID_HID, ft = H5I_INVALID_HID;
+    vds_span *spans = NULL;
+    char *fname = NULL, *dname = NULL;
+    void *row = NULL;
+    size_t count = 0;
+    int is_done = strcmp(name, "done") == 0, shard_err = 0;
+    hsize_t dims[3] = {0, 1, 1};
+    H5_CHECK(dcpl = H5Dget_create_plist(d), "H5Dget_create_plist");
+    H5_CHECK(H5Pget_virtual_count(dcpl, &count), "H5Pget_virtual_count");
+    H5_CHECK(fs = H5Dget_space(d), "H5Dget_space");
+    int nd = H5Sget_simple_extent_ndims(fs);
+    if (nd < 1 || nd > 3 || H5Sget_simple_extent_dims(fs, dims, NULL) < 0) {
+        st = H5_FAIL(KD_ERR_FORMAT, path, "H5Sget_simple_extent_dims");
+        goto done;
+    }
+    hsize_t inner = dims[1] * dims[2];
+    if (count < 1 || !(spans = calloc(count, sizeof *spans))) {
+        st = count < 1 ? KD_FAIL(KD_ERR_FORMAT, "cache '%s': virtual dataset /%s maps no shard",
+                                 path, name)
+                       : KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
+        goto done;
+    }
+    for (size_t i = 0; i < count; i++) {
+        hsize_t s0[3] = {0, 0, 0}, s1[3] = {0, 0, 0}, sd[3] = {0, 0, 0};
+        H5_CHECK(vsp = H5Pget_virtual_vspace(dcpl, i), "H5Pget_virtual_vspace");
+        H5_CHECK(ssp = H5Pget_virtual_srcspace(dcpl, i), "H5Pget_virtual_srcspace");
+        H5_CHECK(H5Sget_select_bounds(vsp, s0, s1), "H5Sget_select_bounds");
+        hssize_t vn = H5Sget_select_npoints(vsp);
+        H5_CHECK(vn, "H5Sget_select_npoints");
+        int64_t a = (int64_t)s0[0], b = (int64_t)s1[0] + 1;
+        int whole = vn == (hssize_t)((hsize_t)(b - a) * inner);
+        for (int k = 1; k < nd; k++)
+            whole = whole && s0[k] == 0 && s1[k] == dims[k] - 1;
+        /* The source: all of the shard's dataset (whose shape shard_open checks), or a block
+         * of the same size from its first row. A stored "all" selection comes back without
+         * its extent, which HDF5 fills in from the source when it opens it. */
+        H5S_sel_type sel = H5Sget_select_type(ssp);
+        H5_CHECK(sel, "H5Sget_select_type");
+        if (whole && sel != H5S_SEL_ALL) {
+            hssize_t sn = H5Sget_select_npoints(ssp);
+            H5_CHECK(sn, "H5Sget_select_npoints");
+            H5_CHECK(H5Sget_select_bounds(ssp, sd, s1), "H5Sget_select_bounds");
+            whole = sel == H5S_SEL_HYPERSLABS && sn == vn && sd[0] == 0 &&
+                    s1[0] == (hsize_t)(b - a - 1);
+        }
+        close_id(&vsp, H5Sclose);
+        close_id(&ssp, H5Sclose);
+        if (!whole) {
+            st = KD_FAIL(KD_ERR_FORMAT,
+                         "cache '%s': mapping %zu of virtual dataset /%s is not a block of whole "
+                         "rows taken from a whole shard dataset (see data/README.md)",
+                         path, i, name);
+            goto done;
+        }
+        if (!(fname = vds_mapping_str(dcpl, i, 0)) || !(dname = vds_mapping_str(dcpl, i, 1))) {
+            st = H5_FAIL(KD_ERR_FORMAT, path, "H5Pget_virtual_filename");
+            goto done;
+        }
+        if (strcmp(dname + (dname[0] == '/'), name) != 0 || strcmp(fname, ".") == 0) {
+            st = KD_FAIL(KD_ERR_FORMAT,
+                         "cache '%s': virtual dataset /%s maps rows %lld..%lld to dataset '%s' "
+                         "of '%s'; a sharded cache maps each dataset to the same-named dataset "
+                         "of a shard file",
+                         path, name, (long long)a, (long long)(b - 1), dname, fname);
+            goto done;
+        }
+        int k = shards_find(shards, fname);
+        if (k < 0) {
+            char file[4200];
+            if (fname[0] == '/')
+                snprintf(file, sizeof file, "%s", fname);
+            else
+                snprintf(file, sizeof file, "%s/%s", vds_dir, fname);
+            if ((k = shards_add(shards, fname, file)) < 0) {
+                st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
+                goto done;
+            }
+            if ((st = shard_open(path, m, &shards->v[k])) != KD_OK) {
+                shard_err = 1; /* its message names the VDS file and the shard */
+                goto done;
+            }
+        }
+        const kd_cache_meta *sm = &shards->v[k].meta;
+        int64_t want_a = is_done ? sm->row_begin / sm->chunk_rows : sm->row_begin;
+        int64_t want_b = is_done ? want_a + meta_chunks(sm) : sm->row_end;
+        if (a != want_a || b != want_b) {
+            st = KD_FAIL(KD_ERR_FORMAT,
+                         "cache '%s': virtual dataset /%s maps %s [%lld, %lld) to shard '%s', "
+                         "which holds %s [%lld, %lld)",
+                         path, name, is_done ? "chunks" : "rows", (long long)a, (long long)b,
+                         shards->v[k].file, is_done ? "chunks" : "rows", (long long)want_a,
+                         (long long)want_b);
+            goto done;
+        }
+        spans[i] = (vds_span){a, b, k};
+        free(fname);
+        free(dname);
+        fname = dname = NULL;
+    }
+    qsort(spans, count, sizeof *spans, span_cmp);
+    int64_t at = 0;
+    for (size_t i = 0; i <= count; i++) {
+        int64_t next = i < count ? spans[i].a : (int64_t)dims[0];
+        if (next != at) {
+            st = KD_FAIL(KD_ERR_FORMAT, "cache '%s': %s %lld..%lld of virtual dataset /%s are %s",
+                         path, is_done ? "chunks" : "rows", (long long)(next > at ? at : next),
+                         (long long)((next > at ? next : at) - 1), name,
+                         next > at ? "mapped to no shard" : "mapped to two shards");
+            goto done;
+        }
+        if (i < count)
+            at = spans[i].b;
+    }
+    /* Read one row per mapping: HDF5 opens each source and keeps it open from now on. */
+    H5_CHECK(ft = H5Dget_type(d), "H5Dget_type");
+    size_t esize = H5Tget_size(ft);
+    if (esize == 0) {
+        st = H5_FAIL(KD_ERR_FORMAT, path, "H5Tget_size");
+        goto done;
+    }
+    if (!(row = malloc(esize * (size_t)inner))) {
+        st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
+        goto done;
+    }
+    for (size_t i = 0; i < count; i++)
+        H5_CHECK(dset_rows_io(d, 0, ft, spans[i].a, 1, row), "H5Dread(virtual dataset)");
+done:
+    if (st != KD_OK && !shard_err && !strstr(kd_last_error(), "virtual dataset /"))
+        kd_fail_context(st, "checking virtual dataset /%s: ", name);
+    free(row);
+    free(fname);
+    free(dname);
+    free(spans);
+    close_id(&ft, H5Tclose);
+    close_id(&vsp, H5Sclose);
+    close_id(&ssp, H5Sclose);
+    close_id(&fs, H5Sclose);
+    close_id(&dcpl, H5Pclose);
+    return st;
+}
+
+/*
+ * When the cache at path (open as ds, metadata m) is a VDS file, check every virtual dataset and
+ * every shard it maps (see vds_check_dset); *shards receives the shard files, open. A file
+ * without virtual datasets passes untouched. On failure the caller frees *shards.
+ */
+static kd_status vds_check(const char *path, const kd_cache_meta *m, const cache_dsets *ds,
+                           const char *vds_dir, vds_shards *shards)
+{
+    const char *names[] = {m->topk ? "topk_values" : "logits",
+                           "topk_indices",
+                           "logsumexp",
+                           "aug_params",
+                           "labels",
+                           "done"};
+    const hid_t ids[] = {ds->main, ds->idx, ds->lse, ds->aug, ds->lab, ds->done};
+    for (int i = 0; i < 6; i++) {
+        if (ids[i] < 0)
+            continue;
+        int v = dset_is_virtual(ids[i]);
+        if (v < 0)
+            return H5_FAIL(KD_ERR_FORMAT, path, "H5Dget_create_plist");
+        if (!v)
+            continue;
+        const char *prefix = getenv("HDF5_VDS_PREFIX");
+        if (prefix && *prefix)
+            return KD_FAIL(KD_ERR_CONFIG,
+                           "cache '%s' is sharded, and HDF5_VDS_PREFIX ('%s') would make HDF5 "
+                           "look for its shards elsewhere than distill checks them (the VDS "
+                           "file's directory '%s'): unset HDF5_VDS_PREFIX",
+                           path, prefix, vds_dir);
+        KD_TRY(vds_check_dset(path, m, vds_dir, names[i], ids[i], shards));
+    }
+    return KD_OK;
+}
+
+/* Create virtual dataset /name [dims] of type ft over the shards' same-named datasets. */
+static kd_status vds_dset_create(hid_t f, const char *path, const char *name, hid_t ft, int nd,
+                                 const hsize_t *dims, const vds_shards *sh)
+{
+    kd_status st = KD_OK;
+    hid_t vsp = H5I_INVALID_HID, dcpl = H5I_INVALID_HID, sel = H5I_INVALID_HID,
+          ssp = H5I_INVALID_HID, d = H5I_INVALID_HID;
+    int is_done = strcmp(name, "done") == 0;
+    char src[64];
+    snprintf(src, sizeof src, "/%s", name);
+    H5_CHECK(vsp = H5Screate_simple(nd, dims, NULL), "H5Screate_simple");
+    H5_CHECK(dcpl = H5Pcreate(H5P_DATASET_CREATE), "H5Pcreate");
+    H5_CHECK(H5Pset_obj_track_times(dcpl, 0), "H5Pset_obj_track_times");
+    for (int i = 0; i < sh->n; i++) {
+        const kd_cache_meta *sm = &sh->v[i].meta;
+        int64_t a = is_done ? sm->row_begin / sm->chunk_rows : sm->row_begin;
+        int64_t b = is_done ? a + meta_chunks(sm) : sm->row_end;
+        hsize_t start[3] = {(hsize_t)a, 0, 0}, block[3] = {(hsize_t)(b - a), 1, 1};
+        for (int k = 1; k < nd; k++)
+            block[k] = dims[k];
+        H5_CHECK(sel = H5Scopy(vsp), "H5Scopy");
+        H5_CHECK(H5Sselect_hyperslab(sel, H5S_SELECT_SET, start, NULL, block, NULL),
+                 "H5Sselect_hyperslab");
+        H5_CHECK(ssp = H5Screate_simple(nd, block, NULL), "H5Screate_simple");
+        H5_CHECK(H5Pset_virtual(dcpl, sel, sh->v[i].name, src, ssp), "H5Pset_virtual");
+        close_id(&sel, H5Sclose);
+        close_id(&ssp, H5Sclose);
+    }
+    H5_CHECK(d = H5Dcreate2(f, name, ft, vsp, H5P_DEFAULT, dcpl, H5P_DEFAULT), "H5Dcreate2");
+done:
+    close_id(&d, H5Dclose);
+    close_id(&ssp, H5Sclose);
+    close_id(&sel, H5Sclose);
+    close_id(&dcpl, H5Pclose);
+    close_id(&vsp, H5Sclose);
+    if (st != KD_OK)
+        kd_fail_context(st, "creating virtual dataset /%s: ", name);
+    return st;
+}
+
+/* Build the VDS file at tmp (closed on return) for the checked shards sh of cache m. */
+static kd_status vds_build(const char *tmp, const kd_cache_meta *m, const vds_shards *sh, int sync)
+{
+    kd_status st = KD_OK;
+    const char *path = tmp;
+    hid_t f = H5I_INVALID_HID;
+    hsize_t n = (hsize_t)m->num_samples, v = (hsize_t)m->views, w = (hsize_t)meta_width(m);
+    hid_t ft = m->dtype == KD_DTYPE_F16 ? f16_type() : H5T_IEEE_F32LE;
+    if (ft < 0)
+        return KD_FAIL(KD_ERR_INTERNAL, "cache '%s': cannot build the float16 HDF5 type", path);
+    H5_CHECK(f = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), "H5Fcreate");
+    if ((st = meta_write(f, path, m)) != KD_OK)
+        goto done;
+    {
+        hsize_t d3[3] = {n, v, w}, dk[3] = {n, v, (hsize_t)m->topk}, d2[2] = {n, v};
+        hsize_t da[3] = {n, v, (hsize_t)m->aug_nparams}, dl[1] = {n};
+        hsize_t dd[1] = {(hsize_t)meta_chunks(m)};
+        if ((st = vds_dset_create(f, path, m->topk ? "topk_values" : "logits", ft, 3, d3, sh)))
+            goto done;
+        if (m->topk && ((st = vds_dset_create(f, path, "topk_indices", H5T_STD_I32LE, 3, dk, sh)) ||
+                        (st = vds_dset_create(f, path, "logsumexp", H5T_IEEE_F32LE, 2, d2, sh))))
+            goto done;
+        if ((st = vds_dset_create(f, path, "aug_params", H5T_IEEE_F32LE, 3, da, sh)) ||
+            (st = vds_dset_create(f, path, "labels", H5T_STD_I32LE, 1, dl, sh)) ||
+            (st = vds_dset_create(f, path, "done", H5T_STD_U8LE, 1, dd, sh)))
+            goto done;
+    }
+    H5_CHECK(H5Fflush(f, H5F_SCOPE_LOCAL), "H5Fflush");
+    if (sync && (st = file_fsync(f, path)) != KD_OK)
+        goto done;
+    herr_t rc = H5Fclose(f);
+    f = H5I_INVALID_HID;
+    H5_CHECK(rc, "H5Fclose");
+done:
+    close_id(&f, H5Fclose);
+    return st;
+}
+
+/* Open the built VDS file at tmp as a reader would and check it with its shards. */
+static kd_status vds_verify(const char *tmp, const char *vds_dir, const kd_cache_meta *want)
+{
+    kd_status st = KD_OK;
+    const char *path = tmp;
+    hid_t f = H5I_INVALID_HID;
+    kd_cache_meta m;
+    cache_dsets ds;
+    vds_shards sh = {0};
+    dsets_init(&ds);
+    H5_CHECK(f = H5Fopen(tmp, H5F_ACC_RDONLY, H5P_DEFAULT), "H5Fopen");
+    if ((st = meta_read(f, tmp, &m)) != KD_OK ||
+        (st = dsets_open(f, tmp, &m, vds_dir, &ds)) != KD_OK ||
+        (st = vds_check(tmp, &m, &ds, vds_dir, &sh)) != KD_OK)
+        goto done;
+    char va[80], vb[80];
+    const char *field = meta_diff(&m, want, va, vb, sizeof va);
+    if (field || m.row_begin != 0 || m.row_end != m.num_samples)
+        st = KD_FAIL(KD_ERR_INTERNAL, "cache '%s': the VDS file written has %s %s, wanted %s", tmp,
+                     field ? field : "a row range other than [0, N)", field ? va : "",
+                     field ? vb : "");
+done:
+    dsets_close(&ds);
+    close_id(&f, H5Fclose);
+    shards_free(&sh);
+    return st;
+}
+
+kd_status kd_cache_vds_write(const char *path, const kd_cache_meta *meta, int nshards,
+                             const char *const *shards, int sync)
+{
+    h5_quiet();
+    if (!path || !*path || !meta || nshards < 1 || !shards)
+        return KD_FAIL(KD_ERR_INVALID, "kd_cache_vds_write: no path, metadata or shards");
+    kd_cache_meta m = *meta;
+    if (m.chunk_rows == 0)
+        m.chunk_rows = KD_CACHE_DEFAULT_CHUNK_ROWS;
+    m.row_begin = 0;
+    m.row_end = m.num_samples;
+    KD_TRY(meta_validate(&m, path));
+    kd_status st = KD_OK;
+    vds_shards sh = {0};
+    char dir[4096], sdir[4096], absdir[4096];
+    char *tmp = NULL;
+    dir_of(path, dir, sizeof dir);
+    if ((st = abs_dir_of(path, absdir, sizeof absdir)) != KD_OK)
+        goto done;
+    for (int i = 0; i < nshards; i++) {
+        dir_of(shards[i], sdir, sizeof sdir);
+        if (strcmp(dir, sdir) != 0) {
+            st = KD_FAIL(KD_ERR_INVALID,
+                         "cache '%s': shard '%s' is not in the VDS file's directory '%s'", path,
+                         shards[i], dir);
+            goto done;
+        }
+        const char *base = strrchr(shards[i], '/');
+        int k = shards_add(&sh, base ? base + 1 : shards[i], shards[i]);
+        if (k < 0) {
+            st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
+            goto done;
+        }
+        if ((st = shard_open(path, &m, &sh.v[k])) != KD_OK)
+            goto done;
+        int64_t expect = k ? sh.v[k - 1].meta.row_end : 0;
+        if (sh.v[k].meta.row_begin != expect) {
+            st = KD_FAIL(KD_ERR_FORMAT,
+                         "cache '%s': shard '%s' holds rows [%lld, %lld), the shards before it end "
+                         "at row %lld",
+                         path, shards[i], (long long)sh.v[k].meta.row_begin,
+                         (long long)sh.v[k].meta.row_end, (long long)expect);
+            goto done;
+        }
+    }
+    if (sh.v[sh.n - 1].meta.row_end != m.num_samples) {
+        st = KD_FAIL(KD_ERR_FORMAT, "cache '%s': the shards end at row %lld of %lld", path,
+                     (long long)sh.v[sh.n - 1].meta.row_end, (long long)m.num_samples);
+        goto done;
+    }
+    /* The shards are checked; HDF5 opens them itself through the VDS file from here on. */
+    for (int i = 0; i < sh.n; i++)
+        close_id(&sh.v[i].fid, H5Fclose);
+    if (!(tmp = tmp_name(path))) {
+        st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
+        goto done;
+    }
+    if ((st = vds_build(tmp, &m, &sh, sync)) != KD_OK ||
+        (st = vds_verify(tmp, absdir, &m)) != KD_OK)
+        goto done;
+    st = rename_into_place(tmp, path, sync);
+done:
+    if (st != KD_OK && tmp)
+        unlink(tmp);
+    free(tmp);
+    shards_free(&sh);
+    if (st != KD_OK && !strstr(kd_last_error(), path))
+        kd_fail_context(st, "writing the VDS file '%s': ", path);
+    return st;
+}
+
+kd_status kd_cache_inspect(const char *path, kd_cache_info *info)
+{
+    memset(info, 0, sizeof *info);
+    h5_quiet();
+    if (!path || !*path)
+        return KD_FAIL(KD_ERR_INVALID, "kd_cache_inspect: no path");
+    struct stat sb;
+    if (stat(path, &sb) != 0) {
+        if (errno != ENOENT)
+            return KD_FAIL(KD_ERR_IO, "cache '%s' cannot be read: %s", path, strerror(errno));
+        char partial[4200];
+        snprintf(partial, sizeof partial, "%s.partial", path);
+        info->partial = stat(partial, &sb) == 0;
+        return KD_OK;
+    }
+    info->exists = 1;
+    kd_status st = KD_OK;
+    char absdir[4096];
+    cache_dsets ds;
+    vds_shards sh = {0};
+    uint8_t *done = NULL;
+    dsets_init(&ds);
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f < 0) {
+        char d[700];
+        h5_detail(d, sizeof d);
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s' cannot be opened: H5Fopen failed: %s; the file is damaged or "
+                       "not HDF5: delete it to start over",
+                       path, d);
+    }
+    if ((st = meta_read(f, path, &info->meta)) != KD_OK ||
+        (st = abs_dir_of(path, absdir, sizeof absdir)) != KD_OK ||
+        (st = dsets_open(f, path, &info->meta, absdir, &ds)) != KD_OK)
+        goto done;
+    info->chunks = div_up(info->meta.num_samples, info->meta.chunk_rows);
+    int v = dset_is_virtual(ds.main);
+    if (v < 0) {
+        st = H5_FAIL(KD_ERR_FORMAT, path, "H5Dget_create_plist");
+        goto done;
+    }
+    if (v) {
+        info->sharded = 1;
+        st = vds_check(path, &info->meta, &ds, absdir, &sh);
+        info->shard_world = sh.world;
+        info->nshards = sh.n;
+        goto done;
+    }
+    int64_t nch = meta_chunks(&info->meta);
+    if (!(done = malloc((size_t)nch))) {
+        st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
+        goto done;
+    }
+    if (H5Dread(ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, done) < 0) {
+        st = H5_FAIL(KD_ERR_FORMAT, path, "H5Dread(/done)");
+        goto done;
+    }
+    for (int64_t i = 0; i < nch; i++)
+        info->chunks_missing += done[i] == 0;
+done:
+    free(done);
+    dsets_close(&ds);
+    close_id(&f, H5Fclose);
+    shards_free(&sh);
+    return st;
+}
+
+kd_status kd_cache_meta_compare(const char *path, const kd_cache_meta *have,
+                                const kd_cache_meta *want)
+{
+    kd_cache_meta w = *want;
+    if (w.chunk_rows == 0)
+        w.chunk_rows = KD_CACHE_DEFAULT_CHUNK_ROWS;
+    if (w.row_begin == 0 && w.row_end == 0)
+        w.row_end = w.num_samples;
+    return meta_compare_resume(path, have, &w);
+}
+
 /* ---- reader ------------------------------------------------------------------------------- */
 
 /* n rows in the in-memory layout (see the file comment). */
@@ -1378,8 +2134,9 @@ struct kd_cache {
     int W, V, K, P;
     size_t esize;
     int in_memory;
-    rowbuf all;   /* in memory: every row */
-    float *widen; /* W floats: one float16 row widened by row_emit */
+    vds_shards shards; /* a sharded cache: its shard files, held open; else empty */
+    rowbuf all;        /* in memory: every row */
+    float *widen;      /* W floats: one float16 row widened by row_emit */
     kd_stream *stream;
 };
 
@@ -1650,14 +2407,18 @@ kd_status kd_cache_open(const char *path, const kd_cache_expect *expect, kd_cach
         goto done;
     if (c->meta.row_begin != 0 || c->meta.row_end != c->meta.num_samples) {
         st = KD_FAIL(KD_ERR_UNSUPPORTED,
-                     "cache '%s' is a shard holding rows [%lld, %lld) of %lld; open the file "
-                     "that stitches the shards",
+                     "cache '%s' is a shard holding rows [%lld, %lld) of %lld; open the "
+                     "cache's VDS file that stitches the shards (the name without "
+                     "'.shard-R-of-W')",
                      path, (long long)c->meta.row_begin, (long long)c->meta.row_end,
                      (long long)c->meta.num_samples);
         goto done;
     }
-    if ((st = dsets_open(c->file, path, &c->meta, &c->ds)) != KD_OK ||
-        (st = expect_check(path, &c->meta, &e)) != KD_OK)
+    char vds_dir[4096];
+    if ((st = abs_dir_of(path, vds_dir, sizeof vds_dir)) != KD_OK ||
+        (st = dsets_open(c->file, path, &c->meta, vds_dir, &c->ds)) != KD_OK ||
+        (st = expect_check(path, &c->meta, &e)) != KD_OK ||
+        (st = vds_check(path, &c->meta, &c->ds, vds_dir, &c->shards)) != KD_OK)
         goto done;
     c->nchunks = meta_chunks(&c->meta);
     c->V = c->meta.views;
@@ -1971,6 +2732,7 @@ void kd_cache_close(kd_cache *c)
     free(c->widen);
     dsets_close(&c->ds);
     close_id(&c->file, H5Fclose);
+    shards_free(&c->shards);
     free(c->path);
     free(c);
 }

@@ -6,9 +6,12 @@
  *
  * Shapes: N samples (rows), V views per sample, C classes, K top-k entries
  * (K = 0 stores the full C logits), P = KD_AUG_NPARAMS augmentation floats.
- * A file holds rows [row_begin, row_end) of an N-row global cache; today that
- * is always [0, N) (the shard fields exist so that each rank can later write
- * its own shard and a small virtual-dataset file stitches them).
+ * A file holds rows [row_begin, row_end) of an N-row global cache. One
+ * process writes one file holding [0, N). W processes (`mpirun -np W distill
+ * cache`) write one shard each, kd_cache_shard_path(path, r, W), holding the
+ * rows of a contiguous range of whole chunks, and then a small HDF5
+ * virtual-dataset (VDS) file at path whose datasets map row ranges onto the
+ * shards (kd_cache_vds_write). Readers open path and see one [0, N) cache.
  *
  * Writing (resumable):
  *
@@ -39,8 +42,18 @@
  *     KD_TRY(kd_cache_get_rows(c, idx, count, view, logits, NULL, NULL, NULL, NULL, NULL));
  *     kd_cache_close(c);
  *
+ * Sharded (VDS) caches: kd_cache_open checks, before reading any value,
+ * that every shard the VDS file maps exists (HDF5 itself would silently read
+ * fill values for a missing one), is a complete cache with the same metadata,
+ * and holds exactly the rows mapped to it; the message names the VDS file and
+ * the shard. Shard names in the VDS file are relative (basenames) and are
+ * looked up in the VDS file's directory, whatever the working directory, so
+ * the directory can be moved as a whole. HDF5_VDS_PREFIX would redirect
+ * HDF5's lookup behind these checks, so a sharded cache is refused while it
+ * is set.
+ *
  * Status codes: KD_ERR_NOT_FOUND (no file), KD_ERR_FORMAT (not a valid cache:
- * damaged, truncated, wrong types, incomplete, non-finite values),
+ * damaged, truncated, wrong types, incomplete, non-finite values, a missing shard),
  * KD_ERR_SHAPE (N, C, V, K or P differ from the job), KD_ERR_CONFIG (hashes,
  * dtype or chunking differ; an option that cannot be honoured),
  * KD_ERR_UNSUPPORTED (a compression filter that is not installed), KD_ERR_IO.
@@ -52,6 +65,7 @@
 #ifndef KD_CACHE_H
 #define KD_CACHE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "status.h"
@@ -124,6 +138,7 @@ typedef struct kd_cache_writer kd_cache_writer;
  * opts may be NULL (defaults). Existing file with other metadata:
  * KD_ERR_CONFIG or KD_ERR_SHAPE naming the field, the file's value and the
  * requested one. A compressor that is not available: KD_ERR_UNSUPPORTED.
+ * A sharded cache's VDS file at path is never written through: KD_ERR_CONFIG.
  * On failure *out is NULL and nothing is left open.
  */
 kd_status kd_cache_writer_open(const char *path, const kd_cache_meta *meta,
@@ -161,6 +176,66 @@ kd_status kd_cache_writer_put(kd_cache_writer *w, int64_t chunk, const float *lo
 /* Flush and close; frees w (also on failure). NULL is fine. */
 kd_status kd_cache_writer_close(kd_cache_writer *w);
 
+/* ---- shards and the virtual-dataset file ------------------------------------------------ */
+
+/*
+ * The shard of rank `rank` (0-based) among `world` writers of the cache at
+ * path: the file name with ".shard-<rank>-of-<world>" before its extension,
+ * in the same directory ("runs/t/logits.h5" -> "runs/t/logits.shard-1-of-2.h5";
+ * a name without an extension gets the suffix at its end). KD_ERR_INVALID
+ * when buf (len bytes) is too small.
+ */
+kd_status kd_cache_shard_path(const char *path, int rank, int world, char *buf, size_t len);
+
+/*
+ * Write the VDS file that stitches shard files into the cache at path.
+ * meta: the global cache (num_samples N, chunk_rows as the shards use it;
+ * row range ignored). shards[0..nshards) are the shard files in row order;
+ * each must lie in path's directory and be a complete cache with meta's
+ * metadata, and together their row ranges must tile [0, N) with every
+ * boundary on a chunk_rows multiple (else KD_ERR_FORMAT / KD_ERR_CONFIG
+ * naming the shard). The VDS file gets meta's root attributes with row range
+ * [0, N) and one virtual dataset per schema dataset (/done included), each
+ * mapping the shard's rows (or chunks) to the shard's dataset by basename.
+ * It is built as path.tmp.<pid>, flushed (fsynced when sync), closed and
+ * renamed over path, so path is never a half-written VDS. On failure the
+ * temporary file is removed and path is untouched.
+ */
+kd_status kd_cache_vds_write(const char *path, const kd_cache_meta *meta, int nshards,
+                             const char *const *shards, int sync);
+
+/* What sits at a cache path (kd_cache_inspect). */
+typedef struct {
+    int exists;             /* 1: a file at path */
+    int partial;            /* 1: no file at path but <path>.partial (an unfinished compressed
+                               single-file cache) */
+    int sharded;            /* 1: path is a VDS file over shards */
+    int shard_world;        /* sharded: W of the ".shard-r-of-W" names it maps (0 = other names) */
+    int nshards;            /* sharded: shard files it maps */
+    int64_t chunks;         /* chunks of the global cache */
+    int64_t chunks_missing; /* single file: /done entries still 0 */
+    kd_cache_meta meta;     /* root attributes (aug_nparams from /aug_params) */
+} kd_cache_info;
+
+/*
+ * Look at path without loading values: *info says whether a cache is there,
+ * single or sharded, its metadata and (single) how many chunks are missing.
+ * A sharded cache's shards are checked as kd_cache_open checks them; when
+ * one is missing or bad the status says so (naming it) while info->exists,
+ * sharded, shard_world and meta are still filled in. No file: KD_OK with
+ * exists 0. A file that is not a readable cache: its kd_cache_open error.
+ */
+kd_status kd_cache_inspect(const char *path, kd_cache_info *info);
+
+/*
+ * KD_OK when an existing cache's metadata `have` (say, from kd_cache_inspect)
+ * is what a writer of `want` would produce: hashes, N, C, V, K, P, dtype,
+ * chunk_rows (0 in want = the default) and row range (0, 0 = [0, N)). Else
+ * KD_ERR_SHAPE or KD_ERR_CONFIG naming path, the field and both values.
+ */
+kd_status kd_cache_meta_compare(const char *path, const kd_cache_meta *have,
+                                const kd_cache_meta *want);
+
 /*
  * Top-k of n rows of c logits: values[n*k] sorted descending (ties: lower
  * class index first), indices[n*k] the classes, lse[n] = log sum_j exp(x_j)
@@ -197,16 +272,16 @@ void kd_cache_expect_init(kd_cache_expect *e);
 typedef struct kd_cache kd_cache;
 
 /*
- * Open and validate a cache: format and version, the file's row range covers
- * [0, N), N/C/V/K/P/dtype/hashes against expect, dataset types and shapes,
- * every /done chunk set (else KD_ERR_FORMAT saying how many chunks are
- * missing and that `distill cache` resumes it), compression filters
- * available. When the cache fits in expect->memory_limit it is loaded
- * whole, checking as it loads that every stored logit / top-k value /
- * logsumexp is finite (the first bad row and view is named), top-k indices
- * and labels are in [0, C). Otherwise it is streamed (kd_cache_stream_begin)
- * and the same checks run on each chunk as the prefetch thread loads it.
- * On failure *out is NULL.
+ * Open and validate a cache (a single file, or a VDS file over shards: see
+ * the top of this header): format and version, the file's row range covers
+ * [0, N) (a shard alone is refused: open its VDS file), every shard of a VDS
+ * file present, complete and matching, N/C/V/K/P/dtype/hashes against expect, dataset types and
+ * shapes, every /done chunk set (else KD_ERR_FORMAT saying how many chunks are missing and that
+ * `distill cache` resumes it), compression filters available. When the cache fits in
+ * expect->memory_limit it is loaded whole, checking as it loads that every stored logit / top-k
+ * value / logsumexp is finite (the first bad row and view is named), top-k indices and labels are
+ * in [0, C). Otherwise it is streamed (kd_cache_stream_begin) and the same checks run on each chunk
+ * as the prefetch thread loads it. On failure *out is NULL.
  */
 kd_status kd_cache_open(const char *path, const kd_cache_expect *expect, kd_cache **out);
 

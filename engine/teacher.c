@@ -6,10 +6,12 @@
  * that view. Epoch e of a student uses view e mod V of every sample, applying
  * the stored parameters to the stored image, so student and teacher always
  * see the same pixels. Temperatures are applied when the loss is computed, so
- * one cache serves every temperature.
+ * one cache serves every temperature. `distill cache` on several MPI ranks writes one
+ * shard per rank and a VDS file over them (see kd_cache_build's section below).
  */
 #include "teacher.h"
 
+#include <dirent.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +21,7 @@
 #include "augment.h"
 #include "cache.h"
 #include "checkpoint.h"
+#include "comm.h"
 #include "fileio.h"
 #include "sha256.h"
 
@@ -247,6 +250,18 @@ double kd_teacher_loss(kd_teacher *t, const kd_job *job, const float *s_dev, int
 
 /* ---- distill cache ---- */
 
+/*
+ * One process writes the cache at teacher.cache itself. W > 1 ranks split the global chunk
+ * grid (chunk_rows rows per chunk) into W contiguous ranges, kd_comm_slice over chunks, and
+ * rank r writes the rows of its range to its own shard, kd_cache_shard_path(cache, r, W), an
+ * ordinary resumable cache file with row_begin/row_end set. Each chunk is computed by the same
+ * code in the same batches whichever file it goes to, so a sharded cache holds the same values
+ * as a single file. When every rank has finished, rank 0 writes the VDS file at the cache path
+ * (kd_cache_vds_write). Every rank passes through the same collectives in the same order:
+ * ranks_agree after each phase turns any rank's failure into a failure of all, so no rank is
+ * left waiting for another that gave up.
+ */
+
 static double now_s(void)
 {
     struct timespec ts;
@@ -254,182 +269,468 @@ static double now_s(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-kd_status kd_cache_build(const kd_job *job, const kd_train_opts *opts)
-{
-    FILE *log = stderr;
-    if (!job->have_teacher || !job->teacher_cache[0])
-        return KD_FAIL(KD_ERR_CONFIG,
-                       "%s: `distill cache` needs a 'teacher' section with 'model', 'checkpoint' "
-                       "and 'cache' (the file to write)",
-                       job->path);
-    kd_set_threads(job->threads);
-    const kd_backend *be = NULL;
-    KD_TRY(kd_pick_backend(job, &be, log));
+/* What one `distill cache` process holds while it computes chunks. */
+typedef struct {
+    const kd_job *job;
+    const kd_train_opts *opts;
+    FILE *log;         /* rank 0: stderr; other ranks: /dev/null */
+    int progress;      /* redraw a progress line on stderr (rank 0 only) */
+    const char *label; /* what the progress lines count: "" (the cache) or rank 0's shard */
+    const kd_backend *be;
     kd_dataset train;
-    KD_TRY(kd_load_train_split(job, &train));
-    kd_model *m = NULL;
-    kd_cache_writer *w = NULL;
-    float *x_host = NULL, *x_dev = NULL, *logits = NULL, *tv = NULL, *lse = NULL, *augp = NULL;
-    float *rowbuf = NULL;
-    int32_t *ti = NULL;
-    int batch = job->eval_batch_size;
-    kd_status st = open_teacher_model(job, be, batch, &m);
-    if (st == KD_ERR_UNSUPPORTED && be != kd_backend_cpu() && !strcmp(job->device, "auto")) {
-        fprintf(log, "device: cpu (%s)\n", kd_last_error());
-        be = kd_backend_cpu();
-        st = open_teacher_model(job, be, batch, &m);
+    int have_train;
+    kd_model *m;
+    kd_cache_meta meta; /* the global cache: rows [0, N), chunk_rows resolved */
+    kd_cache_write_opts wo;
+    const kd_augment_cfg *aug;
+    float fill;
+    size_t per;
+    int batch, C, V, K;
+    int64_t chunks_skipped, chunks_total; /* of the file(s) this process wrote */
+    float *x_host, *x_dev, *rowbuf, *logits, *augp, *tv, *lse;
+    int32_t *ti;
+} cache_run;
+
+static void cache_run_free(cache_run *r)
+{
+    if (r->m)
+        r->be->release(r->x_dev);
+    kd_model_free(r->m);
+    free(r->x_host);
+    free(r->rowbuf);
+    free(r->logits);
+    free(r->augp);
+    free(r->tv);
+    free(r->ti);
+    free(r->lse);
+    if (r->have_train)
+        kd_dataset_free(&r->train);
+    if (r->log && r->log != stderr)
+        fclose(r->log);
+}
+
+/* Backend, training split, teacher, the cache's metadata and the buffers of one chunk. */
+static kd_status cache_run_open(cache_run *r)
+{
+    const kd_job *job = r->job;
+    kd_set_threads(job->threads);
+    if (r->opts->comm && r->opts->comm->size > 1) /* one device per rank of a host */
+        kd_backend_cuda_prefer_device(r->opts->comm->local_rank);
+    KD_TRY(kd_pick_backend(job, &r->be, r->log));
+    KD_TRY(kd_load_train_split(job, &r->train));
+    r->have_train = 1;
+    r->batch = job->eval_batch_size;
+    kd_status st = open_teacher_model(job, r->be, r->batch, &r->m);
+    if (st == KD_ERR_UNSUPPORTED && r->be != kd_backend_cpu() && !strcmp(job->device, "auto")) {
+        fprintf(r->log, "device: cpu (%s)\n", kd_last_error());
+        r->be = kd_backend_cpu();
+        st = open_teacher_model(job, r->be, r->batch, &r->m);
     }
     if (st != KD_OK)
-        goto done;
-    size_t per = (size_t)train.c * train.h * train.w;
-    if ((st = check_teacher_input(job, m, &train)))
-        goto done;
-    const int C = m->out_features, V = job->cache_views, K = job->cache_topk;
-    if (K < 0 || K >= C) {
-        if (K != 0) {
-            st = KD_FAIL(KD_ERR_CONFIG,
-                         "%s: teacher.topk %d must be below the %d classes (0 "
-                         "stores full logits)",
-                         job->path, K, C);
-            goto done;
-        }
-    }
-    kd_cache_meta meta = {.num_samples = train.n,
-                          .num_classes = C,
-                          .views = V,
-                          .topk = K,
-                          .aug_nparams = KD_AUG_NPARAMS,
-                          .dtype =
-                              strcmp(job->cache_dtype, "float32") ? KD_DTYPE_F16 : KD_DTYPE_F32,
-                          .chunk_rows = job->cache_chunk_rows};
-    kd_dataset_sha256(&train, meta.dataset_sha256);
-    if ((st = kd_sha256_file_hex(job->teacher_ckpt, meta.teacher_sha256)))
-        goto done;
-    kd_cache_write_opts wo;
-    kd_cache_write_opts_init(&wo);
+        return st;
+    const kd_dataset *train = &r->train;
+    r->per = (size_t)train->c * train->h * train->w;
+    KD_TRY(check_teacher_input(job, r->m, train));
+    r->C = r->m->out_features;
+    r->V = job->cache_views;
+    r->K = job->cache_topk;
+    if (r->K != 0 && (r->K < 0 || r->K >= r->C))
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "%s: teacher.topk %d must be below the %d classes (0 "
+                       "stores full logits)",
+                       job->path, r->K, r->C);
+    r->meta = (kd_cache_meta){
+        .num_samples = train->n,
+        .row_begin = 0,
+        .row_end = train->n,
+        .num_classes = r->C,
+        .views = r->V,
+        .topk = r->K,
+        .aug_nparams = KD_AUG_NPARAMS,
+        .dtype = strcmp(job->cache_dtype, "float32") ? KD_DTYPE_F16 : KD_DTYPE_F32,
+        .chunk_rows = job->cache_chunk_rows ? job->cache_chunk_rows : KD_CACHE_DEFAULT_CHUNK_ROWS};
+    kd_dataset_sha256(train, r->meta.dataset_sha256);
+    KD_TRY(kd_sha256_file_hex(job->teacher_ckpt, r->meta.teacher_sha256));
+    kd_cache_write_opts_init(&r->wo);
     int comp = kd_cache_compress_from_name(job->cache_compress);
-    if (comp < 0) {
-        st = KD_FAIL(KD_ERR_CONFIG,
-                     "%s: teacher.compress must be none, deflate, lz4 or zstd, got "
-                     "'%s'",
-                     job->path, job->cache_compress);
-        goto done;
-    }
-    wo.compress = (kd_cache_compress)comp;
+    if (comp < 0)
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "%s: teacher.compress must be none, deflate, lz4 or zstd, got "
+                       "'%s'",
+                       job->path, job->cache_compress);
+    r->wo.compress = (kd_cache_compress)comp;
     char dir[512];
     snprintf(dir, sizeof dir, "%s", job->teacher_cache);
     char *slash = strrchr(dir, '/');
     if (slash) {
         *slash = '\0';
-        if ((st = kd_mkdir_p(dir)))
-            goto done;
+        KD_TRY(kd_mkdir_p(dir));
     }
-    if ((st = kd_cache_writer_open(job->teacher_cache, &meta, &wo, &w)))
-        goto done;
+    const size_t R = (size_t)r->meta.chunk_rows, V = (size_t)r->V, C = (size_t)r->C;
+    const size_t K = (size_t)(r->K ? r->K : 1);
+    r->x_host = malloc((size_t)r->batch * r->per * sizeof(float));
+    r->rowbuf = malloc((size_t)r->batch * C * sizeof(float));
+    r->logits = malloc(R * V * C * sizeof(float));
+    r->augp = malloc(R * V * KD_AUG_NPARAMS * sizeof(float));
+    r->tv = malloc(R * V * K * sizeof(float));
+    r->ti = malloc(R * V * K * sizeof(int32_t));
+    r->lse = malloc(R * V * sizeof(float));
+    if (!r->x_host || !r->rowbuf || !r->logits || !r->augp || !r->tv || !r->ti || !r->lse)
+        return KD_FAIL(KD_ERR_NOMEM, "out of memory");
+    KD_TRY(r->be->alloc((void **)&r->x_dev, (size_t)r->batch * r->per * sizeof(float)));
+    r->fill = (0.0f - train->mean) / train->std;
+    r->aug = (job->augment.crop_pad > 0 || job->augment.hflip) ? &job->augment : NULL;
+    if (r->V > 1 && !r->aug)
+        fprintf(r->log, "note: %d views but data.augment is off, so every view is the same image\n",
+                r->V);
+    return KD_OK;
+}
+
+/*
+ * The teacher's outputs for global rows [r0, r0 + rows) (one chunk), every view, in batches
+ * of eval_batch_size starting at r0: logits [rows, V, C], augp [rows, V, P] and, for top-k,
+ * tv/ti [rows, V, K] and lse [rows, V]. The same for every file layout, so a chunk's values
+ * do not depend on which file (or rank) it goes to.
+ */
+static kd_status cache_chunk_compute(cache_run *r, int64_t r0, int64_t rows)
+{
+    const int V = r->V, C = r->C, batch = r->batch;
+    const size_t per = r->per;
+    const kd_dataset *train = &r->train;
+    for (int v = 0; v < V; v++) {
+        for (int64_t b0 = 0; b0 < rows; b0 += batch) {
+            int n = (int)(rows - b0 < batch ? rows - b0 : batch);
+            for (int i = 0; i < n; i++) {
+                int64_t row = r0 + b0 + i;
+                float *p = r->augp + ((size_t)(b0 + i) * V + v) * KD_AUG_NPARAMS;
+                if (r->aug)
+                    kd_augment_draw(r->aug, r->job->seed, (uint64_t)v, (uint64_t)row, p);
+                else
+                    memset(p, 0, KD_AUG_NPARAMS * sizeof(float));
+                kd_augment_apply(p, train->x + (size_t)row * per, r->x_host + (size_t)i * per,
+                                 train->c, train->h, train->w, r->fill);
+            }
+            KD_TRY(r->be->upload(r->x_dev, r->x_host, (size_t)n * per * sizeof(float)));
+            kd_model_forward(r->m, r->x_dev, n, 0, 0);
+            KD_TRY(
+                r->be->download(r->rowbuf, kd_model_output(r->m), (size_t)n * C * sizeof(float)));
+            for (int i = 0; i < n; i++)
+                memcpy(r->logits + ((size_t)(b0 + i) * V + v) * C, r->rowbuf + (size_t)i * C,
+                       C * sizeof(float));
+        }
+    }
+    if (r->K)
+        kd_topk_rows(r->logits, (int)(rows * V), C, r->K, r->tv, r->ti, r->lse);
+    return KD_OK;
+}
+
+/*
+ * Write global rows [row_begin, row_end) into the cache file `path` (the whole cache or one
+ * shard), resuming what an earlier run wrote there. Progress and resume notes go to r->log.
+ */
+static kd_status cache_write_file(cache_run *r, const char *path, int64_t row_begin,
+                                  int64_t row_end)
+{
+    kd_cache_meta meta = r->meta;
+    meta.row_begin = row_begin;
+    meta.row_end = row_end;
+    kd_cache_writer *w = NULL;
+    KD_TRY(kd_cache_writer_open(path, &meta, &r->wo, &w));
+    kd_status st = KD_OK;
+    FILE *log = r->log;
+    const int V = r->V, K = r->K;
     const int64_t nchunks = kd_cache_writer_num_chunks(w);
     const int64_t missing = kd_cache_writer_chunks_missing(w);
     const int64_t R = kd_cache_writer_meta(w)->chunk_rows;
+    r->chunks_skipped += nchunks - missing;
+    r->chunks_total += nchunks;
     if (missing < nchunks)
-        fprintf(log, "resuming %s: %" PRId64 " of %" PRId64 " chunks already written\n",
-                job->teacher_cache, nchunks - missing, nchunks);
-    if (V > 1 && !job->augment.crop_pad && !job->augment.hflip)
-        fprintf(log, "note: %d views but data.augment is off, so every view is the same image\n",
-                V);
-    x_host = malloc((size_t)batch * per * sizeof(float));
-    rowbuf = malloc((size_t)batch * C * sizeof(float));
-    logits = malloc((size_t)R * V * C * sizeof(float));
-    augp = malloc((size_t)R * V * KD_AUG_NPARAMS * sizeof(float));
-    tv = malloc((size_t)R * V * (K ? K : 1) * sizeof(float));
-    ti = malloc((size_t)R * V * (K ? K : 1) * sizeof(int32_t));
-    lse = malloc((size_t)R * V * sizeof(float));
-    if (!x_host || !rowbuf || !logits || !augp || !tv || !ti || !lse) {
-        st = KD_FAIL(KD_ERR_NOMEM, "out of memory");
-        goto done;
-    }
-    if ((st = be->alloc((void **)&x_dev, (size_t)batch * per * sizeof(float))))
-        goto done;
-    const float fill = (0.0f - train.mean) / train.std;
-    const kd_augment_cfg *aug =
-        (job->augment.crop_pad > 0 || job->augment.hflip) ? &job->augment : NULL;
-    fprintf(log, "caching %s over %" PRId64 " samples x %d views (%s%s) into %s\n",
-            job->teacher_desc, train.n, V, K ? "top-k" : "full logits",
-            meta.dtype == KD_DTYPE_F16 ? ", float16" : ", float32", job->teacher_cache);
+        fprintf(log, "resuming %s: %" PRId64 " of %" PRId64 " chunks already written\n", path,
+                nchunks - missing, nchunks);
     double t0 = now_s();
     int64_t done_rows = 0;
     for (int64_t c = 0; c < nchunks; c++) {
         if (kd_cache_writer_chunk_done(w, c))
             continue;
-        if (opts->stop && *opts->stop) {
+        if (r->opts->stop && *r->opts->stop) {
             st = KD_FAIL(KD_ERR_INTERRUPTED,
-                         "stopped with %" PRId64 " chunks left; run `distill cache %s` again to "
-                         "resume",
-                         kd_cache_writer_chunks_missing(w), job->path);
+                         "stopped with %" PRId64 " chunks of %s left; run `distill cache %s` "
+                         "again%s to resume",
+                         kd_cache_writer_chunks_missing(w), path, r->job->path,
+                         r->label[0] ? " on the same number of ranks" : "");
             goto done;
         }
-        int64_t r0 = c * R, rows = kd_cache_writer_chunk_nrows(w, c);
-        for (int v = 0; v < V; v++) {
-            for (int64_t b0 = 0; b0 < rows; b0 += batch) {
-                int n = (int)(rows - b0 < batch ? rows - b0 : batch);
-                for (int i = 0; i < n; i++) {
-                    int64_t row = r0 + b0 + i;
-                    float *p = augp + ((size_t)(b0 + i) * V + v) * KD_AUG_NPARAMS;
-                    if (aug)
-                        kd_augment_draw(aug, job->seed, (uint64_t)v, (uint64_t)row, p);
-                    else
-                        memset(p, 0, KD_AUG_NPARAMS * sizeof(float));
-                    kd_augment_apply(p, train.x + (size_t)row * per, x_host + (size_t)i * per,
-                                     train.c, train.h, train.w, fill);
-                }
-                if ((st = be->upload(x_dev, x_host, (size_t)n * per * sizeof(float))))
-                    goto done;
-                kd_model_forward(m, x_dev, n, 0, 0);
-                if ((st = be->download(rowbuf, kd_model_output(m), (size_t)n * C * sizeof(float))))
-                    goto done;
-                for (int i = 0; i < n; i++)
-                    memcpy(logits + ((size_t)(b0 + i) * V + v) * C, rowbuf + (size_t)i * C,
-                           C * sizeof(float));
-            }
-        }
-        if (K)
-            kd_topk_rows(logits, (int)(rows * V), C, K, tv, ti, lse);
-        int32_t *labels = train.y + r0;
-        if ((st = kd_cache_writer_put(w, c, K ? NULL : logits, K ? tv : NULL, K ? ti : NULL,
-                                      K ? lse : NULL, augp, labels)))
+        int64_t r0 = row_begin + c * R, rows = kd_cache_writer_chunk_nrows(w, c);
+        if ((st = cache_chunk_compute(r, r0, rows)))
+            goto done;
+        if ((st =
+                 kd_cache_writer_put(w, c, K ? NULL : r->logits, K ? r->tv : NULL, K ? r->ti : NULL,
+                                     K ? r->lse : NULL, r->augp, r->train.y + r0)))
             goto done;
         done_rows += rows;
         double el = now_s() - t0;
         double rate = done_rows * V / (el > 1e-9 ? el : 1e-9);
         int64_t left = kd_cache_writer_chunks_missing(w);
-        if (opts->progress)
-            fprintf(stderr, "\rcache: %" PRId64 "/%" PRId64 " chunks, %.0f views/s, ETA %.0fs   ",
-                    nchunks - left, nchunks, rate, left * R * V / (rate > 0 ? rate : 1));
+        if (r->progress)
+            fprintf(stderr, "\rcache%s: %" PRId64 "/%" PRId64 " chunks, %.0f views/s, ETA %.0fs   ",
+                    r->label, nchunks - left, nchunks, rate, left * R * V / (rate > 0 ? rate : 1));
         else if ((nchunks - left) % 10 == 0 || left == 0)
-            fprintf(log, "cache: %" PRId64 "/%" PRId64 " chunks, %.0f views/s\n", nchunks - left,
-                    nchunks, rate);
+            fprintf(log, "cache%s: %" PRId64 "/%" PRId64 " chunks, %.0f views/s\n", r->label,
+                    nchunks - left, nchunks, rate);
     }
-    if (opts->progress)
+    if (r->progress)
         fputc('\n', stderr);
-    st = kd_cache_writer_close(w);
-    w = NULL;
-    if (st == KD_OK)
-        fprintf(log, "wrote %s: %" PRId64 " samples x %d views in %.1fs\n", job->teacher_cache,
-                train.n, V, now_s() - t0);
-done:
-    if (w) {
-        kd_status st2 = kd_cache_writer_close(w);
-        if (st == KD_OK)
-            st = st2;
+done:;
+    kd_status st2 = kd_cache_writer_close(w);
+    return st != KD_OK ? st : st2;
+}
+
+/*
+ * Shard files next to `path` named for another number of ranks than `world` (0: for none)
+ * are left over from a sharded run that was stopped and then given up; say so once.
+ */
+static void note_stale_shards(FILE *log, const char *path, int world)
+{
+    char dir[4096], prefix[4200];
+    const char *base = strrchr(path, '/');
+    if (base)
+        snprintf(dir, sizeof dir, "%.*s", (int)(base - path), path);
+    else
+        snprintf(dir, sizeof dir, ".");
+    if (kd_cache_shard_path(base ? base + 1 : path, 0, 1, prefix, sizeof prefix) != KD_OK)
+        return;
+    char *cut = strstr(prefix, ".shard-");
+    if (!cut)
+        return;
+    cut[strlen(".shard-")] = '\0';
+    DIR *d = opendir(dir);
+    if (!d)
+        return;
+    int n = 0, w0 = 0;
+    char first[512] = "";
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        int r, w;
+        if (strncmp(e->d_name, prefix, strlen(prefix)) != 0 ||
+            sscanf(e->d_name + strlen(prefix), "%d-of-%d", &r, &w) != 2 || w == world)
+            continue;
+        if (!n++) {
+            snprintf(first, sizeof first, "%s", e->d_name);
+            w0 = w;
+        }
     }
-    if (m)
-        be->release(x_dev);
-    kd_model_free(m);
-    free(x_host);
-    free(rowbuf);
-    free(logits);
-    free(augp);
-    free(tv);
-    free(ti);
-    free(lse);
-    kd_dataset_free(&train);
+    closedir(d);
+    if (n)
+        fprintf(log,
+                "note: %d shard file(s) in %s from a run on another number of ranks (such as %s, "
+                "of %d ranks) are not part of %s; finish that run with the same number of ranks "
+                "or delete them\n",
+                n, dir, first, w0, path);
+}
+
+/*
+ * Every rank learns whether every rank succeeded; collective. A rank that failed returns its
+ * own status and message; the others fail with the status of the lowest failed rank.
+ */
+static kd_status ranks_agree(kd_comm *comm, kd_status st, const char *what)
+{
+    if (!comm || comm->size < 2)
+        return st;
+    /* max over ranks of (W - rank) << 32 | status: the lowest failed rank and its status */
+    uint64_t v = st == KD_OK ? 0 : ((uint64_t)(comm->size - comm->rank) << 32) | (uint32_t)st;
+    kd_status cs = comm->ops->max_u64(comm, &v, 1);
+    if (st != KD_OK)
+        return st;
+    if (cs != KD_OK)
+        return cs;
+    if (v == 0)
+        return KD_OK;
+    return KD_FAIL((kd_status)(v & 0xffffffffu), "rank %d of %d failed %s (its message says why)",
+                   comm->size - (int)(v >> 32), comm->size, what);
+}
+
+/* One process: write (or resume) the cache file; a complete sharded cache is accepted. */
+static kd_status cache_build_single(cache_run *r)
+{
+    const char *path = r->job->teacher_cache;
+    kd_cache_info info;
+    kd_status st = kd_cache_inspect(path, &info);
+    if (info.sharded) {
+        KD_TRY(kd_cache_meta_compare(path, &info.meta, &r->meta));
+        if (st == KD_ERR_FORMAT)
+            return kd_fail_context(st,
+                                   "one process cannot repair a sharded cache (run `mpirun "
+                                   "-np %d distill cache %s` or delete it and its shards): ",
+                                   info.shard_world > 1 ? info.shard_world : 2, r->job->path);
+        if (st != KD_OK)
+            return st;
+        fprintf(r->log, "%s is complete: a sharded cache over %d shard files; nothing to do\n",
+                path, info.nshards);
+        return KD_OK;
+    }
+    /* anything else (nothing, a partial or damaged file) is the writer's to resume or refuse */
+    note_stale_shards(r->log, path, 0);
+    fprintf(r->log, "caching %s over %" PRId64 " samples x %d views (%s%s) into %s\n",
+            r->job->teacher_desc, r->train.n, r->V, r->K ? "top-k" : "full logits",
+            r->meta.dtype == KD_DTYPE_F16 ? ", float16" : ", float32", path);
+    double t0 = now_s();
+    KD_TRY(cache_write_file(r, path, 0, r->train.n));
+    fprintf(r->log, "wrote %s: %" PRId64 " samples x %d views in %.1fs\n", path, r->train.n, r->V,
+            now_s() - t0);
+    return KD_OK;
+}
+
+/*
+ * Rank 0 of a sharded run: what is at the cache path decides. *write = 1: write (or resume,
+ * or repair) the shards and the VDS file; 0: a complete cache with this run's metadata is
+ * there already, of whatever layout, and nothing is computed.
+ */
+static kd_status cache_sharded_decide(cache_run *r, int world, int32_t *write)
+{
+    const char *path = r->job->teacher_cache, *cfg = r->job->path;
+    kd_cache_info info;
+    kd_status st = kd_cache_inspect(path, &info);
+    *write = 1;
+    if (info.sharded) {
+        KD_TRY(kd_cache_meta_compare(path, &info.meta, &r->meta));
+        if (st == KD_OK) {
+            fprintf(r->log, "%s is complete: a sharded cache over %d shard files; nothing to do\n",
+                    path, info.nshards);
+            *write = 0;
+            return KD_OK;
+        }
+        if (st != KD_ERR_FORMAT)
+            return st;
+        if (info.shard_world != world)
+            return kd_fail_context(st,
+                                   "a sharded cache written by %d ranks can only be repaired by "
+                                   "%d ranks (or delete it and its shards): ",
+                                   info.shard_world, info.shard_world);
+        fprintf(r->log, "note: repairing the sharded cache: %s\n", kd_last_error());
+        return KD_OK;
+    }
+    if (st != KD_OK)
+        return st;
+    if (info.partial)
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "cache '%s' is being written by one process as '%s.partial' (compressed "
+                       "caches are staged there); finish it with `distill cache %s` without "
+                       "mpirun, or delete '%s.partial' to write it on %d ranks",
+                       path, path, cfg, path, world);
+    if (!info.exists)
+        return KD_OK;
+    KD_TRY(kd_cache_meta_compare(path, &info.meta, &r->meta));
+    if (info.chunks_missing)
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "cache '%s' is one file written by one process, and %" PRId64 " of %" PRId64
+                       " chunks are still missing; %d ranks write a sharded cache and cannot "
+                       "resume it: finish it with `distill cache %s` without mpirun, or delete "
+                       "it to write it on %d ranks",
+                       path, info.chunks_missing, info.chunks, world, cfg, world);
+    fprintf(r->log, "%s is complete: one file written by one process; nothing to do\n", path);
+    *write = 0;
+    return KD_OK;
+}
+
+/* W ranks: each writes its shard, then rank 0 the VDS file (see the top of this section). */
+static kd_status cache_build_sharded(cache_run *r, kd_comm *comm)
+{
+    const char *path = r->job->teacher_cache;
+    const int rank = comm->rank, world = comm->size;
+    const int64_t N = r->train.n, R = r->meta.chunk_rows, nchunks = (N + R - 1) / R;
+    kd_status st = KD_OK;
+    int32_t write = 1;
+    if (rank == 0)
+        st = cache_sharded_decide(r, world, &write);
+    KD_TRY(ranks_agree(comm, st, "checking the existing cache"));
+    KD_TRY(comm->ops->bcast_bytes(comm, &write, sizeof write, 0));
+    if (!write)
+        return KD_OK;
+
+    /* rank k's shard: whole chunks [c0, c1) of the global grid (none when W > chunks) */
+    char shard[4200];
+    int64_t c0, c1;
+    kd_comm_slice(nchunks, rank, world, &c0, &c1);
+    const int64_t row_end = c1 * R < N ? c1 * R : N;
+    if (rank == 0) {
+        note_stale_shards(r->log, path, world);
+        fprintf(r->log,
+                "caching %s over %" PRId64 " samples x %d views (%s%s) into %s: %d ranks, "
+                "%" PRId64 " chunks of %" PRId64 " rows, one shard per rank\n",
+                r->job->teacher_desc, N, r->V, r->K ? "top-k" : "full logits",
+                r->meta.dtype == KD_DTYPE_F16 ? ", float16" : ", float32", path, world, nchunks, R);
+    }
+    double t0 = now_s();
+    st = kd_cache_shard_path(path, rank, world, shard, sizeof shard);
+    if (st == KD_OK && c1 > c0)
+        st = cache_write_file(r, shard, c0 * R, row_end);
+    KD_TRY(ranks_agree(comm, st, "writing its shard"));
+    double counts[2] = {(double)r->chunks_skipped, (double)r->chunks_total};
+    KD_TRY(comm->ops->sum_f64(comm, counts, 2));
+
+    /* rank 0 stitches the non-empty shards, in rank (= row) order */
+    st = KD_OK;
+    if (rank == 0) {
+        char(*names)[4200] = calloc((size_t)world, sizeof *names);
+        const char **list = calloc((size_t)world, sizeof *list);
+        int n = 0;
+        if (!names || !list)
+            st = KD_FAIL(KD_ERR_NOMEM, "out of memory");
+        for (int k = 0; st == KD_OK && k < world; k++) {
+            int64_t a, b;
+            kd_comm_slice(nchunks, k, world, &a, &b);
+            if (b > a &&
+                (st = kd_cache_shard_path(path, k, world, names[n], sizeof *names)) == KD_OK)
+                list[n] = names[n], n++;
+        }
+        if (st == KD_OK)
+            st = kd_cache_vds_write(path, &r->meta, n, list, r->wo.fsync);
+        if (st == KD_OK) {
+            fprintf(r->log,
+                    "wrote %s: %" PRId64 " samples x %d views in %.1fs, a VDS file over %d "
+                    "shard file%s (%s%s)",
+                    path, N, r->V, now_s() - t0, n, n == 1 ? "" : "s", list[0],
+                    n == 1 ? "" : " ...");
+            if (counts[0] > 0)
+                fprintf(r->log, "; %.0f of %.0f chunks already written by an earlier run",
+                        counts[0], counts[1]);
+            fputc('\n', r->log);
+        }
+        free(names);
+        free(list);
+    }
+    return ranks_agree(comm, st, "writing the VDS file");
+}
+
+kd_status kd_cache_build(const kd_job *job, const kd_train_opts *opts)
+{
+    if (!job->have_teacher || !job->teacher_cache[0])
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "%s: `distill cache` needs a 'teacher' section with 'model', 'checkpoint' "
+                       "and 'cache' (the file to write)",
+                       job->path);
+    kd_comm *comm = opts->comm && opts->comm->size > 1 ? opts->comm : NULL;
+    cache_run r;
+    memset(&r, 0, sizeof r);
+    r.job = job;
+    r.opts = opts;
+    r.log = stderr;
+    if (comm && comm->rank != 0) {
+        /* rank 0 speaks for the job; the others stay silent */
+        FILE *null = fopen("/dev/null", "w");
+        if (null)
+            r.log = null;
+    }
+    r.progress = opts->progress && (!comm || comm->rank == 0);
+    r.label = comm ? " (rank 0's shard)" : "";
+    kd_status st = cache_run_open(&r);
+    if (comm) {
+        st = ranks_agree(comm, st, "setting up the teacher");
+        if (st == KD_OK)
+            st = cache_build_sharded(&r, comm);
+    } else if (st == KD_OK) {
+        st = cache_build_single(&r);
+    }
+    cache_run_free(&r);
     return st;
 }

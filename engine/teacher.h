@@ -60,8 +60,17 @@ kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, int n);
 double kd_teacher_loss(kd_teacher *t, const kd_job *job, const float *s_dev, int n, float *ds_dev,
                        double grad_scale);
 
-/* `distill cache CONFIG`: run the teacher over the training split and write the cache,
- * resuming a partial file. Progress as kd_train's. */
+/*
+ * `distill cache CONFIG`: run the teacher over the training split and write the cache,
+ * resuming a partial file. Progress as kd_train's. With opts->comm of W > 1 ranks (mpirun),
+ * rank r writes whole chunks [nchunks*r/W, nchunks*(r+1)/W) to its shard
+ * kd_cache_shard_path(teacher.cache, r, W) and rank 0 then writes the VDS file at
+ * teacher.cache over the shards (data/README.md, "Sharded caches"); only rank 0 logs.
+ * Every rank makes the same collective calls and returns a failure when any rank failed. A
+ * complete cache with the job's metadata already at teacher.cache, single-file or sharded by
+ * any number of ranks, is accepted without computing anything; an unfinished single file
+ * cannot be finished by W > 1 ranks (a clear error says to finish it with one process).
+ */
 kd_status kd_cache_build(const kd_job *job, const kd_train_opts *opts);
 
 #endif

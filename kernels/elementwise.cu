@@ -1,7 +1,8 @@
 /*
- * elementwise.cu - activations, sums and bias kernels for the CUDA backend.
- * Grid-stride loops so one launch shape serves every size; the bias gradient
- * gives each column one thread block and reduces rows in shared memory.
+ * elementwise.cu - activations, sums, bias and dropout kernels for the CUDA
+ * backend. Grid-stride loops so one launch shape serves every size; the bias
+ * gradients give each column (channel) one thread block and reduce in shared
+ * memory in a fixed order.
  */
 #include <cuda_runtime.h>
 
@@ -118,4 +119,89 @@ extern "C" kd_status kd_cuda_bias_grad_rows(void *stream, int rows, int cols, co
         return KD_OK;
     bias_grad_rows_kernel<<<cols, 256, 0, (cudaStream_t)stream>>>(rows, cols, dy, db);
     return launch_status("bias_grad_rows");
+}
+
+__global__ void bias_nchw_kernel(size_t n, int c, int hw, const float *bias, float *y)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        y[i] += bias[(i / hw) % c];
+}
+
+/* one block per channel: float per thread, double across the block */
+__global__ void bias_grad_nchw_kernel(int n, int c, int hw, const float *dy, float *db)
+{
+    __shared__ double part[256];
+    const int ch = blockIdx.x;
+    const size_t total = (size_t)n * hw;
+    float acc = 0.f;
+    for (size_t e = threadIdx.x; e < total; e += blockDim.x) {
+        size_t plane = e / hw, j = e - plane * hw;
+        acc += dy[(plane * c + ch) * hw + j];
+    }
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s)
+            part[threadIdx.x] += part[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0)
+        db[ch] += (float)part[0];
+}
+
+/* engine/rng.c's kd_mix64, the same 64-bit arithmetic */
+__device__ __forceinline__ uint64_t mix64(uint64_t a, uint64_t b, uint64_t c)
+{
+    uint64_t z = a * 0x9E3779B97F4A7C15ULL ^ (b + 0x632BE59BD9B4E019ULL) * 0xC2B2AE3D27D4EB4FULL ^
+                 (c + 0x165667B19E3779F9ULL) * 0xFF51AFD7ED558CCDULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+__global__ void dropout_kernel(size_t n, const float *x, float *y, float *mask, uint64_t thresh,
+                               float keep, uint64_t seed)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        uint64_t r = mix64(seed, i, 0xD50F) >> 32;
+        float m = r < thresh ? 0.f : keep;
+        mask[i] = m;
+        y[i] = x[i] * m;
+    }
+}
+
+extern "C" kd_status kd_cuda_bias_nchw(void *stream, int n, int c, int hw, const float *bias,
+                                       float *y)
+{
+    if (n <= 0 || c <= 0 || hw <= 0)
+        return KD_OK;
+    size_t total = (size_t)n * c * hw;
+    bias_nchw_kernel<<<grid_for(total), 256, 0, (cudaStream_t)stream>>>(total, c, hw, bias, y);
+    return launch_status("bias_nchw");
+}
+
+extern "C" kd_status kd_cuda_bias_grad_nchw(void *stream, int n, int c, int hw, const float *dy,
+                                            float *db)
+{
+    if (n <= 0 || c <= 0 || hw <= 0)
+        return KD_OK;
+    bias_grad_nchw_kernel<<<c, 256, 0, (cudaStream_t)stream>>>(n, c, hw, dy, db);
+    return launch_status("bias_grad_nchw");
+}
+
+extern "C" kd_status kd_cuda_dropout_fwd(void *stream, size_t n, const float *x, float *y,
+                                         float *mask, double p, uint64_t seed)
+{
+    if (!(p >= 0 && p < 1))
+        return KD_FAIL(KD_ERR_INVALID, "dropout: p must be in [0, 1), got %g", p);
+    if (n == 0)
+        return KD_OK;
+    /* the CPU op's constants: keep = 1 / (1 - p) rounded to float, 2^32 p as the threshold */
+    const float keep = (float)(1.0 / (1.0 - p));
+    const uint64_t thresh = (uint64_t)(p * 4294967296.0);
+    dropout_kernel<<<grid_for(n), 256, 0, (cudaStream_t)stream>>>(n, x, y, mask, thresh, keep,
+                                                                  seed);
+    return launch_status("dropout");
 }

@@ -9,6 +9,7 @@
 #define KD_KERNELS_ELEMENTWISE_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "status.h"
 
@@ -27,6 +28,17 @@ kd_status kd_cuda_mul(void *stream, size_t n, const float *a, const float *b, fl
 kd_status kd_cuda_bias_rows(void *stream, int rows, int cols, const float *bias, float *y);
 /* db[c] += sum_r dy[r, c] */
 kd_status kd_cuda_bias_grad_rows(void *stream, int rows, int cols, const float *dy, float *db);
+/* y[i, c, j] += bias[c] for an [n, c, hw] tensor (a convolution's bias) */
+kd_status kd_cuda_bias_nchw(void *stream, int n, int c, int hw, const float *bias, float *y);
+/* db[c] += sum over i, j of dy[i, c, j]; one block per channel, a fixed summation order */
+kd_status kd_cuda_bias_grad_nchw(void *stream, int n, int c, int hw, const float *dy, float *db);
+/*
+ * Inverted dropout, the CPU op kd_cpu_dropout_fwd exactly: element i is dropped when
+ * kd_mix64(seed, i, 0xD50F) >> 32 < p * 2^32 (engine/rng.c's stateless hash, so the GPU mask
+ * is the CPU mask bit for bit); mask[i] = 0 or (float)(1 / (1 - p)), y = x * mask.
+ */
+kd_status kd_cuda_dropout_fwd(void *stream, size_t n, const float *x, float *y, float *mask,
+                              double p, uint64_t seed);
 
 #ifdef __cplusplus
 }

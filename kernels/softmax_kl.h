@@ -28,6 +28,7 @@
 #define KD_KERNELS_SOFTMAX_KL_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "status.h"
 
@@ -42,6 +43,19 @@ enum { KD_SKL_AUTO = 0, KD_SKL_WARP = 1, KD_SKL_BLOCK = 2 }; /* variants */
 kd_status kd_cuda_softmax_kl(void *stream, int n, int c, int in_dtype, const void *s, const void *t,
                              double temperature, int reverse, int t2_scale, void *ds, int ds_dtype,
                              double scale, double *row_loss, int variant);
+
+/*
+ * The same loss against top-k teacher targets: the CPU op kd_cpu_kd_topk_f32 (the tail-bucket
+ * rule of engine/loss_kd.md), float32 only. s, ds [n, c]; tv [n, k] the teacher's top-k raw
+ * logits, ti [n, k] their classes, t_lse [n] the teacher's full-row log-sum-exp at T = 1;
+ * row_loss[i] = coef * (bucket KL of row i); ds (may be NULL) = scale * d(sum / n)/ds. One
+ * block per row (kernels/softmax_kl_topk.cu) with a bitmap of the cached classes in shared
+ * memory, so c is limited to 393216 classes (KD_ERR_UNSUPPORTED beyond). Repeated or out of
+ * range indices (and k outside [1, c]) give the row a NaN loss and a zero gradient.
+ */
+kd_status kd_cuda_kd_topk(void *stream, int n, int c, int k, const float *s, const float *tv,
+                          const int32_t *ti, const float *t_lse, double temperature, int reverse,
+                          int t2_scale, float *ds, double scale, double *row_loss);
 
 /* *out = sum of x[0..n) (one block, a fixed order: deterministic) */
 kd_status kd_cuda_sum_f64(void *stream, int n, const double *x, double *out);

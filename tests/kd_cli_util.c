@@ -174,6 +174,34 @@ int kd_run_program(const char *bin, const char *const *argv, char *out, size_t o
     return run_bin(bin, argv, 0, out, outlen, exit_code);
 }
 
+int kd_run_distill_ranks(int ranks, const char *const *argv, char *out, size_t outlen,
+                         int *exit_code)
+{
+    if (ranks <= 0)
+        return kd_run_distill(argv, out, outlen, exit_code);
+    const char *mpirun = getenv("MPIRUN");
+    size_t n = 0;
+    while (argv && argv[n])
+        n++;
+    const char **a = calloc(n + 6, sizeof *a);
+    if (!mpirun || !*mpirun || !a) {
+        free(a);
+        return -1;
+    }
+    char np[16];
+    snprintf(np, sizeof np, "%d", ranks);
+    a[0] = "--allow-run-as-root";
+    a[1] = "--oversubscribe";
+    a[2] = "-np";
+    a[3] = np;
+    a[4] = kd_distill_path();
+    for (size_t i = 0; i < n; i++)
+        a[5 + i] = argv[i];
+    int rc = run_bin(mpirun, a, 0, out, outlen, exit_code);
+    free(a);
+    return rc;
+}
+
 int kd_run_distill(const char *const *argv, char *out, size_t outlen, int *exit_code)
 {
     return kd_run_distill_fsize(argv, 0, out, outlen, exit_code);

@@ -29,6 +29,14 @@ int kd_run_distill_fsize(const char *const *argv, long long fsize_limit, char *o
 int kd_run_program(const char *bin, const char *const *argv, char *out, size_t outlen,
                    int *exit_code);
 
+/*
+ * kd_run_distill on `ranks` processes under $MPIRUN (ranks 0: a plain run). As root in a
+ * container Open MPI needs --allow-run-as-root and, for more ranks than cores,
+ * --oversubscribe; both are passed. -1 when $MPIRUN is unset.
+ */
+int kd_run_distill_ranks(int ranks, const char *const *argv, char *out, size_t outlen,
+                         int *exit_code);
+
 /* Start distill in the background, stdout and stderr appended to log_path; the pid, or -1. */
 pid_t kd_spawn_distill(const char *const *argv, const char *log_path);
 

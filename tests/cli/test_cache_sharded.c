@@ -28,7 +28,6 @@
 
 static char tmp[256], data[300];
 static char out[1 << 16];
-static const char *mpirun;
 
 #define TEACHER_MODEL                                                                              \
     "{input: [1, 28, 28], layers: [{conv2d: {out: 8, kernel: 3, stride: 2, pad: 1}}, relu,"        \
@@ -63,23 +62,8 @@ static void write_job(const char *path, const char *cache, const char *teacher_e
 /* distill ARGS... on `ranks` processes (0: without mpirun); the exit code, output in out. */
 static int distill(int ranks, const char *const *args)
 {
-    const char *argv[32];
-    int n = 0, code = -1;
-    char np[16];
-    if (ranks > 0) {
-        snprintf(np, sizeof np, "%d", ranks);
-        argv[n++] = "--allow-run-as-root";
-        argv[n++] = "--oversubscribe";
-        argv[n++] = "-np";
-        argv[n++] = np;
-        argv[n++] = kd_distill_path();
-    }
-    for (int i = 0; args[i]; i++)
-        argv[n++] = args[i];
-    argv[n] = NULL;
-    int rc = ranks > 0 ? kd_run_program(mpirun, argv, out, sizeof out, &code)
-                       : kd_run_distill(argv, out, sizeof out, &code);
-    assert_int_equal(rc, 0);
+    int code = -1;
+    assert_int_equal(kd_run_distill_ranks(ranks, args, out, sizeof out, &code), 0);
     return code;
 }
 
@@ -366,7 +350,7 @@ static void test_topk_three_ranks(void **state)
 
 int main(void)
 {
-    mpirun = getenv("MPIRUN");
+    const char *mpirun = getenv("MPIRUN");
     if (!mpirun || !*mpirun || strstr(mpirun, "NOTFOUND") || access(mpirun, X_OK) != 0 ||
         !kd_comm_have_mpi()) {
         printf("skipped: no mpirun, or distill built without MPI\n");

@@ -30,7 +30,6 @@
 
 static char tmp[256];
 static char data[512];
-static const char *mpirun;
 
 static int setup(void **state)
 {
@@ -78,27 +77,8 @@ static int train(const char *job, const char *out, int ranks, const char *extra,
     char set_out[640];
     snprintf(set_out, sizeof set_out, "run.out_dir=%s", out);
     int code = -1;
-    if (ranks == 0) {
-        const char *argv[] = {"train", job, "--no-progress", "--set", set_out, extra, NULL};
-        assert_int_equal(kd_run_distill(argv, log, loglen, &code), 0);
-    } else {
-        char np[16];
-        snprintf(np, sizeof np, "%d", ranks);
-        /* root in a container: Open MPI needs both switches */
-        const char *argv[] = {"--allow-run-as-root",
-                              "--oversubscribe",
-                              "-np",
-                              np,
-                              kd_distill_path(),
-                              "train",
-                              job,
-                              "--no-progress",
-                              "--set",
-                              set_out,
-                              extra,
-                              NULL};
-        assert_int_equal(kd_run_program(mpirun, argv, log, loglen, &code), 0);
-    }
+    const char *argv[] = {"train", job, "--no-progress", "--set", set_out, extra, NULL};
+    assert_int_equal(kd_run_distill_ranks(ranks, argv, log, loglen, &code), 0);
     return code;
 }
 
@@ -274,7 +254,7 @@ static void test_batch_smaller_than_ranks(void **state)
 
 int main(void)
 {
-    mpirun = getenv("MPIRUN");
+    const char *mpirun = getenv("MPIRUN");
     if (!mpirun || !*mpirun || !kd_comm_have_mpi()) {
         printf("skipped: no mpirun, or distill built without MPI\n");
         return 77;

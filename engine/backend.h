@@ -78,15 +78,14 @@ typedef struct kd_backend {
                       const float *t_lse, double temperature, int reverse, int t2_scale, float *ds,
                       double scale);
     /*
-     * Optional: the whole optimizer update on the backend's device, so parameters, gradients
-     * and state never travel to the host. NULL (the CPU backend) means: clip with
-     * kd_clip_grad_norm and update with kd_optim_step on host memory. When set, it validates
-     * like kd_optim_step, clips grads in place first when c->clip_norm > 0 (kd_clip_grad_norm's
-     * rule), then applies kd_optim_step's update; step is 1-based. params, grads, state
-     * (kd_optim_state_floats() floats) and decay_mask are device memory: decay_mask is a device
-     * copy of the model's host uint8 mask (uploaded once), or NULL to decay everything. Bad
-     * arguments are returned at once; a device failure is returned when the launch fails or
-     * else kept for sync(). Nothing waits for the device.
+     * The whole optimizer update on the backend's device, so parameters, gradients and state
+     * never travel to the host (every backend fills it; the trainer calls nothing else). It
+     * validates like kd_optim_step, clips grads in place first when c->clip_norm > 0
+     * (kd_clip_grad_norm's rule), then applies kd_optim_step's update; step is 1-based.
+     * params, grads, state (kd_optim_state_floats() floats) and decay_mask are device memory:
+     * decay_mask is a device copy of the model's host uint8 mask (uploaded once), or NULL to
+     * decay everything. Bad arguments are returned at once; a device failure is returned when
+     * the launch fails or else kept for sync(). Nothing waits for the device.
      */
     kd_status (*optim_step)(const kd_optim_cfg *c, float *params, float *grads, float *state,
                             const uint8_t *decay_mask, size_t n, double lr, int64_t step);

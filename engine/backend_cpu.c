@@ -37,6 +37,17 @@ static kd_status cpu_zero(void *dst, size_t bytes)
 
 static void cpu_copy(size_t n, const float *src, float *dst) { memmove(dst, src, n * sizeof *dst); }
 
+/* The update in place on host memory: validated first (kd_optim_cfg_check), so that a bad
+ * configuration leaves the gradients unclipped, then kd_clip_grad_norm and kd_optim_step. */
+static kd_status cpu_optim_step(const kd_optim_cfg *c, float *params, float *grads, float *state,
+                                const uint8_t *decay_mask, size_t n, double lr, int64_t step)
+{
+    KD_TRY(kd_optim_cfg_check(c));
+    if (c->clip_norm > 0 && grads)
+        kd_clip_grad_norm(grads, n, c->clip_norm);
+    return kd_optim_step(c, params, grads, state, decay_mask, n, lr, step);
+}
+
 static const kd_backend kd_cpu_backend = {
     .name = "cpu",
     .device = KD_DEVICE_CPU,
@@ -69,6 +80,7 @@ static const kd_backend kd_cpu_backend = {
     .ce = kd_cpu_ce_f32,
     .kd_dense = kd_cpu_kd_dense_f32,
     .kd_topk = kd_cpu_kd_topk_f32,
+    .optim_step = cpu_optim_step,
 };
 
 const kd_backend *kd_backend_cpu(void) { return &kd_cpu_backend; }
@@ -87,7 +99,7 @@ static const struct {
     KD_SLOT(act_fwd),     KD_SLOT(act_bwd),      KD_SLOT(maxpool_fwd), KD_SLOT(maxpool_bwd),
     KD_SLOT(avgpool_fwd), KD_SLOT(avgpool_bwd),  KD_SLOT(gap_fwd),     KD_SLOT(gap_bwd),
     KD_SLOT(dropout_fwd), KD_SLOT(mul),          KD_SLOT(add),         KD_SLOT(copy),
-    KD_SLOT(ce),          KD_SLOT(kd_dense),     KD_SLOT(kd_topk),
+    KD_SLOT(ce),          KD_SLOT(kd_dense),     KD_SLOT(kd_topk),     KD_SLOT(optim_step),
 };
 
 const char *kd_backend_missing(const kd_backend *be, const char *needed)

@@ -21,7 +21,7 @@
  *   losses      ce (kernels/cross_entropy.cu), kd_dense (kernels/softmax_kl.cu),
  *               kd_topk (kernels/softmax_kl_topk.cu); each returns a host value,
  *               so each ends with a download that waits for the stream
- *   optimizer   optim_step (optional slot): clipping, SGD and AdamW on the device,
+ *   optimizer   optim_step: clipping, SGD and AdamW on the device,
  *               kernels/optim_step.cu
  * Not implemented: bfloat16 / half activations (everything is float32),
  * kd_topk beyond 393216 classes (refused with a message), and any fusing of

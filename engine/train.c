@@ -386,8 +386,8 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     KD_TRY(load_splits(job, 1, &d));
     kd_status st;
     kd_model *m = NULL;
-    float *x_host = NULL, *x_dev = NULL, *state = NULL, *p_host = NULL, *g_host = NULL;
-    float *s_host = NULL;
+    float *x_host = NULL, *x_dev = NULL, *state = NULL, *p_host = NULL;
+    uint8_t *mask_dev = NULL; /* the decay mask on the device (m->decay_mask on the CPU) */
     int32_t *y_host = NULL, *y_dev = NULL;
     uint32_t *perm = NULL;
     FILE *metrics = NULL;
@@ -425,12 +425,19 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         (st = be->alloc((void **)&y_dev, (size_t)max_batch * sizeof(int32_t))) ||
         (st = be->alloc((void **)&state, (nstate ? nstate : 1) * sizeof(float))))
         goto done;
-    if (be->device != KD_DEVICE_CPU) {
-        /* the optimiser runs on the host until the device update lands */
-        p_host = malloc(m->nparams * sizeof(float));
-        g_host = malloc(m->nparams * sizeof(float));
-        s_host = malloc((nstate ? nstate : 1) * sizeof(float));
-        if (!p_host || !g_host || !s_host) {
+    if (!be->optim_step) {
+        st = KD_FAIL(KD_ERR_UNSUPPORTED, "the %s backend has no optimizer update", be->name);
+        goto done;
+    }
+    if (be->device == KD_DEVICE_CPU) {
+        mask_dev = m->decay_mask;
+    } else {
+        /* the optimizer runs on the device: its decay mask goes there once; the parameters come
+         * back to the host only for the ranks' epoch check */
+        if ((st = be->alloc((void **)&mask_dev, m->nparams ? m->nparams : 1)) ||
+            (m->nparams && (st = be->upload(mask_dev, m->decay_mask, m->nparams))))
+            goto done;
+        if (world > 1 && !(p_host = malloc(m->nparams * sizeof(float)))) {
             st = KD_FAIL(KD_ERR_NOMEM, "out of memory");
             goto done;
         }
@@ -640,25 +647,9 @@ train:;
             correct = (int64_t)stats[1];
             stop = stats[2] > 0;
             double lr = kd_sched_lr(&sched, job->optim.lr, step);
-            float *P = m->params, *G = m->grads;
-            float *S = state;
-            if (p_host) {
-                /* the state stays on the device (checkpoints read it there); the host update
-                 * works on copies of parameters, gradients and state */
-                if ((st = be->download(p_host, m->params, m->nparams * sizeof(float))) ||
-                    (st = be->download(g_host, m->grads, m->nparams * sizeof(float))) ||
-                    (nstate && (st = be->download(s_host, state, nstate * sizeof(float)))))
-                    goto done;
-                P = p_host;
-                G = g_host;
-                S = s_host;
-            }
-            if (job->optim.clip_norm > 0)
-                kd_clip_grad_norm(G, m->nparams, job->optim.clip_norm);
-            if ((st = kd_optim_step(&job->optim, P, G, S, m->decay_mask, m->nparams, lr, step + 1)))
-                goto done;
-            if (p_host && ((st = be->upload(m->params, p_host, m->nparams * sizeof(float))) ||
-                           (nstate && (st = be->upload(state, s_host, nstate * sizeof(float))))))
+            /* clipping and the update where the parameters live (backend.h) */
+            if ((st = be->optim_step(&job->optim, m->params, m->grads, state, mask_dev, m->nparams,
+                                     lr, step + 1)))
                 goto done;
             step++;
             if (!isfinite(loss)) {
@@ -824,13 +815,13 @@ done:
         be->release(x_dev);
         be->release(y_dev);
         be->release(state);
+        if (mask_dev != m->decay_mask)
+            be->release(mask_dev);
     }
     free(x_host);
     free(y_host);
     free(perm);
     free(p_host);
-    free(g_host);
-    free(s_host);
     kd_model_free(m);
     free_splits(&d);
     return st;

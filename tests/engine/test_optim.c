@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend.h"
 #include "optim.h"
 
 #define NELEM(a) (sizeof(a) / sizeof((a)[0]))
@@ -553,6 +554,50 @@ static void test_cfg_check(void **st)
     assert_int_equal(kd_optim_state_floats(&c, 10), 20);
 }
 
+/*
+ * The CPU backend's optim_step slot, the trainer's only update call: clip, then the step, as
+ * kd_clip_grad_norm + kd_optim_step do by hand (equal bit for bit: the same functions); a bad
+ * configuration is refused before the gradients are touched.
+ */
+static void test_backend_slot(void **state)
+{
+    (void)state;
+    const kd_backend *cpu = kd_backend_cpu();
+    assert_non_null(cpu->optim_step);
+    assert_null(kd_backend_missing(cpu, "optim_step"));
+    enum { N = 37 };
+    float p1[N], g1[N], s1[2 * N] = {0}, p2[N], g2[N], s2[2 * N] = {0};
+    uint8_t mask[N];
+    for (int i = 0; i < N; i++) {
+        p1[i] = p2[i] = (float)(0.1 * (i % 7) - 0.3);
+        g1[i] = g2[i] = (float)(2.0 - 0.11 * i); /* norm about 7.3: clip 1.5 always applies */
+        mask[i] = (uint8_t)(i % 3 != 0);
+    }
+    kd_optim_cfg c = kd_optim_cfg_default(KD_OPTIM_ADAMW);
+    c.weight_decay = 0.01;
+    c.clip_norm = 1.5;
+    for (int step = 1; step <= 3; step++) {
+        assert_int_equal(cpu->optim_step(&c, p1, g1, s1, mask, N, 0.01, step), KD_OK);
+        kd_clip_grad_norm(g2, N, c.clip_norm);
+        assert_int_equal(kd_optim_step(&c, p2, g2, s2, mask, N, 0.01, step), KD_OK);
+        assert_memory_equal(g1, g2, sizeof g1);
+        assert_memory_equal(p1, p2, sizeof p1);
+        assert_memory_equal(s1, s2, sizeof s1);
+    }
+    double norm = 0;
+    for (int i = 0; i < N; i++)
+        norm += (double)g1[i] * g1[i];
+    assert_close(sqrt(norm), 1.5, 1e-6, "clipped norm", 0);
+
+    /* a negative clip_norm: refused, gradients and parameters untouched */
+    float before[N];
+    memcpy(before, g1, sizeof before);
+    c.clip_norm = -1.0;
+    assert_int_equal(cpu->optim_step(&c, p1, g1, s1, mask, N, 0.01, 4), KD_ERR_CONFIG);
+    assert_memory_equal(g1, before, sizeof before);
+    assert_memory_equal(p1, p2, sizeof p1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -572,6 +617,7 @@ int main(void)
         cmocka_unit_test(test_grad_norm),
         cmocka_unit_test(test_clip),
         cmocka_unit_test(test_cfg_check),
+        cmocka_unit_test(test_backend_slot),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -12,26 +12,27 @@
  * model, train it with AdamW (lr 1e-3, weight decay 1e-4) and mean cross-entropy on the
  * pre-loaded training set (one permutation per epoch, batches gathered by index, no
  * augmentation), check that the first 50 steps lower a finite loss, then time `steps` steps. On
- * the CPU each phase is timed: batch gather (kd_batch_gather and the upload, as the trainer
- * does), zero_grad, forward, loss, backward, optimizer; and every cblas_sgemm the engine issues
- * is timed in place: the executable is linked with --wrap=cblas_sgemm (bench/CMakeLists.txt),
- * so the "BLAS" share is measured, not estimated. The PyTorch peer
- * (bench/pytorch/train_throughput.py, run with --python) runs the same schedule in the same
- * invocation, alternating with distill for `rounds` rounds (the host is shared, so a single run
- * can be off by a factor of two); the tables show medians, the JSON every round.
+ * the CPU each phase is timed: batch gather (the trainer's: the sample indices and augmentation
+ * parameters uploaded, the backend's gather_augment from the resident set), zero_grad, forward,
+ * loss, backward, optimizer; and every cblas_sgemm the engine issues is timed in place: the
+ * executable is linked with --wrap=cblas_sgemm (bench/CMakeLists.txt), so the "BLAS" share is
+ * measured, not estimated. The PyTorch peer (bench/pytorch/train_throughput.py, run with --python)
+ * runs the same schedule in the same invocation, alternating with distill for `rounds` rounds (the
+ * host is shared, so a single run can be off by a factor of two); the tables show medians, the JSON
+ * every round.
  *
  * --device cuda: the model is built on the CUDA backend; when no device answers the bench says
  * so and exits 2. A model that needs an operation the backend does not implement yet is reported
  * as not measured (never run on the CPU instead), the others still run, and the exit status is
- * 2. The step is engine/train.c's: one be->sync() after backward, then, while the backend has no
- * update of its own, the optimizer on the host over copies of parameters, gradients and state
- * (download, kd_optim_step, upload), exactly as the trainer does; the clock of a timed block is
- * read after a final be->sync(). Phases are not timed on the device (queued work lands in
- * whichever phase waits for it): only the whole step, split at the trainer's own sync into "to
- * sync" (gather, upload, forward, loss, backward) and "optimizer" (host copies and AdamW). The
- * peer gets --device cuda (its data set on the device, torch.cuda.synchronize() before reading
- * the clock) and runs twice per round, eager and under torch.compile: the tables give
- * distill / eager and distill / compile. --compile runs the compiled peer on the CPU too,
+ * 2. The step is engine/train.c's: the training set resident on the device and each batch
+ * gathered there (gather_augment), one be->sync() after backward, then the backend's fused
+ * optimizer update (optim_step); the clock of a timed block is read after a final be->sync().
+ * Phases are not timed on the device (queued work lands in whichever phase waits for it): only the
+ * whole step, split at the trainer's own sync into "to sync" (gather, forward, loss, backward) and
+ * "optimizer" (the device update). The peer gets --device cuda (its data set on the device,
+ * torch.cuda.synchronize() before reading the clock) and runs twice per round, eager and under
+ * torch.compile: the tables give distill / eager and distill / compile. --compile runs the compiled
+ * peer on the CPU too,
  * --no-compile drops it. A torch without a working torch.compile is reported ("torch.compile
  * unavailable (torch X)") and the bench carries on with eager alone.
  *
@@ -308,45 +309,24 @@ typedef struct {
     kd_model *m;
     const kd_dataset *d;
     kd_optim_cfg optim;
-    float *state, *x_host, *x_dev;
-    float *p_host, *g_host, *s_host; /* off the CPU: the host optimizer's copies, as train.c */
+    float *state, *x_dev, *prm_host, *prm_dev;
+    const float *x_all; /* the training set where the backend reads it, as train.c */
+    const int32_t *y_all;
+    float *x_res; /* off the CPU: the resident copy (x_all, y_all point at it) */
+    int32_t *y_res;
     size_t nstate;
-    int32_t *y_host, *y_dev;
-    uint32_t *perm;
+    int32_t *y_dev;
+    uint32_t *perm, *idx_dev;
+    uint8_t *mask_dev; /* the decay mask where the update runs */
     int64_t pos, epoch, step;
     int batch;
 } trainer;
-
-/* The optimizer step as engine/train.c runs it: in place on the CPU backend; elsewhere on host
- * copies of parameters, gradients and state, uploaded back afterwards. */
-static kd_status optim_step(trainer *tr)
-{
-    kd_model *m = tr->m;
-    const kd_backend *be = m->be;
-    float *P = m->params, *G = m->grads, *S = tr->state;
-    if (tr->p_host) {
-        KD_TRY(be->download(tr->p_host, m->params, m->nparams * sizeof(float)));
-        KD_TRY(be->download(tr->g_host, m->grads, m->nparams * sizeof(float)));
-        KD_TRY(be->download(tr->s_host, tr->state, tr->nstate * sizeof(float)));
-        P = tr->p_host;
-        G = tr->g_host;
-        S = tr->s_host;
-    }
-    KD_TRY(
-        kd_optim_step(&tr->optim, P, G, S, m->decay_mask, m->nparams, tr->optim.lr, tr->step + 1));
-    if (tr->p_host) {
-        KD_TRY(be->upload(m->params, tr->p_host, m->nparams * sizeof(float)));
-        KD_TRY(be->upload(tr->state, tr->s_host, tr->nstate * sizeof(float)));
-    }
-    return KD_OK;
-}
 
 /* One training step as engine/train.c does it, each phase timed into acc (may be NULL). */
 static kd_status train_step(trainer *tr, phase_acc *acc, double *loss_out)
 {
     kd_model *m = tr->m;
     const kd_backend *be = m->be;
-    const size_t per = m->in_numel;
     double t[PH_COUNT + 1], b0, b1, b2, f0;
     long c0 = g_blas_calls;
     f0 = g_blas_flops;
@@ -357,11 +337,15 @@ static kd_status train_step(trainer *tr, phase_acc *acc, double *loss_out)
         tr->pos = 0;
         kd_epoch_permutation(tr->perm, (uint32_t)tr->d->n, 1, (uint64_t)tr->epoch);
     }
-    kd_batch_gather(tr->d, tr->perm + tr->pos, tr->batch, NULL, 1, (uint64_t)tr->epoch, tr->x_host,
-                    tr->y_host, NULL);
+    /* the trainer's batch assembly: parameters drawn on the host (here the identity), indices
+     * and parameters uploaded, the batch gathered where the set lives */
+    const uint32_t *idx = tr->perm + tr->pos;
+    kd_augment_draw_batch(NULL, 1, (uint64_t)tr->epoch, idx, tr->batch, tr->prm_host);
     tr->pos += tr->batch;
-    KD_TRY(be->upload(tr->x_dev, tr->x_host, (size_t)tr->batch * per * sizeof(float)));
-    KD_TRY(be->upload(tr->y_dev, tr->y_host, (size_t)tr->batch * sizeof(int32_t)));
+    KD_TRY(be->upload(tr->idx_dev, idx, (size_t)tr->batch * sizeof(uint32_t)));
+    KD_TRY(be->upload(tr->prm_dev, tr->prm_host, (size_t)tr->batch * KD_AUG_NPARAMS * 4));
+    be->gather_augment(tr->batch, tr->d->c, tr->d->h, tr->d->w, tr->x_all, tr->y_all, tr->idx_dev,
+                       tr->prm_dev, (0.0f - tr->d->mean) / tr->d->std, tr->x_dev, tr->y_dev);
     t[1] = now_s();
     kd_model_zero_grad(m);
     t[2] = now_s();
@@ -377,7 +361,8 @@ static kd_status train_step(trainer *tr, phase_acc *acc, double *loss_out)
     KD_TRY(be->sync());
     b2 = g_blas_s;
     t[5] = now_s();
-    KD_TRY(optim_step(tr));
+    KD_TRY(be->optim_step(&tr->optim, m->params, m->grads, tr->state, tr->mask_dev, m->nparams,
+                          tr->optim.lr, tr->step + 1));
     t[6] = now_s();
     tr->step++;
     if (acc) {
@@ -418,22 +403,27 @@ static int trainer_init(trainer *tr, const char *yaml, const kd_dataset *d, cons
     tr->optim.lr = 1e-3;
     tr->optim.weight_decay = 1e-4;
     tr->nstate = kd_optim_state_floats(&tr->optim, m->nparams);
-    tr->x_host = malloc((size_t)o->batch * m->in_numel * sizeof(float));
-    tr->y_host = malloc((size_t)o->batch * sizeof(int32_t));
+    tr->prm_host = malloc((size_t)o->batch * KD_AUG_NPARAMS * sizeof(float));
     tr->perm = malloc((size_t)d->n * sizeof(uint32_t));
-    if (be->device != KD_DEVICE_CPU) {
-        tr->p_host = malloc(m->nparams * sizeof(float));
-        tr->g_host = malloc(m->nparams * sizeof(float));
-        tr->s_host = malloc(tr->nstate * sizeof(float));
-    }
-    if (!tr->x_host || !tr->y_host || !tr->perm ||
-        (be->device != KD_DEVICE_CPU && (!tr->p_host || !tr->g_host || !tr->s_host)) ||
+    const size_t xb = (size_t)d->n * m->in_numel * sizeof(float), yb = (size_t)d->n * 4;
+    if (!tr->prm_host || !tr->perm ||
         be->alloc((void **)&tr->x_dev, (size_t)o->batch * m->in_numel * sizeof(float)) ||
         be->alloc((void **)&tr->y_dev, (size_t)o->batch * sizeof(int32_t)) ||
-        be->alloc((void **)&tr->state, tr->nstate * sizeof(float))) {
-        fprintf(stderr, "bench_train_throughput: out of memory\n");
+        be->alloc((void **)&tr->idx_dev, (size_t)o->batch * sizeof(uint32_t)) ||
+        be->alloc((void **)&tr->prm_dev, (size_t)o->batch * KD_AUG_NPARAMS * sizeof(float)) ||
+        be->alloc((void **)&tr->state, tr->nstate * sizeof(float)) ||
+        (be->device != KD_DEVICE_CPU &&
+         (be->alloc((void **)&tr->x_res, xb) || be->alloc((void **)&tr->y_res, yb) ||
+          be->upload(tr->x_res, d->x, xb) || be->upload(tr->y_res, d->y, yb) ||
+          be->alloc((void **)&tr->mask_dev, m->nparams) ||
+          be->upload(tr->mask_dev, m->decay_mask, m->nparams)))) {
+        fprintf(stderr, "bench_train_throughput: %s\n", kd_last_error());
         return 1;
     }
+    tr->x_all = be->device == KD_DEVICE_CPU ? d->x : tr->x_res;
+    tr->y_all = be->device == KD_DEVICE_CPU ? d->y : tr->y_res;
+    if (be->device == KD_DEVICE_CPU)
+        tr->mask_dev = m->decay_mask;
     kd_epoch_permutation(tr->perm, (uint32_t)d->n, 1, 0);
 
     double loss, head = 0, tail = 0;
@@ -498,13 +488,15 @@ static void trainer_free(trainer *tr)
         tr->m->be->release(tr->x_dev);
         tr->m->be->release(tr->y_dev);
         tr->m->be->release(tr->state);
+        tr->m->be->release(tr->idx_dev);
+        tr->m->be->release(tr->prm_dev);
+        tr->m->be->release(tr->x_res);
+        tr->m->be->release(tr->y_res);
+        if (tr->mask_dev != tr->m->decay_mask)
+            tr->m->be->release(tr->mask_dev);
     }
-    free(tr->x_host);
-    free(tr->y_host);
+    free(tr->prm_host);
     free(tr->perm);
-    free(tr->p_host);
-    free(tr->g_host);
-    free(tr->s_host);
     kd_model_free(tr->m);
     memset(tr, 0, sizeof *tr);
 }

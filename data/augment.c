@@ -84,24 +84,45 @@ void kd_augment_apply(const float params[KD_AUG_NPARAMS], const float *src, floa
     }
 }
 
-void kd_batch_gather(const kd_dataset *d, const uint32_t *idx, int count, const kd_augment_cfg *aug,
-                     uint64_t seed, uint64_t epoch, float *x_out, int32_t *y_out, float *params_out)
+void kd_augment_gather(int count, int c, int h, int w, const float *x_all, const int32_t *y_all,
+                       const uint32_t *idx, const float *params, float fill, float *x_out,
+                       int32_t *y_out)
 {
-    size_t per = (size_t)d->c * (size_t)d->h * (size_t)d->w;
-    float fill = (0.0f - d->mean) / d->std;
+    size_t per = (size_t)c * (size_t)h * (size_t)w;
     for (int i = 0; i < count; i++) {
-        uint32_t j = idx[i];
-        const float *src = d->x + (size_t)j * per;
+        const float *p = params + (size_t)i * KD_AUG_NPARAMS;
+        const float *src = x_all + (size_t)idx[i] * per;
         float *dst = x_out + (size_t)i * per;
-        float p[KD_AUG_NPARAMS] = {0.0f, 0.0f, 0.0f};
-        if (aug)
-            kd_augment_draw(aug, seed, epoch, j, p);
         if (p[0] == 0.0f && p[1] == 0.0f && p[2] == 0.0f)
             memcpy(dst, src, per * sizeof *dst);
         else
-            kd_augment_apply(p, src, dst, d->c, d->h, d->w, fill);
+            kd_augment_apply(p, src, dst, c, h, w, fill);
         if (y_out)
-            y_out[i] = d->y[j];
+            y_out[i] = y_all[idx[i]];
+    }
+}
+
+void kd_augment_draw_batch(const kd_augment_cfg *cfg, uint64_t seed, uint64_t epoch,
+                           const uint32_t *idx, int count, float *params)
+{
+    for (int i = 0; i < count; i++) {
+        float *p = params + (size_t)i * KD_AUG_NPARAMS;
+        if (cfg)
+            kd_augment_draw(cfg, seed, epoch, idx[i], p);
+        else
+            p[0] = p[1] = p[2] = 0.0f;
+    }
+}
+
+void kd_batch_gather(const kd_dataset *d, const uint32_t *idx, int count, const kd_augment_cfg *aug,
+                     uint64_t seed, uint64_t epoch, float *x_out, int32_t *y_out, float *params_out)
+{
+    float fill = (0.0f - d->mean) / d->std;
+    for (int i = 0; i < count; i++) {
+        float p[KD_AUG_NPARAMS];
+        kd_augment_draw_batch(aug, seed, epoch, idx + i, 1, p);
+        kd_augment_gather(1, d->c, d->h, d->w, d->x, d->y, idx + i, p, fill,
+                          x_out + (size_t)i * d->c * d->h * d->w, y_out ? y_out + i : NULL);
         if (params_out)
             memcpy(params_out + (size_t)i * KD_AUG_NPARAMS, p, sizeof p);
     }

@@ -34,9 +34,25 @@ typedef struct {
 void kd_augment_draw(const kd_augment_cfg *cfg, uint64_t seed, uint64_t epoch, uint64_t index,
                      float params[KD_AUG_NPARAMS]);
 
+/* kd_augment_draw for each of idx[0..count) (the draw counter is the sample index) into
+ * params[i * KD_AUG_NPARAMS ..]; cfg NULL gives zeros (the identity). */
+void kd_augment_draw_batch(const kd_augment_cfg *cfg, uint64_t seed, uint64_t epoch,
+                           const uint32_t *idx, int count, float *params);
+
 /* Apply recorded parameters: dst and src are c*h*w, must not alias. */
 void kd_augment_apply(const float params[KD_AUG_NPARAMS], const float *src, float *dst, int c,
                       int h, int w, float fill);
+
+/*
+ * Batch assembly from recorded parameters: x_out[i] (c*h*w floats) is sample idx[i] of x_all
+ * (samples of c*h*w floats back to back) with params[i * KD_AUG_NPARAMS ..] applied, fill
+ * outside the shifted image; y_out[i] = y_all[idx[i]] (y_out may be NULL). Every idx[i] must
+ * index x_all. This is the CPU backend's gather_augment slot (backend.h), which the CUDA
+ * kernel (kernels/augment.cu) must equal bit for bit.
+ */
+void kd_augment_gather(int count, int c, int h, int w, const float *x_all, const int32_t *y_all,
+                       const uint32_t *idx, const float *params, float fill, float *x_out,
+                       int32_t *y_out);
 
 /*
  * Copy samples idx[0..count) of d into x_out (count*c*h*w) and y_out (count;

@@ -28,7 +28,7 @@ typedef struct kd_backend {
     const char *name;
     kd_device device;
 
-    kd_status (*alloc)(void **p, size_t bytes); /* zero-filled */
+    kd_status (*alloc)(void **p, size_t bytes); /* zero-filled; KD_ERR_NOMEM when it does not fit */
     void (*release)(void *p);
     kd_status (*upload)(void *dst, const void *src, size_t bytes);   /* host -> device */
     kd_status (*download)(void *dst, const void *src, size_t bytes); /* device -> host */
@@ -77,6 +77,15 @@ typedef struct kd_backend {
     double (*kd_topk)(int n, int c, int k, const float *s, const float *tv, const int32_t *ti,
                       const float *t_lse, double temperature, int reverse, int t2_scale, float *ds,
                       double scale);
+    /*
+     * Batch assembly where the data set lives: x_out[i] = sample idx[i] of x_all ([*, c, h,
+     * w]) augmented by params[i * KD_AUG_NPARAMS ..], y_out[i] = y_all[idx[i]] (y_out may be
+     * NULL): data/augment.h's kd_augment_gather, which the CPU backend is. Every pointer is
+     * device memory and every idx[i] indexes x_all (the caller checks).
+     */
+    void (*gather_augment)(int n, int c, int h, int w, const float *x_all, const int32_t *y_all,
+                           const uint32_t *idx, const float *params, float fill, float *x_out,
+                           int32_t *y_out);
     /*
      * The whole optimizer update on the backend's device, so parameters, gradients and state
      * never travel to the host (every backend fills it; the trainer calls nothing else). It

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "augment.h"
 #include "backend.h"
 
 static kd_status cpu_alloc(void **p, size_t bytes)
@@ -80,6 +81,7 @@ static const kd_backend kd_cpu_backend = {
     .ce = kd_cpu_ce_f32,
     .kd_dense = kd_cpu_kd_dense_f32,
     .kd_topk = kd_cpu_kd_topk_f32,
+    .gather_augment = kd_augment_gather,
     .optim_step = cpu_optim_step,
 };
 
@@ -99,7 +101,8 @@ static const struct {
     KD_SLOT(act_fwd),     KD_SLOT(act_bwd),      KD_SLOT(maxpool_fwd), KD_SLOT(maxpool_bwd),
     KD_SLOT(avgpool_fwd), KD_SLOT(avgpool_bwd),  KD_SLOT(gap_fwd),     KD_SLOT(gap_bwd),
     KD_SLOT(dropout_fwd), KD_SLOT(mul),          KD_SLOT(add),         KD_SLOT(copy),
-    KD_SLOT(ce),          KD_SLOT(kd_dense),     KD_SLOT(kd_topk),     KD_SLOT(optim_step),
+    KD_SLOT(ce),          KD_SLOT(kd_dense),     KD_SLOT(kd_topk),     KD_SLOT(gather_augment),
+    KD_SLOT(optim_step),
 };
 
 const char *kd_backend_missing(const kd_backend *be, const char *needed)

@@ -21,6 +21,8 @@
  *   losses      ce (kernels/cross_entropy.cu), kd_dense (kernels/softmax_kl.cu),
  *               kd_topk (kernels/softmax_kl_topk.cu); each returns a host value,
  *               so each ends with a download that waits for the stream
+ *   data        gather_augment: the batch assembled and augmented from the resident
+ *               training set, kernels/elementwise.cu
  *   optimizer   optim_step: clipping, SGD and AdamW on the device,
  *               kernels/optim_step.cu
  * Not implemented: bfloat16 / half activations (everything is float32),
@@ -111,7 +113,15 @@ static void keep_blas(cublasStatus_t s, const char *what)
 static kd_status cu_alloc(void **p, size_t bytes)
 {
     *p = NULL;
-    kd_status st = cuda_check(cudaMalloc(p, bytes ? bytes : 4), "cudaMalloc");
+    cudaError_t e = cudaMalloc(p, bytes ? bytes : 4);
+    if (e == cudaErrorMemoryAllocation) {
+        /* not sticky: cleared, so that a caller may go on without the buffer */
+        (void)cudaGetLastError();
+        *p = NULL;
+        return KD_FAIL(KD_ERR_NOMEM, "allocating %zu bytes on the GPU: out of device memory",
+                       bytes);
+    }
+    kd_status st = cuda_check(e, "cudaMalloc");
     if (st != KD_OK)
         return kd_fail_context(st, "allocating %zu bytes on the GPU: ", bytes);
     return cuda_check(cudaMemsetAsync(*p, 0, bytes ? bytes : 4, kd_stream), "cudaMemsetAsync");
@@ -772,6 +782,14 @@ static void cu_dropout_fwd(size_t n, const float *x, float *y, float *mask, doub
     keep(kd_cuda_dropout_fwd(kd_stream, n, x, y, mask, p, seed));
 }
 
+static void cu_gather_augment(int n, int c, int h, int w, const float *x_all, const int32_t *y_all,
+                              const uint32_t *idx, const float *params, float fill, float *x_out,
+                              int32_t *y_out)
+{
+    keep(kd_cuda_gather_augment(kd_stream, n, c, h, w, x_all, y_all, idx, params, fill, x_out,
+                                y_out));
+}
+
 /* ---- optimizer ---- */
 
 static kd_status cu_optim_step(const kd_optim_cfg *c, float *params, float *grads, float *state,
@@ -813,6 +831,7 @@ static const kd_backend kd_cuda_backend = {
     .ce = cu_ce,
     .kd_dense = cu_kd_dense,
     .kd_topk = cu_kd_topk,
+    .gather_augment = cu_gather_augment,
     .optim_step = cu_optim_step,
 };
 

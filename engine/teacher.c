@@ -31,9 +31,8 @@ struct kd_teacher {
     kd_model *model; /* ... or a frozen teacher run live */
     int classes, topk, views, nparams_aug;
     int64_t epoch;
-    float fill;
     /* one batch of targets: host staging and device copies */
-    float *logits_h, *tv_h, *lse_h, *aug_h;
+    float *logits_h, *tv_h, *lse_h;
     int32_t *ti_h;
     float *t_dev, *tv_dev, *lse_dev, *grad_dev;
     int32_t *ti_dev;
@@ -62,7 +61,6 @@ void kd_teacher_close(kd_teacher *t)
     free(t->logits_h);
     free(t->tv_h);
     free(t->lse_h);
-    free(t->aug_h);
     free(t->ti_h);
     if (t->be) {
         t->be->release(t->t_dev);
@@ -115,7 +113,6 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
     t->be = be;
     t->classes = classes;
     t->views = 1;
-    t->fill = (0.0f - train->mean) / train->std;
     kd_status st = KD_OK;
     if (job->teacher_cache[0]) {
         kd_cache_expect e;
@@ -166,8 +163,7 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
     t->tv_h = malloc(mb * K * sizeof(float));
     t->ti_h = malloc(mb * K * sizeof(int32_t));
     t->lse_h = malloc(mb * sizeof(float));
-    t->aug_h = malloc(mb * KD_AUG_NPARAMS * sizeof(float));
-    if (!t->logits_h || !t->tv_h || !t->ti_h || !t->lse_h || !t->aug_h) {
+    if (!t->logits_h || !t->tv_h || !t->ti_h || !t->lse_h) {
         st = KD_FAIL(KD_ERR_NOMEM, "out of memory");
         goto fail;
     }
@@ -193,25 +189,17 @@ kd_status kd_teacher_epoch(kd_teacher *t, const uint32_t *order, int64_t n)
     return KD_OK;
 }
 
-kd_status kd_teacher_batch(kd_teacher *t, const kd_dataset *d, const uint32_t *idx, int n,
-                           int64_t epoch, const kd_augment_cfg *aug, uint64_t seed, float *x_host,
-                           int32_t *y_host)
+kd_status kd_teacher_batch(kd_teacher *t, const uint32_t *idx, int n, int64_t epoch,
+                           const kd_augment_cfg *aug, uint64_t seed, float *params)
 {
     if (!t->cache) {
-        kd_batch_gather(d, idx, n, aug, seed, (uint64_t)epoch, x_host, y_host, NULL);
+        kd_augment_draw_batch(aug, seed, (uint64_t)epoch, idx, n, params);
         return KD_OK;
     }
     int view = (int)(epoch % t->views);
-    KD_TRY(kd_cache_get_rows(t->cache, idx, n, view, t->topk ? NULL : t->logits_h,
+    return kd_cache_get_rows(t->cache, idx, n, view, t->topk ? NULL : t->logits_h,
                              t->topk ? t->tv_h : NULL, t->topk ? t->ti_h : NULL,
-                             t->topk ? t->lse_h : NULL, t->aug_h, NULL));
-    size_t per = (size_t)d->c * d->h * d->w;
-    for (int i = 0; i < n; i++) {
-        kd_augment_apply(t->aug_h + (size_t)i * KD_AUG_NPARAMS, d->x + (size_t)idx[i] * per,
-                         x_host + (size_t)i * per, d->c, d->h, d->w, t->fill);
-        y_host[i] = d->y[idx[i]];
-    }
-    return KD_OK;
+                             t->topk ? t->lse_h : NULL, params, NULL);
 }
 
 kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, int n)

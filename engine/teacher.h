@@ -40,14 +40,13 @@ void kd_teacher_close(kd_teacher *t);
 kd_status kd_teacher_epoch(kd_teacher *t, const uint32_t *order, int64_t n);
 
 /*
- * Prepare batch idx[0..n) of `epoch`: write the student's inputs into x_host
- * (the cached view's augmentation, or a fresh draw from aug/seed when the
- * teacher runs live) and labels into y_host; then, once the caller has
- * uploaded x_host to x_dev, kd_teacher_targets() produces the targets.
+ * Prepare batch idx[0..n) of `epoch`: each sample's augmentation parameters into params (host,
+ * n * KD_AUG_NPARAMS floats): the cached view's, or a fresh draw from aug/seed when the teacher
+ * runs live (kd_augment_draw_batch); the cache's targets are staged for kd_teacher_targets(),
+ * which the caller calls once the batch is assembled on the device (be->gather_augment).
  */
-kd_status kd_teacher_batch(kd_teacher *t, const kd_dataset *d, const uint32_t *idx, int n,
-                           int64_t epoch, const kd_augment_cfg *aug, uint64_t seed, float *x_host,
-                           int32_t *y_host);
+kd_status kd_teacher_batch(kd_teacher *t, const uint32_t *idx, int n, int64_t epoch,
+                           const kd_augment_cfg *aug, uint64_t seed, float *params);
 kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, int n);
 
 /*

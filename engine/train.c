@@ -203,6 +203,31 @@ static void qat_restore(kd_model *m, qat_ctx *q)
     }
 }
 
+/*
+ * One batch into x_dev / y_dev: samples idx[0..n) of the training set d with the augmentation
+ * parameters prm (host). With the set where the backend reads it (x_all, y_all: host memory
+ * for the CPU, resident device memory otherwise) the indices and parameters go to the device
+ * and be->gather_augment assembles the batch there; without (a set too large for the device)
+ * the CPU assembles it in x_host / y_host and it is uploaded.
+ */
+static kd_status assemble_batch(const kd_backend *be, const kd_dataset *d, const float *x_all,
+                                const int32_t *y_all, const uint32_t *idx, const float *prm, int n,
+                                uint32_t *idx_dev, float *prm_dev, float *x_host, int32_t *y_host,
+                                float *x_dev, int32_t *y_dev)
+{
+    const float fill = (0.0f - d->mean) / d->std;
+    if (x_all) {
+        KD_TRY(be->upload(idx_dev, idx, (size_t)n * sizeof(uint32_t)));
+        KD_TRY(be->upload(prm_dev, prm, (size_t)n * KD_AUG_NPARAMS * sizeof(float)));
+        be->gather_augment(n, d->c, d->h, d->w, x_all, y_all, idx_dev, prm_dev, fill, x_dev, y_dev);
+        return KD_OK;
+    }
+    kd_augment_gather(n, d->c, d->h, d->w, d->x, d->y, idx, prm, fill, x_host, y_host);
+    const size_t per = (size_t)d->c * d->h * d->w;
+    KD_TRY(be->upload(x_dev, x_host, (size_t)n * per * sizeof(float)));
+    return be->upload(y_dev, y_host, (size_t)n * sizeof(int32_t));
+}
+
 /* Mean loss and accuracy over a whole data set in eval mode; x_dev/y_dev hold one batch. With
  * quantization-aware training the model is evaluated with its quantized weights. With several
  * ranks (comm) each evaluates its slice of the set and the sums are added up. */
@@ -388,6 +413,13 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     kd_model *m = NULL;
     float *x_host = NULL, *x_dev = NULL, *state = NULL, *p_host = NULL;
     uint8_t *mask_dev = NULL; /* the decay mask on the device (m->decay_mask on the CPU) */
+    /* batch assembly: the training set where the backend reads it (resident), each batch's
+     * sample indices and augmentation parameters (host, and their device copies) */
+    const float *x_all = NULL;
+    const int32_t *y_all = NULL;
+    float *x_res = NULL, *prm_host = NULL, *prm_dev = NULL;
+    int32_t *y_res = NULL;
+    uint32_t *idx_dev = NULL;
     int32_t *y_host = NULL, *y_dev = NULL;
     uint32_t *perm = NULL;
     FILE *metrics = NULL;
@@ -413,18 +445,59 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         d.train.n = job->train_limit;
     size_t per = m->in_numel;
     size_t nstate = kd_optim_state_floats(&job->optim, m->nparams);
-    x_host = malloc((size_t)max_batch * per * sizeof(float));
-    y_host = malloc((size_t)max_batch * sizeof(int32_t));
     perm = malloc((size_t)d.train.n * sizeof(uint32_t));
     order = malloc((size_t)d.train.n * sizeof(uint32_t));
-    if (!x_host || !y_host || !perm || !order) {
+    prm_host = malloc((size_t)max_batch * KD_AUG_NPARAMS * sizeof(float));
+    if (!perm || !order || !prm_host) {
         st = KD_FAIL(KD_ERR_NOMEM, "out of memory allocating batches");
         goto done;
     }
     if ((st = be->alloc((void **)&x_dev, (size_t)max_batch * per * sizeof(float))) ||
         (st = be->alloc((void **)&y_dev, (size_t)max_batch * sizeof(int32_t))) ||
+        (st = be->alloc((void **)&idx_dev, (size_t)max_batch * sizeof(uint32_t))) ||
+        (st = be->alloc((void **)&prm_dev, (size_t)max_batch * KD_AUG_NPARAMS * sizeof(float))) ||
         (st = be->alloc((void **)&state, (nstate ? nstate : 1) * sizeof(float))))
         goto done;
+    if (!be->gather_augment) {
+        st = KD_FAIL(KD_ERR_UNSUPPORTED, "the %s backend cannot assemble batches", be->name);
+        goto done;
+    }
+    if (be->device == KD_DEVICE_CPU) {
+        x_all = d.train.x;
+        y_all = d.train.y;
+    } else {
+        /* the training samples live on the device when they fit, so that a step assembles and
+         * augments its batch there; otherwise each batch is assembled on the host and uploaded */
+        const size_t xb = (size_t)d.train.n * per * sizeof(float);
+        const size_t yb = (size_t)d.train.n * sizeof(int32_t);
+        kd_status ra = be->alloc((void **)&x_res, xb);
+        if (ra == KD_OK)
+            ra = be->alloc((void **)&y_res, yb);
+        if (ra == KD_OK) {
+            if ((st = be->upload(x_res, d.train.x, xb)) || (st = be->upload(y_res, d.train.y, yb)))
+                goto done;
+            x_all = x_res;
+            y_all = y_res;
+            fprintf(log, "training set resident on the %s device (%.1f MiB)\n", be->name,
+                    (double)(xb + yb) / (1024.0 * 1024.0));
+        } else if (ra == KD_ERR_NOMEM) {
+            be->release(x_res);
+            x_res = NULL;
+            fprintf(log,
+                    "training set (%.1f MiB) does not fit on the %s device: batches are "
+                    "assembled on the host\n",
+                    (double)(xb + yb) / (1024.0 * 1024.0), be->name);
+            x_host = malloc((size_t)max_batch * per * sizeof(float));
+            y_host = malloc((size_t)max_batch * sizeof(int32_t));
+            if (!x_host || !y_host) {
+                st = KD_FAIL(KD_ERR_NOMEM, "out of memory allocating batches");
+                goto done;
+            }
+        } else {
+            st = ra;
+            goto done;
+        }
+    }
     if (!be->optim_step) {
         st = KD_FAIL(KD_ERR_UNSUPPORTED, "the %s backend has no optimizer update", be->name);
         goto done;
@@ -600,16 +673,14 @@ train:;
             const int nl = (int)(hi - lo); /* this rank's share of the batch */
             const uint32_t *idx = order + at;
             at += nl;
+            /* the samples' augmentation (the teacher's cached views, or fresh draws), then the
+             * batch assembled where the training set lives */
             if (teacher)
-                st = kd_teacher_batch(teacher, &d.train, idx, nl, epoch, aug, job->seed, x_host,
-                                      y_host);
+                st = kd_teacher_batch(teacher, idx, nl, epoch, aug, job->seed, prm_host);
             else
-                kd_batch_gather(&d.train, idx, nl, aug, job->seed, (uint64_t)epoch, x_host, y_host,
-                                NULL);
-            if (st)
-                goto done;
-            if ((st = be->upload(x_dev, x_host, (size_t)nl * per * sizeof(float))) ||
-                (st = be->upload(y_dev, y_host, (size_t)nl * sizeof(int32_t))))
+                kd_augment_draw_batch(aug, job->seed, (uint64_t)epoch, idx, nl, prm_host);
+            if (st || (st = assemble_batch(be, &d.train, x_all, y_all, idx, prm_host, nl, idx_dev,
+                                           prm_dev, x_host, y_host, x_dev, y_dev)))
                 goto done;
             kd_model_zero_grad(m);
             qat_apply(m, &qat); /* forward and backward at the quantized weights */
@@ -815,11 +886,16 @@ done:
         be->release(x_dev);
         be->release(y_dev);
         be->release(state);
+        be->release(idx_dev);
+        be->release(prm_dev);
+        be->release(x_res);
+        be->release(y_res);
         if (mask_dev != m->decay_mask)
             be->release(mask_dev);
     }
     free(x_host);
     free(y_host);
+    free(prm_host);
     free(perm);
     free(p_host);
     kd_model_free(m);

@@ -205,3 +205,48 @@ extern "C" kd_status kd_cuda_dropout_fwd(void *stream, size_t n, const float *x,
                                                                   seed);
     return launch_status("dropout");
 }
+
+/* kd_augment_apply's shift_of: NaN and values at or past -extent give -extent, values at or past
+ * extent give extent, the rest round to nearest even (lrintf in the default rounding mode) */
+__device__ __forceinline__ int aug_shift(float v, int extent)
+{
+    if (!(v > -(float)extent))
+        return -extent;
+    if (!(v < (float)extent))
+        return extent;
+    return __float2int_rn(v);
+}
+
+__global__ void gather_augment_kernel(size_t total, int c, int h, int w, const float *x_all,
+                                      const int32_t *y_all, const uint32_t *idx,
+                                      const float *params, float fill, float *x_out, int32_t *y_out,
+                                      int n)
+{
+    const size_t plane = (size_t)h * w, per = plane * c;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total;
+         e += (size_t)gridDim.x * blockDim.x) {
+        const size_t i = e / per, r = e - i * per, ch = r / plane, q = r - ch * plane;
+        const int y = (int)(q / w), x = (int)(q - (size_t)y * w);
+        const float *p = params + 3 * i;
+        const int dx = aug_shift(p[0], w), dy = aug_shift(p[1], h), flip = p[2] >= 0.5f;
+        const int sx = (flip ? w - 1 - x : x) - dx, sy = y - dy;
+        x_out[e] = sy >= 0 && sy < h && sx >= 0 && sx < w
+                       ? x_all[(size_t)idx[i] * per + ch * plane + (size_t)sy * w + sx]
+                       : fill;
+        if (y_out && e < (size_t)n)
+            y_out[e] = y_all[idx[e]];
+    }
+}
+
+extern "C" kd_status kd_cuda_gather_augment(void *stream, int n, int c, int h, int w,
+                                            const float *x_all, const int32_t *y_all,
+                                            const uint32_t *idx, const float *params, float fill,
+                                            float *x_out, int32_t *y_out)
+{
+    if (n <= 0 || c <= 0 || h <= 0 || w <= 0)
+        return KD_OK;
+    const size_t total = (size_t)n * c * h * w;
+    gather_augment_kernel<<<grid_for(total), 256, 0, (cudaStream_t)stream>>>(
+        total, c, h, w, x_all, y_all, idx, params, fill, x_out, y_out, n);
+    return launch_status("gather_augment");
+}

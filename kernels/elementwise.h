@@ -40,6 +40,16 @@ kd_status kd_cuda_bias_grad_nchw(void *stream, int n, int c, int hw, const float
 kd_status kd_cuda_dropout_fwd(void *stream, size_t n, const float *x, float *y, float *mask,
                               double p, uint64_t seed);
 
+/*
+ * Batch assembly, data/augment.h's kd_augment_gather exactly: x_out[i] is sample idx[i] of
+ * x_all ([*, c, h, w]) shifted by (params[3i], params[3i + 1]) (rounded to nearest even and
+ * clamped to +-w, +-h as kd_augment_apply does) and mirrored when params[3i + 2] >= 0.5, fill
+ * outside the image; y_out[i] = y_all[idx[i]]. One thread per output value: every load is a
+ * plain read of the resident data set, so a step assembles its batch without the host.
+ */
+kd_status kd_cuda_gather_augment(void *stream, int n, int c, int h, int w, const float *x_all,
+                                 const int32_t *y_all, const uint32_t *idx, const float *params,
+                                 float fill, float *x_out, int32_t *y_out);
 #ifdef __cplusplus
 }
 #endif

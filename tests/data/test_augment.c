@@ -215,12 +215,40 @@ static void test_gather(void **state)
     free(d.y);
 }
 
+/* The trainer's two steps, draw then assemble (kd_augment_draw_batch + kd_augment_gather, the
+ * CPU backend's gather_augment), give kd_batch_gather's batch. */
+static void test_draw_then_gather(void **state)
+{
+    (void)state;
+    kd_dataset d;
+    make_dataset(&d, 9);
+    kd_augment_cfg cfg = {2, 1};
+    const uint32_t idx[5] = {8, 1, 1, 4, 0};
+    float x1[5 * PER], x2[5 * PER], p1[5 * KD_AUG_NPARAMS], p2[5 * KD_AUG_NPARAMS];
+    int32_t y1[5], y2[5];
+    const float fill = (0.0f - d.mean) / d.std;
+    for (int pass = 0; pass < 2; pass++) {
+        const kd_augment_cfg *a = pass ? &cfg : NULL;
+        kd_batch_gather(&d, idx, 5, a, 3, 11, x1, y1, p1);
+        kd_augment_draw_batch(a, 3, 11, idx, 5, p2);
+        kd_augment_gather(5, C, H, W, d.x, d.y, idx, p2, fill, x2, y2);
+        assert_memory_equal(p1, p2, sizeof p1);
+        assert_memory_equal(x1, x2, sizeof x1);
+        assert_memory_equal(y1, y2, sizeof y1);
+    }
+    /* labels are optional */
+    kd_augment_gather(5, C, H, W, d.x, d.y, idx, p2, fill, x2, NULL);
+    assert_memory_equal(x1, x2, sizeof x1);
+    free(d.x);
+    free(d.y);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_identity_params), cmocka_unit_test(test_flip),
         cmocka_unit_test(test_shift),           cmocka_unit_test(test_draw),
-        cmocka_unit_test(test_gather),
+        cmocka_unit_test(test_gather),          cmocka_unit_test(test_draw_then_gather),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

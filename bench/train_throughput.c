@@ -318,11 +318,18 @@ typedef struct {
     int32_t *y_dev;
     uint32_t *perm, *idx_dev;
     uint8_t *mask_dev; /* the decay mask where the update runs */
+    double *acc_dev;   /* the timed steps' loss and hit sums, as the trainer's */
     int64_t pos, epoch, step;
     int batch;
 } trainer;
 
-/* One training step as engine/train.c does it, each phase timed into acc (may be NULL). */
+/*
+ * One training step as engine/train.c does it, each phase timed into acc (may be NULL). With
+ * loss_out the step's mean loss is read back at once (the warm-up's learning check); without,
+ * the loss sum goes to the device accumulator as in the trainer, which reads it back once per
+ * log interval (trainer_time reads it at the end), and nothing waits for the device on the CPU
+ * side of the step: on a device the phase split is then only where the host got to.
+ */
 static kd_status train_step(trainer *tr, phase_acc *acc, double *loss_out)
 {
     kd_model *m = tr->m;
@@ -355,10 +362,9 @@ static kd_status train_step(trainer *tr, phase_acc *acc, double *loss_out)
     t[3] = now_s();
     int64_t correct = 0;
     double loss = be->ce(tr->batch, m->out_features, kd_model_output(m), tr->y_dev, 0.0,
-                         kd_model_output_grad(m), 1.0, &correct);
+                         kd_model_output_grad(m), 1.0, &correct, loss_out ? NULL : tr->acc_dev);
     t[4] = now_s();
     kd_model_backward(m, tr->x_dev, tr->batch);
-    KD_TRY(be->sync());
     b2 = g_blas_s;
     t[5] = now_s();
     KD_TRY(be->optim_step(&tr->optim, m->params, m->grads, tr->state, tr->mask_dev, m->nparams,
@@ -373,7 +379,8 @@ static kd_status train_step(trainer *tr, phase_acc *acc, double *loss_out)
         acc->blas_calls += g_blas_calls - c0;
         acc->blas_flops += g_blas_flops - f0;
     }
-    *loss_out = loss / tr->batch; /* ce returns the summed loss */
+    if (loss_out)
+        *loss_out = loss / tr->batch; /* ce returns the summed loss */
     return KD_OK;
 }
 
@@ -412,6 +419,7 @@ static int trainer_init(trainer *tr, const char *yaml, const kd_dataset *d, cons
         be->alloc((void **)&tr->idx_dev, (size_t)o->batch * sizeof(uint32_t)) ||
         be->alloc((void **)&tr->prm_dev, (size_t)o->batch * KD_AUG_NPARAMS * sizeof(float)) ||
         be->alloc((void **)&tr->state, tr->nstate * sizeof(float)) ||
+        be->alloc((void **)&tr->acc_dev, 2 * sizeof(double)) ||
         (be->device != KD_DEVICE_CPU &&
          (be->alloc((void **)&tr->x_res, xb) || be->alloc((void **)&tr->y_res, yb) ||
           be->upload(tr->x_res, d->x, xb) || be->upload(tr->y_res, d->y, yb) ||
@@ -459,20 +467,26 @@ static int trainer_init(trainer *tr, const char *yaml, const kd_dataset *d, cons
 /* Time `steps` more steps; the clock stops after the device has finished them. */
 static int trainer_time(trainer *tr, int steps, distill_round *r)
 {
-    double loss = 0;
+    double sums[2] = {0, 0};
     memset(r, 0, sizeof *r);
+    const kd_backend *be = tr->m->be;
+    if (be->zero(tr->acc_dev, sizeof sums) != KD_OK) {
+        fprintf(stderr, "bench_train_throughput: %s\n", kd_last_error());
+        return 0;
+    }
     double t0 = now_s();
     for (int i = 0; i < steps; i++) {
-        if (train_step(tr, &r->ph, &loss) != KD_OK) {
+        if (train_step(tr, &r->ph, NULL) != KD_OK) {
             fprintf(stderr, "bench_train_throughput: %s\n", kd_last_error());
             return 0;
         }
     }
-    if (tr->m->be->sync() != KD_OK) {
+    /* the trainer's read-back at the end of a log interval: it waits for the device */
+    if (be->sync() != KD_OK || be->download(sums, tr->acc_dev, sizeof sums) != KD_OK) {
         fprintf(stderr, "bench_train_throughput: %s\n", kd_last_error());
         return 0;
     }
-    double el = now_s() - t0;
+    double el = now_s() - t0, loss = sums[0] / ((double)steps * tr->batch);
     if (!isfinite(loss)) {
         fprintf(stderr, "bench_train_throughput: the loss became %g while timing\n", loss);
         return 0;
@@ -489,6 +503,7 @@ static void trainer_free(trainer *tr)
         tr->m->be->release(tr->y_dev);
         tr->m->be->release(tr->state);
         tr->m->be->release(tr->idx_dev);
+        tr->m->be->release(tr->acc_dev);
         tr->m->be->release(tr->prm_dev);
         tr->m->be->release(tr->x_res);
         tr->m->be->release(tr->y_res);

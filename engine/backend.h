@@ -9,8 +9,8 @@
  * before any work starts.
  *
  * Operations return nothing: a backend that can fail asynchronously (CUDA)
- * keeps the first error and reports it from sync(), which the trainer calls
- * once per step. All pointers given to an operation live on the backend's
+ * keeps the first error and reports it from sync() or the next download, which
+ * the trainer does once per log interval. All pointers given to an operation live on the backend's
  * device.
  */
 #ifndef KD_BACKEND_H
@@ -66,17 +66,24 @@ typedef struct kd_backend {
     void (*mul)(size_t n, const float *a, const float *b, float *y);
     void (*add)(size_t n, const float *a, const float *b, float *y);
     void (*copy)(size_t n, const float *src, float *dst);
+    /*
+     * The losses report their sums in one of two ways. acc == NULL: the sum is returned (and
+     * ce's hit count stored in *correct), which waits for the device. acc != NULL (device
+     * memory, doubles): the sums are added there instead and nothing waits (the return value is
+     * 0, *correct untouched): ce adds its loss sum to acc[0] and its hit count to acc[1], the
+     * kd losses their sum to acc[0]; the trainer reads acc back once per log interval.
+     */
     /* summed cross-entropy; dlogits = scale * d(mean)/dlogits; labels on the device */
     double (*ce)(int n, int c, const float *logits, const int32_t *labels, double smoothing,
-                 float *dlogits, double scale, int64_t *correct);
+                 float *dlogits, double scale, int64_t *correct, double *acc);
     /* distillation loss coef * KL(.. || ..) at a temperature (engine/loss_kd.md): summed row
        losses; ds = scale * d(sum / n)/ds when ds != NULL. kd_topk takes the teacher as top-k
        raw logits tv [N, K], their classes ti [N, K] and full-row log-sum-exps t_lse [N]. */
     double (*kd_dense)(int n, int c, const float *s, const float *t, double temperature,
-                       int reverse, int t2_scale, float *ds, double scale);
+                       int reverse, int t2_scale, float *ds, double scale, double *acc);
     double (*kd_topk)(int n, int c, int k, const float *s, const float *tv, const int32_t *ti,
                       const float *t_lse, double temperature, int reverse, int t2_scale, float *ds,
-                      double scale);
+                      double scale, double *acc);
     /*
      * Batch assembly where the data set lives: x_out[i] = sample idx[i] of x_all ([*, c, h,
      * w]) augmented by params[i * KD_AUG_NPARAMS ..], y_out[i] = y_all[idx[i]] (y_out may be

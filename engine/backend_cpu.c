@@ -38,6 +38,44 @@ static kd_status cpu_zero(void *dst, size_t bytes)
 
 static void cpu_copy(size_t n, const float *src, float *dst) { memmove(dst, src, n * sizeof *dst); }
 
+/* The losses (backend.h): the sums returned, or added to acc */
+static double cpu_ce(int n, int c, const float *logits, const int32_t *labels, double smoothing,
+                     float *dlogits, double scale, int64_t *correct, double *acc)
+{
+    int64_t hits = 0;
+    double sum = kd_cpu_ce_f32(n, c, logits, labels, smoothing, dlogits, scale, &hits);
+    if (!acc) {
+        if (correct)
+            *correct = hits;
+        return sum;
+    }
+    acc[0] += sum;
+    acc[1] += (double)hits;
+    return 0;
+}
+
+static double cpu_kd_dense(int n, int c, const float *s, const float *t, double temperature,
+                           int reverse, int t2_scale, float *ds, double scale, double *acc)
+{
+    double sum = kd_cpu_kd_dense_f32(n, c, s, t, temperature, reverse, t2_scale, ds, scale);
+    if (!acc)
+        return sum;
+    acc[0] += sum;
+    return 0;
+}
+
+static double cpu_kd_topk(int n, int c, int k, const float *s, const float *tv, const int32_t *ti,
+                          const float *t_lse, double temperature, int reverse, int t2_scale,
+                          float *ds, double scale, double *acc)
+{
+    double sum =
+        kd_cpu_kd_topk_f32(n, c, k, s, tv, ti, t_lse, temperature, reverse, t2_scale, ds, scale);
+    if (!acc)
+        return sum;
+    acc[0] += sum;
+    return 0;
+}
+
 /* The update in place on host memory: validated first (kd_optim_cfg_check), so that a bad
  * configuration leaves the gradients unclipped, then kd_clip_grad_norm and kd_optim_step. */
 static kd_status cpu_optim_step(const kd_optim_cfg *c, float *params, float *grads, float *state,
@@ -78,9 +116,9 @@ static const kd_backend kd_cpu_backend = {
     .mul = kd_cpu_mul_f32,
     .add = kd_cpu_add_f32,
     .copy = cpu_copy,
-    .ce = kd_cpu_ce_f32,
-    .kd_dense = kd_cpu_kd_dense_f32,
-    .kd_topk = kd_cpu_kd_topk_f32,
+    .ce = cpu_ce,
+    .kd_dense = cpu_kd_dense,
+    .kd_topk = cpu_kd_topk,
     .gather_augment = kd_augment_gather,
     .optim_step = cpu_optim_step,
 };

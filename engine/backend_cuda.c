@@ -19,8 +19,9 @@
  *   pooling     maxpool_fwd/bwd, avgpool_fwd/bwd, gap_fwd/bwd: kernels/pool.cu
  *   dropout     dropout_fwd: kernels/elementwise.cu, the CPU's mask bit for bit
  *   losses      ce (kernels/cross_entropy.cu), kd_dense (kernels/softmax_kl.cu),
- *               kd_topk (kernels/softmax_kl_topk.cu); each returns a host value,
- *               so each ends with a download that waits for the stream
+ *               kd_topk (kernels/softmax_kl_topk.cu); each returns a host value
+ *               (a download that waits for the stream) or, for the trainer, adds
+ *               its sums to a device accumulator and waits for nothing
  *   data        gather_augment: the batch assembled and augmented from the resident
  *               training set, kernels/elementwise.cu
  *   optimizer   optim_step: clipping, SGD and AdamW on the device,
@@ -263,10 +264,15 @@ static double *rows_scratch(size_t count)
 }
 
 /* rows[0..n) summed into rows[n] and downloaded: the host value a loss slot returns */
-static double rows_total(int n, double *rows)
+/* the sum of rows[0..n) (rows + n is its slot): downloaded and returned, or added to acc[0] */
+static double rows_total(int n, double *rows, double *acc)
 {
     kd_status st = kd_cuda_sum_f64(kd_stream, n, rows, rows + n);
     double total = NAN;
+    if (st == KD_OK && acc) {
+        keep(kd_cuda_add_f64(kd_stream, 1, rows + n, acc));
+        return 0;
+    }
     if (st == KD_OK)
         st = cu_download(&total, rows + n, sizeof total);
     keep(st);
@@ -274,7 +280,7 @@ static double rows_total(int n, double *rows)
 }
 
 static double cu_kd_dense(int n, int c, const float *s, const float *t, double temperature,
-                          int reverse, int t2_scale, float *ds, double scale)
+                          int reverse, int t2_scale, float *ds, double scale, double *acc)
 {
     if (n <= 0)
         return 0;
@@ -287,12 +293,12 @@ static double cu_kd_dense(int n, int c, const float *s, const float *t, double t
         keep(st);
         return NAN;
     }
-    return rows_total(n, rows);
+    return rows_total(n, rows, acc);
 }
 
 static double cu_kd_topk(int n, int c, int k, const float *s, const float *tv, const int32_t *ti,
                          const float *t_lse, double temperature, int reverse, int t2_scale,
-                         float *ds, double scale)
+                         float *ds, double scale, double *acc)
 {
     if (n <= 0)
         return 0;
@@ -305,14 +311,15 @@ static double cu_kd_topk(int n, int c, int k, const float *s, const float *tv, c
         keep(st);
         return NAN;
     }
-    return rows_total(n, rows);
+    return rows_total(n, rows, acc);
 }
 
-/* labels on the device; the loss sum and the hit count come back in one download */
+/* labels on the device; the loss sum and the hit count come back in one download, or are added
+ * to acc[0], acc[1] on the device */
 static double cu_ce(int n, int c, const float *logits, const int32_t *labels, double smoothing,
-                    float *dlogits, double scale, int64_t *correct)
+                    float *dlogits, double scale, int64_t *correct, double *acc)
 {
-    if (correct)
+    if (correct && !acc)
         *correct = 0;
     if (n <= 0)
         return 0;
@@ -326,6 +333,10 @@ static double cu_ce(int n, int c, const float *logits, const int32_t *labels, do
         st = kd_cuda_sum_f64(kd_stream, n, rows, sums);
     if (st == KD_OK)
         st = kd_cuda_sum_f64(kd_stream, n, rows + n, sums + 1);
+    if (st == KD_OK && acc) {
+        keep(kd_cuda_add_f64(kd_stream, 2, sums, acc));
+        return 0;
+    }
     if (st == KD_OK)
         st = cu_download(got, sums, sizeof got);
     keep(st);

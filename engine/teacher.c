@@ -221,17 +221,17 @@ kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, int n)
 }
 
 double kd_teacher_loss(kd_teacher *t, const kd_job *job, const float *s_dev, int n, float *ds_dev,
-                       double grad_scale)
+                       double grad_scale, double *acc)
 {
     const kd_backend *be = t->be;
     double sum;
     if (t->topk)
         sum = be->kd_topk(n, t->classes, t->topk, s_dev, t->tv_dev, t->ti_dev, t->lse_dev,
                           job->kd_temperature, job->kd_reverse, job->kd_t2, t->grad_dev,
-                          job->kd_weight * grad_scale);
+                          job->kd_weight * grad_scale, acc);
     else
         sum = be->kd_dense(n, t->classes, s_dev, t->t_dev, job->kd_temperature, job->kd_reverse,
-                           job->kd_t2, t->grad_dev, job->kd_weight * grad_scale);
+                           job->kd_t2, t->grad_dev, job->kd_weight * grad_scale, acc);
     be->add((size_t)n * t->classes, ds_dev, t->grad_dev, ds_dev);
     return job->kd_weight * sum;
 }

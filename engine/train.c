@@ -228,6 +228,40 @@ static kd_status assemble_batch(const kd_backend *be, const kd_dataset *d, const
     return be->upload(y_dev, y_host, (size_t)n * sizeof(int32_t));
 }
 
+/*
+ * The training losses summed on the device since the last call (acc: [ce sum, hits, kd sum],
+ * unweighted; backend.h) come back to the host: summed over the ranks, weighted into the epoch's
+ * loss sum *ep_loss and hit count *ep_correct, and the accumulator is zeroed. Waits for the
+ * device, so a failure of any queued operation surfaces here; a non-finite loss ends the run
+ * naming the steps (from_step, to_step] it came from. Every rank calls it at the same steps.
+ */
+static kd_status flush_stats(const kd_backend *be, kd_comm *comm, const kd_job *job, double *acc,
+                             double *ep_loss, int64_t *ep_correct, int64_t epoch, int64_t from_step,
+                             int64_t to_step)
+{
+    double h[3];
+    KD_TRY(be->sync());
+    KD_TRY(be->download(h, acc, sizeof h));
+    KD_TRY(be->zero(acc, sizeof h));
+    if (comm->size > 1)
+        KD_TRY(comm->ops->sum_f64(comm, h, 3));
+    const double loss = job->ce_weight * h[0] + job->kd_weight * h[2];
+    if (!isfinite(loss)) {
+        if (to_step - from_step <= 1)
+            return KD_FAIL(KD_ERR_INTERNAL,
+                           "loss became %g at epoch %" PRId64 " step %" PRId64
+                           ": lower optim.lr or set optim.clip_norm",
+                           loss, epoch + 1, to_step);
+        return KD_FAIL(KD_ERR_INTERNAL,
+                       "loss became %g at epoch %" PRId64 " between steps %" PRId64 " and %" PRId64
+                       ": lower optim.lr or set optim.clip_norm",
+                       loss, epoch + 1, from_step + 1, to_step);
+    }
+    *ep_loss += loss;
+    *ep_correct += llround(h[1]);
+    return KD_OK;
+}
+
 /* Mean loss and accuracy over a whole data set in eval mode; x_dev/y_dev hold one batch. With
  * quantization-aware training the model is evaluated with its quantized weights. With several
  * ranks (comm) each evaluates its slice of the set and the sums are added up. */
@@ -249,7 +283,8 @@ static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_
             break;
         kd_model_forward(m, x_dev, n, 0, 0);
         int64_t c = 0;
-        loss += be->ce(n, m->out_features, kd_model_output(m), y_dev, smoothing, NULL, 1.0, &c);
+        loss +=
+            be->ce(n, m->out_features, kd_model_output(m), y_dev, smoothing, NULL, 1.0, &c, NULL);
         correct += c;
     }
     if (st == KD_OK)
@@ -420,6 +455,7 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     float *x_res = NULL, *prm_host = NULL, *prm_dev = NULL;
     int32_t *y_res = NULL;
     uint32_t *idx_dev = NULL;
+    double *acc_dev = NULL; /* the step losses' sums on the device: [ce, hits, kd] */
     int32_t *y_host = NULL, *y_dev = NULL;
     uint32_t *perm = NULL;
     FILE *metrics = NULL;
@@ -456,6 +492,7 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         (st = be->alloc((void **)&y_dev, (size_t)max_batch * sizeof(int32_t))) ||
         (st = be->alloc((void **)&idx_dev, (size_t)max_batch * sizeof(uint32_t))) ||
         (st = be->alloc((void **)&prm_dev, (size_t)max_batch * KD_AUG_NPARAMS * sizeof(float))) ||
+        (st = be->alloc((void **)&acc_dev, 3 * sizeof(double))) ||
         (st = be->alloc((void **)&state, (nstate ? nstate : 1) * sizeof(float))))
         goto done;
     if (!be->gather_augment) {
@@ -659,12 +696,12 @@ train:;
         if (teacher && (st = kd_teacher_epoch(teacher, order, n_local)))
             goto done;
         double ep_loss = 0, t0 = now_s(), last_log = 0;
-        int64_t ep_correct = 0, ep_seen = 0;
+        int64_t ep_correct = 0, ep_seen = 0, ep_flushed = 0, flushed_step = step;
         int stop = 0;    /* a rank was asked to stop (SIGINT/SIGTERM) */
         if (first > 0) { /* resumed mid-epoch: the sums so far came with the checkpoint */
             ep_loss = in.epoch_loss;
             ep_correct = in.epoch_correct;
-            ep_seen = in.epoch_seen;
+            ep_seen = ep_flushed = in.epoch_seen;
         }
         for (int64_t k = first; k < steps_per_epoch; k++) {
             int64_t s0 = k * batch, lo, hi;
@@ -687,17 +724,15 @@ train:;
             kd_model_forward(m, x_dev, nl, 1, kd_mix64(job->seed, (uint64_t)step, 0xd0));
             if (teacher && (st = kd_teacher_targets(teacher, x_dev, nl)))
                 goto done;
-            int64_t correct = 0;
             /* the loss is the weighted sum of the terms, each a mean over the global batch; each
-             * adds its gradient (a rank's share scaled by nl / n, so the ranks' sum is exact) */
+             * adds its gradient (a rank's share scaled by nl / n, so the ranks' sum is exact)
+             * and its sums to the device accumulator, read back by flush_stats */
             const double share = (double)nl / n;
-            double loss_sum =
-                job->ce_weight * be->ce(nl, m->out_features, kd_model_output(m), y_dev,
-                                        job->label_smoothing, kd_model_output_grad(m),
-                                        job->ce_weight * share, &correct);
+            be->ce(nl, m->out_features, kd_model_output(m), y_dev, job->label_smoothing,
+                   kd_model_output_grad(m), job->ce_weight * share, NULL, acc_dev);
             if (teacher)
-                loss_sum += kd_teacher_loss(teacher, job, kd_model_output(m), nl,
-                                            kd_model_output_grad(m), share);
+                kd_teacher_loss(teacher, job, kd_model_output(m), nl, kd_model_output_grad(m),
+                                share, acc_dev + 2);
             if (world == 1) {
                 kd_model_backward(m, x_dev, nl);
             } else {
@@ -708,40 +743,45 @@ train:;
                     goto done;
             }
             qat_restore(m, &qat); /* the update applies to the float master weights */
-            if ((st = be->sync()))
+            /* a stop request (SIGINT/SIGTERM on any rank), agreed at the same step */
+            double stop_v = opts->stop && *opts->stop ? 1.0 : 0.0;
+            if (world > 1 && (st = comm->ops->sum_f64(comm, &stop_v, 1)))
                 goto done;
-            /* the step's statistics and a stop request, summed over the ranks */
-            double stats[3] = {loss_sum, (double)correct, opts->stop && *opts->stop ? 1.0 : 0.0};
-            if (world > 1 && (st = comm->ops->sum_f64(comm, stats, 3)))
-                goto done;
-            double loss = stats[0] / n;
-            correct = (int64_t)stats[1];
-            stop = stats[2] > 0;
+            stop = stop_v > 0;
             double lr = kd_sched_lr(&sched, job->optim.lr, step);
             /* clipping and the update where the parameters live (backend.h) */
             if ((st = be->optim_step(&job->optim, m->params, m->grads, state, mask_dev, m->nparams,
                                      lr, step + 1)))
                 goto done;
             step++;
-            if (!isfinite(loss)) {
-                st = KD_FAIL(KD_ERR_INTERNAL,
-                             "loss became %g at epoch %" PRId64 " step %" PRId64
-                             ": lower optim.lr or set optim.clip_norm",
-                             loss, epoch + 1, step);
-                goto done;
-            }
-            ep_loss += loss * n;
-            ep_correct += correct;
             ep_seen += n;
             double el = now_s() - t0;
+            int last = k + 1 == steps_per_epoch;
+            const int ckpt =
+                rank == 0 && !last &&
+                (stop || (job->checkpoint_every > 0 && step % job->checkpoint_every == 0));
+            const int log_due = !opts->progress && (k + 1) % job->log_every == 0;
+            const int bar_due = opts->progress && (el - last_log > 0.2 || last);
+            /* the loss sums come back only here: every log_every steps, at a checkpoint, a stop
+             * and the end of the epoch (the same steps on every rank, whatever each prints) and,
+             * for one process, when the progress bar is redrawn; the device runs on between */
+            if ((k + 1) % job->log_every == 0 || last || stop ||
+                (job->checkpoint_every > 0 && step % job->checkpoint_every == 0) ||
+                (bar_due && world == 1)) {
+                if ((st = flush_stats(be, comm, job, acc_dev, &ep_loss, &ep_correct, epoch,
+                                      flushed_step, step)))
+                    goto done;
+                flushed_step = step;
+                ep_flushed = ep_seen;
+            }
             double sps = ep_seen / (el > 1e-9 ? el : 1e-9);
             double left = ((double)(steps_per_epoch - k - 1) * batch +
                            (double)(job->epochs - epoch - 1) * n_train) /
                           (sps > 0 ? sps : 1);
             char eta[32];
             fmt_eta(left, eta, sizeof eta);
-            int last = k + 1 == steps_per_epoch;
-            if (opts->progress && (el - last_log > 0.2 || last)) {
+            const double shown = ep_flushed > 0 ? (double)ep_flushed : 1.0;
+            if (bar_due) {
                 last_log = el;
                 int width = 24, fill_n = (int)((k + 1) * width / steps_per_epoch);
                 char bar[32];
@@ -751,18 +791,17 @@ train:;
                 fprintf(stderr,
                         "\repoch %" PRId64 "/%d [%s] %" PRId64 "/%" PRId64
                         " loss %.4f acc %.2f%% %.0f samples/s ETA %s   ",
-                        epoch + 1, job->epochs, bar, k + 1, steps_per_epoch, ep_loss / ep_seen,
-                        100.0 * ep_correct / ep_seen, sps, eta);
+                        epoch + 1, job->epochs, bar, k + 1, steps_per_epoch, ep_loss / shown,
+                        100.0 * ep_correct / shown, sps, eta);
                 fflush(stderr);
-            } else if (!opts->progress && ((k + 1) % job->log_every == 0)) {
+            } else if (log_due) {
                 fprintf(log,
                         "epoch %" PRId64 "/%d step %" PRId64 "/%" PRId64
                         " loss %.4f acc %.2f%% lr %.3g %.0f samples/s eta %s\n",
-                        epoch + 1, job->epochs, k + 1, steps_per_epoch, ep_loss / ep_seen,
-                        100.0 * ep_correct / ep_seen, lr, sps, eta);
+                        epoch + 1, job->epochs, k + 1, steps_per_epoch, ep_loss / shown,
+                        100.0 * ep_correct / shown, lr, sps, eta);
             }
-            if (rank == 0 && !last &&
-                (stop || (job->checkpoint_every > 0 && step % job->checkpoint_every == 0))) {
+            if (ckpt) {
                 saver.info.step = step;
                 saver.info.epoch = epoch;
                 saver.info.epoch_loss = ep_loss;
@@ -888,6 +927,7 @@ done:
         be->release(state);
         be->release(idx_dev);
         be->release(prm_dev);
+        be->release(acc_dev);
         be->release(x_res);
         be->release(y_res);
         if (mask_dev != m->decay_mask)

@@ -250,3 +250,18 @@ extern "C" kd_status kd_cuda_gather_augment(void *stream, int n, int c, int h, i
         total, c, h, w, x_all, y_all, idx, params, fill, x_out, y_out, n);
     return launch_status("gather_augment");
 }
+
+__global__ void add_f64_kernel(int n, const double *src, double *dst)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n)
+        dst[i] += src[i];
+}
+
+extern "C" kd_status kd_cuda_add_f64(void *stream, int n, const double *src, double *dst)
+{
+    if (n <= 0)
+        return KD_OK;
+    add_f64_kernel<<<(n + 255) / 256, 256, 0, (cudaStream_t)stream>>>(n, src, dst);
+    return launch_status("add_f64");
+}

@@ -47,6 +47,8 @@ kd_status kd_cuda_dropout_fwd(void *stream, size_t n, const float *x, float *y, 
  * outside the image; y_out[i] = y_all[idx[i]]. One thread per output value: every load is a
  * plain read of the resident data set, so a step assembles its batch without the host.
  */
+/* dst[i] += src[i], i < n, in double: the trainer's device-side loss and hit sums */
+kd_status kd_cuda_add_f64(void *stream, int n, const double *src, double *dst);
 kd_status kd_cuda_gather_augment(void *stream, int n, int c, int h, int w, const float *x_all,
                                  const int32_t *y_all, const uint32_t *idx, const float *params,
                                  float fill, float *x_out, int32_t *y_out);

@@ -545,10 +545,10 @@ static void test_ce(void **state)
         int32_t *lab_d = dev_bytes(lab, (size_t)n * 4);
         int64_t hits = -1, hits_d = -1;
         const int grad = cases[ci].grad;
-        double want =
-            cpu->ce(n, c, z, lab, cases[ci].smoothing, grad ? d : NULL, cases[ci].scale, &hits);
+        double want = cpu->ce(n, c, z, lab, cases[ci].smoothing, grad ? d : NULL, cases[ci].scale,
+                              &hits, NULL);
         double got = gpu->ce(n, c, z_d, lab_d, cases[ci].smoothing, grad ? d_d : NULL,
-                             cases[ci].scale, &hits_d);
+                             cases[ci].scale, &hits_d, NULL);
         assert_int_equal(gpu->sync(), KD_OK);
         /* both sides compute in double from the same floats; only the summation order of
            the log-sum-exp and of the rows differs (~1e-15 relative) */
@@ -558,6 +558,21 @@ static void test_ce(void **state)
         /* the gradient is double until its final rounding to float: at most an ulp apart */
         if (grad)
             check_rel(what, "dlogits", d_d, d, nz, 1e-6);
+        /* the trainer's form: twice into a device accumulator that already holds something,
+         * nothing returned, then one read-back */
+        const double acc0[2] = {1.25, 3.0};
+        double acc[2], *acc_d = dev_bytes(acc0, sizeof acc0);
+        int64_t untouched = -7;
+        for (int rep = 0; rep < 2; rep++)
+            assert_true(gpu->ce(n, c, z_d, lab_d, cases[ci].smoothing, NULL, 1.0, &untouched,
+                                acc_d) == 0.0);
+        assert_int_equal(untouched, -7);
+        from_dev(acc, acc_d, sizeof acc);
+        if (!(fabs(acc[0] - (1.25 + 2 * want)) <= 1e-9 * fmax(1.0, fabs(want))) ||
+            acc[1] != 3.0 + 2.0 * (double)hits)
+            fail_msg("%s: accumulated %.17g, %.17g; want %.17g, %.17g", what, acc[0], acc[1],
+                     1.25 + 2 * want, 3.0 + 2.0 * (double)hits);
+        gpu->release(acc_d);
         gpu->release(z_d), gpu->release(d_d), gpu->release(lab_d);
         free(z), free(d), free(lab);
     }
@@ -604,11 +619,11 @@ static void run_topk(int n, int c, int k, double temp, int reverse, int t2, uint
         s[i] *= 2.0f, t[i] *= 3.0f;
     topk_targets(n, c, k, t, tv, ti, lse);
     const double scale = 0.7;
-    double want = cpu->kd_topk(n, c, k, s, tv, ti, lse, temp, reverse, t2, g, scale);
+    double want = cpu->kd_topk(n, c, k, s, tv, ti, lse, temp, reverse, t2, g, scale, NULL);
     float *s_d = to_dev(s, nc), *tv_d = to_dev(tv, nk), *lse_d = to_dev(lse, n);
     float *g_d = to_dev(NULL, nc);
     int32_t *ti_d = dev_bytes(ti, nk * 4);
-    double got = gpu->kd_topk(n, c, k, s_d, tv_d, ti_d, lse_d, temp, reverse, t2, g_d, scale);
+    double got = gpu->kd_topk(n, c, k, s_d, tv_d, ti_d, lse_d, temp, reverse, t2, g_d, scale, NULL);
     assert_int_equal(gpu->sync(), KD_OK);
     /*
      * The CPU takes its exponentials with a float polynomial (< 2e-7 relative) in 256-class
@@ -656,12 +671,12 @@ static void test_kd_topk_bad_rows(void **state)
     float tv[4] = {3, 2, 5, 4}, lse[2] = {3.5f, 6.0f};
     int32_t ti[4] = {3, 1, 2, 2}; /* row 1 repeats class 2 */
     float g[12];
-    double want = cpu->kd_topk(n, c, k, s, tv, ti, lse, 2.0, 0, 1, g, 1.0);
+    double want = cpu->kd_topk(n, c, k, s, tv, ti, lse, 2.0, 0, 1, g, 1.0, NULL);
     assert_true(isnan(want));
     float *s_d = to_dev(s, 12), *tv_d = to_dev(tv, 4), *lse_d = to_dev(lse, 2);
     float *g_d = to_dev(NULL, 12);
     int32_t *ti_d = dev_bytes(ti, sizeof ti);
-    double got = gpu->kd_topk(n, c, k, s_d, tv_d, ti_d, lse_d, 2.0, 0, 1, g_d, 1.0);
+    double got = gpu->kd_topk(n, c, k, s_d, tv_d, ti_d, lse_d, 2.0, 0, 1, g_d, 1.0, NULL);
     assert_int_equal(gpu->sync(), KD_OK);
     assert_true(isnan(got));
     float gd[12];

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend.h"
 #include "cpu_ops.h"
 #include "kd_test.h"
 #include "rng.h"
@@ -684,9 +685,55 @@ static void test_topk_tail_clamp(void **state)
     assert_true(isnan(kd_cpu_kd_topk_f64(1, c, k, s, tv, out, &lse, 2.0, 0, 1, NULL, 1)));
 }
 
+/*
+ * The CPU backend's loss slots in the trainer's form (backend.h): with an accumulator the sums
+ * are added to it, 0 is returned and *correct is left alone; the sums equal the returned ones.
+ */
+static void test_slots_accumulate(void **state)
+{
+    (void)state;
+    const kd_backend *be = kd_backend_cpu();
+    enum { N = 6, C = 5, K = 3 };
+    float s[N * C], t[N * C], g[N * C], tv[N * K], lse[N];
+    int32_t ti[N * K], lab[N];
+    kd_rng r;
+    kd_rng_seed(&r, 5, 9);
+    for (int i = 0; i < N * C; i++) {
+        s[i] = 2.0f * kd_rng_normal(&r);
+        t[i] = 2.0f * kd_rng_normal(&r);
+    }
+    for (int i = 0; i < N; i++) {
+        lab[i] = i % C;
+        double m = -INFINITY, z = 0;
+        for (int j = 0; j < C; j++)
+            m = fmax(m, t[i * C + j]);
+        for (int j = 0; j < C; j++)
+            z += exp(t[i * C + j] - m);
+        lse[i] = (float)(m + log(z));
+        for (int j = 0; j < K; j++) { /* any K classes: the slot, not top-k selection, is tested */
+            ti[i * K + j] = (i + j) % C;
+            tv[i * K + j] = t[i * C + (i + j) % C];
+        }
+    }
+    int64_t hits = -1, keep = -5;
+    const double ce = be->ce(N, C, s, lab, 0.1, g, 1.0, &hits, NULL);
+    const double kd = be->kd_dense(N, C, s, t, 2.0, 0, 1, g, 1.0, NULL);
+    const double tk = be->kd_topk(N, C, K, s, tv, ti, lse, 2.0, 0, 1, g, 1.0, NULL);
+    double acc[4] = {0.5, 1.0, 0.25, 0.0};
+    assert_true(be->ce(N, C, s, lab, 0.1, g, 1.0, &keep, acc) == 0.0);
+    assert_true(be->kd_dense(N, C, s, t, 2.0, 0, 1, g, 1.0, acc + 2) == 0.0);
+    assert_true(be->kd_topk(N, C, K, s, tv, ti, lse, 2.0, 0, 1, g, 1.0, acc + 3) == 0.0);
+    assert_int_equal(keep, -5);
+    assert_true(hits >= 0 && hits <= N);
+    assert_true(acc[0] == 0.5 + ce && acc[1] == 1.0 + (double)hits);
+    assert_true(acc[2] == 0.25 + kd && acc[3] == tk);
+    assert_true(ce > 0 && kd > 0 && tk > 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_slots_accumulate),
         cmocka_unit_test(test_dense_by_hand),
         cmocka_unit_test(test_dense_reference),
         cmocka_unit_test(test_dense_extreme_rows),

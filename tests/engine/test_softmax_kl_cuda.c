@@ -232,14 +232,14 @@ static void test_backend_slot(void **state)
     assert_true(s && t && g && gd);
     fill(&r, (size_t)n * c, c, s, t, 0, 0);
     const kd_backend *cpu = kd_backend_cpu();
-    double want = cpu->kd_dense(n, c, s, t, 4.0, 0, 1, g, 0.5);
+    double want = cpu->kd_dense(n, c, s, t, 4.0, 0, 1, g, 0.5, NULL);
     void *s_d, *t_d, *g_d;
     assert_int_equal(gpu->alloc(&s_d, (size_t)n * c * 4), KD_OK);
     assert_int_equal(gpu->alloc(&t_d, (size_t)n * c * 4), KD_OK);
     assert_int_equal(gpu->alloc(&g_d, (size_t)n * c * 4), KD_OK);
     assert_int_equal(gpu->upload(s_d, s, (size_t)n * c * 4), KD_OK);
     assert_int_equal(gpu->upload(t_d, t, (size_t)n * c * 4), KD_OK);
-    double got = gpu->kd_dense(n, c, s_d, t_d, 4.0, 0, 1, g_d, 0.5);
+    double got = gpu->kd_dense(n, c, s_d, t_d, 4.0, 0, 1, g_d, 0.5, NULL);
     assert_int_equal(gpu->sync(), KD_OK);
     assert_int_equal(gpu->download(gd, g_d, (size_t)n * c * 4), KD_OK);
     assert_true(fabs(got - want) <= 2e-5 * fabs(want));

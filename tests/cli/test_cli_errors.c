@@ -150,6 +150,19 @@ static void test_good_job_trains(void **state)
     assert_true(kd_file_exists(tpath(res, sizeof res, "good/last.safetensors")));
 }
 
+/* A learning rate that makes the weights infinite after one step: the run stops with the epoch and
+ * the steps in which the loss stopped being finite (it is read back once per log interval) and a
+ * hint, exit 1. */
+static void test_loss_diverges(void **state)
+{
+    (void)state;
+    char job[600], od[600];
+    write_job(tpath(job, sizeof job, "diverge.yaml"), tpath(od, sizeof od, "diverge"), data, "32",
+              MLP_LINE, "lr: 1.0e+300");
+    const char *argv[] = {"train", job, NULL};
+    run_expect(argv, 1, "loss became", "at epoch 1", "lower optim.lr", NULL);
+}
+
 /* a. data.root is an empty directory: the set is named with the package that installs it. */
 static void test_dataset_not_installed(void **state)
 {
@@ -474,6 +487,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_good_job_trains),
+        cmocka_unit_test(test_loss_diverges),
         cmocka_unit_test(test_dataset_not_installed),
         cmocka_unit_test(test_truncated_idx),
         cmocka_unit_test(test_corrupt_gzip),

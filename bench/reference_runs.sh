@@ -6,8 +6,9 @@
 # Trains the teacher CNN and the MLP, caches the teacher's logits, and trains the tiny student
 # from scratch and distilled from the cache with seeds 1, 2 and 3, each with its config in
 # configs/fashion-mnist/, and the distilled student trained against its INT4 weights (QAT), then
+# the same pair without data augmentation (tiny_scratch_noaug.yaml, tiny_distill_noaug.yaml), then
 # prints the table of test accuracies and runs `distill report configs/fashion-mnist/report.yaml`
-# (float, INT8 and INT4 side by side, on a Cortex-M4 under QEMU). Takes about two hours on 2 cores. Each run logs to OUT_ROOT/<name>/train.log; a finished run is skipped and an
+# (float, INT8 and INT4 side by side, on a Cortex-M4 under QEMU). Takes about three hours on 2 cores. Each run logs to OUT_ROOT/<name>/train.log; a finished run is skipped and an
 # interrupted one resumes from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,8 @@ BIN=${1:-build/distill}
 OUT=${2:-runs}
 TEACHER=(--set "teacher.checkpoint=$OUT/fmnist-teacher/last.safetensors"
          --set "teacher.cache=$OUT/fmnist-teacher/logits.h5")
+NOAUG=(--set "teacher.checkpoint=$OUT/fmnist-teacher/last.safetensors"
+       --set "teacher.cache=$OUT/fmnist-teacher/logits_noaug.h5")
 
 run() { # name config [--set ...]
     local name=$1 cfg=$2
@@ -34,12 +37,19 @@ run fmnist-mlp configs/fashion-mnist/mlp.yaml
 echo "== caching the teacher: $BIN cache configs/fashion-mnist/tiny_distill.yaml ${TEACHER[*]}"
 "$BIN" cache configs/fashion-mnist/tiny_distill.yaml "${TEACHER[@]}" --no-progress \
     >>"$OUT/fmnist-teacher/cache.log" 2>&1
+echo "== caching the teacher without augmentation: $BIN cache configs/fashion-mnist/tiny_distill_noaug.yaml ${NOAUG[*]}"
+"$BIN" cache configs/fashion-mnist/tiny_distill_noaug.yaml "${NOAUG[@]}" --no-progress \
+    >>"$OUT/fmnist-teacher/cache.log" 2>&1
 for seed in 1 2 3; do
     run "fmnist-tiny-scratch-s$seed" configs/fashion-mnist/tiny_scratch.yaml --set "run.seed=$seed"
     run "fmnist-tiny-distill-s$seed" configs/fashion-mnist/tiny_distill.yaml --set "run.seed=$seed" \
         "${TEACHER[@]}"
     run "fmnist-tiny-distill-qat4-s$seed" configs/fashion-mnist/tiny_distill_qat4.yaml \
         --set "run.seed=$seed" "${TEACHER[@]}"
+    run "fmnist-tiny-scratch-noaug-s$seed" configs/fashion-mnist/tiny_scratch_noaug.yaml \
+        --set "run.seed=$seed"
+    run "fmnist-tiny-distill-noaug-s$seed" configs/fashion-mnist/tiny_distill_noaug.yaml \
+        --set "run.seed=$seed" "${NOAUG[@]}"
 done
 
 python3 - "$OUT" <<'PY'
@@ -51,7 +61,9 @@ def res(name):
 rows = [("teacher CNN", ["fmnist-teacher"]), ("MLP 784-256-10", ["fmnist-mlp"]),
         ("tiny CNN, from scratch", [f"fmnist-tiny-scratch-s{s}" for s in (1, 2, 3)]),
         ("tiny CNN, distilled", [f"fmnist-tiny-distill-s{s}" for s in (1, 2, 3)]),
-        ("distilled, INT4 QAT (fake)", [f"fmnist-tiny-distill-qat4-s{s}" for s in (1, 2, 3)])]
+        ("distilled, INT4 QAT (fake)", [f"fmnist-tiny-distill-qat4-s{s}" for s in (1, 2, 3)]),
+        ("scratch, no augmentation", [f"fmnist-tiny-scratch-noaug-s{s}" for s in (1, 2, 3)]),
+        ("distilled, no augmentation", [f"fmnist-tiny-distill-noaug-s{s}" for s in (1, 2, 3)])]
 print(f"{'model':26} {'params':>8} {'test accuracy':>24}")
 for label, names in rows:
     rs = [res(n) for n in names]

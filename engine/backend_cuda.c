@@ -510,6 +510,17 @@ typedef struct {
 #define KD_ALGO_MAX 16 /* above every CUDNN_CONVOLUTION_*_ALGO_COUNT */
 
 /* cuDNN's heuristics for operation op of plan p, best first */
+/* the ranking of cuDNN's answer perf[0 .. got) (each direction has its own perf struct type, with
+ * the same fields): usable = it ran, with the math we allow; deterministic as cuDNN says */
+#define RANK_PERF(perf)                                                                            \
+    for (int i = 0; i < got && i < KD_ALGO_MAX; i++)                                               \
+        r[i] = (kd_algo_rank)                                                                      \
+        {                                                                                          \
+            (int)(perf)[i].algo,                                                                   \
+                (perf)[i].status == CUDNN_STATUS_SUCCESS &&conv_math_ok((perf)[i].mathType),       \
+                (perf)[i].determinism == CUDNN_DETERMINISTIC                                       \
+        }
+
 static kd_status conv_rank(int op, const kd_conv_plan *p, kd_algo_rank *r, int *count)
 {
     int got = 0;
@@ -520,11 +531,7 @@ static kd_status conv_rank(int op, const kd_conv_plan *p, kd_algo_rank *r, int *
                                                                 CUDNN_CONVOLUTION_FWD_ALGO_COUNT,
                                                                 &got, perf),
                          "cudnnGetConvolutionForwardAlgorithm_v7"));
-        for (int i = 0; i < got && i < KD_ALGO_MAX; i++)
-            r[i] = (kd_algo_rank){(int)perf[i].algo,
-                                  perf[i].status == CUDNN_STATUS_SUCCESS &&
-                                      conv_math_ok(perf[i].mathType),
-                                  perf[i].determinism == CUDNN_DETERMINISTIC};
+        RANK_PERF(perf);
         break;
     }
     case KD_CONV_DATA: {
@@ -533,11 +540,7 @@ static kd_status conv_rank(int op, const kd_conv_plan *p, kd_algo_rank *r, int *
                              kd_dnn, p->w, p->y, p->conv, p->x,
                              CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &got, perf),
                          "cudnnGetConvolutionBackwardDataAlgorithm_v7"));
-        for (int i = 0; i < got && i < KD_ALGO_MAX; i++)
-            r[i] = (kd_algo_rank){(int)perf[i].algo,
-                                  perf[i].status == CUDNN_STATUS_SUCCESS &&
-                                      conv_math_ok(perf[i].mathType),
-                                  perf[i].determinism == CUDNN_DETERMINISTIC};
+        RANK_PERF(perf);
         break;
     }
     default: {
@@ -546,17 +549,14 @@ static kd_status conv_rank(int op, const kd_conv_plan *p, kd_algo_rank *r, int *
                              kd_dnn, p->x, p->y, p->conv, p->w,
                              CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &got, perf),
                          "cudnnGetConvolutionBackwardFilterAlgorithm_v7"));
-        for (int i = 0; i < got && i < KD_ALGO_MAX; i++)
-            r[i] = (kd_algo_rank){(int)perf[i].algo,
-                                  perf[i].status == CUDNN_STATUS_SUCCESS &&
-                                      conv_math_ok(perf[i].mathType),
-                                  perf[i].determinism == CUDNN_DETERMINISTIC};
+        RANK_PERF(perf);
         break;
     }
     }
     *count = got < KD_ALGO_MAX ? got : KD_ALGO_MAX;
     return KD_OK;
 }
+#undef RANK_PERF
 
 /* the workspace algorithm algo of operation op needs with plan p's descriptors */
 static cudnnStatus_t conv_ws_size(int op, const kd_conv_plan *p, int algo, size_t *ws)

@@ -757,16 +757,14 @@ train:;
             ep_seen += n;
             double el = now_s() - t0;
             int last = k + 1 == steps_per_epoch;
-            const int ckpt =
-                rank == 0 && !last &&
-                (stop || (job->checkpoint_every > 0 && step % job->checkpoint_every == 0));
+            const int ckpt_step = job->checkpoint_every > 0 && step % job->checkpoint_every == 0;
+            const int ckpt = rank == 0 && !last && (stop || ckpt_step);
             const int log_due = !opts->progress && (k + 1) % job->log_every == 0;
             const int bar_due = opts->progress && (el - last_log > 0.2 || last);
             /* the loss sums come back only here: every log_every steps, at a checkpoint, a stop
              * and the end of the epoch (the same steps on every rank, whatever each prints) and,
              * for one process, when the progress bar is redrawn; the device runs on between */
-            if ((k + 1) % job->log_every == 0 || last || stop ||
-                (job->checkpoint_every > 0 && step % job->checkpoint_every == 0) ||
+            if ((k + 1) % job->log_every == 0 || last || stop || ckpt_step ||
                 (bar_due && world == 1)) {
                 if ((st = flush_stats(be, comm, job, acc_dev, &ep_loss, &ep_correct, epoch,
                                       flushed_step, step)))

@@ -7,20 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "elementwise.h"
-
-static kd_status launch_status(const char *what)
-{
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess)
-        return KD_FAIL(KD_ERR_DEVICE, "%s launch failed: %s", what, cudaGetErrorString(e));
-    return KD_OK;
-}
-
-static unsigned grid_for(size_t n)
-{
-    size_t blocks = (n + 255) / 256;
-    return (unsigned)(blocks > 65535 ? 65535 : (blocks ? blocks : 1));
-}
+#include "kd_cuda_util.cuh"
 
 __global__ void act_fwd_kernel(size_t n, const float *x, float *y, float cap)
 {
@@ -81,35 +68,35 @@ __global__ void bias_grad_rows_kernel(int rows, int cols, const float *dy, float
 
 extern "C" kd_status kd_cuda_act_fwd(void *stream, size_t n, const float *x, float *y, float cap)
 {
-    act_fwd_kernel<<<grid_for(n), 256, 0, (cudaStream_t)stream>>>(n, x, y, cap);
-    return launch_status("act_fwd");
+    act_fwd_kernel<<<kd_grid_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, x, y, cap);
+    return kd_launch_status("act_fwd");
 }
 
 extern "C" kd_status kd_cuda_act_bwd(void *stream, size_t n, const float *x, const float *dy,
                                      float *dx, float cap)
 {
-    act_bwd_kernel<<<grid_for(n), 256, 0, (cudaStream_t)stream>>>(n, x, dy, dx, cap);
-    return launch_status("act_bwd");
+    act_bwd_kernel<<<kd_grid_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, x, dy, dx, cap);
+    return kd_launch_status("act_bwd");
 }
 
 extern "C" kd_status kd_cuda_add(void *stream, size_t n, const float *a, const float *b, float *y)
 {
-    add_kernel<<<grid_for(n), 256, 0, (cudaStream_t)stream>>>(n, a, b, y);
-    return launch_status("add");
+    add_kernel<<<kd_grid_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, a, b, y);
+    return kd_launch_status("add");
 }
 
 extern "C" kd_status kd_cuda_mul(void *stream, size_t n, const float *a, const float *b, float *y)
 {
-    mul_kernel<<<grid_for(n), 256, 0, (cudaStream_t)stream>>>(n, a, b, y);
-    return launch_status("mul");
+    mul_kernel<<<kd_grid_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, a, b, y);
+    return kd_launch_status("mul");
 }
 
 extern "C" kd_status kd_cuda_bias_rows(void *stream, int rows, int cols, const float *bias,
                                        float *y)
 {
     size_t n = (size_t)rows * cols;
-    bias_rows_kernel<<<grid_for(n), 256, 0, (cudaStream_t)stream>>>(n, cols, bias, y);
-    return launch_status("bias_rows");
+    bias_rows_kernel<<<kd_grid_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, cols, bias, y);
+    return kd_launch_status("bias_rows");
 }
 
 extern "C" kd_status kd_cuda_bias_grad_rows(void *stream, int rows, int cols, const float *dy,
@@ -118,7 +105,7 @@ extern "C" kd_status kd_cuda_bias_grad_rows(void *stream, int rows, int cols, co
     if (cols <= 0)
         return KD_OK;
     bias_grad_rows_kernel<<<cols, 256, 0, (cudaStream_t)stream>>>(rows, cols, dy, db);
-    return launch_status("bias_grad_rows");
+    return kd_launch_status("bias_grad_rows");
 }
 
 __global__ void bias_nchw_kernel(size_t n, int c, int hw, const float *bias, float *y)
@@ -178,8 +165,9 @@ extern "C" kd_status kd_cuda_bias_nchw(void *stream, int n, int c, int hw, const
     if (n <= 0 || c <= 0 || hw <= 0)
         return KD_OK;
     size_t total = (size_t)n * c * hw;
-    bias_nchw_kernel<<<grid_for(total), 256, 0, (cudaStream_t)stream>>>(total, c, hw, bias, y);
-    return launch_status("bias_nchw");
+    bias_nchw_kernel<<<kd_grid_for(total, 256), 256, 0, (cudaStream_t)stream>>>(total, c, hw, bias,
+                                                                                y);
+    return kd_launch_status("bias_nchw");
 }
 
 extern "C" kd_status kd_cuda_bias_grad_nchw(void *stream, int n, int c, int hw, const float *dy,
@@ -188,7 +176,7 @@ extern "C" kd_status kd_cuda_bias_grad_nchw(void *stream, int n, int c, int hw, 
     if (n <= 0 || c <= 0 || hw <= 0)
         return KD_OK;
     bias_grad_nchw_kernel<<<c, 256, 0, (cudaStream_t)stream>>>(n, c, hw, dy, db);
-    return launch_status("bias_grad_nchw");
+    return kd_launch_status("bias_grad_nchw");
 }
 
 extern "C" kd_status kd_cuda_dropout_fwd(void *stream, size_t n, const float *x, float *y,
@@ -201,9 +189,9 @@ extern "C" kd_status kd_cuda_dropout_fwd(void *stream, size_t n, const float *x,
     /* the CPU op's constants: keep = 1 / (1 - p) rounded to float, 2^32 p as the threshold */
     const float keep = (float)(1.0 / (1.0 - p));
     const uint64_t thresh = (uint64_t)(p * 4294967296.0);
-    dropout_kernel<<<grid_for(n), 256, 0, (cudaStream_t)stream>>>(n, x, y, mask, thresh, keep,
-                                                                  seed);
-    return launch_status("dropout");
+    dropout_kernel<<<kd_grid_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, x, y, mask, thresh,
+                                                                          keep, seed);
+    return kd_launch_status("dropout");
 }
 
 /* kd_augment_apply's shift_of: NaN and values at or past -extent give -extent, values at or past
@@ -246,9 +234,9 @@ extern "C" kd_status kd_cuda_gather_augment(void *stream, int n, int c, int h, i
     if (n <= 0 || c <= 0 || h <= 0 || w <= 0)
         return KD_OK;
     const size_t total = (size_t)n * c * h * w;
-    gather_augment_kernel<<<grid_for(total), 256, 0, (cudaStream_t)stream>>>(
+    gather_augment_kernel<<<kd_grid_for(total, 256), 256, 0, (cudaStream_t)stream>>>(
         total, c, h, w, x_all, y_all, idx, params, fill, x_out, y_out, n);
-    return launch_status("gather_augment");
+    return kd_launch_status("gather_augment");
 }
 
 __global__ void add_f64_kernel(int n, const double *src, double *dst)
@@ -263,5 +251,5 @@ extern "C" kd_status kd_cuda_add_f64(void *stream, int n, const double *src, dou
     if (n <= 0)
         return KD_OK;
     add_f64_kernel<<<(n + 255) / 256, 256, 0, (cudaStream_t)stream>>>(n, src, dst);
-    return launch_status("add_f64");
+    return kd_launch_status("add_f64");
 }

@@ -73,27 +73,6 @@ template <int VEC> __device__ __forceinline__ void kd_store(float *p, const floa
     }
 }
 
-/* the block's sum, returned to every thread */
-__device__ __forceinline__ double kd_block_sum_d(double v)
-{
-    __shared__ double part[32];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-    v = kd_warp_sum_d(v);
-    if (lane == 0)
-        part[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < (int)(blockDim.x / 32) ? part[lane] : 0.0;
-        v = kd_warp_sum_d(v);
-        if (lane == 0)
-            part[0] = v;
-    }
-    __syncthreads();
-    v = part[0];
-    __syncthreads(); /* part is reused by the next call */
-    return v;
-}
-
 /* operators for kd_block_reduce */
 struct kd_op_sum {
     __device__ double operator()(double a, double b) const { return a + b; }
@@ -127,6 +106,12 @@ __device__ __forceinline__ double kd_block_reduce(double v, Op op, double ident)
     v = part[0];
     __syncthreads();
     return v;
+}
+
+/* the block's sum, returned to every thread */
+__device__ __forceinline__ double kd_block_sum_d(double v)
+{
+    return kd_block_reduce(v, kd_op_sum(), 0.0);
 }
 
 #endif

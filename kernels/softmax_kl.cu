@@ -18,15 +18,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "kd_cuda_util.cuh"
 #include "softmax_kl.h"
-
-static kd_status launch_status(const char *what)
-{
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess)
-        return KD_FAIL(KD_ERR_DEVICE, "%s launch failed: %s", what, cudaGetErrorString(e));
-    return KD_OK;
-}
 
 #define SKL_WARP_ROWS    8   /* warps (rows) per block of the warp variant */
 #define SKL_BLOCK        512 /* threads per row of the block variant */
@@ -141,13 +134,6 @@ __device__ __forceinline__ skl_state shfl_state(skl_state a, int off)
     return b;
 }
 
-__device__ __forceinline__ float warp_sum(float v)
-{
-    for (int off = 16; off > 0; off >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, off);
-    return v;
-}
-
 __device__ __forceinline__ float warp_max(float v)
 {
     for (int off = 16; off > 0; off >>= 1)
@@ -257,9 +243,9 @@ __global__ void __launch_bounds__(32 * SKL_WARP_ROWS)
 #pragma unroll
     for (int i = 0; i < VPT; i++)
         add_class(a, reverse ? xs[i] : xt[i], reverse ? xt[i] : xs[i], inv_t);
-    a.sp = warp_sum(a.sp);
-    a.sq = warp_sum(a.sq);
-    a.w = warp_sum(a.w);
+    a.sp = kd_warp_sum_f(a.sp);
+    a.sq = kd_warp_sum_f(a.sq);
+    a.w = kd_warp_sum_f(a.w);
     skl_row r = row_result(a, inv_t);
     if (lane == 0)
         row_loss[row] = (double)coef * (double)r.kl;
@@ -272,7 +258,7 @@ __global__ void __launch_bounds__(32 * SKL_WARP_ROWS)
         for (int i = 0; i < VPT; i++)
             if (xt[i] == -INFINITY && xs[i] != -INFINITY)
                 pm += expf((xs[i] - g.shs) * inv_t) * g.ins;
-        g.pm = warp_sum(pm);
+        g.pm = kd_warp_sum_f(pm);
     }
     Tout *dr = ds + (size_t)row * c;
 #pragma unroll
@@ -316,14 +302,14 @@ __device__ skl_state block_merge(skl_state a, float inv_t)
 __device__ float block_sum(float v)
 {
     __shared__ float part[SKL_BLOCK / 32];
-    v = warp_sum(v);
+    v = kd_warp_sum_f(v);
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     if (lane == 0)
         part[warp] = v;
     __syncthreads();
     if (warp == 0) {
         v = lane < (int)(blockDim.x / 32) ? part[lane] : 0.f;
-        v = warp_sum(v);
+        v = kd_warp_sum_f(v);
         if (lane == 0)
             part[0] = v;
     }
@@ -435,8 +421,6 @@ template <typename Tin, typename Tout> static void dispatch(const skl_args &a, i
         vec ? dispatch_block<V, Tin, Tout>(a) : dispatch_block<1, Tin, Tout>(a);
 }
 
-static int aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
-
 extern "C" kd_status kd_cuda_softmax_kl(void *stream, int n, int c, int in_dtype, const void *s,
                                         const void *t, double temperature, int reverse,
                                         int t2_scale, void *ds, int ds_dtype, double scale,
@@ -475,14 +459,14 @@ extern "C" kd_status kd_cuda_softmax_kl(void *stream, int n, int c, int in_dtype
                   (cudaStream_t)stream};
     const int warp = variant == KD_SKL_WARP || (variant == KD_SKL_AUTO && c <= SKL_WARP_MAX_COL);
     const int per = in_dtype == KD_SKL_F32 ? 4 : 8;
-    const int vec = c % per == 0 && aligned16(s) && aligned16(t) && (!ds || aligned16(ds));
+    const int vec = c % per == 0 && kd_aligned16(s) && kd_aligned16(t) && (!ds || kd_aligned16(ds));
     if (in_dtype == KD_SKL_F32)
         ds_dtype == KD_SKL_F32 ? dispatch<float, float>(a, warp, vec)
                                : dispatch<float, __nv_bfloat16>(a, warp, vec);
     else
         ds_dtype == KD_SKL_F32 ? dispatch<__nv_bfloat16, float>(a, warp, vec)
                                : dispatch<__nv_bfloat16, __nv_bfloat16>(a, warp, vec);
-    return launch_status(warp ? "softmax_kl (warp per row)" : "softmax_kl (block per row)");
+    return kd_launch_status(warp ? "softmax_kl (warp per row)" : "softmax_kl (block per row)");
 }
 
 __global__ void sum_f64_kernel(int n, const double *x, double *out)
@@ -507,5 +491,5 @@ extern "C" kd_status kd_cuda_sum_f64(void *stream, int n, const double *x, doubl
     if (n < 0)
         return KD_FAIL(KD_ERR_INVALID, "sum_f64: n = %d", n);
     sum_f64_kernel<<<1, 256, 0, (cudaStream_t)stream>>>(n, x, out);
-    return launch_status("sum_f64");
+    return kd_launch_status("sum_f64");
 }

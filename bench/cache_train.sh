@@ -6,7 +6,10 @@
 #
 # Needs the Fashion-MNIST teacher cache of bench/reference_runs.sh (RUNS_ROOT/fmnist-teacher/
 # logits.h5). Trains the tiny student for 2 epochs per measurement, alternating the two modes
-# for 3 rounds, and compares the median training time per epoch (evaluation excluded). The OS
+# for ROUNDS rounds (default 5; odd rounds run memory first, even rounds streamed first, so a
+# drift in the machine's speed falls on both), and compares the median training time per epoch
+# (evaluation excluded). Run it on an otherwise idle machine: the figure is a ratio of wall
+# times. The OS
 # page cache holds the file after the first read, as it would on any machine with the RAM for
 # it; what this measures is the reader's own cost (HDF5 chunk reads, float16 decoding, the
 # prefetch hand-off) on the training critical path. Writes bench/results/cache_train.json.
@@ -30,8 +33,10 @@ epoch_times() { # mode round -> prints the per-epoch training seconds
 }
 
 declare -A T
-for round in 1 2 3; do
-    for mode in auto stream; do
+for round in $(seq 1 "${ROUNDS:-5}"); do
+    modes="auto stream"
+    [ $((round % 2)) -eq 0 ] && modes="stream auto"
+    for mode in $modes; do
         T[$mode]+="$(epoch_times $mode $round | tr '\n' ' ')"
     done
 done

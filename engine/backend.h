@@ -66,6 +66,9 @@ typedef struct kd_backend {
     void (*mul)(size_t n, const float *a, const float *b, float *y);
     void (*add)(size_t n, const float *a, const float *b, float *y);
     void (*copy)(size_t n, const float *src, float *dst);
+    /* x[i] rounded in place to the nearest bfloat16, ties to even, kept as float32 (the low 16
+       bits become 0): kd_round_bf16 (engine/bf16.h) element by element */
+    void (*round_bf16)(size_t n, float *x);
     /*
      * The losses report their sums in one of two ways. acc == NULL: the sum is returned (and
      * ce's hit count stored in *correct), which waits for the device. acc != NULL (device

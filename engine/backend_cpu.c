@@ -7,6 +7,7 @@
 
 #include "augment.h"
 #include "backend.h"
+#include "bf16.h"
 
 static kd_status cpu_alloc(void **p, size_t bytes)
 {
@@ -37,6 +38,12 @@ static kd_status cpu_zero(void *dst, size_t bytes)
 }
 
 static void cpu_copy(size_t n, const float *src, float *dst) { memmove(dst, src, n * sizeof *dst); }
+
+static void cpu_round_bf16(size_t n, float *x)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = kd_round_bf16(x[i]);
+}
 
 /* The losses (backend.h): the sums returned, or added to acc */
 static double cpu_ce(int n, int c, const float *logits, const int32_t *labels, double smoothing,
@@ -116,6 +123,7 @@ static const kd_backend kd_cpu_backend = {
     .mul = kd_cpu_mul_f32,
     .add = kd_cpu_add_f32,
     .copy = cpu_copy,
+    .round_bf16 = cpu_round_bf16,
     .ce = cpu_ce,
     .kd_dense = cpu_kd_dense,
     .kd_topk = cpu_kd_topk,
@@ -134,13 +142,13 @@ static const struct {
     const char *name;
     size_t off;
 } kd_slots[] = {
-    KD_SLOT(linear_fwd),  KD_SLOT(linear_bwd),   KD_SLOT(conv2d_ws),   KD_SLOT(conv2d_fwd),
-    KD_SLOT(conv2d_bwd),  KD_SLOT(bn_fwd_train), KD_SLOT(bn_fwd_eval), KD_SLOT(bn_bwd),
-    KD_SLOT(act_fwd),     KD_SLOT(act_bwd),      KD_SLOT(maxpool_fwd), KD_SLOT(maxpool_bwd),
-    KD_SLOT(avgpool_fwd), KD_SLOT(avgpool_bwd),  KD_SLOT(gap_fwd),     KD_SLOT(gap_bwd),
-    KD_SLOT(dropout_fwd), KD_SLOT(mul),          KD_SLOT(add),         KD_SLOT(copy),
-    KD_SLOT(ce),          KD_SLOT(kd_dense),     KD_SLOT(kd_topk),     KD_SLOT(gather_augment),
-    KD_SLOT(optim_step),
+    KD_SLOT(linear_fwd),     KD_SLOT(linear_bwd),   KD_SLOT(conv2d_ws),   KD_SLOT(conv2d_fwd),
+    KD_SLOT(conv2d_bwd),     KD_SLOT(bn_fwd_train), KD_SLOT(bn_fwd_eval), KD_SLOT(bn_bwd),
+    KD_SLOT(act_fwd),        KD_SLOT(act_bwd),      KD_SLOT(maxpool_fwd), KD_SLOT(maxpool_bwd),
+    KD_SLOT(avgpool_fwd),    KD_SLOT(avgpool_bwd),  KD_SLOT(gap_fwd),     KD_SLOT(gap_bwd),
+    KD_SLOT(dropout_fwd),    KD_SLOT(mul),          KD_SLOT(add),         KD_SLOT(copy),
+    KD_SLOT(round_bf16),     KD_SLOT(ce),           KD_SLOT(kd_dense),    KD_SLOT(kd_topk),
+    KD_SLOT(gather_augment), KD_SLOT(optim_step),
 };
 
 const char *kd_backend_missing(const kd_backend *be, const char *needed)

@@ -26,7 +26,10 @@
  *               training set, kernels/elementwise.cu
  *   optimizer   optim_step: clipping, SGD and AdamW on the device,
  *               kernels/optim_step.cu
- * Not implemented: bfloat16 / half activations (everything is float32),
+ *   precision   round_bf16: run.precision: bf16 is emulated in float32 storage
+ *               (engine/model.h), the same rounding on every backend
+ * Not implemented: bfloat16 / half storage and tensor-core bf16 products
+ * (everything is stored as float32; bf16 is emulated by rounding),
  * kd_topk beyond 393216 classes (refused with a message), and any fusing of
  * conv + bias + activation in one cuDNN call.
  *
@@ -215,6 +218,8 @@ static void cu_copy(size_t n, const float *src, float *dst)
         cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, kd_stream),
         "cudaMemcpyAsync device->device"));
 }
+
+static void cu_round_bf16(size_t n, float *x) { keep(kd_cuda_round_bf16(kd_stream, n, x)); }
 
 static void keep_dnn(cudnnStatus_t s, const char *what)
 {
@@ -839,6 +844,7 @@ static const kd_backend kd_cuda_backend = {
     .mul = cu_mul,
     .add = cu_add,
     .copy = cu_copy,
+    .round_bf16 = cu_round_bf16,
     .ce = cu_ce,
     .kd_dense = cu_kd_dense,
     .kd_topk = cu_kd_topk,

@@ -70,8 +70,8 @@ static kd_status section(const kd_node *root, const char *key, int required,
 static kd_status parse_run(kd_job *j)
 {
     static const char *const keys[] = {
-        "name",      "out_dir",          "seed", "device",    "threads",
-        "log_every", "checkpoint_every", "comm", "bucket_kb", NULL};
+        "name", "out_dir",   "seed",      "device", "threads", "log_every", "checkpoint_every",
+        "comm", "bucket_kb", "precision", NULL};
     const kd_node *s;
     KD_TRY(section(j->root, "run", 0, keys, &s));
     snprintf(j->name, sizeof j->name, "run");
@@ -93,6 +93,15 @@ static kd_status parse_run(kd_job *j)
         KD_TRY(get_i32(s, "bucket_kb", 0, 4, 1 << 22, &j->bucket_kb));
         KD_TRY(get_i32(s, "log_every", 0, 1, 1 << 30, &j->log_every));
         KD_TRY(get_i32(s, "checkpoint_every", 0, 0, 1 << 30, &j->checkpoint_every));
+        char prec[16] = "float32";
+        KD_TRY(copy_str(s, "precision", 0, prec, sizeof prec));
+        if (!strcmp(prec, "bf16") || !strcmp(prec, "bfloat16")) {
+            j->bf16 = 1;
+        } else if (strcmp(prec, "float32") && strcmp(prec, "fp32")) {
+            char pos[160];
+            return KD_FAIL(KD_ERR_CONFIG, "%s: precision must be float32 or bf16, got '%s'",
+                           kd_node_where(kd_node_child(s, "precision"), pos, sizeof pos), prec);
+        }
         if (strcmp(j->device, "auto") && strcmp(j->device, "cpu") && strcmp(j->device, "cuda")) {
             char pos[160];
             return KD_FAIL(KD_ERR_CONFIG, "%s: device must be auto, cpu or cuda, got '%s'",

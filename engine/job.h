@@ -34,6 +34,7 @@ typedef struct {
     int bucket_kb;        /* gradient bucket size for the all-reduce, KiB */
     int log_every;        /* steps between plain log lines */
     int checkpoint_every; /* steps between mid-epoch checkpoints; 0 = end of epoch only */
+    int bf16; /* run.precision: bf16 -- bfloat16 activations and matmul inputs (engine/model.h) */
 
     /* data */
     char dataset[64];

@@ -713,6 +713,8 @@ void kd_model_free(kd_model *m)
         m->be->release(m->grads);
         m->be->release(m->buffers);
         m->be->release(m->ws);
+        m->be->release(m->x_bf16);
+        m->be->release(m->master);
     }
     free(m->decay_mask);
     free(m->entries);
@@ -810,6 +812,8 @@ static void chain_fwd(kd_model *m, kd_block *blocks, int count, const float *x, 
     const float *in = x;
     for (int i = 0; i < count; i++) {
         block_fwd(m, &blocks[i], in, n, train, kd_mix64(seed, (uint64_t)i, 0xb10c));
+        if (m->bf16 && !blocks[i].fused) /* a fused activation's output is the batchnorm's */
+            m->be->round_bf16((size_t)n * blocks[i].out_numel, blocks[i].y);
         in = blocks[i].y;
     }
 }
@@ -904,6 +908,8 @@ static void chain_bwd(kd_model *m, kd_block *blocks, int count, const float *x, 
         int more = dx || blocks[i].params_before;
         float *din = !more ? NULL : i ? blocks[i - 1].dy : dx;
         block_bwd(m, &blocks[i], in, n, din);
+        if (din && m->bf16 && !blocks[i].fused)
+            m->be->round_bf16((size_t)n * blocks[i].in_numel, din);
         size_t lo;
         if (ready && (lo = block_param_lo(&blocks[i])) != SIZE_MAX && lo > 0)
             ready->fn(ready->ctx, lo);
@@ -912,18 +918,38 @@ static void chain_bwd(kd_model *m, kd_block *blocks, int count, const float *x, 
     }
 }
 
+/* The input the first block reads: x, or its bf16 rounding (kd_model_set_bf16). */
+static const float *model_input(kd_model *m, const float *x, int n, int fresh)
+{
+    if (!m->bf16)
+        return x;
+    if (fresh) {
+        m->be->copy((size_t)n * m->in_numel, x, m->x_bf16);
+        m->be->round_bf16((size_t)n * m->in_numel, m->x_bf16);
+    }
+    return m->x_bf16;
+}
+
 void kd_model_forward(kd_model *m, const float *x, int n, int train, uint64_t step_seed)
 {
-    chain_fwd(m, m->blocks, m->nblocks, x, n, train, step_seed);
+    chain_fwd(m, m->blocks, m->nblocks, model_input(m, x, n, 1), n, train, step_seed);
 }
 
 const float *kd_model_output(const kd_model *m) { return m->blocks[m->nblocks - 1].y; }
 
 float *kd_model_output_grad(kd_model *m) { return m->blocks[m->nblocks - 1].dy; }
 
+/* The losses wrote the output gradient in float32; a bf16 backward starts from its rounding. */
+static void round_output_grad(kd_model *m, int n)
+{
+    if (m->bf16)
+        m->be->round_bf16((size_t)n * m->out_features, kd_model_output_grad(m));
+}
+
 void kd_model_backward(kd_model *m, const float *x, int n)
 {
-    chain_bwd(m, m->blocks, m->nblocks, x, n, NULL, NULL);
+    round_output_grad(m, n);
+    chain_bwd(m, m->blocks, m->nblocks, model_input(m, x, n, 0), n, NULL, NULL);
 }
 
 /* Lowest parameter offset inside b (nested blocks included); SIZE_MAX when it has none. */
@@ -948,11 +974,60 @@ static size_t block_param_lo(const kd_block *b)
 void kd_model_backward_notify(kd_model *m, const float *x, int n, kd_grads_ready_fn fn, void *ctx)
 {
     grads_ready r = {fn, ctx};
-    chain_bwd(m, m->blocks, m->nblocks, x, n, NULL, &r);
+    round_output_grad(m, n);
+    chain_bwd(m, m->blocks, m->nblocks, model_input(m, x, n, 0), n, NULL, &r);
     fn(ctx, 0);
 }
 
 void kd_model_zero_grad(kd_model *m) { m->be->zero(m->grads, m->nparams * sizeof(float)); }
+
+kd_status kd_model_set_bf16(kd_model *m, int on)
+{
+    if (on && !m->x_bf16) {
+        if (!m->be->round_bf16)
+            return KD_FAIL(KD_ERR_UNSUPPORTED, "the %s backend cannot round to bfloat16",
+                           m->be->name);
+        KD_TRY(
+            m->be->alloc((void **)&m->x_bf16, (size_t)m->max_batch * m->in_numel * sizeof(float)));
+        kd_status st = m->be->alloc((void **)&m->master, m->nparams * sizeof(float));
+        if (st) {
+            m->be->release(m->x_bf16);
+            m->x_bf16 = NULL;
+            return st;
+        }
+    }
+    m->bf16 = on != 0;
+    return KD_OK;
+}
+
+/* Round the weights and biases of the convolutions and linear layers in blocks. */
+static void round_weights_walk(kd_model *m, kd_block *blocks, int n)
+{
+    for (int i = 0; i < n; i++) {
+        kd_block *b = &blocks[i];
+        if (b->kind == KD_L_LINEAR || b->kind == KD_L_CONV2D) {
+            m->be->round_bf16(b->w_numel, m->params + b->w_off);
+            if (b->has_bias)
+                m->be->round_bf16(b->b_numel, m->params + b->b_off);
+        } else if (b->kind == KD_L_RESIDUAL) {
+            round_weights_walk(m, b->body, b->nbody);
+            round_weights_walk(m, b->proj, b->nproj);
+        }
+    }
+}
+
+void kd_model_bf16_weights(kd_model *m, int round)
+{
+    if (!m->bf16 || (round != 0) == m->bf16_held)
+        return;
+    if (round) {
+        m->be->copy(m->nparams, m->params, m->master);
+        round_weights_walk(m, m->blocks, m->nblocks);
+    } else {
+        m->be->copy(m->nparams, m->master, m->params);
+    }
+    m->bf16_held = round != 0;
+}
 
 static const kd_block *find_tap(const kd_block *blocks, int n, const char *tap)
 {

@@ -100,6 +100,11 @@ typedef struct kd_model {
     size_t ws_floats;
     uint64_t def_hash; /* hash of the architecture (layer kinds, shapes, hyper-parameters) */
     char desc[64];     /* "model.yaml" or "inline" */
+    /* bfloat16 mixed precision (kd_model_set_bf16): the rounded input, the float32 masters */
+    int bf16;
+    float *x_bf16; /* [max_batch, in] */
+    float *master; /* [nparams], valid between kd_model_bf16_weights(m, 1) and (m, 0) */
+    int bf16_held; /* the parameters are the rounded copy */
 } kd_model;
 
 /*
@@ -131,6 +136,20 @@ typedef void (*kd_grads_ready_fn)(void *ctx, size_t from);
 void kd_model_backward_notify(kd_model *m, const float *x, int n, kd_grads_ready_fn ready,
                               void *ctx);
 void kd_model_zero_grad(kd_model *m);
+
+/*
+ * bfloat16 mixed precision, emulated in float32 storage so that every backend computes it the
+ * same way (run.precision: bf16). With it on, the model rounds (be->round_bf16: to nearest,
+ * ties to even) what a bf16 autocast would hold in bf16: the input batch, every block's
+ * output, the output gradient the losses wrote and every input gradient a block passes back;
+ * the weights and biases of convolutions and linear layers are used rounded while
+ * kd_model_bf16_weights(m, 1) holds them so (the float32 values are kept aside and put back by
+ * kd_model_bf16_weights(m, 0), before the optimizer updates them). Products accumulate in
+ * float32; batch-norm parameters and statistics, the losses, the weight gradients and the
+ * optimizer stay float32. set_bf16 allocates the two buffers it needs (KD_ERR_NOMEM).
+ */
+kd_status kd_model_set_bf16(kd_model *m, int on);
+void kd_model_bf16_weights(kd_model *m, int round);
 
 /* Find a tapped block by name; NULL if none. */
 const kd_block *kd_model_tap(const kd_model *m, const char *tap);

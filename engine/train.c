@@ -95,6 +95,10 @@ static kd_status build_model(const kd_job *job, int max_batch, const kd_backend 
         *be = kd_backend_cpu();
         st = kd_model_build(job->model_input, job->model_layers, *be, max_batch, job->seed, m);
     }
+    if (st == KD_OK && job->bf16 && (st = kd_model_set_bf16(*m, 1)) != KD_OK) {
+        kd_model_free(*m);
+        *m = NULL;
+    }
     return st;
 }
 
@@ -164,7 +168,9 @@ kd_status kd_check_model_fits_data(const kd_model *m, const kd_dataset *d, const
 }
 
 /* Quantization-aware training: the bit width and a copy of the float parameters while the
- * fake-quantized ones are in place (engine/quant.h). bits 0 = off. */
+ * fake-quantized ones are in place (engine/quant.h). bits 0 = off. qat_apply / qat_restore
+ * also put in place and take back the bf16-rounded weights of run.precision: bf16 (after the
+ * fake quantization, before the float32 masters come back; engine/model.h). */
 typedef struct {
     int bits, applied;
     float *saved;
@@ -193,10 +199,13 @@ static void qat_apply(kd_model *m, qat_ctx *q)
         kd_quant_model_apply(m, q->bits, q->saved);
         q->applied = 1;
     }
+    kd_model_bf16_weights(m, 1);
 }
 
 static void qat_restore(kd_model *m, qat_ctx *q)
 {
+    if (m)
+        kd_model_bf16_weights(m, 0);
     if (q && q->applied) {
         kd_quant_model_restore(m, q->saved);
         q->applied = 0;
@@ -684,6 +693,8 @@ train:;
     if (world > 1)
         fprintf(log, " per rank, %d ranks (%s, gradient buckets of %d KiB)", world, comm->name,
                 job->bucket_kb);
+    if (job->bf16)
+        fprintf(log, ", bf16 activations and products (emulated in float32 storage)");
     fputc('\n', log);
     grad_buckets buckets = {
         .c = comm, .grads = m->grads, .bucket = (size_t)job->bucket_kb * 1024 / sizeof(float)};

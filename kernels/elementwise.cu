@@ -41,6 +41,20 @@ __global__ void mul_kernel(size_t n, const float *a, const float *b, float *y)
         y[i] = a[i] * b[i];
 }
 
+/* engine/bf16.h's kd_bf16_round_bits on each element */
+__global__ void round_bf16_kernel(size_t n, float *x)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        unsigned int u = __float_as_uint(x[i]);
+        if ((u & 0x7f800000u) == 0x7f800000u)
+            u = (u & 0x007fffffu) ? (u | 0x00400000u) & 0xffff0000u : u;
+        else
+            u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        x[i] = __uint_as_float(u);
+    }
+}
+
 __global__ void bias_rows_kernel(size_t n, int cols, const float *bias, float *y)
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
@@ -89,6 +103,14 @@ extern "C" kd_status kd_cuda_mul(void *stream, size_t n, const float *a, const f
 {
     mul_kernel<<<kd_grid_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, a, b, y);
     return kd_launch_status("mul");
+}
+
+extern "C" kd_status kd_cuda_round_bf16(void *stream, size_t n, float *x)
+{
+    if (n == 0)
+        return KD_OK;
+    round_bf16_kernel<<<kd_grid_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, x);
+    return kd_launch_status("round_bf16");
 }
 
 extern "C" kd_status kd_cuda_bias_rows(void *stream, int rows, int cols, const float *bias,

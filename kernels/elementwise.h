@@ -24,6 +24,8 @@ kd_status kd_cuda_act_bwd(void *stream, size_t n, const float *x, const float *d
                           float cap);
 kd_status kd_cuda_add(void *stream, size_t n, const float *a, const float *b, float *y);
 kd_status kd_cuda_mul(void *stream, size_t n, const float *a, const float *b, float *y);
+/* x[i] rounded in place to the nearest bfloat16 (engine/bf16.h's rule), kept as float32 */
+kd_status kd_cuda_round_bf16(void *stream, size_t n, float *x);
 /* y[r, c] += bias[c] for a row-major [rows, cols] matrix */
 kd_status kd_cuda_bias_rows(void *stream, int rows, int cols, const float *bias, float *y);
 /* db[c] += sum_r dy[r, c] */

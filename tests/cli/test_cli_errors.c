@@ -150,6 +150,23 @@ static void test_good_job_trains(void **state)
     assert_true(kd_file_exists(tpath(res, sizeof res, "good/last.safetensors")));
 }
 
+/* run.precision: bf16 trains (and says so); a precision it does not know is refused naming the
+ * key's position and the value. */
+static void test_precision(void **state)
+{
+    (void)state;
+    char job[600], od[600], res[700];
+    write_mlp_job(tpath(job, sizeof job, "bf16.yaml"), "bf16");
+    const char *argv[] = {"train", job, "--set", "run.precision=bf16", NULL};
+    run_expect(argv, 0, "bf16 activations and products", "test: loss", NULL);
+    assert_true(kd_file_exists(tpath(res, sizeof res, "bf16/result.json")));
+    write_job(tpath(job, sizeof job, "fp16.yaml"), tpath(od, sizeof od, "fp16"), data, "32",
+              MLP_LINE, "lr: 0.05");
+    const char *bad[] = {"train", job, "--set", "run.precision=fp16", NULL};
+    run_expect(bad, 1, "precision must be float32 or bf16", "'fp16'", NULL);
+    assert_false(kd_file_exists(od));
+}
+
 /* A learning rate that makes the weights infinite after one step: the run stops with the epoch and
  * the steps in which the loss stopped being finite (it is read back once per log interval) and a
  * hint, exit 1. */
@@ -488,6 +505,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_good_job_trains),
         cmocka_unit_test(test_loss_diverges),
+        cmocka_unit_test(test_precision),
         cmocka_unit_test(test_dataset_not_installed),
         cmocka_unit_test(test_truncated_idx),
         cmocka_unit_test(test_corrupt_gzip),

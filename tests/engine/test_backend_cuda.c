@@ -158,6 +158,21 @@ static void test_elementwise(void **state)
     gpu->copy(n, a_d, y_d);
     assert_int_equal(gpu->sync(), KD_OK);
     assert_true(rel_err(y_d, a, n) == 0.0);
+    /* bf16 rounding on every kind of bit pattern: random words (NaNs, infinities and
+     * subnormals among them), ties, and values that round past bf16's largest */
+    uint32_t *u = (uint32_t *)ref;
+    kd_rng r;
+    kd_rng_seed(&r, 77, 1);
+    for (size_t i = 0; i < n; i++)
+        u[i] = kd_rng_u32(&r);
+    const uint32_t special[] = {0x3F808000u, 0x3F818000u, 0x7F7FFFFFu, 0x7F800001u,
+                                0xFF800000u, 0x00008000u, 0x807F8000u, 0x80000000u};
+    memcpy(u, special, sizeof special);
+    assert_int_equal(gpu->upload(y_d, ref, n * sizeof(float)), KD_OK);
+    cpu->round_bf16(n, ref);
+    gpu->round_bf16(n, y_d);
+    assert_int_equal(gpu->sync(), KD_OK);
+    check_same("round_bf16", "every word", y_d, ref, n * sizeof(float));
     gpu->release(a_d), gpu->release(b_d), gpu->release(y_d);
     free(a), free(b), free(ref);
 }

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "bf16.h"
 #include "checkpoint.h"
 #include "config_yaml.h"
 #include "kd_test.h"
@@ -186,6 +187,140 @@ static void test_model_gradients(void **state)
     kd_model_free(m);
 }
 
+static uint32_t bits_of(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static float float_of(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* kd_round_bf16: hand-picked cases, then random bit patterns against the nearer of the two
+ * bfloat16 neighbours measured in double (ties: the even one). */
+static void test_round_bf16(void **state)
+{
+    (void)state;
+    static const uint32_t cases[][2] = {
+        {0x3F800000u, 0x3F800000u}, /* 1 */
+        {0x3F808000u, 0x3F800000u}, /* 1 + 2^-8: a tie, down to the even 1 */
+        {0x3F818000u, 0x3F820000u}, /* a tie, up to the even neighbour */
+        {0x3F808001u, 0x3F810000u}, /* just past the tie */
+        {0x3F807FFFu, 0x3F800000u}, /* just short of it */
+        {0xBF808000u, 0xBF800000u}, /* negative tie */
+        {0x7F7FFFFFu, 0x7F800000u}, /* FLT_MAX rounds past bf16's largest: inf */
+        {0x7F7F7FFFu, 0x7F7F0000u}, /* bf16's largest stays */
+        {0xFF800000u, 0xFF800000u}, /* -inf */
+        {0x00008000u, 0x00000000u}, /* subnormal tie to even 0 */
+        {0x00018000u, 0x00020000u}, /* subnormal tie up */
+        {0x807F8000u, 0x80800000u}, /* the largest subnormals round into the normals */
+        {0x00000000u, 0x00000000u}, {0x80000000u, 0x80000000u}, /* -0 */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        uint32_t got = bits_of(kd_round_bf16(float_of(cases[i][0])));
+        if (got != cases[i][1])
+            fail_msg("round_bf16(0x%08x) = 0x%08x, expected 0x%08x", cases[i][0], got, cases[i][1]);
+    }
+    /* NaNs stay NaN, also with a payload only in the dropped bits */
+    assert_true(isnan(kd_round_bf16(float_of(0x7F800001u))));
+    assert_true(isnan(kd_round_bf16(float_of(0xFFC00000u))));
+    kd_rng r;
+    kd_rng_seed(&r, 17, 1);
+    for (int i = 0; i < 200000; i++) {
+        uint32_t u = kd_rng_u32(&r);
+        if ((u & 0x7F800000u) == 0x7F800000u || (u & 0x7FFF0000u) == 0x7F7F0000u)
+            continue; /* inf / NaN, and the top binade's upper neighbour is inf */
+        const uint32_t lo = u & 0xFFFF0000u, hi = lo + 0x10000u;
+        const double x = float_of(u), dl = fabs(x - float_of(lo)), dh = fabs(float_of(hi) - x);
+        const uint32_t want = dl < dh ? lo : dh < dl ? hi : ((lo >> 16) & 1u) ? hi : lo;
+        const uint32_t got = bits_of(kd_round_bf16(float_of(u)));
+        if (got != want)
+            fail_msg("round_bf16(0x%08x) = 0x%08x, expected 0x%08x", u, got, want);
+    }
+}
+
+static int is_bf16(const float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (bits_of(x[i]) & 0xFFFFu)
+            return 0;
+    return 1;
+}
+
+/* run.precision: bf16 on a model of every layer kind: the activations, the output gradient
+ * and the input gradients passed back are bfloat16 values, the conv / linear weights are
+ * rounded while held and come back bit for bit, batch-norm parameters are not rounded, and
+ * the result differs from float32 by bf16-sized amounts. */
+static void test_model_bf16(void **state)
+{
+    (void)state;
+    const int n = 4;
+    kd_model *ref = build(every_layer, n, NULL), *m = build(every_layer, n, NULL);
+    assert_non_null(ref);
+    assert_non_null(m);
+    assert_int_equal(kd_model_set_bf16(m, 1), KD_OK);
+    kd_rng rg;
+    kd_rng_seed(&rg, 5, 5);
+    float *x = malloc(sizeof(float) * n * m->in_numel);
+    float *before = malloc(sizeof(float) * m->nparams);
+    for (size_t i = 0; i < n * m->in_numel; i++)
+        x[i] = kd_rng_normal(&rg);
+    memcpy(before, m->params, sizeof(float) * m->nparams);
+    assert_false(is_bf16(m->params, m->nparams));
+
+    kd_model_bf16_weights(m, 1);
+    kd_model_bf16_weights(m, 1); /* a second hold changes nothing */
+    const kd_block *conv = &m->blocks[0], *bn = &m->blocks[1], *fc = &m->blocks[12];
+    assert_true(is_bf16(m->params + conv->w_off, conv->w_numel));
+    assert_true(is_bf16(m->params + conv->b_off, conv->b_numel));
+    assert_true(is_bf16(m->params + fc->w_off, fc->w_numel));
+    assert_memory_equal(m->params + bn->w_off, before + bn->w_off, bn->w_numel * sizeof(float));
+    kd_model_forward(m, x, n, 1, 9);
+    kd_model_forward(ref, x, n, 1, 9);
+    for (int i = 0; i < m->nblocks; i++)
+        if (!m->blocks[i].fused && !is_bf16(m->blocks[i].y, (size_t)n * m->blocks[i].out_numel))
+            fail_msg("block %d's output is not bf16", i);
+    assert_true(is_bf16(m->x_bf16, (size_t)n * m->in_numel));
+    const float *o = kd_model_output(m), *oref = kd_model_output(ref);
+    double diff = 0, mag = 0;
+    for (int i = 0; i < n * 3; i++) {
+        diff = fmax(diff, fabs(o[i] - oref[i]));
+        mag = fmax(mag, fabs(oref[i]));
+    }
+    assert_true(diff > 0);          /* the rounding happened */
+    assert_true(diff < 0.05 * mag); /* and it is a rounding, not a different model */
+
+    float *dy = kd_model_output_grad(m);
+    for (int i = 0; i < n * 3; i++)
+        dy[i] = 0.1f + 0.3f * (float)i; /* not bf16 values: the backward rounds them */
+    kd_model_zero_grad(m);
+    kd_model_backward(m, x, n);
+    assert_true(is_bf16(dy, (size_t)n * 3));
+    for (int i = 0; i + 1 < m->nblocks; i++) /* the gradients passed back to blocks 0..11 */
+        if (!is_bf16(m->blocks[i].dy, (size_t)n * m->blocks[i].out_numel))
+            fail_msg("the gradient into block %d's output is not bf16", i);
+    int nonzero = 0;
+    for (size_t i = 0; i < m->nparams; i++) {
+        assert_true(isfinite(m->grads[i]));
+        nonzero += m->grads[i] != 0;
+    }
+    assert_true(nonzero > (int)m->nparams / 2);
+
+    kd_model_bf16_weights(m, 0);
+    assert_memory_equal(m->params, before, sizeof(float) * m->nparams);
+    kd_model_bf16_weights(m, 0); /* a second release changes nothing */
+    assert_memory_equal(m->params, before, sizeof(float) * m->nparams);
+    free(x);
+    free(before);
+    kd_model_free(m);
+    kd_model_free(ref);
+}
+
 static void expect_build_error(const char *yaml, kd_status want, const char *const *parts)
 {
     kd_status st;
@@ -290,6 +425,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_build_names_and_shapes),
         cmocka_unit_test(test_model_gradients),
+        cmocka_unit_test(test_round_bf16),
+        cmocka_unit_test(test_model_bf16),
         cmocka_unit_test(test_shape_errors),
         cmocka_unit_test(test_checkpoint_round_trip),
     };

@@ -24,19 +24,17 @@
 #ifdef KD_HAVE_CUDA
 #include <cuda_runtime.h>
 
+#include "bf16.h"
 #include "softmax_kl.h"
 
 static const kd_backend *gpu;
 
-/* float -> bfloat16 bits, round to nearest even (finite and infinite values) */
+/* float -> bfloat16 bits, round to nearest even */
 static uint16_t to_bf16(float f)
 {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7f800000u) == 0x7f800000u)
-        return (uint16_t)(u >> 16);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    return (uint16_t)(kd_bf16_round_bits(u) >> 16);
 }
 
 static float from_bf16(uint16_t h)

@@ -271,11 +271,47 @@ static kd_status flush_stats(const kd_backend *be, kd_comm *comm, const kd_job *
     return KD_OK;
 }
 
-/* Mean loss and accuracy over a whole data set in eval mode; x_dev/y_dev hold one batch. With
+/*
+ * Data set d uploaded whole to a device backend: *x, *y on success; when it does not fit
+ * (KD_ERR_NOMEM, its message cleared) both stay NULL and the log says the batches will travel
+ * one by one instead. Other failures are returned.
+ */
+static kd_status put_resident(const kd_backend *be, const kd_dataset *d, const char *what,
+                              FILE *log, float **x, int32_t **y)
+{
+    const size_t xb = (size_t)d->n * d->c * d->h * d->w * sizeof(float);
+    const size_t yb = (size_t)d->n * sizeof(int32_t);
+    const double mib = (double)(xb + yb) / (1024.0 * 1024.0);
+    *x = NULL;
+    *y = NULL;
+    kd_status st = be->alloc((void **)x, xb ? xb : 4);
+    if (st == KD_OK)
+        st = be->alloc((void **)y, yb ? yb : 4);
+    if (st == KD_OK && (st = be->upload(*x, d->x, xb)) == KD_OK &&
+        (st = be->upload(*y, d->y, yb)) == KD_OK) {
+        fprintf(log, "%s resident on the %s device (%.1f MiB)\n", what, be->name, mib);
+        return KD_OK;
+    }
+    be->release(*x);
+    be->release(*y);
+    *x = NULL;
+    *y = NULL;
+    if (st != KD_ERR_NOMEM)
+        return st;
+    kd_clear_error();
+    fprintf(log,
+            "%s (%.1f MiB) does not fit on the %s device: its batches are uploaded one by one\n",
+            what, mib, be->name);
+    return KD_OK;
+}
+
+/* Mean loss and accuracy over a whole data set in eval mode; x_dev/y_dev hold one batch, or
+ * x_res/y_res (not NULL) are the whole set on the device and batches are read in place. With
  * quantization-aware training the model is evaluated with its quantized weights. With several
  * ranks (comm) each evaluates its slice of the set and the sums are added up. */
 static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_dev, int32_t *y_dev,
-                          double smoothing, qat_ctx *q, kd_comm *comm, kd_eval_result *r)
+                          const float *x_res, const int32_t *y_res, double smoothing, qat_ctx *q,
+                          kd_comm *comm, kd_eval_result *r)
 {
     const kd_backend *be = m->be;
     size_t per = (size_t)d->c * d->h * d->w;
@@ -287,13 +323,19 @@ static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_
     qat_apply(m, q);
     for (int64_t s0 = lo; s0 < hi && st == KD_OK; s0 += batch) {
         int n = (int)(hi - s0 < batch ? hi - s0 : batch);
-        if ((st = be->upload(x_dev, d->x + (size_t)s0 * per, (size_t)n * per * sizeof(float))) ||
-            (st = be->upload(y_dev, d->y + s0, (size_t)n * sizeof(int32_t))))
+        const float *xb = x_dev;
+        const int32_t *yb = y_dev;
+        if (x_res) {
+            xb = x_res + (size_t)s0 * per;
+            yb = y_res + s0;
+        } else if ((st = be->upload(x_dev, d->x + (size_t)s0 * per,
+                                    (size_t)n * per * sizeof(float))) ||
+                   (st = be->upload(y_dev, d->y + s0, (size_t)n * sizeof(int32_t)))) {
             break;
-        kd_model_forward(m, x_dev, n, 0, 0);
+        }
+        kd_model_forward(m, xb, n, 0, 0);
         int64_t c = 0;
-        loss +=
-            be->ce(n, m->out_features, kd_model_output(m), y_dev, smoothing, NULL, 1.0, &c, NULL);
+        loss += be->ce(n, m->out_features, kd_model_output(m), yb, smoothing, NULL, 1.0, &c, NULL);
         correct += c;
     }
     if (st == KD_OK)
@@ -461,8 +503,10 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
      * sample indices and augmentation parameters (host, and their device copies) */
     const float *x_all = NULL;
     const int32_t *y_all = NULL;
-    float *x_res = NULL, *prm_host = NULL, *prm_dev = NULL;
-    int32_t *y_res = NULL;
+    float *x_res = NULL, *xv_res = NULL, *prm_host = NULL, *prm_dev = NULL;
+    int32_t *y_res = NULL, *yv_res = NULL;
+    const float *xv_use = NULL; /* the validation set where evaluate() reads it in place */
+    const int32_t *yv_use = NULL;
     uint32_t *idx_dev = NULL;
     double *acc_dev = NULL; /* the step losses' sums on the device: [ce, hits, kd] */
     int32_t *y_host = NULL, *y_dev = NULL;
@@ -508,41 +552,32 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         st = KD_FAIL(KD_ERR_UNSUPPORTED, "the %s backend cannot assemble batches", be->name);
         goto done;
     }
-    if (be->device == KD_DEVICE_CPU) {
+    if (be->device == KD_DEVICE_CPU) { /* host memory is the CPU backend's: read in place */
         x_all = d.train.x;
         y_all = d.train.y;
+        xv_use = d.val.x;
+        yv_use = d.val.y;
     } else {
         /* the training samples live on the device when they fit, so that a step assembles and
          * augments its batch there; otherwise each batch is assembled on the host and uploaded */
-        const size_t xb = (size_t)d.train.n * per * sizeof(float);
-        const size_t yb = (size_t)d.train.n * sizeof(int32_t);
-        kd_status ra = be->alloc((void **)&x_res, xb);
-        if (ra == KD_OK)
-            ra = be->alloc((void **)&y_res, yb);
-        if (ra == KD_OK) {
-            if ((st = be->upload(x_res, d.train.x, xb)) || (st = be->upload(y_res, d.train.y, yb)))
-                goto done;
-            x_all = x_res;
-            y_all = y_res;
-            fprintf(log, "training set resident on the %s device (%.1f MiB)\n", be->name,
-                    (double)(xb + yb) / (1024.0 * 1024.0));
-        } else if (ra == KD_ERR_NOMEM) {
-            be->release(x_res);
-            x_res = NULL;
-            fprintf(log,
-                    "training set (%.1f MiB) does not fit on the %s device: batches are "
-                    "assembled on the host\n",
-                    (double)(xb + yb) / (1024.0 * 1024.0), be->name);
+        if ((st = put_resident(be, &d.train, "training set", log, &x_res, &y_res)))
+            goto done;
+        x_all = x_res;
+        y_all = y_res;
+        if (!x_res) {
             x_host = malloc((size_t)max_batch * per * sizeof(float));
             y_host = malloc((size_t)max_batch * sizeof(int32_t));
             if (!x_host || !y_host) {
                 st = KD_FAIL(KD_ERR_NOMEM, "out of memory allocating batches");
                 goto done;
             }
-        } else {
-            st = ra;
-            goto done;
         }
+        /* the validation set too, read at the end of every epoch (else uploaded batch by
+         * batch) */
+        if (d.have_val && (st = put_resident(be, &d.val, "validation set", log, &xv_res, &yv_res)))
+            goto done;
+        xv_use = xv_res;
+        yv_use = yv_res;
     }
     if (!be->optim_step) {
         st = KD_FAIL(KD_ERR_UNSUPPORTED, "the %s backend has no optimizer update", be->name);
@@ -845,8 +880,8 @@ train:;
                 goto done;
         }
         kd_eval_result val = {0};
-        if (d.have_val &&
-            (st = evaluate(m, &d.val, eval_batch, x_dev, y_dev, 0.0, &qat, comm, &val)))
+        if (d.have_val && (st = evaluate(m, &d.val, eval_batch, x_dev, y_dev, xv_use, yv_use, 0.0,
+                                         &qat, comm, &val)))
             goto done;
         int best = d.have_val && val.acc > saver.info.best_val_acc;
         if (best)
@@ -898,7 +933,9 @@ train:;
     }
     {
         kd_eval_result test;
-        if ((st = evaluate(m, &d.test, eval_batch, x_dev, y_dev, 0.0, &qat, comm, &test)))
+        if ((st = evaluate(m, &d.test, eval_batch, x_dev, y_dev,
+                           be->device == KD_DEVICE_CPU ? d.test.x : NULL,
+                           be->device == KD_DEVICE_CPU ? d.test.y : NULL, 0.0, &qat, comm, &test)))
             goto done;
         if (rank != 0)
             goto done;
@@ -939,6 +976,8 @@ done:
         be->release(acc_dev);
         be->release(x_res);
         be->release(y_res);
+        be->release(xv_res);
+        be->release(yv_res);
         if (mask_dev != m->decay_mask)
             be->release(mask_dev);
     }
@@ -983,7 +1022,8 @@ kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out
         (st = be->alloc((void **)&x_dev, (size_t)batch * m->in_numel * sizeof(float))) ||
         (st = be->alloc((void **)&y_dev, (size_t)batch * sizeof(int32_t))))
         goto done;
-    st = evaluate(m, &d.test, batch, x_dev, y_dev, 0.0, &qat, NULL, out);
+    st = evaluate(m, &d.test, batch, x_dev, y_dev, be->device == KD_DEVICE_CPU ? d.test.x : NULL,
+                  be->device == KD_DEVICE_CPU ? d.test.y : NULL, 0.0, &qat, NULL, out);
 done:
     free(qat.saved);
     if (m) {

@@ -96,6 +96,9 @@ typedef struct kd_backend {
     void (*gather_augment)(int n, int c, int h, int w, const float *x_all, const int32_t *y_all,
                            const uint32_t *idx, const float *params, float fill, float *x_out,
                            int32_t *y_out);
+    /* dst[i, 0..cols) = src[idx[i], 0..cols) for i < n: rows of 4-byte words (float or int32),
+       every pointer device memory; the teacher cache held on the device is read this way */
+    void (*gather_rows)(int n, int cols, const void *src, const uint32_t *idx, void *dst);
     /*
      * The whole optimizer update on the backend's device, so parameters, gradients and state
      * never travel to the host (every backend fills it; the trainer calls nothing else). It

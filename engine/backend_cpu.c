@@ -45,6 +45,13 @@ static void cpu_round_bf16(size_t n, float *x)
         x[i] = kd_round_bf16(x[i]);
 }
 
+static void cpu_gather_rows(int n, int cols, const void *src, const uint32_t *idx, void *dst)
+{
+    const size_t row = (size_t)cols * 4;
+    for (int i = 0; i < n; i++)
+        memcpy((char *)dst + (size_t)i * row, (const char *)src + (size_t)idx[i] * row, row);
+}
+
 /* The losses (backend.h): the sums returned, or added to acc */
 static double cpu_ce(int n, int c, const float *logits, const int32_t *labels, double smoothing,
                      float *dlogits, double scale, int64_t *correct, double *acc)
@@ -128,6 +135,7 @@ static const kd_backend kd_cpu_backend = {
     .kd_dense = cpu_kd_dense,
     .kd_topk = cpu_kd_topk,
     .gather_augment = kd_augment_gather,
+    .gather_rows = cpu_gather_rows,
     .optim_step = cpu_optim_step,
 };
 
@@ -148,7 +156,7 @@ static const struct {
     KD_SLOT(avgpool_fwd),    KD_SLOT(avgpool_bwd),  KD_SLOT(gap_fwd),     KD_SLOT(gap_bwd),
     KD_SLOT(dropout_fwd),    KD_SLOT(mul),          KD_SLOT(add),         KD_SLOT(copy),
     KD_SLOT(round_bf16),     KD_SLOT(ce),           KD_SLOT(kd_dense),    KD_SLOT(kd_topk),
-    KD_SLOT(gather_augment), KD_SLOT(optim_step),
+    KD_SLOT(gather_augment), KD_SLOT(gather_rows),  KD_SLOT(optim_step),
 };
 
 const char *kd_backend_missing(const kd_backend *be, const char *needed)

@@ -23,7 +23,8 @@
  *               (a download that waits for the stream) or, for the trainer, adds
  *               its sums to a device accumulator and waits for nothing
  *   data        gather_augment: the batch assembled and augmented from the resident
- *               training set, kernels/elementwise.cu
+ *               training set; gather_rows: the batch's rows of the resident teacher
+ *               cache; kernels/elementwise.cu
  *   optimizer   optim_step: clipping, SGD and AdamW on the device,
  *               kernels/optim_step.cu
  *   precision   round_bf16: run.precision: bf16 is emulated in float32 storage
@@ -217,6 +218,11 @@ static void cu_copy(size_t n, const float *src, float *dst)
     keep(cuda_check(
         cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, kd_stream),
         "cudaMemcpyAsync device->device"));
+}
+
+static void cu_gather_rows(int n, int cols, const void *src, const uint32_t *idx, void *dst)
+{
+    keep(kd_cuda_gather_rows(kd_stream, n, cols, src, idx, dst));
 }
 
 static void cu_round_bf16(size_t n, float *x) { keep(kd_cuda_round_bf16(kd_stream, n, x)); }
@@ -849,6 +855,7 @@ static const kd_backend kd_cuda_backend = {
     .kd_dense = cu_kd_dense,
     .kd_topk = cu_kd_topk,
     .gather_augment = cu_gather_augment,
+    .gather_rows = cu_gather_rows,
     .optim_step = cu_optim_step,
 };
 

@@ -36,6 +36,12 @@ struct kd_teacher {
     int32_t *ti_h;
     float *t_dev, *tv_dev, *lse_dev, *grad_dev;
     int32_t *ti_dev;
+    /* the whole cache held where the backend computes (hold_cache): [V][N][C] logits, or
+     * [V][N][K] top-k values and classes and [V][N] log-sum-exps; NULL when not held */
+    int64_t rows;
+    int view; /* the view of the current batch */
+    float *res_t, *res_tv, *res_lse;
+    int32_t *res_ti;
 };
 
 void kd_dataset_sha256(const kd_dataset *d, char hex[65])
@@ -68,6 +74,10 @@ void kd_teacher_close(kd_teacher *t)
         t->be->release(t->lse_dev);
         t->be->release(t->grad_dev);
         t->be->release(t->ti_dev);
+        t->be->release(t->res_t);
+        t->be->release(t->res_tv);
+        t->be->release(t->res_lse);
+        t->be->release(t->res_ti);
     }
     free(t);
 }
@@ -100,6 +110,85 @@ static kd_status open_teacher_model(const kd_job *job, const kd_backend *be, int
         *out = NULL;
         return kd_fail_context(st, "loading the teacher (%s): ", job->teacher_desc);
     }
+    return KD_OK;
+}
+
+/* Above this many bytes the CPU backend keeps reading the cache's own (float16) rows. */
+#define KD_HOLD_CPU_LIMIT ((size_t)1 << 30)
+
+static void release_held(kd_teacher *t)
+{
+    t->be->release(t->res_t);
+    t->be->release(t->res_tv);
+    t->be->release(t->res_lse);
+    t->be->release(t->res_ti);
+    t->res_t = t->res_tv = t->res_lse = NULL;
+    t->res_ti = NULL;
+}
+
+/*
+ * An in-memory cache copied whole, as float32, to where the backend computes, so that a step
+ * takes its targets with be->gather_rows from the batch's indices instead of the host copying
+ * and uploading them. Staged max_batch rows at a time through the batch buffers. When it does
+ * not fit (device memory, or over KD_HOLD_CPU_LIMIT for the CPU) the per-batch path stays and
+ * the log says so; other failures are returned.
+ */
+static kd_status hold_cache(kd_teacher *t, int max_batch, FILE *log)
+{
+    const kd_backend *be = t->be;
+    if (!be->gather_rows || !kd_cache_in_memory(t->cache))
+        return KD_OK;
+    const size_t N = (size_t)kd_cache_meta_of(t->cache)->num_samples, V = (size_t)t->views;
+    const size_t C = (size_t)t->classes, K = (size_t)t->topk;
+    const size_t bytes = V * N * (K ? 2 * K + 1 : C) * 4;
+    const double mib = (double)bytes / (1024.0 * 1024.0);
+    if (be->device == KD_DEVICE_CPU && bytes > KD_HOLD_CPU_LIMIT)
+        return KD_OK;
+    kd_status st = K ? be->alloc((void **)&t->res_tv, V * N * K * 4)
+                     : be->alloc((void **)&t->res_t, V * N * C * 4);
+    if (st == KD_OK && K && (st = be->alloc((void **)&t->res_ti, V * N * K * 4)) == KD_OK)
+        st = be->alloc((void **)&t->res_lse, V * N * 4);
+    if (st == KD_ERR_NOMEM) {
+        kd_clear_error();
+        release_held(t);
+        if (log)
+            fprintf(log,
+                    "teacher cache (%.1f MiB as float32) does not fit on the %s device: its "
+                    "rows are uploaded batch by batch\n",
+                    mib, be->name);
+        return KD_OK;
+    }
+    uint32_t *rows = malloc((size_t)max_batch * sizeof *rows);
+    if (!rows)
+        st = KD_FAIL(KD_ERR_NOMEM, "out of memory");
+    for (size_t v = 0; st == KD_OK && v < V; v++) {
+        for (size_t r0 = 0; st == KD_OK && r0 < N; r0 += (size_t)max_batch) {
+            const int cnt = (int)(N - r0 < (size_t)max_batch ? N - r0 : (size_t)max_batch);
+            for (int i = 0; i < cnt; i++)
+                rows[i] = (uint32_t)(r0 + (size_t)i);
+            const size_t at = v * N + r0;
+            if ((st = kd_cache_get_rows(t->cache, rows, cnt, (int)v, K ? NULL : t->logits_h,
+                                        K ? t->tv_h : NULL, K ? t->ti_h : NULL, K ? t->lse_h : NULL,
+                                        NULL, NULL)))
+                break;
+            if (K) {
+                if ((st = be->upload(t->res_tv + at * K, t->tv_h, (size_t)cnt * K * 4)) ||
+                    (st = be->upload(t->res_ti + at * K, t->ti_h, (size_t)cnt * K * 4)))
+                    break;
+                st = be->upload(t->res_lse + at, t->lse_h, (size_t)cnt * 4);
+            } else {
+                st = be->upload(t->res_t + at * C, t->logits_h, (size_t)cnt * C * 4);
+            }
+        }
+    }
+    free(rows);
+    if (st) {
+        release_held(t);
+        return st;
+    }
+    t->rows = (int64_t)N;
+    if (log)
+        fprintf(log, "teacher cache held on the %s device (%.1f MiB as float32)\n", be->name, mib);
     return KD_OK;
 }
 
@@ -173,6 +262,8 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
         (st = be->alloc((void **)&t->ti_dev, mb * K * sizeof(int32_t))) ||
         (st = be->alloc((void **)&t->lse_dev, mb * sizeof(float))))
         goto fail;
+    if (t->cache && (st = hold_cache(t, max_batch, log)))
+        goto fail;
     *out = t;
     return KD_OK;
 fail:
@@ -197,18 +288,33 @@ kd_status kd_teacher_batch(kd_teacher *t, const uint32_t *idx, int n, int64_t ep
         return KD_OK;
     }
     int view = (int)(epoch % t->views);
+    t->view = view;
+    if (t->rows) /* the targets are held on the device: only the augmentation comes from here */
+        return kd_cache_get_rows(t->cache, idx, n, view, NULL, NULL, NULL, NULL, params, NULL);
     return kd_cache_get_rows(t->cache, idx, n, view, t->topk ? NULL : t->logits_h,
                              t->topk ? t->tv_h : NULL, t->topk ? t->ti_h : NULL,
                              t->topk ? t->lse_h : NULL, params, NULL);
 }
 
-kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, int n)
+kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, const uint32_t *idx_dev, int n)
 {
     const kd_backend *be = t->be;
     size_t C = (size_t)t->classes;
     if (t->model) {
         kd_model_forward(t->model, x_dev, n, 0, 0);
         be->copy((size_t)n * C, kd_model_output(t->model), t->t_dev);
+        return KD_OK;
+    }
+    if (t->rows) {
+        const size_t at = (size_t)t->view * (size_t)t->rows;
+        if (t->topk) {
+            const int K = t->topk;
+            be->gather_rows(n, K, t->res_tv + at * K, idx_dev, t->tv_dev);
+            be->gather_rows(n, K, t->res_ti + at * K, idx_dev, t->ti_dev);
+            be->gather_rows(n, 1, t->res_lse + at, idx_dev, t->lse_dev);
+        } else {
+            be->gather_rows(n, (int)C, t->res_t + at * C, idx_dev, t->t_dev);
+        }
         return KD_OK;
     }
     if (t->topk) {

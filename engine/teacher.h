@@ -44,10 +44,14 @@ kd_status kd_teacher_epoch(kd_teacher *t, const uint32_t *order, int64_t n);
  * n * KD_AUG_NPARAMS floats): the cached view's, or a fresh draw from aug/seed when the teacher
  * runs live (kd_augment_draw_batch); the cache's targets are staged for kd_teacher_targets(),
  * which the caller calls once the batch is assembled on the device (be->gather_augment).
+ * An in-memory cache that fits is held whole on the backend's device from kd_teacher_open on
+ * (float32; the log says so): then only the parameters come from the host, and
+ * kd_teacher_targets gathers the batch's targets there from idx_dev, the same indices in
+ * device memory.
  */
 kd_status kd_teacher_batch(kd_teacher *t, const uint32_t *idx, int n, int64_t epoch,
                            const kd_augment_cfg *aug, uint64_t seed, float *params);
-kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, int n);
+kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, const uint32_t *idx_dev, int n);
 
 /*
  * kd loss of student logits s_dev [n, C] against the batch's targets: adds

@@ -217,7 +217,8 @@ static void qat_restore(kd_model *m, qat_ctx *q)
  * parameters prm (host). With the set where the backend reads it (x_all, y_all: host memory
  * for the CPU, resident device memory otherwise) the indices and parameters go to the device
  * and be->gather_augment assembles the batch there; without (a set too large for the device)
- * the CPU assembles it in x_host / y_host and it is uploaded.
+ * the CPU assembles it in x_host / y_host and it is uploaded. The indices go to idx_dev in
+ * either case: a teacher cache held on the device gathers its targets with them.
  */
 static kd_status assemble_batch(const kd_backend *be, const kd_dataset *d, const float *x_all,
                                 const int32_t *y_all, const uint32_t *idx, const float *prm, int n,
@@ -225,8 +226,8 @@ static kd_status assemble_batch(const kd_backend *be, const kd_dataset *d, const
                                 float *x_dev, int32_t *y_dev)
 {
     const float fill = (0.0f - d->mean) / d->std;
+    KD_TRY(be->upload(idx_dev, idx, (size_t)n * sizeof(uint32_t))); /* the teacher reads it too */
     if (x_all) {
-        KD_TRY(be->upload(idx_dev, idx, (size_t)n * sizeof(uint32_t)));
         KD_TRY(be->upload(prm_dev, prm, (size_t)n * KD_AUG_NPARAMS * sizeof(float)));
         be->gather_augment(n, d->c, d->h, d->w, x_all, y_all, idx_dev, prm_dev, fill, x_dev, y_dev);
         return KD_OK;
@@ -768,7 +769,7 @@ train:;
             kd_model_zero_grad(m);
             qat_apply(m, &qat); /* forward and backward at the quantized weights */
             kd_model_forward(m, x_dev, nl, 1, kd_mix64(job->seed, (uint64_t)step, 0xd0));
-            if (teacher && (st = kd_teacher_targets(teacher, x_dev, nl)))
+            if (teacher && (st = kd_teacher_targets(teacher, x_dev, idx_dev, nl)))
                 goto done;
             /* the loss is the weighted sum of the terms, each a mean over the global batch; each
              * adds its gradient (a rank's share scaled by nl / n, so the ranks' sum is exact)

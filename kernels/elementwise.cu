@@ -105,6 +105,28 @@ extern "C" kd_status kd_cuda_mul(void *stream, size_t n, const float *a, const f
     return kd_launch_status("mul");
 }
 
+/* one thread per word of the output: dst[i, j] = src[idx[i], j] */
+__global__ void gather_rows_kernel(size_t total, int cols, const unsigned int *src,
+                                   const unsigned int *idx, unsigned int *dst)
+{
+    for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < total;
+         k += (size_t)gridDim.x * blockDim.x) {
+        size_t i = k / (size_t)cols, j = k - i * (size_t)cols;
+        dst[k] = src[(size_t)idx[i] * cols + j];
+    }
+}
+
+extern "C" kd_status kd_cuda_gather_rows(void *stream, int n, int cols, const void *src,
+                                         const uint32_t *idx, void *dst)
+{
+    const size_t total = (size_t)n * (size_t)cols;
+    if (total == 0)
+        return KD_OK;
+    gather_rows_kernel<<<kd_grid_for(total, 256), 256, 0, (cudaStream_t)stream>>>(
+        total, cols, (const unsigned int *)src, (const unsigned int *)idx, (unsigned int *)dst);
+    return kd_launch_status("gather_rows");
+}
+
 extern "C" kd_status kd_cuda_round_bf16(void *stream, size_t n, float *x)
 {
     if (n == 0)

@@ -24,6 +24,9 @@ kd_status kd_cuda_act_bwd(void *stream, size_t n, const float *x, const float *d
                           float cap);
 kd_status kd_cuda_add(void *stream, size_t n, const float *a, const float *b, float *y);
 kd_status kd_cuda_mul(void *stream, size_t n, const float *a, const float *b, float *y);
+/* dst[i, 0..cols) = src[idx[i], 0..cols) for i < n, rows of 4-byte words */
+kd_status kd_cuda_gather_rows(void *stream, int n, int cols, const void *src, const uint32_t *idx,
+                              void *dst);
 /* x[i] rounded in place to the nearest bfloat16 (engine/bf16.h's rule), kept as float32 */
 kd_status kd_cuda_round_bf16(void *stream, size_t n, float *x);
 /* y[r, c] += bias[c] for a row-major [rows, cols] matrix */

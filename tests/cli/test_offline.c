@@ -154,6 +154,47 @@ static void test_cache_then_distill(void **state)
     assert_non_null(strstr(out, "runs live"));
 }
 
+/* The two files hold the same bytes. */
+static void expect_same_file(const char *a, const char *b)
+{
+    uint8_t *x, *y;
+    size_t nx, ny;
+    assert_int_equal(kd_read_file(a, &x, &nx), 0);
+    assert_int_equal(kd_read_file(b, &y, &ny), 0);
+    if (nx != ny || memcmp(x, y, nx) != 0)
+        fail_msg("%s and %s differ", a, b);
+    free(x);
+    free(y);
+}
+
+/* An in-memory cache is held whole where the backend computes and a step gathers its targets
+ * there; a streamed one hands over each batch's rows. Both must train the same weights, for
+ * full logits (views 2: the view changes per epoch) and for top-k targets. */
+static void test_held_cache_equals_streamed(void **state)
+{
+    (void)state;
+    for (int k = 0; k < 2; k++) {
+        char job[300], sec[1200], cache[300], a[300], b[300], oa[340], ob[340];
+        const char *name = k ? "heldtopk.h5" : "held.h5";
+        snprintf(sec, sizeof sec,
+                 "teacher: {model: %s, checkpoint: %s/teacher/last.safetensors, cache: %s, "
+                 "views: 2%s}\n",
+                 TEACHER_MODEL, dir, tp(cache, sizeof cache, name), k ? ", topk: 3" : "");
+        write_job(tp(job, sizeof job, "held.yaml"), "held", STUDENT_MODEL, sec, kd_losses, 3);
+        expect_ok((const char *[]){"cache", job, NULL});
+        snprintf(oa, sizeof oa, "run.out_dir=%s", tp(a, sizeof a, k ? "held_k_mem" : "held_mem"));
+        snprintf(ob, sizeof ob, "run.out_dir=%s", tp(b, sizeof b, k ? "held_k_str" : "held_str"));
+        expect_ok((const char *[]){"train", job, "--set", oa, NULL});
+        assert_non_null(strstr(out, "teacher cache held on the cpu device"));
+        expect_ok((const char *[]){"train", job, "--set", ob, "--set",
+                                   "teacher.cache_memory=stream", NULL});
+        assert_null(strstr(out, "teacher cache held"));
+        strcat(a, "/last.safetensors");
+        strcat(b, "/last.safetensors");
+        expect_same_file(a, b);
+    }
+}
+
 /* Read every row and view of a cache into one buffer for comparison. */
 static float *cache_contents(const char *path, size_t *len)
 {
@@ -296,6 +337,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cache_then_distill),
+        cmocka_unit_test(test_held_cache_equals_streamed),
         cmocka_unit_test(test_cache_resumes_after_sigkill),
         cmocka_unit_test(test_bad_caches),
     };

@@ -173,6 +173,19 @@ static void test_elementwise(void **state)
     gpu->round_bf16(n, y_d);
     assert_int_equal(gpu->sync(), KD_OK);
     check_same("round_bf16", "every word", y_d, ref, n * sizeof(float));
+    /* rows of a held teacher cache: 300 rows of 7 words, 129 picked with repeats */
+    uint32_t pick[129];
+    for (int i = 0; i < 129; i++)
+        pick[i] = kd_rng_below(&r, 300);
+    uint32_t *pick_d = dev_bytes(pick, sizeof pick);
+    float *rows_ref = malloc(129 * 7 * sizeof(float));
+    assert_non_null(rows_ref);
+    cpu->gather_rows(129, 7, a, pick, rows_ref);
+    gpu->gather_rows(129, 7, a_d, pick_d, y_d);
+    assert_int_equal(gpu->sync(), KD_OK);
+    check_same("gather_rows", "129 x 7", y_d, rows_ref, 129 * 7 * sizeof(float));
+    gpu->release(pick_d);
+    free(rows_ref);
     gpu->release(a_d), gpu->release(b_d), gpu->release(y_d);
     free(a), free(b), free(ref);
 }

@@ -312,7 +312,7 @@ static kd_status parse_distill(kd_job *j)
 
 static kd_status parse_quant(kd_job *j)
 {
-    static const char *const keys[] = {"bits", "qat", NULL};
+    static const char *const keys[] = {"bits", "qat", "activations", NULL};
     const kd_node *s;
     char pos[160];
     KD_TRY(section(j->root, "quant", 0, keys, &s));
@@ -323,6 +323,12 @@ static kd_status parse_quant(kd_job *j)
         return KD_FAIL(KD_ERR_CONFIG, "%s: quant.bits must be 8 or 4, got %d",
                        kd_node_where(kd_node_child(s, "bits"), pos, sizeof pos), j->quant_bits);
     KD_TRY(kd_node_get_bool(s, "qat", 0, &j->quant_qat));
+    KD_TRY(kd_node_get_bool(s, "activations", 0, &j->quant_act));
+    if (j->quant_act && !j->quant_qat)
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "%s: quant.activations fake-quantizes during training: it "
+                       "needs quant.qat: true",
+                       kd_node_where(kd_node_child(s, "activations"), pos, sizeof pos));
     return KD_OK;
 }
 

@@ -76,6 +76,7 @@ typedef struct {
      * (engine/quant.h) and the exporter quantizes with the same max-abs rule */
     int quant_bits; /* 8 | 4 */
     int quant_qat;
+    int quant_act; /* quant.activations: activations fake-quantized to int8 too (with qat) */
 
     /* optim */
     char optim_name[16];

@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "quant.h"
 #include "rng.h"
 
 static const char *const kd_layer_names[KD_L_COUNT_] = {
@@ -806,12 +807,28 @@ static void block_fwd(kd_model *m, kd_block *b, const float *x, int n, int train
     }
 }
 
+/* Block i of a trunk ends a tensor the exporter stores as int8 (kd_model_set_act_fq). */
+static int act_quantized(const kd_block *blocks, int count, int i)
+{
+    const kd_layer_kind k = blocks[i].kind;
+    if (k == KD_L_DROPOUT || k == KD_L_FLATTEN)
+        return 0;
+    if (i + 1 < count) {
+        const kd_layer_kind next = blocks[i + 1].kind;
+        if (next == KD_L_BATCHNORM || next == KD_L_RELU || next == KD_L_RELU6)
+            return 0;
+    }
+    return 1;
+}
+
 static void chain_fwd(kd_model *m, kd_block *blocks, int count, const float *x, int n, int train,
                       uint64_t seed)
 {
     const float *in = x;
     for (int i = 0; i < count; i++) {
         block_fwd(m, &blocks[i], in, n, train, kd_mix64(seed, (uint64_t)i, 0xb10c));
+        if (m->act_fq && act_quantized(blocks, count, i))
+            kd_quant_fake_act(blocks[i].y, (size_t)n * blocks[i].out_numel);
         if (m->bf16 && !blocks[i].fused) /* a fused activation's output is the batchnorm's */
             m->be->round_bf16((size_t)n * blocks[i].out_numel, blocks[i].y);
         in = blocks[i].y;
@@ -980,6 +997,15 @@ void kd_model_backward_notify(kd_model *m, const float *x, int n, kd_grads_ready
 }
 
 void kd_model_zero_grad(kd_model *m) { m->be->zero(m->grads, m->nparams * sizeof(float)); }
+
+kd_status kd_model_set_act_fq(kd_model *m, int on)
+{
+    if (on && m->be->device != KD_DEVICE_CPU)
+        return KD_FAIL(KD_ERR_UNSUPPORTED,
+                       "activation fake quantization runs on the CPU backend only");
+    m->act_fq = on != 0;
+    return KD_OK;
+}
 
 kd_status kd_model_set_bf16(kd_model *m, int on)
 {

@@ -105,6 +105,7 @@ typedef struct kd_model {
     float *x_bf16; /* [max_batch, in] */
     float *master; /* [nparams], valid between kd_model_bf16_weights(m, 1) and (m, 0) */
     int bf16_held; /* the parameters are the rounded copy */
+    int act_fq;    /* kd_model_set_act_fq: int8 fake-quantized activations (CPU) */
 } kd_model;
 
 /*
@@ -149,6 +150,17 @@ void kd_model_zero_grad(kd_model *m);
  * optimizer stay float32. set_bf16 allocates the two buffers it needs (KD_ERR_NOMEM).
  */
 kd_status kd_model_set_bf16(kd_model *m, int on);
+
+/*
+ * Activation fake quantization for quantization-aware training (quant.activations; host
+ * memory, so the CPU backend only: KD_ERR_UNSUPPORTED otherwise). Every tensor the exporter
+ * will store as int8 -- a block's output unless a batchnorm or an activation that folds into
+ * it follows in the same trunk, and not dropout or flatten, which change no values the
+ * exporter keeps -- is fake-quantized in place over the batch's own range (kd_quant_fake_act).
+ * The range always holds every value, so the straight-through gradient passes unchanged and
+ * backward needs no change.
+ */
+kd_status kd_model_set_act_fq(kd_model *m, int on);
 void kd_model_bf16_weights(kd_model *m, int round);
 
 /* Find a tapped block by name; NULL if none. */

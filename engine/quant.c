@@ -42,6 +42,38 @@ void kd_quant_fake_rows(const float *w, int64_t out_c, int64_t k, int bits, floa
     }
 }
 
+void kd_quant_act_qparams(float rmin, float rmax, float *scale, int32_t *zero_point)
+{
+    double lo = rmin < 0 ? rmin : 0, hi = rmax > 0 ? rmax : 0;
+    if (!(hi - lo > 1e-30)) { /* an all-zero tensor: any scale represents it; keep [0, 1] */
+        *scale = 1.0f / 255.0f;
+        *zero_point = -128;
+        return;
+    }
+    float s = (float)((hi - lo) / 255.0);
+    double z = round(-128.0 - lo / (double)s);
+    *scale = s;
+    *zero_point = (int32_t)(z < -128 ? -128 : z > 127 ? 127 : z);
+}
+
+void kd_quant_fake_act(float *x, size_t n)
+{
+    float lo = 0.0f, hi = 0.0f;
+    for (size_t i = 0; i < n; i++) { /* NaN compares false: it leaves the range alone */
+        lo = x[i] < lo ? x[i] : lo;
+        hi = x[i] > hi ? x[i] : hi;
+    }
+    float s;
+    int32_t zp;
+    kd_quant_act_qparams(lo, hi, &s, &zp);
+    const float inv = 1.0f / s;
+    for (size_t i = 0; i < n; i++) {
+        float q = roundf(x[i] * inv) + (float)zp;
+        q = q < -128.0f ? -128.0f : q > 127.0f ? 127.0f : q;
+        x[i] = x[i] == x[i] ? s * (q - (float)zp) : x[i];
+    }
+}
+
 void kd_quant_model_apply(kd_model *m, int bits, float *saved)
 {
     memcpy(saved, m->params, m->nparams * sizeof(float));

@@ -14,6 +14,7 @@
 #ifndef KD_QUANT_H
 #define KD_QUANT_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* 127 for bits == 8, 7 for bits == 4; 0 for anything else. */
@@ -27,6 +28,20 @@ int kd_quant_round(float w, float scale, int qmax);
 
 /* wq = scale[o] * q(w): the fake-quantized copy of w (wq may equal w). */
 void kd_quant_fake_rows(const float *w, int64_t out_c, int64_t k, int bits, float *wq);
+
+/*
+ * Activations are int8, asymmetric, per tensor (DESIGN.md section 3): the range [lo, hi] is
+ * widened to hold 0, scale = (hi - lo) / 255 and zero_point = round(-128 - lo / scale) clamped
+ * to [-128, 127]; an empty range gives scale 1/255, zero point -128. The exporter's rule.
+ */
+void kd_quant_act_qparams(float rmin, float rmax, float *scale, int32_t *zero_point);
+
+/*
+ * x[0..n) fake-quantized in place as an int8 activation over its own range (min and max of
+ * the values; quantization-aware training uses each batch's range): x = scale * (q - zp) with
+ * q = clamp(round(x / scale) + zp, -128, 127), rounding half away from zero. NaN stays NaN.
+ */
+void kd_quant_fake_act(float *x, size_t n);
 
 /*
  * Quantization-aware training on a model whose parameters are in host memory: replace every

@@ -176,7 +176,7 @@ typedef struct {
     float *saved;
 } qat_ctx;
 
-static kd_status qat_open(const kd_job *job, const kd_model *m, qat_ctx *q)
+static kd_status qat_open(const kd_job *job, kd_model *m, qat_ctx *q)
 {
     q->bits = q->applied = 0;
     q->saved = NULL;
@@ -190,7 +190,7 @@ static kd_status qat_open(const kd_job *job, const kd_model *m, qat_ctx *q)
     if (!q->saved)
         return KD_FAIL(KD_ERR_NOMEM, "out of memory for quantization-aware training");
     q->bits = job->quant_bits;
-    return KD_OK;
+    return job->quant_act ? kd_model_set_act_fq(m, 1) : KD_OK;
 }
 
 static void qat_apply(kd_model *m, qat_ctx *q)

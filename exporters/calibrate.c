@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "export.h"
+#include "quant.h"
 
 #define KD_CALIB_BINS 2048
 /* a clipped range must beat the current choice by this factor: shaving a few values off a flat
@@ -27,17 +28,7 @@
 
 void kd_export_range_qparams(float rmin, float rmax, float *scale, int32_t *zero_point)
 {
-    double lo = rmin < 0 ? rmin : 0, hi = rmax > 0 ? rmax : 0;
-    if (!(hi - lo > 1e-30)) {
-        /* an all-zero tensor: any scale represents it; keep [0, 1] */
-        *scale = 1.0f / 255.0f;
-        *zero_point = -128;
-        return;
-    }
-    float s = (float)((hi - lo) / 255.0);
-    double z = round(-128.0 - lo / (double)s);
-    *scale = s;
-    *zero_point = (int32_t)(z < -128 ? -128 : z > 127 ? 127 : z);
+    kd_quant_act_qparams(rmin, rmax, scale, zero_point); /* one rule for training and export */
 }
 
 /* Estimated MSE of quantizing the histogram (nbins over [lo, hi]) to [rmin, rmax]. */

@@ -108,9 +108,9 @@ static void test_row_scale_invariance(void **state)
     }
 }
 
-static void test_model_apply_restore(void **state)
+/* conv, batchnorm, relu, depthwise conv, global average pool, linear; for batches up to n */
+static kd_model *small_model(int n)
 {
-    (void)state;
     static const char *yaml = "input: [2, 6, 6]\n"
                               "layers:\n"
                               "  - conv2d: {out: 4, kernel: 3, pad: 1}\n"
@@ -123,9 +123,16 @@ static void test_model_apply_restore(void **state)
     assert_int_equal(kd_yaml_load_string(yaml, "q.yaml", &doc), KD_OK);
     kd_model *m = NULL;
     assert_int_equal(kd_model_build(kd_node_child(doc, "input"), kd_node_child(doc, "layers"),
-                                    kd_backend_cpu(), 2, 5, &m),
+                                    kd_backend_cpu(), n, 5, &m),
                      KD_OK);
     kd_node_free(doc);
+    return m;
+}
+
+static void test_model_apply_restore(void **state)
+{
+    (void)state;
+    kd_model *m = small_model(2);
     /* give biases and BatchNorm parameters non-grid values too */
     for (size_t i = 0; i < m->nparams; i++)
         m->params[i] += 0.0137f * (float)(i % 11);
@@ -171,12 +178,97 @@ static void test_model_apply_restore(void **state)
     kd_model_free(m);
 }
 
+/* kd_quant_fake_act: every value lands on the int8 grid of the batch's range (0 included,
+ * exactly representable), within half a step of where it was; NaN stays NaN. */
+static void test_fake_act(void **state)
+{
+    (void)state;
+    kd_rng r;
+    kd_rng_seed(&r, 11, 2);
+    for (int t = 0; t < 3; t++) {
+        const size_t n = 5000;
+        float *x = malloc(n * sizeof(float)), *o = malloc(n * sizeof(float));
+        float lo = 0, hi = 0;
+        for (size_t i = 0; i < n; i++) {
+            /* t 0: both signs; t 1: non-negative (a ReLU's output); t 2: all negative */
+            float v = kd_rng_normal(&r) * 3.0f;
+            x[i] = t == 1 ? fabsf(v) : t == 2 ? -fabsf(v) - 0.5f : v;
+            lo = fminf(lo, x[i]);
+            hi = fmaxf(hi, x[i]);
+        }
+        x[7] = 0.0f;
+        memcpy(o, x, n * sizeof(float));
+        kd_quant_fake_act(x, n);
+        float s;
+        int32_t zp;
+        kd_quant_act_qparams(lo, hi, &s, &zp);
+        assert_true(s > 0);
+        assert_true(fabsf(s - (hi - lo) / 255.0f) <= 1e-6f * (hi - lo));
+        if (t == 1)
+            assert_int_equal(zp, -128);
+        assert_true(x[7] == 0.0f);
+        for (size_t i = 0; i < n; i++) {
+            float q = x[i] / s + (float)zp;
+            if (!(fabsf(q - roundf(q)) < 1e-3f && q >= -128.001f && q <= 127.001f))
+                fail_msg("case %d: %g became %g, not on the grid (q %g)", t, o[i], x[i], q);
+            if (!(fabsf(x[i] - o[i]) <= 0.5001f * s))
+                fail_msg("case %d: %g moved to %g, more than half a step %g", t, o[i], x[i], s);
+        }
+        free(x);
+        free(o);
+    }
+    float nan3[3] = {1.0f, NAN, -2.0f};
+    kd_quant_fake_act(nan3, 3);
+    assert_true(isnan(nan3[1]));
+    assert_true(fabsf(nan3[0] - 1.0f) < 0.01f && fabsf(nan3[2] + 2.0f) < 0.01f);
+}
+
+/* With activation fake quantization, the tensors the exporter stores are on an int8 grid (at
+ * most 256 distinct values); a convolution followed by its batchnorm is not quantized. */
+static void test_model_act_fq(void **state)
+{
+    (void)state;
+    const int n = 8;
+    kd_model *m = small_model(n);
+    assert_int_equal(kd_model_set_act_fq(m, 1), KD_OK);
+    kd_rng r;
+    kd_rng_seed(&r, 4, 4);
+    float *x = malloc((size_t)n * m->in_numel * sizeof(float));
+    for (size_t i = 0; i < (size_t)n * m->in_numel; i++)
+        x[i] = kd_rng_normal(&r);
+    kd_model_forward(m, x, n, 1, 1);
+    /* the conv before its batchnorm is not quantized; the batchnorm's buffer is (the ReLU
+     * folded into it writes there, and that is the stored tensor) */
+    assert_true(m->blocks[2].fused);
+    static const int quantized[] = {0, 1, 1, 1, 1, 1};
+    for (int b = 0; b < m->nblocks; b++) {
+        const float *y = m->blocks[b].y;
+        size_t cnt = (size_t)n * m->blocks[b].out_numel;
+        float *sorted = malloc(cnt * sizeof(float));
+        memcpy(sorted, y, cnt * sizeof(float));
+        int distinct = 0;
+        for (size_t i = 0; i < cnt; i++) { /* small tensors: quadratic is fine */
+            int seen = 0;
+            for (size_t j = 0; j < i && !seen; j++)
+                seen = sorted[j] == sorted[i];
+            distinct += !seen;
+        }
+        free(sorted);
+        if (quantized[b] && distinct > 256)
+            fail_msg("block %d: %d distinct values, not an int8 tensor", b, distinct);
+        if (!quantized[b] && cnt > 256 && distinct <= 256)
+            fail_msg("block %d was quantized (%d distinct values)", b, distinct);
+    }
+    free(x);
+    kd_model_free(m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_grid_and_error),
-        cmocka_unit_test(test_row_scale_invariance),
-        cmocka_unit_test(test_model_apply_restore),
+        cmocka_unit_test(test_grid_and_error),      cmocka_unit_test(test_row_scale_invariance),
+        cmocka_unit_test(test_model_apply_restore), cmocka_unit_test(test_fake_act),
+        cmocka_unit_test(test_model_act_fq),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

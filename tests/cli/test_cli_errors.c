@@ -151,7 +151,7 @@ static void test_good_job_trains(void **state)
 }
 
 /* run.precision: bf16 trains (and says so); a precision it does not know is refused naming the
- * key's position and the value. */
+ * key's position and the value; so is quant.activations without quant.qat. */
 static void test_precision(void **state)
 {
     (void)state;
@@ -164,6 +164,10 @@ static void test_precision(void **state)
               MLP_LINE, "lr: 0.05");
     const char *bad[] = {"train", job, "--set", "run.precision=fp16", NULL};
     run_expect(bad, 1, "precision must be float32 or bf16", "'fp16'", NULL);
+    assert_false(kd_file_exists(od));
+    /* activation fake quantization belongs to quantization-aware training */
+    const char *act[] = {"train", job, "--set", "quant={bits: 8, activations: true}", NULL};
+    run_expect(act, 1, "quant.activations", "needs quant.qat: true", NULL);
     assert_false(kd_file_exists(od));
 }
 

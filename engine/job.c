@@ -324,6 +324,11 @@ static kd_status parse_quant(kd_job *j)
                        kd_node_where(kd_node_child(s, "bits"), pos, sizeof pos), j->quant_bits);
     KD_TRY(kd_node_get_bool(s, "qat", 0, &j->quant_qat));
     KD_TRY(kd_node_get_bool(s, "activations", 0, &j->quant_act));
+    if (j->quant_qat && j->bf16)
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "%s: quant.qat trains against the int8/int4 grid, which bf16 rounding "
+                       "would move; use run.precision: float32 with it",
+                       kd_node_where(kd_node_child(s, "qat"), pos, sizeof pos));
     if (j->quant_act && !j->quant_qat)
         return KD_FAIL(KD_ERR_CONFIG,
                        "%s: quant.activations fake-quantizes during training: it "

@@ -1022,6 +1022,8 @@ kd_status kd_model_set_bf16(kd_model *m, int on)
             return st;
         }
     }
+    if (!on)
+        kd_model_bf16_weights(m, 0); /* the float32 masters back first */
     m->bf16 = on != 0;
     return KD_OK;
 }

@@ -36,7 +36,7 @@ struct kd_teacher {
     int32_t *ti_h;
     float *t_dev, *tv_dev, *lse_dev, *grad_dev;
     int32_t *ti_dev;
-    /* the whole cache held where the backend computes (hold_cache): [V][N][C] logits, or
+    /* the whole cache held where the backend computes (kd_teacher_hold): [V][N][C] logits, or
      * [V][N][K] top-k values and classes and [V][N] log-sum-exps; NULL when not held */
     int64_t rows;
     int view; /* the view of the current batch */
@@ -133,8 +133,10 @@ static void release_held(kd_teacher *t)
  * not fit (device memory, or over KD_HOLD_CPU_LIMIT for the CPU) the per-batch path stays and
  * the log says so; other failures are returned.
  */
-static kd_status hold_cache(kd_teacher *t, int max_batch, FILE *log)
+kd_status kd_teacher_hold(kd_teacher *t, int max_batch, FILE *log)
 {
+    if (!t->cache || t->rows)
+        return KD_OK;
     const kd_backend *be = t->be;
     if (!be->gather_rows || !kd_cache_in_memory(t->cache))
         return KD_OK;
@@ -261,8 +263,6 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
         (st = be->alloc((void **)&t->tv_dev, mb * K * sizeof(float))) ||
         (st = be->alloc((void **)&t->ti_dev, mb * K * sizeof(int32_t))) ||
         (st = be->alloc((void **)&t->lse_dev, mb * sizeof(float))))
-        goto fail;
-    if (t->cache && (st = hold_cache(t, max_batch, log)))
         goto fail;
     *out = t;
     return KD_OK;

@@ -36,6 +36,15 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
                           int max_batch, int classes, FILE *log, kd_teacher **out);
 void kd_teacher_close(kd_teacher *t);
 
+/*
+ * Copy an in-memory cache whole, as float32, to where the backend computes (max_batch: the
+ * rows staged per upload, at most the max_batch given to kd_teacher_open). Call it after the
+ * buffers a step cannot do without are allocated: it takes the device memory that is left,
+ * and when the cache does not fit it logs that the rows keep travelling per batch and returns
+ * KD_OK. A streamed cache or a live teacher: nothing to do.
+ */
+kd_status kd_teacher_hold(kd_teacher *t, int max_batch, FILE *log);
+
 /* Announce an epoch's sample order (a streaming cache prefetches along it). */
 kd_status kd_teacher_epoch(kd_teacher *t, const uint32_t *order, int64_t n);
 
@@ -44,7 +53,7 @@ kd_status kd_teacher_epoch(kd_teacher *t, const uint32_t *order, int64_t n);
  * n * KD_AUG_NPARAMS floats): the cached view's, or a fresh draw from aug/seed when the teacher
  * runs live (kd_augment_draw_batch); the cache's targets are staged for kd_teacher_targets(),
  * which the caller calls once the batch is assembled on the device (be->gather_augment).
- * An in-memory cache that fits is held whole on the backend's device from kd_teacher_open on
+ * After kd_teacher_hold, an in-memory cache that fit is held whole on the backend's device
  * (float32; the log says so): then only the parameters come from the host, and
  * kd_teacher_targets gathers the batch's targets there from idx_dev, the same indices in
  * device memory.

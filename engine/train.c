@@ -329,6 +329,11 @@ static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_
         if (x_res) {
             xb = x_res + (size_t)s0 * per;
             yb = y_res + s0;
+            if (be->device != KD_DEVICE_CPU && ((uintptr_t)xb & 15u)) {
+                /* a rank's slice can start anywhere: give the first layer an aligned batch */
+                be->copy((size_t)n * per, xb, x_dev);
+                xb = x_dev;
+            }
         } else if ((st = be->upload(x_dev, d->x + (size_t)s0 * per,
                                     (size_t)n * per * sizeof(float))) ||
                    (st = be->upload(y_dev, d->y + s0, (size_t)n * sizeof(int32_t)))) {
@@ -597,6 +602,10 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
             goto done;
         }
     }
+    /* last, so that what a step cannot do without has its device memory first: an in-memory
+     * teacher cache moves to the device when it still fits there */
+    if (teacher && (st = kd_teacher_hold(teacher, batch, log)))
+        goto done;
     if (rank == 0 && (st = kd_mkdir_p(job->out_dir)))
         goto done;
 

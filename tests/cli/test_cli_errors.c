@@ -151,7 +151,8 @@ static void test_good_job_trains(void **state)
 }
 
 /* run.precision: bf16 trains (and says so); a precision it does not know is refused naming the
- * key's position and the value; so is quant.activations without quant.qat. */
+ * key's position and the value; so are quant.activations without quant.qat and quant.qat with
+ * bf16. */
 static void test_precision(void **state)
 {
     (void)state;
@@ -168,6 +169,11 @@ static void test_precision(void **state)
     /* activation fake quantization belongs to quantization-aware training */
     const char *act[] = {"train", job, "--set", "quant={bits: 8, activations: true}", NULL};
     run_expect(act, 1, "quant.activations", "needs quant.qat: true", NULL);
+    assert_false(kd_file_exists(od));
+    /* bf16 rounding would move quantization-aware training's weights off their grid */
+    const char *qb[] = {
+        "train", job, "--set", "quant={bits: 8, qat: true}", "--set", "run.precision=bf16", NULL};
+    run_expect(qb, 1, "quant.qat", "run.precision: float32", NULL);
     assert_false(kd_file_exists(od));
 }
 

@@ -41,6 +41,7 @@ static void cpu_copy(size_t n, const float *src, float *dst) { memmove(dst, src,
 
 static void cpu_round_bf16(size_t n, float *x)
 {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
     for (size_t i = 0; i < n; i++)
         x[i] = kd_round_bf16(x[i]);
 }

@@ -87,6 +87,11 @@ typedef struct kd_backend {
     double (*kd_topk)(int n, int c, int k, const float *s, const float *tv, const int32_t *ti,
                       const float *t_lse, double temperature, int reverse, int t2_scale, float *ds,
                       double scale, double *acc);
+    /* decoupled KD (the `dkd` term, loss_kd_body.h) of student s against teacher rows t with the
+       labels (device int32): the summed row losses, and ds = scale * d(sum / n)/ds when ds */
+    double (*kd_dkd)(int n, int c, const float *s, const float *t, const int32_t *labels,
+                     double temperature, double alpha, double beta, int t2_scale, float *ds,
+                     double scale, double *acc);
     /*
      * Batch assembly where the data set lives: x_out[i] = sample idx[i] of x_all ([*, c, h,
      * w]) augmented by params[i * KD_AUG_NPARAMS ..], y_out[i] = y_all[idx[i]] (y_out may be

@@ -91,6 +91,18 @@ static double cpu_kd_topk(int n, int c, int k, const float *s, const float *tv, 
     return 0;
 }
 
+static double cpu_kd_dkd(int n, int c, const float *s, const float *t, const int32_t *labels,
+                         double temperature, double alpha, double beta, int t2_scale, float *ds,
+                         double scale, double *acc)
+{
+    double sum =
+        kd_cpu_kd_dkd_f32(n, c, s, t, labels, temperature, alpha, beta, t2_scale, ds, scale);
+    if (!acc)
+        return sum;
+    acc[0] += sum;
+    return 0;
+}
+
 /* The update in place on host memory: validated first (kd_optim_cfg_check), so that a bad
  * configuration leaves the gradients unclipped, then kd_clip_grad_norm and kd_optim_step. */
 static kd_status cpu_optim_step(const kd_optim_cfg *c, float *params, float *grads, float *state,
@@ -135,6 +147,7 @@ static const kd_backend kd_cpu_backend = {
     .ce = cpu_ce,
     .kd_dense = cpu_kd_dense,
     .kd_topk = cpu_kd_topk,
+    .kd_dkd = cpu_kd_dkd,
     .gather_augment = kd_augment_gather,
     .gather_rows = cpu_gather_rows,
     .optim_step = cpu_optim_step,
@@ -151,13 +164,16 @@ static const struct {
     const char *name;
     size_t off;
 } kd_slots[] = {
-    KD_SLOT(linear_fwd),     KD_SLOT(linear_bwd),   KD_SLOT(conv2d_ws),   KD_SLOT(conv2d_fwd),
-    KD_SLOT(conv2d_bwd),     KD_SLOT(bn_fwd_train), KD_SLOT(bn_fwd_eval), KD_SLOT(bn_bwd),
-    KD_SLOT(act_fwd),        KD_SLOT(act_bwd),      KD_SLOT(maxpool_fwd), KD_SLOT(maxpool_bwd),
-    KD_SLOT(avgpool_fwd),    KD_SLOT(avgpool_bwd),  KD_SLOT(gap_fwd),     KD_SLOT(gap_bwd),
-    KD_SLOT(dropout_fwd),    KD_SLOT(mul),          KD_SLOT(add),         KD_SLOT(copy),
-    KD_SLOT(round_bf16),     KD_SLOT(ce),           KD_SLOT(kd_dense),    KD_SLOT(kd_topk),
-    KD_SLOT(gather_augment), KD_SLOT(gather_rows),  KD_SLOT(optim_step),
+    KD_SLOT(linear_fwd),  KD_SLOT(linear_bwd),     KD_SLOT(conv2d_ws),
+    KD_SLOT(conv2d_fwd),  KD_SLOT(conv2d_bwd),     KD_SLOT(bn_fwd_train),
+    KD_SLOT(bn_fwd_eval), KD_SLOT(bn_bwd),         KD_SLOT(act_fwd),
+    KD_SLOT(act_bwd),     KD_SLOT(maxpool_fwd),    KD_SLOT(maxpool_bwd),
+    KD_SLOT(avgpool_fwd), KD_SLOT(avgpool_bwd),    KD_SLOT(gap_fwd),
+    KD_SLOT(gap_bwd),     KD_SLOT(dropout_fwd),    KD_SLOT(mul),
+    KD_SLOT(add),         KD_SLOT(copy),           KD_SLOT(round_bf16),
+    KD_SLOT(ce),          KD_SLOT(kd_dense),       KD_SLOT(kd_topk),
+    KD_SLOT(kd_dkd),      KD_SLOT(gather_augment), KD_SLOT(gather_rows),
+    KD_SLOT(optim_step),
 };
 
 const char *kd_backend_missing(const kd_backend *be, const char *needed)

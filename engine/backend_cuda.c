@@ -19,6 +19,7 @@
  *   pooling     maxpool_fwd/bwd, avgpool_fwd/bwd, gap_fwd/bwd: kernels/pool.cu
  *   dropout     dropout_fwd: kernels/elementwise.cu, the CPU's mask bit for bit
  *   losses      ce (kernels/cross_entropy.cu), kd_dense (kernels/softmax_kl.cu),
+ *               kd_dkd (kernels/dkd.cu),
  *               kd_topk (kernels/softmax_kl_topk.cu); each returns a host value
  *               (a download that waits for the stream) or, for the trainer, adds
  *               its sums to a device accumulator and waits for nothing
@@ -290,6 +291,16 @@ static double rows_total(int n, double *rows, double *acc)
     return st == KD_OK ? total : NAN;
 }
 
+/* a per-row loss kernel's launch status, then rows_total */
+static double rows_launched(kd_status st, int n, double *rows, double *acc)
+{
+    if (st != KD_OK) {
+        keep(st);
+        return NAN;
+    }
+    return rows_total(n, rows, acc);
+}
+
 static double cu_kd_dense(int n, int c, const float *s, const float *t, double temperature,
                           int reverse, int t2_scale, float *ds, double scale, double *acc)
 {
@@ -300,11 +311,7 @@ static double cu_kd_dense(int n, int c, const float *s, const float *t, double t
         return NAN;
     kd_status st = kd_cuda_softmax_kl(kd_stream, n, c, KD_SKL_F32, s, t, temperature, reverse,
                                       t2_scale, ds, KD_SKL_F32, scale, rows, KD_SKL_AUTO);
-    if (st != KD_OK) {
-        keep(st);
-        return NAN;
-    }
-    return rows_total(n, rows, acc);
+    return rows_launched(st, n, rows, acc);
 }
 
 static double cu_kd_topk(int n, int c, int k, const float *s, const float *tv, const int32_t *ti,
@@ -318,11 +325,21 @@ static double cu_kd_topk(int n, int c, int k, const float *s, const float *tv, c
         return NAN;
     kd_status st = kd_cuda_kd_topk(kd_stream, n, c, k, s, tv, ti, t_lse, temperature, reverse,
                                    t2_scale, ds, scale, rows);
-    if (st != KD_OK) {
-        keep(st);
+    return rows_launched(st, n, rows, acc);
+}
+
+static double cu_kd_dkd(int n, int c, const float *s, const float *t, const int32_t *labels,
+                        double temperature, double alpha, double beta, int t2_scale, float *ds,
+                        double scale, double *acc)
+{
+    if (n <= 0)
+        return 0;
+    double *rows = rows_scratch((size_t)n + 1);
+    if (!rows)
         return NAN;
-    }
-    return rows_total(n, rows, acc);
+    kd_status st = kd_cuda_dkd(kd_stream, n, c, s, t, labels, temperature, alpha, beta, t2_scale,
+                               ds, scale, rows);
+    return rows_launched(st, n, rows, acc);
 }
 
 /* labels on the device; the loss sum and the hit count come back in one download, or are added
@@ -854,6 +871,7 @@ static const kd_backend kd_cuda_backend = {
     .ce = cu_ce,
     .kd_dense = cu_kd_dense,
     .kd_topk = cu_kd_topk,
+    .kd_dkd = cu_kd_dkd,
     .gather_augment = cu_gather_augment,
     .gather_rows = cu_gather_rows,
     .optim_step = cu_optim_step,

@@ -96,6 +96,12 @@ typedef struct {
     /* the same against top-k teacher targets: tv [N, K] raw logits, ti [N, K] their classes,      \
        t_lse [N] the teacher's full-row log-sum-exp at T = 1; the other C - K classes form one     \
        tail bucket (rule in loss_kd_body.h). k == c is the dense loss. */                          \
+    /* decoupled KD against full teacher rows and the labels (loss_kd_body.h): coef * (alpha *     \
+       target-class KL + beta * non-target KL); writes ds = scale * d(sum / n)/ds when ds != NULL  \
+     */                                                                                            \
+    double kd_cpu_kd_dkd_##SFX(int n, int c, const T *s, const T *t, const int32_t *labels,        \
+                               double temperature, double alpha, double beta, int t2_scale, T *ds, \
+                               double scale);                                                      \
     double kd_cpu_kd_topk_##SFX(int n, int c, int k, const T *s, const T *tv, const int32_t *ti,   \
                                 const T *t_lse, double temperature, int reverse, int t2_scale,     \
                                 T *ds, double scale);

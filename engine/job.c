@@ -230,8 +230,9 @@ static kd_status parse_teacher(kd_job *j)
 static kd_status parse_distill(kd_job *j)
 {
     static const char *const keys[] = {"mode", "losses", NULL};
-    static const char *const loss_keys[] = {
-        "type", "weight", "label_smoothing", "temperature", "direction", "t2_scale", NULL};
+    static const char *const loss_keys[] = {"type",        "weight",    "label_smoothing",
+                                            "temperature", "direction", "t2_scale",
+                                            "alpha",       "beta",      NULL};
     const kd_node *s;
     char pos[160];
     KD_TRY(section(j->root, "distill", 0, keys, &s));
@@ -274,13 +275,14 @@ static kd_status parse_distill(kd_job *j)
                 return KD_FAIL(KD_ERR_CONFIG,
                                "%s: ce needs weight > 0 and label_smoothing in [0, 1)",
                                kd_node_where(l, pos, sizeof pos));
-        } else if (!strcmp(type, "kd")) {
+        } else if (!strcmp(type, "kd") || !strcmp(type, "dkd")) {
             if (strcmp(j->mode, "offline") != 0)
                 return KD_FAIL(KD_ERR_CONFIG,
-                               "%s: a 'kd' term needs a teacher: set distill.mode: offline",
-                               kd_node_where(l, pos, sizeof pos));
+                               "%s: a '%s' term needs a teacher: set distill.mode: offline",
+                               kd_node_where(l, pos, sizeof pos), type);
             if (j->have_kd++)
-                return KD_FAIL(KD_ERR_CONFIG, "%s: 'kd' is listed twice",
+                return KD_FAIL(KD_ERR_CONFIG,
+                               "%s: one distillation term per job: 'kd' or 'dkd' is listed twice",
                                kd_node_where(l, pos, sizeof pos));
             j->kd_weight = 1.0;
             j->kd_temperature = 4.0;
@@ -297,10 +299,24 @@ static kd_status parse_distill(kd_job *j)
                                kd_node_where(kd_node_child(l, "direction"), pos, sizeof pos), dir);
             j->kd_reverse = !strcmp(dir, "reverse");
             if (!(j->kd_weight > 0) || !(j->kd_temperature > 0))
-                return KD_FAIL(KD_ERR_CONFIG, "%s: kd needs weight > 0 and temperature > 0",
+                return KD_FAIL(KD_ERR_CONFIG, "%s: %s needs weight > 0 and temperature > 0",
+                               kd_node_where(l, pos, sizeof pos), type);
+            j->kd_dkd = !strcmp(type, "dkd");
+            j->kd_alpha = 1.0;
+            j->kd_beta = 8.0;
+            KD_TRY(kd_node_get_float(l, "alpha", 0, &j->kd_alpha));
+            KD_TRY(kd_node_get_float(l, "beta", 0, &j->kd_beta));
+            if (!j->kd_dkd && (kd_node_child(l, "alpha") || kd_node_child(l, "beta")))
+                return KD_FAIL(KD_ERR_CONFIG,
+                               "%s: alpha and beta weigh the two parts of a 'dkd' term; a 'kd' "
+                               "term has only its weight",
+                               kd_node_where(l, pos, sizeof pos));
+            if (j->kd_dkd && (j->kd_reverse || !(j->kd_alpha >= 0) || !(j->kd_beta >= 0)))
+                return KD_FAIL(KD_ERR_CONFIG,
+                               "%s: dkd needs direction forward and alpha, beta >= 0",
                                kd_node_where(l, pos, sizeof pos));
         } else {
-            return KD_FAIL(KD_ERR_CONFIG, "%s: unknown loss type '%s' (known: ce, kd)",
+            return KD_FAIL(KD_ERR_CONFIG, "%s: unknown loss type '%s' (known: ce, kd, dkd)",
                            kd_node_where(l, pos, sizeof pos), type);
         }
     }

@@ -56,6 +56,9 @@ typedef struct {
     double kd_temperature;
     int kd_reverse; /* direction: forward KL(t||s) (0) or reverse KL(s||t) (1) */
     int kd_t2;      /* multiply by T^2 (default on) */
+    int kd_dkd;     /* the term is `dkd`: decoupled KD, kd_alpha * target-class KL + kd_beta *
+                       non-target KL (engine/loss_kd.md) */
+    double kd_alpha, kd_beta;
 
     /* teacher (offline mode and `distill cache`) */
     int have_teacher;

@@ -42,6 +42,8 @@
 #ifndef KD_LOSS_KD_ONCE_
 #define KD_LOSS_KD_ONCE_
 
+#include "dkd_row.h"
+
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -483,6 +485,36 @@ double OP(kd_topk)(int n, int c, int k, const T *s, const T *tv, const int32_t *
         }
         if (sorted != stack)
             free(sorted);
+    }
+    return total;
+}
+
+/*
+ * Decoupled KD (the `dkd` term; engine/loss_kd.md, "Decoupled KD"): with the label y of the row,
+ * a = t/T, b = s/T, the target-class KD compares the binary distributions (p_y, 1 - p_y) of
+ * teacher and student, the non-target KD their softmaxes over the other C - 1 classes:
+ *   loss = coef * (alpha * KL(bin_t || bin_s) + beta * KL(nt_t || nt_s)),  coef = T^2 or 1.
+ * Standard KD is the case beta = 1 - p_y(teacher) row by row, which is why a confident teacher
+ * passes almost nothing of its other classes on through it; dkd keeps beta fixed.
+ * Gradient (d/ds = coef/T * d/db), with P = student softmax, q = P restricted to y' != y and
+ * renormalised, bt = teacher p_y, r = teacher's non-target softmax:
+ *   j == y: alpha * (P_y - bt);   j != y: alpha * q_j * (bt - P_y) + beta * (q_j - r_j).
+ * Per row in double (engine/dkd_row.h, shared with the CUDA kernel); no tensor is stored.
+ * A teacher p_y or non-target term of probability 0 adds nothing; labels must be in [0, C).
+ */
+KD_DEFINE_DKD_ROW(OP(kd_dkd_row), T, static)
+
+double OP(kd_dkd)(int n, int c, const T *s, const T *t, const int32_t *labels, double temperature,
+                  double alpha, double beta, int t2_scale, T *ds, double scale)
+{
+    const double coef = t2_scale ? temperature * temperature : 1.0, inv_t = 1.0 / temperature;
+    const double kk = scale * coef * inv_t / n;
+    double total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : total) if ((long)n * c > 32768)
+    for (int i = 0; i < n; i++) {
+        const size_t off = (size_t)i * c;
+        total += coef * OP(kd_dkd_row)(c, s + off, t + off, labels[i], inv_t, alpha, beta,
+                                       ds ? ds + off : NULL, kk);
     }
     return total;
 }

@@ -235,6 +235,13 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
         }
         const kd_cache_meta *meta = kd_cache_meta_of(t->cache);
         t->topk = meta->topk;
+        if (t->topk && job->kd_dkd) {
+            st = KD_FAIL(KD_ERR_CONFIG,
+                         "%s: a 'dkd' term needs full teacher logits; the cache %s holds the "
+                         "top %d only (write it with teacher.topk: 0)",
+                         job->path, job->teacher_cache, t->topk);
+            goto fail;
+        }
         t->views = meta->views;
         t->nparams_aug = meta->aug_nparams;
     } else {
@@ -326,12 +333,15 @@ kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, const uint32_t *
     return be->upload(t->t_dev, t->logits_h, (size_t)n * C * sizeof(float));
 }
 
-double kd_teacher_loss(kd_teacher *t, const kd_job *job, const float *s_dev, int n, float *ds_dev,
-                       double grad_scale, double *acc)
+double kd_teacher_loss(kd_teacher *t, const kd_job *job, const float *s_dev, const int32_t *y_dev,
+                       int n, float *ds_dev, double grad_scale, double *acc)
 {
     const kd_backend *be = t->be;
     double sum;
-    if (t->topk)
+    if (job->kd_dkd)
+        sum = be->kd_dkd(n, t->classes, s_dev, t->t_dev, y_dev, job->kd_temperature, job->kd_alpha,
+                         job->kd_beta, job->kd_t2, t->grad_dev, job->kd_weight * grad_scale, acc);
+    else if (t->topk)
         sum = be->kd_topk(n, t->classes, t->topk, s_dev, t->tv_dev, t->ti_dev, t->lse_dev,
                           job->kd_temperature, job->kd_reverse, job->kd_t2, t->grad_dev,
                           job->kd_weight * grad_scale, acc);

@@ -63,7 +63,8 @@ kd_status kd_teacher_batch(kd_teacher *t, const uint32_t *idx, int n, int64_t ep
 kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, const uint32_t *idx_dev, int n);
 
 /*
- * kd loss of student logits s_dev [n, C] against the batch's targets: adds
+ * kd (or dkd, which also reads the batch's labels y_dev) loss of student logits s_dev [n, C]
+ * against the batch's targets: adds
  * grad_scale * weight * d(mean)/ds into ds_dev (the student's output gradient)
  * and returns weight * (summed row loss), or, with acc (device memory), adds
  * the unweighted summed row loss to acc[0] and returns 0 without waiting for
@@ -71,8 +72,8 @@ kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, const uint32_t *
  * of a global batch of N passes n / N, so that the sum of the ranks' gradients
  * is the gradient of the global batch's mean.
  */
-double kd_teacher_loss(kd_teacher *t, const kd_job *job, const float *s_dev, int n, float *ds_dev,
-                       double grad_scale, double *acc);
+double kd_teacher_loss(kd_teacher *t, const kd_job *job, const float *s_dev, const int32_t *y_dev,
+                       int n, float *ds_dev, double grad_scale, double *acc);
 
 /*
  * `distill cache CONFIG`: run the teacher over the training split and write the cache,

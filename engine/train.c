@@ -83,7 +83,9 @@ static kd_status build_model(const kd_job *job, int max_batch, const kd_backend 
         kd_model_build(job->model_input, job->model_layers, *be, max_batch, job->seed, m);
     const char *miss = NULL;
     if (st == KD_OK && !strcmp(job->mode, "offline") &&
-        (miss = kd_backend_missing(*be, job->cache_topk ? "kd_topk,add" : "kd_dense,add"))) {
+        (miss = kd_backend_missing(*be, job->kd_dkd       ? "kd_dkd,add"
+                                        : job->cache_topk ? "kd_topk,add"
+                                                          : "kd_dense,add"))) {
         kd_model_free(*m);
         *m = NULL;
         st = KD_FAIL(KD_ERR_UNSUPPORTED, "the %s backend does not implement '%s' yet", (*be)->name,
@@ -787,8 +789,8 @@ train:;
             be->ce(nl, m->out_features, kd_model_output(m), y_dev, job->label_smoothing,
                    kd_model_output_grad(m), job->ce_weight * share, NULL, acc_dev);
             if (teacher)
-                kd_teacher_loss(teacher, job, kd_model_output(m), nl, kd_model_output_grad(m),
-                                share, acc_dev + 2);
+                kd_teacher_loss(teacher, job, kd_model_output(m), y_dev, nl,
+                                kd_model_output_grad(m), share, acc_dev + 2);
             if (world == 1) {
                 kd_model_backward(m, x_dev, nl);
             } else {

@@ -57,6 +57,16 @@ kd_status kd_cuda_kd_topk(void *stream, int n, int c, int k, const float *s, con
                           const int32_t *ti, const float *t_lse, double temperature, int reverse,
                           int t2_scale, float *ds, double scale, double *row_loss);
 
+/*
+ * Decoupled KD (kernels/dkd.cu): the CPU op kd_cpu_kd_dkd_f32 row by row in double, one thread
+ * per row. s, t, ds [n, c], labels [n] on the device; row_loss[i] = the row's loss; ds (may be
+ * NULL) = scale * d(sum / n)/ds. A label outside [0, c) gives its row a NaN loss and a zero
+ * gradient.
+ */
+kd_status kd_cuda_dkd(void *stream, int n, int c, const float *s, const float *t,
+                      const int32_t *labels, double temperature, double alpha, double beta,
+                      int t2_scale, float *ds, double scale, double *row_loss);
+
 /* *out = sum of x[0..n) (one block, a fixed order: deterministic) */
 kd_status kd_cuda_sum_f64(void *stream, int n, const double *x, double *out);
 

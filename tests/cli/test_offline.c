@@ -192,6 +192,19 @@ static void test_held_cache_equals_streamed(void **state)
         strcat(a, "/last.safetensors");
         strcat(b, "/last.safetensors");
         expect_same_file(a, b);
+        /* decoupled KD reads the batch's labels too: it trains from the full cache and is
+         * refused a top-k one, naming both */
+        const char *dkd = "distill.losses=[{type: ce, weight: 0.5}, {type: dkd, weight: 0.5, "
+                          "temperature: 4.0, alpha: 1.0, beta: 8.0}]";
+        snprintf(oa, sizeof oa, "run.out_dir=%s", tp(a, sizeof a, k ? "dkd_k" : "dkd"));
+        if (!k) {
+            expect_ok((const char *[]){"train", job, "--set", oa, "--set", dkd, NULL});
+            assert_non_null(strstr(out, "test: loss"));
+        } else {
+            expect_fail((const char *[]){"train", job, "--set", oa, "--set", dkd, NULL},
+                        (const char *[]){"'dkd' term needs full teacher logits", "heldtopk.h5",
+                                         "top 3", NULL});
+        }
     }
 }
 

@@ -690,6 +690,47 @@ static void test_kd_topk(void **state)
                          1000 + 10 * ci);
 }
 
+/* decoupled KD: the GPU's losses and gradients against the CPU op, returned and accumulated */
+static void test_kd_dkd(void **state)
+{
+    (void)state;
+    const int shapes[][2] = {{128, 10}, {7, 1000}, {33, 2}};
+    kd_rng r;
+    kd_rng_seed(&r, 404, 1);
+    for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++) {
+        const int n = shapes[k][0], c = shapes[k][1];
+        const size_t nc = (size_t)n * c;
+        float *s = host_rand(nc, 50 + k), *t = host_rand(nc, 60 + k), *g = malloc(nc * 4);
+        int32_t *y = malloc((size_t)n * 4);
+        for (int i = 0; i < n; i++)
+            y[i] = (int32_t)kd_rng_below(&r, (uint32_t)c);
+        for (size_t i = 0; i < nc; i++)
+            s[i] *= 3, t[i] *= 5; /* a confident teacher */
+        float *s_d = to_dev(s, nc), *t_d = to_dev(t, nc), *g_d = to_dev(NULL, nc);
+        int32_t *y_d = dev_bytes(y, (size_t)n * 4);
+        double *acc_d = dev_bytes(NULL, sizeof(double));
+        const double temps[] = {1.0, 4.0};
+        for (int ti = 0; ti < 2; ti++) {
+            double want = cpu->kd_dkd(n, c, s, t, y, temps[ti], 1.0, 8.0, 1, g, 0.7, NULL);
+            double got = gpu->kd_dkd(n, c, s_d, t_d, y_d, temps[ti], 1.0, 8.0, 1, g_d, 0.7, NULL);
+            assert_int_equal(gpu->sync(), KD_OK);
+            if (!(fabs(got - want) <= 1e-5 * fmax(1.0, fabs(want))))
+                fail_msg("dkd %dx%d T=%g: gpu %.9g cpu %.9g", n, c, temps[ti], got, want);
+            check_rel("dkd", "ds", g_d, g, nc, 1e-5);
+            assert_int_equal(gpu->zero(acc_d, sizeof(double)), KD_OK);
+            assert_true(
+                gpu->kd_dkd(n, c, s_d, t_d, y_d, temps[ti], 1.0, 8.0, 1, NULL, 1.0, acc_d) == 0.0);
+            double acc = 0;
+            from_dev(&acc, acc_d, sizeof acc);
+            if (!(fabs(acc - want) <= 1e-5 * fmax(1.0, fabs(want))))
+                fail_msg("dkd accumulated %.9g, cpu %.9g", acc, want);
+        }
+        gpu->release(s_d), gpu->release(t_d), gpu->release(g_d), gpu->release(y_d);
+        gpu->release(acc_d);
+        free(s), free(t), free(g), free(y);
+    }
+}
+
 /* a repeated cached class makes its row NaN with a zero gradient; the other rows are normal */
 static void test_kd_topk_bad_rows(void **state)
 {
@@ -844,8 +885,8 @@ static void test_no_missing_slots(void **state)
     /* every operation a model can ask for is implemented */
     const char *all = "linear_fwd,linear_bwd,conv2d_ws,conv2d_fwd,conv2d_bwd,bn_fwd_train,"
                       "bn_fwd_eval,bn_bwd,act_fwd,act_bwd,maxpool_fwd,maxpool_bwd,avgpool_fwd,"
-                      "avgpool_bwd,gap_fwd,gap_bwd,dropout_fwd,mul,add,copy,ce,kd_dense,kd_topk,"
-                      "gather_augment,optim_step";
+                      "avgpool_bwd,gap_fwd,gap_bwd,dropout_fwd,mul,add,copy,round_bf16,ce,kd_dense,"
+                      "kd_topk,kd_dkd,gather_augment,gather_rows,optim_step";
     const char *miss = kd_backend_missing(gpu, all);
     if (miss)
         fail_msg("the CUDA backend lacks %s", miss);
@@ -874,6 +915,7 @@ int main(void)
         cmocka_unit_test(test_ce),
         cmocka_unit_test(test_kd_topk),
         cmocka_unit_test(test_kd_topk_bad_rows),
+        cmocka_unit_test(test_kd_dkd),
         cmocka_unit_test(test_optim_step),
 #ifdef KD_HAVE_CUDA
         cmocka_unit_test(test_grad_norm),

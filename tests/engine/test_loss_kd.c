@@ -326,6 +326,103 @@ static void test_dense_finite_differences(void **state)
         }
 }
 
+/* ---- decoupled KD ---- */
+
+/* one row of dkd straight from its definition, in long double: the binary (target, rest) KL
+ * and the KL of the softmaxes over the non-target classes (the row must have c >= 2) */
+static long double ref_dkd_row(int c, const double *s, const double *t, int y, double temp,
+                               double alpha, double beta, int t2)
+{
+    long double ls[64], lt[64];
+    ref_log_softmax(c, s, temp, ls);
+    ref_log_softmax(c, t, temp, lt);
+    long double ps = expl(ls[y]), pt = expl(lt[y]);
+    long double tc = pt * (lt[y] - ls[y]) + (1 - pt) * (logl(1 - pt) - logl(1 - ps));
+    long double nc = 0;
+    for (int j = 0; j < c; j++)
+        if (j != y) {
+            long double qt = expl(lt[j]) / (1 - pt), qs = expl(ls[j]) / (1 - ps);
+            nc += qt * (logl(qt) - logl(qs));
+        }
+    return (t2 ? (long double)temp * temp : 1.0L) * (alpha * tc + beta * nc);
+}
+
+static double fd_dkd_alpha, fd_dkd_beta;
+static const int32_t *fd_dkd_y;
+
+static double fd_dkd(fd_ctx *x)
+{
+    return kd_cpu_kd_dkd_f64(x->n, x->c, x->s, x->t, fd_dkd_y, x->temp, fd_dkd_alpha, fd_dkd_beta,
+                             x->t2, NULL, 1) /
+           x->n;
+}
+
+/* dkd against the long-double definition and its gradient against finite differences, over
+ * temperatures, weights and both T^2 settings; float agrees with double */
+static void test_dkd_reference(void **state)
+{
+    (void)state;
+    kd_rng r;
+    kd_rng_seed(&r, 91, 0);
+    enum { N = 4, C = 9 };
+    static const double ab[][2] = {{1, 8}, {1, 0}, {0, 1}, {0.5, 2}};
+    for (int ti = 0; ti < NTEMPS; ti++)
+        for (int w = 0; w < 4; w++) {
+            double sv[N * C], tv[N * C], g[N * C];
+            float sf[N * C], tf[N * C], gf[N * C];
+            int32_t y[N];
+            fill(&r, N, C, sv, tv, 3.0, 0, MASK_NONE);
+            for (int i = 0; i < N; i++)
+                y[i] = (int32_t)kd_rng_below(&r, C);
+            const int t2 = (ti + w) & 1;
+            double got =
+                kd_cpu_kd_dkd_f64(N, C, sv, tv, y, temps[ti], ab[w][0], ab[w][1], t2, g, 1);
+            long double want = 0;
+            for (int i = 0; i < N; i++)
+                want +=
+                    ref_dkd_row(C, sv + i * C, tv + i * C, y[i], temps[ti], ab[w][0], ab[w][1], t2);
+            if (rel(got, (double)want) > 1e-9 && fabs(got - (double)want) > 1e-12)
+                fail_msg("dkd T=%g a=%g b=%g: %.15g, reference %.15Lg", temps[ti], ab[w][0],
+                         ab[w][1], got, want);
+            fd_ctx x = {.n = N, .c = C, .t2 = t2, .temp = temps[ti], .s = sv, .t = tv};
+            fd_dkd_alpha = ab[w][0], fd_dkd_beta = ab[w][1], fd_dkd_y = y;
+            check_fd("dkd ds", fd_dkd, &x, g);
+            for (int i = 0; i < N * C; i++)
+                sf[i] = (float)sv[i], tf[i] = (float)tv[i];
+            double gotf =
+                kd_cpu_kd_dkd_f32(N, C, sf, tf, y, temps[ti], ab[w][0], ab[w][1], t2, gf, 1);
+            double gd[N * C];
+            kd_cpu_kd_dkd_f64(N, C, sv, tv, y, temps[ti], ab[w][0], ab[w][1], t2, gd, 1);
+            assert_true(rel(gotf, got) < 1e-4 || fabs(gotf - got) < 1e-5);
+            for (int i = 0; i < N * C; i++)
+                kd_assert_close(gf[i], gd[i], 1e-5 * fmax(1.0, max_abs(gd, N * C)));
+        }
+}
+
+/* KD is DKD with alpha = 1 and, row by row, beta = 1 - (teacher's probability of the label):
+ * the identity that motivates the decoupling, checked on the loss and the gradient */
+static void test_dkd_generalises_kd(void **state)
+{
+    (void)state;
+    kd_rng r;
+    kd_rng_seed(&r, 92, 0);
+    enum { C = 10 };
+    for (int ti = 0; ti < NTEMPS; ti++)
+        for (int row = 0; row < 6; row++) {
+            double sv[C], tv[C], gk[C], gd[C];
+            fill(&r, 1, C, sv, tv, 2.5, 0, MASK_NONE);
+            int32_t y = (int32_t)kd_rng_below(&r, C);
+            long double lt[C];
+            ref_log_softmax(C, tv, temps[ti], lt);
+            const double beta = (double)(1 - expl(lt[y]));
+            double kd = kd_cpu_kd_dense_f64(1, C, sv, tv, temps[ti], 0, 1, gk, 1);
+            double dkd = kd_cpu_kd_dkd_f64(1, C, sv, tv, &y, temps[ti], 1.0, beta, 1, gd, 1);
+            kd_assert_close(dkd, kd, 1e-10 * fmax(1.0, fabs(kd)));
+            for (int j = 0; j < C; j++)
+                kd_assert_close(gd[j], gk[j], 1e-10 * fmax(1.0, max_abs(gk, C)));
+        }
+}
+
 /* ---- T^2 and batchmean by hand ---- */
 
 static void test_dense_by_hand(void **state)
@@ -739,6 +836,8 @@ int main(void)
         cmocka_unit_test(test_dense_extreme_rows),
         cmocka_unit_test(test_dense_finite_differences),
         cmocka_unit_test(test_dense_masks),
+        cmocka_unit_test(test_dkd_reference),
+        cmocka_unit_test(test_dkd_generalises_kd),
         cmocka_unit_test(test_topk_full_equals_dense),
         cmocka_unit_test(test_topk_reference),
         cmocka_unit_test(test_topk_uniform_tail_equals_dense),

@@ -268,6 +268,13 @@ static kd_status parse_distill(kd_job *j)
             if (have_ce++)
                 return KD_FAIL(KD_ERR_CONFIG, "%s: 'ce' is listed twice",
                                kd_node_where(l, pos, sizeof pos));
+            static const char *const not_ce[] = {"temperature", "direction", "t2_scale",
+                                                 "alpha",       "beta",      NULL};
+            for (int k = 0; not_ce[k]; k++)
+                if (kd_node_child(l, not_ce[k]))
+                    return KD_FAIL(KD_ERR_CONFIG, "%s: '%s' belongs to a kd or dkd term, not ce",
+                                   kd_node_where(kd_node_child(l, not_ce[k]), pos, sizeof pos),
+                                   not_ce[k]);
             j->ce_weight = 1.0;
             KD_TRY(kd_node_get_float(l, "weight", 0, &j->ce_weight));
             KD_TRY(kd_node_get_float(l, "label_smoothing", 0, &j->label_smoothing));
@@ -284,6 +291,9 @@ static kd_status parse_distill(kd_job *j)
                 return KD_FAIL(KD_ERR_CONFIG,
                                "%s: one distillation term per job: 'kd' or 'dkd' is listed twice",
                                kd_node_where(l, pos, sizeof pos));
+            if (kd_node_child(l, "label_smoothing"))
+                return KD_FAIL(KD_ERR_CONFIG, "%s: 'label_smoothing' belongs to the ce term",
+                               kd_node_where(kd_node_child(l, "label_smoothing"), pos, sizeof pos));
             j->kd_weight = 1.0;
             j->kd_temperature = 4.0;
             j->kd_t2 = 1;
@@ -311,9 +321,11 @@ static kd_status parse_distill(kd_job *j)
                                "%s: alpha and beta weigh the two parts of a 'dkd' term; a 'kd' "
                                "term has only its weight",
                                kd_node_where(l, pos, sizeof pos));
-            if (j->kd_dkd && (j->kd_reverse || !(j->kd_alpha >= 0) || !(j->kd_beta >= 0)))
+            if (j->kd_dkd && (j->kd_reverse || !(j->kd_alpha >= 0) || !(j->kd_beta >= 0) ||
+                              !(j->kd_alpha + j->kd_beta > 0)))
                 return KD_FAIL(KD_ERR_CONFIG,
-                               "%s: dkd needs direction forward and alpha, beta >= 0",
+                               "%s: dkd needs direction forward, alpha, beta >= 0 and alpha + "
+                               "beta > 0",
                                kd_node_where(l, pos, sizeof pos));
         } else {
             return KD_FAIL(KD_ERR_CONFIG, "%s: unknown loss type '%s' (known: ce, kd, dkd)",

@@ -500,7 +500,8 @@ double OP(kd_topk)(int n, int c, int k, const T *s, const T *tv, const int32_t *
  * renormalised, bt = teacher p_y, r = teacher's non-target softmax:
  *   j == y: alpha * (P_y - bt);   j != y: alpha * q_j * (bt - P_y) + beta * (q_j - r_j).
  * Per row in double (engine/dkd_row.h, shared with the CUDA kernel); no tensor is stored.
- * A teacher p_y or non-target term of probability 0 adds nothing; labels must be in [0, C).
+ * A teacher p_y or non-target term of probability 0 adds nothing; a label outside [0, C)
+ * makes its row NaN with a zero gradient (as on the GPU).
  */
 KD_DEFINE_DKD_ROW(OP(kd_dkd_row), T, static)
 

@@ -807,28 +807,49 @@ static void block_fwd(kd_model *m, kd_block *b, const float *x, int n, int train
     }
 }
 
-/* Block i of a trunk ends a tensor the exporter stores as int8 (kd_model_set_act_fq). */
+/* Block i of a trunk ends a tensor the exporter stores as int8 (kd_model_set_act_fq): not
+ * dropout or flatten (the exporter drops them), and not a block that a batchnorm or activation
+ * after it (past any dropout / flatten) folds into. */
 static int act_quantized(const kd_block *blocks, int count, int i)
 {
     const kd_layer_kind k = blocks[i].kind;
     if (k == KD_L_DROPOUT || k == KD_L_FLATTEN)
         return 0;
-    if (i + 1 < count) {
-        const kd_layer_kind next = blocks[i + 1].kind;
+    int j = i + 1;
+    while (j < count && (blocks[j].kind == KD_L_DROPOUT || blocks[j].kind == KD_L_FLATTEN))
+        j++;
+    if (j < count) {
+        const kd_layer_kind next = blocks[j].kind;
         if (next == KD_L_BATCHNORM || next == KD_L_RELU || next == KD_L_RELU6)
             return 0;
     }
     return 1;
 }
 
+static int is_pool(kd_layer_kind k)
+{
+    return k == KD_L_MAXPOOL || k == KD_L_AVGPOOL || k == KD_L_GAP;
+}
+
 static void chain_fwd(kd_model *m, kd_block *blocks, int count, const float *x, int n, int train,
                       uint64_t seed)
 {
     const float *in = x;
+    float scale = 0; /* the int8 grid of the last tensor quantized in this trunk */
+    int32_t zp = 0;
+    int grid_is_input = 0; /* ... and it is block i's input */
     for (int i = 0; i < count; i++) {
         block_fwd(m, &blocks[i], in, n, train, kd_mix64(seed, (uint64_t)i, 0xb10c));
-        if (m->act_fq && act_quantized(blocks, count, i))
-            kd_quant_fake_act(blocks[i].y, (size_t)n * blocks[i].out_numel);
+        if (m->act_fq && act_quantized(blocks, count, i)) {
+            const size_t cnt = (size_t)n * blocks[i].out_numel;
+            if (is_pool(blocks[i].kind) && grid_is_input) /* the exporter keeps the input's */
+                kd_quant_fake_act_on(blocks[i].y, cnt, scale, zp);
+            else
+                kd_quant_fake_act(blocks[i].y, cnt, &scale, &zp);
+            grid_is_input = 1;
+        } else if (blocks[i].kind != KD_L_DROPOUT && blocks[i].kind != KD_L_FLATTEN) {
+            grid_is_input = 0;
+        }
         if (m->bf16 && !blocks[i].fused) /* a fused activation's output is the batchnorm's */
             m->be->round_bf16((size_t)n * blocks[i].out_numel, blocks[i].y);
         in = blocks[i].y;

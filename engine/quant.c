@@ -56,22 +56,25 @@ void kd_quant_act_qparams(float rmin, float rmax, float *scale, int32_t *zero_po
     *zero_point = (int32_t)(z < -128 ? -128 : z > 127 ? 127 : z);
 }
 
-void kd_quant_fake_act(float *x, size_t n)
+void kd_quant_fake_act_on(float *x, size_t n, float scale, int32_t zero_point)
+{
+    const float inv = 1.0f / scale, zp = (float)zero_point;
+    for (size_t i = 0; i < n; i++) {
+        float q = roundf(x[i] * inv) + zp;
+        q = q < -128.0f ? -128.0f : q > 127.0f ? 127.0f : q;
+        x[i] = x[i] == x[i] ? scale * (q - zp) : x[i];
+    }
+}
+
+void kd_quant_fake_act(float *x, size_t n, float *scale, int32_t *zero_point)
 {
     float lo = 0.0f, hi = 0.0f;
     for (size_t i = 0; i < n; i++) { /* NaN compares false: it leaves the range alone */
         lo = x[i] < lo ? x[i] : lo;
         hi = x[i] > hi ? x[i] : hi;
     }
-    float s;
-    int32_t zp;
-    kd_quant_act_qparams(lo, hi, &s, &zp);
-    const float inv = 1.0f / s;
-    for (size_t i = 0; i < n; i++) {
-        float q = roundf(x[i] * inv) + (float)zp;
-        q = q < -128.0f ? -128.0f : q > 127.0f ? 127.0f : q;
-        x[i] = x[i] == x[i] ? s * (q - (float)zp) : x[i];
-    }
+    kd_quant_act_qparams(lo, hi, scale, zero_point);
+    kd_quant_fake_act_on(x, n, *scale, *zero_point);
 }
 
 void kd_quant_model_apply(kd_model *m, int bits, float *saved)

@@ -40,8 +40,11 @@ void kd_quant_act_qparams(float rmin, float rmax, float *scale, int32_t *zero_po
  * x[0..n) fake-quantized in place as an int8 activation over its own range (min and max of
  * the values; quantization-aware training uses each batch's range): x = scale * (q - zp) with
  * q = clamp(round(x / scale) + zp, -128, 127), rounding half away from zero. NaN stays NaN.
+ * The grid used comes back in *scale, *zero_point.
  */
-void kd_quant_fake_act(float *x, size_t n);
+void kd_quant_fake_act(float *x, size_t n, float *scale, int32_t *zero_point);
+/* The same on a given grid (a pooling's output keeps its input's, as the exporter does). */
+void kd_quant_fake_act_on(float *x, size_t n, float scale, int32_t zero_point);
 
 /*
  * Quantization-aware training on a model whose parameters are in host memory: replace every

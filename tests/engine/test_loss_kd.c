@@ -423,6 +423,34 @@ static void test_dkd_generalises_kd(void **state)
         }
 }
 
+/* a teacher whose label logit leads by 800 (every non-target probability underflows against
+ * it): the non-target part still compares the other classes, the gradient sums to zero; a
+ * label outside the row gives NaN and a zero gradient */
+static void test_dkd_extreme_and_bad_label(void **state)
+{
+    (void)state;
+    const double t[3] = {800, 0, 1}, s[3] = {0, 0, 0};
+    double g[3];
+    int32_t y = 0;
+    double loss = kd_cpu_kd_dkd_f64(1, 3, s, t, &y, 1.0, 1.0, 8.0, 1, g, 1);
+    const double r1 = 1 / (1 + exp(1.0)), r2 = 1 - r1; /* teacher softmax over classes 1, 2 */
+    const double nc = r1 * log(r1 / 0.5) + r2 * log(r2 / 0.5);
+    kd_assert_close(loss, log(3.0) + 8 * nc, 1e-12);
+    kd_assert_close(g[0], 1.0 / 3 - 1, 1e-12);
+    kd_assert_close(g[1], 0.5 * (1 - 1.0 / 3) + 8 * (0.5 - r1), 1e-12);
+    kd_assert_close(g[2], 0.5 * (1 - 1.0 / 3) + 8 * (0.5 - r2), 1e-12);
+    kd_assert_close(g[0] + g[1] + g[2], 0, 1e-12);
+    /* the student just as sure: finite */
+    const double s2[3] = {900, 0, 0};
+    loss = kd_cpu_kd_dkd_f64(1, 3, s2, t, &y, 1.0, 1.0, 8.0, 1, g, 1);
+    assert_true(isfinite(loss) && isfinite(g[0]) && isfinite(g[1]) && isfinite(g[2]));
+    kd_assert_close(loss, 8 * (r1 * log(r1 / 0.5) + r2 * log(r2 / 0.5)), 1e-9);
+    int32_t bad = 3;
+    g[0] = g[1] = g[2] = 7;
+    assert_true(isnan(kd_cpu_kd_dkd_f64(1, 3, s, t, &bad, 1.0, 1.0, 8.0, 1, g, 1)));
+    assert_true(g[0] == 0 && g[1] == 0 && g[2] == 0);
+}
+
 /* ---- T^2 and batchmean by hand ---- */
 
 static void test_dense_by_hand(void **state)
@@ -838,6 +866,7 @@ int main(void)
         cmocka_unit_test(test_dense_masks),
         cmocka_unit_test(test_dkd_reference),
         cmocka_unit_test(test_dkd_generalises_kd),
+        cmocka_unit_test(test_dkd_extreme_and_bad_label),
         cmocka_unit_test(test_topk_full_equals_dense),
         cmocka_unit_test(test_topk_reference),
         cmocka_unit_test(test_topk_uniform_tail_equals_dense),

@@ -198,10 +198,11 @@ static void test_fake_act(void **state)
         }
         x[7] = 0.0f;
         memcpy(o, x, n * sizeof(float));
-        kd_quant_fake_act(x, n);
-        float s;
-        int32_t zp;
+        float s, s_used;
+        int32_t zp, zp_used;
+        kd_quant_fake_act(x, n, &s_used, &zp_used);
         kd_quant_act_qparams(lo, hi, &s, &zp);
+        assert_true(s_used == s && zp_used == zp); /* the grid it used comes back */
         assert_true(s > 0);
         assert_true(fabsf(s - (hi - lo) / 255.0f) <= 1e-6f * (hi - lo));
         if (t == 1)
@@ -218,7 +219,9 @@ static void test_fake_act(void **state)
         free(o);
     }
     float nan3[3] = {1.0f, NAN, -2.0f};
-    kd_quant_fake_act(nan3, 3);
+    float s3;
+    int32_t z3;
+    kd_quant_fake_act(nan3, 3, &s3, &z3);
     assert_true(isnan(nan3[1]));
     assert_true(fabsf(nan3[0] - 1.0f) < 0.01f && fabsf(nan3[2] + 2.0f) < 0.01f);
 }
@@ -258,6 +261,21 @@ static void test_model_act_fq(void **state)
             fail_msg("block %d: %d distinct values, not an int8 tensor", b, distinct);
         if (!quantized[b] && cnt > 256 && distinct <= 256)
             fail_msg("block %d was quantized (%d distinct values)", b, distinct);
+    }
+    /* the global average pool keeps its input's grid (the exporter does): its outputs are
+     * whole steps of the depthwise conv's output grid away from any of its values */
+    const float *dw = m->blocks[3].y, *gap = m->blocks[4].y;
+    const size_t ndw = (size_t)n * m->blocks[3].out_numel;
+    float step = INFINITY;
+    for (size_t i = 0; i < ndw; i++)
+        for (size_t j = 0; j < ndw; j++)
+            if (dw[j] > dw[i])
+                step = fminf(step, dw[j] - dw[i]);
+    assert_true(isfinite(step) && step > 0);
+    for (size_t i = 0; i < (size_t)n * m->blocks[4].out_numel; i++) {
+        float k = (gap[i] - dw[0]) / step;
+        if (!(fabsf(k - roundf(k)) < 1e-2f))
+            fail_msg("pooled value %g is off the input's grid (step %g)", gap[i], step);
     }
     free(x);
     kd_model_free(m);

@@ -170,9 +170,10 @@ kd_status kd_check_model_fits_data(const kd_model *m, const kd_dataset *d, const
 }
 
 /* Quantization-aware training: the bit width and a copy of the float parameters while the
- * fake-quantized ones are in place (engine/quant.h). bits 0 = off. qat_apply / qat_restore
- * also put in place and take back the bf16-rounded weights of run.precision: bf16 (after the
- * fake quantization, before the float32 masters come back; engine/model.h). */
+ * fake-quantized ones are in place (engine/quant.h). bits 0 = off. weights_for_step puts in
+ * place the weights forward and backward run at -- fake-quantized (QAT), then bf16-rounded
+ * (run.precision: bf16, engine/model.h) -- and weights_master brings the float32 masters back
+ * for the update, in the reverse order. */
 typedef struct {
     int bits, applied;
     float *saved;
@@ -195,7 +196,7 @@ static kd_status qat_open(const kd_job *job, kd_model *m, qat_ctx *q)
     return job->quant_act ? kd_model_set_act_fq(m, 1) : KD_OK;
 }
 
-static void qat_apply(kd_model *m, qat_ctx *q)
+static void weights_for_step(kd_model *m, qat_ctx *q)
 {
     if (q && q->bits && !q->applied) {
         kd_quant_model_apply(m, q->bits, q->saved);
@@ -204,7 +205,7 @@ static void qat_apply(kd_model *m, qat_ctx *q)
     kd_model_bf16_weights(m, 1);
 }
 
-static void qat_restore(kd_model *m, qat_ctx *q)
+static void weights_master(kd_model *m, qat_ctx *q)
 {
     if (m)
         kd_model_bf16_weights(m, 0);
@@ -309,7 +310,8 @@ static kd_status put_resident(const kd_backend *be, const kd_dataset *d, const c
 }
 
 /* Mean loss and accuracy over a whole data set in eval mode; x_dev/y_dev hold one batch, or
- * x_res/y_res (not NULL) are the whole set on the device and batches are read in place. With
+ * x_res/y_res (not NULL) are the whole set on the device and batches are read in place (the
+ * CPU backend always reads d in place: host memory is its device). With
  * quantization-aware training the model is evaluated with its quantized weights. With several
  * ranks (comm) each evaluates its slice of the set and the sums are added up. */
 static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_dev, int32_t *y_dev,
@@ -323,7 +325,11 @@ static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_
     kd_status st = KD_OK;
     if (comm)
         kd_comm_slice(d->n, comm->rank, comm->size, &lo, &hi);
-    qat_apply(m, q);
+    if (be->device == KD_DEVICE_CPU) {
+        x_res = d->x;
+        y_res = d->y;
+    }
+    weights_for_step(m, q);
     for (int64_t s0 = lo; s0 < hi && st == KD_OK; s0 += batch) {
         int n = (int)(hi - s0 < batch ? hi - s0 : batch);
         const float *xb = x_dev;
@@ -348,7 +354,7 @@ static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_
     }
     if (st == KD_OK)
         st = be->sync();
-    qat_restore(m, q);
+    weights_master(m, q);
     KD_TRY(st);
     if (comm && comm->size > 1) {
         double sums[2] = {loss, (double)correct};
@@ -513,8 +519,6 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     const int32_t *y_all = NULL;
     float *x_res = NULL, *xv_res = NULL, *prm_host = NULL, *prm_dev = NULL;
     int32_t *y_res = NULL, *yv_res = NULL;
-    const float *xv_use = NULL; /* the validation set where evaluate() reads it in place */
-    const int32_t *yv_use = NULL;
     uint32_t *idx_dev = NULL;
     double *acc_dev = NULL; /* the step losses' sums on the device: [ce, hits, kd] */
     int32_t *y_host = NULL, *y_dev = NULL;
@@ -563,8 +567,6 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     if (be->device == KD_DEVICE_CPU) { /* host memory is the CPU backend's: read in place */
         x_all = d.train.x;
         y_all = d.train.y;
-        xv_use = d.val.x;
-        yv_use = d.val.y;
     } else {
         /* the training samples live on the device when they fit, so that a step assembles and
          * augments its batch there; otherwise each batch is assembled on the host and uploaded */
@@ -584,8 +586,6 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
          * batch) */
         if (d.have_val && (st = put_resident(be, &d.val, "validation set", log, &xv_res, &yv_res)))
             goto done;
-        xv_use = xv_res;
-        yv_use = yv_res;
     }
     if (!be->optim_step) {
         st = KD_FAIL(KD_ERR_UNSUPPORTED, "the %s backend has no optimizer update", be->name);
@@ -778,7 +778,7 @@ train:;
                                            prm_dev, x_host, y_host, x_dev, y_dev)))
                 goto done;
             kd_model_zero_grad(m);
-            qat_apply(m, &qat); /* forward and backward at the quantized weights */
+            weights_for_step(m, &qat); /* forward and backward at the quantized weights */
             kd_model_forward(m, x_dev, nl, 1, kd_mix64(job->seed, (uint64_t)step, 0xd0));
             if (teacher && (st = kd_teacher_targets(teacher, x_dev, idx_dev, nl)))
                 goto done;
@@ -800,7 +800,7 @@ train:;
                 if ((st = buckets.st) || (st = comm->ops->sum_finish(comm)))
                     goto done;
             }
-            qat_restore(m, &qat); /* the update applies to the float master weights */
+            weights_master(m, &qat); /* the update applies to the float master weights */
             /* a stop request (SIGINT/SIGTERM on any rank), agreed at the same step */
             double stop_v = opts->stop && *opts->stop ? 1.0 : 0.0;
             if (world > 1 && (st = comm->ops->sum_f64(comm, &stop_v, 1)))
@@ -892,7 +892,7 @@ train:;
                 goto done;
         }
         kd_eval_result val = {0};
-        if (d.have_val && (st = evaluate(m, &d.val, eval_batch, x_dev, y_dev, xv_use, yv_use, 0.0,
+        if (d.have_val && (st = evaluate(m, &d.val, eval_batch, x_dev, y_dev, xv_res, yv_res, 0.0,
                                          &qat, comm, &val)))
             goto done;
         int best = d.have_val && val.acc > saver.info.best_val_acc;
@@ -945,9 +945,8 @@ train:;
     }
     {
         kd_eval_result test;
-        if ((st = evaluate(m, &d.test, eval_batch, x_dev, y_dev,
-                           be->device == KD_DEVICE_CPU ? d.test.x : NULL,
-                           be->device == KD_DEVICE_CPU ? d.test.y : NULL, 0.0, &qat, comm, &test)))
+        if ((st = evaluate(m, &d.test, eval_batch, x_dev, y_dev, NULL, NULL, 0.0, &qat, comm,
+                           &test)))
             goto done;
         if (rank != 0)
             goto done;
@@ -971,7 +970,7 @@ train:;
             st = KD_FAIL(KD_ERR_IO, "cannot write '%s': %s", rpath, strerror(errno));
     }
 done:
-    qat_restore(m, &qat);
+    weights_master(m, &qat);
     free(qat.saved);
     kd_teacher_close(teacher);
     kd_comm_close(nccl);
@@ -1034,8 +1033,7 @@ kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out
         (st = be->alloc((void **)&x_dev, (size_t)batch * m->in_numel * sizeof(float))) ||
         (st = be->alloc((void **)&y_dev, (size_t)batch * sizeof(int32_t))))
         goto done;
-    st = evaluate(m, &d.test, batch, x_dev, y_dev, be->device == KD_DEVICE_CPU ? d.test.x : NULL,
-                  be->device == KD_DEVICE_CPU ? d.test.y : NULL, 0.0, &qat, NULL, out);
+    st = evaluate(m, &d.test, batch, x_dev, y_dev, NULL, NULL, 0.0, &qat, NULL, out);
 done:
     free(qat.saved);
     if (m) {

@@ -69,15 +69,9 @@ __global__ void bias_grad_rows_kernel(int rows, int cols, const float *dy, float
     float acc = 0.f;
     for (int r = threadIdx.x; r < rows; r += blockDim.x)
         acc += dy[(size_t)r * cols + c];
-    part[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if ((int)threadIdx.x < s)
-            part[threadIdx.x] += part[threadIdx.x + s];
-        __syncthreads();
-    }
+    const float sum = kd_tree_sum(part, acc);
     if (threadIdx.x == 0)
-        db[c] += part[0];
+        db[c] += sum;
 }
 
 extern "C" kd_status kd_cuda_act_fwd(void *stream, size_t n, const float *x, float *y, float cap)
@@ -170,15 +164,9 @@ __global__ void bias_grad_nchw_kernel(int n, int c, int hw, const float *dy, flo
         size_t plane = e / hw, j = e - plane * hw;
         acc += dy[(plane * c + ch) * hw + j];
     }
-    part[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if ((int)threadIdx.x < s)
-            part[threadIdx.x] += part[threadIdx.x + s];
-        __syncthreads();
-    }
+    const double sum = kd_tree_sum(part, (double)acc);
     if (threadIdx.x == 0)
-        db[ch] += (float)part[0];
+        db[ch] += (float)sum;
 }
 
 /* engine/rng.c's kd_mix64, the same 64-bit arithmetic */

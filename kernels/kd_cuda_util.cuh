@@ -75,20 +75,25 @@ template <int VEC> __device__ __forceinline__ void kd_store(float *p, const floa
 
 /* operators for kd_block_reduce */
 struct kd_op_sum {
-    __device__ double operator()(double a, double b) const { return a + b; }
+    template <typename T> __device__ T operator()(T a, T b) const { return a + b; }
 };
 struct kd_op_max {
-    __device__ double operator()(double a, double b) const { return a > b ? a : b; }
+    template <typename T> __device__ T operator()(T a, T b) const { return a > b ? a : b; }
 };
 struct kd_op_min {
-    __device__ double operator()(double a, double b) const { return a < b ? a : b; }
+    template <typename T> __device__ T operator()(T a, T b) const { return a < b ? a : b; }
 };
 
-/* op over the block's values (ident: the operator's identity, for the idle lanes) */
-template <typename Op>
-__device__ __forceinline__ double kd_block_reduce(double v, Op op, double ident)
+/* op over the block's values of type T (float or double), returned to every thread: each warp
+ * by xor shuffles, then the warps' results by the first warp (ident: the operator's identity,
+ * for the idle lanes); blockDim.x a multiple of 32, at most 1024 */
+template <typename T> struct kd_type_of {
+    typedef T type; /* keeps ident out of template deduction: v alone decides T */
+};
+template <typename T, typename Op>
+__device__ __forceinline__ T kd_block_reduce(T v, Op op, typename kd_type_of<T>::type ident)
 {
-    __shared__ double part[32];
+    __shared__ T part[32];
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     for (int off = 16; off > 0; off >>= 1)
         v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
@@ -112,6 +117,23 @@ __device__ __forceinline__ double kd_block_reduce(double v, Op op, double ident)
 __device__ __forceinline__ double kd_block_sum_d(double v)
 {
     return kd_block_reduce(v, kd_op_sum(), 0.0);
+}
+
+/*
+ * The sum of every thread's v by a shared-memory tree over part[0 .. blockDim.x) (blockDim.x a
+ * power of two): pairs halving each round, a fixed order, so the result is the same run to
+ * run. Every thread gets the sum.
+ */
+template <typename T> __device__ __forceinline__ T kd_tree_sum(T *part, T v)
+{
+    part[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s)
+            part[threadIdx.x] += part[threadIdx.x + s];
+        __syncthreads();
+    }
+    return part[0];
 }
 
 #endif

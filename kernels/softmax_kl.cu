@@ -299,25 +299,8 @@ __device__ skl_state block_merge(skl_state a, float inv_t)
     return a;
 }
 
-__device__ float block_sum(float v)
-{
-    __shared__ float part[SKL_BLOCK / 32];
-    v = kd_warp_sum_f(v);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-    if (lane == 0)
-        part[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < (int)(blockDim.x / 32) ? part[lane] : 0.f;
-        v = kd_warp_sum_f(v);
-        if (lane == 0)
-            part[0] = v;
-    }
-    __syncthreads();
-    v = part[0];
-    __syncthreads();
-    return v;
-}
+/* the block's float sum (kd_block_reduce in float: warp shuffles, then the first warp) */
+__device__ float block_sum(float v) { return kd_block_reduce(v, kd_op_sum(), 0.f); }
 
 template <int VEC, typename Tin, typename Tout>
 __global__ void __launch_bounds__(SKL_BLOCK)
@@ -475,15 +458,9 @@ __global__ void sum_f64_kernel(int n, const double *x, double *out)
     double acc = 0;
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         acc += x[i];
-    part[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if ((int)threadIdx.x < s)
-            part[threadIdx.x] += part[threadIdx.x + s];
-        __syncthreads();
-    }
+    const double sum = kd_tree_sum(part, acc);
     if (threadIdx.x == 0)
-        *out = part[0];
+        *out = sum;
 }
 
 extern "C" kd_status kd_cuda_sum_f64(void *stream, int n, const double *x, double *out)

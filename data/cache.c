@@ -2136,7 +2136,7 @@ struct kd_cache {
     int in_memory;
     vds_shards shards; /* a sharded cache: its shard files, held open; else empty */
     rowbuf all;        /* in memory: every row */
-    float *widen;      /* W floats: one float16 row widened by row_emit */
+    float *widen;      /* 2 W floats: one float16 row widened by row_emit, and a view mean */
     kd_stream *stream;
 };
 
@@ -2270,20 +2270,44 @@ static void row_copy(const kd_cache *c, rowbuf *dst, int64_t jd, const rowbuf *s
 }
 
 /* Write row j of b, view `view`, into output slot i (outputs may be NULL). */
+/* The stored values of view slot vi of buffer b as floats (float16 widened into c->widen). */
+static const float *row_vals(kd_cache *c, const rowbuf *b, size_t vi)
+{
+    if (c->esize == 4)
+        return (const float *)b->main + vi * c->W;
+    const uint16_t *h = (const uint16_t *)b->main + vi * c->W;
+    for (int k = 0; k < c->W; k++)
+        c->widen[k] = kd_f16_to_f32(h[k]);
+    return c->widen;
+}
+
 static void row_emit(kd_cache *c, const rowbuf *b, int64_t j, int view, int i, float *lo, float *tv,
                      int32_t *ti, float *lse_out, float *ao, int32_t *yo)
 {
-    int W = c->W, C = c->meta.num_classes, K = c->K;
-    size_t vi = (size_t)j * c->V + view;
-    const float *vals;
-    if (c->esize == 4) {
-        vals = (const float *)b->main + vi * W;
-    } else {
-        const uint16_t *h = (const uint16_t *)b->main + vi * W;
-        for (int k = 0; k < W; k++)
-            c->widen[k] = kd_f16_to_f32(h[k]);
-        vals = c->widen;
+    int C = c->meta.num_classes, K = c->K;
+    if (view == KD_CACHE_VIEW_MEAN) { /* full logits only (kd_cache_get_rows checks) */
+        float *mean = c->widen + c->W;
+        for (int k = 0; k < C; k++)
+            mean[k] = 0.0f;
+        for (int v = 0; v < c->V; v++) {
+            const float *vals = row_vals(c, b, (size_t)j * c->V + v);
+            for (int k = 0; k < C; k++)
+                mean[k] += vals[k];
+        }
+        for (int k = 0; k < C; k++)
+            mean[k] /= (float)c->V;
+        if (lo)
+            memcpy(lo + (size_t)i * C, mean, (size_t)C * sizeof(float));
+        if (lse_out)
+            lse_out[i] = (float)row_lse(mean, C);
+        if (ao)
+            memset(ao + (size_t)i * c->P, 0, (size_t)c->P * sizeof(float));
+        if (yo)
+            yo[i] = b->lab[j];
+        return;
     }
+    size_t vi = (size_t)j * c->V + view;
+    const float *vals = row_vals(c, b, vi);
     if (!K) {
         if (lo)
             memcpy(lo + (size_t)i * C, vals, (size_t)C * sizeof(float));
@@ -2426,7 +2450,7 @@ kd_status kd_cache_open(const char *path, const kd_cache_expect *expect, kd_cach
     c->K = c->meta.topk;
     c->P = c->meta.aug_nparams;
     c->esize = meta_esize(&c->meta);
-    if (!(c->widen = malloc((size_t)c->W * sizeof(float)))) {
+    if (!(c->widen = malloc(2 * (size_t)c->W * sizeof(float)))) {
         st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
         goto done;
     }
@@ -2701,7 +2725,12 @@ kd_status kd_cache_get_rows(kd_cache *c, const uint32_t *rows, int count, int vi
                             float *logits_out, float *topk_values_out, int32_t *topk_indices_out,
                             float *lse_out, float *aug_params_out, int32_t *labels_out)
 {
-    if (view < 0 || view >= c->V)
+    if (view == KD_CACHE_VIEW_MEAN && c->K)
+        return KD_FAIL(KD_ERR_INVALID,
+                       "cache '%s' stores the top %d logits of each view: their mean over views "
+                       "needs full logits (write the cache with teacher.topk: 0)",
+                       c->path, c->K);
+    if ((view < 0 || view >= c->V) && view != KD_CACHE_VIEW_MEAN)
         return KD_FAIL(KD_ERR_INVALID, "cache '%s': view %d is outside [0, %d)", c->path, view,
                        c->V);
     if (!c->K && (topk_values_out || topk_indices_out))

@@ -308,8 +308,13 @@ kd_status kd_cache_stream_begin(kd_cache *c, const uint32_t *order, int64_t n);
 /* Stop the prefetch thread and free the ring (also done by close). */
 void kd_cache_stream_end(kd_cache *c);
 
+/* The `view` of kd_cache_get_rows that asks for the mean over every view (full logits only). */
+#define KD_CACHE_VIEW_MEAN (-1)
+
 /*
- * Copy rows rows[0..count) of view `view` (0 <= view < V); one thread at a
+ * Copy rows rows[0..count) of view `view` (0 <= view < V, or KD_CACHE_VIEW_MEAN: each logit
+ * the mean of its V stored values, summed in view order in float and divided by V, the
+ * augmentation parameters zero, i.e. the unaugmented image); one thread at a
  * time per kd_cache (a float16 row is widened in a buffer it owns). In memory: any
  * rows, any order. Streaming: rows must be the next count entries of the
  * order given to kd_cache_stream_begin (else KD_ERR_INVALID naming the

@@ -188,8 +188,9 @@ static kd_status parse_model(kd_job *j)
 
 static kd_status parse_teacher(kd_job *j)
 {
-    static const char *const keys[] = {"model", "checkpoint", "cache",      "views",        "topk",
-                                       "dtype", "compress",   "chunk_rows", "cache_memory", NULL};
+    static const char *const keys[] = {"model",        "checkpoint",   "cache",    "views",
+                                       "topk",         "dtype",        "compress", "chunk_rows",
+                                       "cache_memory", "view_targets", NULL};
     const kd_node *s;
     char pos[160];
     KD_TRY(section(j->root, "teacher", 0, keys, &s));
@@ -221,6 +222,24 @@ static kd_status parse_teacher(kd_job *j)
     else
         return KD_FAIL(KD_ERR_CONFIG, "%s: teacher.cache_memory must be auto or stream, got '%s'",
                        kd_node_where(kd_node_child(s, "cache_memory"), pos, sizeof pos), mem);
+    char vt[16] = "each";
+    KD_TRY(copy_str(s, "view_targets", 0, vt, sizeof vt));
+    if (!strcmp(vt, "mean"))
+        j->view_mean = 1;
+    else if (strcmp(vt, "each"))
+        return KD_FAIL(KD_ERR_CONFIG, "%s: teacher.view_targets must be each or mean, got '%s'",
+                       kd_node_where(kd_node_child(s, "view_targets"), pos, sizeof pos), vt);
+    if (j->view_mean && !j->teacher_cache[0])
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "%s: teacher.view_targets: mean averages the views of a cache; set "
+                       "teacher.cache",
+                       kd_node_where(kd_node_child(s, "view_targets"), pos, sizeof pos));
+    if (j->view_mean && (j->augment.crop_pad > 0 || j->augment.hflip))
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "%s: with teacher.view_targets: mean the student trains on the "
+                       "unaugmented image; remove data.augment (the views' augmentation is the "
+                       "cache's, written by a job that has it)",
+                       kd_node_where(kd_node_child(s, "view_targets"), pos, sizeof pos));
     if (strcmp(j->cache_dtype, "float16") && strcmp(j->cache_dtype, "float32"))
         return KD_FAIL(KD_ERR_CONFIG, "%s: teacher.dtype must be float16 or float32, got '%s'",
                        kd_node_where(kd_node_child(s, "dtype"), pos, sizeof pos), j->cache_dtype);

@@ -73,6 +73,8 @@ typedef struct {
     char cache_compress[16]; /* none | deflate | lz4 | zstd */
     int cache_chunk_rows;
     int cache_stream; /* teacher.cache_memory: auto (0: held in memory when it fits) | stream */
+    int view_mean;    /* teacher.view_targets: each (0: epoch e trains on view e mod V) | mean
+                       * (1: the unaugmented image against the mean of the V views' logits) */
 
     /* quant: the bit width the student is meant for (0 = no section); with qat, training
      * fake-quantizes conv/linear weights per output channel with a straight-through estimator

@@ -30,6 +30,7 @@ struct kd_teacher {
     kd_cache *cache; /* offline from the cache ... */
     kd_model *model; /* ... or a frozen teacher run live */
     int classes, topk, views, nparams_aug;
+    int view_mean; /* teacher.view_targets: mean (targets: the mean over the cache's views) */
     int64_t epoch;
     /* one batch of targets: host staging and device copies */
     float *logits_h, *tv_h, *lse_h;
@@ -140,7 +141,9 @@ kd_status kd_teacher_hold(kd_teacher *t, int max_batch, FILE *log)
     const kd_backend *be = t->be;
     if (!be->gather_rows || !kd_cache_in_memory(t->cache))
         return KD_OK;
-    const size_t N = (size_t)kd_cache_meta_of(t->cache)->num_samples, V = (size_t)t->views;
+    /* with view_targets: mean one array: the views' mean */
+    const size_t N = (size_t)kd_cache_meta_of(t->cache)->num_samples;
+    const size_t V = t->view_mean ? 1 : (size_t)t->views;
     const size_t C = (size_t)t->classes, K = (size_t)t->topk;
     const size_t bytes = V * N * (K ? 2 * K + 1 : C) * 4;
     const double mib = (double)bytes / (1024.0 * 1024.0);
@@ -169,7 +172,8 @@ kd_status kd_teacher_hold(kd_teacher *t, int max_batch, FILE *log)
             for (int i = 0; i < cnt; i++)
                 rows[i] = (uint32_t)(r0 + (size_t)i);
             const size_t at = v * N + r0;
-            if ((st = kd_cache_get_rows(t->cache, rows, cnt, (int)v, K ? NULL : t->logits_h,
+            const int view = t->view_mean ? KD_CACHE_VIEW_MEAN : (int)v;
+            if ((st = kd_cache_get_rows(t->cache, rows, cnt, view, K ? NULL : t->logits_h,
                                         K ? t->tv_h : NULL, K ? t->ti_h : NULL, K ? t->lse_h : NULL,
                                         NULL, NULL)))
                 break;
@@ -244,6 +248,19 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
         }
         t->views = meta->views;
         t->nparams_aug = meta->aug_nparams;
+        t->view_mean = job->view_mean;
+        if (t->view_mean && t->topk) {
+            st = KD_FAIL(KD_ERR_CONFIG,
+                         "%s: teacher.view_targets: mean needs full teacher logits; the cache %s "
+                         "holds the top %d only (write it with teacher.topk: 0)",
+                         job->path, job->teacher_cache, t->topk);
+            goto fail;
+        }
+        if (t->view_mean && log)
+            fprintf(log,
+                    "teacher targets: the mean of the cache's %d views' logits; the student "
+                    "trains on unaugmented images\n",
+                    t->views);
     } else {
         if ((st = open_teacher_model(job, be, max_batch, &t->model)) ||
             (st = check_teacher_input(job, t->model, train)))
@@ -294,8 +311,8 @@ kd_status kd_teacher_batch(kd_teacher *t, const uint32_t *idx, int n, int64_t ep
         kd_augment_draw_batch(aug, seed, (uint64_t)epoch, idx, n, params);
         return KD_OK;
     }
-    int view = (int)(epoch % t->views);
-    t->view = view;
+    int view = t->view_mean ? KD_CACHE_VIEW_MEAN : (int)(epoch % t->views);
+    t->view = view < 0 ? 0 : view; /* the held array's view (one array for the mean) */
     if (t->rows) /* the targets are held on the device: only the augmentation comes from here */
         return kd_cache_get_rows(t->cache, idx, n, view, NULL, NULL, NULL, NULL, params, NULL);
     return kd_cache_get_rows(t->cache, idx, n, view, t->topk ? NULL : t->logits_h,
@@ -417,6 +434,12 @@ static void cache_run_free(cache_run *r)
 static kd_status cache_run_open(cache_run *r)
 {
     const kd_job *job = r->job;
+    if (job->view_mean)
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "%s: teacher.view_targets: mean trains from a cache of augmented views "
+                       "without augmenting; write that cache with the job that augments (the "
+                       "same teacher, data and teacher.views)",
+                       job->path);
     kd_set_threads(job->threads);
     if (r->opts->comm && r->opts->comm->size > 1) /* one device per rank of a host */
         kd_backend_cuda_prefer_device(r->opts->comm->local_rank);

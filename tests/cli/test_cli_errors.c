@@ -175,6 +175,19 @@ static void test_precision(void **state)
         "train", job, "--set", "quant={bits: 8, qat: true}", "--set", "run.precision=bf16", NULL};
     run_expect(qb, 1, "quant.qat", "run.precision: float32", NULL);
     assert_false(kd_file_exists(od));
+    /* teacher.view_targets: each or mean, and mean averages a cache's views */
+    const char *vt_bad[] = {"train", job, "--set",
+                            "teacher={model: {input: [1, 28, 28], layers: [flatten, {linear: {out: "
+                            "10}}]}, checkpoint: t.safetensors, cache: t.h5, view_targets: median}",
+                            NULL};
+    run_expect(vt_bad, 1, "view_targets must be each or mean", "'median'", NULL);
+    const char *vt_live[] = {
+        "train", job, "--set",
+        "teacher={model: {input: [1, 28, 28], layers: [flatten, {linear: {out: "
+        "10}}]}, checkpoint: t.safetensors, view_targets: mean}",
+        NULL};
+    run_expect(vt_live, 1, "averages the views of a cache", "set teacher.cache", NULL);
+    assert_false(kd_file_exists(od));
 }
 
 /* A learning rate that makes the weights infinite after one step: the run stops with the epoch and

@@ -192,6 +192,31 @@ static void test_held_cache_equals_streamed(void **state)
         strcat(a, "/last.safetensors");
         strcat(b, "/last.safetensors");
         expect_same_file(a, b);
+        /* view_targets: mean: unaugmented images against the views' mean logits; held and
+         * streamed alike; refused with augmentation, with a top-k cache and by `distill cache` */
+        const char *mean = "teacher.view_targets=mean", *noaug = "data.augment={}";
+        snprintf(oa, sizeof oa, "run.out_dir=%s", tp(a, sizeof a, k ? "mean_k" : "mean_mem"));
+        snprintf(ob, sizeof ob, "run.out_dir=%s", tp(b, sizeof b, "mean_str"));
+        if (!k) {
+            expect_ok(
+                (const char *[]){"train", job, "--set", oa, "--set", mean, "--set", noaug, NULL});
+            assert_non_null(strstr(out, "the mean of the cache's 2 views"));
+            assert_non_null(strstr(out, "teacher cache held on the cpu device"));
+            expect_ok((const char *[]){"train", job, "--set", ob, "--set", mean, "--set", noaug,
+                                       "--set", "teacher.cache_memory=stream", NULL});
+            strcat(a, "/last.safetensors");
+            strcat(b, "/last.safetensors");
+            expect_same_file(a, b);
+            expect_fail((const char *[]){"train", job, "--set", oa, "--set", mean, NULL},
+                        (const char *[]){"view_targets", "remove data.augment", NULL});
+            expect_fail((const char *[]){"cache", job, "--set", mean, "--set", noaug, NULL},
+                        (const char *[]){"view_targets: mean", "write that cache", NULL});
+        } else {
+            expect_fail(
+                (const char *[]){"train", job, "--set", oa, "--set", mean, "--set", noaug, NULL},
+                (const char *[]){"view_targets: mean needs full teacher logits", "heldtopk.h5",
+                                 "top 3", NULL});
+        }
         /* decoupled KD reads the batch's labels too: it trains from the full cache and is
          * refused a top-k one, naming both */
         const char *dkd = "distill.losses=[{type: ce, weight: 0.5}, {type: dkd, weight: 0.5, "

@@ -337,6 +337,85 @@ static void test_roundtrip_topk(void **state)
     roundtrip("topk16.h5", make_meta(700, 20, 1, 4, KD_DTYPE_F16, 64), NULL);
 }
 
+/* KD_CACHE_VIEW_MEAN: each logit the float mean of its views (summed in view order), zero
+ * augmentation, the label, the row's log-sum-exp; in memory and streamed; refused on top-k. */
+static void check_view_mean(kd_cache *c, const kd_cache_meta *m, const uint32_t *order, int batch)
+{
+    const int C = m->num_classes, V = m->views, P = m->aug_nparams;
+    float *lo = malloc(sizeof(float) * (size_t)batch * C), *lse = malloc(sizeof(float) * batch);
+    float *aug = malloc(sizeof(float) * (size_t)batch * P), want[64];
+    int32_t *lab = malloc(sizeof(int32_t) * (size_t)batch);
+    for (int64_t p0 = 0; p0 < m->num_samples; p0 += batch) {
+        int cnt = (int)(m->num_samples - p0 < batch ? m->num_samples - p0 : batch);
+        memset(aug, 0x7f, sizeof(float) * (size_t)batch * P);
+        assert_ok(kd_cache_get_rows(c, order + p0, cnt, KD_CACHE_VIEW_MEAN, lo, NULL, NULL, lse,
+                                    aug, lab));
+        for (int i = 0; i < cnt; i++) {
+            int64_t g = order[p0 + i];
+            assert_int_equal(lab[i], g % C);
+            for (int p = 0; p < P; p++)
+                assert_true(aug[(size_t)i * P + p] == 0.0f);
+            double s = 0.0, mx = -INFINITY;
+            for (int k = 0; k < C; k++) {
+                float sum = 0.0f;
+                for (int v = 0; v < V; v++)
+                    sum += stored(m, logit_of(g, v, k));
+                want[k] = sum / (float)V;
+                if (lo[(size_t)i * C + k] != want[k])
+                    fail_msg("row %lld class %d: mean %g, want %g", (long long)g, k,
+                             lo[(size_t)i * C + k], want[k]);
+                mx = want[k] > mx ? want[k] : mx;
+            }
+            for (int k = 0; k < C; k++)
+                s += exp(want[k] - mx);
+            kd_assert_close(lse[i], mx + log(s), 1e-5);
+        }
+    }
+    free(lo);
+    free(lse);
+    free(aug);
+    free(lab);
+}
+
+static void test_view_mean(void **state)
+{
+    char path[512];
+    kd_cache_meta m = make_meta(300, 10, 3, 0, KD_DTYPE_F16, 64);
+    tmp_path(path, sizeof path, "viewmean.h5");
+    write_cache(path, &m, NULL, 1);
+    kd_cache_expect e;
+    expect_init_from(&e, &m);
+    uint32_t *shuf = perm_make(m.num_samples, 5, 1);
+    kd_cache *c = NULL;
+    assert_ok(kd_cache_open(path, &e, &c));
+    check_view_mean(c, &m, shuf, 29);
+    /* a view outside [0, V) that is not the mean is refused */
+    assert_int_equal(kd_cache_get_rows(c, shuf, 1, -2, NULL, NULL, NULL, NULL, NULL, NULL),
+                     KD_ERR_INVALID);
+    assert_int_equal(kd_cache_get_rows(c, shuf, 1, 3, NULL, NULL, NULL, NULL, NULL, NULL),
+                     KD_ERR_INVALID);
+    kd_cache_close(c);
+    e.memory_limit = -1; /* streamed */
+    e.slot_rows = 40;
+    assert_ok(kd_cache_open(path, &e, &c));
+    assert_ok(kd_cache_stream_begin(c, shuf, m.num_samples));
+    check_view_mean(c, &m, shuf, 17);
+    kd_cache_close(c);
+
+    kd_cache_meta t = make_meta(100, 20, 2, 4, KD_DTYPE_F32, 32);
+    tmp_path(path, sizeof path, "viewmean_topk.h5");
+    write_cache(path, &t, NULL, 1);
+    expect_init_from(&e, &t);
+    assert_ok(kd_cache_open(path, &e, &c));
+    float lo[20];
+    assert_int_equal(
+        kd_cache_get_rows(c, shuf, 1, KD_CACHE_VIEW_MEAN, lo, NULL, NULL, NULL, NULL, NULL),
+        KD_ERR_INVALID);
+    assert_non_null(strstr(kd_last_error(), "top 4"));
+    kd_cache_close(c);
+    free(shuf);
+}
+
 static void test_chunk_boundaries(void **state)
 {
     const int64_t ns[] = {1, 127, 128, 129, 256, 300};
@@ -844,6 +923,7 @@ int main(void)
         cmocka_unit_test(test_roundtrip_full_f16),
         cmocka_unit_test(test_roundtrip_topk),
         cmocka_unit_test(test_chunk_boundaries),
+        cmocka_unit_test(test_view_mean),
         cmocka_unit_test(test_compression),
         cmocka_unit_test(test_resume_after_sigkill),
         cmocka_unit_test(test_reader_mismatches),

@@ -2269,7 +2269,6 @@ static void row_copy(const kd_cache *c, rowbuf *dst, int64_t jd, const rowbuf *s
     }
 }
 
-/* Write row j of b, view `view`, into output slot i (outputs may be NULL). */
 /* The stored values of view slot vi of buffer b as floats (float16 widened into c->widen). */
 static const float *row_vals(kd_cache *c, const rowbuf *b, size_t vi)
 {
@@ -2281,6 +2280,8 @@ static const float *row_vals(kd_cache *c, const rowbuf *b, size_t vi)
     return c->widen;
 }
 
+/* Write row j of b, view `view` (or the views' mean), into output slot i (outputs may be
+ * NULL). */
 static void row_emit(kd_cache *c, const rowbuf *b, int64_t j, int view, int i, float *lo, float *tv,
                      int32_t *ti, float *lse_out, float *ao, int32_t *yo)
 {

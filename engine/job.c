@@ -234,6 +234,12 @@ static kd_status parse_teacher(kd_job *j)
                        "%s: teacher.view_targets: mean averages the views of a cache; set "
                        "teacher.cache",
                        kd_node_where(kd_node_child(s, "view_targets"), pos, sizeof pos));
+    if (j->view_mean && j->cache_topk > 0)
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "%s: teacher.view_targets: mean needs full teacher logits; teacher.topk "
+                       "is %d",
+                       kd_node_where(kd_node_child(s, "view_targets"), pos, sizeof pos),
+                       j->cache_topk);
     if (j->view_mean && (j->augment.crop_pad > 0 || j->augment.hflip))
         return KD_FAIL(KD_ERR_CONFIG,
                        "%s: with teacher.view_targets: mean the student trains on the "

@@ -37,8 +37,9 @@ struct kd_teacher {
     int32_t *ti_h;
     float *t_dev, *tv_dev, *lse_dev, *grad_dev;
     int32_t *ti_dev;
-    /* the whole cache held where the backend computes (kd_teacher_hold): [V][N][C] logits, or
-     * [V][N][K] top-k values and classes and [V][N] log-sum-exps; NULL when not held */
+    /* the whole cache held where the backend computes (kd_teacher_hold): [V][N][C] logits (one
+     * [N][C] array, the views' mean, with view_targets: mean), or [V][N][K] top-k values and
+     * classes and [V][N] log-sum-exps; NULL when not held */
     int64_t rows;
     int view; /* the view of the current batch */
     float *res_t, *res_tv, *res_lse;
@@ -230,7 +231,11 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
                     job->teacher_ckpt);
         }
         if ((st = kd_cache_open(job->teacher_cache, &e, &t->cache))) {
-            if (st == KD_ERR_NOT_FOUND)
+            if (st == KD_ERR_NOT_FOUND && job->view_mean)
+                st = kd_fail_context(st, "the teacher cache is missing (write it with `distill "
+                                         "cache` and the job that augments: same teacher, data, "
+                                         "teacher.views, topk 0): ");
+            else if (st == KD_ERR_NOT_FOUND)
                 st = kd_fail_context(st,
                                      "the teacher cache is missing (write it with: distill "
                                      "cache %s): ",
@@ -313,6 +318,11 @@ kd_status kd_teacher_batch(kd_teacher *t, const uint32_t *idx, int n, int64_t ep
     }
     int view = t->view_mean ? KD_CACHE_VIEW_MEAN : (int)(epoch % t->views);
     t->view = view < 0 ? 0 : view; /* the held array's view (one array for the mean) */
+    if (t->rows && t->view_mean) { /* held, and the image is not augmented */
+        if (params)
+            memset(params, 0, (size_t)n * KD_AUG_NPARAMS * sizeof(float));
+        return KD_OK;
+    }
     if (t->rows) /* the targets are held on the device: only the augmentation comes from here */
         return kd_cache_get_rows(t->cache, idx, n, view, NULL, NULL, NULL, NULL, params, NULL);
     return kd_cache_get_rows(t->cache, idx, n, view, t->topk ? NULL : t->logits_h,

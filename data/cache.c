@@ -2286,29 +2286,24 @@ static void row_emit(kd_cache *c, const rowbuf *b, int64_t j, int view, int i, f
                      int32_t *ti, float *lse_out, float *ao, int32_t *yo)
 {
     int C = c->meta.num_classes, K = c->K;
-    if (view == KD_CACHE_VIEW_MEAN) { /* full logits only (kd_cache_get_rows checks) */
-        float *mean = c->widen + c->W;
+    const int mean = view == KD_CACHE_VIEW_MEAN; /* full logits only (kd_cache_get_rows checks) */
+    size_t vi = mean ? 0 : (size_t)j * c->V + view;
+    const float *vals;
+    if (mean) {
+        float *m = c->widen + c->W;
         for (int k = 0; k < C; k++)
-            mean[k] = 0.0f;
+            m[k] = 0.0f;
         for (int v = 0; v < c->V; v++) {
-            const float *vals = row_vals(c, b, (size_t)j * c->V + v);
+            const float *r = row_vals(c, b, (size_t)j * c->V + v);
             for (int k = 0; k < C; k++)
-                mean[k] += vals[k];
+                m[k] += r[k];
         }
         for (int k = 0; k < C; k++)
-            mean[k] /= (float)c->V;
-        if (lo)
-            memcpy(lo + (size_t)i * C, mean, (size_t)C * sizeof(float));
-        if (lse_out)
-            lse_out[i] = (float)row_lse(mean, C);
-        if (ao)
-            memset(ao + (size_t)i * c->P, 0, (size_t)c->P * sizeof(float));
-        if (yo)
-            yo[i] = b->lab[j];
-        return;
+            m[k] /= (float)c->V;
+        vals = m;
+    } else {
+        vals = row_vals(c, b, vi);
     }
-    size_t vi = (size_t)j * c->V + view;
-    const float *vals = row_vals(c, b, vi);
     if (!K) {
         if (lo)
             memcpy(lo + (size_t)i * C, vals, (size_t)C * sizeof(float));
@@ -2341,7 +2336,9 @@ static void row_emit(kd_cache *c, const rowbuf *b, int64_t j, int view, int i, f
                 row[ix[k]] = vals[k];
         }
     }
-    if (ao)
+    if (ao && mean) /* the unaugmented image */
+        memset(ao + (size_t)i * c->P, 0, (size_t)c->P * sizeof(float));
+    else if (ao)
         memcpy(ao + (size_t)i * c->P, b->aug + vi * c->P, (size_t)c->P * sizeof(float));
     if (yo)
         yo[i] = b->lab[j];

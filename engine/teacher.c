@@ -253,14 +253,8 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
         }
         t->views = meta->views;
         t->nparams_aug = meta->aug_nparams;
-        t->view_mean = job->view_mean;
-        if (t->view_mean && t->topk) {
-            st = KD_FAIL(KD_ERR_CONFIG,
-                         "%s: teacher.view_targets: mean needs full teacher logits; the cache %s "
-                         "holds the top %d only (write it with teacher.topk: 0)",
-                         job->path, job->teacher_cache, t->topk);
-            goto fail;
-        }
+        t->view_mean = job->view_mean; /* full logits: job.c refuses it with teacher.topk > 0,
+                                        * and the cache must match teacher.topk */
         if (t->view_mean && log)
             fprintf(log,
                     "teacher targets: the mean of the cache's %d views' logits; the student "

@@ -172,6 +172,14 @@ uint64_t fw_calibrate(void)
     return fw_ticks_to_instr(t1 - t0);
 }
 
+void fw_put_calib(void)
+{
+    fw_puts("calib");
+    fw_put_kv("instr", (uint32_t)fw_calibrate());
+    fw_put_kv("expect", FW_CALIB_INSTR);
+    fw_putc('\n');
+}
+
 uint32_t fw_stack_size(void) { return (uint32_t)((__stack_top - __stack_limit) * 4); }
 
 uint32_t fw_stack_used(void)

@@ -15,6 +15,11 @@
 #   bench/mcu/run.sh compare LOG SAMPLES_BIN
 #       Only the comparison: a run_samples log against a samples.bin (tests use it to show that
 #       a changed byte is caught).
+#   bench/mcu/run.sh cmsis EXPORT_DIR CMSIS_NN_DIR
+#       Firmware D on the Cortex-M4: every conv / depthwise / fully-connected layer of the export
+#       run by the kdm DSP kernels and by Arm's CMSIS-NN (a checkout of
+#       github.com/ARM-software/CMSIS-NN, built with CMSIS_NN_OPT, default -O2) on the same
+#       input; instructions per MAC side by side, and the outputs must be byte-identical.
 #   bench/mcu/run.sh kcheck CASES_C [BUILD_DIR]
 #       Firmware C (kernel_check) with the DSP kernels and with KDM_FORCE_REF=1 on the
 #       Cortex-M4: both must reproduce the host outputs and print identical lines.
@@ -287,9 +292,61 @@ cmd_bench() {
     [ $ok -eq 1 ]
 }
 
+cmd_cmsis() {
+    [ $# -eq 2 ] || die "cmsis needs EXPORT_DIR CMSIS_NN_DIR"
+    local dir=$1 cm=$2 bdir=${KDM_MCU_BUILD:-$root/build/mcu}/cmsis rc
+    [ -f "$dir/samples.bin" ] || die "$dir has no samples.bin"
+    [ -f "$cm/Include/arm_nnfunctions.h" ] ||
+        die "$cm is not a CMSIS-NN checkout (no Include/arm_nnfunctions.h;" \
+            "git clone https://github.com/ARM-software/CMSIS-NN)"
+    dir=$(cd "$dir" && pwd)
+    cm=$(cd "$cm" && pwd)
+    cfg_args=(-DKDM_EXPORT_DIR="$dir" -DKDM_KCHECK_SOURCE= -DCMSIS_NN_DIR="$cm")
+    [ -n "${CMSIS_NN_OPT:-}" ] && cfg_args+=(-DCMSIS_NN_OPT="$CMSIS_NN_OPT")
+    build "$bdir" cortex-m4 OFF cmsis_nn_layers
+    qemu mps2-an386 "$bdir/cmsis_nn_layers.elf" "$bdir/cmsis_nn_layers.log" -icount shift=0
+    rc=$?
+    if [ $rc -ne 0 ] && [ $rc -ne 1 ]; then
+        tail -5 "$bdir/cmsis_nn_layers.log"
+        die "cmsis_nn_layers exited with $rc"
+    fi
+    check_calib "$bdir/cmsis_nn_layers.log" || return 1
+    local opt kb cb
+    opt=$(sed -n 's/^CMSIS_NN_OPT:STRING=//p' "$bdir/CMakeCache.txt")
+    kb=$(map_bytes "$bdir/cmsis_nn_layers.map" libkdm.a)
+    cb=$(map_bytes "$bdir/cmsis_nn_layers.map" libcmsis_nn.a)
+    local ver
+    ver=$(sed -n 's/^ \* \$Revision: *//p' "$cm/Include/arm_nnfunctions.h" | head -1)
+    echo "Cortex-M4 (QEMU mps2-an386, -icount shift=0), the same layer on the same input bytes:" \
+        "kdm DSP kernels vs CMSIS-NN (arm_nnfunctions.h ${ver:-?}$(cd "$cm" &&
+            git rev-parse --short HEAD 2>/dev/null | sed 's/^/, commit /'), $opt;" \
+        "int8 through the wrappers TFLite Micro calls, int4 through the kernels they pick)"
+    awk '
+        function f(k, i) { for (i = 1; i <= NF; i++) if (index($i, k "=") == 1) return substr($i, length(k) + 2); return "" }
+        $1 == "cmsis" {
+            m = f("macs"); a = f("kdm_instr"); b = f("cmsis_instr"); mm = f("mismatch"); k = f("k")
+            if (k == "0x0") k = "-"
+            if (!hdr++) printf "%3s %-9s %2s %-22s %-5s %9s | %9s %6s | %9s %6s | %12s | %s\n", "op", "type", "wb", "in -> out", "k", "MACs", "kdm", "i/MAC", "CMSIS-NN", "i/MAC", "CMSIS-NN/kdm", "outputs"
+            if (b == 0) {
+                printf "%3s %-9s %2s %-22s %-5s %9d | %9d %6.3f | %9s %6s | %12s | %s\n", f("op"), f("type"), f("wbits"), f("in") "->" f("out"), k, m, a, a / m, "-", "-", "-", "no CMSIS-NN kernel in this harness"
+                next
+            }
+            printf "%3s %-9s %2s %-22s %-5s %9d | %9d %6.3f | %9d %6.3f | %12.3f | %s (%s)\n", f("op"), f("type"), f("wbits"), f("in") "->" f("out"), k, m, a, a / m, b, b / m, b / a, mm == 0 ? "identical" : mm " bytes differ", f("fn")
+            sa += a; sb += b; bad += mm; n++
+        }
+        END {
+            if (!n) { print "no weighted layer measured"; exit 1 }
+            printf "    %-50s | %9d        | %9d        | %12.3f |\n", "sum over the layers both ran", sa, sb, sb / sa
+            exit bad > 0
+        }' "$bdir/cmsis_nn_layers.log" || { echo "FAIL: kdm and CMSIS-NN outputs differ"; return 1; }
+    echo "code linked (input sections from the link map): kdm runtime $kb B (whole runtime," \
+        "loader and dispatch included); CMSIS-NN $cb B (kernels only; TFLite Micro's" \
+        "interpreter comes on top)"
+}
+
 mode=bench
 case "${1:-}" in
-bench | check | compare | kcheck) mode=$1 && shift ;;
+bench | check | compare | kcheck | cmsis) mode=$1 && shift ;;
 esac
 [ $# -ge 1 ] || {
     awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"

@@ -46,10 +46,7 @@ static int fail(const char *what, kdm_status st, int code)
 
 int main(void)
 {
-    fw_puts("calib");
-    fw_put_kv("instr", (uint32_t)fw_calibrate());
-    fw_put_kv("expect", FW_CALIB_INSTR);
-    fw_putc('\n');
+    fw_put_calib();
 
     kdm_model m;
     kdm_status st = kdm_load(&m, kdm_model_blob, kdm_model_blob_len);

@@ -43,10 +43,11 @@ typedef struct {
 } window;
 
 /* Channels 0 .. c4 - 1, four at a time, over a window inside the input: ip0 and wp0 point at the
- * window's first pixel and weight row; acc[0 .. c4) hold the biases on entry, the sums on return.
+ * window's first pixel and weight row; the sums start from init[0 .. c4) (the biases, read in
+ * place) and go to acc[0 .. c4).
  */
 static KDM_NOINLINE void window4(const window *g, const int8_t *ip0, const uint8_t *wp0,
-                                 int32_t *acc, int32_t c4)
+                                 const int32_t *init, int32_t *acc, int32_t c4)
 {
     const int32_t ch = g->ch, rs = g->rs, kw = g->kw, skip = g->row_skip;
 #define STEP()                                                                                     \
@@ -59,7 +60,7 @@ static KDM_NOINLINE void window4(const window *g, const int8_t *ip0, const uint8
     for (int32_t c = 0; c < c4; c += 4) {
         const int8_t *ip = ip0 + c;
         const uint8_t *wp = wp0 + c / 2;
-        int32_t a0 = acc[c], a1 = acc[c + 1], a2 = acc[c + 2], a3 = acc[c + 3];
+        int32_t a0 = init[c], a1 = init[c + 1], a2 = init[c + 2], a3 = init[c + 3];
         if (kw == 3) { /* the common kernel: a window row without loop upkeep */
             for (int32_t ky = g->kh; ky > 0; ky--, ip += skip, wp += g->wrow_skip) {
                 STEP();
@@ -93,11 +94,9 @@ void kdm_depthwise_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q,
         for (int32_t ox = 0; ox < p->out_w; ox++) {
             const int32_t x0 = ox * p->stride - p->pad;
             int8_t *o = out + (oy * p->out_w + ox) * ch;
-            for (int32_t c = 0; c < ch; c++)
-                acc[c] = rq.bias[c];
             if (y0 >= 0 && x0 >= 0 && y0 + kh <= p->in_h && x0 + kw <= p->in_w) {
                 const int8_t *ip = in + (y0 * p->in_w + x0) * ch;
-                window4(&g, ip, w, acc, c4);
+                window4(&g, ip, w, rq.bias, acc, c4);
             } else {
                 /* the taps inside the input as a smaller window, then the padded ones (input
                  * zero-points, no loads, no per-tap checks) */
@@ -108,7 +107,10 @@ void kdm_depthwise_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q,
                     const int32_t nx = kxb - kxa;
                     const window gb = {kyb - kya, nx, ch, rs, (p->in_w - nx) * ch, (kw - nx) * rs};
                     const int8_t *ip = in + ((y0 + kya) * p->in_w + x0 + kxa) * ch;
-                    window4(&gb, ip, w + (kya * kw + kxa) * rs, acc, c4);
+                    window4(&gb, ip, w + (kya * kw + kxa) * rs, rq.bias, acc, c4);
+                } else {
+                    for (int32_t c = 0; c < c4; c++)
+                        acc[c] = rq.bias[c];
                 }
                 for (int32_t ky = 0; ky < kh; ky++) {
                     for (int32_t kx = 0; kx < kw; kx++) {
@@ -127,7 +129,7 @@ void kdm_depthwise_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q,
                 }
             }
             for (int32_t c = c4; c < ch; c++) {
-                uint32_t sum = (uint32_t)acc[c];
+                uint32_t sum = (uint32_t)rq.bias[c];
                 for (int32_t ky = 0; ky < kh; ky++) {
                     const int32_t iy = y0 + ky;
                     for (int32_t kx = 0; kx < kw; kx++) {

@@ -24,6 +24,7 @@
 #include "fw.h"
 #include "kdm.h"
 #include "model.h"
+#include "fw_blob.h" /* after model.h */
 
 #ifndef FW_KERNELS
 #define FW_KERNELS "?"
@@ -33,18 +34,6 @@
 
 static uint8_t arena[KDM_MODEL_ARENA_SIZE] __attribute__((aligned(8)));
 static int8_t input[FW_IN_SIZE], output[FW_OUT_SIZE];
-
-static const char *const op_names[KDM_OP_COUNT_] = {
-    "?", "conv2d", "dwconv2d", "fc", "add", "maxpool", "avgpool", "gap", "reshape", "softmax",
-};
-
-/* Word i of the little-endian int32 table at byte offset `off` of the blob. */
-static int32_t blob_word(uint32_t off, uint32_t i)
-{
-    const uint8_t *p = kdm_model_blob + off + 4u * i;
-    return (int32_t)((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-                     (uint32_t)p[3] << 24);
-}
 
 static void put_shape(const char *key, uint32_t tensors_off, int32_t t)
 {
@@ -118,7 +107,7 @@ int main(void)
         fw_puts("layer");
         fw_put_kv("op", i);
         fw_puts(" type=");
-        fw_puts(type > 0 && type < KDM_OP_COUNT_ ? op_names[type] : "?");
+        fw_puts(op_name(type));
         fw_put_kv("wbits", (uint32_t)blob_word(ops_off, a + 8));
         put_shape("in", tensors_off, blob_word(ops_off, a + 1));
         put_shape("out", tensors_off, blob_word(ops_off, a + 3));

@@ -39,6 +39,7 @@
 #include "fw.h"
 #include "kdm.h"
 #include "model.h"
+#include "fw_blob.h" /* after model.h */
 
 #define FW_MIN_TICKS   25000u /* 1e6 instructions */
 #define FW_MAX_REPS    64u
@@ -52,17 +53,6 @@ static int8_t cm_weights[FW_MAX_WEIGHTS] __attribute__((aligned(4)));
 static int32_t cm_bias[FW_MAX_CH], cm_mult[FW_MAX_CH], cm_shift[FW_MAX_CH];
 static int32_t cm_buf[FW_MAX_BUF / 4];
 static int8_t cm_out[65536] __attribute__((aligned(4)));
-
-static const char *const op_names[KDM_OP_COUNT_] = {
-    "?", "conv2d", "dwconv2d", "fc", "add", "maxpool", "avgpool", "gap", "reshape", "softmax",
-};
-
-static int32_t blob_word(uint32_t off, uint32_t i)
-{
-    const uint8_t *p = kdm_model_blob + off + 4u * i;
-    return (int32_t)((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-                     (uint32_t)p[3] << 24);
-}
 
 typedef struct {
     uint32_t off;
@@ -310,7 +300,7 @@ int main(void)
             cm_shift[o] = blob_word(quant_off, (uint32_t)(out_c + o));
         }
 
-        const char *type_shown = op_names[type];
+        const char *type_shown = op_name(type);
         int per_tensor = 1;
         for (int32_t o = 1; o < out_c; o++)
             per_tensor &= cm_mult[o] == cm_mult[0] && cm_shift[o] == cm_shift[0];
@@ -380,7 +370,7 @@ int main(void)
         const uint64_t kdm_instr = time_it(run_kdm, &kc, &s1);
         const uint64_t cm_instr = c.kind == CM_NONE ? 0 : time_it(run_cmsis, &c, &s2);
         if (s1 || s2)
-            return fail(op_names[type], s1 ? "kdm_invoke_op failed" : "CMSIS-NN returned an error");
+            return fail(op_name(type), s1 ? "kdm_invoke_op failed" : "CMSIS-NN returned an error");
         const int8_t *ours = (const int8_t *)(arena + tout.off);
         uint32_t mismatch = 0;
         for (int32_t j = 0; c.kind != CM_NONE && j < n_out; j++)

@@ -20,9 +20,12 @@
  * bench/mcu on a 32 -> 32 channel 1x1 layer: 2.9 instructions per MAC in place, 2.75 staged).
  *
  * An odd last pixel is computed as a pair with itself, an odd last channel as a pair with
- * itself. Raw sums go through kdm_requant_row2_ (both pixels, the per-channel multiplier and
- * shift loaded once) KDM_CHUNK channels at a time (with four
- * requantizations inlined into the block, GCC runs out of registers in the loop around it).
+ * itself. All channels of a pixel pair run in one out-of-line function (channels), whose loop
+ * has only the block's pointers and counters to keep: each block's four raw sums are
+ * requantized as soon as they are complete (kdm_requant_pair_dbl_, the channel's multiplier
+ * and shift serving both pixels) and stored, with no round trip through memory. Measured on
+ * the tiny student's 1x1 layers against collecting 16 channels' sums on the stack for
+ * kdm_requant_row2_: 2.66 / 2.30 / 1.79 -> 2.56 / 2.21 / 1.75 instructions per MAC.
  */
 #include "kdm_dsp.h"
 #include "kdm_kernels.h"
@@ -98,36 +101,61 @@ static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int3
         w1 += 4;                                                                                   \
     } while (0)
 
-/* The 2 x 2 block: channels (o, o1) x the two staged columns; raw sums to acc0[0..1] (column
- * 0) and acc1[0..1] (column 1). */
-static inline void block(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *w,
-                         const uint8_t *col, int32_t k_all, int32_t o, int32_t o1, int32_t *acc0,
-                         int32_t *acc1)
+/* Every output channel of the two staged columns, two channels at a time (a 2 x 2 block with
+ * the two columns): the four raw sums are requantized as soon as they are complete, the
+ * channel's multiplier and shift serving both pixels, into out0 / out1 (out1 == out0 for an odd
+ * last pixel, an odd last channel pairs with itself: the same bytes twice). */
+static KDM_NOINLINE void channels(const kdm_requant_params *q, const int8_t *w, int32_t rs,
+                                  int32_t out_c, const uint8_t *col, int32_t k_all, int8_t *out0,
+                                  int8_t *out1)
 {
-    const int32_t k4 = k_all & ~3, tail = k_all - k4;
-    const int8_t *w0 = w + o * p->row_stride, *w1 = w + o1 * p->row_stride;
-    int32_t a00 = q->bias[o], a01 = a00, a10 = q->bias[o1], a11 = a10;
-    const uint8_t *c = col;
-    for (int32_t g = k4 >> 3; g > 0; g--, c += 32) {
-        GROUP(c);
-        GROUP(c + 16);
+    const int32_t k4 = k_all & ~3, tail = k_all - k4, zp = q->out_zp, zp2 = 2 * zp + 1;
+    const int single = (q->flags & KDM_FLAG_SINGLE_ROUNDING) != 0;
+    const int8_t *row = w;
+    for (int32_t o = 0; o < out_c; o += 2, row += 2 * rs) {
+        const int32_t o1 = o + 1 < out_c ? o + 1 : o;
+        const int8_t *w0 = row, *w1 = w + o1 * rs;
+        int32_t a00 = q->bias[o], a01 = a00, a10 = q->bias[o1], a11 = a10;
+        const uint8_t *c = col;
+        for (int32_t g = k4 >> 3; g > 0; g--, c += 32) {
+            GROUP(c);
+            GROUP(c + 16);
+        }
+        if (k4 & 4) {
+            GROUP(c);
+            c += 16;
+        }
+        if (tail) {
+            uint32_t s00 = (uint32_t)a00, s01 = (uint32_t)a01, s10 = (uint32_t)a10,
+                     s11 = (uint32_t)a11;
+            for (int32_t t = 0; t < tail; t++) {
+                int32_t x0 = (int16_t)kdm_ld16(c + 2 * t),
+                        x1 = (int16_t)kdm_ld16(c + 2 * (tail + t));
+                s00 += (uint32_t)(w0[t] * x0);
+                s01 += (uint32_t)(w0[t] * x1);
+                s10 += (uint32_t)(w1[t] * x0);
+                s11 += (uint32_t)(w1[t] * x1);
+            }
+            a00 = (int32_t)s00;
+            a01 = (int32_t)s01;
+            a10 = (int32_t)s10;
+            a11 = (int32_t)s11;
+        }
+        int32_t v00, v01, v10, v11; /* v<channel><pixel> */
+        if (single) {
+            v00 = kdm_requant_single_s8_(a00, q->mult[o], q->shift[o], zp);
+            v01 = kdm_requant_single_s8_(a01, q->mult[o], q->shift[o], zp);
+            v10 = kdm_requant_single_s8_(a10, q->mult[o1], q->shift[o1], zp);
+            v11 = kdm_requant_single_s8_(a11, q->mult[o1], q->shift[o1], zp);
+        } else {
+            kdm_requant_pair_dbl_(a00, a01, q->mult[o], q->shift[o], zp, zp2, &v00, &v01);
+            kdm_requant_pair_dbl_(a10, a11, q->mult[o1], q->shift[o1], zp, zp2, &v10, &v11);
+        }
+        out0[o] = (int8_t)v00;
+        out1[o] = (int8_t)v01;
+        out0[o1] = (int8_t)v10;
+        out1[o1] = (int8_t)v11;
     }
-    if (k4 & 4) {
-        GROUP(c);
-        c += 16;
-    }
-    uint32_t s00 = (uint32_t)a00, s01 = (uint32_t)a01, s10 = (uint32_t)a10, s11 = (uint32_t)a11;
-    for (int32_t t = 0; t < tail; t++) {
-        int32_t x0 = (int16_t)kdm_ld16(c + 2 * t), x1 = (int16_t)kdm_ld16(c + 2 * (tail + t));
-        s00 += (uint32_t)(w0[t] * x0);
-        s01 += (uint32_t)(w0[t] * x1);
-        s10 += (uint32_t)(w1[t] * x0);
-        s11 += (uint32_t)(w1[t] * x1);
-    }
-    acc0[0] = (int32_t)s00;
-    acc0[1] = (int32_t)s10;
-    acc1[0] = (int32_t)s01;
-    acc1[1] = (int32_t)s11;
 }
 
 void kdm_conv2d_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
@@ -136,19 +164,17 @@ void kdm_conv2d_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, co
     const kdm_requant_params rq = *q; /* a local copy: the int8 stores cannot alias it */
     const int32_t n_pix = p->out_h * p->out_w, out_c = p->out_c;
     const int32_t k_all = p->kernel_h * p->kernel_w * p->in_c;
+    const int narrow = rq.act_min != -128 || rq.act_max != 127;
     uint8_t *col = (uint8_t *)scratch;
-    int32_t acc0[KDM_CHUNK + 1], acc1[KDM_CHUNK + 1]; /* raw sums, +1: an odd last channel */
     for (int32_t pix = 0; pix < n_pix; pix += 2) {
         const int32_t pix1 = pix + 1 < n_pix ? pix + 1 : pix;
         int8_t *out0 = out + pix * out_c, *out1 = out + pix1 * out_c;
         im2col(p, in, pix, 0, col);
         im2col(p, in, pix1, 1, col);
-        for (int32_t o0 = 0; o0 < out_c; o0 += KDM_CHUNK) {
-            const int32_t n = out_c - o0 < KDM_CHUNK ? out_c - o0 : KDM_CHUNK;
-            for (int32_t j = 0; j < n; j += 2)
-                block(p, &rq, w, col, k_all, o0 + j, j + 1 < n ? o0 + j + 1 : o0 + j, acc0 + j,
-                      acc1 + j);
-            kdm_requant_row2_(&rq, o0, acc0, acc1, out0 + o0, out1 + o0, n);
+        channels(&rq, w, p->row_stride, out_c, col, k_all, out0, out1);
+        if (narrow) {
+            kdm_clamp_row_(out0, out_c, rq.act_min, rq.act_max);
+            kdm_clamp_row_(out1, out_c, rq.act_min, rq.act_max);
         }
     }
 }

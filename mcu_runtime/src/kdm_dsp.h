@@ -228,4 +228,31 @@ static inline uint32_t kdm_pkhtb16(uint32_t a, uint32_t b) { return (a & 0xFFFF0
 
 #endif
 
+/*
+ * One channel's double-rounding requantization of two values (kdm_quant.c explains it): x0, x1
+ * raw sums, m the multiplier (0 or [2^30, 2^31)), s the shift, zp the output zero-point and
+ * zp2 = 2 zp + 1; *v0, *v1 get the values with the zero-point added, saturated to int8 (a
+ * narrower activation clamp comes after). Shared by kdm_requant_row2_ and the kernels that
+ * requantize their sums where they compute them.
+ */
+static inline __attribute__((always_inline)) void kdm_requant_pair_dbl_(int32_t x0, int32_t x1,
+                                                                        int32_t m, int32_t s,
+                                                                        int32_t zp, int32_t zp2,
+                                                                        int32_t *v0, int32_t *v1)
+{
+    const int32_t b = (int32_t)((uint32_t)m << 1);
+    if (!b) { /* m = 0: zp */
+        *v0 = zp;
+        *v1 = zp;
+    } else if (s >= 0) {
+        const int32_t l0 = (int32_t)((uint32_t)x0 << s), l1 = (int32_t)((uint32_t)x1 << s);
+        *v0 = kdm_ssat8(kdm_qadd(kdm_smmlar(l0, b, l0), zp));
+        *v1 = kdm_ssat8(kdm_qadd(kdm_smmlar(l1, b, l1), zp));
+    } else {
+        const int32_t h0 = kdm_smmlar(x0, b, x0), h1 = kdm_smmlar(x1, b, x1), r = ~s;
+        *v0 = kdm_ssat8_asr1(kdm_qadd((h0 + (h0 >> 31)) >> r, zp2));
+        *v1 = kdm_ssat8_asr1(kdm_qadd((h1 + (h1 >> 31)) >> r, zp2));
+    }
+}
+
 #endif

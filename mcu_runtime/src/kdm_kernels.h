@@ -197,6 +197,11 @@ void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *ac
 void kdm_requant_row2_(const kdm_requant_params *q, int32_t c0, const int32_t *acc0,
                        const int32_t *acc1, int8_t *out0, int8_t *out1, int32_t n);
 
+/* out[i] clamped to [lo, hi], i < n: the activation, when it is narrower than int8. */
+void kdm_clamp_row_(int8_t *out, int32_t n, int32_t lo, int32_t hi);
+/* clamp(zp + requant(x, m, s)) to [-128, 127] in single rounding (the activation clamp apart). */
+int8_t kdm_requant_single_s8_(int32_t x, int32_t m, int32_t s, int32_t zp);
+
 /* Weight k of an int4 row: nibble k (low nibble first), as a signed 4-bit value. */
 static inline int32_t kdm_nibble_(const uint8_t *row, int32_t k)
 {

@@ -51,20 +51,19 @@ int32_t kdm_requantize(int32_t acc, int32_t multiplier, int32_t shift, uint32_t 
  * 12 -O2, Cortex-M4).
  */
 
-/* out[i] clamped to [lo, hi], i < n: the activation, when it is narrower than int8. */
-static KDM_NOINLINE void clamp_row(int8_t *out, int32_t n, int32_t lo, int32_t hi)
+KDM_NOINLINE void kdm_clamp_row_(int8_t *out, int32_t n, int32_t lo, int32_t hi)
 {
     for (int32_t i = 0; i < n; i++)
         out[i] = (int8_t)(out[i] < lo ? lo : out[i] > hi ? hi : out[i]);
 }
 
-/* Single rounding (one call per value, out of line: it is not the exporter's default and its
+/* Single rounding: one call per value, out of line (it is not the exporter's default and its
  * 64-bit shifts are long), then the zero-point and the saturation as above. */
-static KDM_NOINLINE int8_t single(int32_t x, int32_t m, int32_t s, int32_t zp)
+KDM_NOINLINE int8_t kdm_requant_single_s8_(int32_t x, int32_t m, int32_t s, int32_t zp)
 {
     return (int8_t)kdm_ssat8(kdm_qadd(kdm_requant_(x, m, s, KDM_FLAG_SINGLE_ROUNDING), zp));
 }
-#define SINGLE(x, c) single((x), mult[c], shift[c], zp)
+#define SINGLE(x, c) kdm_requant_single_s8_((x), mult[c], shift[c], zp)
 
 void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *acc, int8_t *out,
                       int32_t n)
@@ -93,7 +92,7 @@ void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *ac
     }
 clamp:
     if (q->act_min != -128 || q->act_max != 127)
-        clamp_row(out, n, q->act_min, q->act_max);
+        kdm_clamp_row_(out, n, q->act_min, q->act_max);
 }
 
 void kdm_requant_row2_(const kdm_requant_params *q, int32_t c0, const int32_t *acc0,
@@ -110,27 +109,15 @@ void kdm_requant_row2_(const kdm_requant_params *q, int32_t c0, const int32_t *a
     }
     const int32_t zp2 = 2 * zp + 1;
     for (int32_t i = 0; i < n; i++) {
-        const int32_t b = (int32_t)((uint32_t)mult[i] << 1), s = shift[i];
-        const int32_t x0 = acc0[i], x1 = acc1[i];
-        int32_t v0 = zp, v1 = zp;
-        if (!b) {
-            /* m = 0: zp */
-        } else if (s >= 0) {
-            const int32_t l0 = (int32_t)((uint32_t)x0 << s), l1 = (int32_t)((uint32_t)x1 << s);
-            v0 = kdm_ssat8(kdm_qadd(kdm_smmlar(l0, b, l0), zp));
-            v1 = kdm_ssat8(kdm_qadd(kdm_smmlar(l1, b, l1), zp));
-        } else {
-            const int32_t h0 = kdm_smmlar(x0, b, x0), h1 = kdm_smmlar(x1, b, x1), r = ~s;
-            v0 = kdm_ssat8_asr1(kdm_qadd((h0 + (h0 >> 31)) >> r, zp2));
-            v1 = kdm_ssat8_asr1(kdm_qadd((h1 + (h1 >> 31)) >> r, zp2));
-        }
+        int32_t v0, v1;
+        kdm_requant_pair_dbl_(acc0[i], acc1[i], mult[i], shift[i], zp, zp2, &v0, &v1);
         out0[i] = (int8_t)v0;
         out1[i] = (int8_t)v1;
     }
 clamp:
     if (q->act_min != -128 || q->act_max != 127) {
-        clamp_row(out0, n, q->act_min, q->act_max);
-        clamp_row(out1, n, q->act_min, q->act_max);
+        kdm_clamp_row_(out0, n, q->act_min, q->act_max);
+        kdm_clamp_row_(out1, n, q->act_min, q->act_max);
     }
 }
 

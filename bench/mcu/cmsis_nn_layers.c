@@ -11,6 +11,7 @@
  * kdm_invoke runs once on the same pseudo-random input as firmware B, so that every tensor in
  * the arena holds a real activation. Then, for each conv2d / dwconv2d / fc op:
  *   - kdm: the op alone through kdm_invoke_op, timed as in firmware B;
+ *     Ops without weights run too, untimed, so that every layer reads real activations.
  *   - CMSIS-NN: the op's arguments in CMSIS-NN's form, made once outside the timing as a
  *     TFLite Micro Prepare step would: weights copied without the blob's row padding (CMSIS-NN
  *     wants dense tensors; int4 packed two per byte, low nibble first, continuing across rows),
@@ -19,18 +20,20 @@
  *     they are (the same Q31 / exponent convention), the activation clamp as it is. int8 layers
  *     go through the wrappers TFLite Micro calls (arm_convolve_wrapper_s8,
  *     arm_depthwise_conv_wrapper_s8, which pick the 1x1 / 3x3 / general kernel), int4 layers
- *     through the kernel the int4 wrapper picks (arm_convolve_1x1_s4_fast,
- *     arm_depthwise_conv_s4_opt); an int4 layer with no such kernel (a 3x3 conv) is listed
- *     without a CMSIS-NN figure. CMSIS-NN's fully-connected kernels take one multiplier per
- *     layer: a layer with one per output (the exporter's default) runs as a 1x1 convolution
- *     of a 1x1 image.
- *   - the two outputs compared byte for byte: with TFLite's double rounding (the exporter's
- *     default) both must agree, CMSIS-NN being bit-exact with TFLite's reference kernels.
- * Output, one line per layer (parsed by run.sh):
+ *     through the kernel the int4 wrappers pick for them (arm_convolve_1x1_s4_fast,
+ *     arm_convolve_s4, arm_depthwise_conv_s4_opt). CMSIS-NN's fully-connected kernels take
+ *     one multiplier per layer: a layer with one per output (the exporter's default) runs as a
+ *     1x1 convolution of a 1x1 image.
+ *   - the two outputs (each first filled with a different byte) compared byte for byte: both
+ *     must agree, CMSIS-NN being bit-exact with TFLite's reference kernels. CMSIS-NN's rounding
+ *     is fixed when it is compiled: the model's (the blob's flags) must be the one it was
+ *     built for (FW_CMSIS_SINGLE_ROUNDING, from CMake's CMSIS_NN_ROUNDING), or the run stops.
+ *   The kdm figure includes kdm_invoke_op's dispatch (a few dozen instructions per call).
+ * Output: "model rounding=<single|double>", then one line per layer (parsed by run.sh):
  *   cmsis op=<i> type=<name> wbits=<8|4> in=<c>x<h>x<w> out=<c>x<h>x<w> k=<kh>x<kw> s=<stride>
- *         macs=<n> kdm_instr=<per run> cmsis_instr=<per run, 0: not run> mismatch=<bytes
+ *         macs=<n> kdm_instr=<per run> cmsis_instr=<per run, 0: no kernel> mismatch=<bytes
  *         differing> scratch=<CMSIS-NN buffer bytes> fn=<CMSIS-NN function>
- * Exit status 0 when every layer ran and matched, 1 on a mismatch, 2 on an error.
+ * Exit status 0 when every layer matched, 3 on a mismatch, 2 on an error.
  */
 #include <stdint.h>
 #include <string.h>
@@ -41,6 +44,9 @@
 #include "model.h"
 #include "fw_blob.h" /* after model.h */
 
+#ifndef FW_CMSIS_SINGLE_ROUNDING
+#define FW_CMSIS_SINGLE_ROUNDING 0 /* how CMSIS-NN was compiled (CMake CMSIS_NN_ROUNDING) */
+#endif
 #define FW_MIN_TICKS   25000u /* 1e6 instructions */
 #define FW_MAX_REPS    64u
 #define FW_MAX_WEIGHTS 65536u /* dense weight bytes of the largest layer */
@@ -156,6 +162,7 @@ typedef enum {
     CM_DW_S8,      /* arm_depthwise_conv_wrapper_s8 */
     CM_FC_S8,      /* arm_fully_connected_s8 (one multiplier for the layer) */
     CM_CONV1X1_S4, /* arm_convolve_1x1_s4_fast */
+    CM_CONV_S4,    /* arm_convolve_s4 */
     CM_DW_S4,      /* arm_depthwise_conv_s4_opt */
     CM_FC_S4       /* arm_fully_connected_s4 (one multiplier for the layer) */
 } cm_kind;
@@ -166,6 +173,7 @@ static const char *const cm_names[] = {
     "arm_depthwise_conv_wrapper_s8",
     "arm_fully_connected_s8",
     "arm_convolve_1x1_s4_fast",
+    "arm_convolve_s4",
     "arm_depthwise_conv_s4_opt",
     "arm_fully_connected_s4",
 };
@@ -217,6 +225,10 @@ static int run_cmsis(void *arg)
         st = arm_convolve_1x1_s4_fast(&c->ctx, &c->conv, &c->pcq, &c->in_d, c->in, &c->f_d,
                                       cm_weights, &c->b_d, cm_bias, &c->o_d, cm_out);
         break;
+    case CM_CONV_S4:
+        st = arm_convolve_s4(&c->ctx, &c->conv, &c->pcq, &c->in_d, c->in, &c->f_d, cm_weights,
+                             &c->b_d, cm_bias, &c->o_d, cm_out);
+        break;
     case CM_DW_S4:
         st = arm_depthwise_conv_s4_opt(&c->ctx, &c->dw, &c->pcq, &c->in_d, c->in, &c->f_d,
                                        cm_weights, &c->b_d, cm_bias, &c->o_d, cm_out);
@@ -248,6 +260,14 @@ int main(void)
     if (st != KDM_OK)
         return fail("kdm_invoke", kdm_status_str(st));
 
+    /* CMSIS-NN rounds one way, chosen when it is compiled (CMSIS_NN_USE_SINGLE_ROUNDING) */
+    const int single = ((uint32_t)blob_word(16, 0) & KDM_FLAG_SINGLE_ROUNDING) != 0;
+    fw_puts(single ? "model rounding=single\n" : "model rounding=double\n");
+    if (single != FW_CMSIS_SINGLE_ROUNDING)
+        return fail("rounding", single ? "the model rounds once (--rounding single), CMSIS-NN was "
+                                         "built for double rounding: CMSIS_NN_ROUNDING=single"
+                                       : "the model uses double rounding, CMSIS-NN was built for "
+                                         "single rounding: CMSIS_NN_ROUNDING=double");
     const uint32_t n_ops = (uint32_t)blob_word(24, 0), tensors_off = (uint32_t)blob_word(48, 0);
     const uint32_t ops_off = (uint32_t)blob_word(52, 0);
     int bad = 0;
@@ -255,8 +275,13 @@ int main(void)
         const uint32_t a = i * KDM_OP_WORDS;
         const int32_t type = blob_word(ops_off, a);
         if (type != KDM_OP_CONV2D && type != KDM_OP_DEPTHWISE_CONV2D &&
-            type != KDM_OP_FULLY_CONNECTED)
+            type != KDM_OP_FULLY_CONNECTED) {
+            /* run, untimed, so that the next layer reads this op's real output (repeating the
+             * layers before it may have reused its arena bytes) */
+            if (kdm_invoke_op(&m, arena, sizeof arena, i) != KDM_OK)
+                return fail(op_name(type), "kdm_invoke_op failed");
             continue;
+        }
         const tensor tin = tensor_at(tensors_off, blob_word(ops_off, a + 1));
         const tensor tout = tensor_at(tensors_off, blob_word(ops_off, a + 3));
         const int32_t kh = blob_word(ops_off, a + 4), kw = blob_word(ops_off, a + 5);
@@ -328,7 +353,10 @@ int main(void)
             if (per_tensor) {
                 c.f_d = (cmsis_nn_dims){row_len, 1, 1, out_c};
                 c.kind = wbits == 8 ? CM_FC_S8 : CM_FC_S4;
-                buf_size = wbits == 8 ? arm_fully_connected_s8_get_buffer_size(&c.f_d) : 0;
+#if FW_W8
+                if (wbits == 8)
+                    buf_size = arm_fully_connected_s8_get_buffer_size(&c.f_d);
+#endif
             } else {
                 /* CMSIS-NN's fully-connected takes one multiplier for the layer; with one per
                  * output it runs as what it is, a 1x1 convolution of a 1x1 image */
@@ -345,19 +373,28 @@ int main(void)
         if (c.kind == CM_NONE && (type == KDM_OP_CONV2D || type == KDM_OP_FULLY_CONNECTED)) {
             const int pointwise =
                 c.f_d.h == 1 && c.f_d.w == 1 && c.conv.stride.w == 1 && c.conv.padding.w == 0;
-            if (wbits == 8) {
-                c.kind = CM_CONV_S8;
+            c.kind = wbits == 8 ? CM_CONV_S8 : pointwise ? CM_CONV1X1_S4 : CM_CONV_S4;
+#if FW_W8
+            if (wbits == 8)
                 buf_size =
                     arm_convolve_wrapper_s8_get_buffer_size(&c.conv, &c.in_d, &c.f_d, &c.o_d);
-            } else if (pointwise) {
-                c.kind = CM_CONV1X1_S4;
-                buf_size = arm_convolve_1x1_s4_fast_get_buffer_size(&c.in_d);
-            }
+#endif
+#if FW_W4
+            if (wbits == 4)
+                buf_size = pointwise ? arm_convolve_1x1_s4_fast_get_buffer_size(&c.in_d)
+                                     : arm_convolve_s4_get_buffer_size(&c.in_d, &c.f_d);
+#endif
         } else if (type == KDM_OP_DEPTHWISE_CONV2D) {
             c.kind = wbits == 8 ? CM_DW_S8 : CM_DW_S4;
-            buf_size = wbits == 8 ? arm_depthwise_conv_wrapper_s8_get_buffer_size(&c.dw, &c.in_d,
-                                                                                  &c.f_d, &c.o_d)
-                                  : arm_depthwise_conv_s4_opt_get_buffer_size(&c.in_d, &c.f_d);
+#if FW_W8
+            if (wbits == 8)
+                buf_size =
+                    arm_depthwise_conv_wrapper_s8_get_buffer_size(&c.dw, &c.in_d, &c.f_d, &c.o_d);
+#endif
+#if FW_W4
+            if (wbits == 4)
+                buf_size = arm_depthwise_conv_s4_opt_get_buffer_size(&c.in_d, &c.f_d);
+#endif
         }
         if (buf_size < 0 || buf_size > (int32_t)FW_MAX_BUF)
             return fail("layer", "CMSIS-NN scratch too large for the firmware's buffer");
@@ -365,18 +402,25 @@ int main(void)
         c.ctx.buf = cm_buf;
         c.ctx.size = buf_size;
 
+        /* both outputs start from different bytes, so equal outputs mean both wrote them */
+        int8_t *ours = (int8_t *)(arena + tout.off);
+        memset(ours, 0x5A, (size_t)n_out);
+        memset(cm_out, 0xA5, (size_t)n_out);
         kdm_call kc = {&m, i};
         int s1 = 0, s2 = 0;
         const uint64_t kdm_instr = time_it(run_kdm, &kc, &s1);
         const uint64_t cm_instr = c.kind == CM_NONE ? 0 : time_it(run_cmsis, &c, &s2);
         if (s1 || s2)
             return fail(op_name(type), s1 ? "kdm_invoke_op failed" : "CMSIS-NN returned an error");
-        const int8_t *ours = (const int8_t *)(arena + tout.off);
+        const uint32_t macs = kdm_op_macs(&m, i);
+        /* no Cortex-M retires more than two MACs per instruction: fewer means a kernel did not
+         * run */
+        if (kdm_instr * 2u < macs || (c.kind != CM_NONE && cm_instr * 2u < macs))
+            return fail(op_name(type), "fewer instructions than MACs / 2: a kernel did not run");
         uint32_t mismatch = 0;
         for (int32_t j = 0; c.kind != CM_NONE && j < n_out; j++)
             mismatch += ours[j] != cm_out[j];
         bad |= mismatch != 0;
-        const uint32_t macs = kdm_op_macs(&m, i);
 
         fw_puts("cmsis");
         fw_put_kv("op", i);
@@ -400,5 +444,5 @@ int main(void)
         fw_puts(cm_names[c.kind]);
         fw_putc('\n');
     }
-    return bad ? 1 : 0;
+    return bad ? 3 : 0;
 }

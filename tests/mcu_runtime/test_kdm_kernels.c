@@ -142,7 +142,8 @@ static void wcase_free(wcase *t)
     free(t->shift);
 }
 
-/* A random conv / depthwise geometry; 1x1 kernels are pad 0 half of the time. */
+/* A random conv / depthwise geometry; 1x1 kernels are pad 0 half of the time, and one case in
+ * eight pads by at least the kernel's smaller side. */
 static void random_geometry(wcase *t, int kind, int wbits)
 {
     static const int32_t channels[] = {1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 24, 31, 32, 33, 40};
@@ -157,6 +158,8 @@ static void random_geometry(wcase *t, int kind, int wbits)
     c->stride = rnd_in(1, 2);
     int32_t kmin = k[0] < k[1] ? k[0] : k[1];
     c->pad = k[0] == 1 && k[1] == 1 ? rnd_in(0, 2) / 2 : rnd_in(0, kmin / 2);
+    if (rnd_in(0, 7) == 0) /* padding as wide as the kernel: windows wholly in the padding */
+        c->pad = rnd_in(kmin, kmin + 2);
     c->in_c = kind == K_DW ? rnd_in(1, 70) : channels[rnd_in(0, 16)];
     c->in_h = rnd_in(k[0], k[0] + 8);
     c->in_w = rnd_in(k[1], k[1] + 8);

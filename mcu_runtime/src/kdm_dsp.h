@@ -144,6 +144,14 @@ static inline int32_t kdm_smmlar(int32_t a, int32_t b, int32_t acc)
     return r;
 }
 
+/* SMMUL: floor(a * b / 2^32), the high word of the 64-bit product. */
+static inline int32_t kdm_smmul(int32_t a, int32_t b)
+{
+    int32_t r;
+    __asm__("smmul %0, %1, %2" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
 /* QADD: a + b saturated to int32. */
 static inline int32_t kdm_qadd(int32_t a, int32_t b)
 {
@@ -214,6 +222,11 @@ static inline int32_t kdm_smmlar(int32_t a, int32_t b, int32_t acc)
 }
 static inline uint32_t kdm_pkhbt16(uint32_t a, uint32_t b) { return (a & 0xFFFFu) | (b << 16); }
 
+static inline int32_t kdm_smmul(int32_t a, int32_t b)
+{
+    return (int32_t)(((int64_t)a * b) >> 32); /* arithmetic shift: the high word */
+}
+
 static inline int32_t kdm_qadd(int32_t a, int32_t b)
 {
     int64_t r = (int64_t)a + b;
@@ -227,6 +240,27 @@ static inline int32_t kdm_ssat8_asr1(int32_t x) { return kdm_ssat8(x >> 1); }
 static inline uint32_t kdm_pkhtb16(uint32_t a, uint32_t b) { return (a & 0xFFFF0000u) | (b >> 16); }
 
 #endif
+
+int8_t kdm_requant_single_s8_(int32_t x, int32_t m, int32_t s, int32_t zp); /* kdm_kernels.h */
+
+/*
+ * Single rounding, clamp(zp + round_half_up(x * m / 2^(31 - s))) to int8, as
+ * kdm_requant_single_s8_ but inline and short for the usual right shift (s < 0). Then the
+ * divisor is 2^(32 + k), k = -1 - s >= 0, and since 2^(31 + k) is a multiple of 2^32 for k >= 1,
+ * floor((x m + 2^(31+k)) / 2^(32+k)) = floor((floor(x m / 2^32) + 2^(k-1)) / 2^k): SMMUL and a
+ * rounding shift (written as ((h >> (k - 1)) + 1) >> 1, which cannot overflow); k = 0 is SMMULR
+ * (SMMLAR with a zero accumulator). |x m| / 2^32 < 2^30, so nothing saturates before the int8
+ * clamp. s >= 0 (a real multiplier of 1 or more, rare) goes out of line.
+ */
+static inline __attribute__((always_inline)) int32_t kdm_requant_single_fast_(int32_t x, int32_t m,
+                                                                              int32_t s, int32_t zp)
+{
+    if (s >= 0)
+        return kdm_requant_single_s8_(x, m, s, zp);
+    const int32_t k = ~s;
+    const int32_t r = k ? ((kdm_smmul(x, m) >> (k - 1)) + 1) >> 1 : kdm_smmlar(x, m, 0);
+    return kdm_ssat8(kdm_qadd(r, zp));
+}
 
 /*
  * One channel's double-rounding requantization of two values (kdm_quant.c explains it): x0, x1

@@ -57,13 +57,34 @@ KDM_NOINLINE void kdm_clamp_row_(int8_t *out, int32_t n, int32_t lo, int32_t hi)
         out[i] = (int8_t)(out[i] < lo ? lo : out[i] > hi ? hi : out[i]);
 }
 
-/* Single rounding: one call per value, out of line (it is not the exporter's default and its
- * 64-bit shifts are long), then the zero-point and the saturation as above. */
+/* Single rounding in full (64-bit product and shift, saturation), then the zero-point and the
+ * saturation as above: out of line, for the rare shifts >= 0 (kdm_requant_single_fast_ does
+ * the rest inline). */
 KDM_NOINLINE int8_t kdm_requant_single_s8_(int32_t x, int32_t m, int32_t s, int32_t zp)
 {
     return (int8_t)kdm_ssat8(kdm_qadd(kdm_requant_(x, m, s, KDM_FLAG_SINGLE_ROUNDING), zp));
 }
-#define SINGLE(x, c) kdm_requant_single_s8_((x), mult[c], shift[c], zp)
+
+/* The single-rounding loops, out of line so that the double-rounding loops (the exporter's
+ * default) compile as if they were alone. */
+static KDM_NOINLINE void row_single(const int32_t *mult, const int32_t *shift, int32_t zp,
+                                    const int32_t *acc, int8_t *out, int32_t n)
+{
+    for (int32_t i = 0; i < n; i++)
+        out[i] = (int8_t)kdm_requant_single_fast_(acc[i], mult[i], shift[i], zp);
+}
+
+KDM_NOINLINE void kdm_requant_quad_single_(const kdm_requant_params *q, int32_t o, int32_t o1,
+                                           const int32_t *acc0, const int32_t *acc1, int8_t *out0,
+                                           int8_t *out1)
+{
+    const int32_t zp = q->out_zp;
+    for (int32_t j = 0; j < 2; j++) { /* two copies of the rounding, not four: code size */
+        const int32_t c = j ? o1 : o, m = q->mult[c], s = q->shift[c];
+        out0[c] = (int8_t)kdm_requant_single_fast_(acc0[j], m, s, zp);
+        out1[c] = (int8_t)kdm_requant_single_fast_(acc1[j], m, s, zp);
+    }
+}
 
 void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *acc, int8_t *out,
                       int32_t n)
@@ -71,8 +92,7 @@ void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *ac
     const int32_t *mult = q->mult + c0, *shift = q->shift + c0;
     const int32_t zp = q->out_zp;
     if (q->flags & KDM_FLAG_SINGLE_ROUNDING) {
-        for (int32_t i = 0; i < n; i++)
-            out[i] = SINGLE(acc[i], i);
+        row_single(mult, shift, zp, acc, out, n);
         goto clamp;
     }
     const int32_t zp2 = 2 * zp + 1;
@@ -101,10 +121,8 @@ void kdm_requant_row2_(const kdm_requant_params *q, int32_t c0, const int32_t *a
     const int32_t *mult = q->mult + c0, *shift = q->shift + c0;
     const int32_t zp = q->out_zp;
     if (q->flags & KDM_FLAG_SINGLE_ROUNDING) {
-        for (int32_t i = 0; i < n; i++) {
-            out0[i] = SINGLE(acc0[i], i);
-            out1[i] = SINGLE(acc1[i], i);
-        }
+        row_single(mult, shift, zp, acc0, out0, n);
+        row_single(mult, shift, zp, acc1, out1, n);
         goto clamp;
     }
     const int32_t zp2 = 2 * zp + 1;

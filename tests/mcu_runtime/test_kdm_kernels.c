@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "kdm.h"
+#include "kdm_dsp.h"
 #include "kdm_kernels.h"
 
 #define GUARD      16
@@ -489,6 +490,32 @@ static void test_requantize_random(void **state)
     }
 }
 
+/* The DSP kernels' inline single rounding (kdm_dsp.h, here its portable emulation) against a
+ * direct int64 evaluation of round_half_up(x * m / 2^(31 - s)), saturated, plus zp, clamped to
+ * int8: random and extreme x, multipliers 0 and [2^30, 2^31), every shift. */
+static void test_requantize_single_fast(void **state)
+{
+    static const int32_t xs[] = {INT32_MIN, INT32_MIN + 1, -1,         0,
+                                 1,         INT32_MAX,     0x40000000, -0x40000000};
+    static const int32_t ms[] = {0, 0x40000000, 0x7FFFFFFF, 0x40000001, 0x5A82799A};
+    for (int i = 0; i < 400000; i++) {
+        int32_t x = i < 8 * 5 * 62 ? xs[i % 8] : (int32_t)rnd();
+        if (i >= 8 * 5 * 62 && (i & 1))
+            x >>= rnd() % 31;
+        int32_t m = i < 8 * 5 * 62 ? ms[(i / 8) % 5]
+                    : i % 7 == 0   ? 0
+                                   : (int32_t)(0x40000000u + (rnd() & 0x3FFFFFFFu));
+        int32_t s = i < 8 * 5 * 62 ? -31 + (i / 40) % 62 : rnd_in(-31, 30);
+        int32_t zp = rnd_in(-128, 127);
+        int32_t total = 31 - s;
+        int64_t r = ((int64_t)x * m + ((int64_t)1 << (total - 1))) >> total;
+        r = r > INT32_MAX ? INT32_MAX : r < INT32_MIN ? INT32_MIN : r;
+        int64_t v = r + zp;
+        int8_t want = (int8_t)(v < -128 ? -128 : v > 127 ? 127 : v);
+        assert_int_equal(kdm_requant_single_fast_(x, m, s, zp), want);
+    }
+}
+
 /* ---- ops without weights --------------------------------------------------------------------- */
 
 static int8_t clamp8(int64_t v, int32_t lo, int32_t hi)
@@ -657,6 +684,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_requantize_tflite),
         cmocka_unit_test(test_requantize_random),
+        cmocka_unit_test(test_requantize_single_fast),
         cmocka_unit_test(test_ref_vs_naive),
         cmocka_unit_test(test_ref_vs_dsp),
         cmocka_unit_test(test_ref_vs_dsp_fast_paths),

@@ -25,9 +25,9 @@
  * requantized as soon as they are complete (kdm_requant_pair_dbl_, the channel's multiplier
  * and shift serving both pixels) and stored, with no round trip through memory. Measured on
  * the tiny student's 1x1 layers against collecting 16 channels' sums on the stack for
- * kdm_requant_row2_: 2.66 / 2.30 / 1.79 -> 2.50 / 2.17 / 1.72 instructions per MAC. Single
- * rounding (not the exporter's default) goes out of line, kdm_requant_quad_single_, so that it
- * does not cost the default path registers.
+ * a separate requantization loop: 2.66 / 2.30 / 1.79 -> 2.50 / 2.17 / 1.72 instructions per MAC.
+ * Single rounding (not the exporter's default) goes out of line, kdm_requant_quad_single_, so that
+ * it does not cost the default path registers.
  */
 #include "kdm_dsp.h"
 #include "kdm_kernels.h"

@@ -266,7 +266,7 @@ static inline __attribute__((always_inline)) int32_t kdm_requant_single_fast_(in
  * One channel's double-rounding requantization of two values (kdm_quant.c explains it): x0, x1
  * raw sums, m the multiplier (0 or [2^30, 2^31)), s the shift, zp the output zero-point and
  * zp2 = 2 zp + 1; *v0, *v1 get the values with the zero-point added, saturated to int8 (a
- * narrower activation clamp comes after). Shared by kdm_requant_row2_ and the kernels that
+ * narrower activation clamp comes after). Used by the convolution kernels, which
  * requantize their sums where they compute them.
  */
 static inline __attribute__((always_inline)) void kdm_requant_pair_dbl_(int32_t x0, int32_t x1,

@@ -185,17 +185,14 @@ static inline int8_t kdm_requant_out_(const kdm_requant_params *q, int32_t c, in
 }
 
 /*
- * out[i] = clamp(out_zp + requant(acc[i], mult[c0 + i], shift[c0 + i])), i < n: the DSP
- * kernels collect raw sums (at most KDM_CHUNK channels at a time, on the stack) and
- * requantize them here, in a loop with the rounding mode hoisted out (kdm_quant.c).
+ * out[i] = clamp(out_zp + requant(acc[i], mult[c0 + i], shift[c0 + i])), i < n: the depthwise
+ * and fully-connected DSP kernels collect raw sums (the fully-connected ones at most KDM_CHUNK
+ * rows at a time, on the stack) and requantize them here, in a loop with the rounding mode
+ * hoisted out (kdm_quant.c).
  */
 #define KDM_CHUNK 16
 void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *acc, int8_t *out,
                       int32_t n);
-/* The same for two pixels of the same channels (acc0 -> out0, acc1 -> out1), sharing the
- * per-channel loads; out0 may equal out1 (an odd last pixel paired with itself). */
-void kdm_requant_row2_(const kdm_requant_params *q, int32_t c0, const int32_t *acc0,
-                       const int32_t *acc1, int8_t *out0, int8_t *out1, int32_t n);
 
 /* out[i] clamped to [lo, hi], i < n: the activation, when it is narrower than int8. */
 void kdm_clamp_row_(int8_t *out, int32_t n, int32_t lo, int32_t hi);

@@ -40,15 +40,14 @@ int32_t kdm_requantize(int32_t acc, int32_t multiplier, int32_t shift, uint32_t 
  * plus zp is (u + 2 zp + 1) >> 1 (2 zp is even): QADD of zp2 = 2 zp + 1, then SSAT #8 with
  * ASR #1. QADD saturates only sums whose output is -128 or 127 anyway, so every int32 input
  * gives kdm_requant_'s value clamped to [-128, 127] after the zero-point. A narrower
- * [act_min, act_max] is applied after (clamp_row): clamping into it a value already clamped
+ * [act_min, act_max] is applied after (kdm_clamp_row_): clamping into it a value already clamped
  * into [-128, 127] changes nothing else.
  *
  * m = 0 (b = 0) must give zp: kdm_requant_row_ accumulates x & (b >> 31) (b < 0 for every
- * other admitted m), which makes h = 0 with no test; kdm_requant_row2_ tests b once for the
- * channel's two values. Per value with a right shift: 3 loads, 2 of shift and mask, a branch,
- * SMMLAR, ADD, ASR, QADD, SSAT, STRB and the loop, 16 instructions in kdm_requant_row_; about
- * 13 in kdm_requant_row2_, where the channel's loads, tests and branches serve two values (GCC
- * 12 -O2, Cortex-M4).
+ * other admitted m), which makes h = 0 with no test; kdm_requant_pair_dbl_ (kdm_dsp.h, the
+ * convolutions' two pixels of one channel) tests b once for both values. Per value with a right
+ * shift: 3 loads, 2 of shift and mask, a branch, SMMLAR, ADD, ASR, QADD, SSAT, STRB and the
+ * loop, 16 instructions in kdm_requant_row_ (GCC 12 -O2, Cortex-M4).
  */
 
 KDM_NOINLINE void kdm_clamp_row_(int8_t *out, int32_t n, int32_t lo, int32_t hi)
@@ -113,30 +112,6 @@ void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *ac
 clamp:
     if (q->act_min != -128 || q->act_max != 127)
         kdm_clamp_row_(out, n, q->act_min, q->act_max);
-}
-
-void kdm_requant_row2_(const kdm_requant_params *q, int32_t c0, const int32_t *acc0,
-                       const int32_t *acc1, int8_t *out0, int8_t *out1, int32_t n)
-{
-    const int32_t *mult = q->mult + c0, *shift = q->shift + c0;
-    const int32_t zp = q->out_zp;
-    if (q->flags & KDM_FLAG_SINGLE_ROUNDING) {
-        row_single(mult, shift, zp, acc0, out0, n);
-        row_single(mult, shift, zp, acc1, out1, n);
-        goto clamp;
-    }
-    const int32_t zp2 = 2 * zp + 1;
-    for (int32_t i = 0; i < n; i++) {
-        int32_t v0, v1;
-        kdm_requant_pair_dbl_(acc0[i], acc1[i], mult[i], shift[i], zp, zp2, &v0, &v1);
-        out0[i] = (int8_t)v0;
-        out1[i] = (int8_t)v1;
-    }
-clamp:
-    if (q->act_min != -128 || q->act_max != 127) {
-        kdm_clamp_row_(out0, n, q->act_min, q->act_max);
-        kdm_clamp_row_(out1, n, q->act_min, q->act_max);
-    }
 }
 
 uint32_t kdm_crc32(const uint8_t *p, size_t n)

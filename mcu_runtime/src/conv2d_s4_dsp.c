@@ -179,17 +179,11 @@ static KDM_NOINLINE void channels(const kdm_requant_params *q, const uint8_t *w,
         int32_t acc0[2], acc1[2];
         block(row, w + o1 * rs, col, k_all, sum0, sum1, (uint32_t)q->bias[o], (uint32_t)q->bias[o1],
               acc0, acc1);
-        if (single) {
-            kdm_requant_quad_single_(q, o, o1, acc0, acc1, out0, out1);
-            continue;
-        }
-        int32_t v00, v01, v10, v11; /* v<channel><pixel> */
-        kdm_requant_pair_dbl_(acc0[0], acc1[0], q->mult[o], q->shift[o], zp, zp2, &v00, &v01);
-        kdm_requant_pair_dbl_(acc0[1], acc1[1], q->mult[o1], q->shift[o1], zp, zp2, &v10, &v11);
-        out0[o] = (int8_t)v00;
-        out1[o] = (int8_t)v01;
-        out0[o1] = (int8_t)v10;
-        out1[o1] = (int8_t)v11;
+        if (single) /* not the exporter's default: out of line */
+            kdm_requant_quad_single_(q, o, o1, acc0[0], acc1[0], acc0[1], acc1[1], out0, out1);
+        else
+            kdm_requant_quad_dbl_(q->mult, q->shift, o, o1, acc0[0], acc1[0], acc0[1], acc1[1], zp,
+                                  zp2, out0, out1);
     }
 }
 

@@ -289,4 +289,22 @@ static inline __attribute__((always_inline)) void kdm_requant_pair_dbl_(int32_t 
     }
 }
 
+/* A convolution's 2 x 2 block in double rounding: channels o, o1 (multipliers and shifts from
+ * mult[], shift[]) times pixels 0, 1 (a<channel><pixel>), stored to out0[o], out1[o],
+ * out0[o1], out1[o1] (o1 == o for an odd last channel, out1 == out0 for an odd last pixel: the
+ * same bytes twice). */
+static inline __attribute__((always_inline)) void
+kdm_requant_quad_dbl_(const int32_t *mult, const int32_t *shift, int32_t o, int32_t o1, int32_t a00,
+                      int32_t a01, int32_t a10, int32_t a11, int32_t zp, int32_t zp2, int8_t *out0,
+                      int8_t *out1)
+{
+    int32_t v00, v01, v10, v11;
+    kdm_requant_pair_dbl_(a00, a01, mult[o], shift[o], zp, zp2, &v00, &v01);
+    kdm_requant_pair_dbl_(a10, a11, mult[o1], shift[o1], zp, zp2, &v10, &v11);
+    out0[o] = (int8_t)v00;
+    out1[o] = (int8_t)v01;
+    out0[o1] = (int8_t)v10;
+    out1[o1] = (int8_t)v11;
+}
+
 #endif

@@ -198,10 +198,11 @@ void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *ac
 void kdm_clamp_row_(int8_t *out, int32_t n, int32_t lo, int32_t hi);
 /* clamp(zp + requant(x, m, s)) to [-128, 127] in single rounding (the activation clamp apart). */
 int8_t kdm_requant_single_s8_(int32_t x, int32_t m, int32_t s, int32_t zp);
-/* Single rounding of a 2 x 2 block: channels o, o1 (acc0[0], acc0[1] of pixel 0, acc1[] of
- * pixel 1) into out0[o], out0[o1], out1[o], out1[o1]; the activation clamp apart. */
-void kdm_requant_quad_single_(const kdm_requant_params *q, int32_t o, int32_t o1,
-                              const int32_t *acc0, const int32_t *acc1, int8_t *out0, int8_t *out1);
+/* kdm_requant_quad_dbl_ (kdm_dsp.h) in single rounding, out of line: channels o, o1 times
+ * pixels 0, 1 (a<channel><pixel>) into out0[o], out1[o], out0[o1], out1[o1]; the activation
+ * clamp apart. */
+void kdm_requant_quad_single_(const kdm_requant_params *q, int32_t o, int32_t o1, int32_t a00,
+                              int32_t a01, int32_t a10, int32_t a11, int8_t *out0, int8_t *out1);
 
 /* Weight k of an int4 row: nibble k (low nibble first), as a signed 4-bit value. */
 static inline int32_t kdm_nibble_(const uint8_t *row, int32_t k)

@@ -74,14 +74,14 @@ static KDM_NOINLINE void row_single(const int32_t *mult, const int32_t *shift, i
 }
 
 KDM_NOINLINE void kdm_requant_quad_single_(const kdm_requant_params *q, int32_t o, int32_t o1,
-                                           const int32_t *acc0, const int32_t *acc1, int8_t *out0,
-                                           int8_t *out1)
+                                           int32_t a00, int32_t a01, int32_t a10, int32_t a11,
+                                           int8_t *out0, int8_t *out1)
 {
-    const int32_t zp = q->out_zp;
+    const int32_t a0[2] = {a00, a10}, a1[2] = {a01, a11}, zp = q->out_zp;
     for (int32_t j = 0; j < 2; j++) { /* two copies of the rounding, not four: code size */
         const int32_t c = j ? o1 : o, m = q->mult[c], s = q->shift[c];
-        out0[c] = (int8_t)kdm_requant_single_fast_(acc0[j], m, s, zp);
-        out1[c] = (int8_t)kdm_requant_single_fast_(acc1[j], m, s, zp);
+        out0[c] = (int8_t)kdm_requant_single_fast_(a0[j], m, s, zp);
+        out1[c] = (int8_t)kdm_requant_single_fast_(a1[j], m, s, zp);
     }
 }
 

@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kdm_kernels.h" /* the requantization helpers at the end call into kdm_quant.c */
+
 /* 32-bit load from any address. */
 static inline uint32_t kdm_ld32(const void *p)
 {
@@ -240,8 +242,6 @@ static inline int32_t kdm_ssat8_asr1(int32_t x) { return kdm_ssat8(x >> 1); }
 static inline uint32_t kdm_pkhtb16(uint32_t a, uint32_t b) { return (a & 0xFFFF0000u) | (b >> 16); }
 
 #endif
-
-int8_t kdm_requant_single_s8_(int32_t x, int32_t m, int32_t s, int32_t zp); /* kdm_kernels.h */
 
 /*
  * Single rounding, clamp(zp + round_half_up(x * m / 2^(31 - s))) to int8, as

@@ -7,13 +7,17 @@
  * groups of four (K index k .. k+3), 16 bytes a group:
  *     [px0 (x[k], x[k+2])] [px0 (x[k+1], x[k+3])] [px1 (x[k], x[k+2])] [px1 (x[k+1], x[k+3])]
  * matching the lanes SXTB16 / SXTB16 ROR #8 make of a word of four weights, so one pointer walks
- * both columns. On the Cortex-M4 the inner loop is one asm statement (pairs_of_groups) taking
+ * both columns. On the Cortex-M4 the inner loop is one asm statement (all_groups) taking
  * two groups (32 MACs) per turn: 2 LDM of four staged words, 4 weight loads, 8 SXTB16, 16 SMLAD
  * and 3 for the loop, 33 instructions, 1.03 per MAC (GCC 12 made 41 of the same loop in C, with
- * 8 staged loads). A last odd group goes through GROUP in C. The last K mod 4 values of each column
- * follow the groups, column 0 then column 1, and are summed in C. Padded positions are staged as
- * the input zero-point. When in_c is a multiple of 4 each kernel tap is staged a word at a time
- * (load, SXTB16, SXTB16 ROR #8, two stores); otherwise value by value.
+ * 8 staged loads); an odd group count enters the loop at its second group. The last K mod 4 values
+ * of each column follow the groups, column 0 then column 1, and are summed in C. Padded positions
+ * are staged as the input zero-point. When in_c is a multiple of 4 each kernel tap is staged a word
+ * at a time (load, SXTB16, SXTB16 ROR #8, two stores); otherwise value by value.
+ *
+ * When K is a multiple of 8, out_c even, the rounding double and every channel's multiplier
+ * non-zero with a negative shift (the exporter's usual 1x1 layers), the Cortex-M4 runs a pixel
+ * pair's whole channel loop in assembly (kdm_conv_pair_job_s8_); otherwise channels() in C.
  *
  * 1x1 kernels take the same path: staging a pixel is then a straight int8 -> int16 conversion
  * (no gather), and the staged loop beats reading pixels in place, which needs two more SXTB16
@@ -30,6 +34,8 @@
  * Single rounding (not the exporter's default) goes out of line, kdm_requant_quad_single_, so that
  * it does not cost the default path registers.
  */
+#include <stddef.h>
+
 #include "kdm_dsp.h"
 #include "kdm_kernels.h"
 
@@ -104,15 +110,23 @@ static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int3
         w1 += 4;                                                                                   \
     } while (0)
 
-#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+/* Optimized GNU C builds for cores with the DSP extension: the asm loop needs 13 registers,
+ * more than an -O0 build may leave free. */
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP && defined(__GNUC__) && defined(__OPTIMIZE__)
+#define CONV_ASM 1
+#else
+#define CONV_ASM 0
+#endif
+
+#if CONV_ASM
 /*
- * The groups of the 2 x 2 block two at a time up to `end` (at least one pair), as GROUP does
- * them, in one asm statement: LDM brings a group's four staged words in one instruction (the
- * registers of an LDM list must ascend, hence r0 - r3), then per weight row one load, SXTB16,
- * two SMLAD, SXTB16 ROR #8, two SMLAD: 15 instructions per 16 MACs, and the loop test reads
- * `end` from the stack so that the loop needs 13 registers, which GCC can give it. The same sums
- * as GROUP (every product and every addition the same, in another order: the sums wrap, so
- * the result is the same bits).
+ * Every group of the 2 x 2 block (k4 / 4 >= 1 of them, ending at `end`), as GROUP does them, in
+ * one asm statement: LDM brings a group's four staged words in one instruction (the registers
+ * of an LDM list must ascend, hence r0 - r3), then per weight row one load, SXTB16, two SMLAD,
+ * SXTB16 ROR #8, two SMLAD: 15 instructions per 16 MACs. The loop takes two groups a turn; an
+ * odd count enters at the second. The loop test reads `end` from the stack so that the loop
+ * needs 13 registers, which GCC can give it. The same products and sums as GROUP in another
+ * order (the sums wrap, so the result is the same bits).
  */
 #define KDM_GROUP_ASM                                                                              \
     "ldm %[c]!, {%[x0], %[x1], %[x2], %[x3]}\n\t"                                                  \
@@ -132,8 +146,8 @@ static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int3
     "smlad %[a11], %[v], %[x3], %[a11]\n\t"
 
 static inline __attribute__((always_inline)) void
-pairs_of_groups(int32_t *p00, int32_t *p01, int32_t *p10, int32_t *p11, const int8_t **pw0,
-                const int8_t **pw1, const uint8_t **pc, const uint8_t *end)
+all_groups(int32_t *p00, int32_t *p01, int32_t *p10, int32_t *p11, const int8_t **pw0,
+           const int8_t **pw1, const uint8_t *c, const uint8_t *end, int32_t odd)
 {
     register uint32_t x0 __asm__("r0");
     register uint32_t x1 __asm__("r1");
@@ -142,14 +156,15 @@ pairs_of_groups(int32_t *p00, int32_t *p01, int32_t *p10, int32_t *p11, const in
     uint32_t v, e;
     int32_t a00 = *p00, a01 = *p01, a10 = *p10, a11 = *p11;
     const int8_t *w0 = *pw0, *w1 = *pw1;
-    const uint8_t *c = *pc;
-    __asm__ volatile("1:\n\t" KDM_GROUP_ASM KDM_GROUP_ASM "ldr %[x0], %[end]\n\t"
+    __asm__ volatile("ldr %[x0], %[odd]\n\t"
+                     "cbnz %[x0], 2f\n"
+                     "1:\n\t" KDM_GROUP_ASM "2:\n\t" KDM_GROUP_ASM "ldr %[x0], %[end]\n\t"
                      "cmp %[c], %[x0]\n\t"
                      "bne 1b"
                      : [a00] "+r"(a00), [a01] "+r"(a01), [a10] "+r"(a10), [a11] "+r"(a11),
                        [w0] "+r"(w0), [w1] "+r"(w1), [c] "+r"(c), [x0] "=&r"(x0), [x1] "=&r"(x1),
                        [x2] "=&r"(x2), [x3] "=&r"(x3), [v] "=&r"(v), [e] "=&r"(e)
-                     : [end] "m"(end)
+                     : [end] "m"(end), [odd] "m"(odd)
                      : "cc", "memory");
     *p00 = a00;
     *p01 = a01;
@@ -157,7 +172,6 @@ pairs_of_groups(int32_t *p00, int32_t *p01, int32_t *p10, int32_t *p11, const in
     *p11 = a11;
     *pw0 = w0;
     *pw1 = w1;
-    *pc = c;
 }
 #endif
 
@@ -172,25 +186,29 @@ static KDM_NOINLINE void channels(const kdm_requant_params *q, const int8_t *w, 
     const int32_t k4 = k_all & ~3, tail = k_all - k4, zp = q->out_zp, zp2 = 2 * zp + 1;
     const int single = (q->flags & KDM_FLAG_SINGLE_ROUNDING) != 0;
     const int8_t *row = w;
-    const uint8_t *const end8 = col + 4 * (k4 & ~7); /* 16 staged bytes per group of 4 */
+#if CONV_ASM
+    const uint8_t *const cend = col + 4 * k4; /* 16 staged bytes per group of 4 */
+    const int32_t odd = (k4 >> 2) & 1;
+#endif
     for (int32_t o = 0; o < out_c; o += 2, row += 2 * rs) {
         const int32_t o1 = o + 1 < out_c ? o + 1 : o;
         const int8_t *w0 = row, *w1 = w + o1 * rs;
         int32_t a00 = q->bias[o], a01 = a00, a10 = q->bias[o1], a11 = a10;
-        const uint8_t *c = col;
-#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
-        if (k4 >= 8)
-            pairs_of_groups(&a00, &a01, &a10, &a11, &w0, &w1, &c, end8);
+#if CONV_ASM
+        const uint8_t *c = cend;
+        if (k4)
+            all_groups(&a00, &a01, &a10, &a11, &w0, &w1, col, cend, odd);
 #else
+        const uint8_t *c = col;
         for (int32_t g = k4 >> 3; g > 0; g--, c += 32) {
             GROUP(c);
             GROUP(c + 16);
         }
-#endif
         if (k4 & 4) {
             GROUP(c);
             c += 16;
         }
+#endif
         if (tail) {
             uint32_t s00 = (uint32_t)a00, s01 = (uint32_t)a01, s10 = (uint32_t)a10,
                      s11 = (uint32_t)a11;
@@ -215,6 +233,133 @@ static KDM_NOINLINE void channels(const kdm_requant_params *q, const int8_t *w, 
     }
 }
 
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+/*
+ * The whole channel loop of a pixel pair in assembly, for the common case: K a multiple of 8,
+ * out_c even, double rounding, and every channel's multiplier non-zero and shift negative
+ * (kdm_conv2d_s8_dsp checks all of it once per call). Per 2 x 2 block: the two biases by one
+ * LDRD, all_groups' loop, the requantization of kdm_requant_pair_dbl_ (SMMLAR, ADD,
+ * ASR, QADD, SSAT ASR #1 per value; multipliers and shifts two at a time by LDRD) and four
+ * post-incremented byte stores: about 55 instructions around the loop, where the C version
+ * (channels) spends 82, its values spilled around the loop's 13 registers. The pointers live
+ * in this struct, which the function advances (lr holds its address); field offsets are the
+ * numbers in the assembly and are checked below.
+ */
+typedef struct {
+    const int32_t *bias, *mult, *shift; /* advanced two channels per block */
+    int8_t *out0, *out1;                /* advanced likewise */
+    const int8_t *w;                    /* the block's first weight row */
+    int32_t skip;                       /* row_stride - K: from row o + 1's end to row o + 2 */
+    int32_t rs;                         /* row_stride */
+    const uint8_t *col, *col_end;       /* the staged columns, 4 K bytes */
+    const int32_t *bias_end;            /* bias + out_c */
+    int32_t zp2;                        /* 2 out_zp + 1 */
+} pair_job;
+
+typedef char pair_job_layout_[(offsetof(pair_job, shift) == 8 && offsetof(pair_job, out1) == 16 &&
+                               offsetof(pair_job, skip) == 24 && offsetof(pair_job, col) == 32 &&
+                               offsetof(pair_job, bias_end) == 40 && offsetof(pair_job, zp2) == 44)
+                                  ? 1
+                                  : -1];
+
+void kdm_conv_pair_job_s8_(pair_job *j);
+
+/* one group of four K values of the block (r0 - r3 staged, r6 / r7 a weight word and its lanes) */
+#define KDM_JOB_GROUP                                                                              \
+    "ldm r4!, {r0, r1, r2, r3}\n\t"                                                                \
+    "ldr r6, [r12], #4\n\t"                                                                        \
+    "sxtb16 r7, r6\n\t"                                                                            \
+    "smlad r8, r7, r0, r8\n\t"                                                                     \
+    "smlad r9, r7, r2, r9\n\t"                                                                     \
+    "sxtb16 r6, r6, ror #8\n\t"                                                                    \
+    "smlad r8, r6, r1, r8\n\t"                                                                     \
+    "smlad r9, r6, r3, r9\n\t"                                                                     \
+    "ldr r6, [lr], #4\n\t"                                                                         \
+    "sxtb16 r7, r6\n\t"                                                                            \
+    "smlad r10, r7, r0, r10\n\t"                                                                   \
+    "smlad r11, r7, r2, r11\n\t"                                                                   \
+    "sxtb16 r6, r6, ror #8\n\t"                                                                    \
+    "smlad r10, r6, r1, r10\n\t"                                                                   \
+    "smlad r11, r6, r3, r11\n\t"
+
+/* one value: r = SSAT8(QADD((h + (h >> 31)) >> k, zp2) >> 1), h = SMMLAR(r, b, r); zp2 in r6 */
+#define KDM_JOB_REQUANT(r, b, k)                                                                   \
+    "smmlar " r ", " r ", " b ", " r "\n\t"                                                        \
+    "add " r ", " r ", " r ", asr #31\n\t"                                                         \
+    "asr " r ", " r ", " k "\n\t"                                                                  \
+    "qadd " r ", " r ", r6\n\t"                                                                    \
+    "ssat " r ", #8, " r ", asr #1\n\t"
+
+/* r0 = j. Registers in the K loop: r0 - r3 staged words, r4 the staged column, r5 the job, r6 /
+ * r7 a weight word and its lanes, r8 a00, r9 a01, r10 a10, r11 a11 (a<channel><pixel>), r12 / lr
+ * weight rows o / o + 1. The job and the values that 16-bit Thumb encodings can reach (LDM, LDR
+ * / STR with an offset, CMP, LSLS, MVNS) are in low registers: the function is 302 bytes. */
+__asm__(".section .text.kdm_conv_pair_job_s8_,\"ax\",%progbits\n\t"
+        ".syntax unified\n\t"
+        ".thumb\n\t"
+        ".p2align 2\n\t"
+        ".global kdm_conv_pair_job_s8_\n\t"
+        ".type kdm_conv_pair_job_s8_, %function\n\t"
+        ".thumb_func\n"
+        "kdm_conv_pair_job_s8_:\n\t"
+        "push {r4, r5, r6, r7, r8, r9, r10, r11, lr}\n\t"
+        "mov r5, r0\n\t"
+        "ldr r12, [r0, #20]\n"
+        "1:\n\t" /* a block: biases, weight rows, column */
+        "ldr r0, [r5, #0]\n\t"
+        "ldrd r8, r10, [r0], #8\n\t"
+        "str r0, [r5, #0]\n\t"
+        "mov r9, r8\n\t"
+        "mov r11, r10\n\t"
+        "ldr r0, [r5, #28]\n\t"
+        "add lr, r12, r0\n\t"
+        "ldr r4, [r5, #32]\n"
+        "2:\n\t" KDM_JOB_GROUP KDM_JOB_GROUP "ldr r0, [r5, #36]\n\t"
+        "cmp r4, r0\n\t"
+        "bne 2b\n\t"
+        "ldr r0, [r5, #24]\n\t" /* next block's row o: row o + 1's end + skip */
+        "add r12, lr, r0\n\t"
+        "ldr r0, [r5, #4]\n\t" /* multipliers -> b = 2 m (r1, r2), shifts -> ~s (r3, r4) */
+        "ldrd r1, r2, [r0], #8\n\t"
+        "str r0, [r5, #4]\n\t"
+        "ldr r0, [r5, #8]\n\t"
+        "ldrd r3, r4, [r0], #8\n\t"
+        "str r0, [r5, #8]\n\t"
+        "lsls r1, r1, #1\n\t"
+        "lsls r2, r2, #1\n\t"
+        "mvns r3, r3\n\t"
+        "mvns r4, r4\n\t"
+        "ldr r6, [r5, #44]\n\t" KDM_JOB_REQUANT("r8", "r1", "r3") KDM_JOB_REQUANT("r9", "r1", "r3")
+            KDM_JOB_REQUANT("r10", "r2", "r4")
+                KDM_JOB_REQUANT("r11", "r2",
+                                "r4") "ldr r0, [r5, #12]\n\t"
+                                      "strb r8, [r0], #1\n\t"
+                                      "strb r10, [r0], #1\n\t"
+                                      "str r0, [r5, #12]\n\t"
+                                      "ldr r0, [r5, #16]\n\t"
+                                      "strb r9, [r0], #1\n\t"
+                                      "strb r11, [r0], #1\n\t"
+                                      "str r0, [r5, #16]\n\t"
+                                      "ldr r0, [r5, #0]\n\t"
+                                      "ldr r1, [r5, #40]\n\t"
+                                      "cmp r0, r1\n\t"
+                                      "bne 1b\n\t"
+                                      "pop {r4, r5, r6, r7, r8, r9, r10, r11, pc}\n\t"
+                                      ".size kdm_conv_pair_job_s8_, . - kdm_conv_pair_job_s8_\n\t"
+                                      ".text");
+
+/* Whether the assembly channel loop applies (see pair_job). */
+static int pair_job_applies(const kdm_requant_params *q, int32_t k_all, int32_t out_c)
+{
+    if ((k_all & 7) || (out_c & 1) || (q->flags & KDM_FLAG_SINGLE_ROUNDING))
+        return 0;
+    for (int32_t o = 0; o < out_c; o++)
+        if (q->mult[o] == 0 || q->shift[o] >= 0)
+            return 0;
+    return 1;
+}
+#endif
+
 void kdm_conv2d_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
                        const int8_t *w, int8_t *out, void *scratch)
 {
@@ -223,12 +368,33 @@ void kdm_conv2d_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, co
     const int32_t k_all = p->kernel_h * p->kernel_w * p->in_c;
     const int narrow = rq.act_min != -128 || rq.act_max != 127;
     uint8_t *col = (uint8_t *)scratch;
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+    const int fast = pair_job_applies(&rq, k_all, out_c);
+    pair_job job;
+    job.w = w;
+    job.skip = p->row_stride - k_all;
+    job.rs = p->row_stride;
+    job.col = col;
+    job.col_end = col + 4 * k_all;
+    job.bias_end = rq.bias + out_c;
+    job.zp2 = 2 * rq.out_zp + 1;
+#endif
     for (int32_t pix = 0; pix < n_pix; pix += 2) {
         const int32_t pix1 = pix + 1 < n_pix ? pix + 1 : pix;
         int8_t *out0 = out + pix * out_c, *out1 = out + pix1 * out_c;
         im2col(p, in, pix, 0, col);
         im2col(p, in, pix1, 1, col);
-        channels(&rq, w, p->row_stride, out_c, col, k_all, out0, out1);
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+        if (fast) {
+            job.bias = rq.bias;
+            job.mult = rq.mult;
+            job.shift = rq.shift;
+            job.out0 = out0;
+            job.out1 = out1;
+            kdm_conv_pair_job_s8_(&job);
+        } else
+#endif
+            channels(&rq, w, p->row_stride, out_c, col, k_all, out0, out1);
         if (narrow) {
             kdm_clamp_row_(out0, out_c, rq.act_min, rq.act_max);
             kdm_clamp_row_(out1, out_c, rq.act_min, rq.act_max);

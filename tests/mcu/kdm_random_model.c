@@ -647,6 +647,14 @@ static kd_status build_case(gen_model *g, int kind)
         snprintf(g->desc, sizeof g->desc, "dw+add_s%d %dx%dx%d", wbits, c, h, w);
         return KD_OK;
     }
+    case 5: { /* pointwise: 1x1, in_c a multiple of 8 (the Cortex-M4's assembly channel loop) */
+        c = 8 * rnd_int(g, 1, 8);
+        s = rnd_int(g, 0, 3) == 0 ? 2 : 1;
+        t = add_tensor(g, c, h, w, rnd_int(g, -30, 30), 0.05f);
+        KD_TRY(add_conv(g, KDM_OP_CONV2D, t, rnd_int(g, 1, 33), 1, 1, s, 0, wbits, act, &t));
+        snprintf(g->desc, sizeof g->desc, "pw_s%d %dx%dx%d s%d ->%d", wbits, c, h, w, s, g->t[t].c);
+        return KD_OK;
+    }
     default: { /* a short network: conv, depthwise, pointwise, pool, FC, softmax */
         int c2 = kc_channels[rnd_int(g, 0, KC_NCH - 1)];
         h += 2;
@@ -683,7 +691,7 @@ static kd_status cmd_kcheck(const char *path, int n, uint64_t seed)
         size_t len = 0;
         uint32_t arena = 0;
         /* the first cases walk every kind once, the rest draw it; flags: both roundings */
-        st = build_case(&g, i < 6 ? i : rnd_int(&g, 0, 5));
+        st = build_case(&g, i < 7 ? i : rnd_int(&g, 0, 6));
         if (st == KD_OK)
             st = gen_finish(&g, PLAN_DISTINCT, (uint32_t)(i & 1) * KDM_FLAG_SINGLE_ROUNDING, &blob,
                             &len, &arena);

@@ -246,13 +246,16 @@ kd_status kd_export_write_c(const char *dir, const kd_export_graph *g, const uin
             " * q = clamp(round(x / KDM_MODEL_INPUT_SCALE) + KDM_MODEL_INPUT_ZERO_POINT, -128, "
             "127),\n"
             " * x the engine's normalised pixel; KDM_MODEL_INPUT_SCALE_BITS is the exact float32.\n"
-            " * Build the runtime with -DKDM_OP_MASK=KDM_MODEL_OP_MASK to link only the ops used.\n"
+            " * Build the runtime with -DKDM_OP_MASK=KDM_MODEL_OP_MASK, -DKDM_WBITS_MASK=\n"
+            " * KDM_MODEL_WBITS_MASK and -DKDM_ROUNDING_MASK=KDM_MODEL_ROUNDING_MASK to link only\n"
+            " * the ops, weight widths and requantization rounding the model uses.\n"
             " */\n"
             "#ifndef KDM_MODEL_H\n#define KDM_MODEL_H\n\n#include <stdint.h>\n\n"
             "#define KDM_MODEL_BLOB_LEN %zuu\n"
             "#define KDM_MODEL_ARENA_SIZE %uu\n"
             "#define KDM_MODEL_OP_MASK 0x%Xu\n"
             "#define KDM_MODEL_WBITS_MASK 0x%Xu\n"
+            "#define KDM_MODEL_ROUNDING_MASK 0x%Xu\n"
             "#define KDM_MODEL_INPUT_SIZE %uu\n"
             "#define KDM_MODEL_OUTPUT_SIZE %uu\n"
             "#define KDM_MODEL_INPUT_SCALE %.9gf /* float32 bits below */\n"
@@ -263,8 +266,9 @@ kd_status kd_export_write_c(const char *dir, const kd_export_graph *g, const uin
             "extern const uint8_t kdm_model_blob[KDM_MODEL_BLOB_LEN];\n"
             "extern const uint32_t kdm_model_blob_len;\n\n#endif\n",
             bits, ti->h, ti->w, ti->c, len, g->arena_size, kd_export_op_mask(g),
-            wmask ? wmask : 0x110u, ti->bytes, to->bytes, (double)ti->scale, sbits, ti->zero_point,
-            (double)to->scale, obits, to->zero_point);
+            wmask ? wmask : 0x110u, (g->flags & KDM_FLAG_SINGLE_ROUNDING) ? 0x2u : 0x1u, ti->bytes,
+            to->bytes, (double)ti->scale, sbits, ti->zero_point, (double)to->scale, obits,
+            to->zero_point);
     if (fclose(f) != 0) {
         free(buf);
         return KD_FAIL(KD_ERR_NOMEM, "export: out of memory");

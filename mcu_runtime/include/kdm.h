@@ -165,6 +165,15 @@ typedef enum {
 #define KDM_WBITS_MASK 0x110u /* INT8 and INT4 */
 #endif
 
+/* And -DKDM_ROUNDING_MASK=<bits> links only the requantization rounding a model uses (bit 1 <<
+ * single: 0x1 double rounding, the exporter's default; 0x2 single, KDM_FLAG_SINGLE_ROUNDING);
+ * kdm_load refuses a model of the other rounding with KDM_ERR_OP. The exported model.h defines
+ * KDM_MODEL_ROUNDING_MASK for this. */
+#define KDM_ROUNDING_BIT(single) (1u << ((single) ? 1 : 0))
+#ifndef KDM_ROUNDING_MASK
+#define KDM_ROUNDING_MASK 0x3u /* both */
+#endif
+
 typedef enum {
     KDM_OK = 0,
     KDM_ERR_ARG,       /* a NULL pointer or a length that cannot be right */
@@ -174,7 +183,7 @@ typedef enum {
     KDM_ERR_CRC,       /* the CRC-32 does not match: the blob is damaged */
     KDM_ERR_RANGE,     /* an offset, size, index or count points outside where it must */
     KDM_ERR_ALIGN,     /* an offset is not 4-byte aligned where it must be */
-    KDM_ERR_OP,        /* an op type this runtime (or its KDM_OP_MASK) does not have */
+    KDM_ERR_OP,        /* an op type, weight width or rounding this runtime (or its masks) lacks */
     KDM_ERR_SHAPE,     /* tensor shapes do not fit the op */
     KDM_ERR_PARAM,     /* an op parameter out of its range (wbits, clamp, shift, ...) */
     KDM_ERR_ARENA,     /* the arena given to kdm_invoke is too small or misaligned */

@@ -172,7 +172,7 @@ static KDM_NOINLINE void channels(const kdm_requant_params *q, const uint8_t *w,
                                   uint32_t sum1, int8_t *out0, int8_t *out1)
 {
     const int32_t zp = q->out_zp, zp2 = 2 * zp + 1;
-    const int single = (q->flags & KDM_FLAG_SINGLE_ROUNDING) != 0;
+    const int single = KDM_SINGLE_ROUNDING_(q->flags);
     const uint8_t *row = w;
     for (int32_t o = 0; o < out_c; o += 2, row += 2 * rs) {
         const int32_t o1 = o + 1 < out_c ? o + 1 : o;

@@ -184,7 +184,7 @@ static KDM_NOINLINE void channels(const kdm_requant_params *q, const int8_t *w, 
                                   int8_t *out1)
 {
     const int32_t k4 = k_all & ~3, tail = k_all - k4, zp = q->out_zp, zp2 = 2 * zp + 1;
-    const int single = (q->flags & KDM_FLAG_SINGLE_ROUNDING) != 0;
+    const int single = KDM_SINGLE_ROUNDING_(q->flags);
     const int8_t *row = w;
 #if CONV_ASM
     const uint8_t *const cend = col + 4 * k4; /* 16 staged bytes per group of 4 */
@@ -351,7 +351,7 @@ __asm__(".section .text.kdm_conv_pair_job_s8_,\"ax\",%progbits\n\t"
 /* Whether the assembly channel loop applies (see pair_job). */
 static int pair_job_applies(const kdm_requant_params *q, int32_t k_all, int32_t out_c)
 {
-    if ((k_all & 7) || (out_c & 1) || (q->flags & KDM_FLAG_SINGLE_ROUNDING))
+    if ((k_all & 7) || (out_c & 1) || KDM_SINGLE_ROUNDING_(q->flags))
         return 0;
     for (int32_t o = 0; o < out_c; o++)
         if (q->mult[o] == 0 || q->shift[o] >= 0)

@@ -130,6 +130,14 @@ void kdm_softmax_s8(const int32_t *lut, int32_t act_min, int32_t act_max, const 
 
 /* ---- requantization (one copy, used by kdm_requantize and every kernel) --------------------- */
 
+/* Whether the DSP kernels round once (KDM_FLAG_SINGLE_ROUNDING in flags): a constant when
+ * KDM_ROUNDING_MASK (kdm.h) admits one rounding only, so the other one's code is not linked
+ * (kdm_load has refused models of the other rounding). */
+#define KDM_SINGLE_ROUNDING_(flags)                                                                \
+    (KDM_ROUNDING_MASK == KDM_ROUNDING_BIT(1)   ? 1                                                \
+     : KDM_ROUNDING_MASK == KDM_ROUNDING_BIT(0) ? 0                                                \
+                                                : ((flags)&KDM_FLAG_SINGLE_ROUNDING) != 0)
+
 #if defined(__GNUC__)
 #define KDM_ALWAYS_INLINE static inline __attribute__((always_inline))
 #define KDM_NOINLINE      __attribute__((noinline))

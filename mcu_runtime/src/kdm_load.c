@@ -270,6 +270,8 @@ static kdm_status validate(kdm_model *m, const uint8_t *b, size_t len)
     m->flags = kdm_rd32_(b + 16);
     if (m->flags & ~(uint32_t)KDM_FLAG_SINGLE_ROUNDING)
         return KDM_ERR_PARAM;
+    if (!(KDM_ROUNDING_MASK & KDM_ROUNDING_BIT(m->flags & KDM_FLAG_SINGLE_ROUNDING)))
+        return KDM_ERR_OP;
     m->n_tensors = kdm_rd32_(b + 20);
     m->n_ops = kdm_rd32_(b + 24);
     if (m->n_tensors < 1 || m->n_tensors > KDM_MAX_TENSORS || m->n_ops < 1 ||

@@ -90,7 +90,7 @@ void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *ac
 {
     const int32_t *mult = q->mult + c0, *shift = q->shift + c0;
     const int32_t zp = q->out_zp;
-    if (q->flags & KDM_FLAG_SINGLE_ROUNDING) {
+    if (KDM_SINGLE_ROUNDING_(q->flags)) {
         row_single(mult, shift, zp, acc, out, n);
         goto clamp;
     }

@@ -659,13 +659,35 @@ static void test_status_and_helpers(void **state)
     assert_int_equal(kdm_argmax_s8(x, 1), 0);
 }
 
+/* A model's rounding against the runtime's KDM_ROUNDING_MASK. This file builds twice: against
+ * the runtime as it is (both roundings: the single-rounding model loads) and, as
+ * test_kdm_load_double, against the runtime's sources compiled with KDM_ROUNDING_MASK=0x1
+ * (double rounding only), which must refuse it with KDM_ERR_OP while the double-rounding model
+ * runs as before (test_valid_model, the same outputs as the kernels called directly). */
+static void test_rounding_mask(void **state)
+{
+    (void)state;
+    model md;
+    model_init(&md);
+    md.h.flags = KDM_FLAG_SINGLE_ROUNDING;
+    size_t len;
+    uint8_t *blob = serialize(&md, &len);
+    kdm_model m;
+    assert_int_equal(kdm_load(&m, blob, len), (KDM_ROUNDING_MASK & 2u) ? KDM_OK : KDM_ERR_OP);
+    md.h.flags = 0;
+    free(blob);
+    blob = serialize(&md, &len);
+    assert_int_equal(kdm_load(&m, blob, len), (KDM_ROUNDING_MASK & 1u) ? KDM_OK : KDM_ERR_OP);
+    free(blob);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_status_and_helpers), cmocka_unit_test(test_valid_model),
         cmocka_unit_test(test_reshape_alias),      cmocka_unit_test(test_damaged_fields),
         cmocka_unit_test(test_damaged_header),     cmocka_unit_test(test_truncated),
-        cmocka_unit_test(test_bad_arguments),
+        cmocka_unit_test(test_bad_arguments),      cmocka_unit_test(test_rounding_mask),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -71,6 +71,7 @@
 #include "model.h"
 #include "optim.h"
 #include "sampler.h"
+#include "train.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -1199,6 +1200,14 @@ int main(int argc, char **argv)
                     .compile = -1,
                     .root = NULL,
                     .python = "/usr/bin/python3"};
+    /* distill's OpenMP spin, as the distill command runs with it (engine/train.c); the PyTorch
+     * peer keeps its own default: the variable is dropped again before it is started, unless
+     * the user set it for both */
+    kd_openmp_short_spin(argv);
+    if (getenv("KD_OPENMP_SPIN_SET")) {
+        unsetenv("GOMP_SPINCOUNT");
+        unsetenv("KD_OPENMP_SPIN_SET");
+    }
     if (!parse_args(argc, argv, &o))
         return 1;
     if (!o.root) /* the current directory when it is the repository, else the source tree */

@@ -370,6 +370,9 @@ int main(int argc, char **argv)
     if (argc < 2)
         return usage_error(usage_main, "%s", "missing command");
     const char *cmd = argv[1];
+    if (!strcmp(cmd, "train") || !strcmp(cmd, "cache") || !strcmp(cmd, "eval") ||
+        !strcmp(cmd, "export") || !strcmp(cmd, "report"))
+        kd_openmp_short_spin(argv);
     if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help")) {
         fputs(usage_main, stdout);
         return 0;

@@ -35,6 +35,10 @@ kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out
  * (device: auto falls back to the CPU, saying why on log); the training split (data.val_size
  * held out by data.split_seed; the caller frees it with kd_dataset_free). */
 void kd_set_threads(int n);
+/* Run the program again with GOMP_SPINCOUNT=1000 (and KD_OPENMP_SPIN_SET=1, saying who set it)
+ * unless the environment sets GOMP_SPINCOUNT or OMP_WAIT_POLICY (see train.c); returns only
+ * when it does not (or cannot) run it again. */
+void kd_openmp_short_spin(char **argv);
 kd_status kd_pick_backend(const kd_job *job, const kd_backend **be, FILE *log);
 kd_status kd_load_train_split(const kd_job *job, kd_dataset *train);
 

@@ -2,7 +2,8 @@
  * test_cli_guards.c - what `distill train` refuses so that nothing already
  * written is lost or silently changed: a fresh start over an existing run, a
  * resume with another optimizer, and a resume of a checkpoint written for
- * another architecture with the same parameter shapes.
+ * another architecture with the same parameter shapes. And the OpenMP spin the
+ * command sets for itself (GOMP_SPINCOUNT=1000, see engine/train.c) unless the user set one.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -110,8 +111,27 @@ static void test_guards(void **state)
     expect(train("--resume", &code), 0, (const char *const[]){"resumed from", "test:", NULL});
 }
 
+/* The training log names the spin its OpenMP threads run under: 1000 when the environment sets
+ * none (the command ran itself again with it), the user's own value otherwise. */
+static void test_openmp_spin(void **state)
+{
+    (void)state;
+    int code;
+    unsetenv("OMP_WAIT_POLICY");
+    unsetenv("GOMP_SPINCOUNT");
+    write_job("relu", "sgd");
+    kd_rm_rf(run_dir);
+    expect(train(NULL, &code), 0, (const char *const[]){"2 threads, OpenMP spin 1000\n", NULL});
+    kd_rm_rf(run_dir);
+    assert_int_equal(setenv("GOMP_SPINCOUNT", "4000", 1), 0);
+    expect(train(NULL, &code), 0, (const char *const[]){"2 threads, OpenMP spin 4000\n", NULL});
+    unsetenv("GOMP_SPINCOUNT");
+    kd_rm_rf(run_dir);
+}
+
 int main(void)
 {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_guards)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_guards),
+                                       cmocka_unit_test(test_openmp_spin)};
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -58,8 +58,8 @@ void kd_set_threads(int n)
  * spinning threads of one job take the cores the other needs to reach the barriers of its many
  * short parallel regions: two 2-thread trainings of the tiny student on 2 cores ran at 717
  * samples/s together, against 5 897 for one alone. With GOMP_SPINCOUNT=1000 (tens of
- * microseconds) one job alone ran at 7 399 (the same within the run-to-run noise) and the pair
- * at 6 357 together (bench/sweep_openmp.sh, README "Several jobs on one machine"). libgomp
+ * microseconds) the pair ran at 6 357 together, and one job alone about 8 % slower than with
+ * the long spin (bench/sweep_openmp.sh, README "Several jobs on one machine"). libgomp
  * reads the variable when it loads, before main, so a program (the distill command, the
  * training benchmark) calls this first thing: it sets the variable and runs itself again; a
  * GOMP_SPINCOUNT or OMP_WAIT_POLICY the user set is left as it is.

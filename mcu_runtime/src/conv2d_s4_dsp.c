@@ -10,18 +10,22 @@
  * while staging (all modulo 2^32, so exact whatever wraps).
  *
  * im2col stages two output pixels as int16, interleaved by groups of eight K values
- * (32 bytes a group): [px0 (x0,x4) (x2,x6) (x1,x5) (x3,x7)] [px1 the same], the order the
- * decoded lanes need. Per group (2 channels x 2 pixels x 8 = 32 MACs): 2 weight loads, 2 XOR,
- * 8 AND (the shift folded into the operand: the mask is kept in a register), 8 staged loads,
- * 16 SMLAD and the loop: 39 instructions as GCC 12 compiles it for the Cortex-M4, 1.22 per
- * MAC. 1x1 kernels use the same path (staging a pixel is a conversion, and the pairs (k, k+4)
- * need reordering anyway). The last K mod 8 values follow the groups, column 0 then column 1,
- * summed in C. An odd last pixel or channel is paired with itself. All channels of a pixel
- * pair run in one out-of-line function (channels) whose blocks requantize their four sums as
- * soon as they are complete (kdm_requant_pair_dbl_, the channel's multiplier and shift serving
- * both pixels), as in conv2d_s8_dsp.c: on the tiny student's INT4 1x1 layers 2.70 / 2.30 /
- * 1.76 -> 2.65 / 2.25 / 1.73 instructions per MAC against collecting 16 channels' sums for a
- * separate requantization loop.
+ * (32 bytes a group), each lane pair of pixel 0 beside the same pair of pixel 1:
+ * [(x0,x4) px0, px1] [(x2,x6) px0, px1] [(x1,x5) px0, px1] [(x3,x7) px0, px1], the order the
+ * decoded lanes need, and one LDRD brings a pair for both pixels. Per group (2 channels x 2
+ * pixels x 8 = 32 MACs) in C: 2 weight loads, 2 XOR, 8 AND (the shift folded into the operand:
+ * the mask is kept in a register), 8 staged loads, 16 SMLAD and the loop: 39 instructions as
+ * GCC 12 compiles it for the Cortex-M4, 1.22 per MAC; 32 in the assembly channel loop
+ * (kdm_conv_pair_job_s4_, below), which runs a pixel pair's channels when K is a multiple of 8,
+ * out_c even and the requantization the usual one (on the tiny student's INT4 1x1 layers
+ * 2.59 / 2.21 / 1.71 -> 1.91 / 1.64 / 1.34 instructions per MAC). 1x1 kernels use the same path
+ * (staging a pixel is a conversion, and the pairs (k, k+4) need reordering anyway). The last K mod
+ * 8 values follow the groups, column 0 then column 1, summed in C. An odd last pixel or channel is
+ * paired with itself. All channels of a pixel pair run in one out-of-line function (channels) whose
+ * blocks requantize their four sums as soon as they are complete (kdm_requant_pair_dbl_, the
+ * channel's multiplier and shift serving both pixels), as in conv2d_s8_dsp.c: on the tiny student's
+ * INT4 1x1 layers 2.70 / 2.30 / 1.76 -> 2.65 / 2.25 / 1.73 instructions per MAC against collecting
+ * 16 channels' sums for a separate requantization loop.
  */
 #include "kdm_dsp.h"
 #include "kdm_kernels.h"
@@ -41,7 +45,7 @@ static uint32_t im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, 
     if ((ch & 7) == 0) {
         const uint32_t zz = kdm_pack16(p->in_zp, p->in_zp);
         int32_t sum = 0;
-        uint8_t *d = col + 16 * j;
+        uint8_t *d = col + 4 * j;
         for (int32_t ky = 0; ky < p->kernel_h; ky++) {
             const int32_t iy = y0 + ky;
             for (int32_t kx = 0; kx < p->kernel_w; kx++) {
@@ -49,9 +53,9 @@ static uint32_t im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, 
                 if (iy < 0 || iy >= p->in_h || ix < 0 || ix >= p->in_w) {
                     for (int32_t c = 0; c < ch; c += 8, d += 32) {
                         kdm_st32a(d, zz);
-                        kdm_st32a(d + 4, zz);
                         kdm_st32a(d + 8, zz);
-                        kdm_st32a(d + 12, zz);
+                        kdm_st32a(d + 16, zz);
+                        kdm_st32a(d + 24, zz);
                     }
                     sum = (int32_t)((uint32_t)sum + (uint32_t)(ch * p->in_zp));
                     continue;
@@ -62,9 +66,9 @@ static uint32_t im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, 
                     uint32_t ae = kdm_sxtb16(va), ao = kdm_sxtb16_ror8(va);
                     uint32_t be = kdm_sxtb16(vb), bo = kdm_sxtb16_ror8(vb);
                     kdm_st32a(d, kdm_pkhbt16(ae, be));
-                    kdm_st32a(d + 4, kdm_pkhtb16(be, ae));
-                    kdm_st32a(d + 8, kdm_pkhbt16(ao, bo));
-                    kdm_st32a(d + 12, kdm_pkhtb16(bo, ao));
+                    kdm_st32a(d + 8, kdm_pkhtb16(be, ae));
+                    kdm_st32a(d + 16, kdm_pkhbt16(ao, bo));
+                    kdm_st32a(d + 24, kdm_pkhtb16(bo, ao));
                     sum = kdm_smlad(ae, ONES16, sum);
                     sum = kdm_smlad(ao, ONES16, sum);
                     sum = kdm_smlad(be, ONES16, sum);
@@ -85,10 +89,11 @@ static uint32_t im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, 
             const int8_t *s = inside ? in + (iy * p->in_w + ix) * ch : in;
             for (int32_t c = 0; c < ch; c++, k++) {
                 int32_t x = inside ? s[c] : p->in_zp;
-                /* int16 slot: group k / 8, column j, lane order = k mod 8 bit-reversed */
-                int32_t at = k < k8
-                                 ? 16 * (k >> 3) + 8 * j + ((k & 1) << 2) + (k & 2) + ((k >> 2) & 1)
-                                 : 2 * k8 + j * tail + (k - k8);
+                /* int16 slot: group k / 8, then lane pair h / 2 (h = k mod 8 bit-reversed),
+                 * column j, then the lane */
+                const int32_t h = ((k & 1) << 2) + (k & 2) + ((k >> 2) & 1);
+                int32_t at = k < k8 ? 16 * (k >> 3) + 4 * (h >> 1) + 2 * j + (h & 1)
+                                    : 2 * k8 + j * tail + (k - k8);
                 kdm_st16(col + 2 * at, x);
                 if (k < k8)
                     sum += (uint32_t)x;
@@ -117,28 +122,28 @@ static inline __attribute__((always_inline)) void block(const uint8_t *w0, const
         uint32_t x = kdm_ld32a(c);
         a00 = kdm_smlad(m0, x, a00);
         a10 = kdm_smlad(m1, x, a10);
-        x = kdm_ld32a(c + 16);
+        x = kdm_ld32a(c + 4);
         a01 = kdm_smlad(m0, x, a01);
         a11 = kdm_smlad(m1, x, a11);
         m0 = (y0 >> 8) & lanes;
         m1 = (y1 >> 8) & lanes;
-        x = kdm_ld32a(c + 4);
+        x = kdm_ld32a(c + 8);
+        a00 = kdm_smlad(m0, x, a00);
+        a10 = kdm_smlad(m1, x, a10);
+        x = kdm_ld32a(c + 12);
+        a01 = kdm_smlad(m0, x, a01);
+        a11 = kdm_smlad(m1, x, a11);
+        m0 = (y0 >> 4) & lanes;
+        m1 = (y1 >> 4) & lanes;
+        x = kdm_ld32a(c + 16);
         a00 = kdm_smlad(m0, x, a00);
         a10 = kdm_smlad(m1, x, a10);
         x = kdm_ld32a(c + 20);
         a01 = kdm_smlad(m0, x, a01);
         a11 = kdm_smlad(m1, x, a11);
-        m0 = (y0 >> 4) & lanes;
-        m1 = (y1 >> 4) & lanes;
-        x = kdm_ld32a(c + 8);
-        a00 = kdm_smlad(m0, x, a00);
-        a10 = kdm_smlad(m1, x, a10);
-        x = kdm_ld32a(c + 24);
-        a01 = kdm_smlad(m0, x, a01);
-        a11 = kdm_smlad(m1, x, a11);
         m0 = (y0 >> 12) & lanes;
         m1 = (y1 >> 12) & lanes;
-        x = kdm_ld32a(c + 12);
+        x = kdm_ld32a(c + 24);
         a00 = kdm_smlad(m0, x, a00);
         a10 = kdm_smlad(m1, x, a10);
         x = kdm_ld32a(c + 28);
@@ -187,6 +192,84 @@ static KDM_NOINLINE void channels(const kdm_requant_params *q, const uint8_t *w,
     }
 }
 
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+/*
+ * A pixel pair's whole channel loop in assembly, for K a multiple of 8, out_c even, double
+ * rounding and every multiplier non-zero with a negative shift (checked once per call), as in
+ * conv2d_s8_dsp.c. Per group of 8 K values and 2 x 2 block (32 MACs): a weight word of each
+ * row and its XOR, then per lane pair one LDRD of both pixels' staged words, an AND that
+ * decodes the lane pair of each row (the shift folded into the operand) and four SMLAD: 32
+ * instructions, where block() compiles to 39. The block's sums start from bias - 8 * column
+ * sum (corr0 / corr1). The loop takes two groups a turn; an odd count enters at the second.
+ */
+typedef struct {
+    kdm_pair_job_ base;    /* kdm_dsp.h */
+    uint32_t corr0, corr1; /* -8 x the sum of each staged column (mod 2^32) */
+    int32_t odd;           /* K / 8 is odd */
+} pair_job4;
+
+typedef char pair_job4_layout_[(__builtin_offsetof(pair_job4, corr0) == 48 &&
+                                __builtin_offsetof(pair_job4, odd) == 56)
+                                   ? 1
+                                   : -1];
+
+void kdm_conv_pair_job_s4_(pair_job4 *j);
+
+/* one lane pair (shift s of the weight words, 0 / 8 / 4 / 12) of the group */
+#define KDM_JOB4_LANE(s)                                                                           \
+    "ldrd r0, r1, [r4], #8\n\t"                                                                    \
+    "and r2, r3, r6, lsr #" s "\n\t"                                                               \
+    "smlad r8, r2, r0, r8\n\t"                                                                     \
+    "smlad r9, r2, r1, r9\n\t"                                                                     \
+    "and r2, r3, r7, lsr #" s "\n\t"                                                               \
+    "smlad r10, r2, r0, r10\n\t"                                                                   \
+    "smlad r11, r2, r1, r11\n\t"
+
+/* one group of 8 K values: the weight words of rows o (r12) and o + 1 (lr), nibbles + 8 */
+#define KDM_JOB4_GROUP                                                                             \
+    "ldr r6, [r12], #4\n\t"                                                                        \
+    "eor r6, r6, #0x88888888\n\t"                                                                  \
+    "ldr r7, [lr], #4\n\t"                                                                         \
+    "eor r7, r7, #0x88888888\n\t" KDM_JOB4_LANE("0") KDM_JOB4_LANE("8") KDM_JOB4_LANE("4")         \
+        KDM_JOB4_LANE("12")
+
+/* r0 = j. In the K loop: r0 / r1 the two pixels' staged words of a lane pair, r2 a decoded lane
+ * pair, r3 the lane mask 0x000F000F, r4 the staged columns, r5 the job, r6 / r7 the weight words,
+ * r8 a00, r9 a01, r10 a10, r11 a11 (a<channel><pixel>), r12 / lr weight rows o / o + 1. */
+__asm__(".section .text.kdm_conv_pair_job_s4_,\"ax\",%progbits\n\t"
+        ".syntax unified\n\t"
+        ".thumb\n\t"
+        ".p2align 2\n\t"
+        ".global kdm_conv_pair_job_s4_\n\t"
+        ".type kdm_conv_pair_job_s4_, %function\n\t"
+        ".thumb_func\n"
+        "kdm_conv_pair_job_s4_:\n\t"
+        "push {r4, r5, r6, r7, r8, r9, r10, r11, lr}\n\t"
+        "mov r5, r0\n\t"
+        "ldr r12, [r0, #20]\n\t"
+        "mov r3, #0x000F000F\n"
+        "1:\n\t" /* a block: biases less 8 x the column sums, weight rows, column */
+        "ldr r0, [r5, #0]\n\t"
+        "ldrd r8, r10, [r0], #8\n\t"
+        "str r0, [r5, #0]\n\t"
+        "ldrd r0, r1, [r5, #48]\n\t"
+        "add r9, r8, r1\n\t"
+        "add r8, r8, r0\n\t"
+        "add r11, r10, r1\n\t"
+        "add r10, r10, r0\n\t"
+        "ldr r0, [r5, #28]\n\t"
+        "add lr, r12, r0\n\t"
+        "ldr r4, [r5, #32]\n\t"
+        "ldr r0, [r5, #56]\n\t"
+        "cbz r0, 2f\n\t"
+        "b 3f\n"
+        "2:\n\t" KDM_JOB4_GROUP "3:\n\t" KDM_JOB4_GROUP "ldr r0, [r5, #36]\n\t"
+        "cmp r4, r0\n\t"
+        "bne 2b\n\t" KDM_ASM_PAIR_JOB_END "pop {r4, r5, r6, r7, r8, r9, r10, r11, pc}\n\t"
+        ".size kdm_conv_pair_job_s4_, . - kdm_conv_pair_job_s4_\n\t"
+        ".text");
+#endif
+
 void kdm_conv2d_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
                        const uint8_t *w, int8_t *out, void *scratch)
 {
@@ -195,11 +278,25 @@ void kdm_conv2d_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, co
     const int32_t k_all = p->kernel_h * p->kernel_w * p->in_c;
     const int narrow = rq.act_min != -128 || rq.act_max != 127;
     uint8_t *col = (uint8_t *)scratch;
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+    const int fast = !(k_all & 7) && !(out_c & 1) && kdm_requant_simple_(&rq, out_c);
+    pair_job4 job;
+    kdm_pair_job_init_(&job.base, &rq, w, p->row_stride, k_all / 2, col, k_all, out_c);
+    job.odd = (k_all >> 3) & 1;
+#endif
     for (int32_t pix = 0; pix < n_pix; pix += 2) {
         const int32_t pix1 = pix + 1 < n_pix ? pix + 1 : pix;
         int8_t *out0 = out + pix * out_c, *out1 = out + pix1 * out_c;
         uint32_t sum0 = im2col(p, in, pix, 0, col), sum1 = im2col(p, in, pix1, 1, col);
-        channels(&rq, w, p->row_stride, out_c, col, k_all, sum0, sum1, out0, out1);
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+        if (fast) {
+            kdm_pair_job_start_(&job.base, &rq, out0, out1);
+            job.corr0 = 0u - 8u * sum0;
+            job.corr1 = 0u - 8u * sum1;
+            kdm_conv_pair_job_s4_(&job);
+        } else
+#endif
+            channels(&rq, w, p->row_stride, out_c, col, k_all, sum0, sum1, out0, out1);
         if (narrow) {
             kdm_clamp_row_(out0, out_c, rq.act_min, rq.act_max);
             kdm_clamp_row_(out1, out_c, rq.act_min, rq.act_max);

@@ -34,8 +34,6 @@
  * Single rounding (not the exporter's default) goes out of line, kdm_requant_quad_single_, so that
  * it does not cost the default path registers.
  */
-#include <stddef.h>
-
 #include "kdm_dsp.h"
 #include "kdm_kernels.h"
 
@@ -242,27 +240,9 @@ static KDM_NOINLINE void channels(const kdm_requant_params *q, const int8_t *w, 
  * ASR, QADD, SSAT ASR #1 per value; multipliers and shifts two at a time by LDRD) and four
  * post-incremented byte stores: about 55 instructions around the loop, where the C version
  * (channels) spends 82, its values spilled around the loop's 13 registers. The pointers live
- * in this struct, which the function advances (lr holds its address); field offsets are the
- * numbers in the assembly and are checked below.
+ * in a kdm_pair_job_ (kdm_dsp.h), which the function advances.
  */
-typedef struct {
-    const int32_t *bias, *mult, *shift; /* advanced two channels per block */
-    int8_t *out0, *out1;                /* advanced likewise */
-    const int8_t *w;                    /* the block's first weight row */
-    int32_t skip;                       /* row_stride - K: from row o + 1's end to row o + 2 */
-    int32_t rs;                         /* row_stride */
-    const uint8_t *col, *col_end;       /* the staged columns, 4 K bytes */
-    const int32_t *bias_end;            /* bias + out_c */
-    int32_t zp2;                        /* 2 out_zp + 1 */
-} pair_job;
-
-typedef char pair_job_layout_[(offsetof(pair_job, shift) == 8 && offsetof(pair_job, out1) == 16 &&
-                               offsetof(pair_job, skip) == 24 && offsetof(pair_job, col) == 32 &&
-                               offsetof(pair_job, bias_end) == 40 && offsetof(pair_job, zp2) == 44)
-                                  ? 1
-                                  : -1];
-
-void kdm_conv_pair_job_s8_(pair_job *j);
+void kdm_conv_pair_job_s8_(kdm_pair_job_ *j);
 
 /* one group of four K values of the block (r0 - r3 staged, r6 / r7 a weight word and its lanes) */
 #define KDM_JOB_GROUP                                                                              \
@@ -281,14 +261,6 @@ void kdm_conv_pair_job_s8_(pair_job *j);
     "sxtb16 r6, r6, ror #8\n\t"                                                                    \
     "smlad r10, r6, r1, r10\n\t"                                                                   \
     "smlad r11, r6, r3, r11\n\t"
-
-/* one value: r = SSAT8(QADD((h + (h >> 31)) >> k, zp2) >> 1), h = SMMLAR(r, b, r); zp2 in r6 */
-#define KDM_JOB_REQUANT(r, b, k)                                                                   \
-    "smmlar " r ", " r ", " b ", " r "\n\t"                                                        \
-    "add " r ", " r ", " r ", asr #31\n\t"                                                         \
-    "asr " r ", " r ", " k "\n\t"                                                                  \
-    "qadd " r ", " r ", r6\n\t"                                                                    \
-    "ssat " r ", #8, " r ", asr #1\n\t"
 
 /* r0 = j. Registers in the K loop: r0 - r3 staged words, r4 the staged column, r5 the job, r6 /
  * r7 a weight word and its lanes, r8 a00, r9 a01, r10 a10, r11 a11 (a<channel><pixel>), r12 / lr
@@ -316,48 +288,10 @@ __asm__(".section .text.kdm_conv_pair_job_s8_,\"ax\",%progbits\n\t"
         "ldr r4, [r5, #32]\n"
         "2:\n\t" KDM_JOB_GROUP KDM_JOB_GROUP "ldr r0, [r5, #36]\n\t"
         "cmp r4, r0\n\t"
-        "bne 2b\n\t"
-        "ldr r0, [r5, #24]\n\t" /* next block's row o: row o + 1's end + skip */
-        "add r12, lr, r0\n\t"
-        "ldr r0, [r5, #4]\n\t" /* multipliers -> b = 2 m (r1, r2), shifts -> ~s (r3, r4) */
-        "ldrd r1, r2, [r0], #8\n\t"
-        "str r0, [r5, #4]\n\t"
-        "ldr r0, [r5, #8]\n\t"
-        "ldrd r3, r4, [r0], #8\n\t"
-        "str r0, [r5, #8]\n\t"
-        "lsls r1, r1, #1\n\t"
-        "lsls r2, r2, #1\n\t"
-        "mvns r3, r3\n\t"
-        "mvns r4, r4\n\t"
-        "ldr r6, [r5, #44]\n\t" KDM_JOB_REQUANT("r8", "r1", "r3") KDM_JOB_REQUANT("r9", "r1", "r3")
-            KDM_JOB_REQUANT("r10", "r2", "r4")
-                KDM_JOB_REQUANT("r11", "r2",
-                                "r4") "ldr r0, [r5, #12]\n\t"
-                                      "strb r8, [r0], #1\n\t"
-                                      "strb r10, [r0], #1\n\t"
-                                      "str r0, [r5, #12]\n\t"
-                                      "ldr r0, [r5, #16]\n\t"
-                                      "strb r9, [r0], #1\n\t"
-                                      "strb r11, [r0], #1\n\t"
-                                      "str r0, [r5, #16]\n\t"
-                                      "ldr r0, [r5, #0]\n\t"
-                                      "ldr r1, [r5, #40]\n\t"
-                                      "cmp r0, r1\n\t"
-                                      "bne 1b\n\t"
-                                      "pop {r4, r5, r6, r7, r8, r9, r10, r11, pc}\n\t"
-                                      ".size kdm_conv_pair_job_s8_, . - kdm_conv_pair_job_s8_\n\t"
-                                      ".text");
+        "bne 2b\n\t" KDM_ASM_PAIR_JOB_END "pop {r4, r5, r6, r7, r8, r9, r10, r11, pc}\n\t"
+        ".size kdm_conv_pair_job_s8_, . - kdm_conv_pair_job_s8_\n\t"
+        ".text");
 
-/* Whether the assembly channel loop applies (see pair_job). */
-static int pair_job_applies(const kdm_requant_params *q, int32_t k_all, int32_t out_c)
-{
-    if ((k_all & 7) || (out_c & 1) || KDM_SINGLE_ROUNDING_(q->flags))
-        return 0;
-    for (int32_t o = 0; o < out_c; o++)
-        if (q->mult[o] == 0 || q->shift[o] >= 0)
-            return 0;
-    return 1;
-}
 #endif
 
 void kdm_conv2d_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
@@ -369,15 +303,9 @@ void kdm_conv2d_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, co
     const int narrow = rq.act_min != -128 || rq.act_max != 127;
     uint8_t *col = (uint8_t *)scratch;
 #if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
-    const int fast = pair_job_applies(&rq, k_all, out_c);
-    pair_job job;
-    job.w = w;
-    job.skip = p->row_stride - k_all;
-    job.rs = p->row_stride;
-    job.col = col;
-    job.col_end = col + 4 * k_all;
-    job.bias_end = rq.bias + out_c;
-    job.zp2 = 2 * rq.out_zp + 1;
+    const int fast = !(k_all & 7) && !(out_c & 1) && kdm_requant_simple_(&rq, out_c);
+    kdm_pair_job_ job;
+    kdm_pair_job_init_(&job, &rq, w, p->row_stride, k_all, col, k_all, out_c);
 #endif
     for (int32_t pix = 0; pix < n_pix; pix += 2) {
         const int32_t pix1 = pix + 1 < n_pix ? pix + 1 : pix;
@@ -386,11 +314,7 @@ void kdm_conv2d_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, co
         im2col(p, in, pix1, 1, col);
 #if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
         if (fast) {
-            job.bias = rq.bias;
-            job.mult = rq.mult;
-            job.shift = rq.shift;
-            job.out0 = out0;
-            job.out1 = out1;
+            kdm_pair_job_start_(&job, &rq, out0, out1);
             kdm_conv_pair_job_s8_(&job);
         } else
 #endif

@@ -178,6 +178,102 @@ static inline int32_t kdm_ssat8_asr1(int32_t x)
     return r;
 }
 
+/*
+ * For the assembly channel loops of the convolution kernels: one value's double-rounding
+ * requantization in registers, r = SSAT8(QADD((h + (h >> 31)) >> k, zp2) >> 1) with
+ * h = SMMLAR(r, b, r), b = 2 m (m != 0) and k = ~shift (shift < 0), as kdm_requant_pair_dbl_.
+ */
+#define KDM_ASM_REQUANT(r, b, k, zp2)                                                              \
+    "smmlar " r ", " r ", " b ", " r "\n\t"                                                        \
+    "add " r ", " r ", " r ", asr #31\n\t"                                                         \
+    "asr " r ", " r ", " k "\n\t"                                                                  \
+    "qadd " r ", " r ", " zp2 "\n\t"                                                               \
+    "ssat " r ", #8, " r ", asr #1\n\t"
+
+/*
+ * What the convolutions' assembly channel loops (kdm_conv_pair_job_s8_ / _s4_) read and advance,
+ * one pixel pair at a time; its offsets are the numbers in their assembly and are checked below.
+ */
+typedef struct {
+    const int32_t *bias, *mult, *shift; /* advanced two channels per block */
+    int8_t *out0, *out1;                /* advanced likewise */
+    const void *w;                      /* the block's first weight row */
+    int32_t skip;                       /* row_stride - row bytes of K: row o + 1's end to o + 2 */
+    int32_t rs;                         /* row_stride */
+    const uint8_t *col, *col_end;       /* the staged columns, 4 K bytes */
+    const int32_t *bias_end;            /* bias + out_c */
+    int32_t zp2;                        /* 2 out_zp + 1 */
+} kdm_pair_job_;
+
+typedef char kdm_pair_job_layout_[(sizeof(void *) == 4 && sizeof(kdm_pair_job_) == 48 &&
+                                   __builtin_offsetof(kdm_pair_job_, skip) == 24 &&
+                                   __builtin_offsetof(kdm_pair_job_, zp2) == 44)
+                                      ? 1
+                                      : -1];
+
+/* The job of one call: weights w (rows rs bytes apart, row_bytes of them holding K values), the
+ * staged columns col (k_all values a pixel), out_c channels. */
+static inline void kdm_pair_job_init_(kdm_pair_job_ *j, const kdm_requant_params *q, const void *w,
+                                      int32_t rs, int32_t row_bytes, uint8_t *col, int32_t k_all,
+                                      int32_t out_c)
+{
+    j->w = w;
+    j->skip = rs - row_bytes;
+    j->rs = rs;
+    j->col = col;
+    j->col_end = col + 4 * k_all;
+    j->bias_end = q->bias + out_c;
+    j->zp2 = 2 * q->out_zp + 1;
+}
+
+/* Rewind the job to channel 0 for the pixel pair stored at out0 / out1. */
+static inline void kdm_pair_job_start_(kdm_pair_job_ *j, const kdm_requant_params *q, int8_t *out0,
+                                       int8_t *out1)
+{
+    j->bias = q->bias;
+    j->mult = q->mult;
+    j->shift = q->shift;
+    j->out0 = out0;
+    j->out1 = out1;
+}
+
+/*
+ * The end of a 2 x 2 block in the convolutions' assembly channel loops (kdm_conv_pair_job_s8_,
+ * kdm_conv_pair_job_s4_), after the K loop: r5 holds the job, whose first twelve words both
+ * jobs lay out alike (bias, mult, shift, out0, out1, w, skip, rs, col, col_end, bias_end, zp2),
+ * r8 - r11 the sums a00, a01, a10, a11 (a<channel><pixel>), lr the end of row o + 1. Sets r12 to
+ * the next block's row o, requantizes the four sums (multipliers two at a time into r1 / r2,
+ * shifts into r4 / r6, zp2 into r7), stores them with post-incremented byte stores, advances the
+ * job's pointers and branches back to label 1 while channels remain.
+ */
+#define KDM_ASM_PAIR_JOB_END                                                                       \
+    "ldr r0, [r5, #24]\n\t"                                                                        \
+    "add r12, lr, r0\n\t"                                                                          \
+    "ldr r0, [r5, #4]\n\t"                                                                         \
+    "ldrd r1, r2, [r0], #8\n\t"                                                                    \
+    "str r0, [r5, #4]\n\t"                                                                         \
+    "ldr r0, [r5, #8]\n\t"                                                                         \
+    "ldrd r4, r6, [r0], #8\n\t"                                                                    \
+    "str r0, [r5, #8]\n\t"                                                                         \
+    "lsls r1, r1, #1\n\t"                                                                          \
+    "lsls r2, r2, #1\n\t"                                                                          \
+    "mvns r4, r4\n\t"                                                                              \
+    "mvns r6, r6\n\t"                                                                              \
+    "ldr r7, [r5, #44]\n\t" KDM_ASM_REQUANT("r8", "r1", "r4", "r7")                                \
+        KDM_ASM_REQUANT("r9", "r1", "r4", "r7") KDM_ASM_REQUANT("r10", "r2", "r6", "r7")           \
+            KDM_ASM_REQUANT("r11", "r2", "r6", "r7") "ldr r0, [r5, #12]\n\t"                       \
+                                                     "strb r8, [r0], #1\n\t"                       \
+                                                     "strb r10, [r0], #1\n\t"                      \
+                                                     "str r0, [r5, #12]\n\t"                       \
+                                                     "ldr r0, [r5, #16]\n\t"                       \
+                                                     "strb r9, [r0], #1\n\t"                       \
+                                                     "strb r11, [r0], #1\n\t"                      \
+                                                     "str r0, [r5, #16]\n\t"                       \
+                                                     "ldr r0, [r5, #0]\n\t"                        \
+                                                     "ldr r1, [r5, #40]\n\t"                       \
+                                                     "cmp r0, r1\n\t"                              \
+                                                     "bne 1b\n\t"
+
 #else /* portable emulations */
 
 static inline int32_t kdm_lo16_(uint32_t x) { return (int32_t)(int16_t)(uint16_t)x; }

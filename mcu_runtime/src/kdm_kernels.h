@@ -204,6 +204,9 @@ void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *ac
 
 /* out[i] clamped to [lo, hi], i < n: the activation, when it is narrower than int8. */
 void kdm_clamp_row_(int8_t *out, int32_t n, int32_t lo, int32_t hi);
+/* 1 when the op rounds twice and each of its n channels has a multiplier != 0 and a negative
+ * shift (the usual case, and all the convolutions' assembly channel loops handle), else 0. */
+int kdm_requant_simple_(const kdm_requant_params *q, int32_t n);
 /* clamp(zp + requant(x, m, s)) to [-128, 127] in single rounding (the activation clamp apart). */
 int8_t kdm_requant_single_s8_(int32_t x, int32_t m, int32_t s, int32_t zp);
 /* kdm_requant_quad_dbl_ (kdm_dsp.h) in single rounding, out of line: channels o, o1 times

@@ -56,6 +56,16 @@ KDM_NOINLINE void kdm_clamp_row_(int8_t *out, int32_t n, int32_t lo, int32_t hi)
         out[i] = (int8_t)(out[i] < lo ? lo : out[i] > hi ? hi : out[i]);
 }
 
+int kdm_requant_simple_(const kdm_requant_params *q, int32_t n)
+{
+    if (KDM_SINGLE_ROUNDING_(q->flags))
+        return 0;
+    for (int32_t i = 0; i < n; i++)
+        if (q->mult[i] == 0 || q->shift[i] >= 0)
+            return 0;
+    return 1;
+}
+
 /* Single rounding in full (64-bit product and shift, saturation), then the zero-point and the
  * saturation as above: out of line, for the rare shifts >= 0 (kdm_requant_single_fast_ does
  * the rest inline). */

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -62,11 +63,38 @@ void kd_set_threads(int n)
  * the long spin (bench/sweep_openmp.sh, README "Several jobs on one machine"). libgomp
  * reads the variable when it loads, before main, so a program (the distill command, the
  * training benchmark) calls this first thing: it sets the variable and runs itself again; a
- * GOMP_SPINCOUNT or OMP_WAIT_POLICY the user set is left as it is.
+ * GOMP_SPINCOUNT or OMP_WAIT_POLICY the user set is left as it is. It runs /proc/self/exe
+ * again only when that is the file this code was mapped from (own_exe_is_proc_exe): under
+ * valgrind /proc/self/exe is valgrind's tool, and when the program was started through the
+ * dynamic loader (ld.so ./distill ...) it is the loader, which would read the arguments as a
+ * program to run; then nothing is re-run and libgomp keeps its default.
  */
+static int own_exe_is_proc_exe(void)
+{
+    FILE *f = fopen("/proc/self/maps", "r");
+    if (!f)
+        return 0;
+    const uintptr_t here = (uintptr_t)&kd_openmp_short_spin;
+    char line[4096], path[4096] = "";
+    while (fgets(line, sizeof line, f)) {
+        uintptr_t lo, hi;
+        int at = 0;
+        if (sscanf(line, "%" SCNxPTR "-%" SCNxPTR " %*s %*s %*s %*s %n", &lo, &hi, &at) == 2 &&
+            at > 0 && here >= lo && here < hi) {
+            snprintf(path, sizeof path, "%s", line + at);
+            path[strcspn(path, "\n")] = 0;
+            break;
+        }
+    }
+    fclose(f);
+    struct stat a, b;
+    return path[0] == '/' && stat(path, &a) == 0 && stat("/proc/self/exe", &b) == 0 &&
+           a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
 void kd_openmp_short_spin(char **argv)
 {
-    if (getenv("GOMP_SPINCOUNT") || getenv("OMP_WAIT_POLICY"))
+    if (getenv("GOMP_SPINCOUNT") || getenv("OMP_WAIT_POLICY") || !own_exe_is_proc_exe())
         return;
     if (setenv("GOMP_SPINCOUNT", "1000", 1) != 0 || setenv("KD_OPENMP_SPIN_SET", "1", 1) != 0)
         return;

@@ -192,7 +192,7 @@ static KDM_NOINLINE void channels(const kdm_requant_params *q, const uint8_t *w,
     }
 }
 
-#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+#if KDM_ASM_JOBS
 /*
  * A pixel pair's whole channel loop in assembly, for K a multiple of 8, out_c even, double
  * rounding and every multiplier non-zero with a negative shift (checked once per call), as in
@@ -278,7 +278,7 @@ void kdm_conv2d_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, co
     const int32_t k_all = p->kernel_h * p->kernel_w * p->in_c;
     const int narrow = rq.act_min != -128 || rq.act_max != 127;
     uint8_t *col = (uint8_t *)scratch;
-#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+#if KDM_ASM_JOBS
     const int fast = !(k_all & 7) && !(out_c & 1) && kdm_requant_simple_(&rq, out_c);
     pair_job4 job;
     kdm_pair_job_init_(&job.base, &rq, w, p->row_stride, k_all / 2, col, k_all, out_c);
@@ -288,7 +288,7 @@ void kdm_conv2d_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, co
         const int32_t pix1 = pix + 1 < n_pix ? pix + 1 : pix;
         int8_t *out0 = out + pix * out_c, *out1 = out + pix1 * out_c;
         uint32_t sum0 = im2col(p, in, pix, 0, col), sum1 = im2col(p, in, pix1, 1, col);
-#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+#if KDM_ASM_JOBS
         if (fast) {
             kdm_pair_job_start_(&job.base, &rq, out0, out1);
             job.corr0 = 0u - 8u * sum0;

@@ -108,9 +108,9 @@ static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int3
         w1 += 4;                                                                                   \
     } while (0)
 
-/* Optimized GNU C builds for cores with the DSP extension: the asm loop needs 13 registers,
+/* Optimized GNU C builds for Thumb-2 cores with the DSP extension: the asm loop needs 13 registers,
  * more than an -O0 build may leave free. */
-#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP && defined(__GNUC__) && defined(__OPTIMIZE__)
+#if KDM_ASM_JOBS && defined(__GNUC__) && defined(__OPTIMIZE__)
 #define CONV_ASM 1
 #else
 #define CONV_ASM 0
@@ -231,7 +231,7 @@ static KDM_NOINLINE void channels(const kdm_requant_params *q, const int8_t *w, 
     }
 }
 
-#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+#if KDM_ASM_JOBS
 /*
  * The whole channel loop of a pixel pair in assembly, for the common case: K a multiple of 8,
  * out_c even, double rounding, and every channel's multiplier non-zero and shift negative
@@ -302,7 +302,7 @@ void kdm_conv2d_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, co
     const int32_t k_all = p->kernel_h * p->kernel_w * p->in_c;
     const int narrow = rq.act_min != -128 || rq.act_max != 127;
     uint8_t *col = (uint8_t *)scratch;
-#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+#if KDM_ASM_JOBS
     const int fast = !(k_all & 7) && !(out_c & 1) && kdm_requant_simple_(&rq, out_c);
     kdm_pair_job_ job;
     kdm_pair_job_init_(&job, &rq, w, p->row_stride, k_all, col, k_all, out_c);
@@ -312,7 +312,7 @@ void kdm_conv2d_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, co
         int8_t *out0 = out + pix * out_c, *out1 = out + pix1 * out_c;
         im2col(p, in, pix, 0, col);
         im2col(p, in, pix1, 1, col);
-#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+#if KDM_ASM_JOBS
         if (fast) {
             kdm_pair_job_start_(&job, &rq, out0, out1);
             kdm_conv_pair_job_s8_(&job);

@@ -190,6 +190,14 @@ static inline int32_t kdm_ssat8_asr1(int32_t x)
     "qadd " r ", " r ", " zp2 "\n\t"                                                               \
     "ssat " r ", #8, " r ", asr #1\n\t"
 
+/* The convolutions' assembly channel loops are Thumb-2 (the Cortex-M cores with the DSP
+ * extension); an ARM-state build with the DSP extension runs their C paths. */
+#if defined(__thumb2__)
+#define KDM_ASM_JOBS 1
+#else
+#define KDM_ASM_JOBS 0
+#endif
+
 /*
  * What the convolutions' assembly channel loops (kdm_conv_pair_job_s8_ / _s4_) read and advance,
  * one pixel pair at a time; its offsets are the numbers in their assembly and are checked below.
@@ -275,6 +283,8 @@ static inline void kdm_pair_job_start_(kdm_pair_job_ *j, const kdm_requant_param
                                                      "bne 1b\n\t"
 
 #else /* portable emulations */
+
+#define KDM_ASM_JOBS 0
 
 static inline int32_t kdm_lo16_(uint32_t x) { return (int32_t)(int16_t)(uint16_t)x; }
 static inline int32_t kdm_hi16_(uint32_t x) { return (int32_t)(int16_t)(uint16_t)(x >> 16); }

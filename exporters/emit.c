@@ -266,9 +266,9 @@ kd_status kd_export_write_c(const char *dir, const kd_export_graph *g, const uin
             "extern const uint8_t kdm_model_blob[KDM_MODEL_BLOB_LEN];\n"
             "extern const uint32_t kdm_model_blob_len;\n\n#endif\n",
             bits, ti->h, ti->w, ti->c, len, g->arena_size, kd_export_op_mask(g),
-            wmask ? wmask : 0x110u, (g->flags & KDM_FLAG_SINGLE_ROUNDING) ? 0x2u : 0x1u, ti->bytes,
-            to->bytes, (double)ti->scale, sbits, ti->zero_point, (double)to->scale, obits,
-            to->zero_point);
+            wmask ? wmask : 0x110u, KDM_ROUNDING_BIT(g->flags & KDM_FLAG_SINGLE_ROUNDING),
+            ti->bytes, to->bytes, (double)ti->scale, sbits, ti->zero_point, (double)to->scale,
+            obits, to->zero_point);
     if (fclose(f) != 0) {
         free(buf);
         return KD_FAIL(KD_ERR_NOMEM, "export: out of memory");

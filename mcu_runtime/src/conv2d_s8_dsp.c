@@ -108,6 +108,32 @@ static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int3
         w1 += 4;                                                                                   \
     } while (0)
 
+#if KDM_ASM_JOBS
+/*
+ * One group of four K values of the 2 x 2 block in assembly, for the C path's inline loop
+ * (all_groups, GCC's registers) and the whole-channel-loop job (kdm_conv_pair_job_s8_, fixed
+ * registers): LDM brings the group's four staged words (x0 - x3, ascending registers), then per
+ * weight row (w0, w1, advanced by 4) one load into v, SXTB16 into e, two SMLAD, SXTB16 ROR #8 of
+ * v, two SMLAD: 15 instructions per 16 MACs, the products and sums of GROUP.
+ */
+#define KDM_S8_GROUP(c, w0, w1, v, e, x0, x1, x2, x3, a00, a01, a10, a11)                          \
+    "ldm " c "!, {" x0 ", " x1 ", " x2 ", " x3 "}\n\t"                                             \
+    "ldr " v ", [" w0 "], #4\n\t"                                                                  \
+    "sxtb16 " e ", " v "\n\t"                                                                      \
+    "smlad " a00 ", " e ", " x0 ", " a00 "\n\t"                                                    \
+    "smlad " a01 ", " e ", " x2 ", " a01 "\n\t"                                                    \
+    "sxtb16 " v ", " v ", ror #8\n\t"                                                              \
+    "smlad " a00 ", " v ", " x1 ", " a00 "\n\t"                                                    \
+    "smlad " a01 ", " v ", " x3 ", " a01 "\n\t"                                                    \
+    "ldr " v ", [" w1 "], #4\n\t"                                                                  \
+    "sxtb16 " e ", " v "\n\t"                                                                      \
+    "smlad " a10 ", " e ", " x0 ", " a10 "\n\t"                                                    \
+    "smlad " a11 ", " e ", " x2 ", " a11 "\n\t"                                                    \
+    "sxtb16 " v ", " v ", ror #8\n\t"                                                              \
+    "smlad " a10 ", " v ", " x1 ", " a10 "\n\t"                                                    \
+    "smlad " a11 ", " v ", " x3 ", " a11 "\n\t"
+#endif
+
 /* Optimized GNU C builds for Thumb-2 cores with the DSP extension: the asm loop needs 13 registers,
  * more than an -O0 build may leave free. */
 #if KDM_ASM_JOBS && defined(__GNUC__) && defined(__OPTIMIZE__)
@@ -119,29 +145,15 @@ static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int3
 #if CONV_ASM
 /*
  * Every group of the 2 x 2 block (k4 / 4 >= 1 of them, ending at `end`), as GROUP does them, in
- * one asm statement: LDM brings a group's four staged words in one instruction (the registers
- * of an LDM list must ascend, hence r0 - r3), then per weight row one load, SXTB16, two SMLAD,
- * SXTB16 ROR #8, two SMLAD: 15 instructions per 16 MACs. The loop takes two groups a turn; an
+ * one asm statement of KDM_S8_GROUP (the registers of an LDM list must ascend, hence the staged
+ * words in r0 - r3). The loop takes two groups a turn; an
  * odd count enters at the second. The loop test reads `end` from the stack so that the loop
  * needs 13 registers, which GCC can give it. The same products and sums as GROUP in another
  * order (the sums wrap, so the result is the same bits).
  */
 #define KDM_GROUP_ASM                                                                              \
-    "ldm %[c]!, {%[x0], %[x1], %[x2], %[x3]}\n\t"                                                  \
-    "ldr %[v], [%[w0]], #4\n\t"                                                                    \
-    "sxtb16 %[e], %[v]\n\t"                                                                        \
-    "smlad %[a00], %[e], %[x0], %[a00]\n\t"                                                        \
-    "smlad %[a01], %[e], %[x2], %[a01]\n\t"                                                        \
-    "sxtb16 %[v], %[v], ror #8\n\t"                                                                \
-    "smlad %[a00], %[v], %[x1], %[a00]\n\t"                                                        \
-    "smlad %[a01], %[v], %[x3], %[a01]\n\t"                                                        \
-    "ldr %[v], [%[w1]], #4\n\t"                                                                    \
-    "sxtb16 %[e], %[v]\n\t"                                                                        \
-    "smlad %[a10], %[e], %[x0], %[a10]\n\t"                                                        \
-    "smlad %[a11], %[e], %[x2], %[a11]\n\t"                                                        \
-    "sxtb16 %[v], %[v], ror #8\n\t"                                                                \
-    "smlad %[a10], %[v], %[x1], %[a10]\n\t"                                                        \
-    "smlad %[a11], %[v], %[x3], %[a11]\n\t"
+    KDM_S8_GROUP("%[c]", "%[w0]", "%[w1]", "%[v]", "%[e]", "%[x0]", "%[x1]", "%[x2]", "%[x3]",     \
+                 "%[a00]", "%[a01]", "%[a10]", "%[a11]")
 
 static inline __attribute__((always_inline)) void
 all_groups(int32_t *p00, int32_t *p01, int32_t *p10, int32_t *p11, const int8_t **pw0,
@@ -246,21 +258,7 @@ void kdm_conv_pair_job_s8_(kdm_pair_job_ *j);
 
 /* one group of four K values of the block (r0 - r3 staged, r6 / r7 a weight word and its lanes) */
 #define KDM_JOB_GROUP                                                                              \
-    "ldm r4!, {r0, r1, r2, r3}\n\t"                                                                \
-    "ldr r6, [r12], #4\n\t"                                                                        \
-    "sxtb16 r7, r6\n\t"                                                                            \
-    "smlad r8, r7, r0, r8\n\t"                                                                     \
-    "smlad r9, r7, r2, r9\n\t"                                                                     \
-    "sxtb16 r6, r6, ror #8\n\t"                                                                    \
-    "smlad r8, r6, r1, r8\n\t"                                                                     \
-    "smlad r9, r6, r3, r9\n\t"                                                                     \
-    "ldr r6, [lr], #4\n\t"                                                                         \
-    "sxtb16 r7, r6\n\t"                                                                            \
-    "smlad r10, r7, r0, r10\n\t"                                                                   \
-    "smlad r11, r7, r2, r11\n\t"                                                                   \
-    "sxtb16 r6, r6, ror #8\n\t"                                                                    \
-    "smlad r10, r6, r1, r10\n\t"                                                                   \
-    "smlad r11, r6, r3, r11\n\t"
+    KDM_S8_GROUP("r4", "r12", "lr", "r6", "r7", "r0", "r1", "r2", "r3", "r8", "r9", "r10", "r11")
 
 /* r0 = j. Registers in the K loop: r0 - r3 staged words, r4 the staged column, r5 the job, r6 /
  * r7 a weight word and its lanes, r8 a00, r9 a01, r10 a10, r11 a11 (a<channel><pixel>), r12 / lr

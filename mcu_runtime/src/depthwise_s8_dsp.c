@@ -18,8 +18,8 @@
  * With only kernel_h * kernel_w MACs per output, the requantization (16 instructions per output
  * in kdm_quant.c's loop) is a large share of the time; for the usual case (double rounding,
  * multipliers below 1, an even channel count) the Cortex-M4 runs it two channels at a time in
- * assembly (kdm_requant_pairs_s8_, 10.5 per output): on the tiny student 7.20 / 7.00 / 7.05 ->
- * 6.53 / 6.37 / 6.44 instructions per MAC.
+ * assembly (kdm_requant_pairs_, kdm_quant.c, 10.5 per output): on the tiny student 7.20 / 7.00
+ * / 7.05 -> 6.53 / 6.37 / 6.44 instructions per MAC.
  */
 #include "kdm_dsp.h"
 #include "kdm_kernels.h"
@@ -77,45 +77,6 @@ static KDM_NOINLINE void window4(const window *g, const int8_t *ip0, const int8_
     }
 #undef STEP
 }
-
-#if KDM_ASM_JOBS
-/*
- * A pixel's requantization for the usual case (double rounding, every multiplier non-zero and
- * every shift negative, an even channel count; checked once per call): kdm_requant_row_'s
- * arithmetic two channels at a time, the sums, multipliers and shifts by LDRD, 21 instructions
- * per two values where the C loop takes 16 per value. out[i] for i < 2 n_pairs; zp2 = 2 zp + 1.
- */
-void kdm_requant_pairs_s8_(const int32_t *acc, const int32_t *mult, const int32_t *shift,
-                           int8_t *out, int32_t n_pairs, int32_t zp2);
-
-__asm__(".section .text.kdm_requant_pairs_s8_,\"ax\",%progbits\n\t"
-        ".syntax unified\n\t"
-        ".thumb\n\t"
-        ".p2align 2\n\t"
-        ".global kdm_requant_pairs_s8_\n\t"
-        ".type kdm_requant_pairs_s8_, %function\n\t"
-        ".thumb_func\n"
-        "kdm_requant_pairs_s8_:\n\t"
-        "push {r4, r5, r6, r7, r8, r9, lr}\n\t"
-        "ldr r12, [sp, #28]\n\t" /* n_pairs, then zp2: the stacked arguments */
-        "ldr lr, [sp, #32]\n"
-        "1:\n\t"
-        "ldrd r4, r5, [r0], #8\n\t"
-        "ldrd r6, r7, [r1], #8\n\t"
-        "ldrd r8, r9, [r2], #8\n\t"
-        "lsls r6, r6, #1\n\t"
-        "lsls r7, r7, #1\n\t"
-        "mvn r8, r8\n\t"
-        "mvn r9, r9\n\t" KDM_ASM_REQUANT("r4", "r6", "r8", "lr")
-            KDM_ASM_REQUANT("r5", "r7", "r9", "lr") "strb r4, [r3], #1\n\t"
-                                                    "strb r5, [r3], #1\n\t"
-                                                    "subs r12, r12, #1\n\t"
-                                                    "bne 1b\n\t"
-                                                    "pop {r4, r5, r6, r7, r8, r9, pc}\n\t"
-                                                    ".size kdm_requant_pairs_s8_, . - "
-                                                    "kdm_requant_pairs_s8_\n\t"
-                                                    ".text");
-#endif
 
 void kdm_depthwise_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
                           const int8_t *w, int8_t *out, void *scratch)
@@ -187,7 +148,7 @@ void kdm_depthwise_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q,
             }
 #if KDM_ASM_JOBS
             if (pairs) {
-                kdm_requant_pairs_s8_(acc, rq.mult, rq.shift, o, ch >> 1, zp2);
+                kdm_requant_pairs_(acc, rq.mult, rq.shift, o, ch >> 1, zp2);
                 if (narrow)
                     kdm_clamp_row_(o, ch, rq.act_min, rq.act_max);
                 continue;

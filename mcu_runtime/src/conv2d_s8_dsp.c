@@ -116,22 +116,18 @@ static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int3
  * weight row (w0, w1, advanced by 4) one load into v, SXTB16 into e, two SMLAD, SXTB16 ROR #8 of
  * v, two SMLAD: 15 instructions per 16 MACs, the products and sums of GROUP.
  */
+#define KDM_S8_ROW(w, v, e, x0, x1, x2, x3, a0, a1)                                                \
+    "ldr " v ", [" w "], #4\n\t"                                                                   \
+    "sxtb16 " e ", " v "\n\t"                                                                      \
+    "smlad " a0 ", " e ", " x0 ", " a0 "\n\t"                                                      \
+    "smlad " a1 ", " e ", " x2 ", " a1 "\n\t"                                                      \
+    "sxtb16 " v ", " v ", ror #8\n\t"                                                              \
+    "smlad " a0 ", " v ", " x1 ", " a0 "\n\t"                                                      \
+    "smlad " a1 ", " v ", " x3 ", " a1 "\n\t"
 #define KDM_S8_GROUP(c, w0, w1, v, e, x0, x1, x2, x3, a00, a01, a10, a11)                          \
-    "ldm " c "!, {" x0 ", " x1 ", " x2 ", " x3 "}\n\t"                                             \
-    "ldr " v ", [" w0 "], #4\n\t"                                                                  \
-    "sxtb16 " e ", " v "\n\t"                                                                      \
-    "smlad " a00 ", " e ", " x0 ", " a00 "\n\t"                                                    \
-    "smlad " a01 ", " e ", " x2 ", " a01 "\n\t"                                                    \
-    "sxtb16 " v ", " v ", ror #8\n\t"                                                              \
-    "smlad " a00 ", " v ", " x1 ", " a00 "\n\t"                                                    \
-    "smlad " a01 ", " v ", " x3 ", " a01 "\n\t"                                                    \
-    "ldr " v ", [" w1 "], #4\n\t"                                                                  \
-    "sxtb16 " e ", " v "\n\t"                                                                      \
-    "smlad " a10 ", " e ", " x0 ", " a10 "\n\t"                                                    \
-    "smlad " a11 ", " e ", " x2 ", " a11 "\n\t"                                                    \
-    "sxtb16 " v ", " v ", ror #8\n\t"                                                              \
-    "smlad " a10 ", " v ", " x1 ", " a10 "\n\t"                                                    \
-    "smlad " a11 ", " v ", " x3 ", " a11 "\n\t"
+    "ldm " c "!, {" x0 ", " x1 ", " x2 ", " x3                                                     \
+    "}\n\t" KDM_S8_ROW(w0, v, e, x0, x1, x2, x3, a00, a01)                                         \
+        KDM_S8_ROW(w1, v, e, x0, x1, x2, x3, a10, a11)
 #endif
 
 /* Optimized GNU C builds for Thumb-2 cores with the DSP extension: the asm loop needs 13 registers,

@@ -198,13 +198,6 @@ static inline int32_t kdm_ssat8_asr1(int32_t x)
 #define KDM_ASM_JOBS 0
 #endif
 
-#if KDM_ASM_JOBS
-/* out[i] for i < 2 n_pairs as kdm_requant_row_ gives them before its activation clamp, when
- * kdm_requant_simple_ holds; zp2 = 2 out_zp + 1 (assembly, kdm_quant.c). */
-void kdm_requant_pairs_(const int32_t *acc, const int32_t *mult, const int32_t *shift, int8_t *out,
-                        int32_t n_pairs, int32_t zp2);
-#endif
-
 /*
  * What the convolutions' assembly channel loops (kdm_conv_pair_job_s8_ / _s4_) read and advance,
  * one pixel pair at a time; its offsets are the numbers in their assembly and are checked below.

@@ -84,7 +84,7 @@ void kdm_conv2d_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, co
 
 /* ---- depthwise: w = kernel_h * kernel_w rows (tap ky * kernel_w + kx) of in_c weights ------- */
 
-/* scratch: none (ref); in_c int32 sums of one output pixel (dsp) */
+/* scratch: none (ref); kdm_depthwise_scratch_size_: buffered input rows and weight tables (dsp) */
 void kdm_depthwise_s8_ref(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
                           const int8_t *w, int8_t *out, void *scratch);
 void kdm_depthwise_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
@@ -193,10 +193,10 @@ static inline int8_t kdm_requant_out_(const kdm_requant_params *q, int32_t c, in
 }
 
 /*
- * out[i] = clamp(out_zp + requant(acc[i], mult[c0 + i], shift[c0 + i])), i < n: the depthwise
- * and fully-connected DSP kernels collect raw sums (the fully-connected ones at most KDM_CHUNK
- * rows at a time, on the stack) and requantize them here, in a loop with the rounding mode
- * hoisted out (kdm_quant.c).
+ * out[i] = clamp(out_zp + requant(acc[i], mult[c0 + i], shift[c0 + i])), i < n: the
+ * fully-connected DSP kernels collect raw sums (at most KDM_CHUNK rows at a time, on the stack)
+ * and requantize them here, in a loop with the rounding mode hoisted out (kdm_quant.c); the
+ * depthwise kernel's portable loop and the convolutions' C paths one value at a time.
  */
 #define KDM_CHUNK 16
 void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *acc, int8_t *out,
@@ -229,18 +229,37 @@ static inline int32_t kdm_div_round_(int32_t sum, int32_t count)
     return sum >= 0 ? (sum + count / 2) / count : (sum - count / 2) / count;
 }
 
-/* ---- scratch sizes (the largest over the implementations; see kdm_op_scratch_size) ---------- */
+/* ---- scratch sizes (the largest over the implementations; see kdm_op_scratch_size) ----------
+ * In 32 bits, saturating at 2^32 - 1 (the arguments come from records not yet validated, each at
+ * most 2^20). */
 
-/* conv: two staged int16 columns of K values (every kernel size and weight width) */
-static inline uint64_t kdm_conv2d_scratch_size_(uint64_t k) { return 4 * k; }
-
-/* depthwise: one pixel's in_c int32 sums */
-static inline uint64_t kdm_depthwise_scratch_size_(uint64_t in_c) { return 4 * in_c; }
-
-/* fully-connected: the input as int16, rounded up to whole words */
-static inline uint64_t kdm_fully_connected_scratch_size_(uint64_t n_in)
+static inline uint32_t kdm_mulsat_(uint32_t a, uint32_t b)
 {
-    return (2 * n_in + 3) & ~(uint64_t)3;
+    const uint64_t r = (uint64_t)a * b;
+    return r >> 32 ? 0xFFFFFFFFu : (uint32_t)r;
+}
+
+/* conv: two staged int16 columns of K = kh kw in_c values (every kernel size and weight width) */
+static inline uint32_t kdm_conv2d_scratch_size_(uint32_t kh, uint32_t kw, uint32_t in_c)
+{
+    return kdm_mulsat_(kdm_mulsat_(kdm_mulsat_(kh, kw), in_c), 4);
+}
+
+/* depthwise (depthwise_dsp.c): four channels' weight tables of KDM_DW_TAB_WORDS words and
+ * buffers of kernel_h rows of (in_w + 2 pad + 3) / 2 words each */
+#define KDM_DW_TAB_WORDS 10
+static inline uint32_t kdm_depthwise_scratch_size_(uint32_t kh, uint32_t in_w, uint32_t pad)
+{
+    const uint32_t n = kdm_mulsat_(kh, (in_w + 2 * pad + 3) / 2); /* in_w, pad <= 2^20 */
+    return kdm_mulsat_(n > 0xFFFFFF00u ? n : n + KDM_DW_TAB_WORDS, 16);
+}
+
+/* fully-connected: the input (in_c in_h in_w values) as int16, rounded up to whole words */
+static inline uint32_t kdm_fully_connected_scratch_size_(uint32_t in_c, uint32_t in_h,
+                                                         uint32_t in_w)
+{
+    const uint32_t n = kdm_mulsat_(kdm_mulsat_(kdm_mulsat_(in_c, in_h), in_w), 2);
+    return n > 0xFFFFFFF0u ? 0xFFFFFFFFu : (n + 3) & ~3u;
 }
 
 #endif

@@ -368,23 +368,21 @@ void kdm_output_quant(const kdm_model *m, uint32_t *scale_bits, int32_t *zero_po
     tensor_quant(m, m ? m->output : 0, scale_bits, zero_point);
 }
 
-/* Saturating helpers for kdm_op_scratch_size, which sees unvalidated records: each factor is
- * pinned to 2^20 (far above any valid value), so three-factor products stay below 2^62. */
-static uint64_t pin(int64_t v) { return v < 0 ? 0 : v > (1 << 20) ? (1 << 20) : (uint64_t)v; }
+/* Each argument pinned to 2^20 (far above any valid value) for kdm_op_scratch_size, which sees
+ * unvalidated records: a product of two stays below 2^40 and the helpers saturate the rest. */
+static uint32_t pin(int64_t v) { return v < 0 ? 0 : v > (1 << 20) ? (1u << 20) : (uint32_t)v; }
 
 uint32_t kdm_op_scratch_size(const int32_t *op, uint32_t in_c, uint32_t in_h, uint32_t in_w)
 {
     if (!op)
         return 0;
-    uint64_t need = 0;
-    if (op[KDM_F_TYPE] == KDM_OP_CONV2D) {
-        need = kdm_conv2d_scratch_size_(pin(op[KDM_F_KH]) * pin(op[KDM_F_KW]) * pin(in_c));
-    } else if (op[KDM_F_TYPE] == KDM_OP_DEPTHWISE_CONV2D) {
-        need = kdm_depthwise_scratch_size_(pin(in_c));
-    } else if (op[KDM_F_TYPE] == KDM_OP_FULLY_CONNECTED) {
-        need = kdm_fully_connected_scratch_size_(pin(in_c) * pin(in_h) * pin(in_w));
+    const uint32_t kh = pin(op[KDM_F_KH]), c = pin(in_c), w = pin(in_w);
+    switch (op[KDM_F_TYPE]) {
+    case KDM_OP_CONV2D: return kdm_conv2d_scratch_size_(kh, pin(op[KDM_F_KW]), c);
+    case KDM_OP_DEPTHWISE_CONV2D: return kdm_depthwise_scratch_size_(kh, w, pin(op[KDM_F_PAD]));
+    case KDM_OP_FULLY_CONNECTED: return kdm_fully_connected_scratch_size_(c, pin(in_h), w);
+    default: return 0;
     }
-    return need > 0xFFFFFFFFu ? 0xFFFFFFFFu : (uint32_t)need;
 }
 
 uint32_t kdm_op_macs(const kdm_model *m, uint32_t i)

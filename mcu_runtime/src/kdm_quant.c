@@ -56,42 +56,6 @@ KDM_NOINLINE void kdm_clamp_row_(int8_t *out, int32_t n, int32_t lo, int32_t hi)
         out[i] = (int8_t)(out[i] < lo ? lo : out[i] > hi ? hi : out[i]);
 }
 
-#if KDM_ASM_JOBS
-/*
- * kdm_requant_row_ for the usual case (double rounding, every multiplier non-zero and every
- * shift negative, an even channel count; the caller checks it once per op): its
- * arithmetic two channels at a time, the sums, multipliers and shifts by LDRD, 21 instructions
- * per two values where the C loop takes 16 per value. out[i] for i < 2 n_pairs; zp2 = 2 zp + 1.
- */
-__asm__(".section .text.kdm_requant_pairs_,\"ax\",%progbits\n\t"
-        ".syntax unified\n\t"
-        ".thumb\n\t"
-        ".p2align 2\n\t"
-        ".global kdm_requant_pairs_\n\t"
-        ".type kdm_requant_pairs_, %function\n\t"
-        ".thumb_func\n"
-        "kdm_requant_pairs_:\n\t"
-        "push {r4, r5, r6, r7, r8, r9, lr}\n\t"
-        "ldr r12, [sp, #28]\n\t" /* n_pairs, then zp2: the stacked arguments */
-        "ldr lr, [sp, #32]\n"
-        "1:\n\t"
-        "ldrd r4, r5, [r0], #8\n\t"
-        "ldrd r6, r7, [r1], #8\n\t"
-        "ldrd r8, r9, [r2], #8\n\t"
-        "lsls r6, r6, #1\n\t"
-        "lsls r7, r7, #1\n\t"
-        "mvn r8, r8\n\t"
-        "mvn r9, r9\n\t" KDM_ASM_REQUANT("r4", "r6", "r8", "lr")
-            KDM_ASM_REQUANT("r5", "r7", "r9", "lr") "strb r4, [r3], #1\n\t"
-                                                    "strb r5, [r3], #1\n\t"
-                                                    "subs r12, r12, #1\n\t"
-                                                    "bne 1b\n\t"
-                                                    "pop {r4, r5, r6, r7, r8, r9, pc}\n\t"
-                                                    ".size kdm_requant_pairs_, . - "
-                                                    "kdm_requant_pairs_\n\t"
-                                                    ".text");
-#endif
-
 int kdm_requant_simple_(const kdm_requant_params *q, int32_t n)
 {
     if (KDM_SINGLE_ROUNDING_(q->flags))

@@ -192,7 +192,13 @@ static kd_status put_bias_quant(gen_model *g, int32_t *op, int out_c, int k, int
     int32_t *bias = v, *mult = v + out_c, *shift = v + 2 * out_c;
     for (int o = 0; o < out_c; o++) {
         bias[o] = (int32_t)(rnd_range(g, -1.0, 1.0) * acc_std) - zp_in * wsum[o];
-        quantize_multiplier(GEN_X_STD / acc_std * rnd_range(g, 0.5, 2.0), &mult[o], &shift[o]);
+        /* mostly a multiplier that keeps the outputs in range; now and then one of 4 .. 256 times
+         * that (a left shift for the smaller accumulators) or 0 (every output at the zero-point),
+         * which the kernels handle on their own paths */
+        const int kind = rnd_int(g, 0, 15);
+        const double scale = kind == 0 ? 0.0 : kind <= 2 ? ldexp(1.0, rnd_int(g, 2, 8)) : 1.0;
+        quantize_multiplier(GEN_X_STD / acc_std * rnd_range(g, 0.5, 2.0) * scale, &mult[o],
+                            &shift[o]);
     }
     uint32_t boff, qoff;
     kd_status st = put_words(g, bias, (size_t)out_c, &boff);

@@ -1,0 +1,473 @@
+/*
+ * depthwise_dsp.c - depthwise convolution, int8 or int4 weights and int8 activations, for the
+ * Cortex-M DSP extension (bit-identical to depthwise_s8_ref.c / depthwise_s4_ref.c; see
+ * kdm_kernels.h).
+ *
+ * A depthwise output has only kernel_h * kernel_w MACs, and in NHWC two taps of one channel are
+ * in_c bytes apart, so SMLAD (two products of one channel into one sum) cannot be fed from the
+ * input as it lies. For 3x3 kernels at stride 1 or 2 the kernel therefore works on four channels
+ * at a time and copies the input rows their windows need into scratch, channel by channel, as
+ * int16: element e of a buffered row is input column e - pad (the zero-point in the padding),
+ * and elements 2j, 2j + 1 share a word. A channel's buffer holds three rows interleaved word by
+ * word: word j of the row in slot s is at 3 j + s, and padded input row r (input row r - pad)
+ * lives in slot r % 3, so that each input row is copied once per channel group whatever the
+ * stride (a new output row overwrites the slots of the rows it no longer needs). The copy
+ * (kdm_dw_put_) takes two pixels and four channels at a time: two word loads (a pixel outside
+ * the row reads as the zero-points), four SXTB16 and four PKHBT / PKHTB make the four channels'
+ * words. When in_c is not a multiple of 4 the last group overlaps the one before it.
+ *
+ * Each channel's output row then runs in assembly (kdm_dw3_rows_), two outputs per turn, with
+ * the channel's nine weights in six registers: for each kernel row the pairs (w0, w1) and
+ * (w1, w2), in slot order for the output row (a table per channel holds the three rotations).
+ * Stride 1, outputs x and x + 1 from the words A = (r0, r1) and B = (r2, r3) of each kernel
+ * row:
+ *     out x     = SMLAD(A, (w0, w1)) + SMLABT(B, (w1, w2))      r0 w0 + r1 w1 + r2 w2
+ *     out x + 1 = SMLATB(A, (w0, w1)) + SMLAD(B, (w1, w2))     r1 w0 + r2 w1 + r3 w2
+ * and at stride 2 with A, B, C = (r0, r1), (r2, r3), (r4, r5):
+ *     out x = SMLAD(A, (w0, w1)) + SMLABT(B, (w1, w2)),  out x + 1 = SMLAD(B, (w0, w1)) +
+ *     SMLABT(C, (w1, w2)).
+ * The three kernel rows' words come with one LDM each (the slot interleaving): 2 (stride 2: 3)
+ * LDM and 12 multiply-accumulates for 18 MACs, then both sums are requantized in registers
+ * (double rounding with a right or a left shift, or single rounding) and stored.
+ *
+ * Channels with a multiplier of 0 run as weights and bias 0 (every output at the zero-point);
+ * a narrower activation clamp is applied to the stored rows afterwards. Other kernels and
+ * strides, fewer than four channels and single rounding with shift >= -1 run the portable
+ * loop dw_row_direct, which reads the input as the reference kernel does. Where there is no
+ * assembly (hosts, for the tests), C versions of both routines stand in.
+ */
+#include "kdm_dsp.h"
+#include "kdm_kernels.h"
+
+/* What kdm_dw3_rows_ reads of one channel (offsets in its assembly). */
+typedef struct {
+    const uint32_t *buf; /*  0: the channel's buffer, word 0 of slot 0 */
+    const uint32_t *tab; /*  4: the channel's weight table (dw_run) */
+    int32_t unused0;
+    int32_t b, k;    /* 12, 16: right shift: 2 m, ~shift; left: 2 m, shift; single: m,
+                        ~shift - 1 */
+    int32_t bias;    /* 20 */
+    int32_t variant; /* 24: DW_S2 + DW_SINGLE / DW_LEFT, or DW_SKIP (the C loop's) */
+    int32_t unused1;
+} dw_job;
+
+/* And of the output row (offsets in the assembly). */
+typedef struct {
+    int32_t n;   /*  0: outputs */
+    int32_t zp2; /*  4: 2 out_zp + 1 */
+    int32_t ch;  /*  8: in_c, bytes between outputs */
+    int8_t *out; /* 12: the first job's output x = 0 (the next job's is one byte on) */
+    int32_t rot; /* 16: bytes into each weight table: the row's rotation */
+} dw_row;
+
+/* variant: the assembly loop (its jump table) */
+#define DW_S2     1 /* stride 2 (else 1) */
+#define DW_SINGLE 2 /* single rounding, shift <= -2 */
+#define DW_LEFT   4 /* double rounding, shift >= 0 */
+#define DW_SKIP   6
+
+#if KDM_ASM_JOBS
+void kdm_dw3_rows_(const dw_job *j, int32_t n, const dw_row *row);
+void kdm_dw_put_(uint32_t *d, const int8_t *row, int32_t off, const int32_t *geo);
+
+/* stride 1: sums r6 (x), r7 (x + 1) from the words of pairs j (A) and j + 1 (B) */
+#define DW_MACS_S1                                                                                 \
+    "ldm r11!, {r8, r9, r10}\n\t"                                                                  \
+    "smlad r6, r8, r0, r6\n\t"                                                                     \
+    "smlatb r7, r8, r0, r7\n\t"                                                                    \
+    "smlad r6, r9, r2, r6\n\t"                                                                     \
+    "smlatb r7, r9, r2, r7\n\t"                                                                    \
+    "smlad r6, r10, r4, r6\n\t"                                                                    \
+    "smlatb r7, r10, r4, r7\n\t"                                                                   \
+    "ldm r11, {r8, r9, r10}\n\t"                                                                   \
+    "smlabt r6, r8, r1, r6\n\t"                                                                    \
+    "smlad r7, r8, r1, r7\n\t"                                                                     \
+    "smlabt r6, r9, r3, r6\n\t"                                                                    \
+    "smlad r7, r9, r3, r7\n\t"                                                                     \
+    "smlabt r6, r10, r5, r6\n\t"                                                                   \
+    "smlad r7, r10, r5, r7\n\t"
+
+/* stride 2: pairs 2j (A), 2j + 1 (B), 2j + 2 (C) */
+#define DW_MACS_S2                                                                                 \
+    "ldm r11!, {r8, r9, r10}\n\t"                                                                  \
+    "smlad r6, r8, r0, r6\n\t"                                                                     \
+    "smlad r6, r9, r2, r6\n\t"                                                                     \
+    "smlad r6, r10, r4, r6\n\t"                                                                    \
+    "ldm r11!, {r8, r9, r10}\n\t"                                                                  \
+    "smlabt r6, r8, r1, r6\n\t"                                                                    \
+    "smlad r7, r8, r0, r7\n\t"                                                                     \
+    "smlabt r6, r9, r3, r6\n\t"                                                                    \
+    "smlad r7, r9, r2, r7\n\t"                                                                     \
+    "smlabt r6, r10, r5, r6\n\t"                                                                   \
+    "smlad r7, r10, r4, r7\n\t"                                                                    \
+    "ldm r11, {r8, r9, r10}\n\t"                                                                   \
+    "smlabt r7, r8, r1, r7\n\t"                                                                    \
+    "smlabt r7, r9, r3, r7\n\t"                                                                    \
+    "smlabt r7, r10, r5, r7\n\t"
+
+/* Requantization up to v, where the output is sat8((v + zp2) / 2), both sums. Double rounding
+ * with a right shift: KDM_ASM_REQUANT's first three steps; with a left shift s: h = SMMLAR as
+ * there of x << s, v = 2 h saturated (then (v + zp2) / 2 = h + zp); single rounding:
+ * kdm_requant_single_fast_'s SMMUL and shift by k - 1. */
+#define DW_REQ_DBL                                                                                 \
+    "ldrd r8, r9, [sp]\n\t"                                                                        \
+    "smmlar r6, r6, r8, r6\n\t"                                                                    \
+    "smmlar r7, r7, r8, r7\n\t"                                                                    \
+    "add r6, r6, r6, asr #31\n\t"                                                                  \
+    "add r7, r7, r7, asr #31\n\t"                                                                  \
+    "asr r6, r6, r9\n\t"                                                                           \
+    "asr r7, r7, r9\n\t"
+#define DW_REQ_LEFT                                                                                \
+    "ldrd r8, r9, [sp]\n\t"                                                                        \
+    "lsl r6, r6, r9\n\t"                                                                           \
+    "lsl r7, r7, r9\n\t"                                                                           \
+    "smmlar r6, r6, r8, r6\n\t"                                                                    \
+    "smmlar r7, r7, r8, r7\n\t"                                                                    \
+    "qadd r6, r6, r6\n\t"                                                                          \
+    "qadd r7, r7, r7\n\t"
+#define DW_REQ_SGL                                                                                 \
+    "ldrd r8, r9, [sp]\n\t"                                                                        \
+    "smmul r6, r6, r8\n\t"                                                                         \
+    "smmul r7, r7, r8\n\t"                                                                         \
+    "asr r6, r6, r9\n\t"                                                                           \
+    "asr r7, r7, r9\n\t"
+
+/* The requantization blocks of the roundings KDM_ROUNDING_MASK admits (a job of another
+ * rounding never reaches them: kdm_load refuses its model). */
+#if KDM_ROUNDING_MASK & KDM_ROUNDING_BIT(0)
+#define DW_DBL_BLOCKS                                                                              \
+    ".Ldw_rd:\n\t" DW_REQ_DBL "b .Ldw_t\n"                                                         \
+    ".Ldw_rl:\n\t" DW_REQ_LEFT "b .Ldw_t\n"
+#define DW_DBL_PICK                                                                                \
+    "adr r1, .Ldw_rd\n\t"                                                                          \
+    "cmp r10, #4\n\t"                                                                              \
+    "it hs\n\t"                                                                                    \
+    "adrhs r1, .Ldw_rl\n\t"
+#else
+#define DW_DBL_BLOCKS
+#define DW_DBL_PICK
+#endif
+#if KDM_ROUNDING_MASK & KDM_ROUNDING_BIT(1)
+#define DW_SGL_BLOCKS ".Ldw_rs:\n\t" DW_REQ_SGL "b .Ldw_t\n"
+#define DW_SGL_PICK                                                                                \
+    "lsrs r2, r10, #1\n\t"                                                                         \
+    "cmp r2, #1\n\t"                                                                               \
+    "it eq\n\t"                                                                                    \
+    "adreq r1, .Ldw_rs\n\t"
+#else
+#define DW_SGL_BLOCKS
+#define DW_SGL_PICK
+#endif
+
+/*
+ * r0 = the jobs, r1 = how many, r2 = the row. A turn (two outputs) is a multiply block (by
+ * stride: bias, LDM, SMLAD ...), a requantization block (by rounding and shift direction) and
+ * the store block, joined by jumps through the frame (LDR PC), 36 instructions at stride 1 with
+ * a right shift; the blocks once each instead of a loop per combination keep the code small.
+ * Frame: [sp] b, k, zp2, in_c, bias, bias, the job, jobs left, outputs, the job's output, the
+ * table offset, the multiply block, the requantization block. Registers: r0 - r5 the weight
+ * words, r6 / r7 the sums, r8 - r10 buffered words, r11 the buffer, r12 outputs left, lr the
+ * output.
+ */
+__asm__(".section .text.kdm_dw3_rows_,\"ax\",%progbits\n\t"
+        ".syntax unified\n\t"
+        ".thumb\n\t"
+        ".p2align 2\n\t"
+        ".global kdm_dw3_rows_\n\t"
+        ".type kdm_dw3_rows_, %function\n\t"
+        ".thumb_func\n"
+        "kdm_dw3_rows_:\n\t"
+        "push {r4, r5, r6, r7, r8, r9, r10, r11, lr}\n\t"
+        "sub sp, sp, #52\n\t"
+        "ldm r2, {r2, r3, r4, r5, r6}\n\t"
+        "strd r3, r4, [sp, #8]\n\t"
+        "str r1, [sp, #28]\n\t"
+        "strd r2, r5, [sp, #32]\n\t"
+        "str r6, [sp, #40]\n"
+        ".Ldw_job:\n\t"
+        "str r0, [sp, #24]\n\t"
+        "ldrd r3, r10, [r0, #20]\n\t"
+        "cmp r10, #6\n\t"
+        "bhs 9f\n\t"
+        "ldrd r1, r2, [r0, #12]\n\t"
+        "strd r1, r2, [sp]\n\t"
+        "strd r3, r3, [sp, #16]\n\t"
+        "adr r1, .Ldw_m1\n\t"
+        "tst r10, #1\n\t"
+        "it ne\n\t"
+        "adrne r1, .Ldw_m2\n\t"
+        "adds r1, r1, #1\n\t"
+        "str r1, [sp, #44]\n\t" DW_DBL_PICK DW_SGL_PICK "adds r1, r1, #1\n\t"
+        "str r1, [sp, #48]\n\t"
+        "ldrd r11, r1, [r0]\n\t"
+        "ldrd r12, lr, [sp, #32]\n\t"
+        "ldr r2, [sp, #40]\n\t"
+        "add r1, r1, r2\n\t"
+        "ldm r1, {r0, r1, r2, r3, r4, r5}\n\t"
+        "ldr pc, [sp, #44]\n"
+        ".p2align 2\n"
+        ".Ldw_m1:\n\t"
+        "ldrd r6, r7, [sp, #16]\n\t" DW_MACS_S1 "ldr pc, [sp, #48]\n"
+        ".p2align 2\n"
+        ".Ldw_m2:\n\t"
+        "ldrd r6, r7, [sp, #16]\n\t" DW_MACS_S2 "ldr pc, [sp, #48]\n"
+        ".p2align 2\n" DW_DBL_BLOCKS DW_SGL_BLOCKS
+        ".Ldw_t:\n\t" /* (v + zp2) / 2 saturated and stored; an odd last output stores x only */
+        "ldrd r8, r9, [sp, #8]\n\t"
+        "qadd r6, r6, r8\n\t"
+        "qadd r7, r7, r8\n\t"
+        "ssat r6, #8, r6, asr #1\n\t"
+        "ssat r7, #8, r7, asr #1\n\t"
+        "strb r6, [lr]\n\t"
+        "subs r12, r12, #2\n\t"
+        "bmi 9f\n\t"
+        "strb r7, [lr, r9]\n\t"
+        "add lr, lr, r9, lsl #1\n\t"
+        "it ne\n\t"
+        "ldrne pc, [sp, #44]\n"
+        "9:\n\t"
+        "ldr r0, [sp, #36]\n\t"
+        "adds r0, r0, #1\n\t"
+        "str r0, [sp, #36]\n\t"
+        "ldr r0, [sp, #24]\n\t"
+        "ldr r1, [sp, #28]\n\t"
+        "adds r0, r0, #32\n\t"
+        "subs r1, r1, #1\n\t"
+        "str r1, [sp, #28]\n\t"
+        "bne .Ldw_job\n\t"
+        "add sp, sp, #52\n\t"
+        "pop {r4, r5, r6, r7, r8, r9, r10, r11, pc}\n\t"
+        ".size kdm_dw3_rows_, . - kdm_dw3_rows_\n\t"
+        ".text");
+
+/* r0 = d, r1 = the row's pixel 0, r2 = the byte offset of the first pixel (negative in the
+ * padding), r3 = geo {in_c, 4 cw, the row's bytes (0: a padded row), the zero-point word, bytes
+ * per pair, pairs}. A pixel outside [0, bytes) reads as the zero-point word (IT-predicated
+ * load); 26 instructions per pair. */
+__asm__(".section .text.kdm_dw_put_,\"ax\",%progbits\n\t"
+        ".syntax unified\n\t"
+        ".thumb\n\t"
+        ".p2align 2\n\t"
+        ".global kdm_dw_put_\n\t"
+        ".type kdm_dw_put_, %function\n\t"
+        ".thumb_func\n"
+        "kdm_dw_put_:\n\t"
+        "push {r4, r5, r6, r7, r8, r9, r10, r11, lr}\n\t"
+        "ldm r3, {r3, r4, r5, r6, r7, r11}\n"
+        "1:\n\t"
+        "cmp r2, r5\n\t"
+        "ite lo\n\t"
+        "ldrlo r8, [r1, r2]\n\t"
+        "movhs r8, r6\n\t"
+        "add r2, r2, r3\n\t"
+        "cmp r2, r5\n\t"
+        "ite lo\n\t"
+        "ldrlo r9, [r1, r2]\n\t"
+        "movhs r9, r6\n\t"
+        "add r2, r2, r3\n\t"
+        "sxtb16 r10, r8\n\t"
+        "sxtb16 r12, r9\n\t"
+        "sxtb16 r8, r8, ror #8\n\t"
+        "sxtb16 r9, r9, ror #8\n\t"
+        "pkhbt lr, r10, r12, lsl #16\n\t"
+        "str lr, [r0]\n\t"
+        "pkhtb lr, r12, r10, asr #16\n\t"
+        "str lr, [r0, r4, lsl #1]\n\t"
+        "add r10, r0, r4\n\t"
+        "pkhbt lr, r8, r9, lsl #16\n\t"
+        "str lr, [r10]\n\t"
+        "pkhtb lr, r9, r8, asr #16\n\t"
+        "str lr, [r10, r4, lsl #1]\n\t"
+        "add r0, r0, r7\n\t"
+        "subs r11, r11, #1\n\t"
+        "bne 1b\n\t"
+        "pop {r4, r5, r6, r7, r8, r9, r10, r11, pc}\n\t"
+        ".size kdm_dw_put_, . - kdm_dw_put_\n\t"
+        ".text");
+
+#else
+/* What the assembly computes, in C (hosts: the tests run it against the reference). */
+static void kdm_dw3_rows_(const dw_job *jobs, int32_t n_jobs, const dw_row *row)
+{
+    const int32_t zp2 = row->zp2, ch = row->ch;
+    for (const dw_job *j = jobs; j < jobs + n_jobs; j++) {
+        const uint32_t *a = j->buf, *w = j->tab + row->rot / 4;
+        int8_t *o = row->out + (j - jobs);
+        const int s2 = j->variant & DW_S2;
+        for (int32_t x = 0; x < row->n && j->variant != DW_SKIP; x += 2, o += 2 * ch) {
+            int32_t v[2] = {j->bias, j->bias};
+            for (int32_t s = 0; s < 3; s++) {
+                const uint32_t w01 = w[2 * s], w12 = w[2 * s + 1];
+                v[0] = kdm_smlabt(a[3 + s], w12, kdm_smlad(a[s], w01, v[0]));
+                v[1] = s2 ? kdm_smlabt(a[6 + s], w12, kdm_smlad(a[3 + s], w01, v[1]))
+                          : kdm_smlad(a[3 + s], w12, kdm_smlabt(w01, a[s], v[1]));
+            }
+            a += s2 ? 6 : 3;
+            for (int32_t i = 0; i < 2; i++) {
+                int32_t h = v[i];
+                if ((j->variant & ~DW_S2) == DW_SINGLE) {
+                    h = kdm_smmul(h, j->b) >> j->k;
+                } else if (j->variant & DW_LEFT) {
+                    h = (int32_t)((uint32_t)h << j->k);
+                    h = kdm_smmlar(h, j->b, h);
+                    h = kdm_qadd(h, h);
+                } else {
+                    h = kdm_smmlar(h, j->b, h);
+                    h = (h + (h >> 31)) >> j->k;
+                }
+                v[i] = kdm_ssat8_asr1(kdm_qadd(h, zp2));
+            }
+            o[0] = (int8_t)v[0];
+            if (x + 1 < row->n)
+                o[ch] = (int8_t)v[1];
+        }
+    }
+}
+
+/* Four channels' words of two pixels (v0: pixel x, v1: pixel x + 1, channel i in byte i). */
+static void kdm_dw_put_(uint32_t *d, const int8_t *row, int32_t off, const int32_t *geo)
+{
+    const int32_t ch = geo[0], cw = geo[1] / 4;
+    for (int32_t j = 0; j < geo[5]; j++, d += geo[4] / 4, off += 2 * ch) {
+        uint32_t v[2];
+        for (int32_t e = 0; e < 2; e++)
+            v[e] = (uint32_t)(off + e * ch) < (uint32_t)geo[2] ? kdm_ld32(row + off + e * ch)
+                                                               : (uint32_t)geo[3];
+        const uint32_t a0 = kdm_sxtb16(v[0]), a1 = kdm_sxtb16(v[1]);
+        const uint32_t b0 = kdm_sxtb16_ror8(v[0]), b1 = kdm_sxtb16_ror8(v[1]);
+        d[0] = kdm_pkhbt16(a0, a1);
+        d[cw] = kdm_pkhbt16(b0, b1);
+        d[2 * cw] = kdm_pkhtb16(a1, a0);
+        d[3 * cw] = kdm_pkhtb16(b1, b0);
+    }
+}
+#endif
+
+/* Whether weights of width wbits are int8: a constant when KDM_WBITS_MASK admits one width. */
+#define DW_W8(wbits) ((KDM_WBITS_MASK >> 8 & 1) && (!(KDM_WBITS_MASK >> 4 & 1) || (wbits) == 8))
+
+/* Weight of tap t (ky * kernel_w + kx), channel c. */
+static inline int32_t dw_weight(const uint8_t *w, int wbits, int32_t rs, int32_t t, int32_t c)
+{
+    const uint8_t *row = w + t * rs;
+    if (DW_W8(wbits))
+        return (int8_t)row[c];
+    return (int32_t)((uint32_t)row[c >> 1] << (28 - 4 * (c & 1))) >> 28;
+}
+
+/* Everything a channel group's loops share. */
+typedef struct {
+    const kdm_conv_params *p;
+    const kdm_requant_params *q;
+    const uint8_t *w;
+    int wbits;
+} dw_geo;
+
+/* Channel c's output row oy straight from the input, as the reference kernel computes it: any
+ * kernel, stride and requantization (the layers and channels the assembly does not take). */
+static void dw_row_direct(const dw_geo *g, const int8_t *in, int32_t c, int32_t oy, int8_t *o)
+{
+    const kdm_conv_params *p = g->p;
+    const int32_t kh = p->kernel_h, kw = p->kernel_w, st = p->stride, ch = p->in_c;
+    for (int32_t x = 0; x < p->out_w; x++, o += ch) {
+        uint32_t acc = (uint32_t)g->q->bias[c];
+        for (int32_t t = 0; t < kh * kw; t++) {
+            const uint32_t iy = (uint32_t)(oy * st - p->pad + t / kw);
+            const uint32_t ix = (uint32_t)(x * st - p->pad + t % kw);
+            const int32_t v = iy < (uint32_t)p->in_h && ix < (uint32_t)p->in_w
+                                  ? in[((int32_t)iy * p->in_w + (int32_t)ix) * ch + c]
+                                  : p->in_zp;
+            acc += (uint32_t)(v * dw_weight(g->w, g->wbits, p->row_stride, t, c));
+        }
+        const int32_t a = (int32_t)acc;
+        kdm_requant_row_(g->q, c, &a, o, 1); /* out of line: code size */
+    }
+}
+
+static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_params *q,
+                                const int8_t *in, const uint8_t *w, int wbits, int8_t *out,
+                                void *scratch)
+{
+    const int32_t ch = p->in_c, kh = p->kernel_h, st = p->stride, rs = p->row_stride;
+    const int32_t np = (p->in_w + 2 * p->pad + 3) >> 1, cw = kh * np;
+    const dw_geo g = {p, q, w, wbits};
+    int32_t put[6] = {ch, 4 * cw, 0, (int32_t)((uint8_t)p->in_zp * 0x01010101u), 4 * kh, np};
+    uint32_t *tab = (uint32_t *)scratch, *buf = tab + 4 * KDM_DW_TAB_WORDS;
+    const int single = KDM_SINGLE_ROUNDING_(q->flags) ? 1 : 0;
+    if (kh != 3 || p->kernel_w != 3 || st > 2 || ch < 4) {
+        for (int32_t oy = 0; oy < p->out_h; oy++)
+            for (int32_t c = 0; c < ch; c++)
+                dw_row_direct(&g, in, c, oy, out + oy * p->out_w * ch + c);
+        return;
+    }
+    dw_row row = {p->out_w, 2 * q->out_zp + 1, ch, out, 0};
+    dw_job job[4];
+    /* four channels at a time; the last four overlap the group before when in_c % 4 != 0 */
+    for (int32_t c0 = 0; c0 < ch; c0 += 4) {
+        if (c0 > ch - 4)
+            c0 = ch - 4;
+        int skip = 0;
+        for (int32_t i = 0; i < 4; i++) {
+            const int32_t c = c0 + i, m = q->mult[c], s = q->shift[c];
+            dw_job *j = &job[i];
+            /* (w0, w1), (w1, w2) of kernel rows 0, 1, 2, 0, 1: rotation r (slot s holds kernel
+             * row (s - r) mod 3) is the six words from 2 ((3 - r) mod 3); m = 0 (output zp) as
+             * weights and bias 0 */
+            int32_t k[9];
+            for (int32_t t = 0; t < 9; t++)
+                k[t] = m ? dw_weight(w, wbits, rs, t, c) : 0;
+            uint32_t *tt = tab + i * KDM_DW_TAB_WORDS;
+            for (int32_t e = 0; e < 6; e++)
+                tt[e] = kdm_pack16(k[3 * (e >> 1) + (e & 1)], k[3 * (e >> 1) + (e & 1) + 1]);
+            for (int32_t e = 6; e < 10; e++)
+                tt[e] = tt[e - 6];
+            j->buf = buf + i * cw;
+            j->tab = tt;
+            j->b = single ? m : (int32_t)((uint32_t)m << 1);
+            j->k = !m ? 0 : single ? ~s - 1 : s < 0 ? ~s : s;
+            j->bias = m ? q->bias[c] : 0;
+            j->variant = (st == 2) + (single ? DW_SINGLE : s < 0 || !m ? 0 : DW_LEFT);
+            if (single && m && s > -2) {
+                j->variant = DW_SKIP;
+                skip = 1;
+            }
+        }
+        int32_t next = 0, slot = 0; /* the next padded input row to buffer, and its slot */
+        for (int32_t oy = 0; oy < p->out_h; oy++) {
+            const int32_t r0 = oy * st, s0 = r0 % kh;
+            if (next < r0) {
+                next = r0;
+                slot = s0;
+            }
+            for (; next < r0 + kh; next++, slot = slot + 1 == kh ? 0 : slot + 1) {
+                const int32_t iy = next - p->pad;
+                const int in_row = iy >= 0 && iy < p->in_h;
+                put[2] = in_row ? p->in_w * ch : 0;
+                kdm_dw_put_(buf + slot, in + (in_row ? iy : 0) * p->in_w * ch + c0, -p->pad * ch,
+                            put);
+            }
+            int8_t *o = out + oy * p->out_w * ch + c0;
+            for (int32_t i = 0; i < 4 && skip; i++)
+                if (job[i].variant == DW_SKIP)
+                    dw_row_direct(&g, in, c0 + i, oy, o + i);
+            row.out = o;
+            row.rot = 8 * (s0 ? 3 - s0 : 0);
+            kdm_dw3_rows_(job, 4, &row);
+            if (q->act_min != -128 || q->act_max != 127) /* again where dw_row_direct clamped */
+                for (int32_t x = 0; x < p->out_w * ch; x += ch)
+                    kdm_clamp_row_(o + x, 4, q->act_min, q->act_max);
+        }
+    }
+}
+
+void kdm_depthwise_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                          const int8_t *w, int8_t *out, void *scratch)
+{
+    dw_run(p, q, in, (const uint8_t *)w, 8, out, scratch);
+}
+
+void kdm_depthwise_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                          const uint8_t *w, int8_t *out, void *scratch)
+{
+    dw_run(p, q, in, w, 4, out, scratch);
+}

@@ -43,12 +43,12 @@
 typedef struct {
     const uint32_t *buf; /*  0: the channel's buffer, word 0 of slot 0 */
     const uint32_t *tab; /*  4: the channel's weight table (dw_run) */
-    int32_t unused0;
-    int32_t b, k;    /* 12, 16: right shift: 2 m, ~shift; left: 2 m, shift; single: m,
-                        ~shift - 1 */
-    int32_t bias;    /* 20 */
-    int32_t variant; /* 24: DW_S2 + DW_SINGLE / DW_LEFT, or DW_SKIP (the C loop's) */
-    int32_t unused1;
+    uint32_t mac;        /*  8: the assembly's multiply block (by stride) */
+    int32_t b, k;        /* 12, 16: right shift: 2 m, ~shift; left: 2 m, shift; single: m,
+                            ~shift - 1 */
+    int32_t bias;        /* 20 */
+    uint32_t req;        /* 24: its requantization block, 0 for the C loop's channels */
+    int32_t variant;     /* 28: the same as DW_S2 + DW_SINGLE / DW_LEFT, or DW_SKIP */
 } dw_job;
 
 /* And of the output row (offsets in the assembly). */
@@ -132,42 +132,58 @@ void kdm_dw_put_(uint32_t *d, const int8_t *row, int32_t off, const int32_t *geo
     "asr r6, r6, r9\n\t"                                                                           \
     "asr r7, r7, r9\n\t"
 
+/* A block's entry, a Thumb function symbol so that dw_run can take its address. */
+#define DW_ENTRY(name)                                                                             \
+    ".global " name "\n\t"                                                                         \
+    ".type " name ", %function\n\t"                                                                \
+    ".thumb_func\n" name ":\n\t"
+
+/* After a requantization block: (v + zp2) / 2 saturated and stored, r12 counting outputs down by
+ * two (an odd last output stores x only), back to the multiply block while outputs remain. */
+#define DW_STORE                                                                                   \
+    "ldrd r8, r9, [sp, #8]\n\t"                                                                    \
+    "qadd r6, r6, r8\n\t"                                                                          \
+    "qadd r7, r7, r8\n\t"                                                                          \
+    "ssat r6, #8, r6, asr #1\n\t"                                                                  \
+    "ssat r7, #8, r7, asr #1\n\t"                                                                  \
+    "strb r6, [lr]\n\t"                                                                            \
+    "subs r12, r12, #2\n\t"                                                                        \
+    "bmi .Ldw_next\n\t"                                                                            \
+    "strb r7, [lr, r9]\n\t"                                                                        \
+    "add lr, lr, r9, lsl #1\n\t"                                                                   \
+    "it ne\n\t"                                                                                    \
+    "ldrne pc, [sp, #44]\n\t"                                                                      \
+    "b .Ldw_next\n"
+
 /* The requantization blocks of the roundings KDM_ROUNDING_MASK admits (a job of another
  * rounding never reaches them: kdm_load refuses its model). */
 #if KDM_ROUNDING_MASK & KDM_ROUNDING_BIT(0)
+void kdm_dw_rd_(void);
+void kdm_dw_rl_(void);
 #define DW_DBL_BLOCKS                                                                              \
-    ".Ldw_rd:\n\t" DW_REQ_DBL "b .Ldw_t\n"                                                         \
-    ".Ldw_rl:\n\t" DW_REQ_LEFT "b .Ldw_t\n"
-#define DW_DBL_PICK                                                                                \
-    "adr r1, .Ldw_rd\n\t"                                                                          \
-    "cmp r10, #4\n\t"                                                                              \
-    "it hs\n\t"                                                                                    \
-    "adrhs r1, .Ldw_rl\n\t"
+    ".p2align 2\n" DW_ENTRY("kdm_dw_rd_") DW_REQ_DBL DW_STORE                                      \
+        ".p2align 2\n" DW_ENTRY("kdm_dw_rl_") DW_REQ_LEFT DW_STORE
 #else
 #define DW_DBL_BLOCKS
-#define DW_DBL_PICK
 #endif
 #if KDM_ROUNDING_MASK & KDM_ROUNDING_BIT(1)
-#define DW_SGL_BLOCKS ".Ldw_rs:\n\t" DW_REQ_SGL "b .Ldw_t\n"
-#define DW_SGL_PICK                                                                                \
-    "lsrs r2, r10, #1\n\t"                                                                         \
-    "cmp r2, #1\n\t"                                                                               \
-    "it eq\n\t"                                                                                    \
-    "adreq r1, .Ldw_rs\n\t"
+void kdm_dw_rs_(void);
+#define DW_SGL_BLOCKS ".p2align 2\n" DW_ENTRY("kdm_dw_rs_") DW_REQ_SGL DW_STORE
 #else
 #define DW_SGL_BLOCKS
-#define DW_SGL_PICK
 #endif
+void kdm_dw_m1_(void);
+void kdm_dw_m2_(void);
 
 /*
  * r0 = the jobs, r1 = how many, r2 = the row. A turn (two outputs) is a multiply block (by
- * stride: bias, LDM, SMLAD ...), a requantization block (by rounding and shift direction) and
- * the store block, joined by jumps through the frame (LDR PC), 36 instructions at stride 1 with
- * a right shift; the blocks once each instead of a loop per combination keep the code small.
- * Frame: [sp] b, k, zp2, in_c, bias, bias, the job, jobs left, outputs, the job's output, the
- * table offset, the multiply block, the requantization block. Registers: r0 - r5 the weight
- * words, r6 / r7 the sums, r8 - r10 buffered words, r11 the buffer, r12 outputs left, lr the
- * output.
+ * stride: bias, LDM, SMLAD ...) and a requantization block (by rounding and shift direction)
+ * ending in the stores, joined by jumps through the frame (LDR PC): 34 instructions at stride 1
+ * with a right shift. One block of each kind, instead of a loop per combination, keeps the code
+ * small. Frame: [sp] b, k, zp2, in_c, bias, bias, the job, the jobs' end, outputs, the job's
+ * output, the table offset, the multiply block, the requantization block. Registers: r0 - r5
+ * the weight words, r6 / r7 the sums, r8 - r10 buffered words, r11 the buffer, r12 outputs
+ * left, lr the output.
  */
 __asm__(".section .text.kdm_dw3_rows_,\"ax\",%progbits\n\t"
         ".syntax unified\n\t"
@@ -181,64 +197,43 @@ __asm__(".section .text.kdm_dw3_rows_,\"ax\",%progbits\n\t"
         "sub sp, sp, #52\n\t"
         "ldm r2, {r2, r3, r4, r5, r6}\n\t"
         "strd r3, r4, [sp, #8]\n\t"
+        "add r1, r0, r1, lsl #5\n\t"
         "str r1, [sp, #28]\n\t"
         "strd r2, r5, [sp, #32]\n\t"
         "str r6, [sp, #40]\n"
         ".Ldw_job:\n\t"
         "str r0, [sp, #24]\n\t"
         "ldrd r3, r10, [r0, #20]\n\t"
-        "cmp r10, #6\n\t"
-        "bhs 9f\n\t"
+        "cmp r10, #0\n\t"
+        "beq .Ldw_next\n\t"
         "ldrd r1, r2, [r0, #12]\n\t"
         "strd r1, r2, [sp]\n\t"
         "strd r3, r3, [sp, #16]\n\t"
-        "adr r1, .Ldw_m1\n\t"
-        "tst r10, #1\n\t"
-        "it ne\n\t"
-        "adrne r1, .Ldw_m2\n\t"
-        "adds r1, r1, #1\n\t"
-        "str r1, [sp, #44]\n\t" DW_DBL_PICK DW_SGL_PICK "adds r1, r1, #1\n\t"
-        "str r1, [sp, #48]\n\t"
+        "ldr r1, [r0, #8]\n\t"
+        "strd r1, r10, [sp, #44]\n\t"
         "ldrd r11, r1, [r0]\n\t"
         "ldrd r12, lr, [sp, #32]\n\t"
         "ldr r2, [sp, #40]\n\t"
         "add r1, r1, r2\n\t"
         "ldm r1, {r0, r1, r2, r3, r4, r5}\n\t"
         "ldr pc, [sp, #44]\n"
-        ".p2align 2\n"
-        ".Ldw_m1:\n\t"
-        "ldrd r6, r7, [sp, #16]\n\t" DW_MACS_S1 "ldr pc, [sp, #48]\n"
-        ".p2align 2\n"
-        ".Ldw_m2:\n\t"
-        "ldrd r6, r7, [sp, #16]\n\t" DW_MACS_S2 "ldr pc, [sp, #48]\n"
-        ".p2align 2\n" DW_DBL_BLOCKS DW_SGL_BLOCKS
-        ".Ldw_t:\n\t" /* (v + zp2) / 2 saturated and stored; an odd last output stores x only */
-        "ldrd r8, r9, [sp, #8]\n\t"
-        "qadd r6, r6, r8\n\t"
-        "qadd r7, r7, r8\n\t"
-        "ssat r6, #8, r6, asr #1\n\t"
-        "ssat r7, #8, r7, asr #1\n\t"
-        "strb r6, [lr]\n\t"
-        "subs r12, r12, #2\n\t"
-        "bmi 9f\n\t"
-        "strb r7, [lr, r9]\n\t"
-        "add lr, lr, r9, lsl #1\n\t"
-        "it ne\n\t"
-        "ldrne pc, [sp, #44]\n"
-        "9:\n\t"
+        ".Ldw_next:\n\t"
         "ldr r0, [sp, #36]\n\t"
         "adds r0, r0, #1\n\t"
         "str r0, [sp, #36]\n\t"
-        "ldr r0, [sp, #24]\n\t"
-        "ldr r1, [sp, #28]\n\t"
+        "ldrd r0, r1, [sp, #24]\n\t"
         "adds r0, r0, #32\n\t"
-        "subs r1, r1, #1\n\t"
-        "str r1, [sp, #28]\n\t"
+        "cmp r0, r1\n\t"
         "bne .Ldw_job\n\t"
         "add sp, sp, #52\n\t"
-        "pop {r4, r5, r6, r7, r8, r9, r10, r11, pc}\n\t"
-        ".size kdm_dw3_rows_, . - kdm_dw3_rows_\n\t"
-        ".text");
+        "pop {r4, r5, r6, r7, r8, r9, r10, r11, pc}\n"
+        ".p2align 2\n" DW_ENTRY(
+            "kdm_dw_m1_") "ldrd r6, r7, [sp, #16]\n\t" DW_MACS_S1 "ldr pc, [sp, #48]\n"
+                          ".p2align 2\n" DW_ENTRY(
+                              "kdm_dw_m2_") "ldrd r6, r7, [sp, #16]\n\t" DW_MACS_S2
+                                            "ldr pc, [sp, #48]\n" DW_DBL_BLOCKS DW_SGL_BLOCKS
+                                            ".size kdm_dw3_rows_, . - kdm_dw3_rows_\n\t"
+                                            ".text");
 
 /* r0 = d, r1 = the row's pixel 0, r2 = the byte offset of the first pixel (negative in the
  * padding), r3 = geo {in_c, 4 cw, the row's bytes (0: a padded row), the zero-point word, bytes
@@ -384,12 +379,36 @@ static void dw_row_direct(const dw_geo *g, const int8_t *in, int32_t c, int32_t 
     }
 }
 
+/* The job's assembly blocks, from its variant. */
+static void dw_blocks(dw_job *j)
+{
+#if KDM_ASM_JOBS
+    const int v = j->variant;
+    j->mac = (uint32_t)(uintptr_t)(v & DW_S2 ? kdm_dw_m2_ : kdm_dw_m1_);
+    j->req = 0;
+#if KDM_ROUNDING_MASK & KDM_ROUNDING_BIT(0)
+    if (v < DW_SINGLE)
+        j->req = (uint32_t)(uintptr_t)kdm_dw_rd_;
+    else if (v >= DW_LEFT && v < DW_SKIP)
+        j->req = (uint32_t)(uintptr_t)kdm_dw_rl_;
+#endif
+#if KDM_ROUNDING_MASK & KDM_ROUNDING_BIT(1)
+    if ((v & ~DW_S2) == DW_SINGLE)
+        j->req = (uint32_t)(uintptr_t)kdm_dw_rs_;
+#endif
+#else
+    (void)j;
+#endif
+}
+
 static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_params *q,
                                 const int8_t *in, const uint8_t *w, int wbits, int8_t *out,
                                 void *scratch)
 {
     const int32_t ch = p->in_c, kh = p->kernel_h, st = p->stride, rs = p->row_stride;
-    const int32_t np = (p->in_w + 2 * p->pad + 3) >> 1, cw = kh * np;
+    /* words per buffered row: the turns read pairs up to ceil(out_w / 2) (stride 1) or twice that
+     * (stride 2); at most kdm_depthwise_scratch_size_'s (in_w + 2 pad + 3) / 2 */
+    const int32_t half = (p->out_w + 1) >> 1, np = st == 1 ? half + 1 : 2 * half + 1, cw = kh * np;
     const dw_geo g = {p, q, w, wbits};
     int32_t put[6] = {ch, 4 * cw, 0, (int32_t)((uint8_t)p->in_zp * 0x01010101u), 4 * kh, np};
     uint32_t *tab = (uint32_t *)scratch, *buf = tab + 4 * KDM_DW_TAB_WORDS;
@@ -417,8 +436,10 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
             for (int32_t t = 0; t < 9; t++)
                 k[t] = m ? dw_weight(w, wbits, rs, t, c) : 0;
             uint32_t *tt = tab + i * KDM_DW_TAB_WORDS;
-            for (int32_t e = 0; e < 6; e++)
-                tt[e] = kdm_pack16(k[3 * (e >> 1) + (e & 1)], k[3 * (e >> 1) + (e & 1) + 1]);
+            for (int32_t ky = 0; ky < 3; ky++) {
+                tt[2 * ky] = kdm_pack16(k[3 * ky], k[3 * ky + 1]);
+                tt[2 * ky + 1] = kdm_pack16(k[3 * ky + 1], k[3 * ky + 2]);
+            }
             for (int32_t e = 6; e < 10; e++)
                 tt[e] = tt[e - 6];
             j->buf = buf + i * cw;
@@ -431,6 +452,7 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
                 j->variant = DW_SKIP;
                 skip = 1;
             }
+            dw_blocks(j);
         }
         int32_t next = 0, slot = 0; /* the next padded input row to buffer, and its slot */
         for (int32_t oy = 0; oy < p->out_h; oy++) {

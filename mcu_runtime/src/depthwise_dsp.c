@@ -48,7 +48,7 @@ typedef struct {
                             ~shift - 1 */
     int32_t bias;        /* 20 */
     uint32_t req;        /* 24: its requantization block, 0 for the C loop's channels */
-    int32_t variant;     /* 28: the same as DW_S2 + DW_SINGLE / DW_LEFT, or DW_SKIP */
+    int32_t variant;     /* 28: the same as DW_S2 + DW_SINGLE and / or DW_LEFT, or DW_SKIP */
 } dw_job;
 
 /* And of the output row (offsets in the assembly). */
@@ -62,9 +62,9 @@ typedef struct {
 
 /* variant: the assembly loop (its jump table) */
 #define DW_S2     1 /* stride 2 (else 1) */
-#define DW_SINGLE 2 /* single rounding, shift <= -2 */
+#define DW_SINGLE 2 /* single rounding: shift <= -2; with DW_LEFT shift = -1 */
 #define DW_LEFT   4 /* double rounding, shift >= 0 */
-#define DW_SKIP   6
+#define DW_SKIP   8
 
 #if KDM_ASM_JOBS
 void kdm_dw3_rows_(const dw_job *j, int32_t n, const dw_row *row);
@@ -125,6 +125,13 @@ void kdm_dw_put_(uint32_t *d, const int8_t *row, int32_t off, const int32_t *geo
     "smmlar r7, r7, r8, r7\n\t"                                                                    \
     "qadd r6, r6, r6\n\t"                                                                          \
     "qadd r7, r7, r7\n\t"
+/* single rounding with shift -1: SMMULR, then 2 h as above */
+#define DW_REQ_SGL1                                                                                \
+    "ldr r8, [sp]\n\t"                                                                             \
+    "smmulr r6, r6, r8\n\t"                                                                        \
+    "smmulr r7, r7, r8\n\t"                                                                        \
+    "qadd r6, r6, r6\n\t"                                                                          \
+    "qadd r7, r7, r7\n\t"
 #define DW_REQ_SGL                                                                                 \
     "ldrd r8, r9, [sp]\n\t"                                                                        \
     "smmul r6, r6, r8\n\t"                                                                         \
@@ -168,7 +175,10 @@ void kdm_dw_rl_(void);
 #endif
 #if KDM_ROUNDING_MASK & KDM_ROUNDING_BIT(1)
 void kdm_dw_rs_(void);
-#define DW_SGL_BLOCKS ".p2align 2\n" DW_ENTRY("kdm_dw_rs_") DW_REQ_SGL DW_STORE
+void kdm_dw_rs1_(void);
+#define DW_SGL_BLOCKS                                                                              \
+    ".p2align 2\n" DW_ENTRY("kdm_dw_rs_") DW_REQ_SGL DW_STORE                                      \
+        ".p2align 2\n" DW_ENTRY("kdm_dw_rs1_") DW_REQ_SGL1 DW_STORE
 #else
 #define DW_SGL_BLOCKS
 #endif
@@ -302,6 +312,9 @@ static void kdm_dw3_rows_(const dw_job *jobs, int32_t n_jobs, const dw_row *row)
                 int32_t h = v[i];
                 if ((j->variant & ~DW_S2) == DW_SINGLE) {
                     h = kdm_smmul(h, j->b) >> j->k;
+                } else if ((j->variant & ~DW_S2) == (DW_SINGLE | DW_LEFT)) {
+                    h = kdm_smmlar(h, j->b, 0);
+                    h = kdm_qadd(h, h);
                 } else if (j->variant & DW_LEFT) {
                     h = (int32_t)((uint32_t)h << j->k);
                     h = kdm_smmlar(h, j->b, h);
@@ -389,12 +402,14 @@ static void dw_blocks(dw_job *j)
 #if KDM_ROUNDING_MASK & KDM_ROUNDING_BIT(0)
     if (v < DW_SINGLE)
         j->req = (uint32_t)(uintptr_t)kdm_dw_rd_;
-    else if (v >= DW_LEFT && v < DW_SKIP)
+    else if ((v & ~DW_S2) == DW_LEFT)
         j->req = (uint32_t)(uintptr_t)kdm_dw_rl_;
 #endif
 #if KDM_ROUNDING_MASK & KDM_ROUNDING_BIT(1)
     if ((v & ~DW_S2) == DW_SINGLE)
         j->req = (uint32_t)(uintptr_t)kdm_dw_rs_;
+    else if ((v & ~DW_S2) == (DW_SINGLE | DW_LEFT))
+        j->req = (uint32_t)(uintptr_t)kdm_dw_rs1_;
 #endif
 #else
     (void)j;
@@ -447,8 +462,10 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
             j->b = single ? m : (int32_t)((uint32_t)m << 1);
             j->k = !m ? 0 : single ? ~s - 1 : s < 0 ? ~s : s;
             j->bias = m ? q->bias[c] : 0;
-            j->variant = (st == 2) + (single ? DW_SINGLE : s < 0 || !m ? 0 : DW_LEFT);
-            if (single && m && s > -2) {
+            j->variant = (st == 2) + (single ? DW_SINGLE : 0) + (s < 0 || !m ? 0 : DW_LEFT);
+            if (single && m && s == -1)
+                j->variant = (st == 2) + DW_SINGLE + DW_LEFT;
+            if (single && m && s >= 0) {
                 j->variant = DW_SKIP;
                 skip = 1;
             }

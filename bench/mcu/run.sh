@@ -22,7 +22,8 @@
 #       input; instructions per MAC side by side, and the outputs must be byte-identical.
 #   bench/mcu/run.sh kcheck CASES_C [BUILD_DIR]
 #       Firmware C (kernel_check) with the DSP kernels and with KDM_FORCE_REF=1 on the
-#       Cortex-M4: both must reproduce the host outputs and print identical lines.
+#       Cortex-M4: both must reproduce the host outputs and print identical lines. The runtime is
+#       built with the KDM_ROUNDING_MASK the cases file names (kdm_random_model --rounding).
 # Exit status: 0 pass, 1 fail, 77 when arm-none-eabi-gcc, qemu-system-arm or cmake is missing.
 #
 # Instruction counts: QEMU's -icount shift=0 runs the virtual clock at 1 ns per instruction and
@@ -170,6 +171,10 @@ cmd_kcheck() {
     [ -f "$src" ] || die "$src not found"
     src=$(cd "$(dirname "$src")" && pwd)/$(basename "$src")
     cfg_args=(-DKDM_EXPORT_DIR= -DKDM_KCHECK_SOURCE="$src")
+    # the runtime built for the cases' rounding (kdm_random_model writes the mask; none: both)
+    local rmask
+    rmask=$(sed -n 's|^/\* kcheck-rounding-mask \(0x[0-9a-fA-F]*\) \*/$|\1|p' "$src" | head -1)
+    cfg_args+=(-DKDM_ROUNDING_MASK="$rmask")
     for k in dsp ref; do
         build "$bdir/$k" cortex-m4 "$([ $k = ref ] && echo ON || echo OFF)" kernel_check
         qemu mps2-an386 "$bdir/$k/kernel_check.elf" "$bdir/$k/kernel_check.log"

@@ -20,6 +20,10 @@
 
 #include "kdm_kernels.h" /* the requantization helpers at the end call into kdm_quant.c */
 
+/* A runtime built for single rounding only (KDM_ROUNDING_MASK): the convolutions' assembly
+ * channel jobs requantize in single rounding (KDM_ASM_JOB_REQUANT). */
+#define KDM_ASM_SINGLE_ONLY (KDM_ROUNDING_MASK == KDM_ROUNDING_BIT(1))
+
 /* 32-bit load from any address. */
 static inline uint32_t kdm_ld32(const void *p)
 {
@@ -246,6 +250,29 @@ static inline void kdm_pair_job_start_(kdm_pair_job_ *j, const kdm_requant_param
 }
 
 /*
+ * The channel jobs' requantization: double rounding (KDM_ASM_REQUANT, b = 2 m, k = ~shift), or,
+ * in a runtime built for single rounding only (KDM_ROUNDING_MASK), kdm_requant_single_fast_'s
+ * SMMUL and shift by k - 1 (b = m, k - 1 = ~shift - 1: shift <= -2, as kdm_requant_simple_
+ * checks), then the same (v + zp2) / 2 saturated. PREP turns a multiplier and a shift loaded
+ * into b and k into those operands.
+ */
+#if KDM_ASM_SINGLE_ONLY
+#define KDM_ASM_JOB_PREP(b, k)                                                                     \
+    "mvns " k ", " k "\n\t"                                                                        \
+    "subs " k ", " k ", #1\n\t"
+#define KDM_ASM_JOB_REQUANT(r, b, k, zp2)                                                          \
+    "smmul " r ", " r ", " b "\n\t"                                                                \
+    "asr " r ", " r ", " k "\n\t"                                                                  \
+    "qadd " r ", " r ", " zp2 "\n\t"                                                               \
+    "ssat " r ", #8, " r ", asr #1\n\t"
+#else
+#define KDM_ASM_JOB_PREP(b, k)                                                                     \
+    "lsls " b ", " b ", #1\n\t"                                                                    \
+    "mvns " k ", " k "\n\t"
+#define KDM_ASM_JOB_REQUANT KDM_ASM_REQUANT
+#endif
+
+/*
  * The end of a 2 x 2 block in the convolutions' assembly channel loops (kdm_conv_pair_job_s8_,
  * kdm_conv_pair_job_s4_), after the K loop: r5 holds the job, whose first twelve words both
  * jobs lay out alike (bias, mult, shift, out0, out1, w, skip, rs, col, col_end, bias_end, zp2),
@@ -262,25 +289,21 @@ static inline void kdm_pair_job_start_(kdm_pair_job_ *j, const kdm_requant_param
     "str r0, [r5, #4]\n\t"                                                                         \
     "ldr r0, [r5, #8]\n\t"                                                                         \
     "ldrd r4, r6, [r0], #8\n\t"                                                                    \
-    "str r0, [r5, #8]\n\t"                                                                         \
-    "lsls r1, r1, #1\n\t"                                                                          \
-    "lsls r2, r2, #1\n\t"                                                                          \
-    "mvns r4, r4\n\t"                                                                              \
-    "mvns r6, r6\n\t"                                                                              \
-    "ldr r7, [r5, #44]\n\t" KDM_ASM_REQUANT("r8", "r1", "r4", "r7")                                \
-        KDM_ASM_REQUANT("r9", "r1", "r4", "r7") KDM_ASM_REQUANT("r10", "r2", "r6", "r7")           \
-            KDM_ASM_REQUANT("r11", "r2", "r6", "r7") "ldr r0, [r5, #12]\n\t"                       \
-                                                     "strb r8, [r0], #1\n\t"                       \
-                                                     "strb r10, [r0], #1\n\t"                      \
-                                                     "str r0, [r5, #12]\n\t"                       \
-                                                     "ldr r0, [r5, #16]\n\t"                       \
-                                                     "strb r9, [r0], #1\n\t"                       \
-                                                     "strb r11, [r0], #1\n\t"                      \
-                                                     "str r0, [r5, #16]\n\t"                       \
-                                                     "ldr r0, [r5, #0]\n\t"                        \
-                                                     "ldr r1, [r5, #40]\n\t"                       \
-                                                     "cmp r0, r1\n\t"                              \
-                                                     "bne 1b\n\t"
+    "str r0, [r5, #8]\n\t" KDM_ASM_JOB_PREP("r1", "r4") KDM_ASM_JOB_PREP(                          \
+        "r2", "r6") "ldr r7, [r5, #44]\n\t" KDM_ASM_JOB_REQUANT("r8", "r1", "r4", "r7")            \
+        KDM_ASM_JOB_REQUANT("r9", "r1", "r4", "r7") KDM_ASM_JOB_REQUANT("r10", "r2", "r6", "r7")   \
+            KDM_ASM_JOB_REQUANT("r11", "r2", "r6", "r7") "ldr r0, [r5, #12]\n\t"                   \
+                                                         "strb r8, [r0], #1\n\t"                   \
+                                                         "strb r10, [r0], #1\n\t"                  \
+                                                         "str r0, [r5, #12]\n\t"                   \
+                                                         "ldr r0, [r5, #16]\n\t"                   \
+                                                         "strb r9, [r0], #1\n\t"                   \
+                                                         "strb r11, [r0], #1\n\t"                  \
+                                                         "str r0, [r5, #16]\n\t"                   \
+                                                         "ldr r0, [r5, #0]\n\t"                    \
+                                                         "ldr r1, [r5, #40]\n\t"                   \
+                                                         "cmp r0, r1\n\t"                          \
+                                                         "bne 1b\n\t"
 
 #else /* portable emulations */
 

@@ -58,10 +58,12 @@ KDM_NOINLINE void kdm_clamp_row_(int8_t *out, int32_t n, int32_t lo, int32_t hi)
 
 int kdm_requant_simple_(const kdm_requant_params *q, int32_t n)
 {
-    if (KDM_SINGLE_ROUNDING_(q->flags))
+    /* single rounding only where the jobs are built for it (KDM_ASM_JOB_REQUANT) */
+    const int single = KDM_SINGLE_ROUNDING_(q->flags);
+    if (single && !(KDM_ASM_JOBS && KDM_ASM_SINGLE_ONLY))
         return 0;
     for (int32_t i = 0; i < n; i++)
-        if (q->mult[i] == 0 || q->shift[i] >= 0)
+        if (q->mult[i] == 0 || q->shift[i] >= (single ? -1 : 0))
             return 0;
     return 1;
 }

@@ -9,10 +9,13 @@
  *       (configs/fashion-mnist/models/tiny_cnn.yaml with BatchNorm folded): conv3x3 s2 1->24,
  *       dw3x3 24, pw 24->32, dw3x3 s2 32, pw 32->64, dw3x3 64, pw 64->128, global average
  *       pool, FC 128->10, on a 28x28x1 input; every weight int8 or every weight int4.
- *   kdm_random_model kcheck [--cases N] [--seed S] --out FILE.c
+ *   kdm_random_model kcheck [--cases N] [--seed S] [--rounding double|single|both] --out FILE.c
  *       N small models of randomized shapes (conv, depthwise, fully-connected at 8 and 4 bits,
  *       pools, add, softmax, short chains), each with a random input and the host runtime's
  *       output, as C data for the kernel_check firmware (struct in bench/mcu/kernel_check.h).
+ *       Their requantization rounds as asked (default: both, alternately); the file names the
+ *       KDM_ROUNDING_MASK the firmware's runtime is built with (a "kcheck-rounding-mask" line),
+ *       so a single- or double-only build runs its own code.
  *
  * Files are written only when their bytes change, so an incremental firmware build recompiles
  * nothing when the same seed is generated again.
@@ -679,15 +682,17 @@ static kd_status build_case(gen_model *g, int kind)
     }
 }
 
-static kd_status cmd_kcheck(const char *path, int n, uint64_t seed)
+static kd_status cmd_kcheck(const char *path, int n, uint64_t seed, int rounding)
 {
     text_buf c = {0}, cases = {0};
     uint32_t arena_max = 4;
     kd_status st = KD_OK;
+    /* the runtime's KDM_ROUNDING_MASK for these cases, read by bench/mcu/run.sh kcheck */
     tb_printf(&c,
               "/* kernel-check cases: %d random models (kdm_random_model, seed %llu) */\n"
+              "/* kcheck-rounding-mask 0x%x */\n"
               "#include \"kernel_check.h\"\n",
-              n, (unsigned long long)seed);
+              n, (unsigned long long)seed, rounding == 2 ? 3u : rounding ? 2u : 1u);
     for (int i = 0; i < n && st == KD_OK; i++) {
         gen_model g = {0};
         kd_rng_seed(&g.rng, seed, 1000u + (uint64_t)i);
@@ -697,11 +702,13 @@ static kd_status cmd_kcheck(const char *path, int n, uint64_t seed)
         uint8_t *blob = NULL;
         size_t len = 0;
         uint32_t arena = 0;
-        /* the first cases walk every kind once, the rest draw it; flags: both roundings */
+        /* the first cases walk every kind once, the rest draw it; flags: the rounding asked
+         * for, both alternately by default */
         st = build_case(&g, i < 7 ? i : rnd_int(&g, 0, 6));
         if (st == KD_OK)
-            st = gen_finish(&g, PLAN_DISTINCT, (uint32_t)(i & 1) * KDM_FLAG_SINGLE_ROUNDING, &blob,
-                            &len, &arena);
+            st = gen_finish(&g, PLAN_DISTINCT,
+                            (uint32_t)(rounding == 2 ? i & 1 : rounding) * KDM_FLAG_SINGLE_ROUNDING,
+                            &blob, &len, &arena);
         kdm_builder_free(g.b);
         const gen_tensor *ti = &g.t[0], *to = &g.t[g.nt - 1];
         size_t in_size = (size_t)ti->c * ti->h * ti->w, out_size = (size_t)to->c * to->h * to->w;
@@ -751,7 +758,8 @@ static int usage(void)
 {
     fprintf(stderr, "usage: kdm_random_model export --quant int8|int4 [--samples N] [--seed S] "
                     "--out DIR\n"
-                    "       kdm_random_model kcheck [--cases N] [--seed S] --out FILE.c\n");
+                    "       kdm_random_model kcheck [--cases N] [--seed S] "
+                    "[--rounding double|single|both] --out FILE.c\n");
     return 2;
 }
 
@@ -760,7 +768,7 @@ int main(int argc, char **argv)
     if (argc < 2)
         return usage();
     const char *out = NULL, *quant = "int8";
-    int n = -1;
+    int n = -1, rounding = 2; /* kcheck: 0 double, 1 single, 2 both */
     unsigned long long seed = 1;
     for (int i = 2; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--out"))
@@ -771,6 +779,12 @@ int main(int argc, char **argv)
             n = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--seed"))
             seed = strtoull(argv[i + 1], NULL, 0);
+        else if (!strcmp(argv[i], "--rounding") && !strcmp(argv[i + 1], "double"))
+            rounding = 0;
+        else if (!strcmp(argv[i], "--rounding") && !strcmp(argv[i + 1], "single"))
+            rounding = 1;
+        else if (!strcmp(argv[i], "--rounding") && !strcmp(argv[i + 1], "both"))
+            rounding = 2;
         else
             return usage();
     }
@@ -783,7 +797,7 @@ int main(int argc, char **argv)
             return usage();
         st = cmd_export(out, wbits, n < 0 ? 16 : n, seed);
     } else if (!strcmp(argv[1], "kcheck")) {
-        st = cmd_kcheck(out, n < 0 ? 64 : n, seed);
+        st = cmd_kcheck(out, n < 0 ? 64 : n, seed, rounding);
     } else {
         return usage();
     }

@@ -5,7 +5,9 @@
 # strides and padding; pools, add, softmax, short chains; both requantization roundings), run by
 # firmware C built once with the DSP kernels and once with KDM_FORCE_REF=1. Each build must
 # reproduce the host runtime's bytes and the two builds must print identical lines
-# (bench/mcu/run.sh kcheck). Exit 0 pass, 1 fail, 77 when the cross compiler or QEMU is missing.
+# (bench/mcu/run.sh kcheck). Then 32 more in single rounding, with the runtime built for single
+# rounding only (KDM_ROUNDING_MASK), whose convolution jobs requantize differently.
+# Exit 0 pass, 1 fail, 77 when the cross compiler or QEMU is missing.
 #
 #   test_mcu_kernels.sh KDM_RANDOM_MODEL
 set -u
@@ -20,4 +22,7 @@ for t in arm-none-eabi-gcc qemu-system-arm; do
 done
 mkdir -p "$work"
 "$gen" kcheck --cases 64 --seed 11 --out "$work/kcheck_cases.c" || exit 1
-bash "$src/bench/mcu/run.sh" kcheck "$work/kcheck_cases.c" "$work"
+bash "$src/bench/mcu/run.sh" kcheck "$work/kcheck_cases.c" "$work" || exit 1
+mkdir -p "$work/single"
+"$gen" kcheck --cases 32 --seed 12 --rounding single --out "$work/single/kcheck_cases.c" || exit 1
+bash "$src/bench/mcu/run.sh" kcheck "$work/single/kcheck_cases.c" "$work/single"

@@ -692,7 +692,10 @@ static kd_status cmd_kcheck(const char *path, int n, uint64_t seed, int rounding
               "/* kernel-check cases: %d random models (kdm_random_model, seed %llu) */\n"
               "/* kcheck-rounding-mask 0x%x */\n"
               "#include \"kernel_check.h\"\n",
-              n, (unsigned long long)seed, rounding == 2 ? 3u : rounding ? 2u : 1u);
+              n, (unsigned long long)seed,
+              rounding == 2 ? 3u
+              : rounding    ? 2u
+                            : 1u);
     for (int i = 0; i < n && st == KD_OK; i++) {
         gen_model g = {0};
         kd_rng_seed(&g.rng, seed, 1000u + (uint64_t)i);

@@ -44,6 +44,10 @@ uint32_t kd_export_row_stride(const kd_export_op *o, uint32_t *rows)
     uint32_t n = dw ? (uint32_t)o->out_c : (uint32_t)o->row_len;
     *rows = dw ? (uint32_t)(o->kernel * o->kernel) : (uint32_t)o->out_c;
     uint32_t bytes = o->wbits == 4 ? (n + 1) / 2 : n;
+    /* int8 convolution rows padded to 8 bytes, so that the Cortex-M4's assembly channel loop,
+     * which takes K in eights, runs them whatever K is (int4 rows of 4 bytes hold 8 nibbles) */
+    if (o->type == KDM_OP_CONV2D && o->wbits == 8)
+        return (bytes + 7u) & ~7u;
     return (bytes + 3u) & ~3u;
 }
 

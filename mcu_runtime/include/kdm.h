@@ -127,7 +127,7 @@ extern "C" {
  *     with output scale 1/256 and zero-point -128
  */
 #define KDM_MAGIC        0x314D444Bu /* bytes 'K' 'D' 'M' '1' */
-#define KDM_VERSION      1u
+#define KDM_VERSION      2u /* 2: the DSP kernels' scratch sizes (kdm_op_scratch_size) grew */
 #define KDM_HEADER_SIZE  64u
 #define KDM_TENSOR_WORDS 6u
 #define KDM_OP_WORDS     16u

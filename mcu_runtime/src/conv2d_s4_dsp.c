@@ -34,14 +34,24 @@
 #define LANES4      0x000F000Fu
 #define NIBBLE_BIAS 0x88888888u
 
-/* Stage the receptive field of output pixel `pix` as column j (0 or 1) of col; return the sum
- * of its first K - K mod 8 values (modulo 2^32). */
+/* The int16 slot of grouped value k of column j: group k / 8, then lane pair h / 2 (h = k mod 8
+ * bit-reversed), column j, then the lane. */
+static inline int32_t slot4(int32_t k, int32_t j)
+{
+    const int32_t h = ((k & 1) << 2) + (k & 2) + ((k >> 2) & 1);
+    return 16 * (k >> 3) + 4 * (h >> 1) + 2 * j + (h & 1);
+}
+
+/* Stage the receptive field of output pixel `pix` as column j (0 or 1) of col, its first k8
+ * values (a multiple of 8) in groups and the rest in the tail, or, with k8 past K (the assembly
+ * channel loop's K rounded up to 8), all of them in groups followed by zeros up to k8; return the
+ * sum of the grouped values (modulo 2^32). */
 static uint32_t im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int32_t j,
-                       uint8_t *col)
+                       uint8_t *col, int32_t k8)
 {
     const int32_t oy = pix / p->out_w, ox = pix - oy * p->out_w;
     const int32_t y0 = oy * p->stride - p->pad, x0 = ox * p->stride - p->pad;
-    const int32_t ch = p->in_c, k_all = p->kernel_h * p->kernel_w * ch, k8 = k_all & ~7;
+    const int32_t ch = p->in_c, k_all = p->kernel_h * p->kernel_w * ch;
     if ((ch & 7) == 0) {
         const uint32_t zz = kdm_pack16(p->in_zp, p->in_zp);
         int32_t sum = 0;
@@ -81,6 +91,9 @@ static uint32_t im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, 
     const int32_t tail = k_all - k8;
     uint32_t sum = 0;
     int32_t k = 0;
+    for (; k < k8 - k_all; k++) /* the zeros past K, counted down from k8 - 1 */
+        kdm_st16(col + 2 * slot4(k8 - 1 - k, j), 0);
+    k = 0;
     for (int32_t ky = 0; ky < p->kernel_h; ky++) {
         const int32_t iy = y0 + ky;
         for (int32_t kx = 0; kx < p->kernel_w; kx++) {
@@ -89,11 +102,7 @@ static uint32_t im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, 
             const int8_t *s = inside ? in + (iy * p->in_w + ix) * ch : in;
             for (int32_t c = 0; c < ch; c++, k++) {
                 int32_t x = inside ? s[c] : p->in_zp;
-                /* int16 slot: group k / 8, then lane pair h / 2 (h = k mod 8 bit-reversed),
-                 * column j, then the lane */
-                const int32_t h = ((k & 1) << 2) + (k & 2) + ((k >> 2) & 1);
-                int32_t at = k < k8 ? 16 * (k >> 3) + 4 * (h >> 1) + 2 * j + (h & 1)
-                                    : 2 * k8 + j * tail + (k - k8);
+                int32_t at = k < k8 ? slot4(k, j) : 2 * k8 + j * tail + (k - k8);
                 kdm_st16(col + 2 * at, x);
                 if (k < k8)
                     sum += (uint32_t)x;
@@ -278,16 +287,22 @@ void kdm_conv2d_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, co
     const int32_t k_all = p->kernel_h * p->kernel_w * p->in_c;
     const int narrow = rq.act_min != -128 || rq.act_max != 127;
     uint8_t *col = (uint8_t *)scratch;
+    int32_t k8 = k_all & ~7; /* the grouped values; the rest is the C path's tail */
 #if KDM_ASM_JOBS
-    const int fast = !(k_all & 7) && !(out_c & 1) && kdm_requant_simple_(&rq, out_c);
+    /* the assembly channel loop takes K rounded up to 8, the staged zeros past K meeting the
+     * rows' padding nibbles (a row of row_stride >= 4 bytes always has room for them) */
+    const int32_t kup = (k_all + 7) & ~7;
+    const int fast = kup <= 2 * p->row_stride && !(out_c & 1) && kdm_requant_simple_(&rq, out_c);
+    if (fast)
+        k8 = kup;
     pair_job4 job;
-    kdm_pair_job_init_(&job.base, &rq, w, p->row_stride, k_all / 2, col, k_all, out_c);
-    job.odd = (k_all >> 3) & 1;
+    kdm_pair_job_init_(&job.base, &rq, w, p->row_stride, kup / 2, col, kup, out_c);
+    job.odd = (kup >> 3) & 1;
 #endif
     for (int32_t pix = 0; pix < n_pix; pix += 2) {
         const int32_t pix1 = pix + 1 < n_pix ? pix + 1 : pix;
         int8_t *out0 = out + pix * out_c, *out1 = out + pix1 * out_c;
-        uint32_t sum0 = im2col(p, in, pix, 0, col), sum1 = im2col(p, in, pix1, 1, col);
+        uint32_t sum0 = im2col(p, in, pix, 0, col, k8), sum1 = im2col(p, in, pix1, 1, col, k8);
 #if KDM_ASM_JOBS
         if (fast) {
             kdm_pair_job_start_(&job.base, &rq, out0, out1);

@@ -37,12 +37,23 @@
 #include "kdm_dsp.h"
 #include "kdm_kernels.h"
 
-/* Stage the receptive field of output pixel `pix` as column j (0 or 1) of col. */
-static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int32_t j, uint8_t *col)
+/* The int16 slot of grouped value k of column j: group k / 4, column j, lane order (0, 2, 1, 3). */
+static inline int32_t slot(int32_t k, int32_t j)
+{
+    return 8 * (k >> 2) + 4 * j + ((k & 1) << 1) + ((k >> 1) & 1);
+}
+
+/* Stage the receptive field of output pixel `pix` as column j (0 or 1) of col: its first k4
+ * values (a multiple of 4) in groups and the rest in the tail, or, with k4 past K (the assembly
+ * channel loop's K rounded up to 8), all of them in groups followed by zeros up to k4. */
+static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int32_t j, uint8_t *col,
+                   int32_t k4)
 {
     const int32_t oy = pix / p->out_w, ox = pix - oy * p->out_w;
     const int32_t y0 = oy * p->stride - p->pad, x0 = ox * p->stride - p->pad;
-    const int32_t ch = p->in_c, k_all = p->kernel_h * p->kernel_w * ch, k4 = k_all & ~3;
+    const int32_t ch = p->in_c, k_all = p->kernel_h * p->kernel_w * ch;
+    for (int32_t k = k_all; k < k4; k++) /* the zeros past K */
+        kdm_st16(col + 2 * slot(k, j), 0);
     if ((ch & 3) == 0) {
         const uint32_t zz = kdm_pack16(p->in_zp, p->in_zp);
         uint8_t *d = col + 8 * j;
@@ -67,7 +78,7 @@ static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int3
         }
         return;
     }
-    const int32_t tail = k_all - k4;
+    const int32_t tail = k_all - k4; /* negative (unused) with zeros past K */
     int32_t k = 0;
     for (int32_t ky = 0; ky < p->kernel_h; ky++) {
         const int32_t iy = y0 + ky;
@@ -76,9 +87,7 @@ static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int3
             const int inside = iy >= 0 && iy < p->in_h && ix >= 0 && ix < p->in_w;
             const int8_t *s = inside ? in + (iy * p->in_w + ix) * ch : in;
             for (int32_t c = 0; c < ch; c++, k++) {
-                /* int16 slot: group k / 4, column j, lane order (0, 2, 1, 3); or the tail */
-                int32_t at = k < k4 ? 8 * (k >> 2) + 4 * j + ((k & 1) << 1) + ((k >> 1) & 1)
-                                    : 2 * k4 + j * tail + (k - k4);
+                int32_t at = k < k4 ? slot(k, j) : 2 * k4 + j * tail + (k - k4);
                 kdm_st16(col + 2 * at, inside ? s[c] : p->in_zp);
             }
         }
@@ -296,16 +305,22 @@ void kdm_conv2d_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, co
     const int32_t k_all = p->kernel_h * p->kernel_w * p->in_c;
     const int narrow = rq.act_min != -128 || rq.act_max != 127;
     uint8_t *col = (uint8_t *)scratch;
+    int32_t k4 = k_all & ~3; /* the grouped values; the rest is the C path's tail */
 #if KDM_ASM_JOBS
-    const int fast = !(k_all & 7) && !(out_c & 1) && kdm_requant_simple_(&rq, out_c);
+    /* the assembly channel loop takes K rounded up to 8 where the rows have room for it (the
+     * exporter pads them so), the staged zeros past K meeting the rows' padding */
+    const int32_t kup = (k_all + 7) & ~7;
+    const int fast = kup <= p->row_stride && !(out_c & 1) && kdm_requant_simple_(&rq, out_c);
+    if (fast)
+        k4 = kup;
     kdm_pair_job_ job;
-    kdm_pair_job_init_(&job, &rq, w, p->row_stride, k_all, col, k_all, out_c);
+    kdm_pair_job_init_(&job, &rq, w, p->row_stride, kup, col, kup, out_c);
 #endif
     for (int32_t pix = 0; pix < n_pix; pix += 2) {
         const int32_t pix1 = pix + 1 < n_pix ? pix + 1 : pix;
         int8_t *out0 = out + pix * out_c, *out1 = out + pix1 * out_c;
-        im2col(p, in, pix, 0, col);
-        im2col(p, in, pix1, 1, col);
+        im2col(p, in, pix, 0, col, k4);
+        im2col(p, in, pix1, 1, col, k4);
 #if KDM_ASM_JOBS
         if (fast) {
             kdm_pair_job_start_(&job, &rq, out0, out1);

@@ -71,12 +71,13 @@ typedef struct {
 
 /* ---- convolution: w = out_c rows of K = kernel_h * kernel_w * in_c weights (OHWI) ---------- */
 
-/* int8 weights; scratch: none (ref); 2 staged int16 columns of K (dsp) */
+/* int8 weights; scratch: none (ref); 2 staged int16 columns of K rounded up to 8 (dsp) */
 void kdm_conv2d_s8_ref(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
                        const int8_t *w, int8_t *out, void *scratch);
 void kdm_conv2d_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
                        const int8_t *w, int8_t *out, void *scratch);
-/* int4 weights (rows of ceil(K / 2) packed bytes); scratch: none (ref), 2 columns of K (dsp) */
+/* int4 weights (rows of ceil(K / 2) packed bytes); scratch: none (ref), 2 columns of K rounded
+ * up to 8 (dsp) */
 void kdm_conv2d_s4_ref(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
                        const uint8_t *w, int8_t *out, void *scratch);
 void kdm_conv2d_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
@@ -239,10 +240,12 @@ static inline uint32_t kdm_mulsat_(uint32_t a, uint32_t b)
     return r >> 32 ? 0xFFFFFFFFu : (uint32_t)r;
 }
 
-/* conv: two staged int16 columns of K = kh kw in_c values (every kernel size and weight width) */
+/* conv: two staged int16 columns of K = kh kw in_c values rounded up to 8 (every kernel size and
+ * weight width) */
 static inline uint32_t kdm_conv2d_scratch_size_(uint32_t kh, uint32_t kw, uint32_t in_c)
 {
-    return kdm_mulsat_(kdm_mulsat_(kdm_mulsat_(kh, kw), in_c), 4);
+    const uint32_t k = kdm_mulsat_(kdm_mulsat_(kh, kw), in_c);
+    return kdm_mulsat_(k > 0xFFFFFFF0u ? k : (k + 7) & ~7u, 4);
 }
 
 /* depthwise (depthwise_dsp.c): four channels' weight tables of KDM_DW_TAB_WORDS words and

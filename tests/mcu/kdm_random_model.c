@@ -150,13 +150,15 @@ static void set_activation(int32_t *op, int32_t zp_out, int act)
 
 /*
  * Weights: `rows` rows of `row_len` values, uniform over [-qmax, qmax], packed (int4: low
- * nibble first) with rows padded to a multiple of 4 bytes. w receives the unpacked values.
+ * nibble first) with rows padded to a multiple of 4 bytes, or for half the int8 convolutions to
+ * 8 as the exporter pads them (the Cortex-M4 kernels take both). w receives the unpacked values.
  */
 static kd_status put_weights(gen_model *g, int rows, int row_len, int wbits, int8_t *w, int32_t *op)
 {
     int qmax = wbits == 8 ? 127 : 7;
     int packed = wbits == 8 ? row_len : (row_len + 1) / 2;
-    int stride = (packed + 3) & ~3;
+    int align = wbits == 8 && op[0] == KDM_OP_CONV2D && rnd_int(g, 0, 1) ? 8 : 4;
+    int stride = (packed + align - 1) & -align;
     uint8_t *buf = calloc((size_t)rows * stride + 4, 1);
     if (!buf)
         return KD_FAIL(KD_ERR_NOMEM, "random model: out of memory");
@@ -193,12 +195,14 @@ static kd_status put_bias_quant(gen_model *g, int32_t *op, int out_c, int k, int
     if (!v)
         return KD_FAIL(KD_ERR_NOMEM, "random model: out of memory");
     int32_t *bias = v, *mult = v + out_c, *shift = v + 2 * out_c;
+    const int odd = rnd_int(g, 0, 2) == 0;
     for (int o = 0; o < out_c; o++) {
         bias[o] = (int32_t)(rnd_range(g, -1.0, 1.0) * acc_std) - zp_in * wsum[o];
-        /* mostly a multiplier that keeps the outputs in range; now and then one of 4 .. 256 times
-         * that (a left shift for the smaller accumulators) or 0 (every output at the zero-point),
-         * which the kernels handle on their own paths */
-        const int kind = rnd_int(g, 0, 15);
+        /* a multiplier that keeps the outputs in range; in a third of the layers now and then
+         * one of 4 .. 256 times that (a left shift for the smaller accumulators) or 0 (every
+         * output at the zero-point), which the kernels handle on their own paths (the other
+         * layers keep the assembly paths that want every channel usual) */
+        const int kind = odd ? rnd_int(g, 0, 7) : 7;
         const double scale = kind == 0 ? 0.0 : kind <= 2 ? ldexp(1.0, rnd_int(g, 2, 8)) : 1.0;
         quantize_multiplier(GEN_X_STD / acc_std * rnd_range(g, 0.5, 2.0) * scale, &mult[o],
                             &shift[o]);

@@ -32,7 +32,7 @@
  *
  * Channels with a multiplier of 0 run as weights and bias 0 (every output at the zero-point);
  * a narrower activation clamp is applied to the stored rows afterwards. Other kernels and
- * strides, fewer than four channels and single rounding with shift >= -1 run the portable
+ * strides, fewer than four channels and single rounding with shift >= 0 run the portable
  * loop dw_row_direct, which reads the input as the reference kernel does. Where there is no
  * assembly (hosts, for the tests), C versions of both routines stand in.
  */
@@ -60,13 +60,21 @@ typedef struct {
     int32_t rot; /* 16: bytes into each weight table: the row's rotation */
 } dw_row;
 
-/* variant: the assembly loop (its jump table) */
+/* variant: which assembly blocks run the channel (dw_blocks), or DW_SKIP for dw_row_direct */
 #define DW_S2     1 /* stride 2 (else 1) */
 #define DW_SINGLE 2 /* single rounding: shift <= -2; with DW_LEFT shift = -1 */
 #define DW_LEFT   4 /* double rounding, shift >= 0 */
 #define DW_SKIP   8
 
 #if KDM_ASM_JOBS
+/* the offsets and sizes the assembly uses (32-bit pointers) */
+typedef char
+    dw_layout_[(sizeof(void *) == 4 && sizeof(dw_job) == 32 &&
+                __builtin_offsetof(dw_job, mac) == 8 && __builtin_offsetof(dw_job, b) == 12 &&
+                __builtin_offsetof(dw_job, req) == 24 && sizeof(dw_row) == 20 &&
+                __builtin_offsetof(dw_row, out) == 12 && __builtin_offsetof(dw_row, rot) == 16)
+                   ? 1
+                   : -1];
 void kdm_dw3_rows_(const dw_job *j, int32_t n, const dw_row *row);
 void kdm_dw_put_(uint32_t *d, const int8_t *row, int32_t off, const int32_t *geo);
 
@@ -428,7 +436,7 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
     int32_t put[6] = {ch, 4 * cw, 0, (int32_t)((uint8_t)p->in_zp * 0x01010101u), 4 * kh, np};
     uint32_t *tab = (uint32_t *)scratch, *buf = tab + 4 * KDM_DW_TAB_WORDS;
     const int single = KDM_SINGLE_ROUNDING_(q->flags) ? 1 : 0;
-    if (kh != 3 || p->kernel_w != 3 || st > 2 || ch < 4) {
+    if (!kdm_depthwise_rows_((uint32_t)kh, (uint32_t)p->kernel_w, (uint32_t)st, (uint32_t)ch)) {
         for (int32_t oy = 0; oy < p->out_h; oy++)
             for (int32_t c = 0; c < ch; c++)
                 dw_row_direct(&g, in, c, oy, out + oy * p->out_w * ch + c);

@@ -205,8 +205,9 @@ void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *ac
 
 /* out[i] clamped to [lo, hi], i < n: the activation, when it is narrower than int8. */
 void kdm_clamp_row_(int8_t *out, int32_t n, int32_t lo, int32_t hi);
-/* 1 when the op rounds twice and each of its n channels has a multiplier != 0 and a negative
- * shift (the usual case, and all the convolutions' assembly channel loops handle), else 0. */
+/* 1 when each of the op's n channels has a multiplier != 0 and a negative shift and the op rounds
+ * twice, or rounds once with every shift <= -2 in a Thumb-2 runtime built for single rounding
+ * only (the usual cases, which the convolutions' assembly channel loops handle), else 0. */
 int kdm_requant_simple_(const kdm_requant_params *q, int32_t n);
 /* clamp(zp + requant(x, m, s)) to [-128, 127] in single rounding (the activation clamp apart). */
 int8_t kdm_requant_single_s8_(int32_t x, int32_t m, int32_t s, int32_t zp);
@@ -248,11 +249,21 @@ static inline uint32_t kdm_conv2d_scratch_size_(uint32_t kh, uint32_t kw, uint32
     return kdm_mulsat_(k > 0xFFFFFFF0u ? k : (k + 7) & ~7u, 4);
 }
 
-/* depthwise (depthwise_dsp.c): four channels' weight tables of KDM_DW_TAB_WORDS words and
- * buffers of kernel_h rows of (in_w + 2 pad + 3) / 2 words each */
-#define KDM_DW_TAB_WORDS 10
-static inline uint32_t kdm_depthwise_scratch_size_(uint32_t kh, uint32_t in_w, uint32_t pad)
+/* Whether depthwise_dsp.c buffers rows for a depthwise layer (3x3 at stride 1 or 2 with four or
+ * more channels; other layers need no scratch). */
+static inline int kdm_depthwise_rows_(uint32_t kh, uint32_t kw, uint32_t stride, uint32_t in_c)
 {
+    return kh == 3 && kw == 3 && stride <= 2 && in_c >= 4;
+}
+
+/* depthwise (depthwise_dsp.c): four channels' weight tables of KDM_DW_TAB_WORDS words and
+ * buffers of 3 rows of (in_w + 2 pad + 3) / 2 words each */
+#define KDM_DW_TAB_WORDS 10
+static inline uint32_t kdm_depthwise_scratch_size_(uint32_t kh, uint32_t kw, uint32_t stride,
+                                                   uint32_t in_c, uint32_t in_w, uint32_t pad)
+{
+    if (!kdm_depthwise_rows_(kh, kw, stride, in_c))
+        return 0;
     const uint32_t n = kdm_mulsat_(kh, (in_w + 2 * pad + 3) / 2); /* in_w, pad <= 2^20 */
     return kdm_mulsat_(n > 0xFFFFFF00u ? n : n + KDM_DW_TAB_WORDS, 16);
 }

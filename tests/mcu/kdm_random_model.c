@@ -61,6 +61,7 @@ typedef struct {
     int nt;
     int32_t op[GEN_MAX_OPS][KDM_OP_WORDS];
     int nops;
+    int kcheck; /* kcheck cases: unusual requantization and weight layouts too (else export's) */
     char desc[96];
 } gen_model;
 
@@ -140,24 +141,30 @@ static int32_t *new_op(gen_model *g, int type, int in0, int out)
 }
 
 /* Output clamp of a layer: none, ReLU (at the zero-point) or a ReLU6-like upper bound too. */
+/* act: 0 none, 1 relu (from the zero-point), 2 relu with a ceiling, 3 a clamp a few steps wide */
 static void set_activation(int32_t *op, int32_t zp_out, int act)
 {
     if (act >= 1)
         op[9] = zp_out;
     if (act == 2)
         op[10] = zp_out + 100 > 127 ? 127 : zp_out + 100;
+    if (act == 3) {
+        op[9] = zp_out - 3 < -128 ? -128 : zp_out - 3;
+        op[10] = zp_out + 5 > 127 ? 127 : zp_out + 5;
+    }
 }
 
 /*
  * Weights: `rows` rows of `row_len` values, uniform over [-qmax, qmax], packed (int4: low
- * nibble first) with rows padded to a multiple of 4 bytes, or for half the int8 convolutions to
- * 8 as the exporter pads them (the Cortex-M4 kernels take both). w receives the unpacked values.
+ * nibble first) with rows padded to a multiple of 4 bytes, int8 convolution rows to 8 as the
+ * exporter pads them (in kcheck cases only half of them: the Cortex-M4 kernels take both).
+ * w receives the unpacked values.
  */
 static kd_status put_weights(gen_model *g, int rows, int row_len, int wbits, int8_t *w, int32_t *op)
 {
     int qmax = wbits == 8 ? 127 : 7;
     int packed = wbits == 8 ? row_len : (row_len + 1) / 2;
-    int align = wbits == 8 && op[0] == KDM_OP_CONV2D && rnd_int(g, 0, 1) ? 8 : 4;
+    int align = wbits == 8 && op[0] == KDM_OP_CONV2D && (!g->kcheck || rnd_int(g, 0, 1)) ? 8 : 4;
     int stride = (packed + align - 1) & -align;
     uint8_t *buf = calloc((size_t)rows * stride + 4, 1);
     if (!buf)
@@ -195,17 +202,25 @@ static kd_status put_bias_quant(gen_model *g, int32_t *op, int out_c, int k, int
     if (!v)
         return KD_FAIL(KD_ERR_NOMEM, "random model: out of memory");
     int32_t *bias = v, *mult = v + out_c, *shift = v + 2 * out_c;
-    const int odd = rnd_int(g, 0, 2) == 0;
+    const int odd = g->kcheck && rnd_int(g, 0, 2) == 0;
     for (int o = 0; o < out_c; o++) {
         bias[o] = (int32_t)(rnd_range(g, -1.0, 1.0) * acc_std) - zp_in * wsum[o];
-        /* a multiplier that keeps the outputs in range; in a third of the layers now and then
-         * one of 4 .. 256 times that (a left shift for the smaller accumulators) or 0 (every
-         * output at the zero-point), which the kernels handle on their own paths (the other
-         * layers keep the assembly paths that want every channel usual) */
-        const int kind = odd ? rnd_int(g, 0, 7) : 7;
+        /* a multiplier that keeps the outputs in range; in a third of the kcheck layers now
+         * and then one of 4 .. 256 times that (a left shift for the smaller accumulators), 0
+         * (every output at the zero-point), or an extreme one (mantissa 2^30 or 2^31 - 1, any
+         * shift) beside a bias near the int32 limits, for the saturating steps; the kernels
+         * take these on their own paths (the other layers keep the assembly paths that want
+         * every channel usual) */
+        const int kind = odd ? rnd_int(g, 0, 9) : 9;
         const double scale = kind == 0 ? 0.0 : kind <= 2 ? ldexp(1.0, rnd_int(g, 2, 8)) : 1.0;
         quantize_multiplier(GEN_X_STD / acc_std * rnd_range(g, 0.5, 2.0) * scale, &mult[o],
                             &shift[o]);
+        if (kind == 3) {
+            mult[o] = rnd_int(g, 0, 1) ? 1073741824 : 2147483647;
+            shift[o] = rnd_int(g, 0, 1) ? rnd_int(g, -31, 30) : rnd_int(g, -3, 2);
+            bias[o] = rnd_int(g, 0, 1) ? INT32_MAX - rnd_int(g, 0, 1 << 20)
+                                       : INT32_MIN + rnd_int(g, 0, 1 << 20);
+        }
     }
     uint32_t boff, qoff;
     kd_status st = put_words(g, bias, (size_t)out_c, &boff);
@@ -227,7 +242,7 @@ static kd_status add_conv(gen_model *g, int type, int in, int out_c, int kh, int
     if (type == KDM_OP_DEPTHWISE_CONV2D)
         out_c = x.c;
     int oh = (x.h + 2 * pad - kh) / stride + 1, ow = (x.w + 2 * pad - kw) / stride + 1;
-    int32_t zp = rnd_int(g, -40, 40);
+    int32_t zp = g->kcheck && rnd_int(g, 0, 4) == 0 ? rnd_int(g, -120, 120) : rnd_int(g, -40, 40);
     *out = add_tensor(g, out_c, oh, ow, zp, (float)rnd_range(g, 0.02, 0.2));
     int32_t *op = new_op(g, type, in, *out);
     op[4] = kh;
@@ -597,7 +612,7 @@ static const int kc_channels[] = {1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 24, 31
 /* One random case; returns its input tensor's size through the model (tensor 0). */
 static kd_status build_case(gen_model *g, int kind)
 {
-    int wbits = rnd_int(g, 0, 1) ? 8 : 4, act = rnd_int(g, 0, 2);
+    int wbits = rnd_int(g, 0, 1) ? 8 : 4, act = rnd_int(g, 0, 3);
     int c = kc_channels[rnd_int(g, 0, KC_NCH - 1)];
     int h = rnd_int(g, 1, 12), w = rnd_int(g, 1, 12);
     int t, k, kw, s, p;
@@ -615,14 +630,14 @@ static kd_status build_case(gen_model *g, int kind)
         snprintf(g->desc, sizeof g->desc, "conv2d_s%d %dx%dx%d k%dx%d s%d p%d ->%d", wbits, c, h, w,
                  k, kw, s, p, g->t[t].c);
         return KD_OK;
-    case 1: /* depthwise: any channel count up to 70 */
+    case 1: /* depthwise: any channel count up to 70, padding up to k - 1 */
         c = rnd_int(g, 1, 70);
         k = rnd_int(g, 0, 3) == 0 ? 5 : 3;
         s = rnd_int(g, 1, 2);
-        p = rnd_int(g, 0, k / 2);
+        p = rnd_int(g, 0, 3) == 0 ? rnd_int(g, 0, k - 1) : rnd_int(g, 0, k / 2);
         h = h + k - 1;
         w = w + k - 1;
-        t = add_tensor(g, c, h, w, rnd_int(g, -30, 30), 0.05f);
+        t = add_tensor(g, c, h, w, rnd_int(g, -128, 127), 0.05f); /* any padding value */
         KD_TRY(add_conv(g, KDM_OP_DEPTHWISE_CONV2D, t, 0, k, k, s, p, wbits, act, &t));
         snprintf(g->desc, sizeof g->desc, "dwconv_s%d %dx%dx%d k%d s%d p%d", wbits, c, h, w, k, s,
                  p);
@@ -702,6 +717,7 @@ static kd_status cmd_kcheck(const char *path, int n, uint64_t seed, int rounding
                             : 1u);
     for (int i = 0; i < n && st == KD_OK; i++) {
         gen_model g = {0};
+        g.kcheck = 1;
         kd_rng_seed(&g.rng, seed, 1000u + (uint64_t)i);
         st = kdm_builder_new(&g.b);
         if (st != KD_OK)

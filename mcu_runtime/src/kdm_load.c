@@ -379,9 +379,9 @@ uint32_t kdm_op_scratch_size(const int32_t *op, uint32_t in_c, uint32_t in_h, ui
     const uint32_t kh = pin(op[KDM_F_KH]), c = pin(in_c), w = pin(in_w);
     switch (op[KDM_F_TYPE]) {
     case KDM_OP_CONV2D: return kdm_conv2d_scratch_size_(kh, pin(op[KDM_F_KW]), c);
-    case KDM_OP_DEPTHWISE_CONV2D:
-        return kdm_depthwise_scratch_size_(kh, pin(op[KDM_F_KW]), pin(op[KDM_F_STRIDE]), c, w,
-                                           pin(op[KDM_F_PAD]));
+    case KDM_OP_DEPTHWISE_CONV2D: /* kernel and stride as they are: the shape test needs no pin */
+        return kdm_depthwise_scratch_size_((uint32_t)op[KDM_F_KH], (uint32_t)op[KDM_F_KW],
+                                           (uint32_t)op[KDM_F_STRIDE], in_c, w, pin(op[KDM_F_PAD]));
     case KDM_OP_FULLY_CONNECTED: return kdm_fully_connected_scratch_size_(c, pin(in_h), w);
     default: return 0;
     }

@@ -13,14 +13,15 @@
  * 8 staged loads); an odd group count enters the loop at its second group. The last K mod 4 values
  * of each column follow the groups, column 0 then column 1, and are summed in C. Padded positions
  * are staged as the input zero-point. When in_c is a multiple of 4 each kernel tap is staged a word
- * at a time (load, SXTB16, SXTB16 ROR #8, two stores); otherwise value by value.
+ * at a time (load, SXTB16, SXTB16 ROR #8, two stores); one input channel (a first conv) a window
+ * row at a time; otherwise value by value.
  *
  * When out_c is even, every channel's multiplier non-zero with a negative shift (double rounding,
  * or single rounding in a runtime built for it only) and the weight rows have room for K rounded
  * up to 8 (the exporter pads int8 conv rows to 8 bytes), the Cortex-M4 runs a pixel pair's whole
  * channel loop in assembly (kdm_conv_pair_job_s8_), K staged rounded up to 8 with zeros past it
- * (the first conv of the tiny student, K = 9: 6.42 -> 5.85 instructions per MAC); otherwise
- * channels() in C.
+ * (the first conv of the tiny student, K = 9: 6.42 -> 5.04 instructions per MAC with its
+ * one-channel staging); otherwise channels() in C.
  *
  * 1x1 kernels take the same path: staging a pixel is then a straight int8 -> int16 conversion
  * (no gather), and the staged loop beats reading pixels in place, which needs two more SXTB16
@@ -78,6 +79,18 @@ static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int3
                     kdm_st32a(d + 4 * c + 4, kdm_sxtb16_ror8(v));
                 }
             }
+        }
+        return;
+    }
+    if (ch == 1 && k_all <= k4) { /* one input channel, every value grouped (a first conv) */
+        int32_t k = 0;
+        for (int32_t ky = 0; ky < p->kernel_h; ky++) {
+            const int32_t iy = y0 + ky;
+            const int row_in = (uint32_t)iy < (uint32_t)p->in_h;
+            const int8_t *s = in + (row_in ? iy : 0) * p->in_w;
+            for (int32_t ix = x0; ix < x0 + p->kernel_w; ix++, k++)
+                kdm_st16(col + 2 * slot(k, j),
+                         row_in && (uint32_t)ix < (uint32_t)p->in_w ? s[ix] : p->in_zp);
         }
         return;
     }

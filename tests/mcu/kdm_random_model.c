@@ -621,6 +621,8 @@ static kd_status build_case(gen_model *g, int kind)
                of 8 with an in_c that is not, which the INT4 assembly channel loop then takes) */
         k = (int[]){1, 2, 3, 5}[rnd_int(g, 0, 3)];
         kw = rnd_int(g, 0, 3) == 0 ? (k == 1 ? 3 : 1) : k;
+        if (rnd_int(g, 0, 3) == 0) /* a first layer: one or three input channels */
+            c = rnd_int(g, 0, 1) ? 1 : 3;
         s = rnd_int(g, 1, 2);
         p = rnd_int(g, 0, (k < kw ? k : kw) / 2);
         h = h + k - 1;

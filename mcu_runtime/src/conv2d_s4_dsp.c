@@ -92,9 +92,9 @@ static uint32_t im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, 
     }
     const int32_t tail = k_all - k8;
     uint32_t sum = 0;
-    int32_t k = 0;
-    for (; k < k8 - k_all; k++) /* the zeros past K, counted down from k8 - 1 */
-        kdm_st16(col + 2 * slot4(k8 - 1 - k, j), 0);
+    int32_t k = k_all;
+    for (; k < k8; k++) /* the zeros past K */
+        kdm_st16(col + 2 * slot4(k, j), 0);
     k = 0;
     if (ch == 1 && k_all <= k8) { /* one input channel, every value grouped (a first conv) */
         for (int32_t ky = 0; ky < p->kernel_h; ky++) {

@@ -359,19 +359,14 @@ static void kdm_dw_put_(uint32_t *d, const int8_t *row, int32_t off, const int32
 }
 #endif
 
-/* Whether weights of width wbits are int8: a constant when KDM_WBITS_MASK admits one width. */
-#define DW_W8(wbits) ((KDM_WBITS_MASK >> 8 & 1) && (!(KDM_WBITS_MASK >> 4 & 1) || (wbits) == 8))
-
 /* Weight of tap t (ky * kernel_w + kx), channel c. */
 static inline int32_t dw_weight(const uint8_t *w, int wbits, int32_t rs, int32_t t, int32_t c)
 {
     const uint8_t *row = w + t * rs;
-    if (DW_W8(wbits))
-        return (int8_t)row[c];
-    return (int32_t)((uint32_t)row[c >> 1] << (28 - 4 * (c & 1))) >> 28;
+    return KDM_IS_W8_(wbits) ? (int8_t)row[c] : kdm_nibble_(row, c);
 }
 
-/* Everything a channel group's loops share. */
+/* The layer as dw_row_direct reads it. */
 typedef struct {
     const kdm_conv_params *p;
     const kdm_requant_params *q;
@@ -470,10 +465,10 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
             j->b = single ? m : (int32_t)((uint32_t)m << 1);
             j->k = !m ? 0 : single ? ~s - 1 : s < 0 ? ~s : s;
             j->bias = m ? q->bias[c] : 0;
-            j->variant = (st == 2) + (single ? DW_SINGLE : 0) + (s < 0 || !m ? 0 : DW_LEFT);
-            if (single && m && s == -1)
-                j->variant = (st == 2) + DW_SINGLE + DW_LEFT;
-            if (single && m && s >= 0) {
+            /* left: a shift >= 0 (double rounding), -1 (single); m = 0 runs as a right shift */
+            const int left = m && s >= (single ? -1 : 0);
+            j->variant = (st == 2) + (single ? DW_SINGLE : 0) + (left ? DW_LEFT : 0);
+            if (single && m && s >= 0) { /* the portable loop's */
                 j->variant = DW_SKIP;
                 skip = 1;
             }

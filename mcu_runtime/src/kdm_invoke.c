@@ -47,9 +47,7 @@ typedef char kdm_op_numbers_match_
 
 /* The weight width a weighted op runs at: a constant when KDM_WBITS_MASK has one width only, so
  * the other width's kernels are never referenced (kdm_load refuses ops of that width). */
-#define KDM_HAS_W8 ((KDM_WBITS_MASK >> 8) & 1)
-#define KDM_HAS_W4 ((KDM_WBITS_MASK >> 4) & 1)
-#define IS_W8(x)   (KDM_HAS_W8 && (!KDM_HAS_W4 || (x)->r[KDM_F_WBITS] == 8))
+#define IS_W8(x) KDM_IS_W8_((x)->r[KDM_F_WBITS])
 
 /* One op's record and its tensors, decoded. */
 typedef struct {

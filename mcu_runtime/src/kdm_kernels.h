@@ -217,6 +217,11 @@ int8_t kdm_requant_single_s8_(int32_t x, int32_t m, int32_t s, int32_t zp);
 void kdm_requant_quad_single_(const kdm_requant_params *q, int32_t o, int32_t o1, int32_t a00,
                               int32_t a01, int32_t a10, int32_t a11, int8_t *out0, int8_t *out1);
 
+/* Whether an op of weight width wbits has int8 weights: a constant when KDM_WBITS_MASK admits one
+ * width only, so that the other width's code is dropped (kdm_load refuses ops of that width). */
+#define KDM_IS_W8_(wbits)                                                                          \
+    (((KDM_WBITS_MASK >> 8) & 1) && (!((KDM_WBITS_MASK >> 4) & 1) || (wbits) == 8))
+
 /* Weight k of an int4 row: nibble k (low nibble first), as a signed 4-bit value. */
 static inline int32_t kdm_nibble_(const uint8_t *row, int32_t k)
 {

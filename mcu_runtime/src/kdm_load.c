@@ -196,7 +196,7 @@ static kdm_status check_softmax(const kdm_model *m, const data_region *d, const 
 static kdm_status check_op(const kdm_model *m, const data_region *d, const int32_t *r)
 {
     int32_t type = r[KDM_F_TYPE];
-    if (type < 1 || type >= KDM_OP_COUNT_ || !(KDM_OP_MASK & KDM_OP_BIT(type)))
+    if (type < 1 || type >= KDM_OP_COUNT_ || !HAS(type))
         return KDM_ERR_OP;
     kdm_tensor_ ti, to, t2 = {0, 0, 0, 0, 0, 0};
     TRY(tensor_at(m, r[KDM_F_IN0], &ti));

@@ -113,18 +113,13 @@ void kdm_dw_put_(uint32_t *d, const int8_t *row, int32_t off, const int32_t *geo
     "smlabt r7, r9, r3, r7\n\t"                                                                    \
     "smlabt r7, r10, r5, r7\n\t"
 
-/* Requantization up to v, where the output is sat8((v + zp2) / 2), both sums. Double rounding
- * with a right shift: KDM_ASM_REQUANT's first three steps; with a left shift s: h = SMMLAR as
- * there of x << s, v = 2 h saturated (then (v + zp2) / 2 = h + zp); single rounding:
- * kdm_requant_single_fast_'s SMMUL and shift by k - 1. */
+/* Requantization of both sums up to v (kdm_dsp.h's KDM_ASM_RQ_*; the store block makes the
+ * output KDM_ASM_RQ_OUT's sat8((v + zp2) / 2)): double rounding with a right shift, single
+ * rounding (shift <= -2), and below double rounding with a left shift s (h = SMMLAR as in
+ * KDM_ASM_RQ_DBL of x << s, v = 2 h saturated, so that (v + zp2) / 2 = h + zp) and single
+ * rounding with shift -1 (SMMULR, v = 2 h). */
 #define DW_REQ_DBL                                                                                 \
-    "ldrd r8, r9, [sp]\n\t"                                                                        \
-    "smmlar r6, r6, r8, r6\n\t"                                                                    \
-    "smmlar r7, r7, r8, r7\n\t"                                                                    \
-    "add r6, r6, r6, asr #31\n\t"                                                                  \
-    "add r7, r7, r7, asr #31\n\t"                                                                  \
-    "asr r6, r6, r9\n\t"                                                                           \
-    "asr r7, r7, r9\n\t"
+    "ldrd r8, r9, [sp]\n\t" KDM_ASM_RQ_DBL("r6", "r8", "r9") KDM_ASM_RQ_DBL("r7", "r8", "r9")
 #define DW_REQ_LEFT                                                                                \
     "ldrd r8, r9, [sp]\n\t"                                                                        \
     "lsl r6, r6, r9\n\t"                                                                           \
@@ -141,11 +136,7 @@ void kdm_dw_put_(uint32_t *d, const int8_t *row, int32_t off, const int32_t *geo
     "qadd r6, r6, r6\n\t"                                                                          \
     "qadd r7, r7, r7\n\t"
 #define DW_REQ_SGL                                                                                 \
-    "ldrd r8, r9, [sp]\n\t"                                                                        \
-    "smmul r6, r6, r8\n\t"                                                                         \
-    "smmul r7, r7, r8\n\t"                                                                         \
-    "asr r6, r6, r9\n\t"                                                                           \
-    "asr r7, r7, r9\n\t"
+    "ldrd r8, r9, [sp]\n\t" KDM_ASM_RQ_SGL("r6", "r8", "r9") KDM_ASM_RQ_SGL("r7", "r8", "r9")
 
 /* A block's entry, a Thumb function symbol so that dw_run can take its address. */
 #define DW_ENTRY(name)                                                                             \
@@ -156,19 +147,15 @@ void kdm_dw_put_(uint32_t *d, const int8_t *row, int32_t off, const int32_t *geo
 /* After a requantization block: (v + zp2) / 2 saturated and stored, r12 counting outputs down by
  * two (an odd last output stores x only), back to the multiply block while outputs remain. */
 #define DW_STORE                                                                                   \
-    "ldrd r8, r9, [sp, #8]\n\t"                                                                    \
-    "qadd r6, r6, r8\n\t"                                                                          \
-    "qadd r7, r7, r8\n\t"                                                                          \
-    "ssat r6, #8, r6, asr #1\n\t"                                                                  \
-    "ssat r7, #8, r7, asr #1\n\t"                                                                  \
-    "strb r6, [lr]\n\t"                                                                            \
-    "subs r12, r12, #2\n\t"                                                                        \
-    "bmi .Ldw_next\n\t"                                                                            \
-    "strb r7, [lr, r9]\n\t"                                                                        \
-    "add lr, lr, r9, lsl #1\n\t"                                                                   \
-    "it ne\n\t"                                                                                    \
-    "ldrne pc, [sp, #44]\n\t"                                                                      \
-    "b .Ldw_next\n"
+    "ldrd r8, r9, [sp, #8]\n\t" KDM_ASM_RQ_OUT("r6", "r8")                                         \
+        KDM_ASM_RQ_OUT("r7", "r8") "strb r6, [lr]\n\t"                                             \
+                                   "subs r12, r12, #2\n\t"                                         \
+                                   "bmi .Ldw_next\n\t"                                             \
+                                   "strb r7, [lr, r9]\n\t"                                         \
+                                   "add lr, lr, r9, lsl #1\n\t"                                    \
+                                   "it ne\n\t"                                                     \
+                                   "ldrne pc, [sp, #44]\n\t"                                       \
+                                   "b .Ldw_next\n"
 
 /* The requantization blocks of the roundings KDM_ROUNDING_MASK admits (a job of another
  * rounding never reaches them: kdm_load refuses its model). */

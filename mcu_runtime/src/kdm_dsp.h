@@ -183,16 +183,23 @@ static inline int32_t kdm_ssat8_asr1(int32_t x)
 }
 
 /*
- * For the assembly channel loops of the convolution kernels: one value's double-rounding
- * requantization in registers, r = SSAT8(QADD((h + (h >> 31)) >> k, zp2) >> 1) with
- * h = SMMLAR(r, b, r), b = 2 m (m != 0) and k = ~shift (shift < 0), as kdm_requant_pair_dbl_.
+ * For the assembly loops of the convolution and depthwise kernels: one value's requantization in
+ * registers, in two steps. DBL (double rounding) takes r to v = (h + (h >> 31)) >> k with
+ * h = SMMLAR(r, b, r), b = 2 m (m != 0) and k = ~shift (shift < 0), as kdm_requant_pair_dbl_;
+ * SGL (single rounding, shift <= -2) to v = SMMUL(r, b) >> k with b = m and k = ~shift - 1, as
+ * kdm_requant_single_fast_; OUT then makes the output SSAT8(QADD(v, zp2) >> 1), zp2 = 2 zp + 1.
  */
-#define KDM_ASM_REQUANT(r, b, k, zp2)                                                              \
+#define KDM_ASM_RQ_DBL(r, b, k)                                                                    \
     "smmlar " r ", " r ", " b ", " r "\n\t"                                                        \
     "add " r ", " r ", " r ", asr #31\n\t"                                                         \
-    "asr " r ", " r ", " k "\n\t"                                                                  \
+    "asr " r ", " r ", " k "\n\t"
+#define KDM_ASM_RQ_SGL(r, b, k)                                                                    \
+    "smmul " r ", " r ", " b "\n\t"                                                                \
+    "asr " r ", " r ", " k "\n\t"
+#define KDM_ASM_RQ_OUT(r, zp2)                                                                     \
     "qadd " r ", " r ", " zp2 "\n\t"                                                               \
     "ssat " r ", #8, " r ", asr #1\n\t"
+#define KDM_ASM_REQUANT(r, b, k, zp2) KDM_ASM_RQ_DBL(r, b, k) KDM_ASM_RQ_OUT(r, zp2)
 
 /* The convolutions' assembly channel loops are Thumb-2 (the Cortex-M cores with the DSP
  * extension); an ARM-state build with the DSP extension runs their C paths. */
@@ -250,21 +257,16 @@ static inline void kdm_pair_job_start_(kdm_pair_job_ *j, const kdm_requant_param
 }
 
 /*
- * The channel jobs' requantization: double rounding (KDM_ASM_REQUANT, b = 2 m, k = ~shift), or,
- * in a runtime built for single rounding only (KDM_ROUNDING_MASK), kdm_requant_single_fast_'s
- * SMMUL and shift by k - 1 (b = m, k - 1 = ~shift - 1: shift <= -2, as kdm_requant_simple_
- * checks), then the same (v + zp2) / 2 saturated. PREP turns a multiplier and a shift loaded
- * into b and k into those operands.
+ * The channel jobs' requantization: double rounding (KDM_ASM_REQUANT), or, in a runtime built for
+ * single rounding only (KDM_ROUNDING_MASK), single rounding (KDM_ASM_RQ_SGL; shift <= -2, as
+ * kdm_requant_simple_ checks). PREP turns a multiplier and a shift loaded into b and k into the
+ * operands they take.
  */
 #if KDM_ASM_SINGLE_ONLY
 #define KDM_ASM_JOB_PREP(b, k)                                                                     \
     "mvns " k ", " k "\n\t"                                                                        \
     "subs " k ", " k ", #1\n\t"
-#define KDM_ASM_JOB_REQUANT(r, b, k, zp2)                                                          \
-    "smmul " r ", " r ", " b "\n\t"                                                                \
-    "asr " r ", " r ", " k "\n\t"                                                                  \
-    "qadd " r ", " r ", " zp2 "\n\t"                                                               \
-    "ssat " r ", #8, " r ", asr #1\n\t"
+#define KDM_ASM_JOB_REQUANT(r, b, k, zp2) KDM_ASM_RQ_SGL(r, b, k) KDM_ASM_RQ_OUT(r, zp2)
 #else
 #define KDM_ASM_JOB_PREP(b, k)                                                                     \
     "lsls " b ", " b ", #1\n\t"                                                                    \

@@ -19,7 +19,7 @@
  * (kdm_conv_pair_job_s4_, below), which runs a pixel pair's channels when out_c is even and the
  * requantization the usual one, K staged rounded up to 8 with zeros past it (a row of 4-byte
  * multiples holds 8 nibbles per 4 bytes; the tiny student's first conv, K = 9, one input channel
- * staged a window row at a time: 7.19 -> 5.52 instructions per MAC) (on the tiny student's INT4 1x1
+ * staged a window row at a time: 7.19 -> 5.51 instructions per MAC) (on the tiny student's INT4 1x1
  * layers 2.59 / 2.21 / 1.71 -> 1.91 / 1.64 / 1.34 instructions per MAC). 1x1 kernels use the same
  * path (staging a pixel is a conversion, and the pairs (k, k+4) need reordering anyway). The last K
  * mod 8 values follow the groups, column 0 then column 1, summed in C. An odd last pixel or channel

@@ -12,9 +12,11 @@
  * word: word j of the row in slot s is at 3 j + s, and padded input row r (input row r - pad)
  * lives in slot r % 3, so that each input row is copied once per channel group whatever the
  * stride (a new output row overwrites the slots of the rows it no longer needs). The copy
- * (kdm_dw_put_) takes two pixels and four channels at a time: two word loads (a pixel outside
- * the row reads as the zero-points), four SXTB16 and four PKHBT / PKHTB make the four channels'
- * words. When in_c is not a multiple of 4 the last group overlaps the one before it.
+ * (kdm_dw_put_) takes two pixels and four channels at a time: two word loads, a PKHBT and a
+ * PKHTB that put the pixels' channel pairs side by side, and four SXTB16 make the four channels'
+ * words. Which pairs of a row touch the padding is worked out once per layer (dw_put_plan):
+ * those words take the zero-point without a test per pixel, and padding-only ones are stored
+ * with no load. When in_c is not a multiple of 4 the last group overlaps the one before it.
  *
  * Each channel's output row then runs in assembly (kdm_dw3_rows_), two outputs per turn, with
  * the channel's nine weights in six registers: for each kernel row the pairs (w0, w1) and
@@ -60,6 +62,20 @@ typedef struct {
     int32_t rot; /* 16: bytes into each weight table: the row's rotation */
 } dw_row;
 
+/* How kdm_dw_put_ buffers one input row (offsets in its assembly): the row's pairs of padded
+ * columns, in order, are zl of padding only, a (padding, pixel 0) one if lead, n_mid of two
+ * pixels, a (last pixel, padding) one if tail and zt of padding only. */
+typedef struct {
+    int32_t ch;       /*  0: in_c, bytes between pixels */
+    int32_t cw_bytes; /*  4: bytes between the channels' buffers */
+    int32_t zp;       /*  8: the input zero-point in each byte */
+    int32_t zl;       /* 12 */
+    int32_t lead;     /* 16 */
+    int32_t n_mid;    /* 20 */
+    int32_t tail;     /* 24 */
+    int32_t zt;       /* 28 */
+} dw_put_plan;
+
 /* variant: which assembly blocks run the channel (dw_blocks), or DW_SKIP for dw_row_direct */
 #define DW_S2     1 /* stride 2 (else 1) */
 #define DW_SINGLE 2 /* single rounding: shift <= -2; with DW_LEFT shift = -1 */
@@ -72,11 +88,12 @@ typedef char
     dw_layout_[(sizeof(void *) == 4 && sizeof(dw_job) == 32 &&
                 __builtin_offsetof(dw_job, mac) == 8 && __builtin_offsetof(dw_job, b) == 12 &&
                 __builtin_offsetof(dw_job, req) == 24 && sizeof(dw_row) == 20 &&
-                __builtin_offsetof(dw_row, out) == 12 && __builtin_offsetof(dw_row, rot) == 16)
+                __builtin_offsetof(dw_row, out) == 12 && __builtin_offsetof(dw_row, rot) == 16 &&
+                __builtin_offsetof(dw_put_plan, lead) == 16 && sizeof(dw_put_plan) == 32)
                    ? 1
                    : -1];
 void kdm_dw3_rows_(const dw_job *j, int32_t n, const dw_row *row);
-void kdm_dw_put_(uint32_t *d, const int8_t *row, int32_t off, const int32_t *geo);
+void kdm_dw_put_(uint32_t *d, const int8_t *px, const dw_put_plan *plan);
 
 /* stride 1: sums r6 (x), r7 (x + 1) from the words of pairs j (A) and j + 1 (B) */
 #define DW_MACS_S1                                                                                 \
@@ -240,10 +257,25 @@ __asm__(".section .text.kdm_dw3_rows_,\"ax\",%progbits\n\t"
                                             ".size kdm_dw3_rows_, . - kdm_dw3_rows_\n\t"
                                             ".text");
 
-/* r0 = d, r1 = the row's pixel 0, r2 = the byte offset of the first pixel (negative in the
- * padding), r3 = geo {in_c, 4 cw, the row's bytes (0: a padded row), the zero-point word, bytes
- * per pair, pairs}. A pixel outside [0, bytes) reads as the zero-point word (IT-predicated
- * load); 26 instructions per pair. */
+/* Two pixels' words of four channels in r8 (x) and r9 (x + 1) to the four channel buffers at r0
+ * (r3 = bytes between them, r4 = 3 r3), r0 on to the next pair: 2 PKH, 4 SXTB16, 4 STR. */
+#define DW_PUT_PAIR                                                                                \
+    "pkhbt r10, r8, r9, lsl #16\n\t"                                                               \
+    "pkhtb r12, r9, r8, asr #16\n\t"                                                               \
+    "sxtb16 lr, r10\n\t"                                                                           \
+    "sxtb16 r10, r10, ror #8\n\t"                                                                  \
+    "str lr, [r0]\n\t"                                                                             \
+    "str r10, [r0, r3]\n\t"                                                                        \
+    "sxtb16 lr, r12\n\t"                                                                           \
+    "sxtb16 r12, r12, ror #8\n\t"                                                                  \
+    "str lr, [r0, r3, lsl #1]\n\t"                                                                 \
+    "str r12, [r0, r4]\n\t"                                                                        \
+    "adds r0, r0, #12\n\t"
+
+/* r0 = d, r1 = the row's pixel 0 (channel c0), r2 = the row's plan (dw_put_plan): the pairs in
+ * order are zl of padding only, one of (padding, pixel 0) if lead, n_mid of two pixels (17
+ * instructions each), one of (last pixel, padding) if tail (through the same loop), and zt of
+ * padding only (7 instructions each, no loads; r6 holds tail until the loop has run). */
 __asm__(".section .text.kdm_dw_put_,\"ax\",%progbits\n\t"
         ".syntax unified\n\t"
         ".thumb\n\t"
@@ -253,35 +285,51 @@ __asm__(".section .text.kdm_dw_put_,\"ax\",%progbits\n\t"
         ".thumb_func\n"
         "kdm_dw_put_:\n\t"
         "push {r4, r5, r6, r7, r8, r9, r10, r11, lr}\n\t"
-        "ldm r3, {r3, r4, r5, r6, r7, r11}\n"
-        "1:\n\t"
-        "cmp r2, r5\n\t"
-        "ite lo\n\t"
-        "ldrlo r8, [r1, r2]\n\t"
-        "movhs r8, r6\n\t"
-        "add r2, r2, r3\n\t"
-        "cmp r2, r5\n\t"
-        "ite lo\n\t"
-        "ldrlo r9, [r1, r2]\n\t"
-        "movhs r9, r6\n\t"
-        "add r2, r2, r3\n\t"
-        "sxtb16 r10, r8\n\t"
-        "sxtb16 r12, r9\n\t"
-        "sxtb16 r8, r8, ror #8\n\t"
-        "sxtb16 r9, r9, ror #8\n\t"
-        "pkhbt lr, r10, r12, lsl #16\n\t"
-        "str lr, [r0]\n\t"
-        "pkhtb lr, r12, r10, asr #16\n\t"
-        "str lr, [r0, r4, lsl #1]\n\t"
-        "add r10, r0, r4\n\t"
-        "pkhbt lr, r8, r9, lsl #16\n\t"
-        "str lr, [r10]\n\t"
-        "pkhtb lr, r9, r8, asr #16\n\t"
-        "str lr, [r10, r4, lsl #1]\n\t"
-        "add r0, r0, r7\n\t"
-        "subs r11, r11, #1\n\t"
-        "bne 1b\n\t"
-        "pop {r4, r5, r6, r7, r8, r9, r10, r11, pc}\n\t"
+        "mov r11, r2\n\t"
+        "ldm r11, {r2, r3, r5, r7}\n\t"
+        "add r4, r3, r3, lsl #1\n\t"
+        "bl .Ldw_put_zp\n\t"
+        "ldr r6, [r11, #24]\n\t"
+        "ldrd r8, r7, [r11, #16]\n\t"
+        "cmp r8, #0\n\t"
+        "beq 2f\n\t"
+        "mov r8, r5\n\t"
+        "adds r7, r7, #1\n\t"
+        "b 4f\n"
+        "2:\n\t"
+        "cbz r7, 5f\n"
+        "3:\n\t"
+        "ldr r8, [r1]\n\t"
+        "add r1, r1, r2\n"
+        "4:\n\t"
+        "ldr r9, [r1]\n\t"
+        "add r1, r1, r2\n"
+        "9:\n\t" DW_PUT_PAIR "subs r7, r7, #1\n\t"
+        "bne 3b\n"
+        "5:\n\t"
+        "cbz r6, 6f\n\t"
+        "movs r6, #0\n\t"
+        "ldr r8, [r1]\n\t"
+        "mov r9, r5\n\t"
+        "movs r7, #1\n\t"
+        "b 9b\n"
+        "6:\n\t"
+        "ldr r7, [r11, #28]\n\t"
+        "bl .Ldw_put_zp\n\t"
+        "pop {r4, r5, r6, r7, r8, r9, r10, r11, pc}\n"
+        ".Ldw_put_zp:\n\t"
+        "cbz r7, 8f\n\t"
+        "sxtb16 r8, r5\n"
+        "7:\n\t"
+        "str r8, [r0]\n\t"
+        "str r8, [r0, r3]\n\t"
+        "str r8, [r0, r3, lsl #1]\n\t"
+        "str r8, [r0, r4]\n\t"
+        "adds r0, r0, #12\n\t"
+        "subs r7, r7, #1\n\t"
+        "bne 7b\n"
+        "8:\n\t"
+        "bx lr\n\t"
         ".size kdm_dw_put_, . - kdm_dw_put_\n\t"
         ".text");
 
@@ -328,21 +376,33 @@ static void kdm_dw3_rows_(const dw_job *jobs, int32_t n_jobs, const dw_row *row)
 }
 
 /* Four channels' words of two pixels (v0: pixel x, v1: pixel x + 1, channel i in byte i). */
-static void kdm_dw_put_(uint32_t *d, const int8_t *row, int32_t off, const int32_t *geo)
+static uint32_t *dw_put_pair(uint32_t *d, int32_t cw, uint32_t v0, uint32_t v1)
 {
-    const int32_t ch = geo[0], cw = geo[1] / 4;
-    for (int32_t j = 0; j < geo[5]; j++, d += geo[4] / 4, off += 2 * ch) {
-        uint32_t v[2];
-        for (int32_t e = 0; e < 2; e++)
-            v[e] = (uint32_t)(off + e * ch) < (uint32_t)geo[2] ? kdm_ld32(row + off + e * ch)
-                                                               : (uint32_t)geo[3];
-        const uint32_t a0 = kdm_sxtb16(v[0]), a1 = kdm_sxtb16(v[1]);
-        const uint32_t b0 = kdm_sxtb16_ror8(v[0]), b1 = kdm_sxtb16_ror8(v[1]);
-        d[0] = kdm_pkhbt16(a0, a1);
-        d[cw] = kdm_pkhbt16(b0, b1);
-        d[2 * cw] = kdm_pkhtb16(a1, a0);
-        d[3 * cw] = kdm_pkhtb16(b1, b0);
+    const uint32_t a0 = kdm_sxtb16(v0), a1 = kdm_sxtb16(v1);
+    const uint32_t b0 = kdm_sxtb16_ror8(v0), b1 = kdm_sxtb16_ror8(v1);
+    d[0] = kdm_pkhbt16(a0, a1);
+    d[cw] = kdm_pkhbt16(b0, b1);
+    d[2 * cw] = kdm_pkhtb16(a1, a0);
+    d[3 * cw] = kdm_pkhtb16(b1, b0);
+    return d + 3;
+}
+
+static void kdm_dw_put_(uint32_t *d, const int8_t *px, const dw_put_plan *p)
+{
+    const int32_t cw = p->cw_bytes / 4;
+    const uint32_t zp = (uint32_t)p->zp;
+    for (int32_t j = 0; j < p->zl; j++)
+        d = dw_put_pair(d, cw, zp, zp);
+    if (p->lead) {
+        d = dw_put_pair(d, cw, zp, kdm_ld32(px));
+        px += p->ch;
     }
+    for (int32_t j = 0; j < p->n_mid; j++, px += 2 * p->ch)
+        d = dw_put_pair(d, cw, kdm_ld32(px), kdm_ld32(px + p->ch));
+    if (p->tail)
+        d = dw_put_pair(d, cw, kdm_ld32(px), zp);
+    for (int32_t j = 0; j < p->zt; j++)
+        d = dw_put_pair(d, cw, zp, zp);
 }
 #endif
 
@@ -351,6 +411,32 @@ static inline int32_t dw_weight(const uint8_t *w, int wbits, int32_t rs, int32_t
 {
     const uint8_t *row = w + t * rs;
     return KDM_IS_W8_(wbits) ? (int8_t)row[c] : kdm_nibble_(row, c);
+}
+
+/* The 3x3 weights of channels c0 .. c0 + 3, tap t's in word t: int8 weights as they lie (channel
+ * c0 + i in bits 8i), int4 weights' nibbles (channel c0 + i in bits 4i; c0 may be odd when the
+ * last group overlaps, then three bytes hold the four). One load per tap instead of one per
+ * weight. */
+static void dw_group_taps(const uint8_t *w, int wbits, int32_t rs, int32_t c0, uint32_t *wk)
+{
+    for (int32_t t = 0; t < 9; t++, w += rs) {
+        if (KDM_IS_W8_(wbits)) {
+            wk[t] = kdm_ld32(w + c0);
+        } else {
+            const uint8_t *b = w + (c0 >> 1);
+            uint32_t v = (uint32_t)b[0] | (uint32_t)b[1] << 8;
+            if (c0 & 1)
+                v = (v | (uint32_t)b[2] << 16) >> 4;
+            wk[t] = v;
+        }
+    }
+}
+
+/* Channel i's weight of tap t from dw_group_taps's words. */
+static inline int32_t dw_tap(const uint32_t *wk, int wbits, int32_t t, int32_t i)
+{
+    const int32_t bits = KDM_IS_W8_(wbits) ? 8 : 4;
+    return (int32_t)(wk[t] << (32 - bits - bits * i)) >> (32 - bits);
 }
 
 /* The layer as dw_row_direct reads it. */
@@ -415,7 +501,13 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
      * (stride 2); at most kdm_depthwise_scratch_size_'s (in_w + 2 pad + 3) / 2 */
     const int32_t half = (p->out_w + 1) >> 1, np = st == 1 ? half + 1 : 2 * half + 1, cw = kh * np;
     const dw_geo g = {p, q, w, wbits};
-    int32_t put[6] = {ch, 4 * cw, 0, (int32_t)((uint8_t)p->in_zp * 0x01010101u), 4 * kh, np};
+    /* a row's pairs cover padded columns -pad .. 2 np - pad - 1 (dw_put_plan); a padding row's
+     * are padding only */
+    const int32_t zpb = (int32_t)((uint8_t)p->in_zp * 0x01010101u);
+    const int32_t lead = p->pad & 1, avail = p->in_w - lead, rest = np - (p->pad >> 1) - lead;
+    const int32_t mid = avail >> 1 < rest ? avail >> 1 : rest, tail = rest > mid && (avail & 1);
+    const dw_put_plan plan = {ch, 4 * cw, zpb, p->pad >> 1, lead, mid, tail, rest - mid - tail},
+                      pad_plan = {ch, 4 * cw, zpb, np, 0, 0, 0, 0};
     uint32_t *tab = (uint32_t *)scratch, *buf = tab + 4 * KDM_DW_TAB_WORDS;
     const int single = KDM_SINGLE_ROUNDING_(q->flags) ? 1 : 0;
     if (!kdm_depthwise_rows_((uint32_t)kh, (uint32_t)p->kernel_w, (uint32_t)st, (uint32_t)ch)) {
@@ -431,19 +523,21 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
         if (c0 > ch - 4)
             c0 = ch - 4;
         int skip = 0;
+        uint32_t wk[9];
+        dw_group_taps(w, wbits, rs, c0, wk);
         for (int32_t i = 0; i < 4; i++) {
             const int32_t c = c0 + i, m = q->mult[c], s = q->shift[c];
             dw_job *j = &job[i];
             /* (w0, w1), (w1, w2) of kernel rows 0, 1, 2, 0, 1: rotation r (slot s holds kernel
              * row (s - r) mod 3) is the six words from 2 ((3 - r) mod 3); m = 0 (output zp) as
              * weights and bias 0 */
-            int32_t k[9];
-            for (int32_t t = 0; t < 9; t++)
-                k[t] = m ? dw_weight(w, wbits, rs, t, c) : 0;
             uint32_t *tt = tab + i * KDM_DW_TAB_WORDS;
             for (int32_t ky = 0; ky < 3; ky++) {
-                tt[2 * ky] = kdm_pack16(k[3 * ky], k[3 * ky + 1]);
-                tt[2 * ky + 1] = kdm_pack16(k[3 * ky + 1], k[3 * ky + 2]);
+                const int32_t k0 = dw_tap(wk, wbits, 3 * ky, i),
+                              k1 = dw_tap(wk, wbits, 3 * ky + 1, i),
+                              k2 = dw_tap(wk, wbits, 3 * ky + 2, i);
+                tt[2 * ky] = m ? kdm_pack16(k0, k1) : 0;
+                tt[2 * ky + 1] = m ? kdm_pack16(k1, k2) : 0;
             }
             for (int32_t e = 6; e < 10; e++)
                 tt[e] = tt[e - 6];
@@ -471,9 +565,8 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
             for (; next < r0 + kh; next++, slot = slot + 1 == kh ? 0 : slot + 1) {
                 const int32_t iy = next - p->pad;
                 const int in_row = iy >= 0 && iy < p->in_h;
-                put[2] = in_row ? p->in_w * ch : 0;
-                kdm_dw_put_(buf + slot, in + (in_row ? iy : 0) * p->in_w * ch + c0, -p->pad * ch,
-                            put);
+                kdm_dw_put_(buf + slot, in + (in_row ? iy : 0) * p->in_w * ch + c0,
+                            in_row ? &plan : &pad_plan);
             }
             int8_t *o = out + oy * p->out_w * ch + c0;
             for (int32_t i = 0; i < 4 && skip; i++)

@@ -107,11 +107,14 @@ void kdm_fully_connected_s4_ref(const kdm_fc_params *p, const kdm_requant_params
 void kdm_fully_connected_s4_dsp(const kdm_fc_params *p, const kdm_requant_params *q,
                                 const int8_t *in, const uint8_t *w, int8_t *out, void *scratch);
 
-/* ---- ops without weights (one portable implementation each) ---------------------------------- */
+/* ---- ops without weights (one portable implementation each, and a DSP add) ------------------ */
 
 /* out[i] = clamp(out_zp + rq(rq(a[i] - zp1 << ls, m1, s1) + rq(b[i] - zp2 << ls, m2, s2),
  * m_out, s_out)), i < n. */
-void kdm_add_s8(const kdm_add_params *p, const int8_t *a, const int8_t *b, int8_t *out, int32_t n);
+void kdm_add_s8_ref(const kdm_add_params *p, const int8_t *a, const int8_t *b, int8_t *out,
+                    int32_t n);
+void kdm_add_s8_dsp(const kdm_add_params *p, const int8_t *a, const int8_t *b, int8_t *out,
+                    int32_t n);
 
 /* Pools keep the input's quantization; out_c = in_c; results clamped to [act_min, act_max].
  * Max pool skips padded positions (kdm_load guarantees pad < kernel, so no window is empty);

@@ -523,13 +523,16 @@ static int8_t clamp8(int64_t v, int32_t lo, int32_t hi)
     return (int8_t)(v < lo ? lo : v > hi ? hi : v);
 }
 
+/* Both ADD kernels against kdm_requantize, element by element: TFLite's usual parameters
+ * (input shifts 0 .. -4, the larger scale's input at shift 0), and in a quarter of the cases a
+ * multiplier of 0 or a left shift somewhere (the DSP kernel's portable fallback). */
 static void test_add(void **state)
 {
-    for (int rep = 0; rep < 50; rep++) {
+    for (int rep = 0; rep < 200; rep++) {
         kdm_add_params p = {rnd_in(-128, 127),
                             rnd_in(-128, 127),
                             rnd_in(-30, 30),
-                            20,
+                            rnd_in(0, 1) ? 20 : rnd_in(0, 19),
                             (int32_t)(0x40000000u + (rnd() & 0x3FFFFFFFu)),
                             rnd_in(-4, 0),
                             (int32_t)(0x40000000u + (rnd() & 0x3FFFFFFFu)),
@@ -539,28 +542,45 @@ static void test_add(void **state)
                             -128,
                             127,
                             (uint32_t)(rep & 1)};
+        if (rnd_in(0, 3) == 0) {
+            switch (rnd_in(0, 4)) {
+            case 0: p.m1 = 0; break;
+            case 1: p.m_out = 0; break;
+            case 2: p.s2 = rnd_in(1, 3); break;
+            case 3: p.s_out = 0; break;
+            default: p.s1 = -rnd_in(5, 31); break;
+            }
+        }
+        if (p.left_shift < 20 && p.s_out < 0) /* outputs of about the inputs' size: every unit
+                                                 of the inputs' rescales shows */
+            p.s_out = -p.left_shift + rnd_in(-3, 3) < -1 ? -p.left_shift + rnd_in(-3, 3) : -1;
         p.act_min = rnd_in(-128, 0);
         p.act_max = rnd_in(p.act_min, 127);
-        int8_t a[300], b[300], got[300];
+        int8_t a[300], b[300], got[2][300];
         int32_t n = rnd_in(1, 300);
         for (int32_t i = 0; i < n; i++) {
             a[i] = (int8_t)rnd_in(-128, 127);
             b[i] = (int8_t)rnd_in(-128, 127);
         }
-        kdm_add_s8(&p, a, b, got, n);
+        kdm_add_s8_ref(&p, a, b, got[0], n);
+        kdm_add_s8_dsp(&p, a, b, got[1], n);
         for (int32_t i = 0; i < n; i++) {
-            int32_t sa = kdm_requantize((a[i] - p.zp1) * (1 << 20), p.m1, p.s1, p.flags);
-            int32_t sb = kdm_requantize((b[i] - p.zp2) * (1 << 20), p.m2, p.s2, p.flags);
-            int64_t v = p.out_zp + (int64_t)kdm_requantize(sa + sb, p.m_out, p.s_out, p.flags);
-            assert_int_equal(got[i], clamp8(v, p.act_min, p.act_max));
+            int32_t sa = kdm_requantize((a[i] - p.zp1) * (1 << p.left_shift), p.m1, p.s1, p.flags);
+            int32_t sb = kdm_requantize((b[i] - p.zp2) * (1 << p.left_shift), p.m2, p.s2, p.flags);
+            uint32_t sum = (uint32_t)sa + (uint32_t)sb;
+            int64_t v = p.out_zp + (int64_t)kdm_requantize((int32_t)sum, p.m_out, p.s_out, p.flags);
+            assert_int_equal(got[0][i], clamp8(v, p.act_min, p.act_max));
+            assert_int_equal(got[1][i], got[0][i]);
         }
     }
     /* a hand case: scales 1, 1 -> 1 as TFLite sets them up (twice_max = 2): with left_shift 20,
      * inputs scaled by 0.5 each, output by 2 / 2^20: 3 + 4 = 7, zero-points 1, 2 -> out 5 + 7 */
     kdm_add_params p = {1, 2, 5, 20, 1 << 30, 0, 1 << 30, 0, 1 << 30, -18, -128, 127, 0};
-    int8_t a = 4, b = 6, out;
-    kdm_add_s8(&p, &a, &b, &out, 1);
-    assert_int_equal(out, 12);
+    int8_t a = 4, b = 6, out[2];
+    kdm_add_s8_ref(&p, &a, &b, &out[0], 1);
+    kdm_add_s8_dsp(&p, &a, &b, &out[1], 1);
+    assert_int_equal(out[0], 12);
+    assert_int_equal(out[1], 12);
 }
 
 static void test_pools(void **state)

@@ -264,7 +264,7 @@ static void expected(const model *md, const int8_t *in, int dsp, int8_t *out)
     kdm_conv_params pm = {8, 2, 2, 8, 3, 3, 2, 2, 1, 1, 0, 0};
     kdm_maxpool_s8(&pm, -128, 127, avg, mx);
     kdm_add_params a1 = addp(md->add_p[0], -6, -6, 2, 2);
-    kdm_add_s8(&a1, mx, dw, add, 72);
+    kdm_add_s8_ref(&a1, mx, dw, add, 72);
     kdm_global_avgpool_s8(8, 9, -128, 127, add, gap);
     kdm_fc_params p8 = {72, 6, 72}, p4 = {8, 6, 4};
     kdm_requant_params q8 = rq(md, 2, -1, -128), q4 = rq(md, 3, 5, -128);
@@ -273,7 +273,7 @@ static void expected(const model *md, const int8_t *in, int dsp, int8_t *out)
     (dsp ? kdm_fully_connected_s4_dsp : kdm_fully_connected_s4_ref)(&p4, &q4, gap, &md->fc4_w[0][0],
                                                                     fc4, scratch);
     kdm_add_params a2 = addp(md->add_p[1], -1, 5, 0, -128);
-    kdm_add_s8(&a2, fc8, fc4, sum, 6);
+    kdm_add_s8_ref(&a2, fc8, fc4, sum, 6);
     kdm_softmax_s8(md->lut, -128, 127, sum, out, 6);
 }
 

@@ -542,6 +542,13 @@ static void test_add(void **state)
                             -128,
                             127,
                             (uint32_t)(rep & 1)};
+        if (rnd_in(0, 4) == 0) { /* the ends of the admitted ranges */
+            p.m1 = rnd_in(0, 1) ? 1 << 30 : INT32_MAX;
+            p.m2 = rnd_in(0, 1) ? 1 << 30 : INT32_MAX;
+            p.zp1 = rnd_in(0, 1) ? -128 : 127;
+            p.zp2 = rnd_in(0, 1) ? -128 : 127;
+            p.out_zp = rnd_in(-128, 127);
+        }
         if (rnd_in(0, 3) == 0) {
             switch (rnd_in(0, 4)) {
             case 0: p.m1 = 0; break;

@@ -131,8 +131,8 @@ static void run_add(const op_ctx *x)
         w[KDM_ADD_M1],   w[KDM_ADD_S1],   w[KDM_ADD_M2],       w[KDM_ADD_S2],
         w[KDM_ADD_MOUT], w[KDM_ADD_SOUT], x->r[KDM_F_ACT_MIN], x->r[KDM_F_ACT_MAX],
         x->m->flags};
-    KDM_KERNEL(kdm_add_s8)(&p, IN(x), (const int8_t *)(x->arena + x->in2.off), OUT(x),
-               x->in.c * x->in.h * x->in.w);
+    KDM_KERNEL(kdm_add_s8)
+    (&p, IN(x), (const int8_t *)(x->arena + x->in2.off), OUT(x), x->in.c * x->in.h * x->in.w);
 }
 #endif
 

@@ -11,7 +11,7 @@
  * SMMLAR (kdm_quant.c), and RoundingDivideByPOT(h, r) is (h - [h < 0] + 2^(r-1)) >> r, which
  * for r = 0 must leave h alone: the mask nz (all ones for r > 0, else 0) and half = 2^(r-1)
  * (0 for r = 0) make it one expression, |h| < 2^28 so nothing overflows. The output rescale is
- * the convolutions' KDM_ASM_RQ_DBL / _OUT steps. Anything else runs the portable loop.
+ * the convolutions' (kdm_rq_dbl_out_). Anything else runs the portable loop.
  */
 #include "kdm_dsp.h"
 #include "kdm_kernels.h"
@@ -55,8 +55,7 @@ void kdm_add_s8_dsp(const kdm_add_params *p, const int8_t *a, const int8_t *b, i
     for (int32_t i = 0; i < n; i++) {
         const int32_t s =
             add_in_(a[i] * sc + za, ba, nza, ha, ra) + add_in_(b[i] * sc + zb, bb, nzb, hb, rb);
-        const int32_t h = kdm_smmlar(s, bo, s);
-        int32_t v = kdm_ssat8_asr1(kdm_qadd((h + (h >> 31)) >> ko, zp2));
+        int32_t v = kdm_rq_dbl_out_(kdm_smmlar(s, bo, s), ko, zp2);
         v = v < lo ? lo : v > hi ? hi : v;
         out[i] = (int8_t)v;
     }

@@ -374,6 +374,14 @@ static inline uint32_t kdm_pkhtb16(uint32_t a, uint32_t b) { return (a & 0xFFFF0
 
 #endif
 
+/* The end of a double-rounding requantization with a right shift, in C (KDM_ASM_RQ_DBL after its
+ * SMMLAR, then KDM_ASM_RQ_OUT): h = SMMLAR(x, 2 m, x), k = ~shift, zp2 = 2 zp + 1; the value
+ * plus the zero-point, saturated to int8 (kdm_quant.c explains the steps). */
+static inline int32_t kdm_rq_dbl_out_(int32_t h, int32_t k, int32_t zp2)
+{
+    return kdm_ssat8_asr1(kdm_qadd((h + (h >> 31)) >> k, zp2));
+}
+
 /*
  * Single rounding, clamp(zp + round_half_up(x * m / 2^(31 - s))) to int8, as
  * kdm_requant_single_s8_ but inline and short for the usual right shift (s < 0). Then the
@@ -415,8 +423,8 @@ static inline __attribute__((always_inline)) void kdm_requant_pair_dbl_(int32_t 
         *v1 = kdm_ssat8(kdm_qadd(kdm_smmlar(l1, b, l1), zp));
     } else {
         const int32_t h0 = kdm_smmlar(x0, b, x0), h1 = kdm_smmlar(x1, b, x1), r = ~s;
-        *v0 = kdm_ssat8_asr1(kdm_qadd((h0 + (h0 >> 31)) >> r, zp2));
-        *v1 = kdm_ssat8_asr1(kdm_qadd((h1 + (h1 >> 31)) >> r, zp2));
+        *v0 = kdm_rq_dbl_out_(h0, r, zp2);
+        *v1 = kdm_rq_dbl_out_(h1, r, zp2);
     }
 }
 

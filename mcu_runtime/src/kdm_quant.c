@@ -114,7 +114,7 @@ void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *ac
         int32_t v;
         if (s < 0) {
             const int32_t h = kdm_smmlar(x, b, x & (b >> 31));
-            v = kdm_ssat8_asr1(kdm_qadd((h + (h >> 31)) >> ~s, zp2));
+            v = kdm_rq_dbl_out_(h, ~s, zp2);
         } else {
             const int32_t l = (int32_t)((uint32_t)x << s);
             v = kdm_ssat8(kdm_qadd(kdm_smmlar(l, b, l & (b >> 31)), zp));

@@ -7,7 +7,9 @@
 # The benchmarks: bench_kd_loss --gpu, and bench/compare_pytorch.sh (distill against PyTorch
 # eager and torch.compile with python3's torch: training the tiny CNN, the MLP and the teacher,
 # and the teacher's inference), whose rows join the summary; COMPARE_ARGS adds options to it
-# (e.g. COMPARE_ARGS="--rounds 1"). Results and logs go to $OUT when set, else bench/results.
+# (e.g. COMPARE_ARGS="--rounds 1"). Then the tiny CNN once more with --no-graph: the summary
+# gives its training samples/s with the step replayed from a CUDA graph (compare_pytorch's run)
+# and without. Results and logs go to $OUT when set, else bench/results.
 # Exits non-zero when a GPU test fails or is skipped (a skip here means no device answered) or a
 # benchmark fails; a comparison that could not be measured (an operation the CUDA backend lacks
 # yet, no torch) shows in the summary without failing the check, and neither does a missed target.
@@ -45,11 +47,39 @@ case $compare_rc in
 *) compare_state=FAILED ;;
 esac
 
+echo "== the tiny CNN's training steps with and without the CUDA graph (run.cuda_graph)"
+graph_row="not measured"
+if "$BUILD/bench_train_throughput" --device cuda --only tiny_cnn.yaml --rounds 1 --no-compile \
+    --no-graph --json "$OUTDIR/train_throughput_cuda_nograph.json" \
+    >"$OUTDIR/train_throughput_cuda_nograph.log" 2>&1 &&
+    [ -f "$OUTDIR/compare_pytorch_gpu.json" ]; then
+    graph_row=$(python3 - "$OUTDIR/compare_pytorch_gpu.json" \
+        "$OUTDIR/train_throughput_cuda_nograph.json" <<'PY'
+import json, sys
+def tiny(doc):
+    for m in doc.get("models", []):
+        if m.get("model") == "tiny_cnn.yaml":
+            return m["distill"]
+    return None
+graph = tiny(json.load(open(sys.argv[1])).get("train", {}))
+eager = tiny(json.load(open(sys.argv[2])))
+if not graph or not eager:
+    print("not measured")
+else:
+    g, e = graph["samples_per_s"], eager["samples_per_s"]
+    print("%.0f samples/s (cuda_graph %s) vs %.0f without: %.2fx"
+          % (g, graph.get("cuda_graph"), e, g / e))
+PY
+)
+fi
+echo "tiny CNN steps: $graph_row"
+
 echo
 echo "gpu_check summary"
 printf '%-28s %s\n' "gpu tests" "$([ $tests_rc -eq 0 ] && echo passed || echo FAILED)"
 printf '%-28s %s\n' "bench_kd_loss --gpu" "$([ $bench_rc -eq 0 ] && echo ran || echo FAILED)"
 printf '%-28s %s\n' "compare_pytorch.sh" "$compare_state"
+printf '%-28s %s\n' "tiny CNN, CUDA graph" "$graph_row"
 sed 's/^/  /' "$compare_rows"
 rm -f "$compare_rows"
 exit $((tests_rc || bench_rc || (compare_rc != 0 && compare_rc != 2)))

@@ -5,7 +5,7 @@
  *   ./build/bench_train_throughput [--device cpu|cuda] [--warmup N] [--steps N] [--batch N]
  *                                  [--threads N] [--rounds N] [--root DIR] [--python PATH]
  *                                  [--only FILE[,FILE...]] [--compile | --no-compile]
- *                                  [--infer] [--eval-batch N] [--json PATH]
+ *                                  [--no-graph] [--infer] [--eval-batch N] [--json PATH]
  *
  * Training (the default), for the MLP and the tiny CNN of configs/fashion-mnist/models, and the
  * teacher CNN (teacher_cnn.yaml) only when --only names it (on the CPU it is slow): build the
@@ -27,6 +27,10 @@
  * 2. The step is engine/train.c's: the training set resident on the device and each batch
  * gathered there (gather_augment), one be->sync() after backward, then the backend's fused
  * optimizer update (optim_step); the clock of a timed block is read after a final be->sync().
+ * As in the trainer (run.cuda_graph), the timed steps replay a CUDA graph of zero_grad, forward,
+ * loss and backward, recorded once after the warm-up (engine/train.h, kd_step_run), unless the
+ * model has dropout or --no-graph asks for every operation to be launched one by one; the JSON
+ * says which ("cuda_graph").
  * Phases are not timed on the device (queued work lands in whichever phase waits for it): only the
  * whole step, split at the trainer's own sync into "to sync" (gather, forward, loss, backward) and
  * "optimizer" (the device update). The peer gets --device cuda (its data set on the device,
@@ -134,9 +138,10 @@ void __wrap_cblas_sgemm(OPENBLAS_CONST enum CBLAS_ORDER order,
 
 typedef struct {
     int warmup, steps, batch, threads, rounds, eval_batch;
-    int cuda;    /* --device cuda */
-    int compile; /* also run the peer under torch.compile; -1 until decided (on with cuda) */
-    int infer;   /* time inference instead of training */
+    int cuda;     /* --device cuda */
+    int compile;  /* also run the peer under torch.compile; -1 until decided (on with cuda) */
+    int infer;    /* time inference instead of training */
+    int no_graph; /* --no-graph: every step operation by operation, as run.cuda_graph: false */
     const char *root, *python, *only, *json;
     const kd_backend *be;
 } bench_opts;
@@ -192,7 +197,7 @@ static void usage(void)
             "usage: bench_train_throughput [--device cpu|cuda] [--warmup N (>= %d when "
             "training)] [--steps N] [--batch N] [--threads N] [--rounds N (<= %d)] [--root DIR] "
             "[--python PATH] [--only mlp.yaml,tiny_cnn.yaml,teacher_cnn.yaml] [--compile | "
-            "--no-compile] [--infer] [--eval-batch N] [--json PATH]\n",
+            "--no-compile] [--no-graph] [--infer] [--eval-batch N] [--json PATH]\n",
             CHECK_STEPS, MAX_ROUNDS);
 }
 
@@ -238,6 +243,8 @@ static int parse_args(int argc, char **argv, bench_opts *o)
             o->compile = !strcmp(a, "--compile");
         } else if (!strcmp(a, "--infer")) {
             o->infer = 1;
+        } else if (!strcmp(a, "--no-graph")) {
+            o->no_graph = 1;
         } else {
             usage();
             return 0;
@@ -322,7 +329,16 @@ typedef struct {
     double *acc_dev;   /* the timed steps' loss and hit sums, as the trainer's */
     int64_t pos, epoch, step;
     int batch;
+    kd_step rec; /* the trainer's step recording (engine/train.h): zero_grad .. backward */
 } trainer;
+
+/* the timed steps' loss, as kd_step_run calls it: mean cross-entropy, sums on the device */
+static void bench_ce(void *ctx, kd_model *m, int n, double share)
+{
+    trainer *tr = ctx;
+    m->be->ce(n, m->out_features, kd_model_output(m), tr->y_dev, 0.0, kd_model_output_grad(m),
+              share, NULL, tr->acc_dev);
+}
 
 /*
  * One training step as engine/train.c does it, each phase timed into acc (may be NULL). With
@@ -355,6 +371,14 @@ static kd_status train_step(trainer *tr, phase_acc *acc, double *loss_out)
     be->gather_augment(tr->batch, tr->d->c, tr->d->h, tr->d->w, tr->x_all, tr->y_all, tr->idx_dev,
                        tr->prm_dev, (0.0f - tr->d->mean) / tr->d->std, tr->x_dev, tr->y_dev);
     t[1] = now_s();
+    if (!loss_out && tr->rec.use) { /* the trainer's recorded step: one phase, "forward" */
+        KD_TRY(
+            kd_step_run(&tr->rec, tr->batch, 1, (uint64_t)tr->step, tr->rec.rec ? NULL : stderr));
+        b0 = b1 = b2 = g_blas_s;
+        t[2] = t[1];
+        t[3] = t[4] = t[5] = now_s();
+        goto update;
+    }
     kd_model_zero_grad(m);
     t[2] = now_s();
     b0 = g_blas_s;
@@ -368,6 +392,7 @@ static kd_status train_step(trainer *tr, phase_acc *acc, double *loss_out)
     kd_model_backward(m, tr->x_dev, tr->batch);
     b2 = g_blas_s;
     t[5] = now_s();
+update:
     KD_TRY(be->optim_step(&tr->optim, m->params, m->grads, tr->state, tr->mask_dev, m->nparams,
                           tr->optim.lr, tr->step + 1));
     t[6] = now_s();
@@ -454,6 +479,20 @@ static int trainer_init(trainer *tr, const char *yaml, const kd_dataset *d, cons
             tail += loss / 10;
     }
     *check_loss = tail;
+    /* the trainer's recording (run.cuda_graph): the warm-up ran full batches eagerly, so the
+     * next step records and replays; it is made here, before any clock runs */
+    tr->rec = (kd_step){.m = m,
+                        .x = tr->x_dev,
+                        .losses = bench_ce,
+                        .ctx = tr,
+                        .warm = 1,
+                        .use = !o->no_graph && kd_step_can_record(m)};
+    if (tr->rec.use && (train_step(tr, NULL, NULL) != KD_OK || be->sync() != KD_OK)) {
+        fprintf(stderr, "bench_train_throughput: %s: %s\n", yaml, kd_last_error());
+        return 1;
+    }
+    if (o->no_graph && kd_step_can_record(m))
+        fprintf(stderr, "  %s: no CUDA graph (--no-graph)\n", yaml);
     if (!(*first_loss > 1.5 && *first_loss < 3.5) || !(tail < 0.8 * head)) {
         fprintf(stderr,
                 "bench_train_throughput: %s does not learn: first loss %.4f (expected about "
@@ -500,6 +539,7 @@ static int trainer_time(trainer *tr, int steps, distill_round *r)
 static void trainer_free(trainer *tr)
 {
     if (tr->m) {
+        kd_step_release(&tr->rec);
         tr->m->be->release(tr->x_dev);
         tr->m->be->release(tr->y_dev);
         tr->m->be->release(tr->state);
@@ -682,6 +722,7 @@ typedef struct {
     double d_sps[MAX_ROUNDS], p_sps[MAX_ROUNDS], c_sps[MAX_ROUNDS];
     double d_med, p_med, c_med; /* c_med 0 when torch.compile never ran */
     int d_med_round;            /* the round whose phases are shown */
+    int graph;                  /* distill's steps were replayed from a CUDA graph */
 } model_result;
 
 static int cmp_double(const void *a, const void *b)
@@ -837,6 +878,7 @@ static cJSON *result_json(model_result *r, const bench_opts *o)
     cJSON *dj = cJSON_CreateObject();
     cJSON_AddNumberToObject(j, "params", (double)r->params);
     cJSON_AddNumberToObject(dj, "samples_per_s", r->d_med);
+    cJSON_AddBoolToObject(dj, "cuda_graph", r->graph);
     cJSON_AddItemToObject(dj, "samples_per_s_rounds", numbers(r->d_sps, r->nrounds));
     cJSON_AddNumberToObject(dj, o->infer ? "batch_ms" : "step_ms", 1e3 * batch / r->d_med);
     if (!o->infer) {
@@ -962,8 +1004,10 @@ static int bench_model(model_result *r, const kd_dataset *d, const bench_opts *o
         return rc;
     }
     r->params = tr.m->nparams;
-    fprintf(stderr, "  %s: check passed, loss %.3f -> %.3f over %d steps\n", r->file, r->first_loss,
-            r->check_loss, CHECK_STEPS);
+    r->graph = tr.rec.use && tr.rec.rec;
+    fprintf(stderr, "  %s: check passed, loss %.3f -> %.3f over %d steps%s\n", r->file,
+            r->first_loss, r->check_loss, CHECK_STEPS,
+            r->graph ? "; steps replayed from a CUDA graph" : "");
     for (int k = 0; k < o->rounds && rc == 0; k++)
         rc = trainer_time(&tr, o->steps, &r->d[k]) ? peer_round(r, o, yaml, k) : 1;
     trainer_free(&tr);

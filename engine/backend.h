@@ -116,6 +116,22 @@ typedef struct kd_backend {
      */
     kd_status (*optim_step)(const kd_optim_cfg *c, float *params, float *grads, float *state,
                             const uint8_t *decay_mask, size_t n, double lr, int64_t step);
+    /*
+     * Recorded work (CUDA graphs; NULL on a backend without them). graph_begin starts
+     * recording: the operations queued from then on are kept instead of run. graph_end stops
+     * and, on success, gives *g, an executable record of them that has not run yet;
+     * graph_launch runs it (each time with the pointers and scalar arguments recorded, so it
+     * replays work whose inputs change only in device memory). A recording that fails (an
+     * operation that cannot be recorded, or any error while recording) returns the reason
+     * and leaves *g NULL: none of the recorded work ran, and the backend goes on as before,
+     * so the caller queues the same work again to run it. graph_free releases a record. While
+     * a record exists the backend frees none of its own scratch buffers (one it outgrows is
+     * kept until the last record is released), since a record may still use it.
+     */
+    kd_status (*graph_begin)(void);
+    kd_status (*graph_end)(void **g);
+    kd_status (*graph_launch)(void *g);
+    void (*graph_free)(void *g);
 } kd_backend;
 
 /* The CPU backend: always available. */

@@ -30,6 +30,11 @@
  *               kernels/optim_step.cu
  *   precision   round_bf16: run.precision: bf16 is emulated in float32 storage
  *               (engine/model.h), the same rounding on every backend
+ *   graphs      graph_begin, graph_end, graph_launch, graph_free: stream capture into
+ *               a CUDA graph (the trainer records a step's forward, losses and backward
+ *               once and replays it); cuBLAS gets a workspace of ours so that it never
+ *               allocates while recording, and the loss scratch is never freed under a
+ *               graph
  * Not implemented: bfloat16 / half storage and tensor-core bf16 products
  * (everything is stored as float32; bf16 is emulated by rounding),
  * kd_topk beyond 393216 classes (refused with a message), and any fusing of
@@ -95,6 +100,11 @@ static cudaStream_t kd_stream;
 static int kd_stream_ready;       /* kd_backend_cuda() succeeded: kd_stream is the one */
 static int kd_prefer_device = -1; /* kd_backend_cuda_prefer_device; -1: the current device */
 static cublasHandle_t kd_blas;
+/* cuBLAS's workspace, ours rather than its internal pool, so that a CUDA graph recording
+ * never makes cuBLAS allocate (sizes as NVIDIA advises: 32 MiB on Hopper, else 8 MiB) */
+#define KD_BLAS_WS_BYTES  ((size_t)8 << 20)
+#define KD_BLAS_WS_HOPPER ((size_t)32 << 20)
+static void *kd_blas_ws;
 static double *kd_norm_scratch; /* KD_CUDA_NORM_SCRATCH doubles for optim_step's clipping */
 static kd_status kd_sticky = KD_OK;
 static char kd_sticky_msg[512];
@@ -254,14 +264,48 @@ static kd_status dnn_check_at(cudnnStatus_t s, const char *what, const char *fil
 static double *kd_rows;
 static size_t kd_rows_cap;
 
+/* CUDA graphs (graph_begin .. graph_free): records alive, a recording under way, and the
+ * scratch buffers outgrown while a record (which may use them) exists */
+static int kd_graphs, kd_recording;
+static kd_status kd_sticky_before_rec; /* kd_sticky when the recording began */
+static void **kd_retired;
+static int kd_nretired, kd_retired_cap;
+
+/* p is no longer the backend's: freed now, or kept until the last graph goes */
+static void scratch_drop(void *p)
+{
+    if (!p)
+        return;
+    if (kd_graphs > 0) {
+        if (kd_nretired == kd_retired_cap) {
+            int cap = kd_retired_cap ? 2 * kd_retired_cap : 8;
+            void **grown = realloc(kd_retired, sizeof *grown * (size_t)cap);
+            if (!grown) { /* cannot remember it: leaked rather than freed under a graph */
+                keep(KD_FAIL(KD_ERR_NOMEM, "cannot keep a scratch buffer for a CUDA graph"));
+                return;
+            }
+            kd_retired = grown;
+            kd_retired_cap = cap;
+        }
+        kd_retired[kd_nretired++] = p;
+        return;
+    }
+    keep(cuda_check(cudaStreamSynchronize(kd_stream), "cudaStreamSynchronize"));
+    keep(cuda_check(cudaFree(p), "cudaFree"));
+}
+
 static double *rows_scratch(size_t count)
 {
     if (count <= kd_rows_cap)
         return kd_rows;
-    if (kd_rows) {
-        keep(cuda_check(cudaStreamSynchronize(kd_stream), "cudaStreamSynchronize"));
-        keep(cuda_check(cudaFree(kd_rows), "cudaFree"));
+    if (kd_recording) { /* no allocation while recording: the recording fails instead */
+        keep(KD_FAIL(KD_ERR_DEVICE,
+                     "the per-row loss scratch would grow from %zu to %zu doubles during a CUDA "
+                     "graph recording",
+                     kd_rows_cap, count));
+        return NULL;
     }
+    scratch_drop(kd_rows);
     kd_rows = NULL;
     kd_rows_cap = 0;
     kd_status st = cuda_check(cudaMalloc((void **)&kd_rows, sizeof(double) * count),
@@ -838,6 +882,83 @@ static kd_status cu_optim_step(const kd_optim_cfg *c, float *params, float *grad
                               kd_norm_scratch);
 }
 
+/* ---- CUDA graphs (backend.h: graph_begin .. graph_free) ---- */
+
+static kd_status cu_graph_begin(void)
+{
+    if (kd_recording)
+        return KD_FAIL(KD_ERR_INVALID, "a CUDA graph is already being recorded");
+    /* thread-local mode: a call from this thread that cannot be recorded (an allocation, a
+     * synchronization) fails and invalidates the recording instead of running */
+    KD_TRY(cuda_check(cudaStreamBeginCapture(kd_stream, cudaStreamCaptureModeThreadLocal),
+                      "cudaStreamBeginCapture"));
+    kd_recording = 1;
+    kd_sticky_before_rec = kd_sticky;
+    return KD_OK;
+}
+
+static kd_status cu_graph_end(void **out)
+{
+    *out = NULL;
+    if (!kd_recording)
+        return KD_FAIL(KD_ERR_INVALID, "no CUDA graph is being recorded");
+    cudaGraph_t g = NULL;
+    cudaError_t e = cudaStreamEndCapture(kd_stream, &g);
+    kd_recording = 0;
+    char why[600] = "";
+    if (kd_sticky_before_rec == KD_OK && kd_sticky != KD_OK) {
+        /* an error while recording belongs to the recording: nothing of it ran */
+        snprintf(why, sizeof why, "%s", kd_sticky_msg);
+        kd_sticky = KD_OK;
+    }
+    if (e != cudaSuccess && !why[0])
+        snprintf(why, sizeof why, "cudaStreamEndCapture: %s", cudaGetErrorString(e));
+    if (!why[0] && !g)
+        snprintf(why, sizeof why, "cudaStreamEndCapture gave no graph");
+    if (why[0]) {
+        (void)cudaGetLastError(); /* the recording's error is not the next operation's */
+        if (g)
+            cudaGraphDestroy(g);
+        return KD_FAIL(KD_ERR_DEVICE, "recording a CUDA graph failed: %s", why);
+    }
+    cudaGraphExec_t x = NULL;
+    e = cudaGraphInstantiate(&x, g, 0);
+    kd_status st = cuda_check(e, "cudaGraphInstantiate");
+    kd_status dst = cuda_check(cudaGraphDestroy(g), "cudaGraphDestroy");
+    if (st != KD_OK) {
+        (void)cudaGetLastError();
+        return st;
+    }
+    if (dst != KD_OK) {
+        cudaGraphExecDestroy(x);
+        return dst;
+    }
+    kd_graphs++;
+    *out = x;
+    return KD_OK;
+}
+
+static kd_status cu_graph_launch(void *g)
+{
+    if (!g)
+        return KD_FAIL(KD_ERR_INVALID, "no CUDA graph to launch");
+    return cuda_check(cudaGraphLaunch((cudaGraphExec_t)g, kd_stream), "cudaGraphLaunch");
+}
+
+static void cu_graph_free(void *g)
+{
+    if (!g)
+        return;
+    /* a launched graph may still run: wait before its buffers can go */
+    keep(cuda_check(cudaStreamSynchronize(kd_stream), "cudaStreamSynchronize"));
+    keep(cuda_check(cudaGraphExecDestroy((cudaGraphExec_t)g), "cudaGraphExecDestroy"));
+    if (kd_graphs > 0 && --kd_graphs == 0) {
+        for (int i = 0; i < kd_nretired; i++)
+            keep(cuda_check(cudaFree(kd_retired[i]), "cudaFree"));
+        kd_nretired = 0;
+    }
+}
+
 static const kd_backend kd_cuda_backend = {
     .name = "cuda",
     .device = KD_DEVICE_CUDA,
@@ -875,6 +996,10 @@ static const kd_backend kd_cuda_backend = {
     .gather_augment = cu_gather_augment,
     .gather_rows = cu_gather_rows,
     .optim_step = cu_optim_step,
+    .graph_begin = cu_graph_begin,
+    .graph_end = cu_graph_end,
+    .graph_launch = cu_graph_launch,
+    .graph_free = cu_graph_free,
 };
 
 void kd_backend_cuda_prefer_device(int index) { kd_prefer_device = index < 0 ? -1 : index; }
@@ -902,7 +1027,8 @@ const kd_backend *kd_backend_cuda(const char **why)
         return NULL;
     }
     /* the device first: the stream, cuBLAS and later NCCL all belong to the current one */
-    int dev = kd_prefer_device >= 0 ? kd_prefer_device % count : -1;
+    int dev = kd_prefer_device >= 0 ? kd_prefer_device % count : -1, major = 0;
+    size_t blas_ws = 0;
     cublasStatus_t bs;
     if (dev >= 0 && (e = cudaSetDevice(dev)) != cudaSuccess) {
         snprintf(reason, sizeof reason, "cudaSetDevice(%d) failed (%d devices visible): %s", dev,
@@ -915,6 +1041,17 @@ const kd_backend *kd_backend_cuda(const char **why)
         snprintf(reason, sizeof reason, "cublasCreate failed: status %d", (int)bs);
     } else if ((bs = cublasSetStream(kd_blas, kd_stream)) != CUBLAS_STATUS_SUCCESS) {
         snprintf(reason, sizeof reason, "cublasSetStream failed: status %d", (int)bs);
+    } else if ((e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) !=
+               cudaSuccess) {
+        snprintf(reason, sizeof reason, "cudaDeviceGetAttribute failed: %s", cudaGetErrorString(e));
+    } else if ((e = cudaMalloc(&kd_blas_ws,
+                               blas_ws = major >= 9 ? KD_BLAS_WS_HOPPER : KD_BLAS_WS_BYTES)) !=
+               cudaSuccess) {
+        snprintf(reason, sizeof reason, "cudaMalloc of the %zu-byte cuBLAS workspace failed: %s",
+                 blas_ws, cudaGetErrorString(e));
+    } else if ((bs = cublasSetWorkspace(kd_blas, kd_blas_ws, blas_ws)) != CUBLAS_STATUS_SUCCESS) {
+        /* after cublasSetStream, which resets the workspace to cuBLAS's own pool */
+        snprintf(reason, sizeof reason, "cublasSetWorkspace failed: status %d", (int)bs);
     } else if ((e = cudaMalloc((void **)&kd_norm_scratch, sizeof(double) * KD_CUDA_NORM_SCRATCH)) !=
                cudaSuccess) {
         snprintf(reason, sizeof reason, "cudaMalloc of %zu bytes failed: %s",

@@ -70,8 +70,8 @@ static kd_status section(const kd_node *root, const char *key, int required,
 static kd_status parse_run(kd_job *j)
 {
     static const char *const keys[] = {
-        "name", "out_dir",   "seed",      "device", "threads", "log_every", "checkpoint_every",
-        "comm", "bucket_kb", "precision", NULL};
+        "name", "out_dir",   "seed",      "device",     "threads", "log_every", "checkpoint_every",
+        "comm", "bucket_kb", "precision", "cuda_graph", NULL};
     const kd_node *s;
     KD_TRY(section(j->root, "run", 0, keys, &s));
     snprintf(j->name, sizeof j->name, "run");
@@ -81,6 +81,7 @@ static kd_status parse_run(kd_job *j)
     j->log_every = 100;
     snprintf(j->comm, sizeof j->comm, "auto");
     j->bucket_kb = 1024;
+    j->cuda_graph = 1;
     int64_t seed = 1;
     if (s) {
         KD_TRY(copy_str(s, "name", 0, j->name, sizeof j->name));
@@ -93,6 +94,7 @@ static kd_status parse_run(kd_job *j)
         KD_TRY(get_i32(s, "bucket_kb", 0, 4, 1 << 22, &j->bucket_kb));
         KD_TRY(get_i32(s, "log_every", 0, 1, 1 << 30, &j->log_every));
         KD_TRY(get_i32(s, "checkpoint_every", 0, 0, 1 << 30, &j->checkpoint_every));
+        KD_TRY(kd_node_get_bool(s, "cuda_graph", 0, &j->cuda_graph));
         char prec[16] = "float32";
         KD_TRY(copy_str(s, "precision", 0, prec, sizeof prec));
         if (!strcmp(prec, "bf16") || !strcmp(prec, "bfloat16")) {

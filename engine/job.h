@@ -35,6 +35,7 @@ typedef struct {
     int log_every;        /* steps between plain log lines */
     int checkpoint_every; /* steps between mid-epoch checkpoints; 0 = end of epoch only */
     int bf16; /* run.precision: bf16 -- bfloat16 activations and matmul inputs (engine/model.h) */
+    int cuda_graph; /* run.cuda_graph: replay each full batch's step from a CUDA graph */
 
     /* data */
     char dataset[64];

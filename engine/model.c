@@ -1019,6 +1019,41 @@ void kd_model_backward_notify(kd_model *m, const float *x, int n, kd_grads_ready
 
 void kd_model_zero_grad(kd_model *m) { m->be->zero(m->grads, m->nparams * sizeof(float)); }
 
+static const kd_block *find_kind(const kd_block *b, int n, kd_layer_kind kind)
+{
+    for (int i = 0; i < n; i++) {
+        if (b[i].kind == kind)
+            return &b[i];
+        const kd_block *in = find_kind(b[i].body, b[i].nbody, kind);
+        if (!in)
+            in = find_kind(b[i].proj, b[i].nproj, kind);
+        if (in)
+            return in;
+    }
+    return NULL;
+}
+
+static void count_bn(kd_block *b, int n, int delta)
+{
+    for (int i = 0; i < n; i++) {
+        if (b[i].kind == KD_L_BATCHNORM)
+            b[i].bn_batches += delta;
+        count_bn(b[i].body, b[i].nbody, delta);
+        count_bn(b[i].proj, b[i].nproj, delta);
+    }
+}
+
+void kd_model_count_train_forward(kd_model *m, int delta)
+{
+    count_bn(m->blocks, m->nblocks, delta);
+}
+
+const char *kd_model_find_layer(const kd_model *m, kd_layer_kind kind)
+{
+    const kd_block *b = find_kind(m->blocks, m->nblocks, kind);
+    return b ? b->name : NULL;
+}
+
 kd_status kd_model_set_act_fq(kd_model *m, int on)
 {
     if (on && m->be->device != KD_DEVICE_CPU)

@@ -137,6 +137,13 @@ typedef void (*kd_grads_ready_fn)(void *ctx, size_t from);
 void kd_model_backward_notify(kd_model *m, const float *x, int n, kd_grads_ready_fn ready,
                               void *ctx);
 void kd_model_zero_grad(kd_model *m);
+/* The name ("3", "5.body.1") of the first block of that kind, residual bodies included, or
+ * NULL when the model has none. */
+const char *kd_model_find_layer(const kd_model *m, kd_layer_kind kind);
+/* The host-side bookkeeping of delta training forwards (each batchnorm's num_batches_tracked)
+ * without queuing any work: +1 for a forward replayed from a recording (backend.h graphs),
+ * -1 for one that was recorded but never ran. */
+void kd_model_count_train_forward(kd_model *m, int delta);
 
 /*
  * bfloat16 mixed precision, emulated in float32 storage so that every backend computes it the

@@ -530,6 +530,81 @@ static void grads_ready(void *ctx, size_t from)
         b->st = b->c->ops->sum_progress(b->c);
 }
 
+/* the trainer's losses for kd_step_run: cross-entropy and the teacher's term */
+typedef struct {
+    kd_teacher *teacher;
+    const kd_job *job;
+    const int32_t *y;
+    double *acc;
+} train_losses;
+
+static void train_losses_fn(void *ctx, kd_model *m, int n, double share)
+{
+    const train_losses *l = ctx;
+    /* the loss is the weighted sum of the terms, each a mean over the global batch; each
+     * adds its gradient (a rank's share scaled by n / batch, so the ranks' sum is exact)
+     * and its sums to the device accumulator, read back by flush_stats */
+    m->be->ce(n, m->out_features, kd_model_output(m), l->y, l->job->label_smoothing,
+              kd_model_output_grad(m), l->job->ce_weight * share, NULL, l->acc);
+    if (l->teacher)
+        kd_teacher_loss(l->teacher, l->job, kd_model_output(m), l->y, n, kd_model_output_grad(m),
+                        share, l->acc + 2);
+}
+
+static void step_front(const kd_step *g, int n, double share, uint64_t seed)
+{
+    kd_model_zero_grad(g->m);
+    kd_model_forward(g->m, g->x, n, 1, seed);
+    g->losses(g->ctx, g->m, n, share);
+}
+
+int kd_step_can_record(const kd_model *m)
+{
+    return m->be->graph_begin != NULL && !kd_model_find_layer(m, KD_L_DROPOUT);
+}
+
+kd_status kd_step_run(kd_step *g, int n, int full, uint64_t seed, FILE *log)
+{
+    const kd_backend *be = g->m->be;
+    if (full && g->rec) {
+        kd_model_count_train_forward(g->m, 1); /* what the forward's host side counts */
+        return be->graph_launch(g->rec);
+    }
+    if (full && g->use && g->warm) {
+        kd_status st = be->graph_begin();
+        int recorded = st == KD_OK;
+        if (recorded) {
+            step_front(g, n, 1.0, seed);
+            kd_model_backward(g->m, g->x, n);
+            st = be->graph_end(&g->rec);
+        }
+        if (st == KD_OK) { /* recording counted this forward already: the launch runs it */
+            if (log)
+                fprintf(log,
+                        "CUDA graph recorded: full batches replay forward, losses and backward\n");
+            return be->graph_launch(g->rec);
+        }
+        /* nothing recorded ran: the step runs eagerly below, and so do the later ones */
+        if (recorded)
+            kd_model_count_train_forward(g->m, -1);
+        if (log)
+            fprintf(log, "no CUDA graph (%s): every step runs operation by operation\n",
+                    kd_last_error());
+        g->use = 0;
+    }
+    step_front(g, n, 1.0, seed);
+    kd_model_backward(g->m, g->x, n);
+    g->warm |= full;
+    return KD_OK;
+}
+
+void kd_step_release(kd_step *g)
+{
+    if (g->rec)
+        g->m->be->graph_free(g->rec);
+    g->rec = NULL;
+}
+
 /* The job's ranks as this loop uses them: one rank when the caller gave none. On the CUDA
  * backend the gradients travel through NCCL (device buffers), bootstrapped through MPI. */
 static kd_status open_ranks(const kd_job *job, const kd_train_opts *opts, const kd_backend *be,
@@ -579,6 +654,8 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     qat_ctx qat = {0, 0, NULL};
     kd_comm *solo = NULL, *nccl = NULL, *comm = NULL;
     uint32_t *order = NULL;
+    kd_step sg = {0};
+    train_losses tl = {0};
     int batch = job->batch_size;
     int eval_batch = job->eval_batch_size;
     int max_batch = batch > eval_batch ? batch : eval_batch;
@@ -793,11 +870,30 @@ train:;
                 job->bucket_kb);
     if (job->bf16)
         fprintf(log, ", bf16 activations and products (emulated in float32 storage)");
+    if (be->graph_begin && job->cuda_graph) {
+        const char *drop = kd_model_find_layer(m, KD_L_DROPOUT);
+        if (world > 1 || drop) {
+            fprintf(log, ", no CUDA graph (");
+            if (world > 1)
+                fprintf(log, "the gradient sum runs inside backward");
+            else
+                fprintf(log, "dropout layer %s draws a new mask every step", drop);
+            fputc(')', log);
+        } else {
+            fprintf(log, ", steps replayed from a CUDA graph");
+        }
+    }
     if (job->threads > 1 && getenv("GOMP_SPINCOUNT"))
         fprintf(log, ", OpenMP spin %s", getenv("GOMP_SPINCOUNT"));
     fputc('\n', log);
     grad_buckets buckets = {
         .c = comm, .grads = m->grads, .bucket = (size_t)job->bucket_kb * 1024 / sizeof(float)};
+    tl = (train_losses){.teacher = teacher, .job = job, .y = y_dev, .acc = acc_dev};
+    sg = (kd_step){.m = m,
+                   .x = x_dev,
+                   .losses = train_losses_fn,
+                   .ctx = &tl,
+                   .use = job->cuda_graph && world == 1 && kd_step_can_record(m)};
     double t_run = now_s();
     for (int64_t epoch = step / steps_per_epoch; epoch < job->epochs; epoch++) {
         kd_epoch_permutation(perm, (uint32_t)n_train, job->seed, (uint64_t)epoch);
@@ -830,23 +926,16 @@ train:;
             if (st || (st = assemble_batch(be, &d.train, x_all, y_all, idx, prm_host, nl, idx_dev,
                                            prm_dev, x_host, y_host, x_dev, y_dev)))
                 goto done;
-            kd_model_zero_grad(m);
             weights_for_step(m, &qat); /* forward and backward at the quantized weights */
-            kd_model_forward(m, x_dev, nl, 1, kd_mix64(job->seed, (uint64_t)step, 0xd0));
+            /* the teacher's targets for this batch (its forward pass, or cache rows) */
             if (teacher && (st = kd_teacher_targets(teacher, x_dev, idx_dev, nl)))
                 goto done;
-            /* the loss is the weighted sum of the terms, each a mean over the global batch; each
-             * adds its gradient (a rank's share scaled by nl / n, so the ranks' sum is exact)
-             * and its sums to the device accumulator, read back by flush_stats */
-            const double share = (double)nl / n;
-            be->ce(nl, m->out_features, kd_model_output(m), y_dev, job->label_smoothing,
-                   kd_model_output_grad(m), job->ce_weight * share, NULL, acc_dev);
-            if (teacher)
-                kd_teacher_loss(teacher, job, kd_model_output(m), y_dev, nl,
-                                kd_model_output_grad(m), share, acc_dev + 2);
+            const uint64_t fwd_seed = kd_mix64(job->seed, (uint64_t)step, 0xd0);
             if (world == 1) {
-                kd_model_backward(m, x_dev, nl);
+                if ((st = kd_step_run(&sg, nl, nl == batch, fwd_seed, log)))
+                    goto done;
             } else {
+                step_front(&sg, nl, (double)nl / n, fwd_seed);
                 buckets.hi = m->nparams;
                 buckets.st = KD_OK;
                 kd_model_backward_notify(m, x_dev, nl, grads_ready, &buckets);
@@ -1023,6 +1112,7 @@ train:;
             st = KD_FAIL(KD_ERR_IO, "cannot write '%s': %s", rpath, strerror(errno));
     }
 done:
+    kd_step_release(&sg);
     weights_master(m, &qat);
     free(qat.saved);
     kd_teacher_close(teacher);

@@ -28,6 +28,38 @@ typedef struct {
 /* Train the job to the end (or until *stop), writing checkpoints and metrics under out_dir. */
 kd_status kd_train(const kd_job *job, const kd_train_opts *opts);
 
+/*
+ * One process's training step between batch assembly and the optimizer update, as the
+ * trainer runs it: gradients zeroed, the forward pass of x, losses(ctx, m, n, 1.0) (which
+ * write the output gradient and queue their sums), the backward pass. On a backend with
+ * graphs (CUDA, backend.h) it is recorded once, at the first full batch after an eager full
+ * batch has run (by then every per-shape plan and scratch buffer exists), and each later full
+ * batch replays the record: one launch instead of one per operation. What the record reads
+ * changes only in device memory (the batch, the teacher's targets, the weights) and its
+ * scalars are the same at every full batch, so a replay computes what the eager calls would,
+ * bit for bit. Never recorded: a smaller batch (the last of an epoch), and a step with
+ * use == 0 (set it from kd_step_can_record and the caller's own conditions: several ranks
+ * sum gradients inside backward, run.cuda_graph: false). A recording that fails is said on
+ * log (may be NULL) and the step and all later ones run eagerly. kd_step_release frees the
+ * record.
+ */
+struct kd_model;
+typedef void (*kd_step_losses_fn)(void *ctx, struct kd_model *m, int n, double share);
+typedef struct {
+    struct kd_model *m;
+    const float *x; /* the batch, [max_batch, in] on the model's device */
+    kd_step_losses_fn losses;
+    void *ctx;
+    int use;   /* record and replay full batches */
+    int warm;  /* an eager full batch has run */
+    void *rec; /* the record, once made */
+} kd_step;
+kd_status kd_step_run(kd_step *s, int n, int full, uint64_t step_seed, FILE *log);
+void kd_step_release(kd_step *s);
+/* The model's backend records graphs and the model has no dropout (whose mask seed changes
+ * every step, which a record would fix). */
+int kd_step_can_record(const struct kd_model *m);
+
 /* Evaluate a checkpoint of the job's model on the data set's test split. */
 kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out);
 

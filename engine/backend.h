@@ -62,7 +62,10 @@ typedef struct kd_backend {
     void (*avgpool_bwd)(const kd_pool_shape *p, const float *dy, float *dx);
     void (*gap_fwd)(int n, int c, int hw, const float *x, float *y);
     void (*gap_bwd)(int n, int c, int hw, const float *dy, float *dx);
-    void (*dropout_fwd)(size_t n, const float *x, float *y, float *mask, double p, uint64_t seed);
+    /* seed: one uint64 in the backend's memory, read when the operation runs (so recorded
+       work, see graph_begin, uses whatever the caller has stored there since) */
+    void (*dropout_fwd)(size_t n, const float *x, float *y, float *mask, double p,
+                        const uint64_t *seed);
     void (*mul)(size_t n, const float *a, const float *b, float *y);
     void (*add)(size_t n, const float *a, const float *b, float *y);
     void (*copy)(size_t n, const float *src, float *dst);

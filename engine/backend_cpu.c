@@ -39,6 +39,12 @@ static kd_status cpu_zero(void *dst, size_t bytes)
 
 static void cpu_copy(size_t n, const float *src, float *dst) { memmove(dst, src, n * sizeof *dst); }
 
+static void cpu_dropout_fwd(size_t n, const float *x, float *y, float *mask, double p,
+                            const uint64_t *seed)
+{
+    kd_cpu_dropout_fwd_f32(n, x, y, mask, p, *seed);
+}
+
 static void cpu_round_bf16(size_t n, float *x)
 {
 #pragma omp parallel for simd schedule(static) if (n > 65536)
@@ -139,7 +145,7 @@ static const kd_backend kd_cpu_backend = {
     .avgpool_bwd = kd_cpu_avgpool_bwd_f32,
     .gap_fwd = kd_cpu_gap_fwd_f32,
     .gap_bwd = kd_cpu_gap_bwd_f32,
-    .dropout_fwd = kd_cpu_dropout_fwd_f32,
+    .dropout_fwd = cpu_dropout_fwd,
     .mul = kd_cpu_mul_f32,
     .add = kd_cpu_add_f32,
     .copy = cpu_copy,

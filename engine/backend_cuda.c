@@ -17,7 +17,8 @@
  *               kernels/batchnorm.cu
  *   activation  act_fwd, act_bwd, mul, add, copy: kernels/elementwise.cu, memcpy
  *   pooling     maxpool_fwd/bwd, avgpool_fwd/bwd, gap_fwd/bwd: kernels/pool.cu
- *   dropout     dropout_fwd: kernels/elementwise.cu, the CPU's mask bit for bit
+ *   dropout     dropout_fwd: kernels/elementwise.cu, the CPU's mask bit for bit, the seed
+ *               read from device memory (so a graph replays with the step's seed)
  *   losses      ce (kernels/cross_entropy.cu), kd_dense (kernels/softmax_kl.cu),
  *               kd_dkd (kernels/dkd.cu),
  *               kd_topk (kernels/softmax_kl_topk.cu); each returns a host value
@@ -860,7 +861,8 @@ static void cu_gap_bwd(int n, int c, int hw, const float *dy, float *dx)
     keep(kd_cuda_gap_bwd(kd_stream, n, c, hw, dy, dx));
 }
 
-static void cu_dropout_fwd(size_t n, const float *x, float *y, float *mask, double p, uint64_t seed)
+static void cu_dropout_fwd(size_t n, const float *x, float *y, float *mask, double p,
+                           const uint64_t *seed)
 {
     keep(kd_cuda_dropout_fwd(kd_stream, n, x, y, mask, p, seed));
 }

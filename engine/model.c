@@ -486,6 +486,42 @@ static int has_params(const kd_block *b)
  * tapped, or the activation ends a residual branch (whose gradient buffer the
  * residual shares).
  */
+/* number the dropout blocks (their entries in seeds_dev) in forward order */
+static void seed_slot_walk(kd_block *blocks, int n, int *next)
+{
+    for (int i = 0; i < n; i++) {
+        if (blocks[i].kind == KD_L_DROPOUT)
+            blocks[i].seed_slot = (*next)++;
+        seed_slot_walk(blocks[i].body, blocks[i].nbody, next);
+        seed_slot_walk(blocks[i].proj, blocks[i].nproj, next);
+    }
+}
+
+/* each dropout block's mask seed for a step: block i of a trunk draws from
+ * mix(seed, i, 0xb10c), a residual's body and projection from mix(that, 1 | 2, 0) */
+static void seed_walk(const kd_block *blocks, int n, uint64_t seed, uint64_t *out)
+{
+    for (int i = 0; i < n; i++) {
+        const uint64_t s = kd_mix64(seed, (uint64_t)i, 0xb10c);
+        if (blocks[i].kind == KD_L_DROPOUT)
+            out[blocks[i].seed_slot] = kd_mix64(s, 0xd7, 0);
+        seed_walk(blocks[i].body, blocks[i].nbody, kd_mix64(s, 1, 0), out);
+        seed_walk(blocks[i].proj, blocks[i].nproj, kd_mix64(s, 2, 0), out);
+    }
+}
+
+kd_status kd_model_stage_seeds(kd_model *m, uint64_t step_seed)
+{
+    if (!m->ndropout || (m->seeds_ready && m->seeds_step == step_seed))
+        return KD_OK;
+    seed_walk(m->blocks, m->nblocks, step_seed, m->seeds_host);
+    m->seeds_ready = 0;
+    KD_TRY(m->be->upload(m->seeds_dev, m->seeds_host, (size_t)m->ndropout * sizeof(uint64_t)));
+    m->seeds_step = step_seed;
+    m->seeds_ready = 1;
+    return KD_OK;
+}
+
 static void plan_walk(kd_block *blocks, int n, int nested)
 {
     int seen = 0;
@@ -662,6 +698,15 @@ kd_status kd_model_build(const kd_node *input, const kd_node *layers, const kd_b
     int next = 0;
     counters_walk(m->blocks, m->nblocks, m->entries, m->nentries, &next);
     plan_walk(m->blocks, m->nblocks, 0);
+    seed_slot_walk(m->blocks, m->nblocks, &m->ndropout);
+    m->seeds_host = calloc(m->ndropout ? m->ndropout : 1, sizeof(uint64_t));
+    if (!m->seeds_host) {
+        st = KD_FAIL(KD_ERR_NOMEM, "out of memory");
+        goto fail;
+    }
+    if ((st = be->alloc((void **)&m->seeds_dev,
+                        (m->ndropout ? m->ndropout : 1) * sizeof(uint64_t))) != KD_OK)
+        goto fail;
 
     size_t count = 0;
     arena_walk(m->blocks, m->nblocks, max_batch, NULL, &count);
@@ -716,7 +761,9 @@ void kd_model_free(kd_model *m)
         m->be->release(m->ws);
         m->be->release(m->x_bf16);
         m->be->release(m->master);
+        m->be->release(m->seeds_dev);
     }
+    free(m->seeds_host);
     free(m->decay_mask);
     free(m->entries);
     free_trunk(m->blocks, m->nblocks);
@@ -725,8 +772,7 @@ void kd_model_free(kd_model *m)
 
 /* ---- running ---- */
 
-static void chain_fwd(kd_model *m, kd_block *blocks, int count, const float *x, int n, int train,
-                      uint64_t seed);
+static void chain_fwd(kd_model *m, kd_block *blocks, int count, const float *x, int n, int train);
 
 static kd_pool_shape pool_shape(const kd_block *b, int n)
 {
@@ -741,7 +787,7 @@ static kd_pool_shape pool_shape(const kd_block *b, int n)
                            .wo = b->out[2]};
 }
 
-static void block_fwd(kd_model *m, kd_block *b, const float *x, int n, int train, uint64_t seed)
+static void block_fwd(kd_model *m, kd_block *b, const float *x, int n, int train)
 {
     const kd_backend *be = m->be;
     float *P = m->params;
@@ -790,14 +836,14 @@ static void block_fwd(kd_model *m, kd_block *b, const float *x, int n, int train
     case KD_L_FLATTEN: be->copy(act, x, b->y); break;
     case KD_L_DROPOUT:
         if (train && b->p > 0)
-            be->dropout_fwd(act, x, b->y, b->save_a, b->p, kd_mix64(seed, 0xd7, 0));
+            be->dropout_fwd(act, x, b->y, b->save_a, b->p, m->seeds_dev + b->seed_slot);
         else
             be->copy(act, x, b->y);
         break;
     case KD_L_RESIDUAL:
-        chain_fwd(m, b->body, b->nbody, x, n, train, kd_mix64(seed, 1, 0));
+        chain_fwd(m, b->body, b->nbody, x, n, train);
         if (b->nproj) {
-            chain_fwd(m, b->proj, b->nproj, x, n, train, kd_mix64(seed, 2, 0));
+            chain_fwd(m, b->proj, b->nproj, x, n, train);
             be->add(act, b->body[b->nbody - 1].y, b->proj[b->nproj - 1].y, b->y);
         } else {
             be->add(act, b->body[b->nbody - 1].y, x, b->y);
@@ -831,15 +877,14 @@ static int is_pool(kd_layer_kind k)
     return k == KD_L_MAXPOOL || k == KD_L_AVGPOOL || k == KD_L_GAP;
 }
 
-static void chain_fwd(kd_model *m, kd_block *blocks, int count, const float *x, int n, int train,
-                      uint64_t seed)
+static void chain_fwd(kd_model *m, kd_block *blocks, int count, const float *x, int n, int train)
 {
     const float *in = x;
     float scale = 0; /* the int8 grid of the last tensor quantized in this trunk */
     int32_t zp = 0;
     int grid_is_input = 0; /* ... and it is block i's input */
     for (int i = 0; i < count; i++) {
-        block_fwd(m, &blocks[i], in, n, train, kd_mix64(seed, (uint64_t)i, 0xb10c));
+        block_fwd(m, &blocks[i], in, n, train);
         if (m->act_fq && act_quantized(blocks, count, i)) {
             const size_t cnt = (size_t)n * blocks[i].out_numel;
             if (is_pool(blocks[i].kind) && grid_is_input) /* the exporter keeps the input's */
@@ -970,7 +1015,11 @@ static const float *model_input(kd_model *m, const float *x, int n, int fresh)
 
 void kd_model_forward(kd_model *m, const float *x, int n, int train, uint64_t step_seed)
 {
-    chain_fwd(m, m->blocks, m->nblocks, model_input(m, x, n, 1), n, train, step_seed);
+    /* a failed upload leaves seeds_ready 0 and its message in kd_last_error(); the trainer
+     * stages the seeds itself first and stops on the failure */
+    if (train)
+        (void)kd_model_stage_seeds(m, step_seed);
+    chain_fwd(m, m->blocks, m->nblocks, model_input(m, x, n, 1), n, train);
 }
 
 const float *kd_model_output(const kd_model *m) { return m->blocks[m->nblocks - 1].y; }
@@ -1019,20 +1068,6 @@ void kd_model_backward_notify(kd_model *m, const float *x, int n, kd_grads_ready
 
 void kd_model_zero_grad(kd_model *m) { m->be->zero(m->grads, m->nparams * sizeof(float)); }
 
-static const kd_block *find_kind(const kd_block *b, int n, kd_layer_kind kind)
-{
-    for (int i = 0; i < n; i++) {
-        if (b[i].kind == kind)
-            return &b[i];
-        const kd_block *in = find_kind(b[i].body, b[i].nbody, kind);
-        if (!in)
-            in = find_kind(b[i].proj, b[i].nproj, kind);
-        if (in)
-            return in;
-    }
-    return NULL;
-}
-
 static void count_bn(kd_block *b, int n, int delta)
 {
     for (int i = 0; i < n; i++) {
@@ -1046,12 +1081,6 @@ static void count_bn(kd_block *b, int n, int delta)
 void kd_model_count_train_forward(kd_model *m, int delta)
 {
     count_bn(m->blocks, m->nblocks, delta);
-}
-
-const char *kd_model_find_layer(const kd_model *m, kd_layer_kind kind)
-{
-    const kd_block *b = find_kind(m->blocks, m->nblocks, kind);
-    return b ? b->name : NULL;
 }
 
 kd_status kd_model_set_act_fq(kd_model *m, int on)

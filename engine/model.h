@@ -56,6 +56,7 @@ struct kd_block {
      * 0 none, -1 relu, 6 relu6) and the activation block only shares its buffers (fused) */
     double fuse_cap;
     int fused;
+    int seed_slot;     /* dropout: its entry in the model's seeds_dev */
     int params_before; /* some block before this one in its trunk has parameters */
     /* activations: y and dy are [N, out] */
     float *y, *dy;
@@ -106,6 +107,12 @@ typedef struct kd_model {
     float *master; /* [nparams], valid between kd_model_bf16_weights(m, 1) and (m, 0) */
     int bf16_held; /* the parameters are the rounded copy */
     int act_fq;    /* kd_model_set_act_fq: int8 fake-quantized activations (CPU) */
+    /* dropout: each dropout block's mask seed for the current step, on the host and where the
+     * backend reads it (kd_model_stage_seeds) */
+    int ndropout;
+    uint64_t *seeds_host, *seeds_dev;
+    uint64_t seeds_step; /* the step seed they were derived from */
+    int seeds_ready;     /* seeds_dev holds the seeds of seeds_step */
 } kd_model;
 
 /*
@@ -122,6 +129,13 @@ void kd_model_free(kd_model *m);
 /* Forward n samples x [N, in] (device memory); train selects batch statistics and dropout;
  * step_seed varies dropout masks per step. Output: kd_model_output(). */
 void kd_model_forward(kd_model *m, const float *x, int n, int train, uint64_t step_seed);
+/*
+ * Derive every dropout block's mask seed from step_seed and store them where the backend
+ * reads them (an upload, skipped when they are already there). A training forward does it
+ * itself; a caller that records the forward (backend.h graphs) calls it before recording and
+ * before each replay, since the recorded work reads the seeds from device memory.
+ */
+kd_status kd_model_stage_seeds(kd_model *m, uint64_t step_seed);
 const float *kd_model_output(const kd_model *m);
 /* Gradient of the loss w.r.t. the output, [N, out_features]: losses write it before backward. */
 float *kd_model_output_grad(kd_model *m);
@@ -137,9 +151,6 @@ typedef void (*kd_grads_ready_fn)(void *ctx, size_t from);
 void kd_model_backward_notify(kd_model *m, const float *x, int n, kd_grads_ready_fn ready,
                               void *ctx);
 void kd_model_zero_grad(kd_model *m);
-/* The name ("3", "5.body.1") of the first block of that kind, residual bodies included, or
- * NULL when the model has none. */
-const char *kd_model_find_layer(const kd_model *m, kd_layer_kind kind);
 /* The host-side bookkeeping of delta training forwards (each batchnorm's num_batches_tracked)
  * without queuing any work: +1 for a forward replayed from a recording (backend.h graphs),
  * -1 for one that was recorded but never ran. */

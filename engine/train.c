@@ -558,14 +558,13 @@ static void step_front(const kd_step *g, int n, double share, uint64_t seed)
     g->losses(g->ctx, g->m, n, share);
 }
 
-int kd_step_can_record(const kd_model *m)
-{
-    return m->be->graph_begin != NULL && !kd_model_find_layer(m, KD_L_DROPOUT);
-}
+int kd_step_can_record(const kd_model *m) { return m->be->graph_begin != NULL; }
 
 kd_status kd_step_run(kd_step *g, int n, int full, uint64_t seed, FILE *log)
 {
     const kd_backend *be = g->m->be;
+    /* the dropout masks' seeds where the (recorded) forward reads them */
+    KD_TRY(kd_model_stage_seeds(g->m, seed));
     if (full && g->rec) {
         kd_model_count_train_forward(g->m, 1); /* what the forward's host side counts */
         return be->graph_launch(g->rec);
@@ -870,19 +869,9 @@ train:;
                 job->bucket_kb);
     if (job->bf16)
         fprintf(log, ", bf16 activations and products (emulated in float32 storage)");
-    if (be->graph_begin && job->cuda_graph) {
-        const char *drop = kd_model_find_layer(m, KD_L_DROPOUT);
-        if (world > 1 || drop) {
-            fprintf(log, ", no CUDA graph (");
-            if (world > 1)
-                fprintf(log, "the gradient sum runs inside backward");
-            else
-                fprintf(log, "dropout layer %s draws a new mask every step", drop);
-            fputc(')', log);
-        } else {
-            fprintf(log, ", steps replayed from a CUDA graph");
-        }
-    }
+    if (be->graph_begin && job->cuda_graph)
+        fprintf(log, world > 1 ? ", no CUDA graph (the gradient sum runs inside backward)"
+                               : ", steps replayed from a CUDA graph");
     if (job->threads > 1 && getenv("GOMP_SPINCOUNT"))
         fprintf(log, ", OpenMP spin %s", getenv("GOMP_SPINCOUNT"));
     fputc('\n', log);

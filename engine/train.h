@@ -36,8 +36,9 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts);
  * batch has run (by then every per-shape plan and scratch buffer exists), and each later full
  * batch replays the record: one launch instead of one per operation. What the record reads
  * changes only in device memory (the batch, the teacher's targets, the weights) and its
- * scalars are the same at every full batch, so a replay computes what the eager calls would,
- * bit for bit. Never recorded: a smaller batch (the last of an epoch), and a step with
+ * scalars are the same at every full batch (dropout reads its mask seeds from device memory,
+ * staged before each step by kd_model_stage_seeds), so a replay computes what the eager calls
+ * would, bit for bit. Never recorded: a smaller batch (the last of an epoch), and a step with
  * use == 0 (set it from kd_step_can_record and the caller's own conditions: several ranks
  * sum gradients inside backward, run.cuda_graph: false). A recording that fails is said on
  * log (may be NULL) and the step and all later ones run eagerly. kd_step_release frees the
@@ -56,8 +57,7 @@ typedef struct {
 } kd_step;
 kd_status kd_step_run(kd_step *s, int n, int full, uint64_t step_seed, FILE *log);
 void kd_step_release(kd_step *s);
-/* The model's backend records graphs and the model has no dropout (whose mask seed changes
- * every step, which a record would fix). */
+/* The model's backend records graphs. */
 int kd_step_can_record(const struct kd_model *m);
 
 /* Evaluate a checkpoint of the job's model on the data set's test split. */

@@ -180,8 +180,9 @@ __device__ __forceinline__ uint64_t mix64(uint64_t a, uint64_t b, uint64_t c)
 }
 
 __global__ void dropout_kernel(size_t n, const float *x, float *y, float *mask, uint64_t thresh,
-                               float keep, uint64_t seed)
+                               float keep, const uint64_t *seed_dev)
 {
+    const uint64_t seed = *seed_dev;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         uint64_t r = mix64(seed, i, 0xD50F) >> 32;
@@ -212,7 +213,7 @@ extern "C" kd_status kd_cuda_bias_grad_nchw(void *stream, int n, int c, int hw, 
 }
 
 extern "C" kd_status kd_cuda_dropout_fwd(void *stream, size_t n, const float *x, float *y,
-                                         float *mask, double p, uint64_t seed)
+                                         float *mask, double p, const uint64_t *seed_dev)
 {
     if (!(p >= 0 && p < 1))
         return KD_FAIL(KD_ERR_INVALID, "dropout: p must be in [0, 1), got %g", p);
@@ -222,7 +223,7 @@ extern "C" kd_status kd_cuda_dropout_fwd(void *stream, size_t n, const float *x,
     const float keep = (float)(1.0 / (1.0 - p));
     const uint64_t thresh = (uint64_t)(p * 4294967296.0);
     dropout_kernel<<<kd_grid_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, x, y, mask, thresh,
-                                                                          keep, seed);
+                                                                          keep, seed_dev);
     return kd_launch_status("dropout");
 }
 

@@ -40,10 +40,12 @@ kd_status kd_cuda_bias_grad_nchw(void *stream, int n, int c, int hw, const float
 /*
  * Inverted dropout, the CPU op kd_cpu_dropout_fwd exactly: element i is dropped when
  * kd_mix64(seed, i, 0xD50F) >> 32 < p * 2^32 (engine/rng.c's stateless hash, so the GPU mask
- * is the CPU mask bit for bit); mask[i] = 0 or (float)(1 / (1 - p)), y = x * mask.
+ * is the CPU mask bit for bit); mask[i] = 0 or (float)(1 / (1 - p)), y = x * mask. The seed is
+ * read from device memory (seed_dev) when the kernel runs, so a CUDA graph that recorded the
+ * launch draws a new mask whenever the caller stores a new seed there.
  */
 kd_status kd_cuda_dropout_fwd(void *stream, size_t n, const float *x, float *y, float *mask,
-                              double p, uint64_t seed);
+                              double p, const uint64_t *seed_dev);
 
 /*
  * Batch assembly, data/augment.h's kd_augment_gather exactly: x_out[i] is sample idx[i] of

@@ -482,18 +482,21 @@ static void test_dropout(void **state)
     float *x = host_rand(n, 9), *y = calloc(n, 4), *mask = calloc(n, 4);
     assert_true(y && mask);
     float *x_d = to_dev(x, n), *y_d = to_dev(NULL, n), *m_d = to_dev(NULL, n);
+    uint64_t *s_d = NULL; /* the seed, read from device memory */
+    assert_int_equal(gpu->alloc((void **)&s_d, sizeof *s_d), KD_OK);
     const double ps[] = {0.1, 0.5, 0.9, 0.0};
     for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) {
         const uint64_t seed = kd_mix64(42, i, 7);
         char what[64];
         snprintf(what, sizeof what, "dropout p %g", ps[i]);
-        cpu->dropout_fwd(n, x, y, mask, ps[i], seed);
-        gpu->dropout_fwd(n, x_d, y_d, m_d, ps[i], seed);
+        cpu->dropout_fwd(n, x, y, mask, ps[i], &seed);
+        assert_int_equal(gpu->upload(s_d, &seed, sizeof seed), KD_OK);
+        gpu->dropout_fwd(n, x_d, y_d, m_d, ps[i], s_d);
         assert_int_equal(gpu->sync(), KD_OK);
         check_same(what, "mask", m_d, mask, n * 4);
         check_same(what, "y", y_d, y, n * 4);
     }
-    gpu->release(x_d), gpu->release(y_d), gpu->release(m_d);
+    gpu->release(x_d), gpu->release(y_d), gpu->release(m_d), gpu->release(s_d);
     free(x), free(y), free(mask);
 }
 

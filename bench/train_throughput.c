@@ -28,9 +28,9 @@
  * gathered there (gather_augment), one be->sync() after backward, then the backend's fused
  * optimizer update (optim_step); the clock of a timed block is read after a final be->sync().
  * As in the trainer (run.cuda_graph), the timed steps replay a CUDA graph of zero_grad, forward,
- * loss and backward, recorded once after the warm-up (engine/train.h, kd_step_run), unless the
- * model has dropout or --no-graph asks for every operation to be launched one by one; the JSON
- * says which ("cuda_graph").
+ * loss and backward, recorded once after the warm-up (engine/train.h, kd_step_run), unless
+ * --no-graph asks for every operation to be launched one by one; the JSON says which
+ * ("cuda_graph").
  * Phases are not timed on the device (queued work lands in whichever phase waits for it): only the
  * whole step, split at the trainer's own sync into "to sync" (gather, forward, loss, backward) and
  * "optimizer" (the device update). The peer gets --device cuda (its data set on the device,

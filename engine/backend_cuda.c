@@ -110,8 +110,20 @@ static double *kd_norm_scratch; /* KD_CUDA_NORM_SCRATCH doubles for optim_step's
 static kd_status kd_sticky = KD_OK;
 static char kd_sticky_msg[512];
 
+/* while a graph is recorded, errors belong to the recording (graph_end reports them) */
+static int kd_recording;
+static kd_status kd_rec_err;
+static char kd_rec_msg[512];
+
 static void keep(kd_status st)
 {
+    if (st != KD_OK && kd_recording) {
+        if (kd_rec_err == KD_OK) {
+            kd_rec_err = st;
+            snprintf(kd_rec_msg, sizeof kd_rec_msg, "%s", kd_last_error());
+        }
+        return;
+    }
     if (st != KD_OK && kd_sticky == KD_OK) {
         kd_sticky = st;
         snprintf(kd_sticky_msg, sizeof kd_sticky_msg, "%s", kd_last_error());
@@ -267,8 +279,7 @@ static size_t kd_rows_cap;
 
 /* CUDA graphs (graph_begin .. graph_free): records alive, a recording under way, and the
  * scratch buffers outgrown while a record (which may use them) exists */
-static int kd_graphs, kd_recording;
-static kd_status kd_sticky_before_rec; /* kd_sticky when the recording began */
+static int kd_graphs;
 static void **kd_retired;
 static int kd_nretired, kd_retired_cap;
 
@@ -892,10 +903,14 @@ static kd_status cu_graph_begin(void)
         return KD_FAIL(KD_ERR_INVALID, "a CUDA graph is already being recorded");
     /* thread-local mode: a call from this thread that cannot be recorded (an allocation, a
      * synchronization) fails and invalidates the recording instead of running */
-    KD_TRY(cuda_check(cudaStreamBeginCapture(kd_stream, cudaStreamCaptureModeThreadLocal),
-                      "cudaStreamBeginCapture"));
+    kd_status st = cuda_check(cudaStreamBeginCapture(kd_stream, cudaStreamCaptureModeThreadLocal),
+                              "cudaStreamBeginCapture");
+    if (st != KD_OK) {
+        (void)cudaGetLastError(); /* not the next launch's error */
+        return st;
+    }
     kd_recording = 1;
-    kd_sticky_before_rec = kd_sticky;
+    kd_rec_err = KD_OK;
     return KD_OK;
 }
 
@@ -908,32 +923,36 @@ static kd_status cu_graph_end(void **out)
     cudaError_t e = cudaStreamEndCapture(kd_stream, &g);
     kd_recording = 0;
     char why[600] = "";
-    if (kd_sticky_before_rec == KD_OK && kd_sticky != KD_OK) {
-        /* an error while recording belongs to the recording: nothing of it ran */
-        snprintf(why, sizeof why, "%s", kd_sticky_msg);
-        kd_sticky = KD_OK;
+    if (kd_rec_err != KD_OK) { /* an error while recording: nothing of it ran */
+        snprintf(why, sizeof why, "%s", kd_rec_msg);
+        kd_rec_err = KD_OK;
     }
     if (e != cudaSuccess && !why[0])
         snprintf(why, sizeof why, "cudaStreamEndCapture: %s", cudaGetErrorString(e));
     if (!why[0] && !g)
         snprintf(why, sizeof why, "cudaStreamEndCapture gave no graph");
     if (why[0]) {
+        const cudaError_t de = g ? cudaGraphDestroy(g) : cudaSuccess;
         (void)cudaGetLastError(); /* the recording's error is not the next operation's */
-        if (g)
-            cudaGraphDestroy(g);
-        return KD_FAIL(KD_ERR_DEVICE, "recording a CUDA graph failed: %s", why);
+        return KD_FAIL(KD_ERR_DEVICE, "recording a CUDA graph failed: %s%s%s", why,
+                       de != cudaSuccess ? "; cudaGraphDestroy then failed too: " : "",
+                       de != cudaSuccess ? cudaGetErrorString(de) : "");
     }
     cudaGraphExec_t x = NULL;
     e = cudaGraphInstantiate(&x, g, 0);
     kd_status st = cuda_check(e, "cudaGraphInstantiate");
     kd_status dst = cuda_check(cudaGraphDestroy(g), "cudaGraphDestroy");
+    if (st == KD_OK && dst != KD_OK) { /* the instance is not kept either */
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", kd_last_error());
+        const cudaError_t xe = cudaGraphExecDestroy(x);
+        st = KD_FAIL(KD_ERR_DEVICE, "%s%s%s", msg,
+                     xe != cudaSuccess ? "; cudaGraphExecDestroy then failed too: " : "",
+                     xe != cudaSuccess ? cudaGetErrorString(xe) : "");
+    }
     if (st != KD_OK) {
         (void)cudaGetLastError();
         return st;
-    }
-    if (dst != KD_OK) {
-        cudaGraphExecDestroy(x);
-        return dst;
     }
     kd_graphs++;
     *out = x;

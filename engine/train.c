@@ -871,7 +871,7 @@ train:;
         fprintf(log, ", bf16 activations and products (emulated in float32 storage)");
     if (be->graph_begin && job->cuda_graph)
         fprintf(log, world > 1 ? ", no CUDA graph (the gradient sum runs inside backward)"
-                               : ", steps replayed from a CUDA graph");
+                               : ", full batches replayed from a CUDA graph once recorded");
     if (job->threads > 1 && getenv("GOMP_SPINCOUNT"))
         fprintf(log, ", OpenMP spin %s", getenv("GOMP_SPINCOUNT"));
     fputc('\n', log);

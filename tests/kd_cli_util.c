@@ -347,3 +347,18 @@ int kd_cli_workspace(const char *prefix, int n_train, int n_test, unsigned seed,
     }
     return 0;
 }
+
+int kd_json_number(const char *text, const char *key, double *out)
+{
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\":", key);
+    const char *p = strstr(text, pat);
+    if (!p)
+        return -1;
+    p += strlen(pat);
+    while (*p == ' ' || *p == '"')
+        p++;
+    char *end;
+    *out = strtod(p, &end);
+    return end == p ? -1 : 0;
+}

@@ -80,6 +80,38 @@ static void expect_same_file(const char *a, const char *b)
         fail_msg("%s and %s differ", a, b);
 }
 
+/* Every epoch's training sums (read back from the device accumulator the graph adds to) and
+ * validation figures are equal; the timings may differ. */
+static void expect_same_metrics(const char *a_path, const char *b_path)
+{
+    static const char *const keys[] = {"epoch",    "step",    "train_loss", "train_acc",
+                                       "val_loss", "val_acc", NULL};
+    char *a = kd_read_text(a_path), *b = kd_read_text(b_path);
+    if (!a || !b)
+        fail_msg("cannot read %s or %s", a_path, b_path);
+    const char *pa = a, *pb = b;
+    int lines = 0;
+    while (*pa && *pb) {
+        for (int k = 0; keys[k]; k++) {
+            double va, vb;
+            if (kd_json_number(pa, keys[k], &va) || kd_json_number(pb, keys[k], &vb))
+                fail_msg("%s: line %d lacks %s", a_path, lines + 1, keys[k]);
+            if (va != vb)
+                fail_msg("epoch line %d: %s %.9g with the graph, %.9g without", lines + 1, keys[k],
+                         va, vb);
+        }
+        pa = strchr(pa, '\n');
+        pb = strchr(pb, '\n');
+        if (!pa || !pb)
+            break;
+        pa++, pb++, lines++;
+    }
+    if ((pa && *pa) || (pb && *pb) || lines < 2)
+        fail_msg("%s and %s differ in length (%d lines compared)", a_path, b_path, lines);
+    free(a);
+    free(b);
+}
+
 /* `distill train job` twice, into <name>_graph and <name>_eager: the first must record a
  * graph, the second (run.cuda_graph: false) must not, and both checkpoints must be equal */
 static void train_both_ways(const char *job, const char *name, const char *extra)
@@ -91,7 +123,8 @@ static void train_both_ways(const char *job, const char *name, const char *extra
     snprintf(ob, sizeof ob, "run.out_dir=%s", tp(b, sizeof b, nb));
     const char *ga[] = {"train", job, "--set", oa, extra ? "--set" : NULL, extra, NULL};
     expect_ok(ga);
-    if (!strstr(out, "steps replayed from a CUDA graph") || !strstr(out, "CUDA graph recorded"))
+    if (!strstr(out, "full batches replayed from a CUDA graph") ||
+        !strstr(out, "CUDA graph recorded"))
         fail_msg("%s: no CUDA graph was recorded:\n%s", name, out);
     const char *gb[] = {
         "train", job, "--set", ob, "--set", "run.cuda_graph=false", extra ? "--set" : NULL,
@@ -105,6 +138,9 @@ static void train_both_ways(const char *job, const char *name, const char *extra
         snprintf(fb, sizeof fb, "%s/%s", b, files[i]);
         expect_same_file(fa, fb);
     }
+    snprintf(fa, sizeof fa, "%s/metrics.jsonl", a);
+    snprintf(fb, sizeof fb, "%s/metrics.jsonl", b);
+    expect_same_metrics(fa, fb);
 }
 
 static char teacher_ckpt[300];

@@ -94,22 +94,6 @@ static void print_log(const char *log)
     free(t);
 }
 
-/* The number after "key": in a JSON text (values may be quoted, as in safetensors metadata). */
-static int json_number(const char *text, const char *key, double *out)
-{
-    char pat[64];
-    snprintf(pat, sizeof pat, "\"%s\":", key);
-    const char *p = strstr(text, pat);
-    if (!p)
-        return -1;
-    p += strlen(pat);
-    while (*p == ' ' || *p == '"')
-        p++;
-    char *end;
-    *out = strtod(p, &end);
-    return end == p ? -1 : 0;
-}
-
 /* The "step" recorded in a checkpoint's safetensors metadata, or -1. */
 static long ckpt_step(const char *path)
 {
@@ -122,7 +106,7 @@ static long ckpt_step(const char *path)
             hlen = hlen << 8 | b[i];
         if (hlen < n - 8) {
             b[8 + hlen] = 0;
-            if (json_number((const char *)b + 8, "step", &step))
+            if (kd_json_number((const char *)b + 8, "step", &step))
                 step = -1;
         }
     }
@@ -210,14 +194,14 @@ static void compare_metrics(const char *a_path, const char *b_path)
     const char *pa = a, *pb = b;
     for (int e = 1; e <= EPOCHS; e++) {
         double ea = 0, eb = 0, va = -1, vb = -2, la = -1, lb = -2;
-        assert_int_equal(json_number(pa, "epoch", &ea), 0);
-        assert_int_equal(json_number(pb, "epoch", &eb), 0);
+        assert_int_equal(kd_json_number(pa, "epoch", &ea), 0);
+        assert_int_equal(kd_json_number(pb, "epoch", &eb), 0);
         assert_int_equal((int)ea, e);
         assert_int_equal((int)eb, e);
-        assert_int_equal(json_number(pa, "val_acc", &va), 0);
-        assert_int_equal(json_number(pb, "val_acc", &vb), 0);
-        assert_int_equal(json_number(pa, "val_loss", &la), 0);
-        assert_int_equal(json_number(pb, "val_loss", &lb), 0);
+        assert_int_equal(kd_json_number(pa, "val_acc", &va), 0);
+        assert_int_equal(kd_json_number(pb, "val_acc", &vb), 0);
+        assert_int_equal(kd_json_number(pa, "val_loss", &la), 0);
+        assert_int_equal(kd_json_number(pb, "val_loss", &lb), 0);
         if (va != vb || la != lb)
             fail_msg("epoch %d: uninterrupted val_acc %.6f val_loss %.6f, resumed val_acc %.6f "
                      "val_loss %.6f",
@@ -319,10 +303,10 @@ static void test_resume_is_bit_identical(void **state)
     snprintf(fb, sizeof fb, "%s/result.json", dir_b);
     char *ra = read_text(fa), *rb = read_text(fb);
     double acc_a = -1, acc_b = -2, loss_a = -1, loss_b = -2;
-    assert_int_equal(json_number(ra, "test_acc", &acc_a), 0);
-    assert_int_equal(json_number(rb, "test_acc", &acc_b), 0);
-    assert_int_equal(json_number(ra, "test_loss", &loss_a), 0);
-    assert_int_equal(json_number(rb, "test_loss", &loss_b), 0);
+    assert_int_equal(kd_json_number(ra, "test_acc", &acc_a), 0);
+    assert_int_equal(kd_json_number(rb, "test_acc", &acc_b), 0);
+    assert_int_equal(kd_json_number(ra, "test_loss", &loss_a), 0);
+    assert_int_equal(kd_json_number(rb, "test_loss", &loss_b), 0);
     fprintf(stderr, "test_acc %.6f (A) %.6f (B)\n", acc_a, acc_b);
     if (acc_a != acc_b || loss_a != loss_b)
         fail_msg("test_acc/test_loss: uninterrupted %.6f/%.6f, resumed %.6f/%.6f", acc_a, loss_a,

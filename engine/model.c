@@ -480,12 +480,6 @@ static int has_params(const kd_block *b)
     return 0;
 }
 
-/*
- * Decide fusions and which blocks need their input gradient. A batchnorm
- * fuses the relu/relu6 right after it unless the batchnorm's own output is
- * tapped, or the activation ends a residual branch (whose gradient buffer the
- * residual shares).
- */
 /* number the dropout blocks (their entries in seeds_dev) in forward order */
 static void seed_slot_walk(kd_block *blocks, int n, int *next)
 {
@@ -522,6 +516,12 @@ kd_status kd_model_stage_seeds(kd_model *m, uint64_t step_seed)
     return KD_OK;
 }
 
+/*
+ * Decide fusions and which blocks need their input gradient. A batchnorm
+ * fuses the relu/relu6 right after it unless the batchnorm's own output is
+ * tapped, or the activation ends a residual branch (whose gradient buffer the
+ * residual shares).
+ */
 static void plan_walk(kd_block *blocks, int n, int nested)
 {
     int seen = 0;

@@ -558,6 +558,13 @@ static void step_front(const kd_step *g, int n, double share, uint64_t seed)
     g->losses(g->ctx, g->m, n, share);
 }
 
+/* one process's whole step between batch assembly and the update, queued */
+static void step_queue(const kd_step *g, int n, uint64_t seed)
+{
+    step_front(g, n, 1.0, seed);
+    kd_model_backward(g->m, g->x, n);
+}
+
 int kd_step_can_record(const kd_model *m) { return m->be->graph_begin != NULL; }
 
 kd_status kd_step_run(kd_step *g, int n, int full, uint64_t seed, FILE *log)
@@ -573,8 +580,7 @@ kd_status kd_step_run(kd_step *g, int n, int full, uint64_t seed, FILE *log)
         kd_status st = be->graph_begin();
         int recorded = st == KD_OK;
         if (recorded) {
-            step_front(g, n, 1.0, seed);
-            kd_model_backward(g->m, g->x, n);
+            step_queue(g, n, seed);
             st = be->graph_end(&g->rec);
         }
         if (st == KD_OK) { /* recording counted this forward already: the launch runs it */
@@ -591,8 +597,7 @@ kd_status kd_step_run(kd_step *g, int n, int full, uint64_t seed, FILE *log)
                     kd_last_error());
         g->use = 0;
     }
-    step_front(g, n, 1.0, seed);
-    kd_model_backward(g->m, g->x, n);
+    step_queue(g, n, seed);
     g->warm |= full;
     return KD_OK;
 }

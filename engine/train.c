@@ -874,9 +874,15 @@ train:;
                 job->bucket_kb);
     if (job->bf16)
         fprintf(log, ", bf16 activations and products (emulated in float32 storage)");
-    if (be->graph_begin && job->cuda_graph)
-        fprintf(log, world > 1 ? ", no CUDA graph (the gradient sum runs inside backward)"
-                               : ", full batches replayed from a CUDA graph once recorded");
+    if (be->graph_begin && job->cuda_graph) {
+        /* recording takes the second full batch of this process's run, replay the third on */
+        const int64_t full = n_train / batch, in_ep = step % steps_per_epoch;
+        const int64_t full_left =
+            full * (job->epochs - step / steps_per_epoch) - (in_ep < full ? in_ep : full);
+        fprintf(log, world > 1       ? ", no CUDA graph (the gradient sum runs inside backward)"
+                     : full_left < 3 ? ", no CUDA graph (fewer than 3 full batches left to run)"
+                                     : ", full batches replayed from a CUDA graph once recorded");
+    }
     if (job->threads > 1 && getenv("GOMP_SPINCOUNT"))
         fprintf(log, ", OpenMP spin %s", getenv("GOMP_SPINCOUNT"));
     fputc('\n', log);

@@ -38,7 +38,7 @@
  *               graph
  * Not implemented: bfloat16 / half storage and tensor-core bf16 products
  * (everything is stored as float32; bf16 is emulated by rounding),
- * kd_topk beyond 393216 classes (refused with a message), and any fusing of
+ * kd_topk beyond 385024 classes (refused with a message), and any fusing of
  * conv + bias + activation in one cuDNN call.
  *
  * Matrix products: row-major [N, I] activations are column-major [I, N], so
@@ -462,7 +462,8 @@ static kd_status dnn_handle(void)
     KD_TRY(dnn_check(cudnnCreate(&kd_dnn), "cudnnCreate"));
     kd_status st = dnn_check(cudnnSetStream(kd_dnn, kd_stream), "cudnnSetStream");
     if (st != KD_OK) {
-        cudnnDestroy(kd_dnn);
+        if (cudnnDestroy(kd_dnn) != CUDNN_STATUS_SUCCESS)
+            (void)cudaGetLastError(); /* the cudnnSetStream failure is the one reported */
         return st;
     }
     kd_dnn_ready = 1;
@@ -484,13 +485,13 @@ static int conv_same_shape(const kd_conv_shape *a, const kd_conv_shape *b)
 static void conv_plan_destroy(kd_conv_plan *p)
 {
     if (p->x)
-        cudnnDestroyTensorDescriptor(p->x);
+        keep_dnn(cudnnDestroyTensorDescriptor(p->x), "cudnnDestroyTensorDescriptor");
     if (p->y)
-        cudnnDestroyTensorDescriptor(p->y);
+        keep_dnn(cudnnDestroyTensorDescriptor(p->y), "cudnnDestroyTensorDescriptor");
     if (p->w)
-        cudnnDestroyFilterDescriptor(p->w);
+        keep_dnn(cudnnDestroyFilterDescriptor(p->w), "cudnnDestroyFilterDescriptor");
     if (p->conv)
-        cudnnDestroyConvolutionDescriptor(p->conv);
+        keep_dnn(cudnnDestroyConvolutionDescriptor(p->conv), "cudnnDestroyConvolutionDescriptor");
 }
 
 static kd_status conv_plan_describe(kd_conv_plan *p)
@@ -539,6 +540,10 @@ static int conv_plan_index(const kd_conv_shape *s)
     for (int i = 0; i < kd_nplans; i++)
         if (conv_same_shape(&kd_plans[i].s, s))
             return i;
+    if (kd_recording) { /* cuDNN set-up allocates and queries: not inside a recording */
+        keep(KD_FAIL(KD_ERR_DEVICE, "conv2d: a shape first seen during a CUDA graph recording"));
+        return -1;
+    }
     if (s->n < 1 || s->c < 1 || s->o < 1 || s->groups < 1 || s->c % s->groups || s->o % s->groups ||
         s->ho < 1 || s->wo < 1) {
         keep(KD_FAIL(KD_ERR_INVALID, "conv2d: bad shape"));
@@ -750,6 +755,11 @@ static kd_conv_plan *conv_plan_for_call(const kd_conv_shape *s, const float *ws)
         return NULL;
     size_t bound = conv_ws_bound(s, ws);
     if (!kd_plans[i].chosen || kd_plans[i].limit != bound) {
+        if (kd_recording) {
+            keep(KD_FAIL(KD_ERR_DEVICE, "conv2d: algorithms to choose during a CUDA graph "
+                                        "recording (another workspace size than before)"));
+            return NULL;
+        }
         kd_status st = conv_plan_choose(i, bound);
         if (st != KD_OK) {
             keep(st);
@@ -1084,6 +1094,19 @@ const kd_backend *kd_backend_cuda(const char **why)
                  count, (size_t)cudnnGetVersion(), nccl, nr == ncclSuccess ? "" : " unknown");
         ready = &kd_cuda_backend;
         kd_stream_ready = 1;
+    }
+    if (!ready) { /* what a partial start created goes; the job may go on without CUDA */
+        const int clean = (!kd_blas_ws || cudaFree(kd_blas_ws) == cudaSuccess) &
+                          (!kd_blas || cublasDestroy(kd_blas) == CUBLAS_STATUS_SUCCESS) &
+                          (!kd_stream || cudaStreamDestroy(kd_stream) == cudaSuccess);
+        kd_blas_ws = NULL;
+        kd_blas = NULL;
+        kd_stream = NULL;
+        if (!clean) {
+            (void)cudaGetLastError();
+            const size_t used = strlen(reason);
+            snprintf(reason + used, sizeof reason - used, "; releasing the partial start failed");
+        }
     }
     if (why)
         *why = reason;

@@ -22,8 +22,10 @@ __global__ void act_bwd_kernel(size_t n, const float *x, const float *dy, float 
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
-        bool pass = x[i] > 0.f && (cap < 0.f || x[i] < cap);
-        dx[i] = pass ? dy[i] : 0.f;
+        /* the CPU's arithmetic (cpu_ops_body.h act_bwd): dy times the 0/1 mask, so a blocked
+         * inf or NaN gradient gives NaN and a blocked negative one -0, on both backends */
+        const float c = cap < 0.f ? INFINITY : cap;
+        dx[i] = dy[i] * (float)((x[i] > 0.f) & (x[i] < c));
     }
 }
 

@@ -35,6 +35,11 @@ static inline unsigned kd_grid_for(size_t n, unsigned threads)
 
 static inline int kd_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
+/* expf with the CPU's underflow (engine/loss_kd_body.h kd_kexp_f32): exactly 0 below -87.33,
+ * where the result would be subnormal. The losses treat a probability of 0 as masked, so the
+ * two backends must agree on which ones are 0, not only on the values. */
+__device__ __forceinline__ float kd_expf_ftz(float x) { return x < -87.33f ? 0.f : expf(x); }
+
 __device__ __forceinline__ double kd_warp_sum_d(double v)
 {
     for (int off = 16; off > 0; off >>= 1)

@@ -92,8 +92,8 @@ __device__ __forceinline__ float shift_of(float m) { return m == -INFINITY ? 0.f
 /* express a relative to new maxima Mp >= a.mp, Mq >= a.mq */
 __device__ __forceinline__ void rebase(skl_state &a, float Mp, float Mq, float inv_t)
 {
-    float fp = a.mp == -INFINITY ? 0.f : expf((a.mp - Mp) * inv_t);
-    float fq = a.mq == -INFINITY ? 0.f : expf((a.mq - Mq) * inv_t);
+    float fp = a.mp == -INFINITY ? 0.f : kd_expf_ftz((a.mp - Mp) * inv_t);
+    float fq = a.mq == -INFINITY ? 0.f : kd_expf_ftz((a.mq - Mq) * inv_t);
     float dp = a.mp == -INFINITY ? 0.f : Mp - a.mp;
     float dq = a.mq == -INFINITY ? 0.f : Mq - a.mq;
     a.w = fp == 0.f ? 0.f : (dp == 0.f && dq == 0.f ? a.w : fp * (a.w - a.sp * (dp - dq)));
@@ -117,7 +117,7 @@ __device__ __forceinline__ void merge(skl_state &a, skl_state b, float inv_t)
 __device__ __forceinline__ void add_class(skl_state &a, float p, float q, float inv_t)
 {
     float xp = p - shift_of(a.mp), xq = q - shift_of(a.mq);
-    float ep = expf(xp * inv_t), eq = expf(xq * inv_t);
+    float ep = kd_expf_ftz(xp * inv_t), eq = kd_expf_ftz(xq * inv_t);
     a.sp += ep;
     a.sq += eq;
     a.w += ep > 0.f ? ep * (xp - xq) : 0.f;
@@ -177,9 +177,9 @@ __device__ __forceinline__ float grad_of(const skl_grad &g, float s, float t)
     if (g.empty)
         return 0.f;
     float xs = s - g.shs, xt = t - g.sht;
-    float ps = expf(xs * g.inv_t) * g.ins;
+    float ps = kd_expf_ftz(xs * g.inv_t) * g.ins;
     if (!g.reverse)
-        return g.kg * (ps - expf(xt * g.inv_t) * g.int_);
+        return g.kg * (ps - kd_expf_ftz(xt * g.inv_t) * g.int_);
     if (!(ps > 0.f))
         return 0.f;
     if (!g.inf)
@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(32 * SKL_WARP_ROWS)
 #pragma unroll
         for (int i = 0; i < VPT; i++)
             if (xt[i] == -INFINITY && xs[i] != -INFINITY)
-                pm += expf((xs[i] - g.shs) * inv_t) * g.ins;
+                pm += kd_expf_ftz((xs[i] - g.shs) * inv_t) * g.ins;
         g.pm = kd_warp_sum_f(pm);
     }
     Tout *dr = ds + (size_t)row * c;
@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(SKL_BLOCK)
         for (int j = threadIdx.x; j < c; j += blockDim.x) {
             float xs = to_f(sr[j]), xt = to_f(tr[j]);
             if (xt == -INFINITY && xs != -INFINITY)
-                pm += expf((xs - g.shs) * inv_t) * g.ins;
+                pm += kd_expf_ftz((xs - g.shs) * inv_t) * g.ins;
         }
         g.pm = block_sum(pm);
     }

@@ -50,7 +50,7 @@ kd_status kd_cuda_softmax_kl(void *stream, int n, int c, int in_dtype, const voi
  * logits, ti [n, k] their classes, t_lse [n] the teacher's full-row log-sum-exp at T = 1;
  * row_loss[i] = coef * (bucket KL of row i); ds (may be NULL) = scale * d(sum / n)/ds. One
  * block per row (kernels/softmax_kl_topk.cu) with a bitmap of the cached classes in shared
- * memory, so c is limited to 393216 classes (KD_ERR_UNSUPPORTED beyond). Repeated or out of
+ * memory, so c is limited to 385024 classes (KD_ERR_UNSUPPORTED beyond). Repeated or out of
  * range indices (and k outside [1, c]) give the row a NaN loss and a zero gradient.
  */
 kd_status kd_cuda_kd_topk(void *stream, int n, int c, int k, const float *s, const float *tv,

@@ -29,8 +29,9 @@
 
 #define TK_THREADS    256
 #define TK_TAIL_FLOOR 1e-12 /* KD_TOPK_TAIL_FLOOR of engine/loss_kd_body.h */
-/* the class bitmap lives in shared memory: at most 48 KiB without an opt-in */
-#define TK_MAX_CLASSES (48 * 1024 * 8)
+/* the class bitmap lives in shared memory: the block may use 48 KiB without an opt-in, of which
+ * the block reductions' static arrays take 768 bytes (3 x 32 doubles); 47 KiB of bitmap */
+#define TK_MAX_CLASSES (47 * 1024 * 8)
 
 __device__ __forceinline__ double logaddexp(double a, double b)
 {
@@ -99,10 +100,10 @@ __global__ void __launch_bounds__(TK_THREADS)
         if (x == -INFINITY)
             continue;
         if (x > tm) {
-            ts = ts * expf((tm - x) * inv_t) + 1.f;
+            ts = ts * kd_expf_ftz((tm - x) * inv_t) + 1.f;
             tm = x;
         } else {
-            ts += expf((x - tm) * inv_t);
+            ts += kd_expf_ftz((x - tm) * inv_t);
         }
     }
     double tail_m, tail_sum;
@@ -215,7 +216,7 @@ __global__ void __launch_bounds__(TK_THREADS)
     const float sh = tail_m == -INFINITY ? 0.f : (float)tail_m;
     for (int j = tid; j < c; j += bd)
         if (!IS_MEMBER(j))
-            d[j] = fk == 0.f ? 0.f : fk * expf((sr[j] - sh) * inv_t);
+            d[j] = fk == 0.f ? 0.f : fk * kd_expf_ftz((sr[j] - sh) * inv_t);
     for (int i = tid; i < k; i += bd) {
         double lq = (double)tvr[i] * it - z, lp = (double)sr[tir[i]] * it - ls;
         double P = exp(lp), g;

@@ -188,24 +188,28 @@ static void test_masks(void **state)
     (void)state;
     const float ninf = -INFINITY;
     /* row 0: forward-infinite (student -inf under teacher mass); row 1: teacher all -inf;
-       row 2: reverse-infinite (teacher -inf under student mass); row 3: student all -inf */
-    float s[4 * 4] = {0, ninf, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, ninf, ninf, ninf, ninf};
-    float t[4 * 4] = {0, 1, 2, 3, ninf, ninf, ninf, ninf, 0, ninf, 2, 3, 1, 2, 3, 4};
-    float g[16], gd[16];
-    double rows[4];
+       row 2: reverse-infinite (teacher -inf under student mass); row 3: student all -inf;
+       row 4: teacher -inf where the student's probability underflows (-190 / T = -95: exp is
+       subnormal, which the CPU counts as 0, so the row stays finite in reverse mode too) */
+    float s[5 * 4] = {0, ninf, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, ninf, ninf, ninf, ninf, 0, -190, 1, 2};
+    float t[5 * 4] = {0, 1, 2, 3, ninf, ninf, ninf, ninf, 0, ninf, 2, 3, 1, 2, 3, 4, 0, ninf, 2, 3};
+    float g[20], gd[20];
+    double rows[5];
     for (int variant = KD_SKL_WARP; variant <= KD_SKL_BLOCK; variant++)
         for (int rev = 0; rev < 2; rev++) {
             float *s_d = dev(s, sizeof s), *t_d = dev(t, sizeof t), *g_d = dev(NULL, sizeof g);
             double *rows_d = dev(NULL, sizeof rows);
-            assert_int_equal(kd_cuda_softmax_kl(NULL, 4, 4, KD_SKL_F32, s_d, t_d, 2.0, rev, 1, g_d,
+            assert_int_equal(kd_cuda_softmax_kl(NULL, 5, 4, KD_SKL_F32, s_d, t_d, 2.0, rev, 1, g_d,
                                                 KD_SKL_F32, 1.0, rows_d, variant),
                              KD_OK);
             assert_int_equal(cudaMemcpy(rows, rows_d, sizeof rows, cudaMemcpyDeviceToHost),
                              cudaSuccess);
             assert_int_equal(cudaMemcpy(gd, g_d, sizeof g, cudaMemcpyDeviceToHost), cudaSuccess);
-            for (int i = 0; i < 4; i++) {
+            for (int i = 0; i < 5; i++) {
                 double want =
-                    kd_cpu_kd_dense_f32(1, 4, s + 4 * i, t + 4 * i, 2.0, rev, 1, g + 4 * i, 0.25);
+                    kd_cpu_kd_dense_f32(1, 4, s + 4 * i, t + 4 * i, 2.0, rev, 1, g + 4 * i, 0.2);
+                if (i == 4)
+                    assert_false(isinf(want)); /* the case this row is for */
                 if (isinf(want))
                     assert_true(isinf(rows[i]) && rows[i] > 0);
                 else

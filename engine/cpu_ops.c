@@ -16,9 +16,14 @@ int kd_conv_shape_init(kd_conv_shape *s, int n, int c, int h, int w, int o, int 
     if (n <= 0 || c <= 0 || h <= 0 || w <= 0 || o <= 0 || kh <= 0 || kw <= 0 || stride <= 0 ||
         pad < 0 || groups <= 0 || c % groups || o % groups)
         return 0;
-    int ho = (h + 2 * pad - kh) / stride + 1, wo = (w + 2 * pad - kw) / stride + 1;
-    if (h + 2 * pad < kh || w + 2 * pad < kw || ho <= 0 || wo <= 0)
+    /* in 64 bits: a padded size or the output plane may not fit an int */
+    const int64_t hp = (int64_t)h + 2 * (int64_t)pad, wp = (int64_t)w + 2 * (int64_t)pad;
+    if (hp < kh || wp < kw)
         return 0;
+    const int64_t ho64 = (hp - kh) / stride + 1, wo64 = (wp - kw) / stride + 1;
+    if (ho64 * wo64 > KD_CONV_MAX_PLANE)
+        return 0;
+    const int ho = (int)ho64, wo = (int)wo64;
     *s = (kd_conv_shape){.n = n,
                          .c = c,
                          .h = h,

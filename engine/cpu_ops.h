@@ -29,7 +29,12 @@ typedef struct {
     int chunk;  /* samples per im2col chunk (workspace sizing) */
 } kd_conv_shape;
 
-/* Fills ho/wo/chunk; returns 0 when the geometry is impossible. */
+/* Output positions per channel a convolution may have (ho * wo); the im2col and index
+ * arithmetic stays well inside int. */
+#define KD_CONV_MAX_PLANE (1 << 24)
+
+/* Fills ho/wo/chunk; returns 0 when the geometry is impossible or its output plane exceeds
+ * KD_CONV_MAX_PLANE. */
 int kd_conv_shape_init(kd_conv_shape *s, int n, int c, int h, int w, int o, int kh, int kw,
                        int stride, int pad, int groups);
 

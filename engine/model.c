@@ -37,6 +37,10 @@ typedef struct {
     size_t ws_floats;
 } kd_builder;
 
+/* Values per sample one activation may hold (256 MiB of float32): beyond it the batch buffers and
+ * the kernels' int arithmetic would overflow long before any machine could train it. */
+#define KD_MAX_SAMPLE_NUMEL (1 << 26)
+
 static char *shape_text(int ndim, const int *s, char *buf, size_t len)
 {
     int64_t v[3];
@@ -245,8 +249,10 @@ static kd_status parse_block(kd_builder *bd, const kd_node *item, const char *na
         kd_conv_shape cs;
         if (!kd_conv_shape_init(&cs, 1, in[0], in[1], in[2], b->features, b->kernel, b->kernel,
                                 b->stride, b->pad, b->groups))
-            return KD_FAIL(KD_ERR_SHAPE, "%s: %s: kernel %d with pad %d does not fit input %s",
-                           b->where, what, b->kernel, b->pad, ins);
+            return KD_FAIL(KD_ERR_SHAPE,
+                           "%s: %s: kernel %d, stride %d, pad %d on input %s gives no output, or "
+                           "more than %d positions per channel",
+                           b->where, what, b->kernel, b->stride, b->pad, ins, KD_CONV_MAX_PLANE);
         b->out[0] = b->features;
         b->out[1] = cs.ho;
         b->out[2] = cs.wo;
@@ -320,7 +326,7 @@ static kd_status parse_block(kd_builder *bd, const kd_node *item, const char *na
         break;
     case KD_L_FLATTEN:
         b->out_ndim = 1;
-        b->out[0] = (int)b->in_numel;
+        b->out[0] = b->in_numel > KD_MAX_SAMPLE_NUMEL ? 0 : (int)b->in_numel; /* refused below */
         b->out[1] = b->out[2] = 1;
         break;
     case KD_L_DROPOUT:
@@ -373,6 +379,13 @@ static kd_status parse_block(kd_builder *bd, const kd_node *item, const char *na
     default: break;
     }
     b->out_numel = (size_t)b->out[0] * (b->out_ndim == 3 ? (size_t)b->out[1] * b->out[2] : 1);
+    if (b->in_numel > KD_MAX_SAMPLE_NUMEL || b->out_numel > KD_MAX_SAMPLE_NUMEL) {
+        const size_t big = b->in_numel > b->out_numel ? b->in_numel : b->out_numel;
+        return KD_FAIL(KD_ERR_SHAPE,
+                       "%s: on input %s this layer holds %zu values per sample, more than the "
+                       "engine's limit of %d in one activation",
+                       b->where, ins, big, KD_MAX_SAMPLE_NUMEL);
+    }
     return KD_OK;
 }
 

@@ -351,6 +351,15 @@ static void test_shape_errors(void **state)
                        KD_ERR_SHAPE, (const char *[]){"groups 2", "(3)", NULL});
     expect_build_error("input: [1, 4, 4]\nlayers:\n  - conv2d: {out: 4, kernel: 7}\n", KD_ERR_SHAPE,
                        (const char *[]){"kernel 7", "[1, 4, 4]", NULL});
+    /* sizes whose int arithmetic would wrap (a 65536 x 65536 output plane once divided by 0) */
+    expect_build_error("input: [1, 28, 28]\nlayers:\n  - conv2d: {out: 1, kernel: 1, pad: 32754}\n"
+                       "  - global_avgpool\n  - linear: {out: 10}\n",
+                       KD_ERR_SHAPE, (const char *[]){"pad 32754", "positions per channel", NULL});
+    expect_build_error("input: [4, 65536, 65536]\nlayers:\n  - conv2d: {out: 1, kernel: 1}\n"
+                       "  - global_avgpool\n  - linear: {out: 10}\n",
+                       KD_ERR_SHAPE, (const char *[]){"[4, 65536, 65536]", NULL});
+    expect_build_error("input: [1, 65536, 65536]\nlayers:\n  - flatten\n  - linear: {out: 10}\n",
+                       KD_ERR_SHAPE, (const char *[]){"4294967296 values per sample", NULL});
     expect_build_error("input: [1, 8, 8]\nlayers:\n  - conv3d: {out: 4}\n", KD_ERR_CONFIG,
                        (const char *[]){"model.yaml:3:", "unknown layer type 'conv3d'", NULL});
     expect_build_error("input: [1, 8, 8]\nlayers:\n  - conv2d: {out: 4, kernal: 3}\n",

@@ -442,6 +442,28 @@ static kd_status write_config_copy(const kd_job *job)
     return st;
 }
 
+/* The files of an earlier run in dir that a fresh start would overwrite, named in buf (comma
+ * separated); 0 when there are none. An empty metrics.jsonl is what a run stopped before its
+ * first checkpoint leaves: it does not count. */
+static int run_leftovers(const char *dir, char *buf, size_t len)
+{
+    static const char *const names[] = {"last.safetensors", "best.safetensors", "result.json",
+                                        "metrics.jsonl"};
+    size_t used = 0;
+    buf[0] = 0;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        char p[600];
+        struct stat sb;
+        snprintf(p, sizeof p, "%s/%s", dir, names[i]);
+        if (stat(p, &sb) != 0 || (!strcmp(names[i], "metrics.jsonl") && sb.st_size == 0))
+            continue;
+        int w = snprintf(buf + used, len - used, "%s%s", used ? ", " : "", names[i]);
+        if (w > 0 && (size_t)w < len - used)
+            used += (size_t)w;
+    }
+    return used > 0;
+}
+
 /* Keep only the metrics lines of epochs <= keep_epochs (a resumed run rewrites the rest). */
 static kd_status trim_metrics(const char *path, int64_t keep_epochs)
 {
@@ -751,25 +773,31 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     int64_t step = 0, epoch0 = 0;
     int resuming = opts->resume != NULL;
     char path[600];
+    char found[160];
     if (resuming && !strcmp(opts->resume, "auto")) {
         /* a run stopped before its first checkpoint simply starts again */
         snprintf(path, sizeof path, "%s/last.safetensors", job->out_dir);
         if (access(path, F_OK) != 0) {
+            if (run_leftovers(job->out_dir, found, sizeof found)) {
+                st = KD_FAIL(KD_ERR_CONFIG,
+                             "%s holds results of a run (%s) but no last.safetensors to resume "
+                             "from; starting again would overwrite them: move them away, or "
+                             "choose another run.out_dir",
+                             job->out_dir, found);
+                goto done;
+            }
             fprintf(log, "no checkpoint at %s: starting from the beginning\n", path);
             resuming = 0;
         }
     } else if (resuming) {
         snprintf(path, sizeof path, "%s", opts->resume);
-    } else {
+    } else if (run_leftovers(job->out_dir, found, sizeof found)) {
         /* a fresh start never writes over a run already in out_dir */
-        snprintf(path, sizeof path, "%s/last.safetensors", job->out_dir);
-        if (access(path, F_OK) == 0) {
-            st = KD_FAIL(KD_ERR_CONFIG,
-                         "%s already holds a run (%s): continue it with --resume, or choose "
-                         "another run.out_dir",
-                         job->out_dir, path);
-            goto done;
-        }
+        st = KD_FAIL(KD_ERR_CONFIG,
+                     "%s already holds a run (%s): continue it with --resume, or choose another "
+                     "run.out_dir",
+                     job->out_dir, found);
+        goto done;
     }
     /* rank 0 decides, so that every rank starts from the same place */
     if ((st = comm->ops->bcast_bytes(comm, &resuming, sizeof resuming, 0)))

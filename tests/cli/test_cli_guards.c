@@ -109,6 +109,32 @@ static void test_guards(void **state)
     /* the same job resumed is accepted (and, finished already, trains no further) */
     write_job("relu", "sgd");
     expect(train("--resume", &code), 0, (const char *const[]){"resumed from", "test:", NULL});
+
+    /* without last.safetensors (deleted, or never written on a full disk) the run's other
+     * results still guard the directory: neither a fresh start nor --resume overwrites them */
+    char best[400], moved[400];
+    snprintf(best, sizeof best, "%s/best.safetensors", run_dir);
+    snprintf(moved, sizeof moved, "%s/last.moved", dir);
+    assert_int_equal(rename(ckpt, moved), 0);
+    assert_int_equal(kd_read_file(metrics, &m0, &lm), 0);
+    assert_int_equal(kd_read_file(best, &c0, &lc), 0);
+    expect(train(NULL, &code), 1,
+           (const char *const[]){run_dir, "best.safetensors", "metrics.jsonl", NULL});
+    expect(train("--resume", &code), 1,
+           (const char *const[]){"no last.safetensors to resume from", "best.safetensors", NULL});
+    assert_false(kd_file_exists(ckpt));
+    assert_int_equal(kd_read_file(metrics, &m1, &l2), 0);
+    assert_int_equal(kd_read_file(best, &c1, &l1), 0);
+    assert_int_equal(l2, lm);
+    assert_memory_equal(m0, m1, lm);
+    assert_int_equal(l1, lc);
+    assert_memory_equal(c0, c1, lc);
+    free(c0), free(m0), free(c1), free(m1);
+    /* an empty metrics file alone (a run stopped before its first checkpoint) starts again */
+    kd_rm_rf(run_dir);
+    assert_int_equal(mkdir(run_dir, 0755), 0);
+    assert_int_equal(kd_write_text(metrics, ""), 0);
+    expect(train("--resume", &code), 0, (const char *const[]){"starting from the beginning", NULL});
 }
 
 /* The training log names the spin its OpenMP threads run under: 1000 when the environment sets

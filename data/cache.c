@@ -2371,12 +2371,16 @@ static kd_status expect_check(const char *path, const kd_cache_meta *m, const kd
     if (e->dtype >= 0 && e->dtype != (int)m->dtype)
         return KD_FAIL(KD_ERR_CONFIG, "cache '%s' stores %s, the job asks for %s", path,
                        dtype_str(m->dtype), dtype_str((kd_dtype)e->dtype));
-    if (e->teacher_sha256[0] && strcmp(e->teacher_sha256, m->teacher_sha256) != 0)
+    /* compared only when both sides have one (data/README.md): a cache written outside distill
+     * may leave them empty */
+    if (e->teacher_sha256[0] && m->teacher_sha256[0] &&
+        strcmp(e->teacher_sha256, m->teacher_sha256) != 0)
         return KD_FAIL(KD_ERR_CONFIG,
                        "cache '%s' was written by teacher sha256 '%s', the job's teacher has "
                        "sha256 '%s': rebuild it with `distill cache`",
                        path, m->teacher_sha256, e->teacher_sha256);
-    if (e->dataset_sha256[0] && strcmp(e->dataset_sha256, m->dataset_sha256) != 0)
+    if (e->dataset_sha256[0] && m->dataset_sha256[0] &&
+        strcmp(e->dataset_sha256, m->dataset_sha256) != 0)
         return KD_FAIL(KD_ERR_CONFIG,
                        "cache '%s' was written for dataset sha256 '%s', the job's dataset has "
                        "sha256 '%s': rebuild it with `distill cache`",

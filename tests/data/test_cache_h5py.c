@@ -117,6 +117,34 @@ static void test_topk_gzip(void **state)
           "--teacher-sha256 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef");
 }
 
+/* The hashes are compared only when both sides have one (data/README.md): a cache written
+ * without a teacher hash opens for a job that knows its teacher's; a different hash does not. */
+static void test_hash_rules(void **state)
+{
+    (void)state;
+    const char *want = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    char path[512];
+    kd_cache_expect e;
+    kd_cache_expect_init(&e);
+    e.num_samples = 1500;
+    e.num_classes = 10;
+    strcpy(e.teacher_sha256, want);
+    kd_cache *c = NULL;
+    snprintf(path, sizeof path, "%s/nohash.h5", tmpdir);
+    run_script(path, "--samples 1500 --classes 10 --views 1 --pattern arange");
+    if (kd_cache_open(path, &e, &c) != KD_OK)
+        fail_msg("a cache without a teacher hash was refused: %s", kd_last_error());
+    kd_cache_close(c);
+    c = NULL;
+    snprintf(path, sizeof path, "%s/otherhash.h5", tmpdir);
+    run_script(path, "--samples 1500 --classes 10 --views 1 --pattern arange --teacher-sha256 "
+                     "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210");
+    assert_int_equal(kd_cache_open(path, &e, &c), KD_ERR_CONFIG);
+    assert_null(c);
+    assert_non_null(strstr(kd_last_error(), want));
+    assert_non_null(strstr(kd_last_error(), "fedcba9876543210"));
+}
+
 int main(void)
 {
     if (!find_python()) {
@@ -130,6 +158,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_full_f16),
         cmocka_unit_test(test_topk_gzip),
+        cmocka_unit_test(test_hash_rules),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     char cmd[600];

@@ -8,7 +8,9 @@
  */
 #include "checkpoint.h"
 
+#include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,6 +92,65 @@ done:
     free(hs);
     free(counters);
     return st;
+}
+
+/* Metadata entry key of a checkpoint as a whole number >= 0 (0 when absent); fails on text that
+ * is not one. */
+static kd_status meta_count(const kd_safetensors *st, const char *path, const char *key,
+                            int64_t *out)
+{
+    const char *v = kd_safetensors_meta(st, key);
+    *out = 0;
+    if (!v)
+        return KD_OK;
+    char *end = NULL;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (end == v || *end || errno || x < 0)
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "checkpoint '%s': metadata '%s' is '%s', not a whole number >= 0", path, key,
+                       v);
+    *out = x;
+    return KD_OK;
+}
+
+/* ... and as a finite number in [lo, hi]. */
+static kd_status meta_real(const kd_safetensors *st, const char *path, const char *key, double lo,
+                           double hi, double *out)
+{
+    const char *v = kd_safetensors_meta(st, key);
+    *out = 0;
+    if (!v)
+        return KD_OK;
+    char *end = NULL;
+    double x = strtod(v, &end);
+    if (end == v || *end || !isfinite(x) || x < lo || x > hi)
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "checkpoint '%s': metadata '%s' is '%s', not a number in [%g, %g]", path,
+                       key, v, lo, hi);
+    *out = x;
+    return KD_OK;
+}
+
+/* The training state a checkpoint's metadata records (kd_checkpoint_save's keys). */
+static kd_status read_info(const kd_safetensors *st, const char *path, kd_ckpt_info *info)
+{
+    static _Thread_local char opt[16];
+    const char *v;
+    KD_TRY(meta_count(st, path, "step", &info->step));
+    KD_TRY(meta_count(st, path, "epoch", &info->epoch));
+    KD_TRY(meta_real(st, path, "best_val_acc", 0, 1, &info->best_val_acc));
+    KD_TRY(meta_count(st, path, "batch_size", &info->batch_size));
+    KD_TRY(meta_count(st, path, "train_samples", &info->train_samples));
+    KD_TRY(meta_real(st, path, "epoch_loss", -HUGE_VAL, HUGE_VAL, &info->epoch_loss));
+    KD_TRY(meta_count(st, path, "epoch_correct", &info->epoch_correct));
+    KD_TRY(meta_count(st, path, "epoch_seen", &info->epoch_seen));
+    /* the seed takes all 64 bits, the hash is hex: strtoull as written */
+    info->seed = (v = kd_safetensors_meta(st, "seed")) ? strtoull(v, NULL, 10) : 0;
+    info->model_hash = (v = kd_safetensors_meta(st, "model_hash")) ? strtoull(v, NULL, 16) : 0;
+    snprintf(opt, sizeof opt, "%s", (v = kd_safetensors_meta(st, "optimizer")) ? v : "");
+    info->optimizer = opt;
+    return KD_OK;
 }
 
 static int same_shape(const kd_st_entry *t, const kd_state_entry *e)
@@ -189,29 +250,42 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
                    e->numel * sizeof(float));
         }
     }
+    /* values a trained model cannot hold: refused before anything reaches the model */
+    for (int i = 0; i < m->nentries; i++) {
+        const kd_state_entry *e = &m->entries[i];
+        if (e->kind == KD_ENTRY_COUNTER)
+            continue;
+        const float *v = (e->kind == KD_ENTRY_PARAM ? hp : hb) + e->offset;
+        const int var = strstr(e->name, "running_var") != NULL;
+        for (size_t j = 0; j < e->numel; j++)
+            if (!isfinite(v[j]) || (var && v[j] < 0)) {
+                rc = KD_FAIL(KD_ERR_FORMAT,
+                             "checkpoint '%s': %s[%zu] is %g, %s: the file is damaged or was "
+                             "saved from a diverged run",
+                             path, e->name, j, (double)v[j],
+                             var ? "a variance must be finite and >= 0" : "not a finite number");
+                goto done;
+            }
+    }
+    if (state)
+        for (size_t j = 0; j < nstate; j++) {
+            float x;
+            memcpy(&x, (const char *)os->data + j * sizeof(float), sizeof x);
+            if (!isfinite(x)) {
+                rc = KD_FAIL(KD_ERR_FORMAT,
+                             "checkpoint '%s': the optimizer state (__optim__.state) holds %g at "
+                             "index %zu: the file is damaged or was saved from a diverged run",
+                             path, (double)x, j);
+                goto done;
+            }
+        }
+    if (info && (rc = read_info(st, path, info)))
+        goto done;
     if ((rc = m->be->upload(m->params, hp, m->nparams * sizeof(float))) ||
         (rc = m->be->upload(m->buffers, hb, m->nbuffers * sizeof(float))))
         goto done;
     if (state && (rc = m->be->upload(state, os->data, nstate * sizeof(float))))
         goto done;
-    if (info) {
-        static _Thread_local char opt[16];
-        const char *v;
-        info->step = (v = kd_safetensors_meta(st, "step")) ? strtoll(v, NULL, 10) : 0;
-        info->epoch = (v = kd_safetensors_meta(st, "epoch")) ? strtoll(v, NULL, 10) : 0;
-        info->best_val_acc = (v = kd_safetensors_meta(st, "best_val_acc")) ? strtod(v, NULL) : 0;
-        info->seed = (v = kd_safetensors_meta(st, "seed")) ? strtoull(v, NULL, 10) : 0;
-        info->batch_size = (v = kd_safetensors_meta(st, "batch_size")) ? strtoll(v, NULL, 10) : 0;
-        info->train_samples =
-            (v = kd_safetensors_meta(st, "train_samples")) ? strtoll(v, NULL, 10) : 0;
-        info->epoch_loss = (v = kd_safetensors_meta(st, "epoch_loss")) ? strtod(v, NULL) : 0;
-        info->epoch_correct =
-            (v = kd_safetensors_meta(st, "epoch_correct")) ? strtoll(v, NULL, 10) : 0;
-        info->epoch_seen = (v = kd_safetensors_meta(st, "epoch_seen")) ? strtoll(v, NULL, 10) : 0;
-        info->model_hash = (v = kd_safetensors_meta(st, "model_hash")) ? strtoull(v, NULL, 16) : 0;
-        snprintf(opt, sizeof opt, "%s", (v = kd_safetensors_meta(st, "optimizer")) ? v : "");
-        info->optimizer = opt;
-    }
 done:
 #undef REPORT
     free(hp);

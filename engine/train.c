@@ -443,8 +443,8 @@ static kd_status write_config_copy(const kd_job *job)
 }
 
 /* The files of an earlier run in dir that a fresh start would overwrite, named in buf (comma
- * separated); 0 when there are none. An empty metrics.jsonl is what a run stopped before its
- * first checkpoint leaves: it does not count. */
+ * separated); 0 when there are none. Only regular files count. An empty metrics.jsonl is what a run
+ * stopped before its first checkpoint leaves: it does not count. */
 static int run_leftovers(const char *dir, char *buf, size_t len)
 {
     static const char *const names[] = {"last.safetensors", "best.safetensors", "result.json",
@@ -455,7 +455,8 @@ static int run_leftovers(const char *dir, char *buf, size_t len)
         char p[600];
         struct stat sb;
         snprintf(p, sizeof p, "%s/%s", dir, names[i]);
-        if (stat(p, &sb) != 0 || (!strcmp(names[i], "metrics.jsonl") && sb.st_size == 0))
+        if (stat(p, &sb) != 0 || !S_ISREG(sb.st_mode) ||
+            (!strcmp(names[i], "metrics.jsonl") && sb.st_size == 0))
             continue;
         int w = snprintf(buf + used, len - used, "%s%s", used ? ", " : "", names[i]);
         if (w > 0 && (size_t)w < len - used)

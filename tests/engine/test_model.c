@@ -21,6 +21,7 @@
 #include "kd_test.h"
 #include "model.h"
 #include "rng.h"
+#include "safetensors.h"
 
 static const char *const every_layer =
     "input: [2, 8, 8]\n"
@@ -422,6 +423,64 @@ static void test_checkpoint_round_trip(void **state)
     assert_int_equal(kd_checkpoint_load(path, b, opt2, 2 * nstate, NULL), KD_ERR_FORMAT);
     assert_non_null(strstr(kd_last_error(), "optimiser state"));
     free(before);
+
+    /* values no trained model holds are refused, naming the tensor, and leave b untouched */
+    float *b_params = malloc(b->nparams * sizeof(float));
+    memcpy(b_params, b->params, b->nparams * sizeof(float));
+    const float w3 = a->params[3];
+    a->params[3] = NAN;
+    assert_int_equal(kd_checkpoint_save(path, a, opt, nstate, &info), KD_OK);
+    assert_int_equal(kd_checkpoint_load(path, b, opt2, nstate, NULL), KD_ERR_FORMAT);
+    assert_non_null(strstr(kd_last_error(), path));
+    assert_non_null(strstr(kd_last_error(), "0.weight[3] is nan"));
+    a->params[3] = w3;
+    size_t var_at = 0;
+    for (int i = 0; i < a->nentries; i++)
+        if (strstr(a->entries[i].name, "running_var"))
+            var_at = a->entries[i].offset;
+    const float v0 = a->buffers[var_at];
+    a->buffers[var_at] = -0.5f;
+    assert_int_equal(kd_checkpoint_save(path, a, opt, nstate, &info), KD_OK);
+    assert_int_equal(kd_checkpoint_load(path, b, opt2, nstate, NULL), KD_ERR_FORMAT);
+    assert_non_null(strstr(kd_last_error(), "a variance must be finite and >= 0"));
+    a->buffers[var_at] = v0;
+    opt[7] = INFINITY;
+    assert_int_equal(kd_checkpoint_save(path, a, opt, nstate, &info), KD_OK);
+    assert_int_equal(kd_checkpoint_load(path, b, opt2, nstate, NULL), KD_ERR_FORMAT);
+    assert_non_null(strstr(kd_last_error(), "__optim__.state) holds inf at index 7"));
+    opt[7] = 7.f;
+    assert_memory_equal(b_params, b->params, b->nparams * sizeof(float));
+    free(b_params);
+
+    /* metadata that is not what kd_checkpoint_save writes */
+    assert_int_equal(kd_checkpoint_save(path, a, opt, nstate, &info), KD_OK);
+    kd_safetensors *st = NULL;
+    assert_int_equal(kd_safetensors_open(path, &st), KD_OK);
+    size_t ne = kd_safetensors_count(st);
+    kd_st_entry *ents = malloc(ne * sizeof *ents);
+    for (size_t i = 0; i < ne; i++)
+        ents[i] = *kd_safetensors_entry(st, i);
+    const char *bad_meta[][4] = {{"step", "abc", "step", "'abc'"},
+                                 {"step", "-3", "step", "'-3'"},
+                                 {"best_val_acc", "nan", "best_val_acc", "[0, 1]"},
+                                 {"best_val_acc", "2.0", "best_val_acc", "[0, 1]"}};
+    char bad_path[300];
+    snprintf(bad_path, sizeof bad_path, "%s/meta.safetensors", dir);
+    for (size_t k = 0; k < sizeof bad_meta / sizeof bad_meta[0]; k++) {
+        const char *meta[] = {"format",       kd_safetensors_meta(st, "format"),
+                              "model_hash",   kd_safetensors_meta(st, "model_hash"),
+                              "optimizer",    "sgd",
+                              bad_meta[k][0], bad_meta[k][1]};
+        assert_int_equal(kd_safetensors_save(bad_path, ents, ne, meta, 4), KD_OK);
+        kd_ckpt_info got;
+        assert_int_equal(kd_checkpoint_load(bad_path, b, opt2, nstate, &got), KD_ERR_FORMAT);
+        assert_non_null(strstr(kd_last_error(), bad_meta[k][2]));
+        assert_non_null(strstr(kd_last_error(), bad_meta[k][3]));
+    }
+    free(ents);
+    kd_safetensors_close(st);
+    unlink(bad_path);
+
     kd_model_free(a);
     kd_model_free(b);
     kd_model_free(c);

@@ -223,7 +223,14 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
         size_t have = 0;
         if (os && os->dtype == KD_DTYPE_F32 && os->ndim == 2)
             have = (size_t)(os->shape[0] * os->shape[1]);
-        if (!os || have != nstate || (os->ndim == 2 && os->shape[1] != (int64_t)m->nparams)) {
+        if (os && os->ndim == 2 && os->shape[1] != (int64_t)m->nparams) {
+            rc = KD_FAIL(KD_ERR_FORMAT,
+                         "checkpoint '%s': __optim__.state is [%lld, %lld], but its rows must "
+                         "have one value per parameter of the model (%zu)",
+                         path, (long long)os->shape[0], (long long)os->shape[1], m->nparams);
+            goto done;
+        }
+        if (!os || have != nstate) {
             const char *opt = kd_safetensors_meta(st, "optimizer");
             rc = KD_FAIL(KD_ERR_FORMAT,
                          "checkpoint '%s' has no optimiser state for this job (it holds %zu floats "

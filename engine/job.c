@@ -61,6 +61,9 @@ static kd_status section(const kd_node *root, const char *key, int required,
     }
     if ((*out)->kind == KD_NODE_SCALAR && !(*out)->quoted &&
         (!(*out)->value[0] || !strcmp((*out)->value, "null") || !strcmp((*out)->value, "~"))) {
+        if (required)
+            return KD_FAIL(KD_ERR_CONFIG, "%s: section '%s' is empty, and it is required",
+                           kd_node_where(*out, pos, sizeof pos), key);
         *out = NULL;
         return KD_OK;
     }

@@ -360,6 +360,8 @@ static void test_set_errors(void **state)
     run_expect(noarg, 2, "--set needs KEY=VALUE", "usage: distill summary", NULL);
     const char *badtype[] = {"summary", job, "--set=data.batch_size=huge", NULL};
     run_expect(badtype, 1, "batch_size", "'huge'", NULL);
+    const char *nodata[] = {"summary", job, "--set", "data=null", NULL};
+    run_expect(nodata, 1, "--set data=null", "section 'data' is empty", NULL);
     /* control: a valid override is accepted and takes effect */
     const char *ok[] = {"summary", job, "--set", "optim.lr=0.01", NULL};
     run_expect(ok, 0, "7850", NULL);

@@ -112,8 +112,8 @@ static kd_status get_pos_int(const kd_node *opts, const char *key, int required,
     if (v < min || v > (1 << 24)) {
         char pos[160];
         kd_node_where(kd_node_child(opts, key), pos, sizeof pos);
-        return KD_FAIL(KD_ERR_CONFIG, "%s: '%s' must be at least %d, got %lld", pos, key, min,
-                       (long long)v);
+        return KD_FAIL(KD_ERR_CONFIG, "%s: '%s' must be in [%d, %d], got %lld", pos, key, min,
+                       1 << 24, (long long)v);
     }
     *out = (int)v;
     return KD_OK;

@@ -2227,6 +2227,13 @@ static kd_status rows_check(const kd_cache *c, const rowbuf *b, int64_t j0, int6
         if (y < 0 || y >= c->meta.num_classes)
             return KD_FAIL(KD_ERR_FORMAT, "cache '%s': label %d at row %lld is outside [0, %d)",
                            c->path, y, (long long)(g0 + r), c->meta.num_classes);
+        if (c->opts.labels && y != c->opts.labels[g0 + r])
+            return KD_FAIL(KD_ERR_CONFIG,
+                           "cache '%s': row %lld holds label %d, the job's training sample %lld "
+                           "has label %d: the cache was written for other data or another sample "
+                           "order; rebuild it with `distill cache`",
+                           c->path, (long long)(g0 + r), y, (long long)(g0 + r),
+                           c->opts.labels[g0 + r]);
     }
     return KD_OK;
 }

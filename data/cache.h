@@ -260,6 +260,9 @@ typedef struct {
     int aug_nparams;
     char teacher_sha256[65];
     char dataset_sha256[65];
+    /* num_samples labels the cache's rows must hold, row by row (NULL: only their range is
+     * checked); borrowed: it must outlive the opened cache, whose streaming checks read it */
+    const int32_t *labels;
     /* Loading options (not checks). */
     int64_t memory_limit; /* bytes: hold the whole cache when it fits (0 = 2 GiB; -1 = stream) */
     int prefetch_slots;   /* streaming ring size (0 = 4) */

@@ -218,6 +218,7 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
         e.views = job->cache_views;
         e.topk = job->cache_topk;
         e.aug_nparams = KD_AUG_NPARAMS;
+        e.labels = train->y;
         if (job->cache_stream)
             e.memory_limit = -1;
         kd_dataset_sha256(train, e.dataset_sha256);

@@ -690,8 +690,33 @@ static void test_reader_mismatches(void **state)
     e.dtype = KD_DTYPE_F32;
     expect_open_fail(path, &e, KD_ERR_CONFIG, "float16", "float32");
 
-    /* Unchecked fields: an all-default expectation opens it. */
+    /* Labels row by row against the job's (the writer stored g % 10): equal opens, one
+     * different row is named, held in memory or streamed */
     kd_cache *c;
+    int32_t want[600];
+    for (int g = 0; g < 600; g++)
+        want[g] = g % 10;
+    expect_init_from(&e, &m);
+    e.labels = want;
+    assert_ok(kd_cache_open(path, &e, &c));
+    kd_cache_close(c);
+    want[417] = 3;
+    expect_open_fail(path, &e, KD_ERR_CONFIG, "row 417 holds label 7",
+                     "training sample 417 has label 3");
+    e.memory_limit = -1;
+    assert_ok(kd_cache_open(path, &e, &c));
+    uint32_t order[600];
+    for (int g = 0; g < 600; g++)
+        order[g] = (uint32_t)g;
+    int32_t lab[600];
+    kd_status st = kd_cache_stream_begin(c, order, 600);
+    if (st == KD_OK)
+        st = kd_cache_get_rows(c, order, 600, 0, NULL, NULL, NULL, NULL, NULL, lab);
+    assert_int_equal(st, KD_ERR_CONFIG);
+    assert_non_null(strstr(kd_last_error(), "row 417 holds label 7"));
+    kd_cache_close(c);
+
+    /* Unchecked fields: an all-default expectation opens it. */
     assert_ok(kd_cache_open(path, NULL, &c));
     assert_int_equal(kd_cache_meta_of(c)->num_samples, 600);
     assert_int_equal(kd_cache_meta_of(c)->aug_nparams, 3);

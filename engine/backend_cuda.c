@@ -462,8 +462,7 @@ static kd_status dnn_handle(void)
     KD_TRY(dnn_check(cudnnCreate(&kd_dnn), "cudnnCreate"));
     kd_status st = dnn_check(cudnnSetStream(kd_dnn, kd_stream), "cudnnSetStream");
     if (st != KD_OK) {
-        if (cudnnDestroy(kd_dnn) != CUDNN_STATUS_SUCCESS)
-            (void)cudaGetLastError(); /* the cudnnSetStream failure is the one reported */
+        (void)cudnnDestroy(kd_dnn); /* the cudnnSetStream failure is the one reported */
         return st;
     }
     kd_dnn_ready = 1;

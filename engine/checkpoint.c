@@ -274,17 +274,14 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
                 goto done;
             }
     }
-    if (state)
-        for (size_t j = 0; j < nstate; j++) {
-            float x;
-            memcpy(&x, (const char *)os->data + j * sizeof(float), sizeof x);
-            if (!isfinite(x)) {
-                rc = KD_FAIL(KD_ERR_FORMAT,
-                             "checkpoint '%s': the optimizer state (__optim__.state) holds %g at "
-                             "index %zu: the file is damaged or was saved from a diverged run",
-                             path, (double)x, j);
-                goto done;
-            }
+    const float *sv = state ? (const float *)os->data : NULL; /* aligned (safetensors.h) */
+    for (size_t j = 0; sv && j < nstate; j++)
+        if (!isfinite(sv[j])) {
+            rc = KD_FAIL(KD_ERR_FORMAT,
+                         "checkpoint '%s': the optimizer state (__optim__.state) holds %g at "
+                         "index %zu: the file is damaged or was saved from a diverged run",
+                         path, (double)sv[j], j);
+            goto done;
         }
     if (info && (rc = read_info(st, path, info)))
         goto done;

@@ -198,6 +198,11 @@ static kd_status parse_block(kd_builder *bd, const kd_node *item, const char *na
     b->out_ndim = in_ndim;
     memcpy(b->out, in, sizeof b->out);
     shape_text(in_ndim, in, ins, sizeof ins);
+    if (b->in_numel > KD_MAX_SAMPLE_NUMEL) /* the model's input; a block's is checked as output */
+        return KD_FAIL(KD_ERR_SHAPE,
+                       "%s: its input %s holds %zu values per sample, more than the engine's "
+                       "limit of %d in one activation",
+                       b->where, ins, b->in_numel, KD_MAX_SAMPLE_NUMEL);
     hash_in(bd, (uint64_t)b->kind,
             ((uint64_t)in_ndim << 48) ^ ((uint64_t)in[0] << 32) ^ ((uint64_t)in[1] << 16) ^
                 (uint64_t)in[2]);
@@ -326,7 +331,7 @@ static kd_status parse_block(kd_builder *bd, const kd_node *item, const char *na
         break;
     case KD_L_FLATTEN:
         b->out_ndim = 1;
-        b->out[0] = b->in_numel > KD_MAX_SAMPLE_NUMEL ? 0 : (int)b->in_numel; /* refused below */
+        b->out[0] = (int)b->in_numel;
         b->out[1] = b->out[2] = 1;
         break;
     case KD_L_DROPOUT:
@@ -379,13 +384,11 @@ static kd_status parse_block(kd_builder *bd, const kd_node *item, const char *na
     default: break;
     }
     b->out_numel = (size_t)b->out[0] * (b->out_ndim == 3 ? (size_t)b->out[1] * b->out[2] : 1);
-    if (b->in_numel > KD_MAX_SAMPLE_NUMEL || b->out_numel > KD_MAX_SAMPLE_NUMEL) {
-        const size_t big = b->in_numel > b->out_numel ? b->in_numel : b->out_numel;
+    if (b->out_numel > KD_MAX_SAMPLE_NUMEL)
         return KD_FAIL(KD_ERR_SHAPE,
-                       "%s: on input %s this layer holds %zu values per sample, more than the "
+                       "%s: on input %s its output holds %zu values per sample, more than the "
                        "engine's limit of %d in one activation",
-                       b->where, ins, big, KD_MAX_SAMPLE_NUMEL);
-    }
+                       b->where, ins, b->out_numel, KD_MAX_SAMPLE_NUMEL);
     return KD_OK;
 }
 

@@ -330,6 +330,15 @@ int kd_files_equal(const char *a, const char *b)
     return eq;
 }
 
+int kd_file_holds(const char *path, const uint8_t *bytes, size_t len)
+{
+    uint8_t *p = NULL;
+    size_t n = 0;
+    int eq = kd_read_file(path, &p, &n) == 0 && n == len && memcmp(p, bytes, len) == 0;
+    free(p);
+    return eq;
+}
+
 int kd_cli_workspace(const char *prefix, int n_train, int n_test, unsigned seed, char *tmp,
                      size_t tmp_len, char *data, size_t data_len)
 {

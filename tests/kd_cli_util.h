@@ -69,6 +69,8 @@ char *kd_read_text(const char *path);
 int kd_write_bytes(const char *path, const uint8_t *buf, size_t len);
 /* 1 when both files can be read and have identical bytes. */
 int kd_files_equal(const char *a, const char *b);
+/* 1 when path reads back as exactly the len bytes given. */
+int kd_file_holds(const char *path, const uint8_t *bytes, size_t len);
 /* The number after "key": in a JSON text (values may be quoted, as in safetensors metadata);
  * 0 with *out set, -1 when the key is missing or not followed by a number. */
 int kd_json_number(const char *text, const char *key, double *out);

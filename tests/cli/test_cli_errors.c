@@ -443,13 +443,8 @@ static void test_failed_checkpoint_write(void **state)
     assert_false(kd_file_exists(res));
     assert_false(has_file_prefix(dir, "last.safetensors.tmp"));
 
-    uint8_t *after;
-    size_t nafter;
-    assert_int_equal(kd_read_file(ckpt, &after, &nafter), 0);
-    assert_int_equal(nafter, nbefore);
-    assert_memory_equal(after, before, nbefore);
+    assert_true(kd_file_holds(ckpt, before, nbefore));
     free(before);
-    free(after);
     const char *ev[] = {"eval", job, "--checkpoint", ckpt, NULL};
     run_expect(ev, 0, "accuracy", NULL);
     /* and it still resumes: without the limit the second epoch completes */

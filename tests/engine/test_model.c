@@ -359,6 +359,9 @@ static void test_shape_errors(void **state)
     expect_build_error("input: [4, 65536, 65536]\nlayers:\n  - conv2d: {out: 1, kernel: 1}\n"
                        "  - global_avgpool\n  - linear: {out: 10}\n",
                        KD_ERR_SHAPE, (const char *[]){"[4, 65536, 65536]", NULL});
+    expect_build_error("input: [1, 4096, 4096]\nlayers:\n  - conv2d: {out: 16, kernel: 1}\n"
+                       "  - global_avgpool\n  - linear: {out: 10}\n",
+                       KD_ERR_SHAPE, (const char *[]){"output holds 268435456 values", NULL});
     expect_build_error("input: [1, 65536, 65536]\nlayers:\n  - flatten\n  - linear: {out: 10}\n",
                        KD_ERR_SHAPE, (const char *[]){"4294967296 values per sample", NULL});
     expect_build_error("input: [1, 8, 8]\nlayers:\n  - conv3d: {out: 4}\n", KD_ERR_CONFIG,

@@ -496,6 +496,20 @@ static kd_status meta_write(hid_t f, const char *path, const kd_cache_meta *m)
     return KD_OK;
 }
 
+/* Read /done (n chunks) into done and check that each entry is 0 or 1. */
+static kd_status read_done(hid_t ds, int64_t n, uint8_t *done, const char *path)
+{
+    if (H5Dread(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, done) < 0)
+        return H5_FAIL(KD_ERR_FORMAT, path, "H5Dread(/done)");
+    for (int64_t i = 0; i < n; i++)
+        if (done[i] > 1)
+            return KD_FAIL(KD_ERR_FORMAT,
+                           "cache '%s': /done[%lld] is %u; only 0 (chunk missing) and 1 (chunk "
+                           "written) are valid",
+                           path, (long long)i, (unsigned)done[i]);
+    return KD_OK;
+}
+
 /* Read and sanity-check the root attributes (aug_nparams comes later from /aug_params). */
 static kd_status meta_read(hid_t f, const char *path, kd_cache_meta *m)
 {
@@ -1236,10 +1250,7 @@ kd_status kd_cache_writer_open(const char *path, const kd_cache_meta *meta,
         st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
         goto done;
     }
-    if (H5Dread(w->ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, w->done) < 0) {
-        st = H5_FAIL(KD_ERR_FORMAT, path, "H5Dread(/done)");
-        goto done;
-    }
+    st = read_done(w->ds.done, w->nchunks, w->done, path);
 done:
     if (st != KD_OK) {
         writer_free(w);
@@ -1598,8 +1609,7 @@ static kd_status shard_open(const char *vds_path, const kd_cache_meta *vds, vds_
         st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", vds_path);
         goto done;
     }
-    if (H5Dread(ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, done) < 0) {
-        st = H5_FAIL(KD_ERR_FORMAT, sh->file, "H5Dread(/done)");
+    if ((st = read_done(ds.done, nch, done, sh->file))) {
         kd_fail_context(st, "cache '%s' (sharded): ", vds_path);
         goto done;
     }
@@ -2067,10 +2077,8 @@ kd_status kd_cache_inspect(const char *path, kd_cache_info *info)
         st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
         goto done;
     }
-    if (H5Dread(ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, done) < 0) {
-        st = H5_FAIL(KD_ERR_FORMAT, path, "H5Dread(/done)");
+    if ((st = read_done(ds.done, nch, done, path)))
         goto done;
-    }
     for (int64_t i = 0; i < nch; i++)
         info->chunks_missing += done[i] == 0;
 done:
@@ -2219,6 +2227,13 @@ static kd_status rows_check(const kd_cache *c, const rowbuf *b, int64_t j0, int6
                                        c->path, ix[k], (long long)(g0 + r), v, c->meta.num_classes);
             }
         }
+        const float *aug = b->aug + (size_t)(j0 + r) * c->V * c->P;
+        for (int e = 0; e < c->V * c->P; e++)
+            if (!isfinite(aug[e]))
+                return KD_FAIL(KD_ERR_FORMAT,
+                               "cache '%s' holds a non-finite augmentation parameter (%g) at row "
+                               "%lld view %d parameter %d; rebuild the cache with `distill cache`",
+                               c->path, (double)aug[e], (long long)(g0 + r), e / c->P, e % c->P);
         int32_t y = b->lab[j0 + r];
         if (y < 0 || y >= c->meta.num_classes)
             return KD_FAIL(KD_ERR_FORMAT, "cache '%s': label %d at row %lld is outside [0, %d)",
@@ -2469,9 +2484,8 @@ kd_status kd_cache_open(const char *path, const kd_cache_expect *expect, kd_cach
             st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
             goto done;
         }
-        if (H5Dread(c->ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, done) < 0) {
+        if ((st = read_done(c->ds.done, c->nchunks, done, path))) {
             free(done);
-            st = H5_FAIL(KD_ERR_FORMAT, path, "H5Dread(/done)");
             goto done;
         }
         int64_t missing = 0, first = -1;

@@ -46,6 +46,24 @@ static const kd_dataset_info *dataset_lookup(const char *name)
     return NULL;
 }
 
+kd_status kd_dataset_check_name(const char *name)
+{
+    if (name && dataset_lookup(name))
+        return KD_OK;
+    char known[256];
+    size_t used = 0;
+    known[0] = '\0';
+    for (size_t i = 0; i < KD_NUM_KNOWN && used < sizeof known; i++) {
+        int k = snprintf(known + used, sizeof known - used, "%s%s", i ? ", " : "",
+                         kd_known_datasets[i].name);
+        if (k < 0)
+            break;
+        used += (size_t)k;
+    }
+    return KD_FAIL(KD_ERR_CONFIG, "unknown data set '%s' (known: %s)", name ? name : "(null)",
+                   known);
+}
+
 static int is_regular_file(const char *path)
 {
     struct stat st;
@@ -157,9 +175,8 @@ kd_status kd_dataset_load(const char *name, const char *root, int train, kd_data
     memset(out, 0, sizeof *out);
     if (!name)
         return KD_FAIL(KD_ERR_INVALID, "kd_dataset_load: name is NULL");
+    KD_TRY(kd_dataset_check_name(name));
     const kd_dataset_info *info = dataset_lookup(name);
-    if (!info)
-        return KD_FAIL(KD_ERR_CONFIG, "unknown data set '%s' (known: fashion-mnist, mnist)", name);
 
     char dirs[KD_DS_MAX_DIRS][KD_DS_PATH_MAX];
     int ndirs = 0;
@@ -191,8 +208,21 @@ kd_status kd_dataset_load(const char *name, const char *root, int train, kd_data
                 KD_ERR_NOT_FOUND, "data set '%s' is incomplete in '%s': found '%s' but not %s[.gz]",
                 info->name, dirs[i], has_img ? img_path : lbl_path, has_img ? lbl_base : img_base);
     }
-    if (!found)
+    if (!found) {
+        /* The other split's files somewhere means a partial copy, not a missing data set. */
+        const char *other = train ? "t10k" : "train";
+        char o_img[64], o_lbl[64];
+        snprintf(o_img, sizeof o_img, "%s-images-idx3-ubyte", other);
+        snprintf(o_lbl, sizeof o_lbl, "%s-labels-idx1-ubyte", other);
+        for (int i = 0; i < ndirs; i++)
+            if (find_idx_file(dirs[i], o_img, img_path, sizeof img_path) &&
+                find_idx_file(dirs[i], o_lbl, lbl_path, sizeof lbl_path))
+                return KD_FAIL(KD_ERR_NOT_FOUND,
+                               "data set '%s' is incomplete in '%s': it has the %s split but "
+                               "not the %s split (%s[.gz] and %s[.gz])",
+                               info->name, dirs[i], other, split, img_base, lbl_base);
         return not_found(info, dirs, ndirs);
+    }
 
     kd_idx img = {0}, lbl = {0};
     kd_status st = kd_idx_load(img_path, &img);

@@ -36,6 +36,12 @@ typedef struct {
  */
 kd_status kd_dataset_load(const char *name, const char *root, int train, kd_dataset *out);
 
+/*
+ * KD_OK when `name` is a known data set; otherwise KD_ERR_CONFIG with a message
+ * naming it and listing the known ones (job files check it while they are read).
+ */
+kd_status kd_dataset_check_name(const char *name);
+
 /* Release the arrays and zero the struct; safe on a zeroed struct. */
 void kd_dataset_free(kd_dataset *d);
 

@@ -9,6 +9,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "dataset.h"
+
 static kd_status copy_str(const kd_node *map, const char *key, int required, char *dst, size_t len)
 {
     const char *v = NULL;
@@ -134,6 +136,12 @@ static kd_status parse_data(kd_job *j)
     const kd_node *s;
     KD_TRY(section(j->root, "data", 1, keys, &s));
     KD_TRY(copy_str(s, "dataset", 1, j->dataset, sizeof j->dataset));
+    kd_status st = kd_dataset_check_name(j->dataset);
+    if (st != KD_OK) {
+        char pos[160];
+        return kd_fail_context(st,
+                               "%s: ", kd_node_where(kd_node_child(s, "dataset"), pos, sizeof pos));
+    }
     KD_TRY(copy_str(s, "root", 0, j->data_root, sizeof j->data_root));
     j->batch_size = 128;
     j->eval_batch_size = 500;
@@ -162,7 +170,9 @@ static kd_status load_model_def(const kd_job *j, const kd_node *mnode, const cha
     char pos[160];
     const kd_node *def = mnode;
     if (mnode->kind == KD_NODE_SCALAR) {
-        KD_TRY(kd_yaml_load_file(mnode->value, doc));
+        kd_status st = kd_yaml_load_file(mnode->value, doc);
+        if (st != KD_OK)
+            return kd_fail_context(st, "%s: %s: ", kd_node_where(mnode, pos, sizeof pos), what);
         def = *doc;
         snprintf(desc, desc_len, "%s", mnode->value);
     } else {
@@ -428,9 +438,12 @@ static kd_status parse_optim(kd_job *j)
     KD_TRY(kd_node_get_float(s, "clip_norm", 0, &o->clip_norm));
     j->epochs = 10;
     KD_TRY(get_i32(s, "epochs", 0, 1, 1 << 20, &j->epochs));
-    kd_status st = kd_optim_cfg_check(o);
-    if (st != KD_OK)
-        return kd_fail_context(st, "%s: ", kd_node_where(s, pos, sizeof pos));
+    const char *bad = NULL;
+    kd_status st = kd_optim_cfg_check_key(o, &bad);
+    if (st != KD_OK) {
+        const kd_node *at = bad ? kd_node_child(s, bad) : NULL;
+        return kd_fail_context(st, "%s: ", kd_node_where(at ? at : s, pos, sizeof pos));
+    }
     kd_sched_cfg *c = &j->sched;
     memset(c, 0, sizeof *c);
     c->kind = KD_SCHED_CONSTANT;

@@ -435,6 +435,36 @@ static kd_status parse_trunk(kd_builder *bd, const kd_node *list, const char *pr
     return KD_OK;
 }
 
+static const kd_block *find_tap(const kd_block *blocks, int n, const char *tap)
+{
+    for (int i = 0; i < n; i++) {
+        if (blocks[i].tap[0] && strcmp(blocks[i].tap, tap) == 0)
+            return &blocks[i];
+        const kd_block *b = find_tap(blocks[i].body, blocks[i].nbody, tap);
+        if (!b)
+            b = find_tap(blocks[i].proj, blocks[i].nproj, tap);
+        if (b)
+            return b;
+    }
+    return NULL;
+}
+
+/* Every tap name once in the whole model (residual bodies and projections included): a
+ * loss or export naming a tap must not silently take the first of two. */
+static kd_status check_taps(const kd_block *blocks, int n, const kd_block *all, int nall)
+{
+    for (int i = 0; i < n; i++) {
+        const kd_block *b = &blocks[i];
+        const kd_block *first = b->tap[0] ? find_tap(all, nall, b->tap) : b;
+        if (first != b)
+            return KD_FAIL(KD_ERR_CONFIG, "%s: tap '%s' is already the name of layer %s (%s)",
+                           b->where, b->tap, first->name, first->where);
+        KD_TRY(check_taps(b->body, b->nbody, all, nall));
+        KD_TRY(check_taps(b->proj, b->nproj, all, nall));
+    }
+    return KD_OK;
+}
+
 /* Hand out arena slices (base != NULL) or only count them (base == NULL). */
 static void arena_walk(kd_block *blocks, int n, int batch, float *base, size_t *cur)
 {
@@ -687,6 +717,9 @@ kd_status kd_model_build(const kd_node *input, const kd_node *layers, const kd_b
     m->nbuffers = bd.nbuffers;
     m->def_hash = bd.hash;
     m->ws_floats = bd.ws_floats;
+    st = check_taps(m->blocks, m->nblocks, m->blocks, m->nblocks);
+    if (st != KD_OK)
+        goto fail;
     if (m->nblocks == 0) {
         st = KD_FAIL(KD_ERR_CONFIG, "%s: the model has no layers",
                      kd_node_where(layers, pos, sizeof pos));
@@ -1156,20 +1189,6 @@ void kd_model_bf16_weights(kd_model *m, int round)
         m->be->copy(m->nparams, m->master, m->params);
     }
     m->bf16_held = round != 0;
-}
-
-static const kd_block *find_tap(const kd_block *blocks, int n, const char *tap)
-{
-    for (int i = 0; i < n; i++) {
-        if (blocks[i].tap[0] && strcmp(blocks[i].tap, tap) == 0)
-            return &blocks[i];
-        const kd_block *b = find_tap(blocks[i].body, blocks[i].nbody, tap);
-        if (!b)
-            b = find_tap(blocks[i].proj, blocks[i].nproj, tap);
-        if (b)
-            return b;
-    }
-    return NULL;
 }
 
 const kd_block *kd_model_tap(const kd_model *m, const char *tap)

@@ -15,6 +15,7 @@
  */
 #include "optim.h"
 
+#include <float.h>
 #include <math.h>
 
 #ifdef _OPENMP
@@ -204,36 +205,68 @@ double kd_clip_grad_norm(float *g, size_t n, double max_norm)
     return norm;
 }
 
-kd_status kd_optim_cfg_check(const kd_optim_cfg *c)
+/* A failed check's status, with the config key it is about in *key. */
+static kd_status bad_key(const char **key, const char *name, kd_status st)
 {
+    *key = name;
+    return st;
+}
+
+kd_status kd_optim_cfg_check_key(const kd_optim_cfg *c, const char **key)
+{
+    const char *unused;
+    if (!key)
+        key = &unused;
+    *key = NULL;
     if (c == NULL)
         return KD_FAIL(KD_ERR_INVALID, "optimizer config: NULL");
-    if (!(c->lr > 0.0) || !isfinite(c->lr))
-        return KD_FAIL(KD_ERR_CONFIG, "optimizer: lr must be finite and > 0, got %g", c->lr);
-    if (!(c->weight_decay >= 0.0) || !isfinite(c->weight_decay))
-        return KD_FAIL(KD_ERR_CONFIG, "optimizer: weight_decay must be finite and >= 0, got %g",
-                       c->weight_decay);
+    /* the updates run in float32, so a value past FLT_MAX would be inf there */
+    if (!(c->lr > 0.0) || !(c->lr <= FLT_MAX))
+        return bad_key(key, "lr",
+                       KD_FAIL(KD_ERR_CONFIG,
+                               "optimizer: lr must be > 0 and at most %g (float32), got %g",
+                               (double)FLT_MAX, c->lr));
+    if (!(c->weight_decay >= 0.0) || !(c->weight_decay <= FLT_MAX))
+        return bad_key(key, "weight_decay",
+                       KD_FAIL(KD_ERR_CONFIG,
+                               "optimizer: weight_decay must be >= 0 and at most %g (float32), "
+                               "got %g",
+                               (double)FLT_MAX, c->weight_decay));
     if (!(c->clip_norm >= 0.0))
-        return KD_FAIL(KD_ERR_CONFIG, "optimizer: clip_norm must be >= 0 (0 disables), got %g",
-                       c->clip_norm);
+        return bad_key(key, "clip_norm",
+                       KD_FAIL(KD_ERR_CONFIG,
+                               "optimizer: clip_norm must be >= 0 (0 disables), got %g",
+                               c->clip_norm));
     switch (c->kind) {
     case KD_OPTIM_SGD:
         if (!(c->momentum >= 0.0 && c->momentum < 1.0))
-            return KD_FAIL(KD_ERR_CONFIG, "sgd: momentum must be in [0, 1), got %g", c->momentum);
+            return bad_key(
+                key, "momentum",
+                KD_FAIL(KD_ERR_CONFIG, "sgd: momentum must be in [0, 1), got %g", c->momentum));
         if (c->nesterov && c->momentum == 0.0)
-            return KD_FAIL(KD_ERR_CONFIG, "sgd: nesterov requires momentum > 0");
+            return bad_key(key, "nesterov",
+                           KD_FAIL(KD_ERR_CONFIG, "sgd: nesterov requires momentum > 0"));
         return KD_OK;
     case KD_OPTIM_ADAMW:
         if (!(c->beta1 >= 0.0 && c->beta1 < 1.0))
-            return KD_FAIL(KD_ERR_CONFIG, "adamw: beta1 must be in [0, 1), got %g", c->beta1);
+            return bad_key(
+                key, "beta1",
+                KD_FAIL(KD_ERR_CONFIG, "adamw: beta1 must be in [0, 1), got %g", c->beta1));
         if (!(c->beta2 >= 0.0 && c->beta2 < 1.0))
-            return KD_FAIL(KD_ERR_CONFIG, "adamw: beta2 must be in [0, 1), got %g", c->beta2);
-        if (!(c->eps > 0.0) || !isfinite(c->eps))
-            return KD_FAIL(KD_ERR_CONFIG, "adamw: eps must be finite and > 0, got %g", c->eps);
+            return bad_key(
+                key, "beta2",
+                KD_FAIL(KD_ERR_CONFIG, "adamw: beta2 must be in [0, 1), got %g", c->beta2));
+        if (!((float)c->eps > 0.0f) || !(c->eps <= FLT_MAX)) /* 1e-50 is 0 in float32 */
+            return bad_key(key, "eps",
+                           KD_FAIL(KD_ERR_CONFIG,
+                                   "adamw: eps must be in [%g, %g] (float32, above 0), got %g",
+                                   (double)FLT_TRUE_MIN, (double)FLT_MAX, c->eps));
         return KD_OK;
     }
     return KD_FAIL(KD_ERR_CONFIG, "optimizer: unknown kind %d", (int)c->kind);
 }
+
+kd_status kd_optim_cfg_check(const kd_optim_cfg *c) { return kd_optim_cfg_check_key(c, NULL); }
 
 enum { KD_SGD_PLAIN, KD_SGD_MOMENTUM, KD_SGD_NESTEROV };
 

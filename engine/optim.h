@@ -109,10 +109,15 @@ kd_status kd_optim_step(const kd_optim_cfg *c, float *params, const float *grads
 
 /*
  * Rejects lr <= 0, momentum outside [0,1), betas outside [0,1), eps <= 0,
+ * lr, wd or eps beyond float32's range (eps also below its smallest value),
  * wd < 0, nesterov without momentum and a negative clip_norm
  * (KD_ERR_CONFIG, with a message naming the field and its value).
  */
 kd_status kd_optim_cfg_check(const kd_optim_cfg *c);
+
+/* kd_optim_cfg_check, and on a KD_ERR_CONFIG failure the config key it is about ("lr",
+ * "momentum", ...) in *key (NULL when there is none); key may be NULL. */
+kd_status kd_optim_cfg_check_key(const kd_optim_cfg *c, const char **key);
 
 #ifdef __cplusplus
 }

@@ -465,7 +465,19 @@ static int run_leftovers(const char *dir, char *buf, size_t len)
     return used > 0;
 }
 
-/* Keep only the metrics lines of epochs <= keep_epochs (a resumed run rewrites the rest). */
+typedef struct {
+    const char *bytes;
+    size_t len;
+} kd_bytes;
+
+static kd_status write_bytes(FILE *f, void *ctx)
+{
+    const kd_bytes *b = ctx;
+    return kd_fwrite_all(f, b->bytes, b->len, "metrics");
+}
+
+/* Keep only the metrics lines of epochs <= keep_epochs (a resumed run rewrites the rest). The
+ * file is replaced atomically, so a crash or a full disk leaves the old one whole. */
 static kd_status trim_metrics(const char *path, int64_t keep_epochs)
 {
     FILE *f = fopen(path, "r");
@@ -483,16 +495,20 @@ static kd_status trim_metrics(const char *path, int64_t keep_epochs)
         if (ep >= 0 && ep <= keep_epochs)
             fputs(line, mem);
     }
+    const int read_err = ferror(f);
     fclose(f);
     if (!mem)
         return KD_FAIL(KD_ERR_NOMEM, "out of memory trimming '%s'", path);
-    fclose(mem);
-    FILE *w = fopen(path, "w");
+    const int mem_err = fclose(mem) != 0;
     kd_status st = KD_OK;
-    if (!w || fwrite(kept, 1, klen, w) != klen)
-        st = KD_FAIL(KD_ERR_IO, "cannot rewrite '%s': %s", path, strerror(errno));
-    if (w && fclose(w) != 0 && st == KD_OK)
-        st = KD_FAIL(KD_ERR_IO, "cannot rewrite '%s': %s", path, strerror(errno));
+    if (read_err)
+        st = KD_FAIL(KD_ERR_IO, "cannot read '%s'", path);
+    else if (mem_err)
+        st = KD_FAIL(KD_ERR_NOMEM, "out of memory trimming '%s'", path);
+    else {
+        kd_bytes b = {kept, klen};
+        st = kd_file_write_atomic(path, write_bytes, &b);
+    }
     free(kept);
     return st;
 }
@@ -846,11 +862,19 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
                          path, in.step, in.epoch, spe);
             goto done;
         }
+        if (in.epoch > job->epochs) {
+            st = KD_FAIL(KD_ERR_CONFIG,
+                         "checkpoint '%s' has trained %" PRId64 " epochs, past the job's %d "
+                         "(optim.epochs): raise optim.epochs to train on, or evaluate it with "
+                         "distill eval",
+                         path, in.epoch, job->epochs);
+            goto done;
+        }
         step = in.step;
         epoch0 = in.epoch;
         saver.info.best_val_acc = in.best_val_acc;
-        fprintf(log, "resumed from %s at epoch %" PRId64 ", step %" PRId64 "\n", path, epoch0,
-                step);
+        fprintf(log, "resumed from %s at epoch %" PRId64 ", step %" PRId64 "%s\n", path, epoch0,
+                step, epoch0 == job->epochs ? ": every epoch is done, nothing left to train" : "");
     }
     /* every rank starts from rank 0's parameters, optimizer state and buffers */
     if (world > 1 &&

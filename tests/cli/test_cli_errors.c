@@ -44,7 +44,7 @@ static const char *tpath(char *buf, size_t len, const char *name)
 static void write_job(const char *path, const char *out_dir, const char *root, const char *batch,
                       const char *model_line, const char *lr_line)
 {
-    char text[2048];
+    char text[4096];
     snprintf(text, sizeof text,
              "run:\n"                     /* 1 */
              "  out_dir: %s\n"            /* 2 */
@@ -198,9 +198,79 @@ static void test_loss_diverges(void **state)
     (void)state;
     char job[600], od[600];
     write_job(tpath(job, sizeof job, "diverge.yaml"), tpath(od, sizeof od, "diverge"), data, "32",
-              MLP_LINE, "lr: 1.0e+300");
+              MLP_LINE, "lr: 3.0e+38");
     const char *argv[] = {"train", job, NULL};
     run_expect(argv, 1, "loss became", "at epoch 1", "lower optim.lr", NULL);
+    /* past float32's range the learning rate is refused while the job is read */
+    char want[700];
+    write_job(job, tpath(od, sizeof od, "huge_lr"), data, "32", MLP_LINE, "lr: 1.0e+300");
+    snprintf(want, sizeof want, "%s:13:7:", job); /* the value of lr */
+    run_expect(argv, 1, want, "lr must be > 0 and at most 3.40282e+38", "1e+300", NULL);
+    assert_false(kd_file_exists(od));
+}
+
+/* An unknown data set name is refused where the job names it. */
+static void test_unknown_dataset(void **state)
+{
+    (void)state;
+    char job[600], od[600];
+    write_mlp_job(tpath(job, sizeof job, "dsname.yaml"), "dsname");
+    const char *argv[] = {"train", job, "--set", "data.dataset=cifar10", NULL};
+    run_expect(argv, 1, "--set data.dataset=cifar10", "unknown data set 'cifar10'",
+               "fashion-mnist, mnist", NULL);
+    assert_false(kd_file_exists(tpath(od, sizeof od, "dsname")));
+}
+
+/* A data directory with the train split only: the missing split is named, not the whole set. */
+static void test_split_missing(void **state)
+{
+    (void)state;
+    char dir[600], f[700], job[600], od[600];
+    copy_data("halfset", dir, sizeof dir);
+    snprintf(f, sizeof f, "%s/t10k-images-idx3-ubyte.gz", dir);
+    assert_int_equal(remove(f), 0);
+    snprintf(f, sizeof f, "%s/t10k-labels-idx1-ubyte.gz", dir);
+    assert_int_equal(remove(f), 0);
+    write_job(tpath(job, sizeof job, "halfset.yaml"), tpath(od, sizeof od, "halfset_out"), dir,
+              "32", MLP_LINE, "lr: 0.05");
+    const char *argv[] = {"eval", job, "--checkpoint", "unused.safetensors", NULL};
+    run_expect(argv, 1, dir, "has the train split but not the t10k split",
+               "t10k-images-idx3-ubyte[.gz]", NULL);
+}
+
+/* A model file that does not exist: the job and the line naming it come first. */
+static void test_model_file_missing(void **state)
+{
+    (void)state;
+    char job[600], od[600], want[1400], model[700];
+    tpath(model, sizeof model, "no-such-model.yaml");
+    char line[800];
+    snprintf(line, sizeof line, "model: %s", model);
+    write_job(tpath(job, sizeof job, "nomodel.yaml"), tpath(od, sizeof od, "nomodel"), data, "32",
+              line, "lr: 0.05");
+    const char *argv[] = {"summary", job, NULL};
+    snprintf(want, sizeof want, "%s:10:8: model: cannot open config '%s'", job, model);
+    run_expect(argv, 1, want, "No such file", NULL);
+}
+
+/* Two layers with one tap name: refused, naming both. */
+static void test_duplicate_tap(void **state)
+{
+    (void)state;
+    char job[600], od[600], want[700];
+    write_job(tpath(job, sizeof job, "taps.yaml"), tpath(od, sizeof od, "taps"), data, "32",
+              "model: {input: [1, 28, 28], layers: [flatten, {linear: {out: 16, tap: h}}, "
+              "{relu: {tap: h}}, {linear: {out: 10}}]}",
+              "lr: 0.05");
+    const char *argv[] = {"summary", job, NULL};
+    snprintf(want, sizeof want, "%s:10:", job);
+    run_expect(argv, 1, want, "tap 'h' is already the name of layer 1", NULL);
+    /* control: distinct names build */
+    write_job(job, od, data, "32",
+              "model: {input: [1, 28, 28], layers: [flatten, {linear: {out: 16, tap: h}}, "
+              "{relu: {tap: g}}, {linear: {out: 10}}]}",
+              "lr: 0.05");
+    run_expect(argv, 0, "12730", NULL);
 }
 
 /* a. data.root is an empty directory: the set is named with the package that installs it. */
@@ -527,6 +597,10 @@ int main(void)
         cmocka_unit_test(test_loss_diverges),
         cmocka_unit_test(test_precision),
         cmocka_unit_test(test_dataset_not_installed),
+        cmocka_unit_test(test_unknown_dataset),
+        cmocka_unit_test(test_split_missing),
+        cmocka_unit_test(test_model_file_missing),
+        cmocka_unit_test(test_duplicate_tap),
         cmocka_unit_test(test_truncated_idx),
         cmocka_unit_test(test_corrupt_gzip),
         cmocka_unit_test(test_yaml_syntax_error),

@@ -100,7 +100,18 @@ static void test_guards(void **state)
 
     /* the same job resumed is accepted (and, finished already, trains no further) */
     write_job("relu", "sgd");
-    expect(train("--resume", &code), 0, (const char *const[]){"resumed from", "test:", NULL});
+    expect(train("--resume", &code), 0,
+           (const char *const[]){"resumed from", "nothing left to train", "test:", NULL});
+    /* trained on to epoch 2, the checkpoint is past the 1-epoch job's end: refused, untouched */
+    const char *more[] = {"train", job, "--set", "optim.epochs=2", "--resume", NULL};
+    assert_int_equal(kd_run_distill(more, out, sizeof out, &code), 0);
+    expect(code, 0, (const char *const[]){"epoch 2/2", NULL});
+    assert_int_equal(kd_read_file(ckpt, &c0, &lc), 0);
+    expect(train("--resume", &code), 1,
+           (const char *const[]){ckpt, "has trained 2 epochs, past the job's 1", "optim.epochs",
+                                 NULL});
+    assert_true(kd_file_holds(ckpt, c0, lc));
+    free(c0);
 
     /* without last.safetensors (deleted, or never written on a full disk) the run's other
      * results still guard the directory: neither a fresh start nor --resume overwrites them */

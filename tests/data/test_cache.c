@@ -837,6 +837,34 @@ static void test_nonfinite(void **state)
     write_cache(path, &m, NULL, 1);
     poke(path, "logsumexp", 5, 0, 0, NAN);
     expect_open_fail(path, NULL, KD_ERR_FORMAT, "logsumexp", "row 5 view 0");
+
+    /* NaN in a view's augmentation parameters (the student would train on a clamped view). */
+    tmp_path(path, sizeof path, "nanaug.h5");
+    m = make_meta(300, 10, 2, 0, KD_DTYPE_F32, 128);
+    write_cache(path, &m, NULL, 1);
+    check_cache(path, &m);
+    poke(path, "aug_params", 42, 1, m.aug_nparams - 1, NAN);
+    char where[96];
+    snprintf(where, sizeof where, "row 42 view 1 parameter %d", m.aug_nparams - 1);
+    expect_open_fail(path, NULL, KD_ERR_FORMAT, "non-finite augmentation parameter", where);
+}
+
+/* /done holds 0 or 1 per chunk; any other byte is damage, refused by the reader and by a
+ * resuming writer alike. */
+static void test_done_values(void **state)
+{
+    char path[512];
+    tmp_path(path, sizeof path, "done2.h5");
+    kd_cache_meta m = make_meta(500, 10, 1, 0, KD_DTYPE_F32, 100);
+    write_cache(path, &m, NULL, 1);
+    check_cache(path, &m);
+    poke(path, "done", 3, 0, 0, 2.0f);
+    expect_open_fail(path, NULL, KD_ERR_FORMAT, "/done[3] is 2", "only 0");
+    kd_cache_writer *w = NULL;
+    assert_int_equal(kd_cache_writer_open(path, &m, NULL, &w), KD_ERR_FORMAT);
+    assert_null(w);
+    assert_non_null(strstr(kd_last_error(), "/done[3] is 2"));
+    assert_non_null(strstr(kd_last_error(), path));
 }
 
 static void test_writer_refuses(void **state)
@@ -955,6 +983,7 @@ int main(void)
         cmocka_unit_test(test_truncated),
         cmocka_unit_test(test_half_written),
         cmocka_unit_test(test_nonfinite),
+        cmocka_unit_test(test_done_values),
         cmocka_unit_test(test_writer_refuses),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

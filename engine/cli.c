@@ -254,12 +254,12 @@ static int cmd_export(int argc, char **argv)
         } else if (!strcmp(a, "--calib")) {
             long long n = parse_count(v);
             if (n < 1 || n > 100000000)
-                BAD("--calib must be a count of at least 1, got '%s'", v);
+                BAD("--calib must be a count in [1, 100000000], got '%s'", v);
             o.calib_samples = n;
         } else if (!strcmp(a, "--samples")) {
             long long n = parse_count(v);
             if (n < 0 || n > 100000000)
-                BAD("--samples must be a count, got '%s'", v);
+                BAD("--samples must be a count in [0, 100000000], got '%s'", v);
             o.n_samples = n;
         } else if (!strcmp(a, "--softmax"))
             o.softmax = 1;

@@ -652,7 +652,7 @@ static void test_bad_inputs(void **state)
     expect_fail(noout, 2, p_noout);
     const char *calib0[] = {"export", job,  "--checkpoint", ck,  "--quant", "int8", "--format", "c",
                             "--out",  odir, "--calib",      "0", NULL};
-    const char *const p_calib0[] = {"--calib must be a count of at least 1, got '0'", NULL};
+    const char *const p_calib0[] = {"--calib must be a count in [1, 100000000], got '0'", NULL};
     expect_fail(calib0, 2, p_calib0);
     const char *fmt[] = {"export",   job,   "--checkpoint", ck,   "--quant", "int8",
                          "--format", "elf", "--out",        odir, NULL};

@@ -221,10 +221,11 @@ kd_status kd_optim_cfg_check_key(const kd_optim_cfg *c, const char **key)
     if (c == NULL)
         return KD_FAIL(KD_ERR_INVALID, "optimizer config: NULL");
     /* the updates run in float32, so a value past FLT_MAX would be inf there */
-    if (!(c->lr > 0.0) || !(c->lr <= FLT_MAX))
+    if (!(c->lr <= FLT_MAX) || !((float)c->lr > 0.0f)) /* 1e-50 is 0 in float32 */
         return bad_key(key, "lr",
                        KD_FAIL(KD_ERR_CONFIG,
-                               "optimizer: lr must be > 0 and at most %g (float32), got %g",
+                               "optimizer: lr must be > 0 and at most %g, and not 0 in float32, "
+                               "got %g",
                                (double)FLT_MAX, c->lr));
     if (!(c->weight_decay >= 0.0) || !(c->weight_decay <= FLT_MAX))
         return bad_key(key, "weight_decay",
@@ -256,11 +257,12 @@ kd_status kd_optim_cfg_check_key(const kd_optim_cfg *c, const char **key)
             return bad_key(
                 key, "beta2",
                 KD_FAIL(KD_ERR_CONFIG, "adamw: beta2 must be in [0, 1), got %g", c->beta2));
-        if (!((float)c->eps > 0.0f) || !(c->eps <= FLT_MAX)) /* 1e-50 is 0 in float32 */
+        if (!(c->eps <= FLT_MAX) || !((float)c->eps > 0.0f))
             return bad_key(key, "eps",
                            KD_FAIL(KD_ERR_CONFIG,
-                                   "adamw: eps must be in [%g, %g] (float32, above 0), got %g",
-                                   (double)FLT_TRUE_MIN, (double)FLT_MAX, c->eps));
+                                   "adamw: eps must be > 0 and at most %g, and not 0 in float32, "
+                                   "got %g",
+                                   (double)FLT_MAX, c->eps));
         return KD_OK;
     }
     return KD_FAIL(KD_ERR_CONFIG, "optimizer: unknown kind %d", (int)c->kind);

@@ -862,19 +862,21 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
                          path, in.step, in.epoch, spe);
             goto done;
         }
-        if (in.epoch > job->epochs) {
+        /* steps, not whole epochs: a checkpoint taken mid-epoch can be past the end too */
+        const int64_t job_steps = spe * job->epochs;
+        if (in.step > job_steps) {
             st = KD_FAIL(KD_ERR_CONFIG,
-                         "checkpoint '%s' has trained %" PRId64 " epochs, past the job's %d "
-                         "(optim.epochs): raise optim.epochs to train on, or evaluate it with "
-                         "distill eval",
-                         path, in.epoch, job->epochs);
+                         "checkpoint '%s' is at step %" PRId64 " (%.2f epochs), past the end of "
+                         "the job's %d epochs (step %" PRId64 ", optim.epochs): raise "
+                         "optim.epochs to train on, or evaluate it with distill eval",
+                         path, in.step, (double)in.step / (double)spe, job->epochs, job_steps);
             goto done;
         }
         step = in.step;
         epoch0 = in.epoch;
         saver.info.best_val_acc = in.best_val_acc;
         fprintf(log, "resumed from %s at epoch %" PRId64 ", step %" PRId64 "%s\n", path, epoch0,
-                step, epoch0 == job->epochs ? ": every epoch is done, nothing left to train" : "");
+                step, step == job_steps ? ": every epoch is done, nothing left to train" : "");
     }
     /* every rank starts from rank 0's parameters, optimizer state and buffers */
     if (world > 1 &&

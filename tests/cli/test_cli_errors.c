@@ -206,6 +206,8 @@ static void test_loss_diverges(void **state)
     write_job(job, tpath(od, sizeof od, "huge_lr"), data, "32", MLP_LINE, "lr: 1.0e+300");
     snprintf(want, sizeof want, "%s:13:7:", job); /* the value of lr */
     run_expect(argv, 1, want, "lr must be > 0 and at most 3.40282e+38", "1e+300", NULL);
+    write_job(job, od, data, "32", MLP_LINE, "lr: 1.0e-50"); /* 0 in float32 */
+    run_expect(argv, 1, want, "not 0 in float32", "1e-50", NULL);
     assert_false(kd_file_exists(od));
 }
 

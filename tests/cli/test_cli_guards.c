@@ -108,8 +108,25 @@ static void test_guards(void **state)
     expect(code, 0, (const char *const[]){"epoch 2/2", NULL});
     assert_int_equal(kd_read_file(ckpt, &c0, &lc), 0);
     expect(train("--resume", &code), 1,
-           (const char *const[]){ckpt, "has trained 2 epochs, past the job's 1", "optim.epochs",
+           (const char *const[]){ckpt,
+                                 "is at step 10 (2.00 epochs), past the end of the job's 1 "
+                                 "epochs (step 5, optim.epochs)",
                                  NULL});
+    assert_true(kd_file_holds(ckpt, c0, lc));
+    /* a checkpoint taken mid-epoch: at step 7 with 5 steps per epoch it has completed 1 epoch,
+     * as many as the job has, yet it is past the job's end (step 5) and refused as well (the
+     * epoch-2 checkpoint's position rewritten in place; a space keeps the header's length) */
+    const char from[] = "\"step\":\"10\",\"epoch\":\"2\"", to[] = "\"step\": \"7\",\"epoch\":\"1\"";
+    char *at = NULL;
+    for (size_t i = 0; i + sizeof from - 1 <= lc && !at; i++)
+        if (!memcmp(c0 + i, from, sizeof from - 1))
+            at = (char *)c0 + i;
+    assert_non_null(at);
+    memcpy(at, to, sizeof to - 1);
+    assert_int_equal(kd_write_bytes(ckpt, c0, lc), 0);
+    expect(train("--resume", &code), 1,
+           (const char *const[]){ckpt, "is at step 7 (1.40 epochs), past the end", NULL});
+    assert_null(strstr(out, "nothing left"));
     assert_true(kd_file_holds(ckpt, c0, lc));
     free(c0);
 

@@ -246,3 +246,21 @@ done:
     free(buf);
     return st;
 }
+
+typedef struct {
+    const void *p;
+    size_t n;
+    const char *path;
+} kd_bytes_ctx;
+
+static kd_status write_bytes_fn(FILE *f, void *ctx)
+{
+    const kd_bytes_ctx *c = ctx;
+    return kd_fwrite_all(f, c->p, c->n, c->path);
+}
+
+kd_status kd_file_write_bytes(const char *path, const void *p, size_t n)
+{
+    kd_bytes_ctx c = {p, n, path};
+    return kd_file_write_atomic(path, write_bytes_fn, &c);
+}

@@ -32,6 +32,9 @@ typedef kd_status (*kd_write_fn)(FILE *f, void *ctx);
  */
 kd_status kd_file_write_atomic(const char *path, kd_write_fn fn, void *ctx);
 
+/* kd_file_write_atomic of the n bytes at p. */
+kd_status kd_file_write_bytes(const char *path, const void *p, size_t n);
+
 /* fwrite that fails (KD_ERR_IO, naming what) unless all n bytes were written. */
 kd_status kd_fwrite_all(FILE *f, const void *p, size_t n, const char *what);
 

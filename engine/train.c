@@ -465,17 +465,6 @@ static int run_leftovers(const char *dir, char *buf, size_t len)
     return used > 0;
 }
 
-typedef struct {
-    const char *bytes;
-    size_t len;
-} kd_bytes;
-
-static kd_status write_bytes(FILE *f, void *ctx)
-{
-    const kd_bytes *b = ctx;
-    return kd_fwrite_all(f, b->bytes, b->len, "metrics");
-}
-
 /* Keep only the metrics lines of epochs <= keep_epochs (a resumed run rewrites the rest). The
  * file is replaced atomically, so a crash or a full disk leaves the old one whole. */
 static kd_status trim_metrics(const char *path, int64_t keep_epochs)
@@ -505,10 +494,8 @@ static kd_status trim_metrics(const char *path, int64_t keep_epochs)
         st = KD_FAIL(KD_ERR_IO, "cannot read '%s'", path);
     else if (mem_err)
         st = KD_FAIL(KD_ERR_NOMEM, "out of memory trimming '%s'", path);
-    else {
-        kd_bytes b = {kept, klen};
-        st = kd_file_write_atomic(path, write_bytes, &b);
-    }
+    else
+        st = kd_file_write_bytes(path, kept, klen);
     free(kept);
     return st;
 }

@@ -318,7 +318,7 @@ static kd_status write_outputs(const char *out_dir, const row_t *rows, int n, in
         return KD_FAIL(KD_ERR_NOMEM, "out of memory");
     print_table(f, rows, n, 1, mcu);
     fclose(f);
-    kd_status st = kd_export_write_bytes(path, buf, len);
+    kd_status st = kd_file_write_bytes(path, buf, len);
     free(buf);
     KD_TRY(st);
     cJSON *j = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(j, "rows");
@@ -346,7 +346,7 @@ static kd_status write_outputs(const char *out_dir, const row_t *rows, int n, in
     if (!text)
         return KD_FAIL(KD_ERR_NOMEM, "out of memory");
     snprintf(path, sizeof path, "%s/report.json", out_dir);
-    st = kd_export_write_bytes(path, text, strlen(text));
+    st = kd_file_write_bytes(path, text, strlen(text));
     free(text);
     return st;
 }

@@ -194,28 +194,10 @@ uint32_t kd_export_op_mask(const kd_export_graph *g)
     return m;
 }
 
-typedef struct {
-    const void *p;
-    size_t n;
-    const char *path;
-} bytes_ctx;
-
-static kd_status write_bytes_fn(FILE *f, void *ctx)
-{
-    const bytes_ctx *c = ctx;
-    return kd_fwrite_all(f, c->p, c->n, c->path);
-}
-
-kd_status kd_export_write_bytes(const char *path, const void *p, size_t n)
-{
-    bytes_ctx c = {p, n, path};
-    return kd_file_write_atomic(path, write_bytes_fn, &c);
-}
-
 /* A memory buffer of text (freed here) written atomically. */
 static kd_status write_text(const char *path, char *buf, size_t len)
 {
-    kd_status st = kd_export_write_bytes(path, buf, len);
+    kd_status st = kd_file_write_bytes(path, buf, len);
     free(buf);
     return st;
 }

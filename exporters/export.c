@@ -315,7 +315,7 @@ static kd_status write_outputs(const kd_export_opts *o, kd_export_report *r, con
     KD_TRY(kd_mkdir_p(o->out_dir));
     if (o->formats & KD_EXPORT_KDM) {
         snprintf(path, sizeof path, "%s/model.kdm", o->out_dir);
-        KD_TRY(kd_export_write_bytes(path, blob, len));
+        KD_TRY(kd_file_write_bytes(path, blob, len));
         add_file(r, path);
     }
     if (o->formats & KD_EXPORT_C) {
@@ -327,7 +327,7 @@ static kd_status write_outputs(const kd_export_opts *o, kd_export_report *r, con
     }
     if (samples) {
         snprintf(path, sizeof path, "%s/samples.bin", o->out_dir);
-        KD_TRY(kd_export_write_bytes(path, samples, samples_len));
+        KD_TRY(kd_file_write_bytes(path, samples, samples_len));
         add_file(r, path);
     }
     if (o->json_path)

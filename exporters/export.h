@@ -340,9 +340,6 @@ uint32_t kd_export_op_mask(const kd_export_graph *g);
 kd_status kd_export_write_c(const char *dir, const kd_export_graph *g, const uint8_t *blob,
                             size_t len);
 
-/* Write whole bytes to path atomically (temporary file, fsync, rename). */
-kd_status kd_export_write_bytes(const char *path, const void *p, size_t n);
-
 /* Quantize one normalised input (engine layout) into int8 NHWC as kdm_input_quant says. */
 void kd_export_quantize_input(const kd_export_graph *g, const float *x, float scale, int32_t zp,
                               int8_t *q);

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "export_internal.h"
+#include "fileio.h"
 
 static const char *act_name(int act)
 {
@@ -209,7 +210,7 @@ kd_status kd_export_report_write_json(const kd_export_report *r, const char *pat
     memcpy(buf, text, n);
     buf[n] = '\n';
     free(text);
-    kd_status st = kd_export_write_bytes(path, buf, n + 1);
+    kd_status st = kd_file_write_bytes(path, buf, n + 1);
     free(buf);
     return st;
 }

@@ -9,7 +9,8 @@
  * and, when ds is not NULL, writing ds[j] = kk * (its gradient with respect to s[j] / T). All
  * arithmetic in double, from log-sum-exps over the non-target classes taken about their own
  * maximum (so a label logit far ahead of the rest underflows nothing). A label outside [0, c)
- * gives NaN and a zero gradient; a single class, 0 and a zero gradient.
+ * gives NaN and a zero gradient; a single class, 0 and a zero gradient; NaN or +inf logits a
+ * NaN loss.
  */
 #ifndef KD_DKD_ROW_H
 #define KD_DKD_ROW_H
@@ -73,7 +74,9 @@
                 ds[j] = (T)(kk * g);                                                               \
             }                                                                                      \
         }                                                                                          \
-        return alpha * tc + beta * nc;                                                             \
+        /* NaN or +inf logits leave a log-sum-exp NaN or infinite: the row is NaN, not the         \
+         * partial sum of the terms its NaNs failed to enter */                                    \
+        return isfinite(la) && isfinite(lb) ? alpha * tc + beta * nc : NAN;                        \
     }
 
 #endif

@@ -22,7 +22,8 @@
  * is stored. Accumulators are T inside a chunk (vectorised) and double across
  * chunks.
  *
- * Masking (-inf logits; +inf and NaN are not valid inputs):
+ * Masking (-inf logits; +inf and NaN are not valid inputs: a row holding one has a NaN or
+ * +inf loss, in every loss, so the trainer stops on it):
  *   - a class whose target probability is 0 (teacher -inf in forward, student
  *     -inf in reverse) contributes 0 to the loss;
  *   - a class where the target has mass but the other distribution is -inf
@@ -247,7 +248,7 @@ static double OP(kd_dense_row)(int c, const T *s, const T *t, T inv_t, int rever
     const double w = OP(kd_pair_stream)(p, q, c, inv_t, &sp, &sq);
     const double it = (double)inv_t;
     double kl;
-    if (!(sp.sum > 0)) { /* the target is all -inf: nothing to match */
+    if (sp.sum == 0) { /* the target is all -inf: nothing to match (a NaN sum is not) */
         if (d)
             memset(d, 0, sizeof(T) * c);
         return 0;

@@ -13,6 +13,7 @@
 
 #include <dirent.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -41,7 +42,8 @@ struct kd_teacher {
      * [N][C] array, the views' mean, with view_targets: mean), or [V][N][K] top-k values and
      * classes and [V][N] log-sum-exps; NULL when not held */
     int64_t rows;
-    int view; /* the view of the current batch */
+    int view;   /* the view of the current batch */
+    int live_n; /* rows of the live teacher's last batch in t_dev */
     float *res_t, *res_tv, *res_lse;
     int32_t *res_ti;
 };
@@ -332,6 +334,7 @@ kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, const uint32_t *
     if (t->model) {
         kd_model_forward(t->model, x_dev, n, 0, 0);
         be->copy((size_t)n * C, kd_model_output(t->model), t->t_dev);
+        t->live_n = n;
         return KD_OK;
     }
     if (t->rows) {
@@ -353,6 +356,23 @@ kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, const uint32_t *
         return be->upload(t->lse_dev, t->lse_h, (size_t)n * sizeof(float));
     }
     return be->upload(t->t_dev, t->logits_h, (size_t)n * C * sizeof(float));
+}
+
+kd_status kd_teacher_check_live(kd_teacher *t, const kd_job *job)
+{
+    if (!t || !t->model || t->live_n <= 0)
+        return KD_OK;
+    const size_t C = (size_t)t->classes, n = (size_t)t->live_n;
+    KD_TRY(t->be->download(t->logits_h, t->t_dev, n * C * sizeof(float)));
+    for (size_t i = 0; i < n * C; i++)
+        if (!isfinite(t->logits_h[i]))
+            return KD_FAIL(KD_ERR_INVALID,
+                           "the teacher (%s) run live from '%s' gave a non-finite logit (%g, row "
+                           "%zu class %zu of the last batch): its finite weights overflow float32 "
+                           "on this data; check the checkpoint",
+                           job->teacher_desc, job->teacher_ckpt, (double)t->logits_h[i], i / C,
+                           i % C);
+    return KD_OK;
 }
 
 double kd_teacher_loss(kd_teacher *t, const kd_job *job, const float *s_dev, const int32_t *y_dev,

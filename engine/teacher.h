@@ -63,6 +63,13 @@ kd_status kd_teacher_batch(kd_teacher *t, const uint32_t *idx, int n, int64_t ep
 kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, const uint32_t *idx_dev, int n);
 
 /*
+ * After a non-finite training loss: a teacher run live whose last batch of logits (t_dev) holds
+ * a non-finite value fails naming it and its checkpoint; KD_OK otherwise, and always for a
+ * cache (its values were checked when it was read).
+ */
+kd_status kd_teacher_check_live(kd_teacher *t, const kd_job *job);
+
+/*
  * kd (or dkd, which also reads the batch's labels y_dev) loss of student logits s_dev [n, C]
  * against the batch's targets: adds
  * grad_scale * weight * d(mean)/ds into ds_dev (the student's output gradient)

@@ -21,6 +21,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
+
 #include "augment.h"
 #include "checkpoint.h"
 #include "comm.h"
@@ -297,11 +299,12 @@ static kd_status assemble_batch(const kd_backend *be, const kd_dataset *d, const
  * unweighted; backend.h) come back to the host: summed over the ranks, weighted into the epoch's
  * loss sum *ep_loss and hit count *ep_correct, and the accumulator is zeroed. Waits for the
  * device, so a failure of any queued operation surfaces here; a non-finite loss ends the run
- * naming the steps (from_step, to_step] it came from. Every rank calls it at the same steps.
+ * naming the steps (from_step, to_step] it came from, or the live teacher when its last batch of
+ * logits is not finite. Every rank calls it at the same steps.
  */
-static kd_status flush_stats(const kd_backend *be, kd_comm *comm, const kd_job *job, double *acc,
-                             double *ep_loss, int64_t *ep_correct, int64_t epoch, int64_t from_step,
-                             int64_t to_step)
+static kd_status flush_stats(const kd_backend *be, kd_comm *comm, const kd_job *job,
+                             kd_teacher *teacher, double *acc, double *ep_loss, int64_t *ep_correct,
+                             int64_t epoch, int64_t from_step, int64_t to_step)
 {
     double h[3];
     KD_TRY(be->sync());
@@ -311,6 +314,8 @@ static kd_status flush_stats(const kd_backend *be, kd_comm *comm, const kd_job *
         KD_TRY(comm->ops->sum_f64(comm, h, 3));
     const double loss = job->ce_weight * h[0] + job->kd_weight * h[2];
     if (!isfinite(loss)) {
+        /* a live teacher's own overflow is not the student's learning rate */
+        KD_TRY(kd_teacher_check_live(teacher, job));
         if (to_step - from_step <= 1)
             return KD_FAIL(KD_ERR_INTERNAL,
                            "loss became %g at epoch %" PRId64 " step %" PRId64
@@ -463,6 +468,41 @@ static int run_leftovers(const char *dir, char *buf, size_t len)
             used += (size_t)w;
     }
     return used > 0;
+}
+
+/* s as a JSON string with its quotes (malloc'd, free with cJSON_free), or NULL. */
+static char *json_string(const char *s)
+{
+    cJSON *j = cJSON_CreateString(s);
+    char *text = j ? cJSON_PrintUnformatted(j) : NULL;
+    cJSON_Delete(j);
+    return text;
+}
+
+/* result.json, written whole or not at all (a failed write keeps a previous run's file), the
+ * run's name and model path escaped as JSON strings. */
+static kd_status write_result(const char *path, const kd_job *job, size_t nparams,
+                              const kd_eval_result *test, double best_val_acc, double seconds)
+{
+    char *name = json_string(job->name), *model = json_string(job->model_desc);
+    char text[8192]; /* name and model_desc are bounded: 6 bytes per escaped byte at most */
+    kd_status st = KD_OK;
+    if (!name || !model) {
+        st = KD_FAIL(KD_ERR_NOMEM, "out of memory");
+    } else {
+        const int n = snprintf(text, sizeof text,
+                               "{\"name\": %s, \"model\": %s, \"params\": %zu, \"epochs\": %d, "
+                               "\"seed\": %" PRIu64 ", \"test_acc\": %.6f, \"test_loss\": %.6f, "
+                               "\"best_val_acc\": %.6f, \"train_seconds\": %.1f}\n",
+                               name, model, nparams, job->epochs, job->seed, test->acc, test->loss,
+                               best_val_acc, seconds);
+        st = n > 0 && (size_t)n < sizeof text
+                 ? kd_file_write_bytes(path, text, (size_t)n)
+                 : KD_FAIL(KD_ERR_INTERNAL, "cannot format '%s'", path);
+    }
+    cJSON_free(name);
+    cJSON_free(model);
+    return st;
 }
 
 /* Keep only the metrics lines of epochs <= keep_epochs (a resumed run rewrites the rest). The
@@ -766,8 +806,6 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
      * teacher cache moves to the device when it still fits there */
     if (teacher && (st = kd_teacher_hold(teacher, batch, log)))
         goto done;
-    if (rank == 0 && (st = kd_mkdir_p(job->out_dir)))
-        goto done;
 
     kd_saver saver = {.job = job, .m = m, .state = nstate ? state : NULL, .nstate = nstate};
     saver.info.seed = job->seed;
@@ -873,7 +911,8 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         goto done;
     if (rank != 0) /* only rank 0 writes files */
         goto train;
-    if ((st = write_config_copy(job)))
+    /* out_dir is made only now, so that a job refused above leaves no empty run directory */
+    if ((st = kd_mkdir_p(job->out_dir)) || (st = write_config_copy(job)))
         goto done;
     char mpath[600];
     snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", job->out_dir);
@@ -1008,7 +1047,7 @@ train:;
              * for one process, when the progress bar is redrawn; the device runs on between */
             if ((k + 1) % job->log_every == 0 || last || stop || ckpt_step ||
                 (bar_due && world == 1)) {
-                if ((st = flush_stats(be, comm, job, acc_dev, &ep_loss, &ep_correct, epoch,
+                if ((st = flush_stats(be, comm, job, teacher, acc_dev, &ep_loss, &ep_correct, epoch,
                                       flushed_step, step)))
                     goto done;
                 flushed_step = step;
@@ -1139,19 +1178,7 @@ train:;
                 test.loss, 100 * test.acc, test.n, m->nparams, total);
         char rpath[600];
         snprintf(rpath, sizeof rpath, "%s/result.json", job->out_dir);
-        FILE *f = fopen(rpath, "w");
-        if (!f) {
-            st = KD_FAIL(KD_ERR_IO, "cannot write '%s': %s", rpath, strerror(errno));
-            goto done;
-        }
-        fprintf(f,
-                "{\"name\": \"%s\", \"model\": \"%s\", \"params\": %zu, \"epochs\": %d, "
-                "\"seed\": %" PRIu64 ", \"test_acc\": %.6f, \"test_loss\": %.6f, "
-                "\"best_val_acc\": %.6f, \"train_seconds\": %.1f}\n",
-                job->name, job->model_desc, m->nparams, job->epochs, job->seed, test.acc, test.loss,
-                saver.info.best_val_acc, total);
-        if (fclose(f) != 0)
-            st = KD_FAIL(KD_ERR_IO, "cannot write '%s': %s", rpath, strerror(errno));
+        st = write_result(rpath, job, m->nparams, &test, saver.info.best_val_acc, total);
     }
 done:
     kd_step_release(&sg);

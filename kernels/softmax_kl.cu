@@ -151,14 +151,16 @@ struct skl_row {
 __device__ __forceinline__ skl_row row_result(const skl_state &a, float inv_t)
 {
     skl_row r;
-    r.empty = !(a.sp > 0.f);
+    r.empty = a.sp == 0.f; /* a NaN sum (NaN or +inf logits) is not empty: NaN goes on */
     r.inf = !r.empty && (!(a.sq > 0.f) || isinf(a.w));
-    if (r.empty)
+    if (r.empty) {
         r.kl = 0.f;
-    else if (r.inf)
+    } else if (r.inf) {
         r.kl = INFINITY;
-    else
-        r.kl = fmaxf(a.w * inv_t / a.sp + logf(a.sq / a.sp), 0.f);
+    } else { /* KL >= 0; a negative is rounding, and NaN passes (fmaxf would drop it) */
+        const float kl = a.w * inv_t / a.sp + logf(a.sq / a.sp);
+        r.kl = kl < 0.f ? 0.f : kl;
+    }
     return r;
 }
 

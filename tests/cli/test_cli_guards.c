@@ -2,7 +2,8 @@
  * test_cli_guards.c - what `distill train` refuses so that nothing already
  * written is lost or silently changed: a fresh start over an existing run, a
  * resume with another optimizer, and a resume of a checkpoint written for
- * another architecture with the same parameter shapes. And the OpenMP spin the
+ * another architecture with the same parameter shapes (none of them leaves a new run.out_dir
+ * behind). And the OpenMP spin the
  * command sets for itself (GOMP_SPINCOUNT=1000, see engine/train.c) unless the user set one.
  */
 #include <stdarg.h>
@@ -26,7 +27,7 @@ static void write_job(const char *act, const char *optim)
 {
     char text[2048];
     snprintf(text, sizeof text,
-             "run: {out_dir: %s, seed: 1, threads: 2}\n"
+             "run: {name: 'say \"hi\" \\ now', out_dir: %s, seed: 1, threads: 2}\n"
              "data: {dataset: fashion-mnist, root: %s, batch_size: 50, val_size: 50}\n"
              "model: {input: [1, 28, 28], layers: [flatten, {linear: {out: 16}}, %s,"
              " {linear: {out: 10}}]}\n"
@@ -89,6 +90,16 @@ static void test_guards(void **state)
     /* resuming with another optimizer */
     write_job("relu", "adamw");
     expect(train("--resume", &code), 1, (const char *const[]){ckpt, "'sgd'", "optimizer", NULL});
+    /* the same refusal into a new out_dir leaves no directory behind (nor its parent) */
+    char fresh_parent[400], fresh[420], set_out[440];
+    snprintf(fresh_parent, sizeof fresh_parent, "%s/fresh", dir);
+    snprintf(fresh, sizeof fresh, "%s/run", fresh_parent);
+    snprintf(set_out, sizeof set_out, "run.out_dir=%s", fresh);
+    const char *elsewhere[] = {"train", job, "--set", set_out, "--resume", ckpt, NULL};
+    assert_int_equal(kd_run_distill(elsewhere, out, sizeof out, &code), 0);
+    expect(code, 1, (const char *const[]){ckpt, "'sgd'", "optimizer", NULL});
+    assert_false(kd_file_exists(fresh));
+    assert_false(kd_file_exists(fresh_parent));
     /* resuming a checkpoint written for another architecture with equal shapes */
     write_job("relu6", "sgd");
     expect(train("--resume", &code), 1, (const char *const[]){ckpt, "another architecture", NULL});
@@ -151,6 +162,14 @@ static void test_guards(void **state)
     assert_int_equal(mkdir(run_dir, 0755), 0);
     assert_int_equal(kd_write_text(metrics, ""), 0);
     expect(train("--resume", &code), 0, (const char *const[]){"starting from the beginning", NULL});
+    /* result.json is valid JSON whatever the run's name holds */
+    char result[400];
+    snprintf(result, sizeof result, "%s/result.json", run_dir);
+    char *r = kd_read_text(result);
+    assert_non_null(r);
+    if (!strstr(r, "{\"name\": \"say \\\"hi\\\" \\\\ now\", \"model\": "))
+        fail_msg("result.json does not escape the run's name:\n%s", r);
+    free(r);
 }
 
 /* The training log names the spin its OpenMP threads run under: 1000 when the environment sets

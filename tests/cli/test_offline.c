@@ -130,6 +130,28 @@ static int teardown(void **state)
     return 0;
 }
 
+/* Set every float of tensor `name` in the safetensors bytes f (n of them) to v. */
+static void set_tensor(uint8_t *f, size_t n, const char *name, float v)
+{
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--)
+        hlen = hlen << 8 | f[i];
+    assert_true(hlen + 8 <= n);
+    char *h = malloc(hlen + 1);
+    memcpy(h, f + 8, hlen);
+    h[hlen] = 0;
+    char key[64];
+    snprintf(key, sizeof key, "\"%s\"", name);
+    const char *at = strstr(h, key), *off = at ? strstr(at, "data_offsets") : NULL;
+    long a = -1, b = -1;
+    assert_non_null(off);
+    assert_int_equal(sscanf(off, "data_offsets\" : [ %ld , %ld", &a, &b), 2);
+    assert_true(a >= 0 && b > a && 8 + hlen + (uint64_t)b <= n && (b - a) % 4 == 0);
+    for (long i = a; i < b; i += 4)
+        memcpy(f + 8 + hlen + i, &v, 4);
+    free(h);
+}
+
 static void test_cache_then_distill(void **state)
 {
     (void)state;
@@ -152,6 +174,22 @@ static void test_cache_then_distill(void **state)
     write_job(tp(job, sizeof job, "live.yaml"), "live", STUDENT_MODEL, live_sec, kd_losses, 1);
     expect_ok((const char *[]){"train", job, NULL});
     assert_non_null(strstr(out, "runs live"));
+    /* a live teacher whose finite weights overflow float32 is named as the cause of the
+     * non-finite loss, not the student's learning rate */
+    char huge[300], sec[1024];
+    uint8_t *ck;
+    size_t nck;
+    assert_int_equal(kd_read_file(tp(res, sizeof res, "teacher/last.safetensors"), &ck, &nck), 0);
+    /* batchnorm scale and shift: every normalised value above 0.14 overflows */
+    set_tensor(ck, nck, "1.weight", 3e38f);
+    set_tensor(ck, nck, "1.bias", 3e38f);
+    assert_int_equal(kd_write_bytes(tp(huge, sizeof huge, "huge.safetensors"), ck, nck), 0);
+    free(ck);
+    snprintf(sec, sizeof sec, "teacher: {model: %s, checkpoint: %s}\n", TEACHER_MODEL, huge);
+    write_job(tp(job, sizeof job, "huge.yaml"), "huge", STUDENT_MODEL, sec, kd_losses, 1);
+    expect_fail((const char *[]){"train", job, NULL},
+                (const char *const[]){"huge.safetensors", "gave a non-finite logit", NULL});
+    assert_null(strstr(out, "lower optim.lr"));
 }
 
 /* The two files hold the same bytes. */

@@ -541,6 +541,49 @@ static void test_dense_masks(void **state)
         assert_true(isfinite(gf[j]));
 }
 
+/* NaN and +inf are not valid logits: a row holding one has a NaN (or +inf) loss, never a
+ * finite one made of the terms the NaN failed to enter, so that training stops on it. A live
+ * teacher whose outputs overflow gives such rows. */
+static void test_invalid_logits_not_dropped(void **state)
+{
+    (void)state;
+    const double bad[2] = {NAN, INFINITY};
+    double g[3];
+    float gf[3];
+    for (int b = 0; b < 2; b++) {
+        for (int rev = 0; rev < 2; rev++) {
+            /* the whole row and one class; the teacher's row and the student's */
+            for (int whole = 0; whole < 2; whole++) {
+                double t[3] = {0.5, bad[b], -1}, s[3] = {0.2, 0.1, 0.3};
+                float tf[3], sf[3];
+                if (whole)
+                    t[0] = t[2] = bad[b];
+                for (int j = 0; j < 3; j++)
+                    tf[j] = (float)t[j], sf[j] = (float)s[j];
+                for (int who = 0; who < 2; who++) {
+                    const double *ss = who ? t : s, *tt = who ? s : t;
+                    const float *ssf = who ? tf : sf, *ttf = who ? sf : tf;
+                    const double l = kd_cpu_kd_dense_f64(1, 3, ss, tt, 2.0, rev, 1, g, 1);
+                    const double lf = kd_cpu_kd_dense_f32(1, 3, ssf, ttf, 2.0, rev, 1, gf, 1);
+                    if (isfinite(l) || isfinite(lf))
+                        fail_msg("dense: %s %s in the %s row (%s) gave a finite loss %g / %g",
+                                 whole ? "all" : "one", b ? "+inf" : "NaN",
+                                 who ? "student" : "teacher", rev ? "reverse" : "forward", l, lf);
+                }
+                int32_t y = 2;
+                const double d = kd_cpu_kd_dkd_f64(1, 3, s, t, &y, 2.0, 1.0, 8.0, 1, g, 1);
+                const double df = kd_cpu_kd_dkd_f32(1, 3, sf, tf, &y, 2.0, 1.0, 8.0, 1, gf, 1);
+                if (isfinite(d) || isfinite(df))
+                    fail_msg("dkd: %s %s teacher logits gave a finite loss %g / %g",
+                             whole ? "all" : "one", b ? "+inf" : "NaN", d, df);
+                y = 1; /* the label's own logit */
+                if (isfinite(kd_cpu_kd_dkd_f64(1, 3, s, t, &y, 2.0, 1.0, 8.0, 1, g, 1)))
+                    fail_msg("dkd: a %s label logit gave a finite loss", b ? "+inf" : "NaN");
+            }
+        }
+    }
+}
+
 /* ---- top-k ---- */
 
 /* the k largest of row t (ties by lower index) into tv/ti, and the row's T = 1 log-sum-exp */
@@ -867,6 +910,7 @@ int main(void)
         cmocka_unit_test(test_dkd_reference),
         cmocka_unit_test(test_dkd_generalises_kd),
         cmocka_unit_test(test_dkd_extreme_and_bad_label),
+        cmocka_unit_test(test_invalid_logits_not_dropped),
         cmocka_unit_test(test_topk_full_equals_dense),
         cmocka_unit_test(test_topk_reference),
         cmocka_unit_test(test_topk_uniform_tail_equals_dense),

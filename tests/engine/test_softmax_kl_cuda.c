@@ -183,6 +183,24 @@ static void test_variants_bf16(void **state)
 }
 
 /* the masking rules of the CPU op: infinite rows, empty targets */
+/* kd_cuda_softmax_kl on host rows s, t [n, c] (float32), row losses into rows and the
+ * gradient (scale 1) into g when g is not NULL. */
+static void run_rows(int n, int c, const float *s, const float *t, int rev, int variant,
+                     double *rows, float *g)
+{
+    const size_t nc = (size_t)n * c * sizeof(float);
+    float *s_d = dev(s, nc), *t_d = dev(t, nc), *g_d = dev(NULL, nc);
+    double *rows_d = dev(NULL, (size_t)n * sizeof(double));
+    assert_int_equal(kd_cuda_softmax_kl(NULL, n, c, KD_SKL_F32, s_d, t_d, 2.0, rev, 1, g_d,
+                                        KD_SKL_F32, 1.0, rows_d, variant),
+                     KD_OK);
+    assert_int_equal(cudaMemcpy(rows, rows_d, (size_t)n * sizeof(double), cudaMemcpyDeviceToHost),
+                     cudaSuccess);
+    if (g)
+        assert_int_equal(cudaMemcpy(g, g_d, nc, cudaMemcpyDeviceToHost), cudaSuccess);
+    cudaFree(s_d), cudaFree(t_d), cudaFree(g_d), cudaFree(rows_d);
+}
+
 static void test_masks(void **state)
 {
     (void)state;
@@ -197,14 +215,7 @@ static void test_masks(void **state)
     double rows[5];
     for (int variant = KD_SKL_WARP; variant <= KD_SKL_BLOCK; variant++)
         for (int rev = 0; rev < 2; rev++) {
-            float *s_d = dev(s, sizeof s), *t_d = dev(t, sizeof t), *g_d = dev(NULL, sizeof g);
-            double *rows_d = dev(NULL, sizeof rows);
-            assert_int_equal(kd_cuda_softmax_kl(NULL, 5, 4, KD_SKL_F32, s_d, t_d, 2.0, rev, 1, g_d,
-                                                KD_SKL_F32, 1.0, rows_d, variant),
-                             KD_OK);
-            assert_int_equal(cudaMemcpy(rows, rows_d, sizeof rows, cudaMemcpyDeviceToHost),
-                             cudaSuccess);
-            assert_int_equal(cudaMemcpy(gd, g_d, sizeof g, cudaMemcpyDeviceToHost), cudaSuccess);
+            run_rows(5, 4, s, t, rev, variant, rows, gd);
             for (int i = 0; i < 5; i++) {
                 double want =
                     kd_cpu_kd_dense_f32(1, 4, s + 4 * i, t + 4 * i, 2.0, rev, 1, g + 4 * i, 0.2);
@@ -219,7 +230,32 @@ static void test_masks(void **state)
                         fail_msg("variant %d rev %d row %d class %d: %g, CPU %g", variant, rev, i,
                                  j, gd[4 * i + j], g[4 * i + j]);
             }
-            cudaFree(s_d), cudaFree(t_d), cudaFree(g_d), cudaFree(rows_d);
+        }
+}
+
+/* NaN and +inf logits (not valid; a live teacher that overflows gives them) make the row's loss
+ * non-finite on the device as on the CPU: never a finite loss from the terms that stayed
+ * finite. Rows: one NaN teacher logit, a +inf teacher logit, an all-NaN teacher row, one NaN
+ * student logit. */
+static void test_invalid_rows(void **state)
+{
+    (void)state;
+    const float nan = NAN, inf = INFINITY;
+    float s[4 * 4] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, nan, 2, 3};
+    float t[4 * 4] = {0, nan, 2, 3, 0, inf, 2, 3, nan, nan, nan, nan, 1, 2, 3, 4};
+    float g[16];
+    double rows[4];
+    for (int variant = KD_SKL_WARP; variant <= KD_SKL_BLOCK; variant++)
+        for (int rev = 0; rev < 2; rev++) {
+            run_rows(4, 4, s, t, rev, variant, rows, NULL);
+            for (int i = 0; i < 4; i++) {
+                const double cpu =
+                    kd_cpu_kd_dense_f32(1, 4, s + 4 * i, t + 4 * i, 2.0, rev, 1, g, 1.0);
+                assert_false(isfinite(cpu));
+                if (isfinite(rows[i]))
+                    fail_msg("variant %d rev %d row %d: finite loss %g (CPU %g)", variant, rev, i,
+                             rows[i], cpu);
+            }
         }
 }
 
@@ -269,9 +305,8 @@ int main(void)
     }
     printf("%s\n", why);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_variants_f32),
-        cmocka_unit_test(test_variants_bf16),
-        cmocka_unit_test(test_masks),
+        cmocka_unit_test(test_variants_f32), cmocka_unit_test(test_variants_bf16),
+        cmocka_unit_test(test_masks),        cmocka_unit_test(test_invalid_rows),
         cmocka_unit_test(test_backend_slot),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -548,9 +548,9 @@ static void OP(bn_apply)(int n, int c, int hw, const T *x, T *y, int ch, T sc, T
             const T hi = cap > 0 ? cap : (T)INFINITY;
 #pragma omp simd
             for (int j = 0; j < hw; j++) {
-                T v = p[j] * sc + sh;
-                v = v > 0 ? v : 0;
-                q[j] = v < hi ? v : hi;
+                T v = p[j] * sc + sh; /* NaN passes: the trainer must see it */
+                v = v <= 0 ? 0 : v;
+                q[j] = v > hi ? hi : v;
             }
         }
     }
@@ -652,17 +652,19 @@ void OP(bn_bwd)(int n, int c, int hw, const T *x, const T *dy, const T *gamma, c
 
 /* ---- activations ---- */
 
+/* relu / relu6 written so that NaN passes (as in PyTorch): a diverged network's NaN must reach
+ * the loss, where the trainer stops on it, not turn into 0 here */
 void OP(act_fwd)(size_t n, const T *x, T *y, double cap)
 {
     if (cap < 0) {
 #pragma omp parallel for simd schedule(static) if (n > 65536)
         for (size_t i = 0; i < n; i++)
-            y[i] = x[i] > 0 ? x[i] : 0;
+            y[i] = x[i] <= 0 ? 0 : x[i];
     } else {
         const T c = (T)cap;
 #pragma omp parallel for simd schedule(static) if (n > 65536)
         for (size_t i = 0; i < n; i++)
-            y[i] = x[i] > 0 ? (x[i] < c ? x[i] : c) : 0;
+            y[i] = x[i] <= 0 ? 0 : (x[i] > c ? c : x[i]);
     }
 }
 
@@ -698,7 +700,7 @@ void OP(maxpool_fwd)(const kd_pool_shape *p, const T *x, T *y, int32_t *arg)
                         if (ix < 0 || ix >= p->w)
                             continue;
                         T v = plane[iy * p->w + ix];
-                        if (bi < 0 || v > best) {
+                        if (bi < 0 || v > best || v != v) { /* NaN wins, as in PyTorch */
                             best = v;
                             bi = iy * p->w + ix;
                         }

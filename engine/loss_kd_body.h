@@ -373,7 +373,8 @@ static double OP(kd_topk_row)(int c, int k, const T *s, const T *tv, const int32
             OP(kd_lse_stream)(s + prev + 1, next - prev - 1, inv_t, &tail);
         prev = next;
     }
-    const double ls_tail = tail.sum > 0 ? tail.m * it + log(tail.sum) : -INFINITY;
+    /* an empty tail is -inf; a NaN sum (NaN or +inf logits there) stays NaN */
+    const double ls_tail = tail.sum == 0 ? -INFINITY : tail.m * it + log(tail.sum);
     double ls = has_tail ? ls_tail : -INFINITY;
     for (int i = 0; i < k; i++)
         ls = kd_logaddexp(ls, (double)s[ti[i]] * it);

@@ -26,6 +26,8 @@ int kd_quant_round(float w, float scale, int qmax)
     if (!(scale > 0.0f))
         return 0;
     float r = roundf(w / scale); /* half away from zero */
+    if (r != r) /* NaN has no integer (the conversion is undefined); callers keep it apart */
+        return 0;
     return r > (float)qmax ? qmax : r < (float)-qmax ? -qmax : (int)r;
 }
 
@@ -37,8 +39,12 @@ void kd_quant_fake_rows(const float *w, int64_t out_c, int64_t k, int bits, floa
         for (int64_t j = 0; j < k; j++)
             m = fmaxf(m, fabsf(w[o * k + j]));
         float s = qmax ? m / (float)qmax : 0.0f;
-        for (int64_t j = 0; j < k; j++)
-            wq[o * k + j] = s * (float)kd_quant_round(w[o * k + j], s, qmax);
+        /* a non-finite weight stays as it is, so that a diverged run's forward pass is not
+         * finite */
+        for (int64_t j = 0; j < k; j++) {
+            const float x = w[o * k + j];
+            wq[o * k + j] = isfinite(x) ? s * (float)kd_quant_round(x, s, qmax) : x;
+        }
     }
 }
 

@@ -23,10 +23,11 @@ int kd_quant_qmax(int bits);
 /* scales[o] for out_c rows of k weights. */
 void kd_quant_row_scales(const float *w, int64_t out_c, int64_t k, int bits, float *scales);
 
-/* The integer of one weight given its row's scale. */
+/* The integer of one weight given its row's scale (0 for a NaN quotient: pass finite weights). */
 int kd_quant_round(float w, float scale, int qmax);
 
-/* wq = scale[o] * q(w): the fake-quantized copy of w (wq may equal w). */
+/* wq = scale[o] * q(w): the fake-quantized copy of w (wq may equal w); a non-finite weight is
+ * copied as it is, and the row's scale comes from its finite weights. */
 void kd_quant_fake_rows(const float *w, int64_t out_c, int64_t k, int bits, float *wq);
 
 /*

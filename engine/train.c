@@ -370,9 +370,13 @@ static kd_status put_resident(const kd_backend *be, const kd_dataset *d, const c
  * CPU backend always reads d in place: host memory is its device). With
  * quantization-aware training the model is evaluated with its quantized weights. With several
  * ranks (comm) each evaluates its slice of the set and the sums are added up. */
+/* What a non-finite loss during training says about it. */
+static const char diverged_hint[] =
+    ": the weights diverged in the last steps; lower optim.lr or set optim.clip_norm";
+
 static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_dev, int32_t *y_dev,
                           const float *x_res, const int32_t *y_res, double smoothing, qat_ctx *q,
-                          kd_comm *comm, kd_eval_result *r)
+                          kd_comm *comm, const char *what, const char *hint, kd_eval_result *r)
 {
     const kd_backend *be = m->be;
     size_t per = (size_t)d->c * d->h * d->w;
@@ -421,6 +425,11 @@ static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_
     r->n = d->n;
     r->loss = d->n ? loss / d->n : 0;
     r->acc = d->n ? (double)correct / d->n : 0;
+    if (!isfinite(r->loss)) /* never an accuracy, a metrics line or a result made of NaN */
+        return KD_FAIL(KD_ERR_INTERNAL,
+                       "the model's outputs on the %s are not finite (loss %g over %" PRId64
+                       " samples)%s",
+                       what, r->loss, r->n, hint);
     return KD_OK;
 }
 
@@ -1115,8 +1124,10 @@ train:;
                 goto done;
         }
         kd_eval_result val = {0};
+        char what[64];
+        snprintf(what, sizeof what, "validation set after epoch %" PRId64, epoch + 1);
         if (d.have_val && (st = evaluate(m, &d.val, eval_batch, x_dev, y_dev, xv_res, yv_res, 0.0,
-                                         &qat, comm, &val)))
+                                         &qat, comm, what, diverged_hint, &val)))
             goto done;
         int best = d.have_val && val.acc > saver.info.best_val_acc;
         if (best)
@@ -1169,7 +1180,7 @@ train:;
     {
         kd_eval_result test;
         if ((st = evaluate(m, &d.test, eval_batch, x_dev, y_dev, NULL, NULL, 0.0, &qat, comm,
-                           &test)))
+                           "test set after training", diverged_hint, &test)))
             goto done;
         if (rank != 0)
             goto done;
@@ -1245,7 +1256,8 @@ kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out
         (st = be->alloc((void **)&x_dev, (size_t)batch * m->in_numel * sizeof(float))) ||
         (st = be->alloc((void **)&y_dev, (size_t)batch * sizeof(int32_t))))
         goto done;
-    st = evaluate(m, &d.test, batch, x_dev, y_dev, NULL, NULL, 0.0, &qat, NULL, out);
+    st = evaluate(m, &d.test, batch, x_dev, y_dev, NULL, NULL, 0.0, &qat, NULL, "test set",
+                  ": its finite weights overflow float32 on this data", out);
 done:
     free(qat.saved);
     if (m) {

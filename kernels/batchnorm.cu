@@ -29,9 +29,9 @@
 __device__ __forceinline__ float bn_out(float x, float sc, float sh, float cap, float hi)
 {
     float v = __fadd_rn(__fmul_rn(x, sc), sh);
-    if (cap != 0.f) {
-        v = v > 0.f ? v : 0.f;
-        v = v < hi ? v : hi;
+    if (cap != 0.f) { /* NaN passes (the CPU's rule) */
+        v = v <= 0.f ? 0.f : v;
+        v = v > hi ? hi : v;
     }
     return v;
 }

@@ -13,7 +13,7 @@ __global__ void act_fwd_kernel(size_t n, const float *x, float *y, float cap)
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
-        float v = x[i] > 0.f ? x[i] : 0.f;
+        float v = x[i] <= 0.f ? 0.f : x[i]; /* NaN passes (the CPU's rule) */
         y[i] = (cap >= 0.f && v > cap) ? cap : v;
     }
 }

@@ -49,7 +49,7 @@ __global__ void maxpool_fwd_kernel(size_t total, pool_geo g, const float *x, flo
                 if (ix < 0 || ix >= g.w)
                     continue;
                 float v = plane[iy * g.w + ix];
-                if (bi < 0 || v > best) {
+                if (bi < 0 || v > best || v != v) { /* NaN wins (the CPU's rule) */
                     best = v;
                     bi = iy * g.w + ix;
                 }

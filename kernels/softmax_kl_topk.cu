@@ -47,7 +47,8 @@ __device__ __forceinline__ double logaddexp(double a, double b)
 __device__ __forceinline__ void merge_lse(double m, double s, double it, double *gm, double *gs)
 {
     const double M = kd_block_reduce(m, kd_op_max(), -INFINITY);
-    const double part = (m == -INFINITY || s == 0) ? 0.0 : s * exp((m - M) * it);
+    /* s != 0 with m = -inf: the thread saw only NaN, whose sum must reach the row */
+    const double part = s == 0 ? 0.0 : m == -INFINITY ? s : s * exp((m - M) * it);
     *gm = M;
     *gs = kd_block_reduce(part, kd_op_sum(), 0.0);
 }
@@ -141,8 +142,9 @@ __global__ void __launch_bounds__(TK_THREADS)
 
     /* 4. buckets and loss (the CPU's expressions) */
     const int has_tail = k < c;
-    const double ls_tail = tail_sum > 0 ? tail_m * it + log(tail_sum) : -INFINITY;
-    const double ls_cached = ls_s > 0 ? ls_m + log(ls_s) : -INFINITY;
+    /* an empty sum is -inf; a NaN one stays NaN (the CPU's rule) */
+    const double ls_tail = tail_sum == 0 ? -INFINITY : tail_m * it + log(tail_sum);
+    const double ls_cached = ls_s == 0 ? -INFINITY : ls_m + log(ls_s);
     const double ls = has_tail ? logaddexp(ls_tail, ls_cached) : ls_cached;
     double a_tail = -INFINITY;
     if (has_tail) {
@@ -154,7 +156,7 @@ __global__ void __launch_bounds__(TK_THREADS)
         if (m > 0)
             a_tail = (lse + log(m) - log((double)(c - k))) * it + log((double)(c - k));
     }
-    const double z = logaddexp(a_tail, z_s > 0 ? z_m + log(z_s) : -INFINITY);
+    const double z = logaddexp(a_tail, z_s == 0 ? -INFINITY : z_m + log(z_s));
     const double l_tail_q = a_tail - z, l_tail_p = ls_tail - ls;
     const int nb = k + has_tail;
     if (z == -INFINITY || (ls == -INFINITY && reverse)) { /* nothing to match */

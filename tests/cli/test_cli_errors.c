@@ -201,6 +201,15 @@ static void test_loss_diverges(void **state)
               MLP_LINE, "lr: 3.0e+38");
     const char *argv[] = {"train", job, NULL};
     run_expect(argv, 1, "loss became", "at epoch 1", "lower optim.lr", NULL);
+    /* one step per epoch: the step's loss is finite and the weights it leaves are not; the
+     * validation after the epoch stops the run before a metrics line or a result holds NaN */
+    char one[600], od1[600];
+    write_job(tpath(one, sizeof one, "diverge1.yaml"), tpath(od1, sizeof od1, "diverge1"), data,
+              "250", MLP_LINE, "lr: 3.0e+38");
+    const char *argv1[] = {"train", one, NULL};
+    run_expect(argv1, 1, "outputs on the validation set after epoch 1 are not finite",
+               "lower optim.lr", NULL);
+    assert_false(kd_file_exists(tpath(od1, sizeof od1, "diverge1/result.json")));
     /* past float32's range the learning rate is refused while the job is read */
     char want[700];
     write_job(job, tpath(od, sizeof od, "huge_lr"), data, "32", MLP_LINE, "lr: 1.0e+300");

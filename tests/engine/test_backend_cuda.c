@@ -445,6 +445,31 @@ static void test_pooling(void **state)
     }
 }
 
+/* NaN passes relu, relu6 and max pooling on the device as on the CPU (test_cpu_ops): a diverged
+ * network's NaN reaches the loss. */
+static void test_nan_passes(void **state)
+{
+    (void)state;
+    const float x[4] = {NAN, -1, 2, NAN};
+    float y[4];
+    float *x_d = to_dev(x, 4), *y_d = to_dev(NULL, 4);
+    for (int capi = 0; capi < 2; capi++) {
+        gpu->act_fwd(4, x_d, y_d, capi ? 6.0 : -1.0);
+        assert_int_equal(gpu->sync(), KD_OK);
+        from_dev(y, y_d, sizeof y);
+        assert_true(isnan(y[0]) && isnan(y[3]) && y[1] == 0 && y[2] == 2);
+    }
+    const kd_pool_shape p = pool_shape(1, 1, 2, 2, 2, 2, 0);
+    const float w[4] = {1, NAN, 2, 0};
+    int32_t *arg_d = dev_bytes(NULL, 4);
+    assert_int_equal(gpu->upload(x_d, w, sizeof w), KD_OK);
+    gpu->maxpool_fwd(&p, x_d, y_d, arg_d);
+    assert_int_equal(gpu->sync(), KD_OK);
+    from_dev(y, y_d, sizeof(float));
+    assert_true(isnan(y[0]));
+    gpu->release(x_d), gpu->release(y_d), gpu->release(arg_d);
+}
+
 static void test_gap(void **state)
 {
     (void)state;
@@ -912,6 +937,7 @@ int main(void)
         cmocka_unit_test(test_conv2d),
         cmocka_unit_test(test_batchnorm),
         cmocka_unit_test(test_pooling),
+        cmocka_unit_test(test_nan_passes),
         cmocka_unit_test(test_gap),
         cmocka_unit_test(test_dropout),
         cmocka_unit_test(test_gather_augment),

@@ -361,6 +361,36 @@ static void test_activations(void **state)
     kd_assert_close(y[2], 6, 0);
 }
 
+/* NaN passes relu, relu6, the batchnorm's fused activation and max pooling (as in PyTorch): a
+ * diverged network's NaN must reach the loss, where training stops, not become 0 or lose to a
+ * finite neighbour on the way. */
+static void test_nan_passes(void **state)
+{
+    (void)state;
+    float x[4] = {NAN, -1, 2, NAN}, y[4];
+    for (int cap = -1; cap <= 6; cap += 7) {
+        kd_cpu_act_fwd_f32(4, x, y, cap);
+        assert_true(isnan(y[0]) && isnan(y[3]));
+        assert_true(y[1] == 0 && y[2] == 2);
+        /* batchnorm in evaluation with its activation fused */
+        const float g = 1, b = 0, rm = 0, rv = 1;
+        kd_cpu_bn_fwd_eval_f32(4, 1, 1, x, &g, &b, &rm, &rv, y, 0, cap);
+        assert_true(isnan(y[0]) && isnan(y[3]));
+        assert_true(y[1] == 0 && y[2] == 2);
+    }
+    /* max pooling: a NaN anywhere in the window, first or not, is the window's value */
+    const kd_pool_shape p = {1, 1, 2, 2, 2, 2, 0, 1, 1};
+    const float w0[4] = {NAN, 1, 2, 0}, w1[4] = {1, NAN, 2, 0}, w2[4] = {1, 2, 0, NAN};
+    const float *ws[3] = {w0, w1, w2};
+    for (int i = 0; i < 3; i++) {
+        float out;
+        int32_t arg;
+        kd_cpu_maxpool_fwd_f32(&p, ws[i], &out, &arg);
+        if (!isnan(out))
+            fail_msg("max pool window %d gave %g, not NaN", i, out);
+    }
+}
+
 static void test_pooling(void **state)
 {
     (void)state;
@@ -446,12 +476,19 @@ static void test_cross_entropy(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_linear),         cmocka_unit_test(test_conv_plain),
-        cmocka_unit_test(test_conv_groups),    cmocka_unit_test(test_conv_depthwise_large_plane),
-        cmocka_unit_test(test_conv_1x1),       cmocka_unit_test(test_conv_matches_direct_sum),
-        cmocka_unit_test(test_batchnorm_grad), cmocka_unit_test(test_batchnorm_stats),
-        cmocka_unit_test(test_activations),    cmocka_unit_test(test_pooling),
-        cmocka_unit_test(test_dropout),        cmocka_unit_test(test_cross_entropy),
+        cmocka_unit_test(test_nan_passes),
+        cmocka_unit_test(test_linear),
+        cmocka_unit_test(test_conv_plain),
+        cmocka_unit_test(test_conv_groups),
+        cmocka_unit_test(test_conv_depthwise_large_plane),
+        cmocka_unit_test(test_conv_1x1),
+        cmocka_unit_test(test_conv_matches_direct_sum),
+        cmocka_unit_test(test_batchnorm_grad),
+        cmocka_unit_test(test_batchnorm_stats),
+        cmocka_unit_test(test_activations),
+        cmocka_unit_test(test_pooling),
+        cmocka_unit_test(test_dropout),
+        cmocka_unit_test(test_cross_entropy),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

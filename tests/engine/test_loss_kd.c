@@ -579,6 +579,17 @@ static void test_invalid_logits_not_dropped(void **state)
                 y = 1; /* the label's own logit */
                 if (isfinite(kd_cpu_kd_dkd_f64(1, 3, s, t, &y, 2.0, 1.0, 8.0, 1, g, 1)))
                     fail_msg("dkd: a %s label logit gave a finite loss", b ? "+inf" : "NaN");
+                /* top-k (k = 1 of 3): the bad value among the student's tail classes, or among
+                 * the cached values */
+                const double tv[1] = {0.5}, tvb[1] = {bad[b]}, lse = 1.2;
+                const int32_t ti[1] = {0};
+                const double sb[3] = {0.2, bad[b], whole ? bad[b] : 0.3};
+                const double lt = kd_cpu_kd_topk_f64(1, 3, 1, sb, tv, ti, &lse, 2.0, rev, 1, g, 1);
+                const double lv = kd_cpu_kd_topk_f64(1, 3, 1, s, tvb, ti, &lse, 2.0, rev, 1, g, 1);
+                if (isfinite(lt) || isfinite(lv))
+                    fail_msg("top-k: %s %s (%s) gave a finite loss: tail %g, cached %g",
+                             whole ? "all" : "one", b ? "+inf" : "NaN", rev ? "reverse" : "forward",
+                             lt, lv);
             }
         }
     }

@@ -74,6 +74,23 @@ static void test_grid_and_error(void **state)
 
 /* Multiplying a row by g (BatchNorm folding) multiplies its scale by |g| and keeps its integers
  * (up to float ties), so QAT trains against the integers the exporter ships. */
+/* A non-finite weight stays as it is in the fake-quantized copy (a diverged run's forward pass
+ * must not turn finite), and the rest of its row is quantized with its finite weights' scale. */
+static void test_fake_rows_nonfinite(void **state)
+{
+    (void)state;
+    const float w[4] = {0.5f, NAN, -1.0f, 0.25f}, inf[2] = {INFINITY, 0.5f};
+    float wq[4], want[3], iq[2];
+    const float fin[3] = {0.5f, -1.0f, 0.25f};
+    kd_quant_fake_rows(w, 1, 4, 4, wq);
+    kd_quant_fake_rows(fin, 1, 3, 4, want);
+    assert_true(isnan(wq[1]));
+    assert_true(wq[0] == want[0] && wq[2] == want[1] && wq[3] == want[2]);
+    kd_quant_fake_rows(inf, 1, 2, 8, iq);
+    assert_false(isfinite(iq[0]));
+    assert_int_equal(kd_quant_round(NAN, 0.1f, 7), 0);
+}
+
 static void test_row_scale_invariance(void **state)
 {
     (void)state;
@@ -284,8 +301,11 @@ static void test_model_act_fq(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_grid_and_error),      cmocka_unit_test(test_row_scale_invariance),
-        cmocka_unit_test(test_model_apply_restore), cmocka_unit_test(test_fake_act),
+        cmocka_unit_test(test_fake_rows_nonfinite),
+        cmocka_unit_test(test_grid_and_error),
+        cmocka_unit_test(test_row_scale_invariance),
+        cmocka_unit_test(test_model_apply_restore),
+        cmocka_unit_test(test_fake_act),
         cmocka_unit_test(test_model_act_fq),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

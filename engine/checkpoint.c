@@ -37,6 +37,31 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
         (st = m->be->download(hb, m->buffers, m->nbuffers * sizeof(float))) ||
         (state && (st = m->be->download(hs, state, nstate * sizeof(float)))))
         goto done;
+    /* a diverged model is never written over the last good checkpoint (which the loader would
+     * have refused anyway) */
+    for (int i = 0; i < m->nentries; i++) {
+        const kd_state_entry *e = &m->entries[i];
+        const float *v =
+            e->kind == KD_ENTRY_COUNTER ? NULL : (e->kind == KD_ENTRY_PARAM ? hp : hb) + e->offset;
+        for (size_t j = 0; v && j < e->numel; j++)
+            if (!isfinite(v[j])) {
+                st = KD_FAIL(KD_ERR_INTERNAL,
+                             "'%s' not written: %s[%zu] is %g at step %" PRId64
+                             ": the weights diverged (lower optim.lr or set optim.clip_norm); "
+                             "the file keeps what it held",
+                             path, e->name, j, (double)v[j], info->step);
+                goto done;
+            }
+    }
+    for (size_t j = 0; state && j < nstate; j++)
+        if (!isfinite(hs[j])) {
+            st = KD_FAIL(KD_ERR_INTERNAL,
+                         "'%s' not written: the optimizer state holds %g at index %zu at step "
+                         "%" PRId64 ": the run diverged (lower optim.lr or set optim.clip_norm); "
+                         "the file keeps what it held",
+                         path, (double)hs[j], j, info->step);
+            goto done;
+        }
     for (int i = 0; i < m->nentries; i++) {
         const kd_state_entry *e = &m->entries[i];
         kd_st_entry *t = &ents[i];

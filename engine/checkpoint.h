@@ -31,7 +31,8 @@ typedef struct {
     uint64_t model_hash;
 } kd_ckpt_info;
 
-/* Save params, buffers, counters and (if state != NULL) nstate optimiser floats. */
+/* Save params, buffers, counters and (if state != NULL) nstate optimiser floats, atomically;
+ * a non-finite value is refused (the run diverged) and path keeps what it held. */
 kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *state, size_t nstate,
                              const kd_ckpt_info *info);
 

@@ -35,9 +35,9 @@ void kd_quant_fake_rows(const float *w, int64_t out_c, int64_t k, int bits, floa
 {
     int qmax = kd_quant_qmax(bits);
     for (int64_t o = 0; o < out_c; o++) {
-        float m = 0.0f;
+        float m = 0.0f; /* the scale of the row's finite weights */
         for (int64_t j = 0; j < k; j++)
-            m = fmaxf(m, fabsf(w[o * k + j]));
+            m = isfinite(w[o * k + j]) ? fmaxf(m, fabsf(w[o * k + j])) : m;
         float s = qmax ? m / (float)qmax : 0.0f;
         /* a non-finite weight stays as it is, so that a diverged run's forward pass is not
          * finite */

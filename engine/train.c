@@ -314,8 +314,21 @@ static kd_status flush_stats(const kd_backend *be, kd_comm *comm, const kd_job *
         KD_TRY(comm->ops->sum_f64(comm, h, 3));
     const double loss = job->ce_weight * h[0] + job->kd_weight * h[2];
     if (!isfinite(loss)) {
-        /* a live teacher's own overflow is not the student's learning rate */
-        KD_TRY(kd_teacher_check_live(teacher, job));
+        /* a live teacher's own overflow is not the student's learning rate; each rank checks
+         * its share of the batch, and every rank learns whether any found one (all ranks are
+         * here together, so the sum is a matched collective) */
+        kd_status tst = kd_teacher_check_live(teacher, job);
+        if (comm->size > 1 && teacher) {
+            double bad = tst != KD_OK;
+            KD_TRY(comm->ops->sum_f64(comm, &bad, 1));
+            if (bad > 0 && tst == KD_OK)
+                tst = KD_FAIL(KD_ERR_INVALID,
+                              "the teacher (%s) run live from '%s' gave a non-finite logit on "
+                              "another rank's share of the last batch: its finite weights "
+                              "overflow float32 on this data; check the checkpoint",
+                              job->teacher_desc, job->teacher_ckpt);
+        }
+        KD_TRY(tst);
         if (to_step - from_step <= 1)
             return KD_FAIL(KD_ERR_INTERNAL,
                            "loss became %g at epoch %" PRId64 " step %" PRId64
@@ -365,15 +378,16 @@ static kd_status put_resident(const kd_backend *be, const kd_dataset *d, const c
     return KD_OK;
 }
 
+/* What a non-finite loss during training says about it. */
+static const char diverged_hint[] =
+    ": the weights have diverged; lower optim.lr or set optim.clip_norm";
+
 /* Mean loss and accuracy over a whole data set in eval mode; x_dev/y_dev hold one batch, or
  * x_res/y_res (not NULL) are the whole set on the device and batches are read in place (the
  * CPU backend always reads d in place: host memory is its device). With
  * quantization-aware training the model is evaluated with its quantized weights. With several
- * ranks (comm) each evaluates its slice of the set and the sums are added up. */
-/* What a non-finite loss during training says about it. */
-static const char diverged_hint[] =
-    ": the weights diverged in the last steps; lower optim.lr or set optim.clip_norm";
-
+ * ranks (comm) each evaluates its slice of the set and the sums are added up. A non-finite
+ * loss fails, naming `what` (the set and when) and adding `hint`. */
 static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_dev, int32_t *y_dev,
                           const float *x_res, const int32_t *y_res, double smoothing, qat_ctx *q,
                           kd_comm *comm, const char *what, const char *hint, kd_eval_result *r)

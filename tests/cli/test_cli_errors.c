@@ -210,6 +210,9 @@ static void test_loss_diverges(void **state)
     run_expect(argv1, 1, "outputs on the validation set after epoch 1 are not finite",
                "lower optim.lr", NULL);
     assert_false(kd_file_exists(tpath(od1, sizeof od1, "diverge1/result.json")));
+    char *mt = kd_read_text(tpath(od1, sizeof od1, "diverge1/metrics.jsonl"));
+    assert_true(!mt || !strstr(mt, "nan"));
+    free(mt);
     /* past float32's range the learning rate is refused while the job is read */
     char want[700];
     write_job(job, tpath(od, sizeof od, "huge_lr"), data, "32", MLP_LINE, "lr: 1.0e+300");

@@ -18,6 +18,7 @@
 #include "bf16.h"
 #include "checkpoint.h"
 #include "config_yaml.h"
+#include "fileio.h"
 #include "kd_test.h"
 #include "model.h"
 #include "rng.h"
@@ -374,6 +375,52 @@ static void test_shape_errors(void **state)
                        (const char *[]){"flat vector of logits", NULL});
 }
 
+/* 1 when the file at path holds exactly the n bytes at want. */
+static int same_bytes(const char *path, const void *want, size_t n)
+{
+    void *got = NULL;
+    size_t len = 0;
+    const int same =
+        kd_file_read_all(path, &got, &len) == KD_OK && len == n && memcmp(got, want, n) == 0;
+    free(got);
+    return same;
+}
+
+/* The checkpoint at src copied to dst with float idx of entry `name` set to v, and the metadata
+ * the loader needs (kd_checkpoint_save refuses non-finite values, so damaged files are made
+ * here). */
+static void write_poisoned(const char *src, const char *dst, const char *name, size_t idx, float v)
+{
+    kd_safetensors *st = NULL;
+    assert_int_equal(kd_safetensors_open(src, &st), KD_OK);
+    const size_t ne = kd_safetensors_count(st);
+    kd_st_entry *ents = malloc(ne * sizeof *ents);
+    float *copy = NULL;
+    assert_non_null(ents);
+    for (size_t i = 0; i < ne; i++) {
+        ents[i] = *kd_safetensors_entry(st, i);
+        if (strcmp(ents[i].name, name) != 0)
+            continue;
+        size_t n = 1;
+        for (int d = 0; d < ents[i].ndim; d++)
+            n *= (size_t)ents[i].shape[d];
+        assert_true(ents[i].dtype == KD_DTYPE_F32 && idx < n);
+        copy = malloc(n * sizeof(float));
+        assert_non_null(copy);
+        memcpy(copy, ents[i].data, n * sizeof(float));
+        copy[idx] = v;
+        ents[i].data = copy;
+    }
+    assert_non_null(copy);
+    const char *meta[] = {"format",     kd_safetensors_meta(st, "format"),
+                          "model_hash", kd_safetensors_meta(st, "model_hash"),
+                          "optimizer",  kd_safetensors_meta(st, "optimizer")};
+    assert_int_equal(kd_safetensors_save(dst, ents, ne, meta, 3), KD_OK);
+    free(copy);
+    free(ents);
+    kd_safetensors_close(st);
+}
+
 static void test_checkpoint_round_trip(void **state)
 {
     (void)state;
@@ -427,33 +474,48 @@ static void test_checkpoint_round_trip(void **state)
     assert_non_null(strstr(kd_last_error(), "optimiser state"));
     free(before);
 
-    /* values no trained model holds are refused, naming the tensor, and leave b untouched */
-    float *b_params = malloc(b->nparams * sizeof(float));
-    memcpy(b_params, b->params, b->nparams * sizeof(float));
+    /* a diverged model is never saved: the file keeps what it held */
+    assert_int_equal(kd_checkpoint_save(path, a, opt, nstate, &info), KD_OK);
+    void *good = NULL;
+    size_t ngood = 0;
+    assert_int_equal(kd_file_read_all(path, &good, &ngood), KD_OK);
     const float w3 = a->params[3];
     a->params[3] = NAN;
-    assert_int_equal(kd_checkpoint_save(path, a, opt, nstate, &info), KD_OK);
-    assert_int_equal(kd_checkpoint_load(path, b, opt2, nstate, NULL), KD_ERR_FORMAT);
-    assert_non_null(strstr(kd_last_error(), path));
+    assert_int_equal(kd_checkpoint_save(path, a, opt, nstate, &info), KD_ERR_INTERNAL);
     assert_non_null(strstr(kd_last_error(), "0.weight[3] is nan"));
+    assert_non_null(strstr(kd_last_error(), "the file keeps what it held"));
     a->params[3] = w3;
-    size_t var_at = 0;
-    for (int i = 0; i < a->nentries; i++)
-        if (strstr(a->entries[i].name, "running_var"))
-            var_at = a->entries[i].offset;
-    const float v0 = a->buffers[var_at];
-    a->buffers[var_at] = -0.5f;
-    assert_int_equal(kd_checkpoint_save(path, a, opt, nstate, &info), KD_OK);
-    assert_int_equal(kd_checkpoint_load(path, b, opt2, nstate, NULL), KD_ERR_FORMAT);
-    assert_non_null(strstr(kd_last_error(), "a variance must be finite and >= 0"));
-    a->buffers[var_at] = v0;
     opt[7] = INFINITY;
-    assert_int_equal(kd_checkpoint_save(path, a, opt, nstate, &info), KD_OK);
-    assert_int_equal(kd_checkpoint_load(path, b, opt2, nstate, NULL), KD_ERR_FORMAT);
-    assert_non_null(strstr(kd_last_error(), "__optim__.state) holds inf at index 7"));
+    assert_int_equal(kd_checkpoint_save(path, a, opt, nstate, &info), KD_ERR_INTERNAL);
+    assert_non_null(strstr(kd_last_error(), "optimizer state holds inf at index 7"));
     opt[7] = 7.f;
+    assert_true(same_bytes(path, good, ngood));
+    free(good);
+
+    /* values no trained model holds are refused on loading, naming the tensor, and leave b
+     * untouched (the damaged files written around kd_checkpoint_save) */
+    float *b_params = malloc(b->nparams * sizeof(float));
+    memcpy(b_params, b->params, b->nparams * sizeof(float));
+    char bad[300];
+    snprintf(bad, sizeof bad, "%s/bad.safetensors", dir);
+    write_poisoned(path, bad, "0.weight", 3, NAN);
+    assert_int_equal(kd_checkpoint_load(bad, b, opt2, nstate, NULL), KD_ERR_FORMAT);
+    assert_non_null(strstr(kd_last_error(), bad));
+    assert_non_null(strstr(kd_last_error(), "0.weight[3] is nan"));
+    const char *var_name = NULL;
+    for (int i = 0; i < a->nentries && !var_name; i++)
+        if (strstr(a->entries[i].name, "running_var"))
+            var_name = a->entries[i].name;
+    assert_non_null(var_name);
+    write_poisoned(path, bad, var_name, 0, -0.5f);
+    assert_int_equal(kd_checkpoint_load(bad, b, opt2, nstate, NULL), KD_ERR_FORMAT);
+    assert_non_null(strstr(kd_last_error(), "a variance must be finite and >= 0"));
+    write_poisoned(path, bad, "__optim__.state", 7, INFINITY);
+    assert_int_equal(kd_checkpoint_load(bad, b, opt2, nstate, NULL), KD_ERR_FORMAT);
+    assert_non_null(strstr(kd_last_error(), "__optim__.state) holds inf at index 7"));
     assert_memory_equal(b_params, b->params, b->nparams * sizeof(float));
     free(b_params);
+    unlink(bad);
 
     /* metadata that is not what kd_checkpoint_save writes */
     assert_int_equal(kd_checkpoint_save(path, a, opt, nstate, &info), KD_OK);

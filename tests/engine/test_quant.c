@@ -72,8 +72,6 @@ static void test_grid_and_error(void **state)
     assert_int_equal(kd_quant_round(-1000.0f, 1.0f, 127), -127);
 }
 
-/* Multiplying a row by g (BatchNorm folding) multiplies its scale by |g| and keeps its integers
- * (up to float ties), so QAT trains against the integers the exporter ships. */
 /* A non-finite weight stays as it is in the fake-quantized copy (a diverged run's forward pass
  * must not turn finite), and the rest of its row is quantized with its finite weights' scale. */
 static void test_fake_rows_nonfinite(void **state)
@@ -87,10 +85,14 @@ static void test_fake_rows_nonfinite(void **state)
     assert_true(isnan(wq[1]));
     assert_true(wq[0] == want[0] && wq[2] == want[1] && wq[3] == want[2]);
     kd_quant_fake_rows(inf, 1, 2, 8, iq);
-    assert_false(isfinite(iq[0]));
+    kd_quant_fake_rows(inf + 1, 1, 1, 8, want); /* the finite weight alone */
+    assert_true(isinf(iq[0]) && iq[0] > 0);
+    assert_true(iq[1] == want[0] && fabsf(want[0] - 0.5f) < 1e-6f);
     assert_int_equal(kd_quant_round(NAN, 0.1f, 7), 0);
 }
 
+/* Multiplying a row by g (BatchNorm folding) multiplies its scale by |g| and keeps its integers
+ * (up to float ties), so QAT trains against the integers the exporter ships. */
 static void test_row_scale_invariance(void **state)
 {
     (void)state;

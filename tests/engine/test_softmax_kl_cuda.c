@@ -182,7 +182,6 @@ static void test_variants_bf16(void **state)
             }
 }
 
-/* the masking rules of the CPU op: infinite rows, empty targets */
 /* kd_cuda_softmax_kl on host rows s, t [n, c] (float32), row losses into rows and the
  * gradient (scale 1) into g when g is not NULL. */
 static void run_rows(int n, int c, const float *s, const float *t, int rev, int variant,
@@ -201,6 +200,7 @@ static void run_rows(int n, int c, const float *s, const float *t, int rev, int 
     cudaFree(s_d), cudaFree(t_d), cudaFree(g_d), cudaFree(rows_d);
 }
 
+/* the masking rules of the CPU op: infinite rows, empty targets */
 static void test_masks(void **state)
 {
     (void)state;

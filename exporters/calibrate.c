@@ -156,8 +156,8 @@ kd_status kd_export_calibrate(kd_export_graph *g, const float *x, int64_t n, flo
                 const float *v = a.v[i];
                 if (pass == 0) {
                     double *sm = sums[i], *sq = sums[i] + t->c;
-                    for (uint32_t j = 0; j < t->bytes; j++) {
-                        t->seen_min = v[j] < t->seen_min ? v[j] : t->seen_min;
+                    for (uint32_t j = 0; j < t->bytes; j++) { /* a NaN sticks in seen_min */
+                        t->seen_min = v[j] < t->seen_min || v[j] != v[j] ? v[j] : t->seen_min;
                         t->seen_max = v[j] > t->seen_max ? v[j] : t->seen_max;
                         sm[j % (uint32_t)t->c] += v[j];
                         sq[j % (uint32_t)t->c] += (double)v[j] * v[j];
@@ -177,6 +177,16 @@ kd_status kd_export_calibrate(kd_export_graph *g, const float *x, int64_t n, flo
                 }
             }
         }
+        /* after the ranges, before any histogram is binned from them */
+        for (int i = 0; pass == 0 && i < g->nt; i++)
+            if (!isfinite(g->t[i].seen_min) || !isfinite(g->t[i].seen_max)) {
+                st = KD_FAIL(KD_ERR_INVALID,
+                             "export: tensor %d (output of op %d) takes non-finite values on the "
+                             "calibration samples: the float model overflows float32 on them "
+                             "(distill eval refuses such a checkpoint too)",
+                             i, g->t[i].producer);
+                break;
+            }
     }
     for (int i = 0; i < g->nt && st == KD_OK; i++) {
         kd_export_tensor *t = &g->t[i];
@@ -184,13 +194,6 @@ kd_status kd_export_calibrate(kd_export_graph *g, const float *x, int64_t n, flo
         for (int c = 0; c < t->c; c++) {
             t->ch_mean[c] = (float)(sums[i][c] / cnt);
             t->ch_msq[c] = (float)(sums[i][t->c + c] / cnt);
-        }
-        if (!isfinite(t->seen_min) || !isfinite(t->seen_max)) {
-            st = KD_FAIL(KD_ERR_INVALID,
-                         "export: tensor %d (output of op %d) takes non-finite values on the "
-                         "calibration samples: is the checkpoint damaged?",
-                         i, t->producer);
-            break;
         }
         if (!own_range(g, i))
             continue;

@@ -302,7 +302,7 @@ static void print_table(FILE *f, const row_t *rows, int n, int md, int mcu)
             mcu ? "Quantized rows: flash and RAM of the Cortex-M4 firmware (runtime code + model "
                   "+ startup; arena + measured stack), instructions of one inference on QEMU "
                   "mps2-an386 with -icount shift=0; accuracy of the integer model on the "
-                  "10000 test images (host build of the same runtime)."
+                  "whole test set (host build of the same runtime)."
                 : "Quantized rows: flash = the .kdm blob, RAM = the planned arena (the Cortex-M "
                   "tools were not used); accuracy of the integer model on the test images.");
 }

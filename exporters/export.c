@@ -111,12 +111,16 @@ static kd_status check_file_target(const char *path)
     return KD_OK;
 }
 
+/* The index of the largest of v, or -1 when one is not finite (no prediction to count). */
 static int argmax_f(const float *v, int n)
 {
     int best = 0;
-    for (int i = 1; i < n; i++)
+    for (int i = 0; i < n; i++) {
+        if (!isfinite(v[i]))
+            return -1;
         if (v[i] > v[best])
             best = i;
+    }
     return best;
 }
 
@@ -180,8 +184,12 @@ static kd_status evaluate(kd_model *m, const kd_export_graph *g, const kd_datase
                                      sizeof(float) * (size_t)nb * m->out_features);
             }
             for (int i = 0; i < nb && st == KD_OK; i++)
-                pred_engine[s0 + i] =
-                    argmax_f(logits + (size_t)i * m->out_features, m->out_features);
+                if ((pred_engine[s0 + i] =
+                         argmax_f(logits + (size_t)i * m->out_features, m->out_features)) < 0)
+                    st = KD_FAIL(KD_ERR_INVALID,
+                                 "export: the checkpoint's model gives non-finite outputs on "
+                                 "test image %lld: its weights overflow float32 on this data",
+                                 (long long)(s0 + i));
             if (o->progress)
                 o->progress(o->progress_ctx, "engine eval", s0 + nb, n);
         }
@@ -215,6 +223,13 @@ static kd_status evaluate(kd_model *m, const kd_export_graph *g, const kd_datase
         kd_export_forward(g, x, &a);
         const float *fo = a.v[g->output];
         int pf = argmax_f(fo, (int)out_size);
+        if (pf < 0) {
+            st = KD_FAIL(KD_ERR_INVALID,
+                         "export: the folded float model gives non-finite outputs on test image "
+                         "%lld: it overflows float32 on this data",
+                         (long long)s);
+            goto done;
+        }
         int pi = (int)kdm_argmax_s8(qout, out_size);
         int pe = pred_engine[s];
         c_engine += pe == test->y[s];
@@ -266,12 +281,14 @@ done:
 }
 
 /* The largest |folded - unfolded| logit over the first samples (a check of the folding). */
-static kd_status fold_error(kd_model *m, const kd_export_graph *g, const kd_dataset *d, double *err)
+static kd_status fold_error(kd_model *m, const kd_export_graph *g, const kd_dataset *d, double *err,
+                            int *used)
 {
     *err = 0;
     int nb = (int)(d->n < m->max_batch ? d->n : m->max_batch);
     if (nb > 64)
         nb = 64;
+    *used = nb > 0 && g->classes == m->out_features ? nb : 0;
     if (nb <= 0 || g->classes != m->out_features)
         return KD_OK;
     size_t per = (size_t)d->c * d->h * d->w;
@@ -291,8 +308,17 @@ static kd_status fold_error(kd_model *m, const kd_export_graph *g, const kd_data
         const float *fo = a.v[g->output];
         if (g->op[g->nop - 1].type == KDM_OP_SOFTMAX)
             fo = a.v[g->op[g->nop - 1].in0];
-        for (int j = 0; j < m->out_features; j++)
-            *err = fmax(*err, fabs((double)fo[j] - y[(size_t)s * m->out_features + j]));
+        for (int j = 0; j < m->out_features; j++) {
+            const double dj = fabs((double)fo[j] - y[(size_t)s * m->out_features + j]);
+            if (!isfinite(dj)) { /* fmax would drop a NaN */
+                st = KD_FAIL(KD_ERR_INVALID,
+                             "export: the model's outputs on test image %d are not "
+                             "finite (checkpoint %g, folded %g): it overflows float32 on them",
+                             s, (double)y[(size_t)s * m->out_features + j], (double)fo[j]);
+                goto done;
+            }
+            *err = fmax(*err, dj);
+        }
     }
 done:
     kd_export_acts_free(&a);
@@ -522,7 +548,7 @@ kd_status kd_export_run(const kd_job *job, const char *checkpoint, const kd_expo
         if (op->w)
             r->params += (int64_t)op->out_c * op->row_len + op->out_c;
     }
-    if (o->evaluate && (st = fold_error(m, r->g, &test, &r->max_fold_err)))
+    if (o->evaluate && (st = fold_error(m, r->g, &test, &r->max_fold_err, &r->fold_n)))
         goto done;
     if ((o->evaluate || o->n_samples > 0) &&
         (st = evaluate(m, r->g, &test, blob, blob_len, o, r, &samples, &samples_len)))

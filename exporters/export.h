@@ -301,6 +301,14 @@ kd_status kd_quant_multiplier(double real, int32_t *mult, int32_t *shift);
 kd_status kd_quant_bias(double b, double s_in, double s_w, int32_t zp_in, int64_t sum_q,
                         int32_t *out);
 
+/*
+ * The accumulator of a channel, bias_q + sum_j q[j] x_j over raw int8 inputs x_j, shifted left
+ * by `left` (the positive shift of double rounding, else 0), stays inside int32 for every
+ * input: KD_OK, else KD_ERR_UNSUPPORTED naming the range it can reach (the runtime's sums wrap
+ * modulo 2^32, so such a channel's outputs would be silently wrong).
+ */
+kd_status kd_quant_acc_fits(int32_t bias_q, const int8_t *q, int k, int left);
+
 /* Per-row clipping search: the scale in {r * max|w| / qmax, r = 0.50, 0.52, .., 1.00} with the
  * smallest error sum imp[j] * (w[j] - s * q(w[j]))^2 (imp NULL: all 1; max-abs on ties). */
 float kd_quant_clip_scale(const float *w, const float *imp, int64_t k, int bits);

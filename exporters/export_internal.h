@@ -23,7 +23,8 @@ struct kd_export_report {
     double acc_engine, acc_float, acc_int;
     double agree_float_engine; /* folded vs unfolded argmax */
     double agree_int_float;    /* integer vs folded float argmax */
-    double max_fold_err;       /* largest |folded - unfolded| logit */
+    double max_fold_err;       /* largest |folded - unfolded| logit ... */
+    int fold_n;                /* ... over the first fold_n test images */
     double mean_int_err;       /* mean |dequantized int - float| logit */
     double logit_range;        /* mean max |float logit|, to read mean_int_err against */
     int64_t n_samples;

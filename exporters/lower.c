@@ -480,7 +480,7 @@ static float act_f(float v, int act)
 {
     if (act == KD_EXPORT_ACT_NONE)
         return v;
-    v = v > 0 ? v : 0;
+    v = v <= 0 ? 0 : v; /* NaN passes, as in the engine: the checks downstream must see it */
     return act == KD_EXPORT_ACT_RELU6 && v > 6 ? 6 : v;
 }
 
@@ -546,7 +546,7 @@ static void fwd_pool(const kd_export_op *o, const kd_export_tensor *ti, const fl
                         if (ix < 0 || ix >= W)
                             continue;
                         float v = x[((size_t)iy * W + ix) * C + c];
-                        best = v > best ? v : best;
+                        best = v > best || v != v ? v : best; /* NaN wins, as in the engine */
                         acc += v;
                     }
                 }

@@ -14,7 +14,9 @@
  * act(b), so it gets a nominal scale putting its bias at 2^16 codes, enough to represent b to
  * the output's precision (multiplier 0 when b is 0 too).
  */
+#include <inttypes.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -46,6 +48,22 @@ kd_status kd_quant_multiplier(double real, int32_t *mult, int32_t *shift)
                        "export: requantization factor %g is too large (at most 2^30)", real);
     *mult = (int32_t)m;
     *shift = e;
+    return KD_OK;
+}
+
+kd_status kd_quant_acc_fits(int32_t bias_q, const int8_t *q, int k, int left)
+{
+    int64_t lo = bias_q, hi = bias_q;
+    for (int j = 0; j < k; j++) {
+        lo += q[j] >= 0 ? -128 * (int64_t)q[j] : 127 * (int64_t)q[j];
+        hi += q[j] >= 0 ? 127 * (int64_t)q[j] : -128 * (int64_t)q[j];
+    }
+    if (lo * ((int64_t)1 << left) < INT32_MIN || hi * ((int64_t)1 << left) > INT32_MAX)
+        return KD_FAIL(KD_ERR_UNSUPPORTED,
+                       "export: its accumulator can reach [%" PRId64 ", %" PRId64 "]%s, beyond "
+                       "int32, so the runtime's outputs would wrap (the bias, %" PRId32
+                       " codes, is far larger than what the weights add)",
+                       lo, hi, left ? " before the requantization's left shift" : "", bias_q);
     return KD_OK;
 }
 
@@ -120,12 +138,16 @@ static kd_status channel_ints(const kd_export_graph *g, kd_export_op *o, int c)
     double sw = o->wscale[c];
     if (!(sw > 0) && b != 0)
         sw = fabs(b) / ((double)ti->scale * 65536.0);
+    char what[48];
+    snprintf(what, sizeof what, "output channel %d", c);
     if (kd_quant_bias(b, ti->scale, sw, ti->zero_point, sum, &o->bias_q[c]) ||
-        kd_quant_multiplier((double)ti->scale * sw / to->scale, &o->mult[c], &o->shift[c])) {
-        char what[48];
-        snprintf(what, sizeof what, "output channel %d", c);
+        kd_quant_multiplier((double)ti->scale * sw / to->scale, &o->mult[c], &o->shift[c]))
         return fail_op(o, what);
-    }
+    /* the runtime's accumulator must not wrap (padding reads the zero-point, a raw int8 too) */
+    const int left =
+        !(g->flags & KDM_FLAG_SINGLE_ROUNDING) && o->mult[c] && o->shift[c] > 0 ? o->shift[c] : 0;
+    if (kd_quant_acc_fits(o->bias_q[c], o->q + (size_t)c * o->row_len, o->row_len, left))
+        return fail_op(o, what);
     return KD_OK;
 }
 

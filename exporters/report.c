@@ -75,8 +75,8 @@ void kd_export_report_print(const kd_export_report *r, FILE *f)
         fprintf(f, "    engine (unfolded float)  %6.2f%%\n", 100 * r->acc_engine);
         fprintf(f,
                 "    folded float             %6.2f%%  (same prediction as the engine on %.2f%%, "
-                "largest logit difference %.2g)\n",
-                100 * r->acc_float, 100 * r->agree_float_engine, r->max_fold_err);
+                "largest logit difference %.2g on the first %d images)\n",
+                100 * r->acc_float, 100 * r->agree_float_engine, r->max_fold_err, r->fold_n);
         fprintf(f,
                 "    integer (int%d, runtime)  %6.2f%%  (same prediction as folded float on "
                 "%.2f%%, mean |output error| %.3g vs mean max |output| %.3g)\n",
@@ -181,6 +181,7 @@ static cJSON *report_json(const kd_export_report *r)
         cJSON_AddNumberToObject(a, "float_engine_agreement", r->agree_float_engine);
         cJSON_AddNumberToObject(a, "int_float_agreement", r->agree_int_float);
         cJSON_AddNumberToObject(a, "max_fold_logit_error", r->max_fold_err);
+        cJSON_AddNumberToObject(a, "fold_error_images", r->fold_n);
         cJSON_AddNumberToObject(a, "mean_abs_logit_error", r->mean_int_err);
         cJSON_AddNumberToObject(a, "mean_max_abs_logit", r->logit_range);
     } else {

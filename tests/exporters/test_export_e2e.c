@@ -606,6 +606,36 @@ static void test_bad_inputs(void **state)
     const char *const p_damaged[] = {dmg, NULL};
     expect_fail(damaged, 1, p_damaged);
     assert_false(kd_file_exists(odir));
+    /* finite weights whose float model overflows (batchnorm scale and shift 3e38): refused at
+     * calibration, nothing written */
+    char ovf[300];
+    {
+        kd_job j;
+        assert_int_equal(kd_job_load(job, NULL, &j), KD_OK);
+        kd_model *m = NULL;
+        assert_int_equal(kd_model_build(j.model_input, j.model_layers, kd_backend_cpu(), 1, 1, &m),
+                         KD_OK);
+        assert_int_equal(kd_checkpoint_load(ck, m, NULL, 0, NULL), KD_OK);
+        int hits = 0;
+        for (int i = 0; i < m->nentries; i++)
+            if (!strcmp(m->entries[i].name, "1.weight") || !strcmp(m->entries[i].name, "1.bias"))
+                for (size_t k = 0; k < m->entries[i].numel; k++, hits++)
+                    m->params[m->entries[i].offset + k] = 3e38f;
+        assert_int_equal(hits, 16);
+        kd_ckpt_info info = {0};
+        info.optimizer = "adamw";
+        assert_int_equal(
+            kd_checkpoint_save(tp(ovf, sizeof ovf, "overflow.safetensors"), m, NULL, 0, &info),
+            KD_OK);
+        kd_model_free(m);
+        kd_job_free(&j);
+    }
+    const char *overflow[] = {"export",   job,   "--checkpoint", ovf,  "--quant", "int8",
+                              "--format", "kdm", "--out",        odir, NULL};
+    const char *const p_overflow[] = {"takes non-finite values on the calibration samples",
+                                      "overflows float32", NULL};
+    expect_fail(overflow, 1, p_overflow);
+    assert_false(kd_file_exists(odir));
 
     /* an output directory under a regular file */
     char afile[300], under[400];

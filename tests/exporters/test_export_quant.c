@@ -172,6 +172,30 @@ static void test_bias_folding(void **state)
     assert_int_equal(out, -6);
 }
 
+/* The accumulator bound: bias + sum q x over x in [-128, 127] (and shifted left by a positive
+ * double-rounding shift) must stay in int32, exactly at the edges. */
+static void test_accumulator_bound(void **state)
+{
+    (void)state;
+    const int8_t q[3] = {127, -127, 0};
+    /* the weights add at most 127 * 127 + 127 * 128 = 32385 and take away as much */
+    assert_int_equal(kd_quant_acc_fits(INT32_MAX - 32385, q, 3, 0), KD_OK);
+    assert_int_equal(kd_quant_acc_fits(INT32_MAX - 32384, q, 3, 0), KD_ERR_UNSUPPORTED);
+    assert_non_null(strstr(kd_last_error(), "beyond int32"));
+    assert_int_equal(kd_quant_acc_fits(INT32_MIN + 32385, q, 3, 0), KD_OK);
+    assert_int_equal(kd_quant_acc_fits(INT32_MIN + 32384, q, 3, 0), KD_ERR_UNSUPPORTED);
+    /* positive and negative weights reach the edge with -128 and 127 inputs respectively */
+    const int8_t neg[1] = {-128}, pos[1] = {1};
+    assert_int_equal(kd_quant_acc_fits(INT32_MAX - 16384, neg, 1, 0), KD_OK);
+    assert_int_equal(kd_quant_acc_fits(INT32_MAX - 16383, neg, 1, 0), KD_ERR_UNSUPPORTED);
+    assert_int_equal(kd_quant_acc_fits(INT32_MIN + 128, pos, 1, 0), KD_OK);
+    assert_int_equal(kd_quant_acc_fits(INT32_MIN + 127, pos, 1, 0), KD_ERR_UNSUPPORTED);
+    /* a left shift of 2 divides the room by 4 */
+    assert_int_equal(kd_quant_acc_fits((INT32_MAX >> 2) - 127, pos, 1, 2), KD_OK);
+    assert_int_equal(kd_quant_acc_fits((INT32_MAX >> 2) - 126, pos, 1, 2), KD_ERR_UNSUPPORTED);
+    assert_non_null(strstr(kd_last_error(), "left shift"));
+}
+
 static void test_range_qparams(void **state)
 {
     (void)state;
@@ -357,10 +381,11 @@ static void test_plan_chains(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_multiplier_range),   cmocka_unit_test(test_requantize_vs_double),
-        cmocka_unit_test(test_bias_folding),       cmocka_unit_test(test_range_qparams),
-        cmocka_unit_test(test_range_choice),       cmocka_unit_test(test_clip_scale),
-        cmocka_unit_test(test_plan_random_graphs), cmocka_unit_test(test_plan_chains),
+        cmocka_unit_test(test_multiplier_range), cmocka_unit_test(test_requantize_vs_double),
+        cmocka_unit_test(test_bias_folding),     cmocka_unit_test(test_accumulator_bound),
+        cmocka_unit_test(test_range_qparams),    cmocka_unit_test(test_range_choice),
+        cmocka_unit_test(test_clip_scale),       cmocka_unit_test(test_plan_random_graphs),
+        cmocka_unit_test(test_plan_chains),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -19,6 +19,36 @@
 
 #define KD_CKPT_FORMAT "distill-checkpoint-v1"
 
+/*
+ * The first value a trained model cannot hold in the host copies hp (parameters), hb (buffers)
+ * and state (nstate optimizer floats): a non-finite number or, with check_var, a negative
+ * running variance. 1 with *bad (the entry; NULL for the optimizer state), *at and *v set;
+ * 0 when every value is valid.
+ */
+static int first_invalid(const kd_model *m, const float *hp, const float *hb, const float *state,
+                         size_t nstate, int check_var, const kd_state_entry **bad, size_t *at,
+                         float *v)
+{
+    for (int i = 0; i < m->nentries; i++) {
+        const kd_state_entry *e = &m->entries[i];
+        if (e->kind == KD_ENTRY_COUNTER)
+            continue;
+        const float *x = (e->kind == KD_ENTRY_PARAM ? hp : hb) + e->offset;
+        const int var = check_var && strstr(e->name, "running_var") != NULL;
+        for (size_t j = 0; j < e->numel; j++)
+            if (!isfinite(x[j]) || (var && x[j] < 0)) {
+                *bad = e, *at = j, *v = x[j];
+                return 1;
+            }
+    }
+    for (size_t j = 0; j < nstate; j++)
+        if (!isfinite(state[j])) {
+            *bad = NULL, *at = j, *v = state[j];
+            return 1;
+        }
+    return 0;
+}
+
 kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *state, size_t nstate,
                              const kd_ckpt_info *info)
 {
@@ -39,29 +69,24 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
         goto done;
     /* a diverged model is never written over the last good checkpoint (which the loader would
      * have refused anyway) */
-    for (int i = 0; i < m->nentries; i++) {
-        const kd_state_entry *e = &m->entries[i];
-        const float *v =
-            e->kind == KD_ENTRY_COUNTER ? NULL : (e->kind == KD_ENTRY_PARAM ? hp : hb) + e->offset;
-        for (size_t j = 0; v && j < e->numel; j++)
-            if (!isfinite(v[j])) {
-                st = KD_FAIL(KD_ERR_INTERNAL,
-                             "'%s' not written: %s[%zu] is %g at step %" PRId64
-                             ": the weights diverged (lower optim.lr or set optim.clip_norm); "
-                             "the file keeps what it held",
-                             path, e->name, j, (double)v[j], info->step);
-                goto done;
-            }
-    }
-    for (size_t j = 0; state && j < nstate; j++)
-        if (!isfinite(hs[j])) {
+    const kd_state_entry *bad;
+    size_t at;
+    float v;
+    if (first_invalid(m, hp, hb, hs, state ? nstate : 0, 0, &bad, &at, &v)) {
+        if (bad)
+            st = KD_FAIL(KD_ERR_INTERNAL,
+                         "'%s' not written: %s[%zu] is %g at step %" PRId64
+                         ": the weights diverged (lower optim.lr or set optim.clip_norm); the "
+                         "file keeps what it held",
+                         path, bad->name, at, (double)v, info->step);
+        else
             st = KD_FAIL(KD_ERR_INTERNAL,
                          "'%s' not written: the optimizer state holds %g at index %zu at step "
                          "%" PRId64 ": the run diverged (lower optim.lr or set optim.clip_norm); "
                          "the file keeps what it held",
-                         path, (double)hs[j], j, info->step);
-            goto done;
-        }
+                         path, (double)v, at, info->step);
+        goto done;
+    }
     for (int i = 0; i < m->nentries; i++) {
         const kd_state_entry *e = &m->entries[i];
         kd_st_entry *t = &ents[i];
@@ -283,31 +308,25 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
         }
     }
     /* values a trained model cannot hold: refused before anything reaches the model */
-    for (int i = 0; i < m->nentries; i++) {
-        const kd_state_entry *e = &m->entries[i];
-        if (e->kind == KD_ENTRY_COUNTER)
-            continue;
-        const float *v = (e->kind == KD_ENTRY_PARAM ? hp : hb) + e->offset;
-        const int var = strstr(e->name, "running_var") != NULL;
-        for (size_t j = 0; j < e->numel; j++)
-            if (!isfinite(v[j]) || (var && v[j] < 0)) {
-                rc = KD_FAIL(KD_ERR_FORMAT,
-                             "checkpoint '%s': %s[%zu] is %g, %s: the file is damaged or was "
-                             "saved from a diverged run",
-                             path, e->name, j, (double)v[j],
-                             var ? "a variance must be finite and >= 0" : "not a finite number");
-                goto done;
-            }
-    }
-    const float *sv = state ? (const float *)os->data : NULL; /* aligned (safetensors.h) */
-    for (size_t j = 0; sv && j < nstate; j++)
-        if (!isfinite(sv[j])) {
+    const kd_state_entry *invalid;
+    size_t at;
+    float v;
+    if (first_invalid(m, hp, hb, state ? (const float *)os->data : NULL, /* aligned */
+                      state ? nstate : 0, 1, &invalid, &at, &v)) {
+        if (invalid)
+            rc = KD_FAIL(KD_ERR_FORMAT,
+                         "checkpoint '%s': %s[%zu] is %g, %s: the file is damaged or was saved "
+                         "from a diverged run",
+                         path, invalid->name, at, (double)v,
+                         strstr(invalid->name, "running_var") ? "a variance must be finite and >= 0"
+                                                              : "not a finite number");
+        else
             rc = KD_FAIL(KD_ERR_FORMAT,
                          "checkpoint '%s': the optimizer state (__optim__.state) holds %g at "
                          "index %zu: the file is damaged or was saved from a diverged run",
-                         path, (double)sv[j], j);
-            goto done;
-        }
+                         path, (double)v, at);
+        goto done;
+    }
     if (info && (rc = read_info(st, path, info)))
         goto done;
     if ((rc = m->be->upload(m->params, hp, m->nparams * sizeof(float))) ||

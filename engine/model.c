@@ -1117,19 +1117,12 @@ void kd_model_backward_notify(kd_model *m, const float *x, int n, kd_grads_ready
 
 void kd_model_zero_grad(kd_model *m) { m->be->zero(m->grads, m->nparams * sizeof(float)); }
 
-static void count_bn(kd_block *b, int n, int delta)
-{
-    for (int i = 0; i < n; i++) {
-        if (b[i].kind == KD_L_BATCHNORM)
-            b[i].bn_batches += delta;
-        count_bn(b[i].body, b[i].nbody, delta);
-        count_bn(b[i].proj, b[i].nproj, delta);
-    }
-}
-
 void kd_model_count_train_forward(kd_model *m, int delta)
 {
-    count_bn(m->blocks, m->nblocks, delta);
+    /* every batchnorm's counter is one state entry (counters_walk) */
+    for (int i = 0; i < m->nentries; i++)
+        if (m->entries[i].kind == KD_ENTRY_COUNTER)
+            *m->entries[i].counter += delta;
 }
 
 kd_status kd_model_set_act_fq(kd_model *m, int on)

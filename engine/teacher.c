@@ -358,21 +358,31 @@ kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, const uint32_t *
     return be->upload(t->t_dev, t->logits_h, (size_t)n * C * sizeof(float));
 }
 
-kd_status kd_teacher_check_live(kd_teacher *t, const kd_job *job)
+kd_status kd_teacher_check_live(kd_teacher *t, const kd_job *job, kd_comm *comm)
 {
-    if (!t || !t->model || t->live_n <= 0)
+    if (!t || !t->model) /* the same on every rank: one job */
         return KD_OK;
-    const size_t C = (size_t)t->classes, n = (size_t)t->live_n;
-    KD_TRY(t->be->download(t->logits_h, t->t_dev, n * C * sizeof(float)));
-    for (size_t i = 0; i < n * C; i++)
-        if (!isfinite(t->logits_h[i]))
-            return KD_FAIL(KD_ERR_INVALID,
-                           "the teacher (%s) run live from '%s' gave a non-finite logit (%g, row "
-                           "%zu class %zu of the last batch): its finite weights overflow float32 "
-                           "on this data; check the checkpoint",
-                           job->teacher_desc, job->teacher_ckpt, (double)t->logits_h[i], i / C,
-                           i % C);
-    return KD_OK;
+    const size_t C = (size_t)t->classes, n = t->live_n > 0 ? (size_t)t->live_n : 0;
+    kd_status st = n ? t->be->download(t->logits_h, t->t_dev, n * C * sizeof(float)) : KD_OK;
+    size_t at = n * C;
+    for (size_t i = 0; st == KD_OK && i < n * C && at == n * C; i++)
+        at = isfinite(t->logits_h[i]) ? at : i;
+    double any = st != KD_OK || at < n * C; /* every rank learns whether any rank found one */
+    if (comm && comm->size > 1)
+        KD_TRY(comm->ops->sum_f64(comm, &any, 1));
+    KD_TRY(st);
+    if (!(any > 0))
+        return KD_OK;
+    char where[96];
+    if (at < n * C)
+        snprintf(where, sizeof where, "%g, row %zu class %zu of the last batch",
+                 (double)t->logits_h[at], at / C, at % C);
+    else
+        snprintf(where, sizeof where, "on another rank's share of the last batch");
+    return KD_FAIL(KD_ERR_INVALID,
+                   "the teacher (%s) run live from '%s' gave a non-finite logit (%s): its finite "
+                   "weights overflow float32 on this data; check the checkpoint",
+                   job->teacher_desc, job->teacher_ckpt, where);
 }
 
 double kd_teacher_loss(kd_teacher *t, const kd_job *job, const float *s_dev, const int32_t *y_dev,

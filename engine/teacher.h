@@ -14,6 +14,7 @@
 
 #include <stdio.h>
 
+#include "comm.h"
 #include "dataset.h"
 #include "job.h"
 #include "model.h"
@@ -65,9 +66,10 @@ kd_status kd_teacher_targets(kd_teacher *t, const float *x_dev, const uint32_t *
 /*
  * After a non-finite training loss: a teacher run live whose last batch of logits (t_dev) holds
  * a non-finite value fails naming it and its checkpoint; KD_OK otherwise, and always for a
- * cache (its values were checked when it was read).
+ * cache (its values were checked when it was read). With comm of several ranks every rank
+ * calls it (a collective) and fails when any rank's share held one.
  */
-kd_status kd_teacher_check_live(kd_teacher *t, const kd_job *job);
+kd_status kd_teacher_check_live(kd_teacher *t, const kd_job *job, kd_comm *comm);
 
 /*
  * kd (or dkd, which also reads the batch's labels y_dev) loss of student logits s_dev [n, C]

@@ -314,21 +314,8 @@ static kd_status flush_stats(const kd_backend *be, kd_comm *comm, const kd_job *
         KD_TRY(comm->ops->sum_f64(comm, h, 3));
     const double loss = job->ce_weight * h[0] + job->kd_weight * h[2];
     if (!isfinite(loss)) {
-        /* a live teacher's own overflow is not the student's learning rate; each rank checks
-         * its share of the batch, and every rank learns whether any found one (all ranks are
-         * here together, so the sum is a matched collective) */
-        kd_status tst = kd_teacher_check_live(teacher, job);
-        if (comm->size > 1 && teacher) {
-            double bad = tst != KD_OK;
-            KD_TRY(comm->ops->sum_f64(comm, &bad, 1));
-            if (bad > 0 && tst == KD_OK)
-                tst = KD_FAIL(KD_ERR_INVALID,
-                              "the teacher (%s) run live from '%s' gave a non-finite logit on "
-                              "another rank's share of the last batch: its finite weights "
-                              "overflow float32 on this data; check the checkpoint",
-                              job->teacher_desc, job->teacher_ckpt);
-        }
-        KD_TRY(tst);
+        /* a live teacher's own overflow is not the student's learning rate */
+        KD_TRY(kd_teacher_check_live(teacher, job, comm));
         if (to_step - from_step <= 1)
             return KD_FAIL(KD_ERR_INTERNAL,
                            "loss became %g at epoch %" PRId64 " step %" PRId64

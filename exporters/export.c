@@ -288,9 +288,10 @@ static kd_status fold_error(kd_model *m, const kd_export_graph *g, const kd_data
     int nb = (int)(d->n < m->max_batch ? d->n : m->max_batch);
     if (nb > 64)
         nb = 64;
-    *used = nb > 0 && g->classes == m->out_features ? nb : 0;
+    *used = 0;
     if (nb <= 0 || g->classes != m->out_features)
         return KD_OK;
+    *used = nb;
     size_t per = (size_t)d->c * d->h * d->w;
     float *x_dev = NULL, *y = malloc(sizeof(float) * (size_t)nb * m->out_features);
     kd_export_acts a = {0};

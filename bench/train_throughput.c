@@ -962,6 +962,8 @@ static int peer_round(model_result *r, const bench_opts *o, const char *yaml, in
 {
     char why[512];
     if (!(r->peer[k] = run_peer(o, yaml, 0, why, sizeof why))) {
+        /* distill's own figure still helps when comparing two builds without the peer */
+        fprintf(stderr, "  %s round %d: distill %.0f samples/s\n", r->file, k + 1, r->d[k].sps);
         fprintf(stderr, "bench_train_throughput: PyTorch peer unavailable (%s)\n", why);
         return 2;
     }

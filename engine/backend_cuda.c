@@ -153,7 +153,14 @@ static kd_status cu_alloc(void **p, size_t bytes)
     kd_status st = cuda_check(e, "cudaMalloc");
     if (st != KD_OK)
         return kd_fail_context(st, "allocating %zu bytes on the GPU: ", bytes);
-    return cuda_check(cudaMemsetAsync(*p, 0, bytes ? bytes : 4, kd_stream), "cudaMemsetAsync");
+    st = cuda_check(cudaMemsetAsync(*p, 0, bytes ? bytes : 4, kd_stream), "cudaMemsetAsync");
+    if (st != KD_OK) { /* the caller gets no buffer: none is left behind */
+        cudaError_t fe = cudaFree(*p);
+        *p = NULL;
+        if (fe != cudaSuccess)
+            return kd_fail_context(st, "cudaFree failed too (%s) after: ", cudaGetErrorString(fe));
+    }
+    return st;
 }
 
 static void cu_release(void *p)
@@ -462,7 +469,11 @@ static kd_status dnn_handle(void)
     KD_TRY(dnn_check(cudnnCreate(&kd_dnn), "cudnnCreate"));
     kd_status st = dnn_check(cudnnSetStream(kd_dnn, kd_stream), "cudnnSetStream");
     if (st != KD_OK) {
-        (void)cudnnDestroy(kd_dnn); /* the cudnnSetStream failure is the one reported */
+        /* the cudnnSetStream failure is the one reported; a failed destroy is added to it */
+        cudnnStatus_t ds = cudnnDestroy(kd_dnn);
+        if (ds != CUDNN_STATUS_SUCCESS)
+            return kd_fail_context(st,
+                                   "cudnnDestroy failed too (%s) after: ", cudnnGetErrorString(ds));
         return st;
     }
     kd_dnn_ready = 1;

@@ -498,8 +498,12 @@ int main(int argc, char **argv)
             fflush(stderr);
             kd_comm_abort(g_comm, rc);
         }
-        kd_comm_close(g_comm);
+        kd_status cs = kd_comm_close(g_comm); /* MPI_Finalize */
         g_comm = NULL;
+        if (cs != KD_OK) {
+            int rc2 = fail(cs);
+            rc = rc ? rc : rc2;
+        }
     } else if (usage == usage_eval) {
         kd_eval_result r;
         st = kd_eval(&job, checkpoint, &r);

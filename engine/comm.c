@@ -3,6 +3,7 @@
  */
 #include "comm.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -19,7 +20,11 @@ static kd_status one_bcast_bytes(kd_comm *c, void *buf, size_t n, int root) { re
 static kd_status one_sum_f64(kd_comm *c, double *buf, int n) { return KD_OK; }
 static kd_status one_max_u64(kd_comm *c, uint64_t *buf, int n) { return KD_OK; }
 static void one_abort(kd_comm *c, int code) {}
-static void one_close(kd_comm *c) { free(c); }
+static kd_status one_close(kd_comm *c)
+{
+    free(c);
+    return KD_OK;
+}
 
 static const kd_comm_ops single_ops = {one_sum_start,   one_nop,     one_nop,     one_bcast_f32,
                                        one_bcast_bytes, one_sum_f64, one_max_u64, one_nop,
@@ -168,19 +173,27 @@ static void mpi_abort(kd_comm *c, int code)
         MPI_Abort(MPI_COMM_WORLD, code ? code : 1);
 }
 
-static void mpi_close(kd_comm *c)
+static kd_status mpi_close(kd_comm *c)
 {
     mpi_impl *im = c->impl;
+    kd_status st = KD_OK;
     if (im) {
-        if (im->nreq)
-            MPI_Waitall(im->nreq, im->req, MPI_STATUSES_IGNORE);
-        int fin = 0;
-        if (im->finalize && MPI_Finalized(&fin) == MPI_SUCCESS && !fin)
-            MPI_Finalize();
+        int rc = MPI_SUCCESS, fin = 0;
+        if (im->nreq && (rc = MPI_Waitall(im->nreq, im->req, MPI_STATUSES_IGNORE)) != MPI_SUCCESS)
+            st = mpi_fail(rc, "MPI_Waitall (closing)");
+        if (im->finalize) {
+            if ((rc = MPI_Finalized(&fin)) != MPI_SUCCESS) {
+                if (st == KD_OK)
+                    st = mpi_fail(rc, "MPI_Finalized");
+            } else if (!fin && (rc = MPI_Finalize()) != MPI_SUCCESS && st == KD_OK) {
+                st = mpi_fail(rc, "MPI_Finalize");
+            }
+        }
         free(im->req);
         free(im);
     }
     free(c);
+    return st;
 }
 
 static const kd_comm_ops mpi_ops = {
@@ -270,10 +283,15 @@ kd_status kd_comm_open(const char *kind, kd_comm **out)
     return KD_FAIL(KD_ERR_CONFIG, "run.comm must be auto, single, mpi or nccl, got '%s'", kind);
 }
 
-void kd_comm_close(kd_comm *c)
+kd_status kd_comm_close(kd_comm *c) { return c ? c->ops->close(c) : KD_OK; }
+
+kd_status kd_comm_close_after(kd_status st, kd_comm *c)
 {
-    if (c)
-        c->ops->close(c);
+    if (st == KD_OK)
+        return kd_comm_close(c);
+    char why[1024];
+    snprintf(why, sizeof why, "%s", kd_last_error());
+    return kd_comm_close(c) == KD_OK ? st : kd_fail_restore(st, why);
 }
 
 void kd_comm_abort(kd_comm *c, int code)

@@ -51,7 +51,7 @@ typedef struct {
     kd_status (*max_u64)(kd_comm *c, uint64_t *buf, int n);
     kd_status (*barrier)(kd_comm *c);
     void (*abort)(kd_comm *c, int code);
-    void (*close)(kd_comm *c);
+    kd_status (*close)(kd_comm *c); /* frees c whatever it returns */
 } kd_comm_ops;
 
 struct kd_comm {
@@ -89,8 +89,13 @@ kd_status kd_comm_open(const char *kind, kd_comm **out);
  */
 kd_status kd_comm_nccl_attach(kd_comm *host, kd_comm **out);
 
-/* Close (NULL is fine). For MPI this finalizes MPI: call it once, at the end. */
-void kd_comm_close(kd_comm *c);
+/* Close (NULL is fine) and free c. For MPI this finalizes MPI: call it once, at the end. The
+ * first failure of the calls that wind the communicator down, or KD_OK; c is freed either way. */
+kd_status kd_comm_close(kd_comm *c);
+
+/* kd_comm_close(c) at the end of work that returned st: a failed st stays the result, with its
+ * message (a teardown failure after it is not reported), else the close's own result. */
+kd_status kd_comm_close_after(kd_status st, kd_comm *c);
 
 /* End every rank of the job with this exit code (MPI_Abort); a no-op for one rank. */
 void kd_comm_abort(kd_comm *c, int code);

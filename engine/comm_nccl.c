@@ -34,6 +34,7 @@
  */
 #include "comm.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 
 #if defined(KD_HAVE_CUDA) && defined(KD_HAVE_MPI)
@@ -140,37 +141,70 @@ static void nccl_abort(kd_comm *c, int code)
     c->host->ops->abort(c->host, code);
 }
 
-/*
- * Free what nccl_attach made. close cannot report a failure (the job is ending, and the
- * recorded message may be the reason why), so the results are used only to choose a path
- * that cannot hang: a communicator whose queued work failed is aborted, not destroyed.
- */
-static void nccl_free(nccl_impl *im)
+/* A teardown's first failure and its message (a later failure's message would replace it). */
+typedef struct {
+    kd_status st;
+    int later; /* failures after the first */
+    char msg[512];
+} teardown;
+
+static void first_failure(teardown *t, kd_status now)
 {
-    if (!im)
+    if (now == KD_OK)
         return;
-    if (im->nccl) {
-        ncclResult_t ar = ncclSuccess;
-        int ok = im->stream && cudaStreamSynchronize(im->stream) == cudaSuccess &&
-                 ncclCommGetAsyncError(im->nccl, &ar) == ncclSuccess && ar == ncclSuccess;
-        if (ok)
-            (void)ncclCommDestroy(im->nccl); /* flushes, then frees */
-        else
-            (void)ncclCommAbort(im->nccl); /* frees without waiting for peers */
+    if (t->st != KD_OK) {
+        t->later++;
+        return;
     }
-    if (im->done)
-        (void)cudaEventDestroy(im->done);
-    if (im->ready)
-        (void)cudaEventDestroy(im->ready);
-    if (im->stream)
-        (void)cudaStreamDestroy(im->stream);
-    free(im);
+    t->st = now;
+    snprintf(t->msg, sizeof t->msg, "%s", kd_last_error());
 }
 
-static void nccl_close(kd_comm *c)
+/*
+ * Free what nccl_attach made, everything whatever fails; the first failure is returned. A
+ * communicator whose queued work failed is aborted, not destroyed (destroy would wait for peers
+ * that may be gone).
+ */
+static kd_status nccl_free(nccl_impl *im)
 {
-    nccl_free(c->impl); /* c->host stays: the caller owns it */
+    teardown t = {KD_OK, 0, ""};
+    if (!im)
+        return KD_OK;
+    if (im->nccl) {
+        ncclResult_t ar = ncclSuccess;
+        kd_status q = im->stream ? KD_CUDA_CHECK(cudaStreamSynchronize(im->stream),
+                                                 "cudaStreamSynchronize (closing NCCL)")
+                                 : KD_OK;
+        if (q == KD_OK)
+            q = KD_NCCL_CHECK(ncclCommGetAsyncError(im->nccl, &ar), im->nccl,
+                              "ncclCommGetAsyncError");
+        if (q == KD_OK && ar != ncclSuccess)
+            q = KD_NCCL_CHECK(ar, im->nccl, "the communicator's queued work");
+        if (q == KD_OK) { /* a failed destroy leaves no handle to abort */
+            q = KD_NCCL_CHECK(ncclCommDestroy(im->nccl), NULL, "ncclCommDestroy");
+            im->nccl = NULL;
+        }
+        first_failure(&t, q);
+        if (im->nccl) /* frees without waiting for peers */
+            first_failure(&t, KD_NCCL_CHECK(ncclCommAbort(im->nccl), NULL, "ncclCommAbort"));
+    }
+    if (im->done)
+        first_failure(&t, KD_CUDA_CHECK(cudaEventDestroy(im->done), "cudaEventDestroy"));
+    if (im->ready)
+        first_failure(&t, KD_CUDA_CHECK(cudaEventDestroy(im->ready), "cudaEventDestroy"));
+    if (im->stream)
+        first_failure(&t, KD_CUDA_CHECK(cudaStreamDestroy(im->stream), "cudaStreamDestroy"));
+    free(im);
+    if (t.later)
+        return KD_FAIL(t.st, "%s, and %d more call(s) failed after it", t.msg, t.later);
+    return t.st;
+}
+
+static kd_status nccl_close(kd_comm *c)
+{
+    kd_status st = nccl_free(c->impl); /* c->host stays: the caller owns it */
     free(c);
+    return st;
 }
 
 static const kd_comm_ops nccl_ops = {
@@ -223,8 +257,13 @@ kd_status kd_comm_nccl_attach(kd_comm *host, kd_comm **out)
     }
     kd_status st = nccl_setup(host, im);
     if (st != KD_OK) {
-        nccl_free(im);
+        /* the setup's failure is the one reported; one of the teardown is added to it */
+        char why[512];
+        snprintf(why, sizeof why, "%s", kd_last_error());
+        kd_status ft = nccl_free(im);
         free(c);
+        if (ft != KD_OK)
+            return KD_FAIL(st, "%s; then, winding down, %s", why, kd_last_error());
         return st;
     }
     c->name = "nccl";

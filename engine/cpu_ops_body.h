@@ -36,6 +36,11 @@ void OP(linear_bwd)(int n, int in, int out, const T *x, const T *w, const T *dy,
 
 /* ---- convolution: im2col + GEMM per group over chunks of samples; depthwise direct ---- */
 
+/* Whether a GEMM called from inside an OpenMP loop runs on its calling thread alone: true for
+ * OpenBLAS built on OpenMP (it sees the enclosing parallel region); a pthread build would start
+ * its own threads under each of ours. */
+static int OP(blas_nests)(void) { return openblas_get_parallel() == 2; }
+
 static int OP(conv_is_depthwise)(const kd_conv_shape *s)
 {
     return s->groups > 1 && s->groups == s->c;
@@ -125,12 +130,12 @@ static void OP(col2im)(const kd_conv_shape *s, const T *col, int s0, int cnt, in
 }
 
 /*
- * Depthwise, stride 1, small planes: the input plane is copied into a zero-
- * bordered buffer wp = w + 2*pad wide, and outputs are computed on rows of
- * the same width, so every kernel tap is one contiguous multiply-add over the
- * whole plane (long vectorised loops instead of many 7- or 14-wide ones); the
- * wp - wo extra columns are discarded. Larger planes and strides use the
- * direct loops below.
+ * Depthwise, small planes: the input plane is copied into a zero-bordered buffer wp = w + 2*pad
+ * wide, and outputs are computed on rows of the same width, so every kernel tap is one
+ * contiguous multiply-add over the whole plane (long vectorised loops instead of many 7- or
+ * 14-wide ones); the wp - wo extra columns are discarded. The backward pass below works so at
+ * stride 1; the forward pass at every stride and the input gradient at stride 2 or more split
+ * the buffer into phases first (dw_phase_geo). Larger planes use the direct loops further down.
  */
 #define KD_DW_PLANE_MAX 4096
 
@@ -140,14 +145,29 @@ static int OP(dw_padded_ok)(const kd_conv_shape *s)
            (size_t)(s->h + 2 * s->pad) * (s->w + 2 * s->pad) + (size_t)s->kw <= KD_DW_PLANE_MAX;
 }
 
+/* n elements from src to dst, the two not overlapping: the planes' rows are 7 to 28 elements
+ * long, copied a few hundred thousand times per training step, where a call to memcpy costs more
+ * than the copy; the fixed-size blocks compile to plain vector moves */
+static inline void OP(copy_row)(T *dst, const T *src, int n)
+{
+    enum { B = 16 / sizeof(T) };
+    if (n < B) {
+        for (int i = 0; i < n; i++)
+            dst[i] = src[i];
+        return;
+    }
+    for (int i = 0; i + B <= n; i += B)
+        __builtin_memcpy(dst + i, src + i, sizeof(T) * B);
+    __builtin_memcpy(dst + n - B, src + n - B, sizeof(T) * B); /* the tail, overlapping */
+}
+
 /* P[(iy + pad) * wp + ix + pad] = plane[iy * w + ix], zero elsewhere (hp * wp + kw floats) */
 static void OP(dw_pad_plane)(const kd_conv_shape *s, const T *plane, T *P)
 {
     const int wp = s->w + 2 * s->pad, hp = s->h + 2 * s->pad;
     memset(P, 0, sizeof(T) * ((size_t)hp * wp + s->kw));
     for (int iy = 0; iy < s->h; iy++)
-        memcpy(P + (size_t)(iy + s->pad) * wp + s->pad, plane + (size_t)iy * s->w,
-               sizeof(T) * s->w);
+        OP(copy_row)(P + (size_t)(iy + s->pad) * wp + s->pad, plane + (size_t)iy * s->w, s->w);
 }
 
 /* G[oy * wp + ox] = g[oy * wo + ox] for ox < wo, zero in the extra columns */
@@ -155,35 +175,9 @@ static void OP(dw_widen)(const kd_conv_shape *s, const T *g, T *G)
 {
     const int wp = s->w + 2 * s->pad;
     for (int oy = 0; oy < s->ho; oy++) {
-        memcpy(G + (size_t)oy * wp, g + (size_t)oy * s->wo, sizeof(T) * s->wo);
-        memset(G + (size_t)oy * wp + s->wo, 0, sizeof(T) * (wp - s->wo));
-    }
-}
-
-static void OP(dw_fwd_padded)(const kd_conv_shape *s, const T *x, const T *w, const T *b, T *y)
-{
-    const int mult = s->o / s->c, wp = s->w + 2 * s->pad, hwo = s->ho * s->wo;
-    const int span = s->ho * wp;
-#pragma omp parallel for schedule(static)
-    for (long no = 0; no < (long)s->n * s->o; no++) {
-        T P[KD_DW_PLANE_MAX], acc[KD_DW_PLANE_MAX];
-        int ni = (int)(no / s->o), o = (int)(no % s->o), ci = o / mult;
-        OP(dw_pad_plane)(s, x + ((size_t)ni * s->c + ci) * s->h * s->w, P);
-        const T *k = w + (size_t)o * s->kh * s->kw;
-        T bias = b ? b[o] : 0;
-        for (int i = 0; i < span; i++)
-            acc[i] = bias;
-        for (int ky = 0; ky < s->kh; ky++)
-            for (int kx = 0; kx < s->kw; kx++) {
-                const T kv = k[ky * s->kw + kx];
-                const T *src = P + (size_t)ky * wp + kx;
-#pragma omp simd
-                for (int i = 0; i < span; i++)
-                    acc[i] += kv * src[i];
-            }
-        T *out = y + (size_t)no * hwo;
-        for (int oy = 0; oy < s->ho; oy++)
-            memcpy(out + (size_t)oy * s->wo, acc + (size_t)oy * wp, sizeof(T) * s->wo);
+        OP(copy_row)(G + (size_t)oy * wp, g + (size_t)oy * s->wo, s->wo);
+        for (int ox = s->wo; ox < wp; ox++)
+            G[(size_t)oy * wp + ox] = 0;
     }
 }
 
@@ -248,8 +242,129 @@ static void OP(dw_bwd_padded)(const kd_conv_shape *s, const T *x, const T *w, co
         }
         T *dplane = dx + (size_t)nc * hw;
         for (int iy = 0; iy < s->h; iy++)
-            memcpy(dplane + (size_t)iy * s->w, D + (size_t)(iy + s->pad) * wp + s->pad,
-                   sizeof(T) * s->w);
+            OP(copy_row)(dplane + (size_t)iy * s->w, D + (size_t)(iy + s->pad) * wp + s->pad, s->w);
+    }
+}
+
+/*
+ * Depthwise through phases: the zero-bordered plane P (as above) is split into its st * st
+ * phases, Q[ry][rx][a * wq + b] = P[(a st + ry) wp + b st + rx], so that tap (ky, kx) reads phase
+ * (ky % st, kx % st) from offset (ky / st, kx / st) with unit stride, and each tap is again one
+ * contiguous multiply-add over rows wq wide (the wq - wo extra columns are discarded); at stride
+ * 1 the one phase is P. Every output adds its taps in dw_fwd's order, and every input gradient
+ * its terms in dw_bwd's (dw_bwd runs output rows upwards, which for one input row is kernel rows
+ * downwards), so the results are theirs bit for bit; the padding only adds zeros.
+ */
+static int OP(dw_phase_geo)(const kd_conv_shape *s, int *hq, int *wq, int *qsz)
+{
+    const int st = s->stride;
+    *hq = (s->h + 2 * s->pad + st - 1) / st;
+    *wq = (s->w + 2 * s->pad + st - 1) / st;
+    *qsz = *hq * *wq + s->kw; /* a tap's run ends at most kw / st past the last phase row */
+    return s->kh * s->kw <= 64 && (size_t)st * st * *qsz <= KD_DW_PLANE_MAX;
+}
+
+/* The columns b of phase rx that hold input pixels: ix = b st + rx - pad in [0, w). */
+static void OP(dw_phase_cols)(const kd_conv_shape *s, int rx, int wq, int *lo, int *hi)
+{
+    const int st = s->stride, first = s->pad - rx; /* ix at b = 0 is -first */
+    *lo = first > 0 ? (first + st - 1) / st : 0;
+    *hi = s->w - 1 + first < 0 ? 0 : (s->w - 1 + first) / st + 1;
+    if (*hi > wq)
+        *hi = wq;
+}
+
+/* Q (st * st phases of qsz) from the plane in, zero where P is padding; or, with in NULL, the
+ * plane out from Q (an input gradient accumulated in phases) */
+static void OP(dw_phase_move)(const kd_conv_shape *s, int wq, int qsz, const T *in, T *out, T *Q)
+{
+    const int st = s->stride;
+    if (in)
+        memset(Q, 0, sizeof(T) * (size_t)st * st * qsz);
+    for (int ry = 0; ry < st; ry++)
+        for (int rx = 0; rx < st; rx++) {
+            int lo, hi;
+            OP(dw_phase_cols)(s, rx, wq, &lo, &hi);
+            T *ph = Q + (size_t)(ry * st + rx) * qsz;
+            for (int a = 0, iy = ry - s->pad; iy < s->h; a++, iy += st) {
+                if (iy < 0)
+                    continue;
+                T *q = ph + (size_t)a * wq;
+                const T *irow = in ? in + (size_t)iy * s->w : NULL;
+                T *orow = in ? NULL : out + (size_t)iy * s->w;
+                for (int b = lo; b < hi; b++) {
+                    const int ix = b * st + rx - s->pad; /* in [0, w) from lo, hi */
+                    if (in)
+                        q[b] = irow[ix];
+                    else
+                        orow[ix] = q[b];
+                }
+            }
+        }
+}
+
+static void OP(dw_fwd_phased)(const kd_conv_shape *s, const T *x, const T *w, const T *b, T *y)
+{
+    const int st = s->stride, mult = s->o / s->c, hwo = s->ho * s->wo;
+    int hq, wq, qsz;
+    OP(dw_phase_geo)(s, &hq, &wq, &qsz);
+    const int span = s->ho * wq;
+#pragma omp parallel for schedule(static)
+    for (long no = 0; no < (long)s->n * s->o; no++) {
+        T Q[KD_DW_PLANE_MAX], acc[KD_DW_PLANE_MAX];
+        const int ni = (int)(no / s->o), o = (int)(no % s->o), ci = o / mult;
+        OP(dw_phase_move)(s, wq, qsz, x + ((size_t)ni * s->c + ci) * s->h * s->w, NULL, Q);
+        const T *k = w + (size_t)o * s->kh * s->kw;
+        const T bias = b ? b[o] : 0;
+        for (int i = 0; i < span; i++)
+            acc[i] = bias;
+        for (int ky = 0; ky < s->kh; ky++)
+            for (int kx = 0; kx < s->kw; kx++) {
+                const T kv = k[ky * s->kw + kx];
+                const T *src =
+                    Q + (size_t)((ky % st) * st + kx % st) * qsz + (size_t)(ky / st) * wq + kx / st;
+#pragma omp simd
+                for (int i = 0; i < span; i++)
+                    acc[i] += kv * src[i];
+            }
+        T *out = y + (size_t)no * hwo;
+        for (int oy = 0; oy < s->ho; oy++)
+            OP(copy_row)(out + (size_t)oy * s->wo, acc + (size_t)oy * wq, s->wo);
+    }
+}
+
+/* dx only (dw_bwd computes the parameter gradients) */
+static void OP(dw_bwd_dx_phased)(const kd_conv_shape *s, const T *w, const T *dy, T *dx)
+{
+    const int st = s->stride, mult = s->o / s->c, hwo = s->ho * s->wo, hw = s->h * s->w;
+    int hq, wq, qsz;
+    OP(dw_phase_geo)(s, &hq, &wq, &qsz);
+    const int span = s->ho * wq;
+#pragma omp parallel for schedule(static)
+    for (long nc = 0; nc < (long)s->n * s->c; nc++) {
+        T D[KD_DW_PLANE_MAX], G[KD_DW_PLANE_MAX];
+        const int ni = (int)(nc / s->c), ci = (int)(nc % s->c);
+        memset(D, 0, sizeof(T) * (size_t)st * st * qsz);
+        for (int m = 0; m < mult; m++) {
+            const int o = ci * mult + m;
+            const T *g = dy + ((size_t)ni * s->o + o) * hwo;
+            for (int oy = 0; oy < s->ho; oy++) {
+                OP(copy_row)(G + (size_t)oy * wq, g + (size_t)oy * s->wo, s->wo);
+                for (int ox = s->wo; ox < wq; ox++)
+                    G[(size_t)oy * wq + ox] = 0;
+            }
+            const T *k = w + (size_t)o * s->kh * s->kw;
+            for (int ky = s->kh - 1; ky >= 0; ky--)
+                for (int kx = 0; kx < s->kw; kx++) {
+                    const T kv = k[ky * s->kw + kx];
+                    T *dst = D + (size_t)((ky % st) * st + kx % st) * qsz + (size_t)(ky / st) * wq +
+                             kx / st;
+#pragma omp simd
+                    for (int i = 0; i < span; i++)
+                        dst[i] += kv * G[i];
+                }
+        }
+        OP(dw_phase_move)(s, wq, qsz, NULL, dx + (size_t)nc * hw, D);
     }
 }
 
@@ -379,8 +494,9 @@ static void OP(dw_bwd)(const kd_conv_shape *s, const T *x, const T *w, const T *
 void OP(conv2d_fwd)(const kd_conv_shape *s, const T *x, const T *w, const T *b, T *y, T *ws)
 {
     if (OP(conv_is_depthwise)(s)) {
-        if (OP(dw_padded_ok)(s) && s->kh * s->kw <= 64)
-            OP(dw_fwd_padded)(s, x, w, b, y);
+        int hq, wq, qsz;
+        if (OP(dw_phase_geo)(s, &hq, &wq, &qsz)) /* at stride 1, the padded plane itself */
+            OP(dw_fwd_phased)(s, x, w, b, y);
         else
             OP(dw_fwd)(s, x, w, b, y);
         return;
@@ -411,8 +527,9 @@ void OP(conv2d_fwd)(const kd_conv_shape *s, const T *x, const T *w, const T *b, 
             OP(im2col)(s, x, s0, cnt, g, col);
             GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, og, (int)ncols, kg, 1, wg, kg, col,
                  (int)ncols, 0, tmp, (int)ncols);
-            for (int si = 0; si < cnt; si++)
-                for (int oc = 0; oc < og; oc++)
+#pragma omp parallel for schedule(static) if (og * ncols > 32768)
+            for (int oc = 0; oc < og; oc++)
+                for (int si = 0; si < cnt; si++)
                     memcpy(y + ((size_t)(s0 + si) * s->o + (size_t)g * og + oc) * hwo,
                            tmp + (size_t)oc * ncols + (size_t)si * hwo, sizeof(T) * hwo);
         }
@@ -432,10 +549,16 @@ void OP(conv2d_bwd)(const kd_conv_shape *s, const T *x, const T *w, const T *dy,
                     T *db, T *ws)
 {
     if (OP(conv_is_depthwise)(s)) {
-        if (OP(dw_padded_ok)(s) && s->kh * s->kw <= 64)
+        int hq, wq, qsz;
+        if (OP(dw_padded_ok)(s) && s->kh * s->kw <= 64) {
             OP(dw_bwd_padded)(s, x, w, dy, dx, dw, db);
-        else
+        } else if (OP(dw_phase_geo)(s, &hq, &wq, &qsz)) {
+            OP(dw_bwd)(s, x, w, dy, NULL, dw, db);
+            if (dx)
+                OP(dw_bwd_dx_phased)(s, w, dy, dx);
+        } else {
             OP(dw_bwd)(s, x, w, dy, dx, dw, db);
+        }
         return;
     }
     const int cg = s->c / s->groups, og = s->o / s->groups, hwo = s->ho * s->wo;
@@ -464,8 +587,9 @@ void OP(conv2d_bwd)(const kd_conv_shape *s, const T *x, const T *w, const T *dy,
             if (cnt == 1) {
                 gyp = dy + ((size_t)s0 * s->o + (size_t)g * og) * hwo;
             } else {
-                for (int si = 0; si < cnt; si++)
-                    for (int oc = 0; oc < og; oc++)
+#pragma omp parallel for schedule(static) if (og * ncols > 32768)
+                for (int oc = 0; oc < og; oc++)
+                    for (int si = 0; si < cnt; si++)
                         memcpy(gy + (size_t)oc * ncols + (size_t)si * hwo,
                                dy + ((size_t)(s0 + si) * s->o + (size_t)g * og + oc) * hwo,
                                sizeof(T) * hwo);
@@ -481,7 +605,7 @@ void OP(conv2d_bwd)(const kd_conv_shape *s, const T *x, const T *w, const T *dy,
             /* dw_g[Og, Kg] += gy[Og, cols] * col[Kg, cols]^T */
             GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, og, kg, (int)ncols, 1, gyp, (int)ncols,
                  colp, (int)ncols, 1, dwg, kg);
-            if (!dx)
+            if (!dx || (direct1x1 && OP(blas_nests)()))
                 continue;
             if (direct1x1 && cnt == 1) {
                 T *dxg = dx + ((size_t)s0 * s->c + (size_t)g * cg) * hwo;
@@ -501,6 +625,14 @@ void OP(conv2d_bwd)(const kd_conv_shape *s, const T *x, const T *w, const T *dy,
                 OP(col2im)(s, col, s0, cnt, g, dx);
             }
         }
+    }
+    if (dx && direct1x1 && OP(blas_nests)()) {
+#pragma omp parallel for schedule(static)
+        for (int ni = 0; ni < s->n; ni++)
+            for (int g = 0; g < s->groups; g++)
+                GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, kg, hwo, og, 1,
+                     w + (size_t)g * og * kg, kg, dy + ((size_t)ni * s->o + (size_t)g * og) * hwo,
+                     hwo, 0, dx + ((size_t)ni * s->c + (size_t)g * cg) * hwo, hwo);
     }
 }
 

@@ -44,6 +44,12 @@ kd_status kd_fail_at(kd_status st, const char *file, int line, const char *fmt, 
     return st;
 }
 
+kd_status kd_fail_restore(kd_status st, const char *msg)
+{
+    snprintf(kd_errmsg, sizeof kd_errmsg, "%s", msg);
+    return st;
+}
+
 kd_status kd_fail_context(kd_status st, const char *fmt, ...)
 {
     char prefix[KD_ERRMSG_MAX];

@@ -62,6 +62,12 @@ kd_status kd_fail_context(kd_status st, const char *fmt, ...)
 #endif
     ;
 
+/*
+ * Record msg, a message saved earlier from kd_last_error(), as it is, and return st: a failure
+ * that stays the one reported after later calls that may fail in turn (a teardown).
+ */
+kd_status kd_fail_restore(kd_status st, const char *msg);
+
 #define KD_FAIL(st, ...) kd_fail_at((st), __FILE__, __LINE__, __VA_ARGS__)
 
 /* Evaluate a kd_status expression and return it from the caller on failure. */

@@ -1197,8 +1197,8 @@ done:
     weights_master(m, &qat);
     free(qat.saved);
     kd_teacher_close(teacher);
-    kd_comm_close(nccl);
-    kd_comm_close(solo);
+    st = kd_comm_close_after(st, nccl);
+    st = kd_comm_close_after(st, solo);
     free(order);
     if (metrics)
         fclose(metrics);

@@ -33,11 +33,12 @@ __global__ void __launch_bounds__(32 * CE_WARPS)
                     d[j] = 0.f;
             continue;
         }
-        /* the first maximal logit of the row */
+        /* the first maximal logit of the row, as the CPU picks it: NaN never wins, except that a
+         * NaN first logit keeps class 0 (the loss is NaN either way; only the hit count differs) */
         float mx = -INFINITY;
         int am = -1;
         for (int j = lane; j < c; j += 32)
-            if (am < 0 || z[j] > mx) {
+            if (z[j] == z[j] && (am < 0 || z[j] > mx)) {
                 mx = z[j];
                 am = j;
             }
@@ -49,6 +50,8 @@ __global__ void __launch_bounds__(32 * CE_WARPS)
                 am = oa;
             }
         }
+        if (am < 0 || z[0] != z[0])
+            am = 0;
         const double m = mx;
         double se = 0, sz = 0;
         for (int j = lane; j < c; j += 32) {

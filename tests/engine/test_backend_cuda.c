@@ -468,6 +468,29 @@ static void test_nan_passes(void **state)
     from_dev(y, y_d, sizeof(float));
     assert_true(isnan(y[0]));
     gpu->release(x_d), gpu->release(y_d), gpu->release(arg_d);
+    /* cross-entropy over rows holding NaN (wider than a warp, the NaN in other lanes than the
+     * maximum): NaN loss, and the prediction the CPU makes (NaN never wins, a NaN first logit
+     * keeps class 0), so that both count the same hits */
+    enum { N = 4, C = 40 };
+    float z[N * C];
+    int32_t lab[N] = {0, 24, 0, 33};
+    for (int i = 0; i < N * C; i++)
+        z[i] = (float)(i % 7) * 0.1f;
+    z[0] = NAN;                    /* row 0: class 0 */
+    z[C + 8] = NAN, z[C + 24] = 5; /* row 1: 24, past the NaN's lane */
+    for (int j = 0; j < C; j++)    /* row 2: every logit NaN: class 0 */
+        z[2 * C + j] = NAN;
+    z[3 * C + 5] = NAN, z[3 * C + 33] = 9; /* row 3: 33 */
+    float *z_d = to_dev(z, N * C);
+    int32_t *lab_d = dev_bytes(lab, sizeof lab);
+    int64_t hits = -1, hits_d = -1;
+    const double want = cpu->ce(N, C, z, lab, 0.0, NULL, 1.0, &hits, NULL);
+    const double got = gpu->ce(N, C, z_d, lab_d, 0.0, NULL, 1.0, &hits_d, NULL);
+    assert_int_equal(gpu->sync(), KD_OK);
+    assert_true(isnan(want) && isnan(got));
+    assert_int_equal(hits, 4);
+    assert_int_equal(hits_d, hits);
+    gpu->release(z_d), gpu->release(lab_d);
 }
 
 static void test_gap(void **state)

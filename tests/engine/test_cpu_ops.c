@@ -4,7 +4,8 @@
  *
  * For an op y = f(x, params) and a fixed random r, L = sum(r * y); the
  * analytic backward with dy = r must match central differences of L for
- * every input and parameter element to 1e-6 relative.
+ * every input and parameter element to 1e-6 relative. Besides, the float
+ * depthwise paths are held to the bytes of the direct loops' sums.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -184,6 +185,78 @@ static void test_conv_depthwise_large_plane(void **state)
     /* dx on a few elements (the full plane would be slow to difference) */
     check_grad("large depthwise dx", conv_loss, &c, c.x + 4900 + 3000, dx + 4900 + 3000, 40);
     free(c.x), free(c.w), free(c.b), free(c.r), free(c.y), free(c.ws), free(xs), free(ys), free(dx);
+}
+
+/* Depthwise, float: the phase-split path (the forward pass, and at stride >= 2 the input gradient)
+ * gives the bytes of the direct loops (the trained checkpoints do not change with the path). The
+ * reference adds in their order: an output is the bias plus its taps, kernel row by row, skipping
+ * padding; an input gradient is zero plus its terms by output row, kernel row and kernel column. */
+static void dw_exact_case(int n, int c, int h, int w, int mult, int k, int stride, int pad)
+{
+    kd_rng r;
+    kd_rng_seed(&r, 11, (uint64_t)(h * 100 + w * 10 + stride));
+    kd_conv_shape s;
+    const int o = c * mult;
+    assert_true(kd_conv_shape_init(&s, n, c, h, w, o, k, k, stride, pad, c));
+    const size_t nx = (size_t)n * c * h * w, nw = (size_t)o * k * k,
+                 ny = (size_t)n * o * s.ho * s.wo;
+    float *x = malloc(nx * 4), *wt = malloc(nw * 4), *b = malloc((size_t)o * 4),
+          *g = malloc(ny * 4), *y = malloc(ny * 4), *yr = malloc(ny * 4), *dx = malloc(nx * 4),
+          *dxr = calloc(nx, 4), *dw = calloc(nw, 4), *db = calloc((size_t)o, 4);
+    assert_true(x && wt && b && g && y && yr && dx && dxr && dw && db);
+    for (size_t i = 0; i < nx; i++)
+        x[i] = (float)(2 * kd_rng_uniform(&r) - 1);
+    for (size_t i = 0; i < nw; i++)
+        wt[i] = (float)(2 * kd_rng_uniform(&r) - 1);
+    for (int i = 0; i < o; i++)
+        b[i] = (float)(2 * kd_rng_uniform(&r) - 1);
+    for (size_t i = 0; i < ny; i++)
+        g[i] = (float)(2 * kd_rng_uniform(&r) - 1);
+    kd_cpu_conv2d_fwd_f32(&s, x, wt, b, y, NULL);
+    kd_cpu_conv2d_bwd_f32(&s, x, wt, g, dx, dw, db, NULL);
+    for (int ni = 0; ni < n; ni++)
+        for (int oc = 0; oc < o; oc++) {
+            const float *plane = x + ((size_t)ni * c + oc / mult) * h * w,
+                        *kk = wt + (size_t)oc * k * k;
+            const float *gp = g + ((size_t)ni * o + oc) * s.ho * s.wo;
+            float *dplane = dxr + ((size_t)ni * c + oc / mult) * h * w;
+            for (int oy = 0; oy < s.ho; oy++)
+                for (int ox = 0; ox < s.wo; ox++) {
+                    float acc = b[oc];
+                    for (int ky = 0; ky < k; ky++)
+                        for (int kx = 0; kx < k; kx++) {
+                            const int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
+                            if (iy >= 0 && iy < h && ix >= 0 && ix < w)
+                                acc += kk[ky * k + kx] * plane[iy * w + ix];
+                        }
+                    yr[((size_t)ni * o + oc) * s.ho * s.wo + (size_t)oy * s.wo + ox] = acc;
+                }
+            for (int oy = 0; oy < s.ho; oy++)
+                for (int ky = 0; ky < k; ky++)
+                    for (int kx = 0; kx < k; kx++)
+                        for (int ox = 0; ox < s.wo; ox++) {
+                            const int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
+                            if (iy >= 0 && iy < h && ix >= 0 && ix < w)
+                                dplane[iy * w + ix] += kk[ky * k + kx] * gp[oy * s.wo + ox];
+                        }
+        }
+    /* at stride 1 the input gradient takes the padded loops, which add in another order */
+    if (memcmp(y, yr, ny * 4) || (stride > 1 && memcmp(dx, dxr, nx * 4)))
+        fail_msg("depthwise %dx%d k%d stride %d pad %d mult %d: %s differs from the direct sum", h,
+                 w, k, stride, pad, mult, memcmp(y, yr, ny * 4) ? "y" : "dx");
+    free(x), free(wt), free(b), free(g), free(y), free(yr), free(dx), free(dxr), free(dw), free(db);
+}
+
+static void test_dw_strided_exact(void **state)
+{
+    (void)state;
+    dw_exact_case(3, 5, 14, 14, 1, 3, 2, 1); /* the tiny student's stride-2 layer, smaller */
+    dw_exact_case(2, 3, 13, 9, 2, 3, 2, 1);  /* odd sizes, multiplier 2 */
+    dw_exact_case(2, 2, 11, 12, 1, 5, 2, 2); /* 5x5 */
+    dw_exact_case(2, 2, 10, 7, 1, 3, 3, 0);  /* stride 3, no padding */
+    dw_exact_case(1, 2, 9, 9, 1, 4, 2, 3);   /* padding past the kernel's reach */
+    dw_exact_case(1, 2, 3, 2, 1, 3, 3, 1);   /* phases holding no pixel */
+    dw_exact_case(2, 3, 14, 14, 1, 3, 1, 1); /* stride 1: the forward pass */
 }
 
 static void test_conv_1x1(void **state)
@@ -481,6 +554,7 @@ int main(void)
         cmocka_unit_test(test_conv_plain),
         cmocka_unit_test(test_conv_groups),
         cmocka_unit_test(test_conv_depthwise_large_plane),
+        cmocka_unit_test(test_dw_strided_exact),
         cmocka_unit_test(test_conv_1x1),
         cmocka_unit_test(test_conv_matches_direct_sum),
         cmocka_unit_test(test_batchnorm_grad),

@@ -69,6 +69,10 @@ static void OP(im2col)(const kd_conv_shape *s, const T *x, int s0, int cnt, int 
         for (int si = 0; si < cnt; si++) {
             const T *plane = x + ((size_t)(s0 + si) * s->c + (size_t)g * cg + ci) * s->h * s->w;
             T *d = dst + (size_t)si * hwo;
+            if (s->kh == 1 && s->kw == 1 && s->stride == 1 && s->pad == 0) { /* the plane as is */
+                memcpy(d, plane, sizeof(T) * hwo);
+                continue;
+            }
             for (int oy = 0; oy < s->ho; oy++) {
                 int iy = oy * s->stride - s->pad + ky;
                 T *drow = d + (size_t)oy * s->wo;
@@ -89,10 +93,20 @@ static void OP(im2col)(const kd_conv_shape *s, const T *x, int s0, int cnt, int 
                     for (int ox = hi > lo ? hi : lo; ox < s->wo; ox++)
                         drow[ox] = 0;
                 } else {
-                    for (int ox = 0; ox < s->wo; ox++) {
-                        int ix = ox * s->stride - s->pad + kx;
-                        drow[ox] = (ix >= 0 && ix < s->w) ? xrow[ix] : 0;
-                    }
+                    /* ix = ox * stride + off lies in [0, w) for ox in [lo, hi) */
+                    const int st = s->stride, off = kx - s->pad;
+                    int lo = off < 0 ? (-off + st - 1) / st : 0;
+                    int hi = s->w - 1 - off < 0 ? 0 : (s->w - 1 - off) / st + 1;
+                    if (hi > s->wo)
+                        hi = s->wo;
+                    if (lo > hi)
+                        lo = hi;
+                    for (int ox = 0; ox < lo; ox++)
+                        drow[ox] = 0;
+                    for (int ox = lo; ox < hi; ox++)
+                        drow[ox] = xrow[ox * st + off];
+                    for (int ox = hi; ox < s->wo; ox++)
+                        drow[ox] = 0;
                 }
             }
         }
@@ -264,6 +278,16 @@ static int OP(dw_phase_geo)(const kd_conv_shape *s, int *hq, int *wq, int *qsz)
     return s->kh * s->kw <= 64 && (size_t)st * st * *qsz <= KD_DW_PLANE_MAX;
 }
 
+/* Where tap t of a kernel starts in the phases: Q + off[t] */
+static void OP(dw_phase_taps)(const kd_conv_shape *s, int wq, int qsz, size_t *off)
+{
+    const int st = s->stride;
+    for (int ky = 0; ky < s->kh; ky++)
+        for (int kx = 0; kx < s->kw; kx++)
+            off[ky * s->kw + kx] = (size_t)((ky % st) * st + kx % st) * qsz +
+                                   (size_t)(ky / st) * wq + (size_t)(kx / st);
+}
+
 /* The columns b of phase rx that hold input pixels: ix = b st + rx - pad in [0, w). */
 static void OP(dw_phase_cols)(const kd_conv_shape *s, int rx, int wq, int *lo, int *hi)
 {
@@ -286,29 +310,34 @@ static void OP(dw_phase_move)(const kd_conv_shape *s, int wq, int qsz, const T *
             int lo, hi;
             OP(dw_phase_cols)(s, rx, wq, &lo, &hi);
             T *ph = Q + (size_t)(ry * st + rx) * qsz;
+            const int ix0 = rx - s->pad; /* ix of column b is b st + ix0 */
             for (int a = 0, iy = ry - s->pad; iy < s->h; a++, iy += st) {
-                if (iy < 0)
+                if (iy < 0 || hi <= lo)
                     continue;
-                T *q = ph + (size_t)a * wq;
-                const T *irow = in ? in + (size_t)iy * s->w : NULL;
-                T *orow = in ? NULL : out + (size_t)iy * s->w;
-                for (int b = lo; b < hi; b++) {
-                    const int ix = b * st + rx - s->pad; /* in [0, w) from lo, hi */
-                    if (in)
-                        q[b] = irow[ix];
-                    else
-                        orow[ix] = q[b];
-                }
+                T *q = ph + (size_t)a * wq + lo;
+                const size_t i0 = (size_t)iy * s->w + (size_t)(lo * st + ix0); /* >= 0 from lo */
+                if (st == 1 && in)
+                    OP(copy_row)(q, in + i0, hi - lo);
+                else if (st == 1)
+                    OP(copy_row)(out + i0, q, hi - lo);
+                else if (in)
+                    for (int b = 0; b < hi - lo; b++)
+                        q[b] = in[i0 + (size_t)b * st];
+                else
+                    for (int b = 0; b < hi - lo; b++)
+                        out[i0 + (size_t)b * st] = q[b];
             }
         }
 }
 
 static void OP(dw_fwd_phased)(const kd_conv_shape *s, const T *x, const T *w, const T *b, T *y)
 {
-    const int st = s->stride, mult = s->o / s->c, hwo = s->ho * s->wo;
+    const int mult = s->o / s->c, hwo = s->ho * s->wo;
     int hq, wq, qsz;
     OP(dw_phase_geo)(s, &hq, &wq, &qsz);
-    const int span = s->ho * wq;
+    const int span = s->ho * wq, ntaps = s->kh * s->kw;
+    size_t off[64];
+    OP(dw_phase_taps)(s, wq, qsz, off);
 #pragma omp parallel for schedule(static)
     for (long no = 0; no < (long)s->n * s->o; no++) {
         T Q[KD_DW_PLANE_MAX], acc[KD_DW_PLANE_MAX];
@@ -318,15 +347,12 @@ static void OP(dw_fwd_phased)(const kd_conv_shape *s, const T *x, const T *w, co
         const T bias = b ? b[o] : 0;
         for (int i = 0; i < span; i++)
             acc[i] = bias;
-        for (int ky = 0; ky < s->kh; ky++)
-            for (int kx = 0; kx < s->kw; kx++) {
-                const T kv = k[ky * s->kw + kx];
-                const T *src =
-                    Q + (size_t)((ky % st) * st + kx % st) * qsz + (size_t)(ky / st) * wq + kx / st;
+        for (int t = 0; t < ntaps; t++) { /* kernel row by row */
+            const T kv = k[t], *src = Q + off[t];
 #pragma omp simd
-                for (int i = 0; i < span; i++)
-                    acc[i] += kv * src[i];
-            }
+            for (int i = 0; i < span; i++)
+                acc[i] += kv * src[i];
+        }
         T *out = y + (size_t)no * hwo;
         for (int oy = 0; oy < s->ho; oy++)
             OP(copy_row)(out + (size_t)oy * s->wo, acc + (size_t)oy * wq, s->wo);
@@ -339,7 +365,9 @@ static void OP(dw_bwd_dx_phased)(const kd_conv_shape *s, const T *w, const T *dy
     const int st = s->stride, mult = s->o / s->c, hwo = s->ho * s->wo, hw = s->h * s->w;
     int hq, wq, qsz;
     OP(dw_phase_geo)(s, &hq, &wq, &qsz);
-    const int span = s->ho * wq;
+    const int span = s->ho * wq, ntaps = s->kh * s->kw;
+    size_t off[64];
+    OP(dw_phase_taps)(s, wq, qsz, off);
 #pragma omp parallel for schedule(static)
     for (long nc = 0; nc < (long)s->n * s->c; nc++) {
         T D[KD_DW_PLANE_MAX], G[KD_DW_PLANE_MAX];
@@ -354,15 +382,14 @@ static void OP(dw_bwd_dx_phased)(const kd_conv_shape *s, const T *w, const T *dy
                     G[(size_t)oy * wq + ox] = 0;
             }
             const T *k = w + (size_t)o * s->kh * s->kw;
-            for (int ky = s->kh - 1; ky >= 0; ky--)
-                for (int kx = 0; kx < s->kw; kx++) {
-                    const T kv = k[ky * s->kw + kx];
-                    T *dst = D + (size_t)((ky % st) * st + kx % st) * qsz + (size_t)(ky / st) * wq +
-                             kx / st;
+            for (int j = 0; j < ntaps; j++) { /* kernel rows from the last, columns in order */
+                const int t = (s->kh - 1 - j / s->kw) * s->kw + j % s->kw;
+                const T kv = k[t];
+                T *dst = D + off[t];
 #pragma omp simd
-                    for (int i = 0; i < span; i++)
-                        dst[i] += kv * G[i];
-                }
+                for (int i = 0; i < span; i++)
+                    dst[i] += kv * G[i];
+            }
         }
         OP(dw_phase_move)(s, wq, qsz, NULL, dx + (size_t)nc * hw, D);
     }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# run_fuzz.sh - build the .kdm loader fuzz target with clang's libFuzzer and run it briefly.
+# run_fuzz.sh - build the .kdm loader and the checkpoint reader fuzz targets with clang's
+# libFuzzer and run them briefly.
 #
 #   KD_SOURCE_DIR=<repo> FUZZ_DIR=<build dir> SEEDGEN=<kdm_fuzz_seeds> bash run_fuzz.sh
 #
@@ -7,9 +8,11 @@
 # with -fsanitize=fuzzer,address,undefined: once with the reference kernels, once with
 # -DKDM_FORCE_DSP=1 (the DSP kernels on their portable emulation). Each runs for
 # FUZZ_SECONDS (default 10) seconds with -seed=1 from a fresh copy of the seed corpus that
-# kdm_fuzz_seeds writes. Any crash, sanitizer report or leak fails the test; the reproducer is
-# left in FUZZ_DIR (crash-*). Exit 0 pass, 1 fail, 77 when clang or its libFuzzer runtime is
-# missing (CTest shows the test skipped).
+# kdm_fuzz_seeds writes. Then tests/fuzz/fuzz_safetensors.c (engine/safetensors.c, the reader
+# of every checkpoint a user names) for as long, from the checkpoints its seed build writes. Any
+# crash, sanitizer report or leak fails the test; the reproducer is left in FUZZ_DIR (crash-*).
+# Exit 0 pass, 1 fail, 77 when clang or its libFuzzer runtime is missing (CTest shows the test
+# skipped).
 set -u
 src=${KD_SOURCE_DIR:?KD_SOURCE_DIR not set}
 out=${FUZZ_DIR:?FUZZ_DIR not set}
@@ -58,5 +61,36 @@ for variant in ref dsp; do
         fail=1
     fi
 done
-[ $fail -eq 0 ] && echo "fuzz: no crash in ${secs}s per variant"
+# the checkpoint reader (engine/safetensors.c), from the small checkpoints its seed writer saves
+st_src=("$src/engine/safetensors.c" "$src/engine/status.c" "$src/engine/fileio.c"
+    "$src/engine/tensor.c")
+st_flags=(-std=c11 -D_GNU_SOURCE -I"$src/engine" -isystem /usr/include/cjson)
+exe=$out/fuzz_safetensors
+corpus=$out/corpus_safetensors
+rm -rf "$corpus" && mkdir -p "$corpus"
+if ! "$cc" "${st_flags[@]}" -O1 -DFUZZ_SEEDS "$src/tests/fuzz/fuzz_safetensors.c" "${st_src[@]}" \
+    -lcjson -o "$out/safetensors_seeds" >"$out/build_safetensors.log" 2>&1 ||
+    ! "$cc" "${st_flags[@]}" -g -O1 -fsanitize=fuzzer,address,undefined \
+        -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+        "$src/tests/fuzz/fuzz_safetensors.c" "${st_src[@]}" -lcjson -o "$exe" \
+        >>"$out/build_safetensors.log" 2>&1; then
+    cat "$out/build_safetensors.log"
+    echo "FAIL: building the safetensors fuzz target"
+    fail=1
+elif ! "$out/safetensors_seeds" "$corpus"; then
+    echo "FAIL: the safetensors seed writer"
+    fail=1
+else
+    (cd "$out" && "$exe" -seed=1 -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
+        -print_final_stats=1 "$corpus" >"$out/run_safetensors.log" 2>&1)
+    rc=$?
+    grep -E "^stat::number_of_executed_units|^stat::new_units_added" "$out/run_safetensors.log" |
+        sed "s/^/safetensors: /"
+    if [ $rc -ne 0 ]; then
+        tail -40 "$out/run_safetensors.log"
+        echo "FAIL: the safetensors fuzz target found a problem (exit $rc); see $out"
+        fail=1
+    fi
+fi
+[ $fail -eq 0 ] && echo "fuzz: no crash in ${secs}s per target"
 exit $fail

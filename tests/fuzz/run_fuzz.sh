@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# run_fuzz.sh - build the .kdm loader and the checkpoint reader fuzz targets with clang's
-# libFuzzer and run them briefly.
+# run_fuzz.sh - build the .kdm loader, checkpoint reader and job loader fuzz targets with
+# clang's libFuzzer and run them briefly.
 #
 #   KD_SOURCE_DIR=<repo> FUZZ_DIR=<build dir> SEEDGEN=<kdm_fuzz_seeds> bash run_fuzz.sh
 #
@@ -9,10 +9,11 @@
 # -DKDM_FORCE_DSP=1 (the DSP kernels on their portable emulation). Each runs for
 # FUZZ_SECONDS (default 10) seconds with -seed=1 from a fresh copy of the seed corpus that
 # kdm_fuzz_seeds writes. Then tests/fuzz/fuzz_safetensors.c (engine/safetensors.c, the reader
-# of every checkpoint a user names) for as long, from the checkpoints its seed build writes. Any
-# crash, sanitizer report or leak fails the test; the reproducer is left in FUZZ_DIR (crash-*).
-# Exit 0 pass, 1 fail, 77 when clang or its libFuzzer runtime is missing (CTest shows the test
-# skipped).
+# of every checkpoint a user names) for as long, from the checkpoints its seed build writes, and
+# tests/fuzz/fuzz_config.c (kd_job_load: a config file and a --set override) from the project's
+# configs. Any crash, sanitizer report or leak fails the test; the reproducer is left in
+# FUZZ_DIR (crash-*). Exit 0 pass, 1 fail, 77 when clang or its libFuzzer runtime is missing
+# (CTest shows the test skipped).
 set -u
 src=${KD_SOURCE_DIR:?KD_SOURCE_DIR not set}
 out=${FUZZ_DIR:?FUZZ_DIR not set}
@@ -89,6 +90,34 @@ else
     if [ $rc -ne 0 ]; then
         tail -40 "$out/run_safetensors.log"
         echo "FAIL: the safetensors fuzz target found a problem (exit $rc); see $out"
+        fail=1
+    fi
+fi
+# the job loader (engine/job.c, engine/config_yaml.c), from the project's configs and one with a
+# --set override, run from the repository root so that the model files they name resolve
+cfg_src=("$src/engine/job.c" "$src/engine/config_yaml.c" "$src/engine/status.c"
+    "$src/engine/optim.c" "$src/engine/rng.c" "$src/data/dataset.c" "$src/data/idx.c")
+exe=$out/fuzz_config
+corpus=$out/corpus_config
+rm -rf "$corpus" && mkdir -p "$corpus" && cp "$src"/configs/fashion-mnist/*.yaml "$corpus"/
+{ echo "@optim.lr=0.25"; cat "$src/configs/fashion-mnist/tiny_scratch.yaml"; } >"$corpus/set.yaml"
+if ! "$cc" -std=gnu11 -D_GNU_SOURCE -I"$src/engine" -I"$src/data" -I"$src/kernels" -g -O1 \
+    -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
+    "$src/tests/fuzz/fuzz_config.c" "${cfg_src[@]}" -lyaml -lz -lm -o "$exe" \
+    >"$out/build_config.log" 2>&1; then
+    cat "$out/build_config.log"
+    echo "FAIL: building the config fuzz target"
+    fail=1
+else
+    (cd "$src" && FUZZ_TMP=$out "$exe" -seed=1 -max_total_time="$secs" -timeout=10 \
+        -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$out/" "$corpus" \
+        >"$out/run_config.log" 2>&1)
+    rc=$?
+    grep -E "^stat::number_of_executed_units|^stat::new_units_added" "$out/run_config.log" |
+        sed "s/^/config: /"
+    if [ $rc -ne 0 ]; then
+        tail -40 "$out/run_config.log"
+        echo "FAIL: the config fuzz target found a problem (exit $rc); see $out"
         fail=1
     fi
 fi

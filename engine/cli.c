@@ -151,16 +151,21 @@ static void on_signal(int sig)
 /* the job's ranks while a train or cache command runs (NULL otherwise) */
 static kd_comm *g_comm;
 
-static int fail(kd_status st)
+/* rank of size: the process that failed (named when size > 1) */
+static int fail_as(kd_status st, int rank, int size)
 {
-    if (g_comm && g_comm->size > 1)
-        fprintf(stderr, "distill: error (rank %d of %d): %s\n", g_comm->rank, g_comm->size,
-                kd_last_error());
+    if (size > 1)
+        fprintf(stderr, "distill: error (rank %d of %d): %s\n", rank, size, kd_last_error());
     else
         fprintf(stderr, "distill: error: %s\n", kd_last_error());
     if (st == KD_ERR_INTERRUPTED)
         return 130;
     return 1;
+}
+
+static int fail(kd_status st)
+{
+    return g_comm ? fail_as(st, g_comm->rank, g_comm->size) : fail_as(st, 0, 1);
 }
 
 static int usage_error(const char *usage, const char *fmt, const char *arg)
@@ -498,10 +503,11 @@ int main(int argc, char **argv)
             fflush(stderr);
             kd_comm_abort(g_comm, rc);
         }
+        const int rank = g_comm->rank, size = g_comm->size;
         kd_status cs = kd_comm_close(g_comm); /* MPI_Finalize */
         g_comm = NULL;
         if (cs != KD_OK) {
-            int rc2 = fail(cs);
+            int rc2 = fail_as(cs, rank, size);
             rc = rc ? rc : rc2;
         }
     } else if (usage == usage_eval) {

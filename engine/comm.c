@@ -244,8 +244,7 @@ static kd_status open_mpi(kd_comm **out)
     *out = c;
     return KD_OK;
 fail:
-    mpi_close(c);
-    return st;
+    return kd_comm_close_after(st, c); /* the setup's failure stays the one reported */
 }
 
 #else /* !KD_HAVE_MPI */
@@ -289,7 +288,7 @@ kd_status kd_comm_close_after(kd_status st, kd_comm *c)
 {
     if (st == KD_OK)
         return kd_comm_close(c);
-    char why[1024];
+    char why[KD_ERRMSG_MAX];
     snprintf(why, sizeof why, "%s", kd_last_error());
     return kd_comm_close(c) == KD_OK ? st : kd_fail_restore(st, why);
 }

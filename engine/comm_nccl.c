@@ -145,7 +145,7 @@ static void nccl_abort(kd_comm *c, int code)
 typedef struct {
     kd_status st;
     int later; /* failures after the first */
-    char msg[512];
+    char msg[KD_ERRMSG_MAX];
 } teardown;
 
 static void first_failure(teardown *t, kd_status now)
@@ -258,7 +258,7 @@ kd_status kd_comm_nccl_attach(kd_comm *host, kd_comm **out)
     kd_status st = nccl_setup(host, im);
     if (st != KD_OK) {
         /* the setup's failure is the one reported; one of the teardown is added to it */
-        char why[512];
+        char why[KD_ERRMSG_MAX];
         snprintf(why, sizeof why, "%s", kd_last_error());
         kd_status ft = nccl_free(im);
         free(c);

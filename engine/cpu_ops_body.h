@@ -267,7 +267,8 @@ static void OP(dw_bwd_padded)(const kd_conv_shape *s, const T *x, const T *w, co
  * contiguous multiply-add over rows wq wide (the wq - wo extra columns are discarded); at stride
  * 1 the one phase is P. Every output adds its taps in dw_fwd's order, and every input gradient
  * its terms in dw_bwd's (dw_bwd runs output rows upwards, which for one input row is kernel rows
- * downwards), so the results are theirs bit for bit; the padding only adds zeros.
+ * downwards), so the results are theirs bit for bit: the padding only adds zeros (unless a
+ * weight is infinite, when inf * 0 makes NaN where the direct loops skip the padding).
  */
 static int OP(dw_phase_geo)(const kd_conv_shape *s, int *hq, int *wq, int *qsz)
 {
@@ -654,6 +655,9 @@ void OP(conv2d_bwd)(const kd_conv_shape *s, const T *x, const T *w, const T *dy,
         }
     }
     if (dx && direct1x1 && OP(blas_nests)()) {
+        /* a 1x1 convolution's input gradient, one product per sample straight into place, the
+         * samples over the threads (with OpenBLAS 0.3.21 on AVX-512 the float bytes are the
+         * batched product's; double ones differ in the last bits) */
 #pragma omp parallel for schedule(static)
         for (int ni = 0; ni < s->n; ni++)
             for (int g = 0; g < s->groups; g++)

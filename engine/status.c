@@ -7,8 +7,6 @@
 #include <stdio.h>
 #include <string.h>
 
-#define KD_ERRMSG_MAX 2048
-
 static _Thread_local char kd_errmsg[KD_ERRMSG_MAX];
 
 #define KD_STATUS_TEXT_(name, text) text,

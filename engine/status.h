@@ -35,6 +35,9 @@ typedef enum { KD_STATUS_LIST(KD_STATUS_ENUM_) KD_STATUS_COUNT_ } kd_status;
 /* Short fixed text for a status code ("config error"). */
 const char *kd_status_str(kd_status st);
 
+/* The longest message kept (bytes, with its terminating NUL): a buffer that saves one. */
+#define KD_ERRMSG_MAX 2048
+
 /* The message recorded by the last failure on this thread ("" if none). */
 const char *kd_last_error(void);
 

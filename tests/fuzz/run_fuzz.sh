@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# run_fuzz.sh - build the .kdm loader, checkpoint reader and job loader fuzz targets with
-# clang's libFuzzer and run them briefly.
+# run_fuzz.sh - build the .kdm loader, checkpoint reader, job loader and data set reader fuzz
+# targets with clang's libFuzzer and run them briefly.
 #
 #   KD_SOURCE_DIR=<repo> FUZZ_DIR=<build dir> SEEDGEN=<kdm_fuzz_seeds> bash run_fuzz.sh
 #
@@ -8,12 +8,13 @@
 # with -fsanitize=fuzzer,address,undefined: once with the reference kernels, once with
 # -DKDM_FORCE_DSP=1 (the DSP kernels on their portable emulation). Each runs for
 # FUZZ_SECONDS (default 10) seconds with -seed=1 from a fresh copy of the seed corpus that
-# kdm_fuzz_seeds writes. Then tests/fuzz/fuzz_safetensors.c (engine/safetensors.c, the reader
-# of every checkpoint a user names) for as long, from the checkpoints its seed build writes, and
+# kdm_fuzz_seeds writes. Then, as long each: tests/fuzz/fuzz_safetensors.c (engine/safetensors.c,
+# the reader of every checkpoint a user names) from the checkpoints its seed build writes;
 # tests/fuzz/fuzz_config.c (kd_job_load: a config file and a --set override) from the project's
-# configs. Any crash, sanitizer report or leak fails the test; the reproducer is left in
-# FUZZ_DIR (crash-*). Exit 0 pass, 1 fail, 77 when clang or its libFuzzer runtime is missing
-# (CTest shows the test skipped).
+# configs; tests/fuzz/fuzz_idx.c (kd_idx_load: IDX files, raw or gzip) from its seed build's
+# files. Any crash, sanitizer report or leak fails the test; the reproducer is left in FUZZ_DIR
+# (crash-*). Exit 0 pass, 1 fail, 77 when clang or its libFuzzer runtime is missing (CTest shows
+# the test skipped).
 set -u
 src=${KD_SOURCE_DIR:?KD_SOURCE_DIR not set}
 out=${FUZZ_DIR:?FUZZ_DIR not set}
@@ -118,6 +119,35 @@ else
     if [ $rc -ne 0 ]; then
         tail -40 "$out/run_config.log"
         echo "FAIL: the config fuzz target found a problem (exit $rc); see $out"
+        fail=1
+    fi
+fi
+# the data set reader (data/idx.c), from the raw and gzip'd IDX files its seed build writes
+idx_src=("$src/data/idx.c" "$src/engine/status.c")
+idx_flags=(-std=gnu11 -D_GNU_SOURCE -I"$src/engine" -I"$src/data")
+exe=$out/fuzz_idx
+corpus=$out/corpus_idx
+rm -rf "$corpus" && mkdir -p "$corpus"
+if ! "$cc" "${idx_flags[@]}" -O1 -DFUZZ_SEEDS "$src/tests/fuzz/fuzz_idx.c" "${idx_src[@]}" -lz \
+    -o "$out/idx_seeds" >"$out/build_idx.log" 2>&1 ||
+    ! "$cc" "${idx_flags[@]}" -g -O1 -fsanitize=fuzzer,address,undefined \
+        -fno-sanitize-recover=undefined -fno-omit-frame-pointer "$src/tests/fuzz/fuzz_idx.c" \
+        "${idx_src[@]}" -lz -o "$exe" >>"$out/build_idx.log" 2>&1; then
+    cat "$out/build_idx.log"
+    echo "FAIL: building the IDX fuzz target"
+    fail=1
+elif ! "$out/idx_seeds" "$corpus"; then
+    echo "FAIL: the IDX seed writer"
+    fail=1
+else
+    (cd "$out" && FUZZ_TMP=$out "$exe" -seed=1 -max_total_time="$secs" -timeout=10 \
+        -rss_limit_mb=2048 -print_final_stats=1 "$corpus" >"$out/run_idx.log" 2>&1)
+    rc=$?
+    grep -E "^stat::number_of_executed_units|^stat::new_units_added" "$out/run_idx.log" |
+        sed "s/^/idx: /"
+    if [ $rc -ne 0 ]; then
+        tail -40 "$out/run_idx.log"
+        echo "FAIL: the IDX fuzz target found a problem (exit $rc); see $out"
         fail=1
     fi
 fi

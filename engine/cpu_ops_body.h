@@ -149,7 +149,7 @@ static void OP(col2im)(const kd_conv_shape *s, const T *col, int s0, int cnt, in
  * contiguous multiply-add over the whole plane (long vectorised loops instead of many 7- or
  * 14-wide ones); the wp - wo extra columns are discarded. The backward pass below works so at
  * stride 1; the forward pass at every stride and the input gradient at stride 2 or more split
- * the buffer into phases first (dw_phase_geo). Larger planes use the direct loops further down.
+ * the buffer into phases first (dw_phase_plan). Larger planes use the direct loops further down.
  */
 #define KD_DW_PLANE_MAX 4096
 
@@ -270,23 +270,28 @@ static void OP(dw_bwd_padded)(const kd_conv_shape *s, const T *x, const T *w, co
  * downwards), so the results are theirs bit for bit: the padding only adds zeros (unless a
  * weight is infinite, when inf * 0 makes NaN where the direct loops skip the padding).
  */
-static int OP(dw_phase_geo)(const kd_conv_shape *s, int *hq, int *wq, int *qsz)
-{
-    const int st = s->stride;
-    *hq = (s->h + 2 * s->pad + st - 1) / st;
-    *wq = (s->w + 2 * s->pad + st - 1) / st;
-    *qsz = *hq * *wq + s->kw; /* a tap's run ends at most kw / st past the last phase row */
-    return s->kh * s->kw <= 64 && (size_t)st * st * *qsz <= KD_DW_PLANE_MAX;
-}
+/* A convolution's phase split: phase rows wq wide, phases qsz apart, outputs computed on rows wq
+ * wide (span values), and where tap t starts in the phases (Q + off[t]) */
+typedef struct {
+    int wq, qsz, span, ntaps;
+    size_t off[64];
+} OP(dw_phases);
 
-/* Where tap t of a kernel starts in the phases: Q + off[t] */
-static void OP(dw_phase_taps)(const kd_conv_shape *s, int wq, int qsz, size_t *off)
+/* Whether the split fits (stack planes of KD_DW_PLANE_MAX, at most 64 taps), and then ph. */
+static int OP(dw_phase_plan)(const kd_conv_shape *s, OP(dw_phases) * ph)
 {
-    const int st = s->stride;
+    const int st = s->stride, hq = (s->h + 2 * s->pad + st - 1) / st;
+    ph->wq = (s->w + 2 * s->pad + st - 1) / st;
+    ph->qsz = hq * ph->wq + s->kw; /* a tap's run ends at most kw / st past the last phase row */
+    ph->span = s->ho * ph->wq;
+    ph->ntaps = s->kh * s->kw;
+    if (ph->ntaps > 64 || (size_t)st * st * ph->qsz > KD_DW_PLANE_MAX)
+        return 0;
     for (int ky = 0; ky < s->kh; ky++)
         for (int kx = 0; kx < s->kw; kx++)
-            off[ky * s->kw + kx] = (size_t)((ky % st) * st + kx % st) * qsz +
-                                   (size_t)(ky / st) * wq + (size_t)(kx / st);
+            ph->off[ky * s->kw + kx] = (size_t)((ky % st) * st + kx % st) * ph->qsz +
+                                       (size_t)(ky / st) * ph->wq + (size_t)(kx / st);
+    return 1;
 }
 
 /* The columns b of phase rx that hold input pixels: ix = b st + rx - pad in [0, w). */
@@ -301,21 +306,22 @@ static void OP(dw_phase_cols)(const kd_conv_shape *s, int rx, int wq, int *lo, i
 
 /* Q (st * st phases of qsz) from the plane in, zero where P is padding; or, with in NULL, the
  * plane out from Q (an input gradient accumulated in phases) */
-static void OP(dw_phase_move)(const kd_conv_shape *s, int wq, int qsz, const T *in, T *out, T *Q)
+static void OP(dw_phase_move)(const kd_conv_shape *s, const OP(dw_phases) * ph, const T *in, T *out,
+                              T *Q)
 {
-    const int st = s->stride;
+    const int st = s->stride, wq = ph->wq, qsz = ph->qsz;
     if (in)
         memset(Q, 0, sizeof(T) * (size_t)st * st * qsz);
     for (int ry = 0; ry < st; ry++)
         for (int rx = 0; rx < st; rx++) {
             int lo, hi;
             OP(dw_phase_cols)(s, rx, wq, &lo, &hi);
-            T *ph = Q + (size_t)(ry * st + rx) * qsz;
+            T *phase = Q + (size_t)(ry * st + rx) * qsz;
             const int ix0 = rx - s->pad; /* ix of column b is b st + ix0 */
             for (int a = 0, iy = ry - s->pad; iy < s->h; a++, iy += st) {
                 if (iy < 0 || hi <= lo)
                     continue;
-                T *q = ph + (size_t)a * wq + lo;
+                T *q = phase + (size_t)a * wq + lo;
                 const size_t i0 = (size_t)iy * s->w + (size_t)(lo * st + ix0); /* >= 0 from lo */
                 if (st == 1 && in)
                     OP(copy_row)(q, in + i0, hi - lo);
@@ -331,25 +337,21 @@ static void OP(dw_phase_move)(const kd_conv_shape *s, int wq, int qsz, const T *
         }
 }
 
-static void OP(dw_fwd_phased)(const kd_conv_shape *s, const T *x, const T *w, const T *b, T *y)
+static void OP(dw_fwd_phased)(const kd_conv_shape *s, const OP(dw_phases) * ph, const T *x,
+                              const T *w, const T *b, T *y)
 {
-    const int mult = s->o / s->c, hwo = s->ho * s->wo;
-    int hq, wq, qsz;
-    OP(dw_phase_geo)(s, &hq, &wq, &qsz);
-    const int span = s->ho * wq, ntaps = s->kh * s->kw;
-    size_t off[64];
-    OP(dw_phase_taps)(s, wq, qsz, off);
+    const int mult = s->o / s->c, hwo = s->ho * s->wo, wq = ph->wq, span = ph->span;
 #pragma omp parallel for schedule(static)
     for (long no = 0; no < (long)s->n * s->o; no++) {
         T Q[KD_DW_PLANE_MAX], acc[KD_DW_PLANE_MAX];
         const int ni = (int)(no / s->o), o = (int)(no % s->o), ci = o / mult;
-        OP(dw_phase_move)(s, wq, qsz, x + ((size_t)ni * s->c + ci) * s->h * s->w, NULL, Q);
+        OP(dw_phase_move)(s, ph, x + ((size_t)ni * s->c + ci) * s->h * s->w, NULL, Q);
         const T *k = w + (size_t)o * s->kh * s->kw;
         const T bias = b ? b[o] : 0;
         for (int i = 0; i < span; i++)
             acc[i] = bias;
-        for (int t = 0; t < ntaps; t++) { /* kernel row by row */
-            const T kv = k[t], *src = Q + off[t];
+        for (int t = 0; t < ph->ntaps; t++) { /* kernel row by row */
+            const T kv = k[t], *src = Q + ph->off[t];
 #pragma omp simd
             for (int i = 0; i < span; i++)
                 acc[i] += kv * src[i];
@@ -361,19 +363,16 @@ static void OP(dw_fwd_phased)(const kd_conv_shape *s, const T *x, const T *w, co
 }
 
 /* dx only (dw_bwd computes the parameter gradients) */
-static void OP(dw_bwd_dx_phased)(const kd_conv_shape *s, const T *w, const T *dy, T *dx)
+static void OP(dw_bwd_dx_phased)(const kd_conv_shape *s, const OP(dw_phases) * ph, const T *w,
+                                 const T *dy, T *dx)
 {
     const int st = s->stride, mult = s->o / s->c, hwo = s->ho * s->wo, hw = s->h * s->w;
-    int hq, wq, qsz;
-    OP(dw_phase_geo)(s, &hq, &wq, &qsz);
-    const int span = s->ho * wq, ntaps = s->kh * s->kw;
-    size_t off[64];
-    OP(dw_phase_taps)(s, wq, qsz, off);
+    const int wq = ph->wq, span = ph->span;
 #pragma omp parallel for schedule(static)
     for (long nc = 0; nc < (long)s->n * s->c; nc++) {
         T D[KD_DW_PLANE_MAX], G[KD_DW_PLANE_MAX];
         const int ni = (int)(nc / s->c), ci = (int)(nc % s->c);
-        memset(D, 0, sizeof(T) * (size_t)st * st * qsz);
+        memset(D, 0, sizeof(T) * (size_t)st * st * ph->qsz);
         for (int m = 0; m < mult; m++) {
             const int o = ci * mult + m;
             const T *g = dy + ((size_t)ni * s->o + o) * hwo;
@@ -383,16 +382,16 @@ static void OP(dw_bwd_dx_phased)(const kd_conv_shape *s, const T *w, const T *dy
                     G[(size_t)oy * wq + ox] = 0;
             }
             const T *k = w + (size_t)o * s->kh * s->kw;
-            for (int j = 0; j < ntaps; j++) { /* kernel rows from the last, columns in order */
+            for (int j = 0; j < ph->ntaps; j++) { /* kernel rows from the last, columns in order */
                 const int t = (s->kh - 1 - j / s->kw) * s->kw + j % s->kw;
                 const T kv = k[t];
-                T *dst = D + off[t];
+                T *dst = D + ph->off[t];
 #pragma omp simd
                 for (int i = 0; i < span; i++)
                     dst[i] += kv * G[i];
             }
         }
-        OP(dw_phase_move)(s, wq, qsz, NULL, dx + (size_t)nc * hw, D);
+        OP(dw_phase_move)(s, ph, NULL, dx + (size_t)nc * hw, D);
     }
 }
 
@@ -522,9 +521,9 @@ static void OP(dw_bwd)(const kd_conv_shape *s, const T *x, const T *w, const T *
 void OP(conv2d_fwd)(const kd_conv_shape *s, const T *x, const T *w, const T *b, T *y, T *ws)
 {
     if (OP(conv_is_depthwise)(s)) {
-        int hq, wq, qsz;
-        if (OP(dw_phase_geo)(s, &hq, &wq, &qsz)) /* at stride 1, the padded plane itself */
-            OP(dw_fwd_phased)(s, x, w, b, y);
+        OP(dw_phases) ph;
+        if (OP(dw_phase_plan)(s, &ph)) /* at stride 1, the padded plane itself */
+            OP(dw_fwd_phased)(s, &ph, x, w, b, y);
         else
             OP(dw_fwd)(s, x, w, b, y);
         return;
@@ -577,13 +576,13 @@ void OP(conv2d_bwd)(const kd_conv_shape *s, const T *x, const T *w, const T *dy,
                     T *db, T *ws)
 {
     if (OP(conv_is_depthwise)(s)) {
-        int hq, wq, qsz;
+        OP(dw_phases) ph;
         if (OP(dw_padded_ok)(s) && s->kh * s->kw <= 64) {
             OP(dw_bwd_padded)(s, x, w, dy, dx, dw, db);
-        } else if (OP(dw_phase_geo)(s, &hq, &wq, &qsz)) {
+        } else if (OP(dw_phase_plan)(s, &ph)) {
             OP(dw_bwd)(s, x, w, dy, NULL, dw, db);
             if (dx)
-                OP(dw_bwd_dx_phased)(s, w, dy, dx);
+                OP(dw_bwd_dx_phased)(s, &ph, w, dy, dx);
         } else {
             OP(dw_bwd)(s, x, w, dy, dx, dw, db);
         }

@@ -14,17 +14,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fuzz_file.h"
 #include "job.h"
-
-static char g_path[4096];
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    if (!g_path[0]) {
-        const char *dir = getenv("FUZZ_TMP");
-        snprintf(g_path, sizeof g_path, "%s/fuzz_config_%ld.yaml", dir ? dir : "/tmp",
-                 (long)getpid());
-    }
     char *set = NULL;
     const char *overrides[2] = {NULL, NULL};
     if (size && data[0] == '@') {
@@ -40,17 +34,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         data += used;
         size -= used;
     }
-    FILE *f = fopen(g_path, "wb");
-    if (!f)
-        abort();
-    if (size && fwrite(data, 1, size, f) != size)
-        abort();
-    if (fclose(f) != 0)
-        abort();
+    const char *path = fuzz_input_file("config.yaml", data, size);
     kd_job job;
     memset(&job, 0, sizeof job);
-    kd_status rc = kd_job_load(g_path, overrides, &job);
-    unlink(g_path);
+    kd_status rc = kd_job_load(path, overrides, &job);
+    unlink(path);
     if (rc != KD_OK && !kd_last_error()[0]) /* a refusal says why */
         abort();
     kd_job_free(&job);

@@ -19,24 +19,14 @@
 
 #ifndef FUZZ_SEEDS
 
-static char g_path[4096];
+#include "fuzz_file.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    if (!g_path[0]) {
-        const char *dir = getenv("FUZZ_TMP");
-        snprintf(g_path, sizeof g_path, "%s/fuzz_idx_%ld", dir ? dir : "/tmp", (long)getpid());
-    }
-    FILE *f = fopen(g_path, "wb");
-    if (!f)
-        abort();
-    if (size && fwrite(data, 1, size, f) != size)
-        abort();
-    if (fclose(f) != 0)
-        abort();
+    const char *path = fuzz_input_file("data.idx", data, size);
     kd_idx idx;
-    kd_status rc = kd_idx_load(g_path, &idx);
-    unlink(g_path);
+    kd_status rc = kd_idx_load(path, &idx);
+    unlink(path);
     if (rc != KD_OK) {
         if (!kd_last_error()[0] || idx.data || idx.size) /* refused: says why, holds nothing */
             abort();

@@ -21,22 +21,14 @@
 
 #ifndef FUZZ_SEEDS
 
-static char g_path[64];
+#include "fuzz_file.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    if (!g_path[0])
-        snprintf(g_path, sizeof g_path, "fuzz_st_%ld.safetensors", (long)getpid());
-    FILE *f = fopen(g_path, "wb");
-    if (!f)
-        abort();
-    if (size && fwrite(data, 1, size, f) != size)
-        abort();
-    if (fclose(f) != 0)
-        abort();
+    const char *path = fuzz_input_file("checkpoint.safetensors", data, size);
     kd_safetensors *st = NULL;
-    kd_status rc = kd_safetensors_open(g_path, &st);
-    unlink(g_path); /* the reader holds what it accepted in memory */
+    kd_status rc = kd_safetensors_open(path, &st);
+    unlink(path); /* the reader holds what it accepted in memory */
     if (rc != KD_OK) {
         if (st || !kd_last_error()[0]) /* a refusal leaves nothing open and says why */
             abort();

@@ -33,121 +33,95 @@ if ! "$cc" -fsanitize=fuzzer "$probe" -o "$out/probe" >"$out/probe.log" 2>&1; th
     exit 77
 fi
 
-flags=(-std=c99 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
-    -fno-omit-frame-pointer -I"$src/mcu_runtime/include" -I"$src/mcu_runtime/src")
+# the sanitized libFuzzer build every target gets
+san=(-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+    -fno-omit-frame-pointer)
+fail=0
+
+# build NAME ARGS...: "$cc" ARGS, its output in build_NAME.log; on failure the log, FAIL, 1
+build() {
+    local name=$1
+    shift
+    if ! "$cc" "$@" >"$out/build_$name.log" 2>&1; then
+        cat "$out/build_$name.log"
+        echo "FAIL: building $name"
+        fail=1
+        return 1
+    fi
+}
+
+# fuzz NAME EXE CORPUS DIR: EXE for $secs seconds from CORPUS with DIR as working directory
+# (inputs' temporary files and any reproducer under $out); its stats, or FAIL and the log's tail
+fuzz() {
+    local name=$1 exe=$2 corpus=$3 dir=$4 rc
+    (cd "$dir" && FUZZ_TMP=$out "$exe" -seed=1 -max_total_time="$secs" -timeout=10 \
+        -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$out/" "$corpus" \
+        >"$out/run_$name.log" 2>&1)
+    rc=$?
+    grep -E "^stat::number_of_executed_units|^stat::new_units_added" "$out/run_$name.log" |
+        sed "s/^/$name: /"
+    if [ $rc -ne 0 ]; then
+        tail -40 "$out/run_$name.log"
+        echo "FAIL: the $name fuzz target found a problem (exit $rc); see $out"
+        fail=1
+    fi
+}
+
+# a fresh, empty corpus directory for NAME
+corpus() {
+    rm -rf "$out/corpus_$1" && mkdir -p "$out/corpus_$1" && echo "$out/corpus_$1"
+}
+
+# the .kdm loader with the reference kernels and with the DSP kernels' portable emulation
 rm -rf "$out/seeds" && mkdir -p "$out/seeds"
 "$seeds" "$out/seeds" || { echo "FAIL: seed generator"; exit 1; }
-
-fail=0
 for variant in ref dsp; do
-    exe=$out/fuzz_kdm_load_$variant
     def=()
     [ $variant = dsp ] && def=(-DKDM_FORCE_DSP=1)
-    if ! "$cc" "${flags[@]}" "${def[@]}" "$src/tests/fuzz/fuzz_kdm_load.c" \
-        "$src"/mcu_runtime/src/*.c -o "$exe" >"$out/build_$variant.log" 2>&1; then
-        cat "$out/build_$variant.log"
-        echo "FAIL: building the $variant fuzz target"
-        fail=1
-        continue
-    fi
-    corpus=$out/corpus_$variant
-    rm -rf "$corpus" && mkdir -p "$corpus" && cp "$out"/seeds/* "$corpus"/
-    (cd "$out" && "$exe" -seed=1 -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
-        -print_final_stats=1 "$corpus" >"$out/run_$variant.log" 2>&1)
-    rc=$?
-    grep -E "^stat::number_of_executed_units|^stat::new_units_added" "$out/run_$variant.log" |
-        sed "s/^/$variant: /"
-    if [ $rc -ne 0 ]; then
-        tail -40 "$out/run_$variant.log"
-        echo "FAIL: the $variant fuzz target found a problem (exit $rc); see $out"
-        fail=1
-    fi
+    exe=$out/fuzz_kdm_load_$variant
+    build "$variant" -std=c99 "${san[@]}" "${def[@]}" -I"$src/mcu_runtime/include" \
+        -I"$src/mcu_runtime/src" "$src/tests/fuzz/fuzz_kdm_load.c" "$src"/mcu_runtime/src/*.c \
+        -o "$exe" || continue
+    c=$(corpus "$variant") && cp "$out"/seeds/* "$c"/
+    fuzz "$variant" "$exe" "$c" "$out"
 done
+
 # the checkpoint reader (engine/safetensors.c), from the small checkpoints its seed writer saves
-st_src=("$src/engine/safetensors.c" "$src/engine/status.c" "$src/engine/fileio.c"
-    "$src/engine/tensor.c")
-st_flags=(-std=c11 -D_GNU_SOURCE -I"$src/engine" -isystem /usr/include/cjson)
-exe=$out/fuzz_safetensors
-corpus=$out/corpus_safetensors
-rm -rf "$corpus" && mkdir -p "$corpus"
-if ! "$cc" "${st_flags[@]}" -O1 -DFUZZ_SEEDS "$src/tests/fuzz/fuzz_safetensors.c" "${st_src[@]}" \
-    -lcjson -o "$out/safetensors_seeds" >"$out/build_safetensors.log" 2>&1 ||
-    ! "$cc" "${st_flags[@]}" -g -O1 -fsanitize=fuzzer,address,undefined \
-        -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
-        "$src/tests/fuzz/fuzz_safetensors.c" "${st_src[@]}" -lcjson -o "$exe" \
-        >>"$out/build_safetensors.log" 2>&1; then
-    cat "$out/build_safetensors.log"
-    echo "FAIL: building the safetensors fuzz target"
-    fail=1
-elif ! "$out/safetensors_seeds" "$corpus"; then
-    echo "FAIL: the safetensors seed writer"
-    fail=1
-else
-    (cd "$out" && "$exe" -seed=1 -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
-        -print_final_stats=1 "$corpus" >"$out/run_safetensors.log" 2>&1)
-    rc=$?
-    grep -E "^stat::number_of_executed_units|^stat::new_units_added" "$out/run_safetensors.log" |
-        sed "s/^/safetensors: /"
-    if [ $rc -ne 0 ]; then
-        tail -40 "$out/run_safetensors.log"
-        echo "FAIL: the safetensors fuzz target found a problem (exit $rc); see $out"
+st=(-std=c11 -D_GNU_SOURCE -I"$src/engine" "$src/tests/fuzz/fuzz_safetensors.c"
+    "$src/engine/safetensors.c" "$src/engine/status.c" "$src/engine/fileio.c"
+    "$src/engine/tensor.c" -lcjson)
+if build safetensors_seeds -O1 -DFUZZ_SEEDS "${st[@]}" -o "$out/safetensors_seeds" &&
+    build safetensors "${san[@]}" "${st[@]}" -o "$out/fuzz_safetensors"; then
+    c=$(corpus safetensors)
+    if "$out/safetensors_seeds" "$c"; then
+        fuzz safetensors "$out/fuzz_safetensors" "$c" "$out"
+    else
+        echo "FAIL: the safetensors seed writer"
         fail=1
     fi
 fi
+
 # the job loader (engine/job.c, engine/config_yaml.c), from the project's configs and one with a
 # --set override, run from the repository root so that the model files they name resolve
-cfg_src=("$src/engine/job.c" "$src/engine/config_yaml.c" "$src/engine/status.c"
-    "$src/engine/optim.c" "$src/engine/rng.c" "$src/data/dataset.c" "$src/data/idx.c")
-exe=$out/fuzz_config
-corpus=$out/corpus_config
-rm -rf "$corpus" && mkdir -p "$corpus" && cp "$src"/configs/fashion-mnist/*.yaml "$corpus"/
-{ echo "@optim.lr=0.25"; cat "$src/configs/fashion-mnist/tiny_scratch.yaml"; } >"$corpus/set.yaml"
-if ! "$cc" -std=gnu11 -D_GNU_SOURCE -I"$src/engine" -I"$src/data" -I"$src/kernels" -g -O1 \
-    -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
-    "$src/tests/fuzz/fuzz_config.c" "${cfg_src[@]}" -lyaml -lz -lm -o "$exe" \
-    >"$out/build_config.log" 2>&1; then
-    cat "$out/build_config.log"
-    echo "FAIL: building the config fuzz target"
-    fail=1
-else
-    (cd "$src" && FUZZ_TMP=$out "$exe" -seed=1 -max_total_time="$secs" -timeout=10 \
-        -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$out/" "$corpus" \
-        >"$out/run_config.log" 2>&1)
-    rc=$?
-    grep -E "^stat::number_of_executed_units|^stat::new_units_added" "$out/run_config.log" |
-        sed "s/^/config: /"
-    if [ $rc -ne 0 ]; then
-        tail -40 "$out/run_config.log"
-        echo "FAIL: the config fuzz target found a problem (exit $rc); see $out"
-        fail=1
-    fi
+if build config -std=gnu11 -D_GNU_SOURCE -I"$src/engine" -I"$src/data" -I"$src/kernels" \
+    "${san[@]}" "$src/tests/fuzz/fuzz_config.c" "$src/engine/job.c" "$src/engine/config_yaml.c" \
+    "$src/engine/status.c" "$src/engine/optim.c" "$src/engine/rng.c" "$src/data/dataset.c" \
+    "$src/data/idx.c" -lyaml -lz -lm -o "$out/fuzz_config"; then
+    c=$(corpus config) && cp "$src"/configs/fashion-mnist/*.yaml "$c"/
+    { echo "@optim.lr=0.25"; cat "$src/configs/fashion-mnist/tiny_scratch.yaml"; } >"$c/set.yaml"
+    fuzz config "$out/fuzz_config" "$c" "$src"
 fi
+
 # the data set reader (data/idx.c), from the raw and gzip'd IDX files its seed build writes
-idx_src=("$src/data/idx.c" "$src/engine/status.c")
-idx_flags=(-std=gnu11 -D_GNU_SOURCE -I"$src/engine" -I"$src/data")
-exe=$out/fuzz_idx
-corpus=$out/corpus_idx
-rm -rf "$corpus" && mkdir -p "$corpus"
-if ! "$cc" "${idx_flags[@]}" -O1 -DFUZZ_SEEDS "$src/tests/fuzz/fuzz_idx.c" "${idx_src[@]}" -lz \
-    -o "$out/idx_seeds" >"$out/build_idx.log" 2>&1 ||
-    ! "$cc" "${idx_flags[@]}" -g -O1 -fsanitize=fuzzer,address,undefined \
-        -fno-sanitize-recover=undefined -fno-omit-frame-pointer "$src/tests/fuzz/fuzz_idx.c" \
-        "${idx_src[@]}" -lz -o "$exe" >>"$out/build_idx.log" 2>&1; then
-    cat "$out/build_idx.log"
-    echo "FAIL: building the IDX fuzz target"
-    fail=1
-elif ! "$out/idx_seeds" "$corpus"; then
-    echo "FAIL: the IDX seed writer"
-    fail=1
-else
-    (cd "$out" && FUZZ_TMP=$out "$exe" -seed=1 -max_total_time="$secs" -timeout=10 \
-        -rss_limit_mb=2048 -print_final_stats=1 "$corpus" >"$out/run_idx.log" 2>&1)
-    rc=$?
-    grep -E "^stat::number_of_executed_units|^stat::new_units_added" "$out/run_idx.log" |
-        sed "s/^/idx: /"
-    if [ $rc -ne 0 ]; then
-        tail -40 "$out/run_idx.log"
-        echo "FAIL: the IDX fuzz target found a problem (exit $rc); see $out"
+idx=(-std=gnu11 -D_GNU_SOURCE -I"$src/engine" -I"$src/data" "$src/tests/fuzz/fuzz_idx.c"
+    "$src/data/idx.c" "$src/engine/status.c" -lz)
+if build idx_seeds -O1 -DFUZZ_SEEDS "${idx[@]}" -o "$out/idx_seeds" &&
+    build idx "${san[@]}" "${idx[@]}" -o "$out/fuzz_idx"; then
+    c=$(corpus idx)
+    if "$out/idx_seeds" "$c"; then
+        fuzz idx "$out/fuzz_idx" "$c" "$out"
+    else
+        echo "FAIL: the IDX seed writer"
         fail=1
     fi
 fi

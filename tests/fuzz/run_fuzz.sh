@@ -72,6 +72,21 @@ corpus() {
     rm -rf "$out/corpus_$1" && mkdir -p "$out/corpus_$1" && echo "$out/corpus_$1"
 }
 
+# seeded NAME ARGS...: a target whose own source, built with -DFUZZ_SEEDS, writes its seeds
+seeded() {
+    local name=$1 c
+    shift
+    build "${name}_seeds" -O1 -DFUZZ_SEEDS "$@" -o "$out/${name}_seeds" &&
+        build "$name" "${san[@]}" "$@" -o "$out/fuzz_$name" || return
+    c=$(corpus "$name")
+    if "$out/${name}_seeds" "$c"; then
+        fuzz "$name" "$out/fuzz_$name" "$c" "$out"
+    else
+        echo "FAIL: the $name seed writer"
+        fail=1
+    fi
+}
+
 # the .kdm loader with the reference kernels and with the DSP kernels' portable emulation
 rm -rf "$out/seeds" && mkdir -p "$out/seeds"
 "$seeds" "$out/seeds" || { echo "FAIL: seed generator"; exit 1; }
@@ -87,19 +102,9 @@ for variant in ref dsp; do
 done
 
 # the checkpoint reader (engine/safetensors.c), from the small checkpoints its seed writer saves
-st=(-std=c11 -D_GNU_SOURCE -I"$src/engine" "$src/tests/fuzz/fuzz_safetensors.c"
-    "$src/engine/safetensors.c" "$src/engine/status.c" "$src/engine/fileio.c"
-    "$src/engine/tensor.c" -lcjson)
-if build safetensors_seeds -O1 -DFUZZ_SEEDS "${st[@]}" -o "$out/safetensors_seeds" &&
-    build safetensors "${san[@]}" "${st[@]}" -o "$out/fuzz_safetensors"; then
-    c=$(corpus safetensors)
-    if "$out/safetensors_seeds" "$c"; then
-        fuzz safetensors "$out/fuzz_safetensors" "$c" "$out"
-    else
-        echo "FAIL: the safetensors seed writer"
-        fail=1
-    fi
-fi
+seeded safetensors -std=c11 -D_GNU_SOURCE -I"$src/engine" "$src/tests/fuzz/fuzz_safetensors.c" \
+    "$src/engine/safetensors.c" "$src/engine/status.c" "$src/engine/fileio.c" \
+    "$src/engine/tensor.c" -lcjson
 
 # the job loader (engine/job.c, engine/config_yaml.c), from the project's configs and one with a
 # --set override, run from the repository root so that the model files they name resolve
@@ -113,17 +118,7 @@ if build config -std=gnu11 -D_GNU_SOURCE -I"$src/engine" -I"$src/data" -I"$src/k
 fi
 
 # the data set reader (data/idx.c), from the raw and gzip'd IDX files its seed build writes
-idx=(-std=gnu11 -D_GNU_SOURCE -I"$src/engine" -I"$src/data" "$src/tests/fuzz/fuzz_idx.c"
-    "$src/data/idx.c" "$src/engine/status.c" -lz)
-if build idx_seeds -O1 -DFUZZ_SEEDS "${idx[@]}" -o "$out/idx_seeds" &&
-    build idx "${san[@]}" "${idx[@]}" -o "$out/fuzz_idx"; then
-    c=$(corpus idx)
-    if "$out/idx_seeds" "$c"; then
-        fuzz idx "$out/fuzz_idx" "$c" "$out"
-    else
-        echo "FAIL: the IDX seed writer"
-        fail=1
-    fi
-fi
+seeded idx -std=gnu11 -D_GNU_SOURCE -I"$src/engine" -I"$src/data" "$src/tests/fuzz/fuzz_idx.c" \
+    "$src/data/idx.c" "$src/engine/status.c" -lz
 [ $fail -eq 0 ] && echo "fuzz: no crash in ${secs}s per target"
 exit $fail

@@ -46,8 +46,8 @@ static inline int32_t slot4(int32_t k, int32_t j)
 
 /* Stage the receptive field of output pixel `pix` as column j (0 or 1) of col, its first k8
  * values (a multiple of 8) in groups and the rest in the tail, or, with k8 past K (the assembly
- * channel loop's K rounded up to 8), all of them in groups followed by zeros up to k8; return the
- * sum of the grouped values (modulo 2^32). */
+ * channel loop's K rounded up to 8), all of them in groups, the slots up to k8 left as the
+ * caller zeroed them; return the sum of the grouped values (modulo 2^32). */
 static uint32_t im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int32_t j,
                        uint8_t *col, int32_t k8)
 {
@@ -92,10 +92,7 @@ static uint32_t im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, 
     }
     const int32_t tail = k_all - k8;
     uint32_t sum = 0;
-    int32_t k = k_all;
-    for (; k < k8; k++) /* the zeros past K */
-        kdm_st16(col + 2 * slot4(k, j), 0);
-    k = 0;
+    int32_t k = 0;
     if (ch == 1 && k_all <= k8) { /* one input channel, every value grouped (a first conv) */
         for (int32_t ky = 0; ky < p->kernel_h; ky++) {
             const int32_t iy = y0 + ky;
@@ -314,6 +311,7 @@ void kdm_conv2d_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, co
     kdm_pair_job_init_(&job.base, &rq, w, p->row_stride, kup / 2, col, kup, out_c);
     job.odd = (kup >> 3) & 1;
 #endif
+    memset(col, 0, (size_t)(4 * k8)); /* the zeros past K, which im2col never writes */
     for (int32_t pix = 0; pix < n_pix; pix += 2) {
         const int32_t pix1 = pix + 1 < n_pix ? pix + 1 : pix;
         int8_t *out0 = out + pix * out_c, *out1 = out + pix1 * out_c;

@@ -49,15 +49,14 @@ static inline int32_t slot(int32_t k, int32_t j)
 
 /* Stage the receptive field of output pixel `pix` as column j (0 or 1) of col: its first k4
  * values (a multiple of 4) in groups and the rest in the tail, or, with k4 past K (the assembly
- * channel loop's K rounded up to 8), all of them in groups followed by zeros up to k4. */
+ * channel loop's K rounded up to 8), all of them in groups, the slots up to k4 left as the caller
+ * zeroed them. */
 static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int32_t j, uint8_t *col,
                    int32_t k4)
 {
     const int32_t oy = pix / p->out_w, ox = pix - oy * p->out_w;
     const int32_t y0 = oy * p->stride - p->pad, x0 = ox * p->stride - p->pad;
     const int32_t ch = p->in_c, k_all = p->kernel_h * p->kernel_w * ch;
-    for (int32_t k = k_all; k < k4; k++) /* the zeros past K */
-        kdm_st16(col + 2 * slot(k, j), 0);
     if ((ch & 3) == 0) {
         const uint32_t zz = kdm_pack16(p->in_zp, p->in_zp);
         uint8_t *d = col + 8 * j;
@@ -332,6 +331,7 @@ void kdm_conv2d_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, co
     kdm_pair_job_ job;
     kdm_pair_job_init_(&job, &rq, w, p->row_stride, kup, col, kup, out_c);
 #endif
+    memset(col, 0, (size_t)(4 * k4)); /* the zeros past K, which im2col never writes */
     for (int32_t pix = 0; pix < n_pix; pix += 2) {
         const int32_t pix1 = pix + 1 < n_pix ? pix + 1 : pix;
         int8_t *out0 = out + pix * out_c, *out1 = out + pix1 * out_c;

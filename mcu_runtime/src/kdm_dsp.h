@@ -126,6 +126,23 @@ static inline int32_t kdm_smlatt(uint32_t a, uint32_t b, int32_t acc)
     return r;
 }
 
+/* SXTAB16: bytes 0 and 2 of x sign-extended and added to acc's bottom and top lanes (each lane
+ * wraps on its own). */
+static inline uint32_t kdm_sxtab16(uint32_t acc, uint32_t x)
+{
+    uint32_t r;
+    __asm__("sxtab16 %0, %1, %2" : "=r"(r) : "r"(acc), "r"(x));
+    return r;
+}
+
+/* SXTAB16 with ROR #8: bytes 1 and 3 of x into the lanes. */
+static inline uint32_t kdm_sxtab16_ror8(uint32_t acc, uint32_t x)
+{
+    uint32_t r;
+    __asm__("sxtab16 %0, %1, %2, ror #8" : "=r"(r) : "r"(acc), "r"(x));
+    return r;
+}
+
 /* PKHBT with LSL #16: bottom lane of a, bottom lane of b as the top lane. */
 static inline uint32_t kdm_pkhbt16(uint32_t a, uint32_t b)
 {
@@ -322,6 +339,17 @@ static inline uint32_t kdm_sxtb16(uint32_t x)
 static inline uint32_t kdm_sxtb16_ror8(uint32_t x)
 {
     return kdm_pack16((int8_t)(uint8_t)(x >> 8), (int8_t)(uint8_t)(x >> 24));
+}
+
+static inline uint32_t kdm_sxtab16(uint32_t acc, uint32_t x)
+{
+    const uint32_t e = kdm_sxtb16(x);
+    return kdm_pack16(kdm_lo16_(acc) + kdm_lo16_(e), kdm_hi16_(acc) + kdm_hi16_(e));
+}
+
+static inline uint32_t kdm_sxtab16_ror8(uint32_t acc, uint32_t x)
+{
+    return kdm_sxtab16(acc, x >> 8);
 }
 
 /* Each 16 x 16 product fits int32 (the largest, (-2^15)^2 = 2^30); the sums wrap. */

@@ -669,6 +669,38 @@ static void test_pools(void **state)
     }
 }
 
+/* Global average pooling over more pixels than one 16-bit lane sum holds (256 of -128): constant
+ * inputs at both ends of the range, whose lane sums would wrap without the widening, and random
+ * ones against a long-hand sum, with a channel count that leaves a tail after the groups of four;
+ * the clamp applies after the mean. */
+static void test_global_avgpool_long(void **state)
+{
+    (void)state;
+    enum { C = 7, HW = 600 };
+    static int8_t x[C * HW];
+    int8_t y[C];
+    const int8_t ends[2] = {-128, 127};
+    for (int e = 0; e < 2; e++) {
+        memset(x, ends[e], sizeof x);
+        kdm_global_avgpool_s8(C, HW, -128, 127, x, y);
+        for (int32_t ch = 0; ch < C; ch++)
+            assert_int_equal(y[ch], ends[e]);
+    }
+    for (int rep = 0; rep < 20; rep++) {
+        const int32_t hw = rnd_in(250, HW), lo = rnd_in(-100, 0), hi = rnd_in(0, 100);
+        for (int32_t i = 0; i < C * hw; i++) /* skewed, so that the means are not all near 0 */
+            x[i] = (int8_t)(i % 3 ? rnd_in(-128, 127) : rnd_in(60, 127));
+        kdm_global_avgpool_s8(C, hw, lo, hi, x, y);
+        for (int32_t ch = 0; ch < C; ch++) {
+            int64_t sum = 0;
+            for (int32_t i = 0; i < hw; i++)
+                sum += x[i * C + ch];
+            const int64_t mag = ((sum < 0 ? -sum : sum) * 2 + hw) / (2 * hw);
+            assert_int_equal(y[ch], clamp8(sum < 0 ? -mag : mag, lo, hi));
+        }
+    }
+}
+
 static void test_softmax(void **state)
 {
     int32_t lut[256];
@@ -717,6 +749,7 @@ int main(void)
         cmocka_unit_test(test_ref_vs_dsp_fast_paths),
         cmocka_unit_test(test_add),
         cmocka_unit_test(test_pools),
+        cmocka_unit_test(test_global_avgpool_long),
         cmocka_unit_test(test_softmax),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -21,7 +21,8 @@
  * up to 8 (the exporter pads int8 conv rows to 8 bytes), the Cortex-M4 runs a pixel pair's whole
  * channel loop in assembly (kdm_conv_pair_job_s8_), K staged rounded up to 8 with zeros past it
  * (the first conv of the tiny student, K = 9: 6.42 -> 5.04 instructions per MAC with its
- * one-channel staging); otherwise channels() in C.
+ * one-channel staging, 4.68 with the zeros past K staged once per layer by the caller instead of
+ * for every pixel); otherwise channels() in C.
  *
  * 1x1 kernels take the same path: staging a pixel is then a straight int8 -> int16 conversion
  * (no gather), and the staged loop beats reading pixels in place, which needs two more SXTB16
@@ -331,7 +332,8 @@ void kdm_conv2d_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, co
     kdm_pair_job_ job;
     kdm_pair_job_init_(&job, &rq, w, p->row_stride, kup, col, kup, out_c);
 #endif
-    memset(col, 0, (size_t)(4 * k4)); /* the zeros past K, which im2col never writes */
+    if (k_all < k4) /* the zeros past K, which im2col never writes */
+        memset(col, 0, (size_t)(4 * k4));
     for (int32_t pix = 0; pix < n_pix; pix += 2) {
         const int32_t pix1 = pix + 1 < n_pix ? pix + 1 : pix;
         int8_t *out0 = out + pix * out_c, *out1 = out + pix1 * out_c;

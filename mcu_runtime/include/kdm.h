@@ -40,10 +40,10 @@
  *
  * Layout. Activations are NHWC with N = 1 (a [C] vector is H = W = 1).
  *
- * Kernels. Every op has a portable reference kernel; conv, depthwise and
- * fully-connected also have kernels for the Cortex-M DSP extension (SMLAD and
- * friends), chosen when __ARM_FEATURE_DSP is defined unless the build sets
- * -DKDM_FORCE_REF=1. Both produce bit-identical outputs (integer sums).
+ * Kernels. Every op has a portable reference kernel; conv, depthwise, fully-connected, add and
+ * global average pooling also have kernels for the Cortex-M DSP extension (SMLAD and friends),
+ * chosen when __ARM_FEATURE_DSP is defined unless the build sets -DKDM_FORCE_REF=1. Both produce
+ * bit-identical outputs (integer sums).
  */
 #ifndef KDM_H
 #define KDM_H

@@ -2,7 +2,8 @@
  * avgpool_s8.c - 2-D average pooling without padding (see kdm_kernels.h): the mean of the
  * kernel_h x kernel_w window, rounded half away from zero as TFLite does
  * (kdm_div_round_), clamped. kdm_load bounds the
- * window below 2^24 values, so the int32 sum and the rounding cannot overflow.
+ * window below 2^24 values, so the int32 sum cannot overflow (|sum| < 2^31) and kdm_div_round_
+ * rounds its magnitude in 32 unsigned bits.
  */
 #include "kdm_kernels.h"
 

@@ -176,7 +176,7 @@ static void run_op(const kdm_model *m, uint8_t *arena, uint32_t i)
 #endif
 #if KDM_HAS(GLOBAL_AVGPOOL)
     case KDM_OP_GLOBAL_AVGPOOL:
-        kdm_global_avgpool_s8(x.in.c, x.in.h * x.in.w, lo, hi, IN(&x), OUT(&x));
+        KDM_KERNEL(kdm_global_avgpool_s8)(x.in.c, x.in.h * x.in.w, lo, hi, IN(&x), OUT(&x));
         break;
 #endif
 #if KDM_HAS(RESHAPE)

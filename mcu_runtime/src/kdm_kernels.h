@@ -124,8 +124,10 @@ void kdm_maxpool_s8(const kdm_conv_params *p, int32_t act_min, int32_t act_max, 
 void kdm_avgpool_s8(const kdm_conv_params *p, int32_t act_min, int32_t act_max, const int8_t *in,
                     int8_t *out);
 /* in [h][w][c] -> out [c]: the mean over h * w (< 2^24) pixels, rounded half away from zero. */
-void kdm_global_avgpool_s8(int32_t c, int32_t hw, int32_t act_min, int32_t act_max,
-                           const int8_t *in, int8_t *out);
+void kdm_global_avgpool_s8_ref(int32_t c, int32_t hw, int32_t act_min, int32_t act_max,
+                               const int8_t *in, int8_t *out);
+void kdm_global_avgpool_s8_dsp(int32_t c, int32_t hw, int32_t act_min, int32_t act_max,
+                               const int8_t *in, int8_t *out);
 
 /* Softmax over n values: lut[d] = round(65536 * exp(-d * s_in)) with lut[0] >= 1 and every
  * entry in [0, 65536] (kdm_load checks); out = clamp(round(256 * e / sum) - 128). */
@@ -232,11 +234,13 @@ static inline int32_t kdm_nibble_(const uint8_t *row, int32_t k)
     return (int32_t)((b & 15u) ^ 8u) - 8;
 }
 
-/* sum / count rounded half away from zero (TFLite's pools): count > 0, |sum| + count / 2 within
- * int32. */
+/* sum / count rounded half away from zero (TFLite's pools): count > 0, sum > INT32_MIN. The
+ * magnitude is rounded in 32 unsigned bits, |sum| + count / 2 < 2^32. */
 static inline int32_t kdm_div_round_(int32_t sum, int32_t count)
 {
-    return sum >= 0 ? (sum + count / 2) / count : (sum - count / 2) / count;
+    const uint32_t mag = sum < 0 ? 0u - (uint32_t)sum : (uint32_t)sum;
+    const uint32_t q = (mag + (uint32_t)count / 2) / (uint32_t)count;
+    return sum < 0 ? -(int32_t)q : (int32_t)q;
 }
 
 /* ---- scratch sizes (the largest over the implementations; see kdm_op_scratch_size) ----------

@@ -658,46 +658,64 @@ static void test_pools(void **state)
                     int n = k * k, mag = ((sum < 0 ? -sum : sum) * 2 + n) / (2 * n);
                     assert_int_equal(y[(oy * q.out_w + ox) * c + ch], sum < 0 ? -mag : mag);
                 }
-        kdm_global_avgpool_s8(c, h * w, -128, 127, x, y);
-        for (int32_t ch = 0; ch < c; ch++) {
-            int sum = 0;
-            for (int32_t i = 0; i < h * w; i++)
-                sum += x[i * c + ch];
-            int n = h * w, mag = ((sum < 0 ? -sum : sum) * 2 + n) / (2 * n);
-            assert_int_equal(y[ch], sum < 0 ? -mag : mag);
+        for (int dsp = 0; dsp < 2; dsp++) {
+            (dsp ? kdm_global_avgpool_s8_dsp : kdm_global_avgpool_s8_ref)(c, h * w, -128, 127, x,
+                                                                          y);
+            for (int32_t ch = 0; ch < c; ch++) {
+                int sum = 0;
+                for (int32_t i = 0; i < h * w; i++)
+                    sum += x[i * c + ch];
+                int n = h * w, mag = ((sum < 0 ? -sum : sum) * 2 + n) / (2 * n);
+                assert_int_equal(y[ch], sum < 0 ? -mag : mag);
+            }
         }
     }
 }
 
-/* Global average pooling over more pixels than one 16-bit lane sum holds (256 of -128): constant
- * inputs at both ends of the range, whose lane sums would wrap without the widening, and random
- * ones against a long-hand sum, with a channel count that leaves a tail after the groups of four;
- * the clamp applies after the mean. */
+/* Global average pooling, both kernels, around the DSP kernel's 256-pixel limit for its 16-bit
+ * lane sums (255, 256, 257 pixels and more), with a channel count that leaves a tail after the
+ * groups of four: constant inputs at both ends of the range (256 x -128 is the most a lane
+ * holds), and random ones skewed positive or negative against a long-hand sum with a random
+ * clamp (so both bounds bite); and a map of 2^24 - 1 pixels of -128, whose rounding overflowed
+ * int32 before kdm_div_round_ worked on the magnitude in unsigned bits. */
 static void test_global_avgpool_long(void **state)
 {
     (void)state;
     enum { C = 7, HW = 600 };
     static int8_t x[C * HW];
     int8_t y[C];
+    const int32_t sizes[] = {1, 3, 255, 256, 257, 300, HW};
     const int8_t ends[2] = {-128, 127};
-    for (int e = 0; e < 2; e++) {
-        memset(x, ends[e], sizeof x);
-        kdm_global_avgpool_s8(C, HW, -128, 127, x, y);
-        for (int32_t ch = 0; ch < C; ch++)
-            assert_int_equal(y[ch], ends[e]);
-    }
-    for (int rep = 0; rep < 20; rep++) {
-        const int32_t hw = rnd_in(250, HW), lo = rnd_in(-100, 0), hi = rnd_in(0, 100);
-        for (int32_t i = 0; i < C * hw; i++) /* skewed, so that the means are not all near 0 */
-            x[i] = (int8_t)(i % 3 ? rnd_in(-128, 127) : rnd_in(60, 127));
-        kdm_global_avgpool_s8(C, hw, lo, hi, x, y);
-        for (int32_t ch = 0; ch < C; ch++) {
-            int64_t sum = 0;
-            for (int32_t i = 0; i < hw; i++)
-                sum += x[i * C + ch];
-            const int64_t mag = ((sum < 0 ? -sum : sum) * 2 + hw) / (2 * hw);
-            assert_int_equal(y[ch], clamp8(sum < 0 ? -mag : mag, lo, hi));
+    for (int dsp = 0; dsp < 2; dsp++) {
+        void (*gap)(int32_t, int32_t, int32_t, int32_t, const int8_t *, int8_t *) =
+            dsp ? kdm_global_avgpool_s8_dsp : kdm_global_avgpool_s8_ref;
+        for (int s = 0; s < (int)(sizeof sizes / sizeof sizes[0]); s++)
+            for (int e = 0; e < 2; e++) {
+                memset(x, ends[e], sizeof x);
+                gap(C, sizes[s], -128, 127, x, y);
+                for (int32_t ch = 0; ch < C; ch++)
+                    assert_int_equal(y[ch], ends[e]);
+            }
+        for (int rep = 0; rep < 40; rep++) {
+            const int32_t hw = rep < 20 ? rnd_in(1, 256) : rnd_in(257, HW);
+            const int32_t lo = rnd_in(-100, 0), hi = rnd_in(0, 100), sign = rep & 1 ? -1 : 1;
+            for (int32_t i = 0; i < C * hw; i++) /* every third value far from 0: |mean| > 20 */
+                x[i] = (int8_t)(i % 3 ? rnd_in(-128, 127) : sign * rnd_in(60, 127));
+            gap(C, hw, lo, hi, x, y);
+            for (int32_t ch = 0; ch < C; ch++) {
+                int64_t sum = 0;
+                for (int32_t i = 0; i < hw; i++)
+                    sum += x[i * C + ch];
+                const int64_t mag = ((sum < 0 ? -sum : sum) * 2 + hw) / (2 * hw);
+                assert_int_equal(y[ch], clamp8(sum < 0 ? -mag : mag, lo, hi));
+            }
         }
+        const int32_t big = (1 << 24) - 1;
+        int8_t *m = xmalloc((size_t)big);
+        memset(m, -128, (size_t)big);
+        gap(1, big, -128, 127, m, y);
+        assert_int_equal(y[0], -128);
+        free(m);
     }
 }
 

@@ -265,7 +265,7 @@ static void expected(const model *md, const int8_t *in, int dsp, int8_t *out)
     kdm_maxpool_s8(&pm, -128, 127, avg, mx);
     kdm_add_params a1 = addp(md->add_p[0], -6, -6, 2, 2);
     kdm_add_s8_ref(&a1, mx, dw, add, 72);
-    kdm_global_avgpool_s8(8, 9, -128, 127, add, gap);
+    kdm_global_avgpool_s8_ref(8, 9, -128, 127, add, gap);
     kdm_fc_params p8 = {72, 6, 72}, p4 = {8, 6, 4};
     kdm_requant_params q8 = rq(md, 2, -1, -128), q4 = rq(md, 3, 5, -128);
     (dsp ? kdm_fully_connected_s8_dsp : kdm_fully_connected_s8_ref)(&p8, &q8, add, &md->fc8_w[0][0],

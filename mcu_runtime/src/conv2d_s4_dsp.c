@@ -200,12 +200,11 @@ static KDM_NOINLINE void channels(const kdm_requant_params *q, const uint8_t *w,
 {
     const int32_t zp = q->out_zp, zp2 = 2 * zp + 1;
     const int single = KDM_SINGLE_ROUNDING_(q->flags);
-    const uint8_t *row = w;
-    for (int32_t o = 0; o < out_c; o += 2, row += 2 * rs) {
+    for (int32_t o = 0; o < out_c; o += 2) {
         const int32_t o1 = o + 1 < out_c ? o + 1 : o;
         int32_t acc0[2], acc1[2];
-        block(row, w + o1 * rs, col, k_all, sum0, sum1, (uint32_t)q->bias[o], (uint32_t)q->bias[o1],
-              acc0, acc1);
+        block(w + o * rs, w + o1 * rs, col, k_all, sum0, sum1, (uint32_t)q->bias[o],
+              (uint32_t)q->bias[o1], acc0, acc1);
         if (single) /* not the exporter's default: out of line */
             kdm_requant_quad_single_(q, o, o1, acc0[0], acc1[0], acc0[1], acc1[1], out0, out1);
         else

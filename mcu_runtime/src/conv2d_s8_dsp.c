@@ -216,14 +216,13 @@ static KDM_NOINLINE void channels(const kdm_requant_params *q, const int8_t *w, 
 {
     const int32_t k4 = k_all & ~3, tail = k_all - k4, zp = q->out_zp, zp2 = 2 * zp + 1;
     const int single = KDM_SINGLE_ROUNDING_(q->flags);
-    const int8_t *row = w;
 #if CONV_ASM
     const uint8_t *const cend = col + 4 * k4; /* 16 staged bytes per group of 4 */
     const int32_t odd = (k4 >> 2) & 1;
 #endif
-    for (int32_t o = 0; o < out_c; o += 2, row += 2 * rs) {
+    for (int32_t o = 0; o < out_c; o += 2) {
         const int32_t o1 = o + 1 < out_c ? o + 1 : o;
-        const int8_t *w0 = row, *w1 = w + o1 * rs;
+        const int8_t *w0 = w + o * rs, *w1 = w + o1 * rs;
         int32_t a00 = q->bias[o], a01 = a00, a10 = q->bias[o1], a11 = a10;
 #if CONV_ASM
         const uint8_t *c = cend;

@@ -340,9 +340,9 @@ static void kdm_dw3_rows_(const dw_job *jobs, int32_t n_jobs, const dw_row *row)
     const int32_t zp2 = row->zp2, ch = row->ch;
     for (const dw_job *j = jobs; j < jobs + n_jobs; j++) {
         const uint32_t *a = j->buf, *w = j->tab + row->rot / 4;
-        int8_t *o = row->out + (j - jobs);
         const int s2 = j->variant & DW_S2;
-        for (int32_t x = 0; x < row->n && j->variant != DW_SKIP; x += 2, o += 2 * ch) {
+        for (int32_t x = 0; x < row->n && j->variant != DW_SKIP; x += 2) {
+            int8_t *o = row->out + (j - jobs) + x * ch;
             int32_t v[2] = {j->bias, j->bias};
             for (int32_t s = 0; s < 3; s++) {
                 const uint32_t w01 = w[2 * s], w12 = w[2 * s + 1];
@@ -508,7 +508,7 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
     const int32_t mid = avail >> 1 < rest ? avail >> 1 : rest, tail = rest > mid && (avail & 1);
     const dw_put_plan plan = {ch, 4 * cw, zpb, p->pad >> 1, lead, mid, tail, rest - mid - tail},
                       pad_plan = {ch, 4 * cw, zpb, np, 0, 0, 0, 0};
-    uint32_t *tab = (uint32_t *)scratch, *buf = tab + 4 * KDM_DW_TAB_WORDS;
+    uint32_t *tab = (uint32_t *)scratch, *buf;
     const int single = KDM_SINGLE_ROUNDING_(q->flags) ? 1 : 0;
     if (!kdm_depthwise_rows_((uint32_t)kh, (uint32_t)p->kernel_w, (uint32_t)st, (uint32_t)ch)) {
         for (int32_t oy = 0; oy < p->out_h; oy++)
@@ -516,6 +516,7 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
                 dw_row_direct(&g, in, c, oy, out + oy * p->out_w * ch + c);
         return;
     }
+    buf = tab + 4 * KDM_DW_TAB_WORDS; /* the 3x3 path's scratch holds the tables and the rows */
     dw_row row = {p->out_w, 2 * q->out_zp + 1, ch, out, 0};
     dw_job job[4];
     /* four channels at a time; the last four overlap the group before when in_c % 4 != 0 */

@@ -56,6 +56,17 @@ size_t OP(conv2d_ws)(const kd_conv_shape *s)
     return (kg + og) * cols;
 }
 
+/* The outputs b in [0, n) whose input column b * st + off lies in [0, w): [*lo, *hi), lo <= hi. */
+static void OP(inside_cols)(int w, int st, int off, int n, int *lo, int *hi)
+{
+    *lo = off < 0 ? (-off + st - 1) / st : 0;
+    *hi = w - 1 - off < 0 ? 0 : (w - 1 - off) / st + 1;
+    if (*hi > n)
+        *hi = n;
+    if (*lo > *hi)
+        *lo = *hi;
+}
+
 /* col[(ci*kh+ky)*kw+kx][si*HWo + p] for samples s0..s0+cnt-1 of group g */
 static void OP(im2col)(const kd_conv_shape *s, const T *x, int s0, int cnt, int g, T *col)
 {
@@ -64,7 +75,10 @@ static void OP(im2col)(const kd_conv_shape *s, const T *x, int s0, int cnt, int 
     const int rows = cg * s->kh * s->kw;
 #pragma omp parallel for schedule(static) if (rows * ncols > 32768)
     for (int r = 0; r < rows; r++) {
-        int ci = r / (s->kh * s->kw), ky = (r / s->kw) % s->kh, kx = r % s->kw;
+        const int ci = r / (s->kh * s->kw), ky = (r / s->kw) % s->kh, kx = r % s->kw;
+        const int st = s->stride, off = kx - s->pad; /* input column ox * st + off */
+        int lo, hi;
+        OP(inside_cols)(s->w, st, off, s->wo, &lo, &hi);
         T *dst = col + (size_t)r * ncols;
         for (int si = 0; si < cnt; si++) {
             const T *plane = x + ((size_t)(s0 + si) * s->c + (size_t)g * cg + ci) * s->h * s->w;
@@ -82,32 +96,16 @@ static void OP(im2col)(const kd_conv_shape *s, const T *x, int s0, int cnt, int 
                     continue;
                 }
                 const T *xrow = plane + (size_t)iy * s->w;
-                if (s->stride == 1) {
-                    int off = kx - s->pad;
-                    int lo = off < 0 ? -off : 0;
-                    int hi = s->w - off < s->wo ? s->w - off : s->wo;
-                    for (int ox = 0; ox < lo && ox < s->wo; ox++)
-                        drow[ox] = 0;
+                for (int ox = 0; ox < lo; ox++)
+                    drow[ox] = 0;
+                if (st == 1) /* unit stride, which vectorises */
                     for (int ox = lo; ox < hi; ox++)
                         drow[ox] = xrow[ox + off];
-                    for (int ox = hi > lo ? hi : lo; ox < s->wo; ox++)
-                        drow[ox] = 0;
-                } else {
-                    /* ix = ox * stride + off lies in [0, w) for ox in [lo, hi) */
-                    const int st = s->stride, off = kx - s->pad;
-                    int lo = off < 0 ? (-off + st - 1) / st : 0;
-                    int hi = s->w - 1 - off < 0 ? 0 : (s->w - 1 - off) / st + 1;
-                    if (hi > s->wo)
-                        hi = s->wo;
-                    if (lo > hi)
-                        lo = hi;
-                    for (int ox = 0; ox < lo; ox++)
-                        drow[ox] = 0;
+                else
                     for (int ox = lo; ox < hi; ox++)
                         drow[ox] = xrow[ox * st + off];
-                    for (int ox = hi; ox < s->wo; ox++)
-                        drow[ox] = 0;
-                }
+                for (int ox = hi; ox < s->wo; ox++)
+                    drow[ox] = 0;
             }
         }
     }
@@ -153,12 +151,6 @@ static void OP(col2im)(const kd_conv_shape *s, const T *col, int s0, int cnt, in
  */
 #define KD_DW_PLANE_MAX 4096
 
-static int OP(dw_padded_ok)(const kd_conv_shape *s)
-{
-    return s->stride == 1 &&
-           (size_t)(s->h + 2 * s->pad) * (s->w + 2 * s->pad) + (size_t)s->kw <= KD_DW_PLANE_MAX;
-}
-
 /* n elements from src to dst, the two not overlapping: the planes' rows are 7 to 28 elements
  * long, copied a few hundred thousand times per training step, where a call to memcpy costs more
  * than the copy; the fixed-size blocks compile to plain vector moves */
@@ -173,91 +165,6 @@ static inline void OP(copy_row)(T *dst, const T *src, int n)
     for (int i = 0; i + B <= n; i += B)
         __builtin_memcpy(dst + i, src + i, sizeof(T) * B);
     __builtin_memcpy(dst + n - B, src + n - B, sizeof(T) * B); /* the tail, overlapping */
-}
-
-/* P[(iy + pad) * wp + ix + pad] = plane[iy * w + ix], zero elsewhere (hp * wp + kw floats) */
-static void OP(dw_pad_plane)(const kd_conv_shape *s, const T *plane, T *P)
-{
-    const int wp = s->w + 2 * s->pad, hp = s->h + 2 * s->pad;
-    memset(P, 0, sizeof(T) * ((size_t)hp * wp + s->kw));
-    for (int iy = 0; iy < s->h; iy++)
-        OP(copy_row)(P + (size_t)(iy + s->pad) * wp + s->pad, plane + (size_t)iy * s->w, s->w);
-}
-
-/* G[oy * wp + ox] = g[oy * wo + ox] for ox < wo, zero in the extra columns */
-static void OP(dw_widen)(const kd_conv_shape *s, const T *g, T *G)
-{
-    const int wp = s->w + 2 * s->pad;
-    for (int oy = 0; oy < s->ho; oy++) {
-        OP(copy_row)(G + (size_t)oy * wp, g + (size_t)oy * s->wo, s->wo);
-        for (int ox = s->wo; ox < wp; ox++)
-            G[(size_t)oy * wp + ox] = 0;
-    }
-}
-
-static void OP(dw_bwd_padded)(const kd_conv_shape *s, const T *x, const T *w, const T *dy, T *dx,
-                              T *dw, T *db)
-{
-    const int mult = s->o / s->c, wp = s->w + 2 * s->pad, hwo = s->ho * s->wo;
-    const int span = s->ho * wp, hw = s->h * s->w;
-    /* parameter grads: one output channel per iteration, summed over the batch */
-#pragma omp parallel for schedule(static)
-    for (int o = 0; o < s->o; o++) {
-        T P[KD_DW_PLANE_MAX], G[KD_DW_PLANE_MAX], taps[64];
-        const int ntaps = s->kh * s->kw, ci = o / mult;
-        double dk[64] = {0};
-        double bsum = 0;
-        for (int ni = 0; ni < s->n; ni++) {
-            const T *g = dy + ((size_t)ni * s->o + o) * hwo;
-            OP(dw_pad_plane)(s, x + ((size_t)ni * s->c + ci) * hw, P);
-            OP(dw_widen)(s, g, G);
-            T gs = 0;
-#pragma omp simd reduction(+ : gs)
-            for (int i = 0; i < hwo; i++)
-                gs += g[i];
-            bsum += gs;
-            for (int ky = 0; ky < s->kh; ky++)
-                for (int kx = 0; kx < s->kw; kx++) {
-                    const T *src = P + (size_t)ky * wp + kx;
-                    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-                    for (int i = 0; i < span; i++)
-                        acc += G[i] * src[i];
-                    taps[ky * s->kw + kx] = acc;
-                }
-            for (int t = 0; t < ntaps; t++)
-                dk[t] += taps[t];
-        }
-        for (int t = 0; t < ntaps; t++)
-            dw[(size_t)o * ntaps + t] += (T)dk[t];
-        if (db)
-            db[o] += (T)bsum;
-    }
-    if (!dx)
-        return;
-#pragma omp parallel for schedule(static)
-    for (long nc = 0; nc < (long)s->n * s->c; nc++) {
-        T D[KD_DW_PLANE_MAX], G[KD_DW_PLANE_MAX];
-        int ni = (int)(nc / s->c), ci = (int)(nc % s->c);
-        const int hp = s->h + 2 * s->pad;
-        memset(D, 0, sizeof(T) * ((size_t)hp * wp + s->kw));
-        for (int m = 0; m < mult; m++) {
-            int o = ci * mult + m;
-            OP(dw_widen)(s, dy + ((size_t)ni * s->o + o) * hwo, G);
-            const T *k = w + (size_t)o * s->kh * s->kw;
-            for (int ky = 0; ky < s->kh; ky++)
-                for (int kx = 0; kx < s->kw; kx++) {
-                    const T kv = k[ky * s->kw + kx];
-                    T *dst = D + (size_t)ky * wp + kx;
-#pragma omp simd
-                    for (int i = 0; i < span; i++)
-                        dst[i] += kv * G[i];
-                }
-        }
-        T *dplane = dx + (size_t)nc * hw;
-        for (int iy = 0; iy < s->h; iy++)
-            OP(copy_row)(dplane + (size_t)iy * s->w, D + (size_t)(iy + s->pad) * wp + s->pad, s->w);
-    }
 }
 
 /*
@@ -294,16 +201,6 @@ static int OP(dw_phase_plan)(const kd_conv_shape *s, OP(dw_phases) * ph)
     return 1;
 }
 
-/* The columns b of phase rx that hold input pixels: ix = b st + rx - pad in [0, w). */
-static void OP(dw_phase_cols)(const kd_conv_shape *s, int rx, int wq, int *lo, int *hi)
-{
-    const int st = s->stride, first = s->pad - rx; /* ix at b = 0 is -first */
-    *lo = first > 0 ? (first + st - 1) / st : 0;
-    *hi = s->w - 1 + first < 0 ? 0 : (s->w - 1 + first) / st + 1;
-    if (*hi > wq)
-        *hi = wq;
-}
-
 /* Q (st * st phases of qsz) from the plane in, zero where P is padding; or, with in NULL, the
  * plane out from Q (an input gradient accumulated in phases) */
 static void OP(dw_phase_move)(const kd_conv_shape *s, const OP(dw_phases) * ph, const T *in, T *out,
@@ -314,10 +211,10 @@ static void OP(dw_phase_move)(const kd_conv_shape *s, const OP(dw_phases) * ph, 
         memset(Q, 0, sizeof(T) * (size_t)st * st * qsz);
     for (int ry = 0; ry < st; ry++)
         for (int rx = 0; rx < st; rx++) {
-            int lo, hi;
-            OP(dw_phase_cols)(s, rx, wq, &lo, &hi);
-            T *phase = Q + (size_t)(ry * st + rx) * qsz;
             const int ix0 = rx - s->pad; /* ix of column b is b st + ix0 */
+            int lo, hi;
+            OP(inside_cols)(s->w, st, ix0, wq, &lo, &hi);
+            T *phase = Q + (size_t)(ry * st + rx) * qsz;
             for (int a = 0, iy = ry - s->pad; iy < s->h; a++, iy += st) {
                 if (iy < 0 || hi <= lo)
                     continue;
@@ -335,6 +232,80 @@ static void OP(dw_phase_move)(const kd_conv_shape *s, const OP(dw_phases) * ph, 
                         out[i0 + (size_t)b * st] = q[b];
             }
         }
+}
+
+/* G[oy * wq + ox] = g[oy * wo + ox] for ox < wo, zero in the extra columns (output rows as the
+ * phase split computes them) */
+static void OP(dw_widen)(const kd_conv_shape *s, int wq, const T *g, T *G)
+{
+    for (int oy = 0; oy < s->ho; oy++) {
+        OP(copy_row)(G + (size_t)oy * wq, g + (size_t)oy * s->wo, s->wo);
+        for (int ox = s->wo; ox < wq; ox++)
+            G[(size_t)oy * wq + ox] = 0;
+    }
+}
+
+/* Stride 1 (ph: the one phase, the padded plane), every gradient. */
+static void OP(dw_bwd_padded)(const kd_conv_shape *s, const OP(dw_phases) * ph, const T *x,
+                              const T *w, const T *dy, T *dx, T *dw, T *db)
+{
+    const int mult = s->o / s->c, wp = ph->wq, hwo = s->ho * s->wo;
+    const int span = ph->span, hw = s->h * s->w;
+    /* parameter grads: one output channel per iteration, summed over the batch */
+#pragma omp parallel for schedule(static)
+    for (int o = 0; o < s->o; o++) {
+        T P[KD_DW_PLANE_MAX], G[KD_DW_PLANE_MAX], taps[64];
+        const int ntaps = s->kh * s->kw, ci = o / mult;
+        double dk[64] = {0};
+        double bsum = 0;
+        for (int ni = 0; ni < s->n; ni++) {
+            const T *g = dy + ((size_t)ni * s->o + o) * hwo;
+            OP(dw_phase_move)(s, ph, x + ((size_t)ni * s->c + ci) * hw, NULL, P);
+            OP(dw_widen)(s, wp, g, G);
+            T gs = 0;
+#pragma omp simd reduction(+ : gs)
+            for (int i = 0; i < hwo; i++)
+                gs += g[i];
+            bsum += gs;
+            for (int ky = 0; ky < s->kh; ky++)
+                for (int kx = 0; kx < s->kw; kx++) {
+                    const T *src = P + (size_t)ky * wp + kx;
+                    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+                    for (int i = 0; i < span; i++)
+                        acc += G[i] * src[i];
+                    taps[ky * s->kw + kx] = acc;
+                }
+            for (int t = 0; t < ntaps; t++)
+                dk[t] += taps[t];
+        }
+        for (int t = 0; t < ntaps; t++)
+            dw[(size_t)o * ntaps + t] += (T)dk[t];
+        if (db)
+            db[o] += (T)bsum;
+    }
+    if (!dx)
+        return;
+#pragma omp parallel for schedule(static)
+    for (long nc = 0; nc < (long)s->n * s->c; nc++) {
+        T D[KD_DW_PLANE_MAX], G[KD_DW_PLANE_MAX];
+        int ni = (int)(nc / s->c), ci = (int)(nc % s->c);
+        memset(D, 0, sizeof(T) * (size_t)ph->qsz);
+        for (int m = 0; m < mult; m++) {
+            int o = ci * mult + m;
+            OP(dw_widen)(s, wp, dy + ((size_t)ni * s->o + o) * hwo, G);
+            const T *k = w + (size_t)o * s->kh * s->kw;
+            for (int ky = 0; ky < s->kh; ky++)
+                for (int kx = 0; kx < s->kw; kx++) {
+                    const T kv = k[ky * s->kw + kx];
+                    T *dst = D + (size_t)ky * wp + kx;
+#pragma omp simd
+                    for (int i = 0; i < span; i++)
+                        dst[i] += kv * G[i];
+                }
+        }
+        OP(dw_phase_move)(s, ph, NULL, dx + (size_t)nc * hw, D);
+    }
 }
 
 static void OP(dw_fwd_phased)(const kd_conv_shape *s, const OP(dw_phases) * ph, const T *x,
@@ -367,7 +338,7 @@ static void OP(dw_bwd_dx_phased)(const kd_conv_shape *s, const OP(dw_phases) * p
                                  const T *dy, T *dx)
 {
     const int st = s->stride, mult = s->o / s->c, hwo = s->ho * s->wo, hw = s->h * s->w;
-    const int wq = ph->wq, span = ph->span;
+    const int span = ph->span;
 #pragma omp parallel for schedule(static)
     for (long nc = 0; nc < (long)s->n * s->c; nc++) {
         T D[KD_DW_PLANE_MAX], G[KD_DW_PLANE_MAX];
@@ -375,12 +346,7 @@ static void OP(dw_bwd_dx_phased)(const kd_conv_shape *s, const OP(dw_phases) * p
         memset(D, 0, sizeof(T) * (size_t)st * st * ph->qsz);
         for (int m = 0; m < mult; m++) {
             const int o = ci * mult + m;
-            const T *g = dy + ((size_t)ni * s->o + o) * hwo;
-            for (int oy = 0; oy < s->ho; oy++) {
-                OP(copy_row)(G + (size_t)oy * wq, g + (size_t)oy * s->wo, s->wo);
-                for (int ox = s->wo; ox < wq; ox++)
-                    G[(size_t)oy * wq + ox] = 0;
-            }
+            OP(dw_widen)(s, ph->wq, dy + ((size_t)ni * s->o + o) * hwo, G);
             const T *k = w + (size_t)o * s->kh * s->kw;
             for (int j = 0; j < ph->ntaps; j++) { /* kernel rows from the last, columns in order */
                 const int t = (s->kh - 1 - j / s->kw) * s->kw + j % s->kw;
@@ -577,9 +543,10 @@ void OP(conv2d_bwd)(const kd_conv_shape *s, const T *x, const T *w, const T *dy,
 {
     if (OP(conv_is_depthwise)(s)) {
         OP(dw_phases) ph;
-        if (OP(dw_padded_ok)(s) && s->kh * s->kw <= 64) {
-            OP(dw_bwd_padded)(s, x, w, dy, dx, dw, db);
-        } else if (OP(dw_phase_plan)(s, &ph)) {
+        const int phased = OP(dw_phase_plan)(s, &ph);
+        if (phased && s->stride == 1) {
+            OP(dw_bwd_padded)(s, &ph, x, w, dy, dx, dw, db);
+        } else if (phased) {
             OP(dw_bwd)(s, x, w, dy, NULL, dw, db);
             if (dx)
                 OP(dw_bwd_dx_phased)(s, &ph, w, dy, dx);

@@ -364,9 +364,9 @@ kd_status kd_teacher_check_live(kd_teacher *t, const kd_job *job, kd_comm *comm)
         return KD_OK;
     const size_t C = (size_t)t->classes, n = t->live_n > 0 ? (size_t)t->live_n : 0;
     kd_status st = n ? t->be->download(t->logits_h, t->t_dev, n * C * sizeof(float)) : KD_OK;
-    size_t at = n * C;
-    for (size_t i = 0; st == KD_OK && i < n * C && at == n * C; i++)
-        at = isfinite(t->logits_h[i]) ? at : i;
+    size_t at = 0; /* the first non-finite logit, or n * C */
+    while (st == KD_OK && at < n * C && isfinite(t->logits_h[at]))
+        at++;
     double any = st != KD_OK || at < n * C; /* every rank learns whether any rank found one */
     if (comm && comm->size > 1)
         KD_TRY(comm->ops->sum_f64(comm, &any, 1));

@@ -413,30 +413,10 @@ static inline int32_t dw_weight(const uint8_t *w, int wbits, int32_t rs, int32_t
     return KDM_IS_W8_(wbits) ? (int8_t)row[c] : kdm_nibble_(row, c);
 }
 
-/* The 3x3 weights of channels c0 .. c0 + 3, tap t's in word t: int8 weights as they lie (channel
- * c0 + i in bits 8i), int4 weights' nibbles (channel c0 + i in bits 4i; c0 may be odd when the
- * last group overlaps, then three bytes hold the four). One load per tap instead of one per
- * weight. */
-static void dw_group_taps(const uint8_t *w, int wbits, int32_t rs, int32_t c0, uint32_t *wk)
+/* A weight byte's value: int8, or the int4 nibble whose bits a left shift by up puts at the top. */
+static inline int32_t dw_tap(const uint8_t *b, int w8, int32_t up)
 {
-    for (int32_t t = 0; t < 9; t++, w += rs) {
-        if (KDM_IS_W8_(wbits)) {
-            wk[t] = kdm_ld32(w + c0);
-        } else {
-            const uint8_t *b = w + (c0 >> 1);
-            uint32_t v = (uint32_t)b[0] | (uint32_t)b[1] << 8;
-            if (c0 & 1)
-                v = (v | (uint32_t)b[2] << 16) >> 4;
-            wk[t] = v;
-        }
-    }
-}
-
-/* Channel i's weight of tap t from dw_group_taps's words. */
-static inline int32_t dw_tap(const uint32_t *wk, int wbits, int32_t t, int32_t i)
-{
-    const int32_t bits = KDM_IS_W8_(wbits) ? 8 : 4;
-    return (int32_t)(wk[t] << (32 - bits - bits * i)) >> (32 - bits);
+    return w8 ? (int8_t)*b : (int32_t)((uint32_t)*b << up) >> 28;
 }
 
 /* The layer as dw_row_direct reads it. */
@@ -519,13 +499,13 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
     buf = tab + 4 * KDM_DW_TAB_WORDS; /* the 3x3 path's scratch holds the tables and the rows */
     dw_row row = {p->out_w, 2 * q->out_zp + 1, ch, out, 0};
     dw_job job[4];
+    const int32_t in_row_bytes = p->in_w * ch, out_row_bytes = p->out_w * ch;
+    const int clamp = q->act_min != -128 || q->act_max != 127;
     /* four channels at a time; the last four overlap the group before when in_c % 4 != 0 */
     for (int32_t c0 = 0; c0 < ch; c0 += 4) {
         if (c0 > ch - 4)
             c0 = ch - 4;
         int skip = 0;
-        uint32_t wk[9];
-        dw_group_taps(w, wbits, rs, c0, wk);
         for (int32_t i = 0; i < 4; i++) {
             const int32_t c = c0 + i, m = q->mult[c], s = q->shift[c];
             dw_job *j = &job[i];
@@ -533,10 +513,11 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
              * row (s - r) mod 3) is the six words from 2 ((3 - r) mod 3); m = 0 (output zp) as
              * weights and bias 0 */
             uint32_t *tt = tab + i * KDM_DW_TAB_WORDS;
-            for (int32_t ky = 0; ky < 3; ky++) {
-                const int32_t k0 = dw_tap(wk, wbits, 3 * ky, i),
-                              k1 = dw_tap(wk, wbits, 3 * ky + 1, i),
-                              k2 = dw_tap(wk, wbits, 3 * ky + 2, i);
+            const int w8 = KDM_IS_W8_(wbits);
+            const int32_t up = 28 - 4 * (c & 1); /* int4: the channel's nibble to the top */
+            for (int32_t ky = 0, at = w8 ? c : c >> 1; ky < 3; ky++, at += 3 * rs) {
+                const int32_t k0 = dw_tap(w + at, w8, up), k1 = dw_tap(w + at + rs, w8, up),
+                              k2 = dw_tap(w + at + 2 * rs, w8, up);
                 tt[2 * ky] = m ? kdm_pack16(k0, k1) : 0;
                 tt[2 * ky + 1] = m ? kdm_pack16(k1, k2) : 0;
             }
@@ -556,29 +537,29 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
             }
             dw_blocks(j);
         }
-        int32_t next = 0, slot = 0; /* the next padded input row to buffer, and its slot */
-        for (int32_t oy = 0; oy < p->out_h; oy++) {
-            const int32_t r0 = oy * st, s0 = r0 % kh;
-            if (next < r0) {
-                next = r0;
-                slot = s0;
-            }
-            for (; next < r0 + kh; next++, slot = slot + 1 == kh ? 0 : slot + 1) {
-                const int32_t iy = next - p->pad;
-                const int in_row = iy >= 0 && iy < p->in_h;
-                kdm_dw_put_(buf + slot, in + (in_row ? iy : 0) * p->in_w * ch + c0,
-                            in_row ? &plan : &pad_plan);
-            }
-            int8_t *o = out + oy * p->out_w * ch + c0;
+        /* padded input row r (input row r - pad) into slot r % 3; output row oy once rows
+         * oy st .. oy st + 2 are in, the first of them in the slot after row r's */
+        int8_t *o = out + c0;
+        int32_t slot = 0;
+        for (int32_t r = 0, oy = 0; oy < p->out_h; r++) {
+            const uint32_t iy = (uint32_t)(r - p->pad);
+            const int in_row = iy < (uint32_t)p->in_h;
+            kdm_dw_put_(buf + slot, in + (in_row ? (int32_t)iy * in_row_bytes + c0 : 0),
+                        in_row ? &plan : &pad_plan);
+            slot = slot == 2 ? 0 : slot + 1;
+            if (r < 2 || ((r - 2) & (st - 1))) /* stride 1 or 2 */
+                continue;
             for (int32_t i = 0; i < 4 && skip; i++)
                 if (job[i].variant == DW_SKIP)
                     dw_row_direct(&g, in, c0 + i, oy, o + i);
             row.out = o;
-            row.rot = 8 * (s0 ? 3 - s0 : 0);
+            row.rot = slot ? 24 - 8 * slot : 0;
             kdm_dw3_rows_(job, 4, &row);
-            if (q->act_min != -128 || q->act_max != 127) /* again where dw_row_direct clamped */
-                for (int32_t x = 0; x < p->out_w * ch; x += ch)
+            if (clamp) /* again where dw_row_direct clamped */
+                for (int32_t x = 0; x < out_row_bytes; x += ch)
                     kdm_clamp_row_(o + x, 4, q->act_min, q->act_max);
+            o += out_row_bytes;
+            oy++;
         }
     }
 }

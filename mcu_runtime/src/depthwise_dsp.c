@@ -134,26 +134,29 @@ void kdm_dw_put_(uint32_t *d, const int8_t *px, const dw_put_plan *plan);
  * output KDM_ASM_RQ_OUT's sat8((v + zp2) / 2)): double rounding with a right shift, single
  * rounding (shift <= -2), and below double rounding with a left shift s (h = SMMLAR as in
  * KDM_ASM_RQ_DBL of x << s, v = 2 h saturated, so that (v + zp2) / 2 = h + zp) and single
- * rounding with shift -1 (SMMULR, v = 2 h). */
+ * rounding with shift -1 (SMMULR, v = 2 h). Between the two sums DW_ODD counts the outputs down
+ * by two: a row's odd last output goes to .Ldw_odd with x's sum only (the flags it sets last
+ * until DW_STORE's IT: nothing in between sets them). */
+#define DW_ODD                                                                                     \
+    "subs r12, r12, #2\n\t"                                                                        \
+    "bmi .Ldw_odd\n\t"
 #define DW_REQ_DBL                                                                                 \
-    "ldrd r8, r9, [sp]\n\t" KDM_ASM_RQ_DBL("r6", "r8", "r9") KDM_ASM_RQ_DBL("r7", "r8", "r9")
+    "ldrd r8, r9, [sp]\n\t" KDM_ASM_RQ_DBL("r6", "r8", "r9") DW_ODD KDM_ASM_RQ_DBL("r7", "r8", "r9")
 #define DW_REQ_LEFT                                                                                \
     "ldrd r8, r9, [sp]\n\t"                                                                        \
     "lsl r6, r6, r9\n\t"                                                                           \
-    "lsl r7, r7, r9\n\t"                                                                           \
     "smmlar r6, r6, r8, r6\n\t"                                                                    \
+    "qadd r6, r6, r6\n\t" DW_ODD "lsl r7, r7, r9\n\t"                                              \
     "smmlar r7, r7, r8, r7\n\t"                                                                    \
-    "qadd r6, r6, r6\n\t"                                                                          \
     "qadd r7, r7, r7\n\t"
 /* single rounding with shift -1: SMMULR, then 2 h as above */
 #define DW_REQ_SGL1                                                                                \
     "ldr r8, [sp]\n\t"                                                                             \
     "smmulr r6, r6, r8\n\t"                                                                        \
-    "smmulr r7, r7, r8\n\t"                                                                        \
-    "qadd r6, r6, r6\n\t"                                                                          \
+    "qadd r6, r6, r6\n\t" DW_ODD "smmulr r7, r7, r8\n\t"                                           \
     "qadd r7, r7, r7\n\t"
 #define DW_REQ_SGL                                                                                 \
-    "ldrd r8, r9, [sp]\n\t" KDM_ASM_RQ_SGL("r6", "r8", "r9") KDM_ASM_RQ_SGL("r7", "r8", "r9")
+    "ldrd r8, r9, [sp]\n\t" KDM_ASM_RQ_SGL("r6", "r8", "r9") DW_ODD KDM_ASM_RQ_SGL("r7", "r8", "r9")
 
 /* A block's entry, a Thumb function symbol so that dw_run can take its address. */
 #define DW_ENTRY(name)                                                                             \
@@ -161,18 +164,19 @@ void kdm_dw_put_(uint32_t *d, const int8_t *px, const dw_put_plan *plan);
     ".type " name ", %function\n\t"                                                                \
     ".thumb_func\n" name ":\n\t"
 
-/* After a requantization block: (v + zp2) / 2 saturated and stored, r12 counting outputs down by
- * two (an odd last output stores x only), back to the multiply block while outputs remain. */
+/* After a requantization block: (v + zp2) / 2 saturated and stored for both outputs, back to the
+ * multiply block while outputs remain (DW_ODD's count). */
 #define DW_STORE                                                                                   \
     "ldrd r8, r9, [sp, #8]\n\t" KDM_ASM_RQ_OUT("r6", "r8")                                         \
         KDM_ASM_RQ_OUT("r7", "r8") "strb r6, [lr]\n\t"                                             \
-                                   "subs r12, r12, #2\n\t"                                         \
-                                   "bmi .Ldw_next\n\t"                                             \
                                    "strb r7, [lr, r9]\n\t"                                         \
                                    "add lr, lr, r9, lsl #1\n\t"                                    \
                                    "it ne\n\t"                                                     \
                                    "ldrne pc, [sp, #44]\n\t"                                       \
                                    "b .Ldw_next\n"
+
+/* A row's odd last output: x's value stored alone. */
+#define DW_ODD_STORE "ldr r8, [sp, #8]\n\t" KDM_ASM_RQ_OUT("r6", "r8") "strb r6, [lr]\n"
 
 /* The requantization blocks of the roundings KDM_ROUNDING_MASK admits (a job of another
  * rounding never reaches them: kdm_load refuses its model). */
@@ -239,7 +243,7 @@ __asm__(".section .text.kdm_dw3_rows_,\"ax\",%progbits\n\t"
         "add r1, r1, r2\n\t"
         "ldm r1, {r0, r1, r2, r3, r4, r5}\n\t"
         "ldr pc, [sp, #44]\n"
-        ".Ldw_next:\n\t"
+        ".Ldw_odd:\n\t" DW_ODD_STORE ".Ldw_next:\n\t"
         "ldr r0, [sp, #36]\n\t"
         "adds r0, r0, #1\n\t"
         "str r0, [sp, #36]\n\t"

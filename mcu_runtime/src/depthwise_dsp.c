@@ -395,16 +395,17 @@ static void kdm_dw_put_(uint32_t *d, const int8_t *px, const dw_put_plan *p)
 {
     const int32_t cw = p->cw_bytes / 4;
     const uint32_t zp = (uint32_t)p->zp;
+    int32_t at = 0; /* the next pixel's byte (an offset: the row may end right after a pair) */
     for (int32_t j = 0; j < p->zl; j++)
         d = dw_put_pair(d, cw, zp, zp);
     if (p->lead) {
         d = dw_put_pair(d, cw, zp, kdm_ld32(px));
-        px += p->ch;
+        at = p->ch;
     }
-    for (int32_t j = 0; j < p->n_mid; j++, px += 2 * p->ch)
-        d = dw_put_pair(d, cw, kdm_ld32(px), kdm_ld32(px + p->ch));
+    for (int32_t j = 0; j < p->n_mid; j++, at += 2 * p->ch)
+        d = dw_put_pair(d, cw, kdm_ld32(px + at), kdm_ld32(px + at + p->ch));
     if (p->tail)
-        d = dw_put_pair(d, cw, kdm_ld32(px), zp);
+        d = dw_put_pair(d, cw, kdm_ld32(px + at), zp);
     for (int32_t j = 0; j < p->zt; j++)
         d = dw_put_pair(d, cw, zp, zp);
 }
@@ -543,7 +544,6 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
         }
         /* padded input row r (input row r - pad) into slot r % 3; output row oy once rows
          * oy st .. oy st + 2 are in, the first of them in the slot after row r's */
-        int8_t *o = out + c0;
         int32_t slot = 0;
         for (int32_t r = 0, oy = 0; oy < p->out_h; r++) {
             const uint32_t iy = (uint32_t)(r - p->pad);
@@ -553,6 +553,7 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
             slot = slot == 2 ? 0 : slot + 1;
             if (r < 2 || ((r - 2) & (st - 1))) /* stride 1 or 2 */
                 continue;
+            int8_t *o = out + oy * out_row_bytes + c0;
             for (int32_t i = 0; i < 4 && skip; i++)
                 if (job[i].variant == DW_SKIP)
                     dw_row_direct(&g, in, c0 + i, oy, o + i);
@@ -562,7 +563,6 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
             if (clamp) /* again where dw_row_direct clamped */
                 for (int32_t x = 0; x < out_row_bytes; x += ch)
                     kdm_clamp_row_(o + x, 4, q->act_min, q->act_max);
-            o += out_row_bytes;
             oy++;
         }
     }

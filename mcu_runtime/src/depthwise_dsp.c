@@ -411,17 +411,18 @@ static void kdm_dw_put_(uint32_t *d, const int8_t *px, const dw_put_plan *p)
 }
 #endif
 
-/* Weight of tap t (ky * kernel_w + kx), channel c. */
-static inline int32_t dw_weight(const uint8_t *w, int wbits, int32_t rs, int32_t t, int32_t c)
-{
-    const uint8_t *row = w + t * rs;
-    return KDM_IS_W8_(wbits) ? (int8_t)row[c] : kdm_nibble_(row, c);
-}
-
-/* A weight byte's value: int8, or the int4 nibble whose bits a left shift by up puts at the top. */
+/* A weight byte's value: int8, or the int4 nibble whose bits a left shift by up puts at the top
+ * (28 - 4 (c & 1) for channel c). */
 static inline int32_t dw_tap(const uint8_t *b, int w8, int32_t up)
 {
     return w8 ? (int8_t)*b : (int32_t)((uint32_t)*b << up) >> 28;
+}
+
+/* Weight of tap t (ky * kernel_w + kx), channel c. */
+static inline int32_t dw_weight(const uint8_t *w, int wbits, int32_t rs, int32_t t, int32_t c)
+{
+    const int w8 = KDM_IS_W8_(wbits);
+    return dw_tap(w + t * rs + (w8 ? c : c >> 1), w8, 28 - 4 * (c & 1));
 }
 
 /* The layer as dw_row_direct reads it. */

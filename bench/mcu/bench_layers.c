@@ -6,8 +6,9 @@
  * kdm_invoke runs once on a fixed pseudo-random input so that every tensor in the arena holds
  * a real activation; then each op i runs alone through kdm_invoke_op (an op's output never
  * overlaps its inputs, so repeating it is harmless). An op is first timed once, then `reps`
- * more times back to back so that the total spans at least FW_MIN_TICKS counter ticks, which
- * keeps the 40-instruction tick resolution (fw.h) under 0.1 % of the figure. The op's type,
+ * more times back to back so that the total spans at least FW_MIN_TICKS counter ticks (10^6
+ * instructions), which keeps the tick resolution (40 or 62.5 instructions, fw.h) under 0.1 %
+ * of the figure. The op's type,
  * weight bits and shapes come from the blob's op and tensor tables (format: kdm.h).
  *
  * Output, one line each (key=value, parsed by run.sh):
@@ -29,7 +30,7 @@
 #ifndef FW_KERNELS
 #define FW_KERNELS "?"
 #endif
-#define FW_MIN_TICKS 25000u /* 1e6 instructions */
+#define FW_MIN_TICKS FW_TICKS_FOR(1000000u)
 #define FW_MAX_REPS  64u
 
 static uint8_t arena[KDM_MODEL_ARENA_SIZE] __attribute__((aligned(8)));
@@ -81,7 +82,7 @@ int main(void)
     fw_puts("model kernels=" FW_KERNELS);
     fw_put_kv("ops", n_ops);
     fw_puts(" invoke_instr=");
-    fw_put_u64(fw_ticks_to_instr(t1 - t0));
+    fw_put_u64(fw_ticks_to_instr(fw_tick_span(t0, t1)));
     fw_putc('\n');
 
     uint64_t sum = 0;
@@ -93,14 +94,14 @@ int main(void)
         t1 = fw_ticks();
         if (st != KDM_OK)
             return fail("kdm_invoke_op", st);
-        uint32_t once = t1 - t0, reps = 1;
+        uint32_t once = fw_tick_span(t0, t1), reps = 1;
         while (reps < FW_MAX_REPS && reps * once < FW_MIN_TICKS)
             reps *= 2;
         t0 = fw_ticks();
         for (uint32_t r = 0; r < reps; r++)
             kdm_invoke_op(&m, arena, sizeof arena, i);
         t1 = fw_ticks();
-        uint64_t instr = fw_ticks_to_instr(t1 - t0) / reps;
+        uint64_t instr = fw_ticks_to_instr(fw_tick_span(t0, t1)) / reps;
         uint32_t macs = kdm_op_macs(&m, i);
         sum += instr;
 

@@ -47,7 +47,7 @@
 #ifndef FW_CMSIS_SINGLE_ROUNDING
 #define FW_CMSIS_SINGLE_ROUNDING 0 /* how CMSIS-NN was compiled (CMake CMSIS_NN_ROUNDING) */
 #endif
-#define FW_MIN_TICKS   25000u /* 1e6 instructions */
+#define FW_MIN_TICKS   FW_TICKS_FOR(1000000u)
 #define FW_MAX_REPS    64u
 #define FW_MAX_WEIGHTS 524288u /* dense weight bytes of the largest layer (QEMU gives 4 MiB) */
 #define FW_MAX_CH      1024u
@@ -132,14 +132,14 @@ static uint64_t time_it(runner fn, void *arg, int *status)
 {
     uint32_t t0 = fw_ticks();
     *status = fn(arg);
-    uint32_t t1 = fw_ticks(), once = t1 - t0, reps = 1;
+    uint32_t t1 = fw_ticks(), once = fw_tick_span(t0, t1), reps = 1;
     while (reps < FW_MAX_REPS && reps * once < FW_MIN_TICKS)
         reps *= 2;
     t0 = fw_ticks();
     for (uint32_t r = 0; r < reps; r++)
         fn(arg);
     t1 = fw_ticks();
-    return fw_ticks_to_instr(t1 - t0) / reps;
+    return fw_ticks_to_instr(fw_tick_span(t0, t1)) / reps;
 }
 
 typedef struct {

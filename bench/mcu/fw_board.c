@@ -2,11 +2,12 @@
  * fw_board.c - startup, semihosting output, exit, instruction counter and stack painting for
  * the bench/mcu firmware (interface and the tick-to-instruction rule: fw.h).
  *
- * Startup. The vector table (section .vectors, placed at address 0 by mps2_common.ld, where
+ * Startup. The vector table (section .vectors, placed at address 0 by fw_common.ld, where
  * QEMU's M-profile reset reads the initial SP and PC) holds the top of the stack and
  * fw_reset. fw_reset enables the FPU when the build uses hardware floating point (the runtime
- * itself is integer-only, but libgcc and the firmware may not be), copies .data from its load
- * address in flash, zeroes .bss, paints the stack, runs main and exits with its status.
+ * itself is integer-only, but libgcc and the firmware may not be), starts SysTick on the
+ * microbit (the board's instruction counter, fw.h), copies .data from its load address in
+ * flash, zeroes .bss, paints the stack, runs main and exits with its status.
  *
  * Semihosting. ARM's semihosting calls are `bkpt 0xab` on M-profile with the operation in r0
  * and its argument in r1; QEMU serves them with -semihosting-config enable=on,target=native.
@@ -25,12 +26,15 @@
 #define ADP_STOPPED_APPLICATION_EXIT 0x20026u
 
 #define FPGAIO_COUNTER (*(volatile uint32_t *)0x40028018u)
+#define SYST_CSR       (*(volatile uint32_t *)0xE000E010u)
+#define SYST_RVR       (*(volatile uint32_t *)0xE000E014u)
+#define SYST_CVR       (*(volatile uint32_t *)0xE000E018u)
 #define SCB_CPACR      (*(volatile uint32_t *)0xE000ED88u)
 #define SCB_CFSR       (*(volatile uint32_t *)0xE000ED28u)
 #define SCB_HFSR       (*(volatile uint32_t *)0xE000ED2Cu)
 #define SCB_ICSR       (*(volatile uint32_t *)0xE000ED04u)
 
-/* linker-script symbols (mps2_common.ld) */
+/* linker-script symbols (fw_common.ld) */
 extern uint32_t __stack_limit[], __stack_top[];
 extern uint32_t __data_start[], __data_end[], __data_load[];
 extern uint32_t __bss_start[], __bss_end[];
@@ -156,7 +160,12 @@ void fw_exit(int status)
 
 /* ---- timing and stack ------------------------------------------------------------------ */
 
+#if defined(FW_BOARD_MICROBIT)
+/* SysTick counts down from FW_TICK_MASK: its complement counts up */
+uint32_t fw_ticks(void) { return FW_TICK_MASK - SYST_CVR; }
+#else
 uint32_t fw_ticks(void) { return FPGAIO_COUNTER; }
+#endif
 
 uint64_t fw_calibrate(void)
 {
@@ -169,7 +178,7 @@ uint64_t fw_calibrate(void)
     __asm__ volatile("1: subs %0, %0, #1\n\tbne 1b" : "+l"(n) : : "cc");
 #endif
     uint32_t t1 = fw_ticks();
-    return fw_ticks_to_instr(t1 - t0);
+    return fw_ticks_to_instr(fw_tick_span(t0, t1));
 }
 
 void fw_put_calib(void)
@@ -197,6 +206,11 @@ void fw_reset(void)
 #if defined(__ARM_FP)
     SCB_CPACR |= 0xFu << 20; /* CP10 and CP11: full access */
     __asm__ volatile("dsb\n\tisb" ::: "memory");
+#endif
+#if defined(FW_BOARD_MICROBIT)
+    SYST_RVR = FW_TICK_MASK;
+    SYST_CVR = 0; /* any write clears it: the count restarts from the reload value */
+    SYST_CSR = 5; /* ENABLE, CLKSOURCE = processor clock, no interrupt */
 #endif
     for (uint32_t *src = __data_load, *dst = __data_start; dst < __data_end;)
         *dst++ = *src++;

@@ -9,8 +9,9 @@
 #   calib INSTR
 #   invoke VARIANT INSTR_MEAN HOST_MATCH SAMPLES
 #   stack USED RESERVED ARENA
-#   size VARIANT TEXT DATA BSS RUNTIME_BYTES BLOB_BYTES LIBC_LIBGCC_BYTES
-#   dsp|ref|m7 op=I type=T wbits=B in=CxHxW out=CxHxW k=KxK s=S macs=M instr=N reps=R ipm_milli=X
+#   size VARIANT TEXT DATA BSS RUNTIME_BYTES BLOB_BYTES LIBC_LIBGCC_BYTES STACK_RESERVED
+#   dsp|ref|m7|m0 op=I type=T wbits=B in=CxHxW out=CxHxW k=KxK s=S macs=M instr=N reps=R
+#       ipm_milli=X   (m0: the Cortex-M0+ build, reference kernels, on QEMU's microbit)
 #
 # Targets (instructions per MAC, DSP kernels, layers with >= 16 input channels): INT8
 # fully-connected <= 1.9 (a 1x1 convolution is the same matrix product and is held to it too),
@@ -38,9 +39,9 @@ $1 == "invoke" { inv[$2] = $3; match_[$2] = $4; samples[$2] = $5 }
 $1 == "stack" { stack_used = $2; stack_size = $3; arena = $4 }
 $1 == "size" {
     v = $2; variants[++nv] = v
-    text[v] = $3; data[v] = $4; bss[v] = $5; rt[v] = $6; blob[v] = $7; libc[v] = $8
+    text[v] = $3; data[v] = $4; bss[v] = $5; rt[v] = $6; blob[v] = $7; libc[v] = $8; stk[v] = $9
 }
-$1 == "dsp" || $1 == "ref" || $1 == "m7" {
+$1 == "dsp" || $1 == "ref" || $1 == "m7" || $1 == "m0" {
     i = kv($0, "op") + 0
     if (i + 1 > nops) nops = i + 1
     L[$1, i] = $0
@@ -59,12 +60,13 @@ END {
 
     printf "\nCortex-M4 per layer (QEMU mps2-an386, -icount shift=0: 1 ns/instruction, 40 " \
         "instructions per 25 MHz tick; calibration loop 2000000 -> %s)\n", calib
-    printf "%3s %-8s %2s %-20s %-5s %1s %8s | %10s %6s | %10s %6s | %7s | %s\n", "op", "type",
-        "wb", "in -> out", "k", "s", "MACs", "DSP instr", "i/MAC", "ref instr", "i/MAC",
-        "ref/dsp", "target (DSP i/MAC)"
+    printf "%3s %-8s %2s %-20s %-5s %1s %8s | %10s %6s | %10s %6s | %7s | %6s | %s\n", "op",
+        "type", "wb", "in -> out", "k", "s", "MACs", "DSP instr", "i/MAC", "ref instr", "i/MAC",
+        "ref/dsp", "M0+", "target (DSP i/MAC)"
     layers_json = ""
     for (i = 0; i < nops; i++) {
-        d = L["dsp", i]; r = L["ref", i]; m7 = L["m7", i]
+        d = L["dsp", i]; r = L["ref", i]; m7 = L["m7", i]; m0 = L["m0", i]
+        m0i = kv(m0, "instr") + 0
         type = kv(d, "type"); wb = kv(d, "wbits") + 0; k = kv(d, "k")
         macs = kv(d, "macs") + 0; di = kv(d, "instr") + 0; ri = kv(r, "instr") + 0
         split(kv(d, "in"), ishape, "x"); in_c = ishape[1] * (type == "fc" ? ishape[2] * ishape[3] : 1)
@@ -81,26 +83,30 @@ END {
             if (!pass) missed = 1
             tcell = sprintf("<= %.1f %s: %s", target, tname, verdict(pass))
         }
-        printf "%3d %-8s %2s %-20s %-5s %1s %8d | %10d %6s | %10d %6s | %7s | %s\n", i, type,
-            wb ? wb : "-", kv(d, "in") "->" kv(d, "out"), k == "0x0" ? "-" : k,
+        printf "%3d %-8s %2s %-20s %-5s %1s %8d | %10d %6s | %10d %6s | %7s | %6s | %s\n", i,
+            type, wb ? wb : "-", kv(d, "in") "->" kv(d, "out"), k == "0x0" ? "-" : k,
             kv(d, "s") + 0 ? kv(d, "s") : "-", macs, di,
-            macs ? ratio(di, macs) : "-", ri, macs ? ratio(ri, macs) : "-", ratio(ri, di), tcell
-        sum_d += di; sum_r += ri
+            macs ? ratio(di, macs) : "-", ri, macs ? ratio(ri, macs) : "-", ratio(ri, di),
+            macs && m0i ? sprintf("%.1f", m0i / macs) : "-", tcell
+        sum_d += di; sum_r += ri; sum_m0 += m0i
         layers_json = layers_json (i ? ",\n" : "") sprintf("    {\"op\": %d, \"type\": %s, " \
             "\"wbits\": %d, \"in\": %s, \"out\": %s, \"kernel\": %s, \"stride\": %s, " \
             "\"macs\": %d, \"dsp_instr\": %d, \"dsp_instr_per_mac\": %s, \"ref_instr\": %d, " \
-            "\"ref_instr_per_mac\": %s, \"m7_instr\": %d, \"target_instr_per_mac\": %s}", i,
+            "\"ref_instr_per_mac\": %s, \"m7_instr\": %d, \"m0plus_instr\": %d, " \
+            "\"target_instr_per_mac\": %s}", i,
             q(type), wb, q(kv(d, "in")), q(kv(d, "out")), q(k), kv(d, "s") + 0, macs, di,
-            ratio(di, macs), ri, ratio(ri, macs), kv(m7, "instr") + 0,
+            ratio(di, macs), ri, ratio(ri, macs), kv(m7, "instr") + 0, m0i,
             target > 0 ? sprintf("%.1f", target) : "null")
     }
     printf "%3s %-8s %2s %-20s %-5s %1s %8s | %10d %6s | %10d %6s | %7s |\n", "", "sum", "", "",
         "", "", "", sum_d, "", sum_r, "", ratio(sum_r, sum_d)
+    printf "(M0+: instructions per MAC of the Cortex-M0+ build, reference kernels, on QEMU's " \
+        "microbit: SysTick at 16 MHz, 62.5 instructions per tick; %d in all)\n", sum_m0
     printf "\nwhole kdm_invoke, instructions per inference: M4 DSP %s, M4 reference %s " \
-        "(x%s), M7 (mps2-an500) %s\n", inv["m4-dsp"], inv["m4-ref"],
-        ratio(inv["m4-ref"], inv["m4-dsp"]), inv["m7"]
-    split("m4-dsp m4-ref m7", order, " ")
-    for (j = 1; j <= 3; j++) {
+        "(x%s), M7 (mps2-an500) %s, M0+ (microbit) %s\n", inv["m4-dsp"], inv["m4-ref"],
+        ratio(inv["m4-ref"], inv["m4-dsp"]), inv["m7"], inv["m0plus"]
+    split("m4-dsp m4-ref m7 m0plus", order, " ")
+    for (j = 1; j <= 4; j++) {
         v = order[j]
         printf "host vs QEMU outputs (%s): %s/%s samples byte-identical\n", v, match_[v], samples[v]
         if (match_[v] != samples[v] || samples[v] == 0) fail = 1
@@ -115,11 +121,11 @@ END {
         v = variants[j]
         flash = text[v] + data[v]
         printf "%-8s %12d %12d %10d %12d %10d\n", v, rt[v], libc[v], blob[v], flash,
-            data[v] + bss[v] - stack_size
+            data[v] + bss[v] - stk[v]
         sizes_json = sizes_json (j > 1 ? ",\n" : "") sprintf("    %s: {\"runtime_code\": %d, " \
             "\"libgcc_libc\": %d, \"model_blob\": %d, \"total_flash\": %d, \"text\": %d, " \
             "\"data\": %d, \"bss\": %d, \"static_ram\": %d}", q(v), rt[v], libc[v], blob[v],
-            flash, text[v], data[v], bss[v], data[v] + bss[v] - stack_size)
+            flash, text[v], data[v], bss[v], data[v] + bss[v] - stk[v])
     }
     ram = arena + stack_used
     printf "RAM: arena %d + stack high-water %d = %d bytes (stack reserved %d; the static RAM " \
@@ -140,15 +146,17 @@ END {
         "  \"export_dir\": %s,\n  \"model\": %s,\n  \"quant\": %s,\n  \"qemu\": %s,\n  \"arm_none_eabi_gcc\": %s,\n" \
         "  \"instr_per_tick\": 40,\n  \"calibration_loop\": {\"expected\": 2000000, " \
         "\"measured\": %d},\n" \
-        "  \"instr_per_inference\": {\"m4_dsp\": %d, \"m4_ref\": %d, \"m7\": %d},\n" \
-        "  \"host_match\": {\"m4_dsp\": \"%s/%s\", \"m4_ref\": \"%s/%s\", \"m7\": \"%s/%s\"},\n" \
+        "  \"instr_per_inference\": {\"m4_dsp\": %d, \"m4_ref\": %d, \"m7\": %d, \"m0plus\": %d},\n" \
+        "  \"host_match\": {\"m4_dsp\": \"%s/%s\", \"m4_ref\": \"%s/%s\", \"m7\": \"%s/%s\", " \
+        "\"m0plus\": \"%s/%s\"},\n" \
         "  \"layers\": [\n%s\n  ],\n  \"sizes\": {\n%s\n  },\n" \
         "  \"ram\": {\"arena\": %d, \"stack_used\": %d, \"stack_reserved\": %d, " \
         "\"arena_plus_stack\": %d},\n" \
         "  \"targets\": {\"runtime_code_le_8192\": %s, \"total_flash_le_%d\": %s, " \
         "\"arena_plus_stack_le_16384\": %s, \"all_met\": %s}\n}\n", q(sha), q(export_dir), q(model), q(quant), q(qemu),
-        q(gcc), calib, inv["m4-dsp"], inv["m4-ref"], inv["m7"], match_["m4-dsp"],
+        q(gcc), calib, inv["m4-dsp"], inv["m4-ref"], inv["m7"], inv["m0plus"], match_["m4-dsp"],
         samples["m4-dsp"], match_["m4-ref"], samples["m4-ref"], match_["m7"], samples["m7"],
+        match_["m0plus"], samples["m0plus"],
         layers_json, sizes_json, arena, stack_used, stack_size, ram,
         t_rt ? "true" : "false", flash_target, t_flash ? "true" : "false",
         t_ram ? "true" : "false", missed ? "false" : "true")

@@ -77,7 +77,7 @@ int main(void)
         uint32_t t1 = fw_ticks();
         if (st != KDM_OK)
             return fail("kdm_invoke", st, 4);
-        uint64_t instr = fw_ticks_to_instr(t1 - t0);
+        uint64_t instr = fw_ticks_to_instr(fw_tick_span(t0, t1));
         total += instr;
         lo = instr < lo ? instr : lo;
         hi = instr > hi ? instr : hi;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # test_mcu_qemu.sh - the exported model gives the same bytes on a Cortex-M4 (QEMU mps2-an386,
-# firmware A with the DSP kernels) as the host runtime wrote into samples.bin.
+# firmware A with the DSP kernels) and on a Cortex-M0+ (the ARMv6-M build with the reference
+# kernels, on QEMU's Cortex-M0 microbit) as the host runtime wrote into samples.bin.
 #
 #   test_mcu_qemu.sh KDM_RANDOM_MODEL [EXPORT_DIR...]
 # Without EXPORT_DIRs it makes two with kdm_random_model (the tiny student's shapes, INT8 and
@@ -32,12 +33,15 @@ fi
 
 fail=0
 for d in "${dirs[@]}"; do
-    b=$work/check_$(basename "$d")
-    echo "== $d"
-    bash "$src/bench/mcu/run.sh" check "$d" "$b"
-    rc=$?
-    [ $rc -eq 77 ] && exit 77
-    [ $rc -eq 0 ] || fail=1
+    for cpu in cortex-m4 cortex-m0plus; do
+        b=$work/check_$(basename "$d")
+        [ $cpu = cortex-m4 ] || b=${b}_$cpu
+        echo "== $d ($cpu)"
+        bash "$src/bench/mcu/run.sh" check "$d" "$b" "$cpu"
+        rc=$?
+        [ $rc -eq 77 ] && exit 77
+        [ $rc -eq 0 ] || fail=1
+    done
 done
 
 # the comparison must see a single flipped bit in the last sample's last output byte

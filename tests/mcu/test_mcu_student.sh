@@ -10,7 +10,8 @@
 #    the float model, INT4 with QAT within 1.5 pp of the distilled float student;
 #  - checks the footprint does not grow past what the export measured when this test was
 #    written (blob and arena bytes), so a regression in the exporter or runtime fails here;
-#  - runs all three on QEMU's Cortex-M4 (test_mcu_qemu.sh): every output byte equal to the host's.
+#  - runs all three on QEMU's Cortex-M4 and Cortex-M0 (test_mcu_qemu.sh: the DSP build and the
+#    ARMv6-M build): every output byte equal to the host's.
 # Exit 77 when Fashion-MNIST or the Cortex-M tools are missing.
 set -u
 distill=$1

@@ -11,7 +11,8 @@
 #   stack USED RESERVED ARENA
 #   size VARIANT TEXT DATA BSS RUNTIME_BYTES BLOB_BYTES LIBC_LIBGCC_BYTES STACK_RESERVED
 #   dsp|ref|m7|m0 op=I type=T wbits=B in=CxHxW out=CxHxW k=KxK s=S macs=M instr=N reps=R
-#       ipm_milli=X   (m0: the Cortex-M0+ build, reference kernels, on QEMU's microbit)
+#       ipm_milli=X   (m0: the Cortex-M0+ build on QEMU's microbit: matmul_fast.c's blocked
+#       kernels for 1x1 convolutions and fully-connected layers, the reference ones otherwise)
 #
 # Targets (instructions per MAC, DSP kernels, layers with >= 16 input channels): INT8
 # fully-connected <= 1.9 (a 1x1 convolution is the same matrix product and is held to it too),
@@ -100,7 +101,7 @@ END {
     }
     printf "%3s %-8s %2s %-20s %-5s %1s %8s | %10d %6s | %10d %6s | %7s |\n", "", "sum", "", "",
         "", "", "", sum_d, "", sum_r, "", ratio(sum_r, sum_d)
-    printf "(M0+: instructions per MAC of the Cortex-M0+ build, reference kernels, on QEMU's " \
+    printf "(M0+: instructions per MAC of the Cortex-M0+ build, blocked 1x1 / fc kernels, on QEMU's " \
         "microbit: SysTick at 16 MHz, 62.5 instructions per tick; %d in all)\n", sum_m0
     printf "\nwhole kdm_invoke, instructions per inference: M4 DSP %s, M4 reference %s " \
         "(x%s), M7 (mps2-an500) %s, M0+ (microbit) %s\n", inv["m4-dsp"], inv["m4-ref"],

@@ -5,8 +5,10 @@
  * caller passes is checked (4-byte aligned, at least arena_size bytes) before anything is
  * written. Kernel choice: the DSP kernels when the compiler targets the DSP extension
  * (__ARM_FEATURE_DSP) unless KDM_FORCE_REF=1; KDM_FORCE_DSP=1 picks them on any target (the
- * host then runs their portable emulation, for tests). An op outside KDM_OP_MASK is compiled
- * out, so its kernels are never referenced and the linker drops them.
+ * host then runs their portable emulation, for tests). Without them, convolutions and
+ * fully-connected layers run the blocked kernels of matmul_fast.c (KDM_FORCE_REF=1: the
+ * reference kernels) and the other ops their reference kernels. An op outside KDM_OP_MASK is
+ * compiled out, so its kernels are never referenced and the linker drops them.
  */
 #include <string.h>
 
@@ -20,9 +22,15 @@
 #define KDM_FORCE_DSP 0
 #endif
 #if KDM_FORCE_DSP || (defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP && !KDM_FORCE_REF)
-#define KDM_KERNEL(name) name##_dsp
+#define KDM_KERNEL(name)    name##_dsp
+#define KDM_KERNEL_MM(name) name##_dsp
 #else
 #define KDM_KERNEL(name) name##_ref
+#if KDM_FORCE_REF
+#define KDM_KERNEL_MM(name) name##_ref
+#else
+#define KDM_KERNEL_MM(name) name##_fast
+#endif
 #endif
 
 /* `#if` cannot see enum constants: the op numbers again, checked against kdm_op_type below. */
@@ -91,9 +99,9 @@ static void run_conv(const op_ctx *x)
     kdm_conv_params p = conv_of(x);
     kdm_requant_params q = requant_of(x);
     if (IS_W8(x))
-        KDM_KERNEL(kdm_conv2d_s8)(&p, &q, IN(x), BLOB(x, KDM_F_WEIGHTS), OUT(x), SCRATCH(x));
+        KDM_KERNEL_MM(kdm_conv2d_s8)(&p, &q, IN(x), BLOB(x, KDM_F_WEIGHTS), OUT(x), SCRATCH(x));
     else
-        KDM_KERNEL(kdm_conv2d_s4)(&p, &q, IN(x), BLOB(x, KDM_F_WEIGHTS), OUT(x), SCRATCH(x));
+        KDM_KERNEL_MM(kdm_conv2d_s4)(&p, &q, IN(x), BLOB(x, KDM_F_WEIGHTS), OUT(x), SCRATCH(x));
 }
 #endif
 
@@ -115,10 +123,10 @@ static void run_fully_connected(const op_ctx *x)
     kdm_fc_params p = {x->in.c * x->in.h * x->in.w, x->out.c, x->r[KDM_F_ROW_STRIDE]};
     kdm_requant_params q = requant_of(x);
     if (IS_W8(x))
-        KDM_KERNEL(kdm_fully_connected_s8)
+        KDM_KERNEL_MM(kdm_fully_connected_s8)
     (&p, &q, IN(x), BLOB(x, KDM_F_WEIGHTS), OUT(x), SCRATCH(x));
-    else KDM_KERNEL(kdm_fully_connected_s4)(&p, &q, IN(x), BLOB(x, KDM_F_WEIGHTS), OUT(x),
-                                            SCRATCH(x));
+    else KDM_KERNEL_MM(kdm_fully_connected_s4)(&p, &q, IN(x), BLOB(x, KDM_F_WEIGHTS), OUT(x),
+                                               SCRATCH(x));
 }
 #endif
 

@@ -1,7 +1,9 @@
 /*
  * kdm_kernels.h - the runtime's kernels (internal): one reference and, for conv, depthwise and
- * fully-connected, one DSP implementation per op and weight type, with identical signatures so
- * the dispatch (kdm_invoke.c) picks one by name and the test compares both bit for bit.
+ * fully-connected, one DSP implementation per op and weight type, and for conv and
+ * fully-connected a blocked one for cores without DSP (_fast, matmul_fast.c), with identical
+ * signatures so the dispatch (kdm_invoke.c) picks one by name and the test compares them bit
+ * for bit.
  *
  * Conventions shared by every kernel:
  *   - Activations are int8 NHWC with N = 1: element (y, x, c) of an [h][w][c] tensor is at
@@ -82,6 +84,12 @@ void kdm_conv2d_s4_ref(const kdm_conv_params *p, const kdm_requant_params *q, co
                        const uint8_t *w, int8_t *out, void *scratch);
 void kdm_conv2d_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
                        const uint8_t *w, int8_t *out, void *scratch);
+/* without DSP: 1x1 at stride 1 without padding blocked (int4: two rows unpacked into scratch),
+ * other shapes through the reference kernel */
+void kdm_conv2d_s8_fast(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                        const int8_t *w, int8_t *out, void *scratch);
+void kdm_conv2d_s4_fast(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                        const uint8_t *w, int8_t *out, void *scratch);
 
 /* ---- depthwise: w = kernel_h * kernel_w rows (tap ky * kernel_w + kx) of in_c weights ------- */
 
@@ -106,6 +114,11 @@ void kdm_fully_connected_s4_ref(const kdm_fc_params *p, const kdm_requant_params
                                 const int8_t *in, const uint8_t *w, int8_t *out, void *scratch);
 void kdm_fully_connected_s4_dsp(const kdm_fc_params *p, const kdm_requant_params *q,
                                 const int8_t *in, const uint8_t *w, int8_t *out, void *scratch);
+/* without DSP (int4: two rows unpacked into scratch) */
+void kdm_fully_connected_s8_fast(const kdm_fc_params *p, const kdm_requant_params *q,
+                                 const int8_t *in, const int8_t *w, int8_t *out, void *scratch);
+void kdm_fully_connected_s4_fast(const kdm_fc_params *p, const kdm_requant_params *q,
+                                 const int8_t *in, const uint8_t *w, int8_t *out, void *scratch);
 
 /* ---- ops without weights (one portable implementation each, and a DSP add) ------------------ */
 

@@ -8,7 +8,8 @@
  *    instructions (kdm_dsp.h), the same C the Cortex-M build compiles with the instructions.
  *    Weight row padding is filled with random bytes (it must never be read as a weight), the
  *    scratch area is exactly kdm_op_scratch_size bytes followed by a canary, and the output
- *    buffers carry guard bytes.
+ *    buffers carry guard bytes. Conv and fully-connected also against the blocked kernels for
+ *    cores without DSP (matmul_fast.c, here their C loop).
  * 2. Each reference kernel against a straightforward int64 computation written here (with the
  *    public kdm_requantize), on cases small enough that no accumulator wraps.
  * 3. kdm_requantize against hand-derived TFLite values (ties, negative numbers, saturation).
@@ -204,8 +205,9 @@ static uint32_t case_scratch(const wcase *t)
     return kdm_op_scratch_size(op, (uint32_t)t->c.in_c, (uint32_t)t->c.in_h, (uint32_t)t->c.in_w);
 }
 
-/* Run one implementation (dsp = 0: reference) into out (n_out + guard bytes). */
-static void run_impl(const wcase *t, int dsp, int8_t *out)
+/* Run one implementation (impl 0: reference, 1: DSP, 2: the blocked kernels for cores without
+ * DSP, conv and fc only) into out (n_out + guard bytes). */
+static void run_impl(const wcase *t, int impl, int8_t *out)
 {
     uint32_t ssize = case_scratch(t);
     uint8_t *scratch = xmalloc(ssize + 4);
@@ -213,20 +215,41 @@ static void run_impl(const wcase *t, int dsp, int8_t *out)
     memset(out, GUARD_BYTE, (size_t)t->n_out + GUARD);
     const int8_t *w8 = (const int8_t *)t->w;
     const uint8_t *w4 = t->w;
-    switch (t->kind * 4 + (t->wbits == 4) * 2 + dsp) {
-    case K_CONV * 4 + 0: kdm_conv2d_s8_ref(&t->c, &t->q, t->in, w8, out, scratch); break;
-    case K_CONV * 4 + 1: kdm_conv2d_s8_dsp(&t->c, &t->q, t->in, w8, out, scratch); break;
-    case K_CONV * 4 + 2: kdm_conv2d_s4_ref(&t->c, &t->q, t->in, w4, out, scratch); break;
-    case K_CONV * 4 + 3: kdm_conv2d_s4_dsp(&t->c, &t->q, t->in, w4, out, scratch); break;
-    case K_DW * 4 + 0: kdm_depthwise_s8_ref(&t->c, &t->q, t->in, w8, out, scratch); break;
-    case K_DW * 4 + 1: kdm_depthwise_s8_dsp(&t->c, &t->q, t->in, w8, out, scratch); break;
-    case K_DW * 4 + 2: kdm_depthwise_s4_ref(&t->c, &t->q, t->in, w4, out, scratch); break;
-    case K_DW * 4 + 3: kdm_depthwise_s4_dsp(&t->c, &t->q, t->in, w4, out, scratch); break;
-    case K_FC * 4 + 0: kdm_fully_connected_s8_ref(&t->fc, &t->q, t->in, w8, out, scratch); break;
-    case K_FC * 4 + 1: kdm_fully_connected_s8_dsp(&t->fc, &t->q, t->in, w8, out, scratch); break;
-    case K_FC * 4 + 2: kdm_fully_connected_s4_ref(&t->fc, &t->q, t->in, w4, out, scratch); break;
-    case K_FC * 4 + 3: kdm_fully_connected_s4_dsp(&t->fc, &t->q, t->in, w4, out, scratch); break;
-    default: fail();
+    if (impl == 2) {
+        if (t->kind == K_CONV && t->wbits == 8)
+            kdm_conv2d_s8_fast(&t->c, &t->q, t->in, w8, out, scratch);
+        else if (t->kind == K_CONV)
+            kdm_conv2d_s4_fast(&t->c, &t->q, t->in, w4, out, scratch);
+        else if (t->kind == K_FC && t->wbits == 8)
+            kdm_fully_connected_s8_fast(&t->fc, &t->q, t->in, w8, out, scratch);
+        else if (t->kind == K_FC)
+            kdm_fully_connected_s4_fast(&t->fc, &t->q, t->in, w4, out, scratch);
+        else
+            fail();
+    } else {
+        switch (t->kind * 4 + (t->wbits == 4) * 2 + impl) {
+        case K_CONV * 4 + 0: kdm_conv2d_s8_ref(&t->c, &t->q, t->in, w8, out, scratch); break;
+        case K_CONV * 4 + 1: kdm_conv2d_s8_dsp(&t->c, &t->q, t->in, w8, out, scratch); break;
+        case K_CONV * 4 + 2: kdm_conv2d_s4_ref(&t->c, &t->q, t->in, w4, out, scratch); break;
+        case K_CONV * 4 + 3: kdm_conv2d_s4_dsp(&t->c, &t->q, t->in, w4, out, scratch); break;
+        case K_DW * 4 + 0: kdm_depthwise_s8_ref(&t->c, &t->q, t->in, w8, out, scratch); break;
+        case K_DW * 4 + 1: kdm_depthwise_s8_dsp(&t->c, &t->q, t->in, w8, out, scratch); break;
+        case K_DW * 4 + 2: kdm_depthwise_s4_ref(&t->c, &t->q, t->in, w4, out, scratch); break;
+        case K_DW * 4 + 3: kdm_depthwise_s4_dsp(&t->c, &t->q, t->in, w4, out, scratch); break;
+        case K_FC * 4 + 0:
+            kdm_fully_connected_s8_ref(&t->fc, &t->q, t->in, w8, out, scratch);
+            break;
+        case K_FC * 4 + 1:
+            kdm_fully_connected_s8_dsp(&t->fc, &t->q, t->in, w8, out, scratch);
+            break;
+        case K_FC * 4 + 2:
+            kdm_fully_connected_s4_ref(&t->fc, &t->q, t->in, w4, out, scratch);
+            break;
+        case K_FC * 4 + 3:
+            kdm_fully_connected_s4_dsp(&t->fc, &t->q, t->in, w4, out, scratch);
+            break;
+        default: fail();
+        }
     }
     for (uint32_t i = ssize; i < ssize + 4; i++)
         assert_int_equal(scratch[i], CANARY); /* no write past kdm_op_scratch_size */
@@ -240,20 +263,23 @@ static const char *kind_name(int kind)
     return kind == K_CONV ? "conv" : kind == K_DW ? "depthwise" : "fc";
 }
 
-/* Reference and DSP outputs equal; returns how many distinct output values were seen (a case
- * whose outputs are all clamped to one value would prove little). */
+/* Reference, DSP and (conv, fc) blocked outputs equal; returns how many distinct output values
+ * were seen (a case whose outputs are all clamped to one value would prove little). */
 static int check_ref_vs_dsp(const wcase *t)
 {
+    static const char *const impl_name[] = {"reference", "dsp", "fast"};
     int8_t *a = xmalloc((size_t)t->n_out + GUARD), *b = xmalloc((size_t)t->n_out + GUARD);
     run_impl(t, 0, a);
-    run_impl(t, 1, b);
-    for (int32_t i = 0; i < t->n_out; i++) {
-        if (a[i] != b[i])
-            fail_msg("%s s%d: output %d: reference %d, dsp %d (in %dx%dx%d k %dx%d s%d p%d "
-                     "out_c %d, fc %d->%d, flags %u)",
-                     kind_name(t->kind), t->wbits, i, a[i], b[i], t->c.in_c, t->c.in_h, t->c.in_w,
-                     t->c.kernel_h, t->c.kernel_w, t->c.stride, t->c.pad, t->c.out_c, t->fc.n_in,
-                     t->fc.n_out, t->q.flags);
+    for (int impl = 1; impl <= (t->kind == K_DW ? 1 : 2); impl++) {
+        run_impl(t, impl, b);
+        for (int32_t i = 0; i < t->n_out; i++) {
+            if (a[i] != b[i])
+                fail_msg("%s s%d: output %d: reference %d, %s %d (in %dx%dx%d k %dx%d s%d p%d "
+                         "out_c %d, fc %d->%d, flags %u)",
+                         kind_name(t->kind), t->wbits, i, a[i], impl_name[impl], b[i], t->c.in_c,
+                         t->c.in_h, t->c.in_w, t->c.kernel_h, t->c.kernel_w, t->c.stride, t->c.pad,
+                         t->c.out_c, t->fc.n_in, t->fc.n_out, t->q.flags);
+        }
     }
     int seen[256] = {0}, distinct = 0;
     for (int32_t i = 0; i < t->n_out; i++)

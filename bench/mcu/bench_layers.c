@@ -13,7 +13,7 @@
  *
  * Output, one line each (key=value, parsed by run.sh):
  *   calib instr=<measured> expect=<FW_CALIB_INSTR>
- *   model kernels=<dsp|ref> ops=<n> invoke_instr=<whole kdm_invoke>
+ *   model kernels=<dsp|ref|nodsp> ops=<n> invoke_instr=<whole kdm_invoke>
  *   layer op=<i> type=<name> wbits=<8|4|0> in=<c>x<h>x<w> out=<c>x<h>x<w> k=<kh>x<kw> s=<stride>
  *         macs=<kdm_op_macs> instr=<per run> reps=<runs timed> ipm_milli=<1000 * instr / macs>
  *   total layers_instr=<sum of the layer figures>

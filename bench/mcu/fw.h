@@ -67,7 +67,7 @@ static inline uint64_t fw_ticks_to_instr(uint32_t ticks)
 {
     return (uint64_t)ticks * FW_INSTR_PER_2TK / 2u;
 }
-/* The ticks that cover at least `instr` instructions. */
+/* The ticks that cover at least `instr` (< 2^31) instructions. */
 #define FW_TICKS_FOR(instr) (((instr)*2u + FW_INSTR_PER_2TK - 1u) / FW_INSTR_PER_2TK)
 
 /* Time a loop of FW_CALIB_INSTR instructions; returns the instructions the counter saw. */

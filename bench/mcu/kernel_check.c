@@ -10,7 +10,7 @@
  *
  * Output, one line each:
  *   case <i> ok|MISMATCH@<first differing byte>|<kdm status> crc=<CRC-32 of the output> <desc>
- *   kcheck kernels=<dsp|ref> cases=<n> ok=<k>
+ *   kcheck kernels=<dsp|ref|nodsp> cases=<n> ok=<k>
  * Exit status 0 when every case matched, 1 otherwise.
  */
 #include <stdint.h>

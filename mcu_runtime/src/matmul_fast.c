@@ -14,8 +14,10 @@
  *
  * On ARMv6-M the inner loop is inline assembly: 16 instructions per 4 MACs (LDRSB with a
  * register offset from the rows' ends and one negative index, MULS, ADD into high registers),
- * where GCC's own loop spilled to the stack at 6 per MAC. Elsewhere (Cortex-M3, hosts) it is
- * plain C. Other convolutions run the reference kernel.
+ * where GCC's own loop spilled to the stack at 6 per MAC. It needs four high registers, which
+ * GCC does not give inline assembly at -Os (it keeps r8 - r11 out of Thumb-1 code there), and
+ * GCC's divided syntax (clang reads it otherwise): other builds, and other cores (Cortex-M3,
+ * hosts), run the plain C loop. Other convolutions run the reference kernel.
  */
 #include "kdm_kernels.h"
 
@@ -28,7 +30,8 @@ static void dot2x2(const int8_t *x0, const int8_t *x1, const int8_t *w0, const i
                    int32_t k, uint32_t *a)
 {
     uint32_t a00 = a[0], a01 = a[1], a10 = a[2], a11 = a[3];
-#if defined(__GNUC__) && defined(__ARM_ARCH_ISA_THUMB) && __ARM_ARCH_ISA_THUMB == 1
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__OPTIMIZE_SIZE__) &&                     \
+    defined(__ARM_ARCH_ISA_THUMB) && __ARM_ARCH_ISA_THUMB == 1
     if (k > 0) {
         const int8_t *e0 = x0 + k, *e1 = x1 + k, *f0 = w0 + k, *f1 = w1 + k;
         int32_t i = -k, t0, t1;

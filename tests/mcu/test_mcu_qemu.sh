@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # test_mcu_qemu.sh - the exported model gives the same bytes on a Cortex-M4 (QEMU mps2-an386,
-# firmware A with the DSP kernels) and on a Cortex-M0+ (the ARMv6-M build with the reference
-# kernels, on QEMU's Cortex-M0 microbit) as the host runtime wrote into samples.bin.
+# firmware A with the DSP kernels) and on a Cortex-M0+ (the ARMv6-M build without DSP kernels,
+# on QEMU's Cortex-M0 microbit) as the host runtime wrote into samples.bin.
 #
 #   test_mcu_qemu.sh KDM_RANDOM_MODEL [EXPORT_DIR...]
 # Without EXPORT_DIRs it makes two with kdm_random_model (the tiny student's shapes, INT8 and

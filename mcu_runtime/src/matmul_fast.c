@@ -74,7 +74,10 @@ static void dot2x2(const int8_t *x0, const int8_t *x1, const int8_t *w0, const i
     a[3] = a11;
 }
 
-/* The k int4 weights of a row (two per byte, low nibble first) as int8. */
+/* The k int4 weights of a row (two per byte, low nibble first) as int8: each byte is loaded
+ * once and both nibbles are taken with shifts (kdm_nibble_ per weight loads the byte twice and
+ * shifts by a variable: the fully-connected layer, which unpacks for one pixel only, took 23.6
+ * instructions per MAC that way on the Cortex-M0+, 15.1 this way). */
 static void unpack_s4(const uint8_t *row, int32_t k, int8_t *dst)
 {
     for (int32_t c = 0; c + 1 < k; c += 2) {

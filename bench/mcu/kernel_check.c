@@ -8,10 +8,15 @@
  * the test (bench/mcu/run.sh `kcheck`) also diffs the two builds' lines, so the DSP and
  * reference kernels are compared bit for bit on the same core.
  *
+ * First the runtime's requantization is compared with a 64-bit computation of TFLite's
+ * (requant_check: edge and random multipliers, inputs and shifts; on ARMv6-M this runs the
+ * assembly product of kdm_quant.c).
+ *
  * Output, one line each:
+ *   requant n=<values checked> bad=<mismatches>
  *   case <i> ok|MISMATCH@<first differing byte>|<kdm status> crc=<CRC-32 of the output> <desc>
  *   kcheck kernels=<dsp|ref|nodsp> cases=<n> ok=<k>
- * Exit status 0 when every case matched, 1 otherwise.
+ * Exit status 0 when every case and every requantized value matched, 1 otherwise.
  */
 #include <stdint.h>
 
@@ -31,9 +36,60 @@ static void put_hex32(uint32_t v)
         fw_put_hex8((uint8_t)(v >> (8 * i)));
 }
 
+/* kdm_requantize in double rounding worked out here in 64 bits, as TFLite states it:
+ * SaturatingRoundingDoublingHighMul (m != INT32_MIN, so it never saturates) and
+ * RoundingDivideByPOT with its mask and threshold. */
+static int32_t requant_64(int32_t x, int32_t m, int32_t s)
+{
+    const int32_t left = s > 0 ? s : 0, right = s > 0 ? 0 : -s;
+    const int64_t a = (int32_t)((uint32_t)x << left);
+    const int64_t p = a * m + ((int64_t)1 << 30);
+    const int32_t h = (int32_t)(p >= 0 ? p / ((int64_t)1 << 31)
+                                       : -((-p + ((int64_t)1 << 31) - 1) / ((int64_t)1 << 31)));
+    const int32_t mask = (int32_t)((1u << right) - 1u), threshold = (mask >> 1) + (h < 0);
+    return (h >> right) + ((h & mask) > threshold);
+}
+
+/* The runtime's requantization (on ARMv6-M its assembly product) against requant_64: edge
+ * values of x and m, then xorshift-random ones, every shift the exporter can write. Prints
+ * "requant n=<checked> bad=<mismatches>"; returns the mismatches. */
+static uint32_t requant_check(void)
+{
+    /* around 0, +-2^15 (the ARMv6-M short way's edges), +-2^16 and the int32 limits */
+    static const int32_t xs[] = {
+        INT32_MIN, INT32_MIN + 1, -65537, -65536, -32769, -32768,        -2,       -1, 0, 1,
+        2,         32767,         32768,  65535,  65536,  INT32_MAX - 1, INT32_MAX};
+    static const int32_t ms[] = {0, 1 << 30, (1 << 30) + 1, 0x5A827999, 0x7FFF0000, 0x7FFFFFFF};
+    uint32_t n = 0, bad = 0, r = 0x9E3779B9u;
+    for (uint32_t i = 0; i < 4000; i++) {
+        r ^= r << 13;
+        r ^= r >> 17;
+        r ^= r << 5;
+        const uint32_t nx = sizeof xs / sizeof xs[0], nm = sizeof ms / sizeof ms[0];
+        /* the first rounds pair the edge values; later ones mix in random x, m or both */
+        /* random x of every magnitude: a random word shifted right by 0 .. 31 */
+        const int32_t x = i < nx * nm || (r & 1) ? xs[(i < nx * nm ? i : r >> 8) % nx]
+                                                 : (int32_t)(r * 2654435761u) >> ((r >> 3) & 31);
+        const int32_t m = i < nx * nm ? ms[i / nx]
+                          : (r & 2)   ? ms[(r >> 12) % nm]
+                                      : (int32_t)(0x40000000u | (r >> 2));
+        for (int32_t s = -31; s <= 30; s += (i < nx * nm ? 1 : 7)) {
+            n++;
+            if (kdm_requantize(x, m, s, 0) != requant_64(x, m, s))
+                bad++;
+        }
+    }
+    fw_puts("requant");
+    fw_put_kv("n", n);
+    fw_put_kv("bad", bad);
+    fw_putc('\n');
+    return bad;
+}
+
 int main(void)
 {
     uint32_t ok = 0;
+    const uint32_t requant_bad = requant_check();
     for (uint32_t i = 0; i < kc_n_cases; i++) {
         const kc_case *c = &kc_cases[i];
         kdm_model m;
@@ -70,5 +126,5 @@ int main(void)
     fw_put_kv("cases", kc_n_cases);
     fw_put_kv("ok", ok);
     fw_putc('\n');
-    return ok == kc_n_cases ? 0 : 1;
+    return ok == kc_n_cases && requant_bad == 0 ? 0 : 1;
 }

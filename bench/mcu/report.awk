@@ -102,7 +102,7 @@ END {
     printf "%3s %-8s %2s %-20s %-5s %1s %8s | %10d %6s | %10d %6s | %7s |\n", "", "sum", "", "",
         "", "", "", sum_d, "", sum_r, "", ratio(sum_r, sum_d)
     # (the M0+ column is per MAC; its sum is printed below)
-    printf "(M0+: instructions per MAC of the Cortex-M0+ build, blocked 1x1 / fc kernels, on QEMU's " \
+    printf "(M0+: instructions per MAC of the Cortex-M0+ build, its no-DSP kernels, on QEMU's " \
         "microbit: SysTick at 16 MHz, 62.5 instructions per tick; %d in all)\n", sum_m0
     printf "\nwhole kdm_invoke, instructions per inference: M4 DSP %s, M4 reference %s " \
         "(x%s), M7 (mps2-an500) %s, M0+ (microbit) %s\n", inv["m4-dsp"], inv["m4-ref"],

@@ -43,8 +43,8 @@
  * Kernels. Every op has a portable reference kernel; conv, depthwise, fully-connected, add and
  * global average pooling also have kernels for the Cortex-M DSP extension (SMLAD and friends),
  * chosen when __ARM_FEATURE_DSP is defined unless the build sets -DKDM_FORCE_REF=1; without
- * them, 1x1 convolutions and fully-connected layers run blocked kernels for cores without DSP
- * (Cortex-M0+). All produce bit-identical outputs (integer sums).
+ * them, convolutions, depthwise convolutions and fully-connected layers run kernels for cores
+ * without DSP (Cortex-M0+). All produce bit-identical outputs (integer sums).
  */
 #ifndef KDM_H
 #define KDM_H

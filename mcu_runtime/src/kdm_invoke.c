@@ -6,9 +6,10 @@
  * written. Kernel choice: the DSP kernels when the compiler targets the DSP extension
  * (__ARM_FEATURE_DSP) unless KDM_FORCE_REF=1; KDM_FORCE_DSP=1 picks them on any target (the
  * host then runs their portable emulation, for tests). Without them, convolutions and
- * fully-connected layers run the blocked kernels of matmul_fast.c (KDM_FORCE_REF=1: the
- * reference kernels) and the other ops their reference kernels. An op outside KDM_OP_MASK is
- * compiled out, so its kernels are never referenced and the linker drops them.
+ * fully-connected layers run the blocked kernels of matmul_fast.c and depthwise convolutions
+ * those of depthwise_fast.c (KDM_FORCE_REF=1: the reference kernels), the other ops their
+ * reference kernels. An op outside KDM_OP_MASK is compiled out, so its kernels are never
+ * referenced and the linker drops them.
  */
 #include <string.h>
 
@@ -110,10 +111,11 @@ static void run_depthwise(const op_ctx *x)
 {
     kdm_conv_params p = conv_of(x);
     kdm_requant_params q = requant_of(x);
+    const void *w = BLOB(x, KDM_F_WEIGHTS);
     if (IS_W8(x))
-        KDM_KERNEL(kdm_depthwise_s8)(&p, &q, IN(x), BLOB(x, KDM_F_WEIGHTS), OUT(x), SCRATCH(x));
+        KDM_KERNEL_MM(kdm_depthwise_s8)(&p, &q, IN(x), w, OUT(x), SCRATCH(x));
     else
-        KDM_KERNEL(kdm_depthwise_s4)(&p, &q, IN(x), BLOB(x, KDM_F_WEIGHTS), OUT(x), SCRATCH(x));
+        KDM_KERNEL_MM(kdm_depthwise_s4)(&p, &q, IN(x), w, OUT(x), SCRATCH(x));
 }
 #endif
 
@@ -122,11 +124,11 @@ static void run_fully_connected(const op_ctx *x)
 {
     kdm_fc_params p = {x->in.c * x->in.h * x->in.w, x->out.c, x->r[KDM_F_ROW_STRIDE]};
     kdm_requant_params q = requant_of(x);
+    const void *w = BLOB(x, KDM_F_WEIGHTS);
     if (IS_W8(x))
-        KDM_KERNEL_MM(kdm_fully_connected_s8)
-    (&p, &q, IN(x), BLOB(x, KDM_F_WEIGHTS), OUT(x), SCRATCH(x));
-    else KDM_KERNEL_MM(kdm_fully_connected_s4)(&p, &q, IN(x), BLOB(x, KDM_F_WEIGHTS), OUT(x),
-                                               SCRATCH(x));
+        KDM_KERNEL_MM(kdm_fully_connected_s8)(&p, &q, IN(x), w, OUT(x), SCRATCH(x));
+    else
+        KDM_KERNEL_MM(kdm_fully_connected_s4)(&p, &q, IN(x), w, OUT(x), SCRATCH(x));
 }
 #endif
 

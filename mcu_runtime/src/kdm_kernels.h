@@ -84,8 +84,8 @@ void kdm_conv2d_s4_ref(const kdm_conv_params *p, const kdm_requant_params *q, co
                        const uint8_t *w, int8_t *out, void *scratch);
 void kdm_conv2d_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
                        const uint8_t *w, int8_t *out, void *scratch);
-/* without DSP: 1x1 at stride 1 without padding blocked (int4: two rows unpacked into scratch),
- * other shapes through the reference kernel */
+/* without DSP: blocked, 1x1 at stride 1 without padding straight from the input (int4: two rows
+ * unpacked into scratch), other shapes from two pixels' windows gathered into scratch */
 void kdm_conv2d_s8_fast(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
                         const int8_t *w, int8_t *out, void *scratch);
 void kdm_conv2d_s4_fast(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
@@ -102,6 +102,12 @@ void kdm_depthwise_s4_ref(const kdm_conv_params *p, const kdm_requant_params *q,
                           const uint8_t *w, int8_t *out, void *scratch);
 void kdm_depthwise_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
                           const uint8_t *w, int8_t *out, void *scratch);
+/* without DSP: channel by channel, the windows inside the input with no padding test (scratch:
+ * none; kernels of more than 25 taps through the reference kernel) */
+void kdm_depthwise_s8_fast(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                           const int8_t *w, int8_t *out, void *scratch);
+void kdm_depthwise_s4_fast(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                           const uint8_t *w, int8_t *out, void *scratch);
 
 /* ---- fully-connected: w = n_out rows of n_in weights; in [n_in], out [n_out] ---------------- */
 
@@ -189,6 +195,18 @@ KDM_ALWAYS_INLINE int32_t kdm_round_shift_(int32_t v, int32_t right)
  * mult = INT32_MIN; then kdm_round_shift_. Single rounding: the 64-bit product, one rounding
  * half up, saturated to int32. shift in [-31, 30]. Inlined: it runs once per output value.
  */
+/*
+ * ARMv6-M (Cortex-M0/M0+, GCC or clang): floor((x * m + 2^30) / 2^31) for m in [0, 2^31), in
+ * at most 34 instructions of assembly (kdm_quant.c; 15 when |x| < 2^15) where C's 64-bit
+ * product and shift took libgcc's __aeabi_lmul and Thumb-1 64-bit arithmetic.
+ */
+#if defined(__GNUC__) && defined(__ARM_ARCH_ISA_THUMB) && __ARM_ARCH_ISA_THUMB == 1
+#define KDM_M0_ASM 1
+int32_t kdm_dbl_high_m0_(int32_t x, int32_t m);
+#else
+#define KDM_M0_ASM 0
+#endif
+
 KDM_ALWAYS_INLINE int32_t kdm_requant_(int32_t x, int32_t mult, int32_t shift, uint32_t flags)
 {
     if (flags & KDM_FLAG_SINGLE_ROUNDING) {
@@ -197,6 +215,11 @@ KDM_ALWAYS_INLINE int32_t kdm_requant_(int32_t x, int32_t mult, int32_t shift, u
         return r > INT32_MAX ? INT32_MAX : r < INT32_MIN ? INT32_MIN : (int32_t)r;
     }
     int32_t left = shift > 0 ? shift : 0;
+#if KDM_M0_ASM
+    if (mult >= 0)
+        return kdm_round_shift_(kdm_dbl_high_m0_((int32_t)((uint32_t)x << left), mult),
+                                left - shift);
+#endif
     int64_t a = (int32_t)((uint32_t)x << left);
     return kdm_round_shift_((int32_t)((a * mult + (1 << 30)) >> 31), left - shift);
 }

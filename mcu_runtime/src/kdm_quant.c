@@ -50,6 +50,78 @@ int32_t kdm_requantize(int32_t acc, int32_t multiplier, int32_t shift, uint32_t 
  * loop, 16 instructions in kdm_requant_row_ (GCC 12 -O2, Cortex-M4).
  */
 
+#if KDM_M0_ASM
+/*
+ * kdm_dbl_high_m0_ (kdm_kernels.h): r0 = x, r1 = m in [0, 2^31). With s = x >> 31 and u = |x|
+ * (2^31 for INT32_MIN, unsigned), the product P = u m = hi 2^32 + mid 2^16 + lo from four 16-bit
+ * MULS: hi = uh mh, mid = uh ml + ul mh, lo = ul ml (u = uh 2^16 + ul, m = mh 2^16 + ml). Since
+ * uh <= 2^15 and mh < 2^15, both terms of mid are below 2^31 and mid fits 32 bits. For x >= 0
+ * the value is floor((P + 2^30) / 2^31); for x < 0, floor((2^30 - P) / 2^31) =
+ * -floor((P + 2^30 - 1) / 2^31): the constant 2^30 + s, then the 64-bit sum shifted right 31
+ * (below 2^31) and negated when s = -1 (XOR with s, minus s): 34 instructions with the return.
+ * Sums of up to 15 bits (-2^15 <= x < 2^15, most of the small layers' outputs) take a shorter way
+ * first, 15 instructions: x mh and x ml are then exact in 32 bits (|x| mh < 2^30,
+ * |x| ml < 2^31) and the value is floor((x mh 2^16 + x ml + 2^30) / 2^31) =
+ * (x mh + floor(x ml / 2^16) + 2^14) >> 15 (2^30 and 2^16 divide out), with no overflow.
+ */
+__asm__(".section .text.kdm_dbl_high_m0_,\"ax\",%progbits\n\t"
+        ".syntax unified\n\t"
+        ".thumb\n\t"
+        ".p2align 1\n\t"
+        ".global kdm_dbl_high_m0_\n\t"
+        ".type kdm_dbl_high_m0_, %function\n\t"
+        ".thumb_func\n"
+        "kdm_dbl_high_m0_:\n\t"
+        "asrs r2, r0, #15\n\t"
+        "adds r2, r2, #1\n\t"
+        "cmp r2, #1\n\t"
+        "bhi 1f\n\t"
+        "uxth r3, r1\n\t"
+        "lsrs r2, r1, #16\n\t"
+        "muls r3, r0\n\t"
+        "muls r2, r0\n\t"
+        "asrs r3, r3, #16\n\t"
+        "adds r2, r2, r3\n\t"
+        "movs r3, #1\n\t"
+        "lsls r3, r3, #14\n\t"
+        "adds r2, r2, r3\n\t"
+        "asrs r0, r2, #15\n\t"
+        "bx lr\n"
+        "1:\n\t"
+        "push {r4, r5, lr}\n\t"
+        "asrs r2, r0, #31\n\t"
+        "eors r0, r2\n\t"
+        "subs r0, r0, r2\n\t"
+        "uxth r3, r0\n\t"
+        "lsrs r0, r0, #16\n\t"
+        "uxth r4, r1\n\t"
+        "lsrs r1, r1, #16\n\t"
+        "movs r5, r3\n\t"
+        "muls r5, r4\n\t"
+        "muls r3, r1\n\t"
+        "muls r1, r0\n\t"
+        "muls r0, r4\n\t"
+        "adds r0, r0, r3\n\t"
+        "lsls r3, r0, #16\n\t"
+        "lsrs r0, r0, #16\n\t"
+        "adds r5, r5, r3\n\t"
+        "adcs r1, r0\n\t"
+        "movs r3, #1\n\t"
+        "lsls r3, r3, #30\n\t"
+        "adds r3, r3, r2\n\t"
+        "movs r4, #0\n\t"
+        "adds r5, r5, r3\n\t"
+        "adcs r1, r4\n\t"
+        "lsrs r5, r5, #31\n\t"
+        "lsls r1, r1, #1\n\t"
+        "orrs r1, r5\n\t"
+        "eors r1, r2\n\t"
+        "subs r0, r1, r2\n\t"
+        "pop {r4, r5, pc}\n\t"
+        ".size kdm_dbl_high_m0_, . - kdm_dbl_high_m0_\n\t"
+        ".text");
+#endif
+
 KDM_NOINLINE void kdm_clamp_row_(int8_t *out, int32_t n, int32_t lo, int32_t hi)
 {
     for (int32_t i = 0; i < n; i++)

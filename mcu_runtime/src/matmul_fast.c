@@ -1,11 +1,12 @@
 /*
- * matmul_fast.c - pointwise (1x1, stride 1, no padding) convolution and fully-connected layers
- * for cores without the DSP extension (Cortex-M0/M0+/M3; see kdm_kernels.h), int8 or int4
- * weights. Bit-identical to the reference kernels: the same int32 sums modulo 2^32 and the
- * same requantization; only the order of the additions differs.
+ * matmul_fast.c - convolution and fully-connected layers for cores without the DSP extension
+ * (Cortex-M0/M0+/M3; see kdm_kernels.h), int8 or int4 weights. Bit-identical to the reference
+ * kernels: the same int32 sums modulo 2^32 and the same requantization; only the order of the
+ * additions differs.
  *
- * Both layers are the matrix product out[p][o] = requant(bias[o] + sum_c in[p][c] w[o][c])
- * (a fully-connected layer has one "pixel" of n_in values). The reference kernels work out an
+ * A pointwise convolution (1x1, stride 1, no padding) and a fully-connected layer are the matrix
+ * product out[p][o] = requant(bias[o] + sum_c in[p][c] w[o][c]) (a fully-connected layer has
+ * one "pixel" of n_in values). The reference kernels work out an
  * input index and a padding test for every MAC; here the sums of two output channels for two
  * pixels run together, so that each input byte and each weight loaded serves two multiplies.
  * Output channels go two at a time in the outer loop: int4 rows are unpacked into int8 in the
@@ -17,7 +18,11 @@
  * where GCC's own loop spilled to the stack at 6 per MAC. It needs four high registers, which
  * GCC does not give inline assembly at -Os (it keeps r8 - r11 out of Thumb-1 code there), and
  * GCC's divided syntax (clang reads it otherwise): other builds, and other cores (Cortex-M3,
- * hosts), run the plain C loop. Other convolutions run the reference kernel.
+ * hosts), run the plain C loop.
+ *
+ * Other convolutions (3x3, strides, padding) gather the windows of two output pixels into the
+ * scratch area (im2col, the input zero-point in the padding) and run the same loop against
+ * every pair of output channels (conv_im2col).
  */
 #include "kdm_kernels.h"
 
@@ -89,6 +94,38 @@ static void unpack_s4(const uint8_t *row, int32_t k, int8_t *dst)
         dst[k - 1] = (int8_t)((int32_t)((uint32_t)row[k >> 1] << 28) >> 28);
 }
 
+/* Weight row o as int8: where it lies (int8), or unpacked into dst with row o + 1 after it at
+ * dst + k when two_ch (int4); row o + 1 follows row o by row_stride or k bytes. */
+static const int8_t *rows2(const uint8_t *w, int wbits, int32_t o, int two_ch, int32_t row_stride,
+                           int32_t k, int8_t *dst)
+{
+    if (KDM_IS_W8_(wbits))
+        return (const int8_t *)w + o * row_stride;
+    unpack_s4(w + o * row_stride, k, dst);
+    if (two_ch)
+        unpack_s4(w + (o + 1) * row_stride, k, dst + k);
+    return dst;
+}
+
+/* Outputs o, o + 1 (if two_ch) of pixels x0 (into o0[0], o0[1]) and x1 (if two_pix: o1[0],
+ * o1[1]); a lone pixel or channel passes x1 = x0 or w1 = w0. */
+static void block2x2(const kdm_requant_params *q, int32_t o, int two_ch, int two_pix,
+                     const int8_t *x0, const int8_t *x1, const int8_t *w0, const int8_t *w1,
+                     int32_t k, int8_t *o0, int8_t *o1)
+{
+    const uint32_t b0 = (uint32_t)q->bias[o], b1 = (uint32_t)q->bias[two_ch ? o + 1 : o];
+    uint32_t a[4] = {b0, b0, b1, b1};
+    dot2x2(x0, x1, w0, w1, k, a);
+    o0[0] = kdm_requant_out_(q, o, (int32_t)a[0]);
+    if (two_pix)
+        o1[0] = kdm_requant_out_(q, o, (int32_t)a[1]);
+    if (two_ch) {
+        o0[1] = kdm_requant_out_(q, o + 1, (int32_t)a[2]);
+        if (two_pix)
+            o1[1] = kdm_requant_out_(q, o + 1, (int32_t)a[3]);
+    }
+}
+
 /*
  * out[p][o] for n_pix pixels of k inputs (pixel p at in + p k) and n_out weight rows
  * row_stride bytes apart; wbits 8 or 4 (int4 rows are unpacked to int8 in scratch, two rows at
@@ -101,32 +138,61 @@ static void matmul(const kdm_requant_params *q, const int8_t *in, int32_t n_pix,
 {
     for (int32_t o = 0; o < n_out; o += 2) {
         const int two_ch = o + 1 < n_out;
-        const int8_t *w0, *w1;
-        if (KDM_IS_W8_(wbits)) {
-            w0 = (const int8_t *)w + o * row_stride;
-            w1 = two_ch ? w0 + row_stride : w0;
-        } else {
-            unpack_s4(w + o * row_stride, k, scratch);
-            if (two_ch)
-                unpack_s4(w + (o + 1) * row_stride, k, scratch + k);
-            w0 = scratch;
-            w1 = two_ch ? scratch + k : scratch;
-        }
-        const uint32_t b0 = (uint32_t)q->bias[o], b1 = (uint32_t)q->bias[two_ch ? o + 1 : o];
+        const int8_t *w0 = rows2(w, wbits, o, two_ch, row_stride, k, scratch);
+        const int8_t *w1 = two_ch ? w0 + (KDM_IS_W8_(wbits) ? row_stride : k) : w0;
         for (int32_t p = 0; p < n_pix; p += 2) {
             const int two_pix = p + 1 < n_pix;
             const int8_t *x0 = in + p * k, *x1 = two_pix ? x0 + k : x0;
-            int8_t *o0 = out + p * n_out + o, *o1 = o0 + n_out;
-            uint32_t a[4] = {b0, b0, b1, b1};
-            dot2x2(x0, x1, w0, w1, k, a);
-            o0[0] = kdm_requant_out_(q, o, (int32_t)a[0]);
-            if (two_pix)
-                o1[0] = kdm_requant_out_(q, o, (int32_t)a[1]);
-            if (two_ch) {
-                o0[1] = kdm_requant_out_(q, o + 1, (int32_t)a[2]);
-                if (two_pix)
-                    o1[1] = kdm_requant_out_(q, o + 1, (int32_t)a[3]);
+            int8_t *o0 = out + p * n_out + o;
+            block2x2(q, o, two_ch, two_pix, x0, x1, w0, w1, k, o0, o0 + n_out);
+        }
+    }
+}
+
+/* The k = kernel_h kernel_w in_c inputs of output pixel n in the weights' order (ky, kx, c),
+ * the input zero-point in the padding. */
+static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t n, int8_t *dst)
+{
+    const int32_t ch = p->in_c, oy = n / p->out_w, ox = n - oy * p->out_w;
+    const int8_t zp = (int8_t)p->in_zp;
+    for (int32_t ky = 0; ky < p->kernel_h; ky++) {
+        const uint32_t iy = (uint32_t)(oy * p->stride - p->pad + ky);
+        for (int32_t kx = 0; kx < p->kernel_w; kx++, dst += ch) {
+            const uint32_t ix = (uint32_t)(ox * p->stride - p->pad + kx);
+            if (iy < (uint32_t)p->in_h && ix < (uint32_t)p->in_w) {
+                const int8_t *src = in + ((int32_t)iy * p->in_w + (int32_t)ix) * ch;
+                for (int32_t c = 0; c < ch; c++)
+                    dst[c] = src[c];
+            } else {
+                for (int32_t c = 0; c < ch; c++)
+                    dst[c] = zp;
             }
+        }
+    }
+}
+
+/* Other convolutions: two output pixels' windows gathered into the scratch area (im2col, k
+ * bytes each), then every pair of output channels against them (int4 rows unpacked after the
+ * windows, two at a time). Pixels are the outer loop here, so that each window is gathered
+ * once. */
+static void conv_im2col(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
+                        const uint8_t *w, int wbits, int8_t *out, int8_t *scratch)
+{
+    const int32_t k = p->kernel_h * p->kernel_w * p->in_c, n_pix = p->out_h * p->out_w;
+    const int32_t n_out = p->out_c, rs = p->row_stride;
+    int8_t *col = scratch, *rows = scratch + 2 * k;
+    for (int32_t n = 0; n < n_pix; n += 2) {
+        const int two_pix = n + 1 < n_pix;
+        im2col(p, in, n, col);
+        if (two_pix)
+            im2col(p, in, n + 1, col + k);
+        const int8_t *x1 = two_pix ? col + k : col;
+        int8_t *o0 = out + n * n_out;
+        for (int32_t o = 0; o < n_out; o += 2) {
+            const int two_ch = o + 1 < n_out;
+            const int8_t *w0 = rows2(w, wbits, o, two_ch, rs, k, rows);
+            const int8_t *w1 = two_ch ? w0 + (KDM_IS_W8_(wbits) ? rs : k) : w0;
+            block2x2(q, o, two_ch, two_pix, col, x1, w0, w1, k, o0 + o, o0 + n_out + o);
         }
     }
 }
@@ -140,7 +206,7 @@ void kdm_conv2d_s8_fast(const kdm_conv_params *p, const kdm_requant_params *q, c
                         const int8_t *w, int8_t *out, void *scratch)
 {
     if (!pointwise(p)) {
-        kdm_conv2d_s8_ref(p, q, in, w, out, scratch);
+        conv_im2col(p, q, in, (const uint8_t *)w, 8, out, scratch);
         return;
     }
     matmul(q, in, p->in_h * p->in_w, p->in_c, (const uint8_t *)w, p->row_stride, p->out_c, 8, out,
@@ -151,7 +217,7 @@ void kdm_conv2d_s4_fast(const kdm_conv_params *p, const kdm_requant_params *q, c
                         const uint8_t *w, int8_t *out, void *scratch)
 {
     if (!pointwise(p)) {
-        kdm_conv2d_s4_ref(p, q, in, w, out, scratch);
+        conv_im2col(p, q, in, w, 4, out, scratch);
         return;
     }
     matmul(q, in, p->in_h * p->in_w, p->in_c, w, p->row_stride, p->out_c, 4, out, scratch);

@@ -8,8 +8,8 @@
  *    instructions (kdm_dsp.h), the same C the Cortex-M build compiles with the instructions.
  *    Weight row padding is filled with random bytes (it must never be read as a weight), the
  *    scratch area is exactly kdm_op_scratch_size bytes followed by a canary, and the output
- *    buffers carry guard bytes. Conv and fully-connected also against the blocked kernels for
- *    cores without DSP (matmul_fast.c, here their C loop).
+ *    buffers carry guard bytes. All three also against the kernels for cores without DSP
+ *    (matmul_fast.c, here their C loop, and depthwise_fast.c).
  * 2. Each reference kernel against a straightforward int64 computation written here (with the
  *    public kdm_requantize), on cases small enough that no accumulator wraps.
  * 3. kdm_requantize against hand-derived TFLite values (ties, negative numbers, saturation).
@@ -205,8 +205,8 @@ static uint32_t case_scratch(const wcase *t)
     return kdm_op_scratch_size(op, (uint32_t)t->c.in_c, (uint32_t)t->c.in_h, (uint32_t)t->c.in_w);
 }
 
-/* Run one implementation (impl 0: reference, 1: DSP, 2: the blocked kernels for cores without
- * DSP, conv and fc only) into out (n_out + guard bytes). */
+/* Run one implementation (impl 0: reference, 1: DSP, 2: the kernels for cores without DSP) into
+ * out (n_out + guard bytes). */
 static void run_impl(const wcase *t, int impl, int8_t *out)
 {
     uint32_t ssize = case_scratch(t);
@@ -224,8 +224,10 @@ static void run_impl(const wcase *t, int impl, int8_t *out)
             kdm_fully_connected_s8_fast(&t->fc, &t->q, t->in, w8, out, scratch);
         else if (t->kind == K_FC)
             kdm_fully_connected_s4_fast(&t->fc, &t->q, t->in, w4, out, scratch);
+        else if (t->wbits == 8)
+            kdm_depthwise_s8_fast(&t->c, &t->q, t->in, w8, out, scratch);
         else
-            fail();
+            kdm_depthwise_s4_fast(&t->c, &t->q, t->in, w4, out, scratch);
     } else {
         switch (t->kind * 4 + (t->wbits == 4) * 2 + impl) {
         case K_CONV * 4 + 0: kdm_conv2d_s8_ref(&t->c, &t->q, t->in, w8, out, scratch); break;
@@ -263,14 +265,14 @@ static const char *kind_name(int kind)
     return kind == K_CONV ? "conv" : kind == K_DW ? "depthwise" : "fc";
 }
 
-/* Reference, DSP and (conv, fc) blocked outputs equal; returns how many distinct output values
+/* Reference, DSP and no-DSP outputs equal; returns how many distinct output values
  * were seen (a case whose outputs are all clamped to one value would prove little). */
 static int check_ref_vs_dsp(const wcase *t)
 {
     static const char *const impl_name[] = {"reference", "dsp", "fast"};
     int8_t *a = xmalloc((size_t)t->n_out + GUARD), *b = xmalloc((size_t)t->n_out + GUARD);
     run_impl(t, 0, a);
-    for (int impl = 1; impl <= (t->kind == K_DW ? 1 : 2); impl++) {
+    for (int impl = 1; impl <= 2; impl++) {
         run_impl(t, impl, b);
         for (int32_t i = 0; i < t->n_out; i++) {
             if (a[i] != b[i])

@@ -5,11 +5,14 @@
  * order of the additions differs.
  *
  * The reference kernel tests every tap against the padding and decodes its weight per MAC. Here
- * channels are the outer loop: a channel's taps are decoded once (an int4 nibble included) into
- * a small table, and each output row splits into the outputs whose window lies wholly inside the
- * input - the bulk, read at fixed offsets from one pointer with no test (3x3 unrolled) - and the
- * few border outputs, which take the input zero-point where the window leaves the input.
- * Kernels of more than DW_MAX_TAPS taps run the reference kernel.
+ * channels are the outer loop and a channel's taps are decoded once (an int4 nibble included)
+ * into a small table. 3x3 kernels at stride 1 or 2 (the usual depthwise layers, with four or
+ * more channels: kdm_depthwise_rows_) copy the channel's input rows into the scratch area with
+ * the zero-point in the padding, so that every window is nine bytes at fixed offsets (dw3_rows).
+ * Other kernels split each output row into the outputs whose window lies wholly inside the
+ * input, read at fixed offsets from one pointer with no test, and the border outputs, which take
+ * the input zero-point where the window leaves the input. Kernels of more than DW_MAX_TAPS taps
+ * run the reference kernel.
  */
 #include "kdm_kernels.h"
 

@@ -1,7 +1,7 @@
 /*
  * kdm_kernels.h - the runtime's kernels (internal): one reference and, for conv, depthwise and
- * fully-connected, one DSP implementation per op and weight type, and for conv and
- * fully-connected a blocked one for cores without DSP (_fast, matmul_fast.c), with identical
+ * fully-connected, one DSP implementation per op and weight type, and one for cores without
+ * DSP (_fast: matmul_fast.c for conv and fully-connected, depthwise_fast.c), with identical
  * signatures so the dispatch (kdm_invoke.c) picks one by name and the test compares them bit
  * for bit.
  *
@@ -93,7 +93,8 @@ void kdm_conv2d_s4_fast(const kdm_conv_params *p, const kdm_requant_params *q, c
 
 /* ---- depthwise: w = kernel_h * kernel_w rows (tap ky * kernel_w + kx) of in_c weights ------- */
 
-/* scratch: none (ref); kdm_depthwise_scratch_size_: buffered input rows and weight tables (dsp) */
+/* scratch: none (ref); kdm_depthwise_scratch_size_: buffered input rows and weight tables (dsp),
+ * three buffered rows of in_w + 2 pad bytes (fast, 3x3 only) */
 void kdm_depthwise_s8_ref(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
                           const int8_t *w, int8_t *out, void *scratch);
 void kdm_depthwise_s8_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
@@ -102,8 +103,9 @@ void kdm_depthwise_s4_ref(const kdm_conv_params *p, const kdm_requant_params *q,
                           const uint8_t *w, int8_t *out, void *scratch);
 void kdm_depthwise_s4_dsp(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
                           const uint8_t *w, int8_t *out, void *scratch);
-/* without DSP: channel by channel, the windows inside the input with no padding test (scratch:
- * none; kernels of more than 25 taps through the reference kernel) */
+/* without DSP: channel by channel; 3x3 at stride 1 or 2 from rows buffered in scratch, other
+ * kernels with the windows inside the input read with no padding test (kernels of more than 25
+ * taps through the reference kernel) */
 void kdm_depthwise_s8_fast(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,
                            const int8_t *w, int8_t *out, void *scratch);
 void kdm_depthwise_s4_fast(const kdm_conv_params *p, const kdm_requant_params *q, const int8_t *in,

@@ -64,7 +64,7 @@ int32_t kdm_requantize(int32_t acc, int32_t multiplier, int32_t shift, uint32_t 
  * |x| ml < 2^31) and the value is floor((x mh 2^16 + x ml + 2^30) / 2^31) =
  * (x mh + floor(x ml / 2^16) + 2^14) >> 15 (2^30 and 2^16 divide out), with no overflow.
  */
-__asm__(".section .text.kdm_dbl_high_m0_,\"ax\",%progbits\n\t"
+__asm__(".pushsection .text.kdm_dbl_high_m0_,\"ax\",%progbits\n\t"
         ".syntax unified\n\t"
         ".thumb\n\t"
         ".p2align 1\n\t"
@@ -119,7 +119,7 @@ __asm__(".section .text.kdm_dbl_high_m0_,\"ax\",%progbits\n\t"
         "subs r0, r1, r2\n\t"
         "pop {r4, r5, pc}\n\t"
         ".size kdm_dbl_high_m0_, . - kdm_dbl_high_m0_\n\t"
-        ".text");
+        ".popsection");
 #endif
 
 KDM_NOINLINE void kdm_clamp_row_(int8_t *out, int32_t n, int32_t lo, int32_t hi)

@@ -411,20 +411,6 @@ static void kdm_dw_put_(uint32_t *d, const int8_t *px, const dw_put_plan *p)
 }
 #endif
 
-/* A weight byte's value: int8, or the int4 nibble whose bits a left shift by up puts at the top
- * (28 - 4 (c & 1) for channel c). */
-static inline int32_t dw_tap(const uint8_t *b, int w8, int32_t up)
-{
-    return w8 ? (int8_t)*b : (int32_t)((uint32_t)*b << up) >> 28;
-}
-
-/* Weight of tap t (ky * kernel_w + kx), channel c. */
-static inline int32_t dw_weight(const uint8_t *w, int wbits, int32_t rs, int32_t t, int32_t c)
-{
-    const int w8 = KDM_IS_W8_(wbits);
-    return dw_tap(w + t * rs + (w8 ? c : c >> 1), w8, 28 - 4 * (c & 1));
-}
-
 /* The layer as dw_row_direct reads it. */
 typedef struct {
     const kdm_conv_params *p;
@@ -447,7 +433,7 @@ static void dw_row_direct(const dw_geo *g, const int8_t *in, int32_t c, int32_t 
             const int32_t v = iy < (uint32_t)p->in_h && ix < (uint32_t)p->in_w
                                   ? in[((int32_t)iy * p->in_w + (int32_t)ix) * ch + c]
                                   : p->in_zp;
-            acc += (uint32_t)(v * dw_weight(g->w, g->wbits, p->row_stride, t, c));
+            acc += (uint32_t)(v * kdm_dw_weight_(g->w, g->wbits, p->row_stride, t, c));
         }
         const int32_t a = (int32_t)acc;
         kdm_requant_row_(g->q, c, &a, o, 1); /* out of line: code size */
@@ -522,8 +508,9 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
             const int w8 = KDM_IS_W8_(wbits);
             const int32_t up = 28 - 4 * (c & 1); /* int4: the channel's nibble to the top */
             for (int32_t ky = 0, at = w8 ? c : c >> 1; ky < 3; ky++, at += 3 * rs) {
-                const int32_t k0 = dw_tap(w + at, w8, up), k1 = dw_tap(w + at + rs, w8, up),
-                              k2 = dw_tap(w + at + 2 * rs, w8, up);
+                const int32_t k0 = kdm_dw_tap_(w + at, w8, up),
+                              k1 = kdm_dw_tap_(w + at + rs, w8, up),
+                              k2 = kdm_dw_tap_(w + at + 2 * rs, w8, up);
                 tt[2 * ky] = m ? kdm_pack16(k0, k1) : 0;
                 tt[2 * ky + 1] = m ? kdm_pack16(k1, k2) : 0;
             }

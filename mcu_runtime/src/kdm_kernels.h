@@ -272,6 +272,20 @@ static inline int32_t kdm_nibble_(const uint8_t *row, int32_t k)
     return (int32_t)((b & 15u) ^ 8u) - 8;
 }
 
+/* A weight byte's value: int8, or the int4 nibble whose bits a left shift by up puts at the top
+ * (28 - 4 (c & 1) for channel c). */
+static inline int32_t kdm_dw_tap_(const uint8_t *b, int w8, int32_t up)
+{
+    return w8 ? (int8_t)*b : (int32_t)((uint32_t)*b << up) >> 28;
+}
+
+/* Depthwise weight of tap t (ky * kernel_w + kx), channel c (rows rs bytes apart). */
+static inline int32_t kdm_dw_weight_(const uint8_t *w, int wbits, int32_t rs, int32_t t, int32_t c)
+{
+    const int w8 = KDM_IS_W8_(wbits);
+    return kdm_dw_tap_(w + t * rs + (w8 ? c : c >> 1), w8, 28 - 4 * (c & 1));
+}
+
 /* sum / count rounded half away from zero (TFLite's pools): count > 0, sum > INT32_MIN. The
  * magnitude is rounded in 32 unsigned bits, |sum| + count / 2 < 2^32. */
 static inline int32_t kdm_div_round_(int32_t sum, int32_t count)

@@ -205,8 +205,28 @@ static uint32_t case_scratch(const wcase *t)
     return kdm_op_scratch_size(op, (uint32_t)t->c.in_c, (uint32_t)t->c.in_h, (uint32_t)t->c.in_w);
 }
 
-/* Run one implementation (impl 0: reference, 1: DSP, 2: the kernels for cores without DSP) into
- * out (n_out + guard bytes). */
+/* The implementations of each kernel, by impl (0: reference, 1: DSP, 2: the kernels for cores
+ * without DSP); conv and depthwise share a signature. */
+typedef void (*conv_s8_fn)(const kdm_conv_params *, const kdm_requant_params *, const int8_t *,
+                           const int8_t *, int8_t *, void *);
+typedef void (*conv_s4_fn)(const kdm_conv_params *, const kdm_requant_params *, const int8_t *,
+                           const uint8_t *, int8_t *, void *);
+typedef void (*fc_s8_fn)(const kdm_fc_params *, const kdm_requant_params *, const int8_t *,
+                         const int8_t *, int8_t *, void *);
+typedef void (*fc_s4_fn)(const kdm_fc_params *, const kdm_requant_params *, const int8_t *,
+                         const uint8_t *, int8_t *, void *);
+static const conv_s8_fn conv_s8[2][3] = {
+    {kdm_conv2d_s8_ref, kdm_conv2d_s8_dsp, kdm_conv2d_s8_fast},
+    {kdm_depthwise_s8_ref, kdm_depthwise_s8_dsp, kdm_depthwise_s8_fast}};
+static const conv_s4_fn conv_s4[2][3] = {
+    {kdm_conv2d_s4_ref, kdm_conv2d_s4_dsp, kdm_conv2d_s4_fast},
+    {kdm_depthwise_s4_ref, kdm_depthwise_s4_dsp, kdm_depthwise_s4_fast}};
+static const fc_s8_fn fc_s8[3] = {kdm_fully_connected_s8_ref, kdm_fully_connected_s8_dsp,
+                                  kdm_fully_connected_s8_fast};
+static const fc_s4_fn fc_s4[3] = {kdm_fully_connected_s4_ref, kdm_fully_connected_s4_dsp,
+                                  kdm_fully_connected_s4_fast};
+
+/* Run one implementation (impl as above) into out (n_out + guard bytes). */
 static void run_impl(const wcase *t, int impl, int8_t *out)
 {
     uint32_t ssize = case_scratch(t);
@@ -215,44 +235,15 @@ static void run_impl(const wcase *t, int impl, int8_t *out)
     memset(out, GUARD_BYTE, (size_t)t->n_out + GUARD);
     const int8_t *w8 = (const int8_t *)t->w;
     const uint8_t *w4 = t->w;
-    if (impl == 2) {
-        if (t->kind == K_CONV && t->wbits == 8)
-            kdm_conv2d_s8_fast(&t->c, &t->q, t->in, w8, out, scratch);
-        else if (t->kind == K_CONV)
-            kdm_conv2d_s4_fast(&t->c, &t->q, t->in, w4, out, scratch);
-        else if (t->kind == K_FC && t->wbits == 8)
-            kdm_fully_connected_s8_fast(&t->fc, &t->q, t->in, w8, out, scratch);
-        else if (t->kind == K_FC)
-            kdm_fully_connected_s4_fast(&t->fc, &t->q, t->in, w4, out, scratch);
-        else if (t->wbits == 8)
-            kdm_depthwise_s8_fast(&t->c, &t->q, t->in, w8, out, scratch);
-        else
-            kdm_depthwise_s4_fast(&t->c, &t->q, t->in, w4, out, scratch);
-    } else {
-        switch (t->kind * 4 + (t->wbits == 4) * 2 + impl) {
-        case K_CONV * 4 + 0: kdm_conv2d_s8_ref(&t->c, &t->q, t->in, w8, out, scratch); break;
-        case K_CONV * 4 + 1: kdm_conv2d_s8_dsp(&t->c, &t->q, t->in, w8, out, scratch); break;
-        case K_CONV * 4 + 2: kdm_conv2d_s4_ref(&t->c, &t->q, t->in, w4, out, scratch); break;
-        case K_CONV * 4 + 3: kdm_conv2d_s4_dsp(&t->c, &t->q, t->in, w4, out, scratch); break;
-        case K_DW * 4 + 0: kdm_depthwise_s8_ref(&t->c, &t->q, t->in, w8, out, scratch); break;
-        case K_DW * 4 + 1: kdm_depthwise_s8_dsp(&t->c, &t->q, t->in, w8, out, scratch); break;
-        case K_DW * 4 + 2: kdm_depthwise_s4_ref(&t->c, &t->q, t->in, w4, out, scratch); break;
-        case K_DW * 4 + 3: kdm_depthwise_s4_dsp(&t->c, &t->q, t->in, w4, out, scratch); break;
-        case K_FC * 4 + 0:
-            kdm_fully_connected_s8_ref(&t->fc, &t->q, t->in, w8, out, scratch);
-            break;
-        case K_FC * 4 + 1:
-            kdm_fully_connected_s8_dsp(&t->fc, &t->q, t->in, w8, out, scratch);
-            break;
-        case K_FC * 4 + 2:
-            kdm_fully_connected_s4_ref(&t->fc, &t->q, t->in, w4, out, scratch);
-            break;
-        case K_FC * 4 + 3:
-            kdm_fully_connected_s4_dsp(&t->fc, &t->q, t->in, w4, out, scratch);
-            break;
-        default: fail();
-        }
-    }
+    const int dw = t->kind == K_DW;
+    if (t->kind == K_FC && t->wbits == 8)
+        fc_s8[impl](&t->fc, &t->q, t->in, w8, out, scratch);
+    else if (t->kind == K_FC)
+        fc_s4[impl](&t->fc, &t->q, t->in, w4, out, scratch);
+    else if (t->wbits == 8)
+        conv_s8[dw][impl](&t->c, &t->q, t->in, w8, out, scratch);
+    else
+        conv_s4[dw][impl](&t->c, &t->q, t->in, w4, out, scratch);
     for (uint32_t i = ssize; i < ssize + 4; i++)
         assert_int_equal(scratch[i], CANARY); /* no write past kdm_op_scratch_size */
     for (int32_t i = 0; i < GUARD; i++)

@@ -20,14 +20,19 @@
 
 /* The first output index whose window starts at or after input 0, and the end of those whose
  * window ends inside an input of n values (window k, stride st, padding pad), clipped to
- * [0, n_out]; lo >= hi when there are none. */
+ * [0, n_out]; lo >= hi when there are none. Counted rather than divided, once per layer: the
+ * ARMv6-M cores have no divide instruction, and libgcc's would add about 470 bytes of code
+ * ((n_out - 1) st <= n + 2 pad - k, so nothing here overflows). */
 static void dw_inner(int32_t n, int32_t n_out, int32_t k, int32_t st, int32_t pad, int32_t *lo,
                      int32_t *hi)
 {
-    const int32_t a = (pad + st - 1) / st, room = n - k + pad;
-    int32_t b = room < 0 ? 0 : room / st + 1;
-    *lo = a < n_out ? a : n_out;
-    *hi = b < n_out ? b : n_out;
+    int32_t a = 0, b = n_out;
+    while (a < n_out && a * st < pad)
+        a++;
+    while (b > 0 && (b - 1) * st - pad + k > n)
+        b--;
+    *lo = a;
+    *hi = b;
 }
 
 /* Interior outputs of a 3x3 channel: n outputs from window origin a (step bytes apart), output
@@ -120,8 +125,9 @@ static void dw_fast(const kdm_conv_params *p, const kdm_requant_params *q, const
     const int32_t kh = p->kernel_h, kw = p->kernel_w, nt = kh * kw;
     const int32_t ch = p->in_c, st = p->stride, pad = p->pad, rb = p->in_w * ch;
     int32_t off[DW_MAX_TAPS], k[DW_MAX_TAPS], y0, y1, x0, x1;
-    for (int32_t t = 0; t < nt; t++)
-        off[t] = (t / kw) * rb + (t % kw) * ch;
+    for (int32_t ky = 0, t = 0; ky < kh; ky++)
+        for (int32_t kx = 0; kx < kw; kx++, t++)
+            off[t] = ky * rb + kx * ch;
     dw_inner(p->in_h, p->out_h, kh, st, pad, &y0, &y1);
     dw_inner(p->in_w, p->out_w, kw, st, pad, &x0, &x1);
     const int rows = kdm_depthwise_rows_((uint32_t)kh, (uint32_t)kw, (uint32_t)st, (uint32_t)ch);

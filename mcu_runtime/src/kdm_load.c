@@ -98,15 +98,26 @@ static int quant_ok(int32_t mult, int32_t shift)
     return (mult == 0 || mult >= (1 << 30)) && shift >= -31 && shift <= 30;
 }
 
+/* floor(span / stride) + 1 == out, for out in 1 .. KDM_MAX_DIM and stride in 1 .. KDM_MAX_DIM:
+ * (out - 1) stride <= span < out stride, each product below 2^32. */
+static int window_fits(uint32_t span, uint32_t stride, int32_t out)
+{
+    return (uint32_t)(out - 1) * stride <= span && span < (uint32_t)out * stride;
+}
+
 /* Kernel, stride, pad and the output size formula of a windowed op. */
 static kdm_status check_window(const int32_t *r, const kdm_tensor_ *ti, const kdm_tensor_ *to)
 {
     int32_t kh = r[KDM_F_KH], kw = r[KDM_F_KW], stride = r[KDM_F_STRIDE], pad = r[KDM_F_PAD];
     if (kh < 1 || kw < 1 || stride < 1 || stride > KDM_MAX_DIM || pad < 0 || pad > KDM_MAX_DIM)
         return KDM_ERR_PARAM;
-    int64_t span_h = (int64_t)ti->h + 2 * (int64_t)pad - kh;
-    int64_t span_w = (int64_t)ti->w + 2 * (int64_t)pad - kw;
-    if (span_h < 0 || span_w < 0 || span_h / stride + 1 != to->h || span_w / stride + 1 != to->w)
+    /* span / stride + 1 == out, tested without a division so that no libgcc division routine
+     * is linked (the ARMv6-M cores have none in hardware; 32-bit takes about 470 bytes there,
+     * 64-bit about 860 on any core). h, w, out <= KDM_MAX_DIM (checked with the tensors, before
+     * the ops), so span cannot overflow. */
+    const int32_t span_h = ti->h + 2 * pad - kh, span_w = ti->w + 2 * pad - kw;
+    if (span_h < 0 || span_w < 0 || !window_fits((uint32_t)span_h, (uint32_t)stride, to->h) ||
+        !window_fits((uint32_t)span_w, (uint32_t)stride, to->w))
         return KDM_ERR_SHAPE;
     return KDM_OK;
 }

@@ -149,11 +149,11 @@ static void matmul(const kdm_requant_params *q, const int8_t *in, int32_t n_pix,
     }
 }
 
-/* The k = kernel_h kernel_w in_c inputs of output pixel n in the weights' order (ky, kx, c),
- * the input zero-point in the padding. */
-static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t n, int8_t *dst)
+/* The k = kernel_h kernel_w in_c inputs of output pixel (oy, ox) in the weights' order
+ * (ky, kx, c), the input zero-point in the padding. */
+static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t oy, int32_t ox, int8_t *dst)
 {
-    const int32_t ch = p->in_c, oy = n / p->out_w, ox = n - oy * p->out_w;
+    const int32_t ch = p->in_c;
     const int8_t zp = (int8_t)p->in_zp;
     for (int32_t ky = 0; ky < p->kernel_h; ky++) {
         const uint32_t iy = (uint32_t)(oy * p->stride - p->pad + ky);
@@ -181,11 +181,16 @@ static void conv_im2col(const kdm_conv_params *p, const kdm_requant_params *q, c
     const int32_t k = p->kernel_h * p->kernel_w * p->in_c, n_pix = p->out_h * p->out_w;
     const int32_t n_out = p->out_c, rs = p->row_stride;
     int8_t *col = scratch, *rows = scratch + 2 * k;
-    for (int32_t n = 0; n < n_pix; n += 2) {
+    /* pixel n at (oy, ox), kept by counting (no division: see depthwise_fast.c's dw_inner) */
+    for (int32_t n = 0, oy = 0, ox = 0; n < n_pix; n += 2) {
         const int two_pix = n + 1 < n_pix;
-        im2col(p, in, n, col);
-        if (two_pix)
-            im2col(p, in, n + 1, col + k);
+        for (int32_t i = 0; i <= two_pix; i++) {
+            im2col(p, in, oy, ox, col + i * k);
+            if (++ox == p->out_w) {
+                ox = 0;
+                oy++;
+            }
+        }
         const int8_t *x1 = two_pix ? col + k : col;
         int8_t *o0 = out + n * n_out;
         for (int32_t o = 0; o < n_out; o += 2) {

@@ -426,6 +426,11 @@ MUT(m_softmax_shape, {
 })
 MUT(m_kernel_zero, md->op[OP_CONV][4] = 0)
 MUT(m_stride_zero, md->op[OP_DW][6] = 0)
+/* the depthwise op (3x3, pad 1, 5x5 -> 3x3 at stride 2) with another stride: 1 would give 5x5
+ * (the output is smaller than the formula), 3 would give 2x2 (larger); no tensor changes, so
+ * only that op's window check can refuse these */
+MUT(m_dw_stride_1, md->op[OP_DW][6] = 1)
+MUT(m_dw_stride_3, md->op[OP_DW][6] = 3)
 MUT(m_pad_negative, md->op[OP_CONV][7] = -1)
 MUT(m_maxpool_pad, { /* the output grown to match, so only pad >= kernel is wrong */
                      md->op[OP_MAX][7] = 2;
@@ -492,6 +497,8 @@ static void test_damaged_fields(void **state)
         {m_softmax_shape, KDM_ERR_SHAPE, "softmax over a map"},
         {m_kernel_zero, KDM_ERR_PARAM, "kernel 0"},
         {m_stride_zero, KDM_ERR_PARAM, "stride 0"},
+        {m_dw_stride_1, KDM_ERR_SHAPE, "depthwise output smaller than its window formula"},
+        {m_dw_stride_3, KDM_ERR_SHAPE, "depthwise output larger than its window formula"},
         {m_pad_negative, KDM_ERR_PARAM, "pad -1"},
         {m_maxpool_pad, KDM_ERR_PARAM, "max pool pad >= kernel"},
         {m_avgpool_pad, KDM_ERR_PARAM, "average pool with pad"},

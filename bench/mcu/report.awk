@@ -93,22 +93,27 @@ END {
         layers_json = layers_json (i ? ",\n" : "") sprintf("    {\"op\": %d, \"type\": %s, " \
             "\"wbits\": %d, \"in\": %s, \"out\": %s, \"kernel\": %s, \"stride\": %s, " \
             "\"macs\": %d, \"dsp_instr\": %d, \"dsp_instr_per_mac\": %s, \"ref_instr\": %d, " \
-            "\"ref_instr_per_mac\": %s, \"m7_instr\": %d, \"m0plus_instr\": %d, " \
+            "\"ref_instr_per_mac\": %s, \"m7_instr\": %d, \"m0plus_instr\": %s, " \
             "\"target_instr_per_mac\": %s}", i,
             q(type), wb, q(kv(d, "in")), q(kv(d, "out")), q(k), kv(d, "s") + 0, macs, di,
-            ratio(di, macs), ri, ratio(ri, macs), kv(m7, "instr") + 0, m0i,
+            ratio(di, macs), ri, ratio(ri, macs), kv(m7, "instr") + 0, m0i ? m0i : "null",
             target > 0 ? sprintf("%.1f", target) : "null")
     }
     printf "%3s %-8s %2s %-20s %-5s %1s %8s | %10d %6s | %10d %6s | %7s |\n", "", "sum", "", "",
         "", "", "", sum_d, "", sum_r, "", ratio(sum_r, sum_d)
-    # (the M0+ column is per MAC; its sum is printed below)
-    printf "(M0+: instructions per MAC of the Cortex-M0+ build, its no-DSP kernels, on QEMU's " \
-        "microbit: SysTick at 16 MHz, 62.5 instructions per tick; %d in all)\n", sum_m0
+    # (the M0+ column is per MAC; its sum is printed below). No "invoke m0plus" line: the model
+    # did not fit the microbit (run.sh), and the M0+ figures are absent (null in the JSON).
+    has_m0 = ("m0plus" in inv)
+    if (has_m0)
+        printf "(M0+: instructions per MAC of the Cortex-M0+ build, its no-DSP kernels, on QEMU's " \
+            "microbit: SysTick at 16 MHz, 62.5 instructions per tick; %d in all)\n", sum_m0
+    else
+        printf "(M0+: none, the model does not fit QEMU's microbit)\n"
     printf "\nwhole kdm_invoke, instructions per inference: M4 DSP %s, M4 reference %s " \
         "(x%s), M7 (mps2-an500) %s, M0+ (microbit) %s\n", inv["m4-dsp"], inv["m4-ref"],
-        ratio(inv["m4-ref"], inv["m4-dsp"]), inv["m7"], inv["m0plus"]
+        ratio(inv["m4-ref"], inv["m4-dsp"]), inv["m7"], has_m0 ? inv["m0plus"] : "-"
     split("m4-dsp m4-ref m7 m0plus", order, " ")
-    for (j = 1; j <= 4; j++) {
+    for (j = 1; j <= 3 + has_m0; j++) {
         v = order[j]
         printf "host vs QEMU outputs (%s): %s/%s samples byte-identical\n", v, match_[v], samples[v]
         if (match_[v] != samples[v] || samples[v] == 0) fail = 1
@@ -148,17 +153,17 @@ END {
         "  \"export_dir\": %s,\n  \"model\": %s,\n  \"quant\": %s,\n  \"qemu\": %s,\n  \"arm_none_eabi_gcc\": %s,\n" \
         "  \"instr_per_tick\": 40,\n  \"m0plus_instr_per_tick\": 62.5,\n  \"calibration_loop\": {\"expected\": 2000000, " \
         "\"measured\": %d},\n" \
-        "  \"instr_per_inference\": {\"m4_dsp\": %d, \"m4_ref\": %d, \"m7\": %d, \"m0plus\": %d},\n" \
+        "  \"instr_per_inference\": {\"m4_dsp\": %d, \"m4_ref\": %d, \"m7\": %d, \"m0plus\": %s},\n" \
         "  \"host_match\": {\"m4_dsp\": \"%s/%s\", \"m4_ref\": \"%s/%s\", \"m7\": \"%s/%s\", " \
-        "\"m0plus\": \"%s/%s\"},\n" \
+        "\"m0plus\": %s},\n" \
         "  \"layers\": [\n%s\n  ],\n  \"sizes\": {\n%s\n  },\n" \
         "  \"ram\": {\"arena\": %d, \"stack_used\": %d, \"stack_reserved\": %d, " \
         "\"arena_plus_stack\": %d},\n" \
         "  \"targets\": {\"runtime_code_le_8192\": %s, \"total_flash_le_%d\": %s, " \
         "\"arena_plus_stack_le_16384\": %s, \"all_met\": %s}\n}\n", q(sha), q(export_dir), q(model), q(quant), q(qemu),
-        q(gcc), calib, inv["m4-dsp"], inv["m4-ref"], inv["m7"], inv["m0plus"], match_["m4-dsp"],
-        samples["m4-dsp"], match_["m4-ref"], samples["m4-ref"], match_["m7"], samples["m7"],
-        match_["m0plus"], samples["m0plus"],
+        q(gcc), calib, inv["m4-dsp"], inv["m4-ref"], inv["m7"], has_m0 ? inv["m0plus"] + 0 : "null",
+        match_["m4-dsp"], samples["m4-dsp"], match_["m4-ref"], samples["m4-ref"], match_["m7"],
+        samples["m7"], has_m0 ? q(match_["m0plus"] "/" samples["m0plus"]) : "null",
         layers_json, sizes_json, arena, stack_used, stack_size, ram,
         t_rt ? "true" : "false", flash_target, t_flash ? "true" : "false",
         t_ram ? "true" : "false", missed ? "false" : "true")

@@ -6,7 +6,8 @@
  * arena), the table and data offsets, the input / output indices, every tensor, every op. Each
  * check answers its own status. Reads are byte-assembled little-endian loads at offsets already
  * proven inside [blob, blob + total_len), and every sum or product of blob fields is done in 64
- * bits, so a hostile blob can neither make the loader read out of bounds nor overflow.
+ * bits (or, in check_window, in 32 bits on fields bounded first), so a hostile blob can neither
+ * make the loader read out of bounds nor overflow.
  *
  * Limits of this runtime beyond the format (so that every index a kernel computes fits int32):
  * a blob and an arena below 2^31 bytes; pad and stride at most 65535; an average pooling window
@@ -111,10 +112,10 @@ static kdm_status check_window(const int32_t *r, const kdm_tensor_ *ti, const kd
     int32_t kh = r[KDM_F_KH], kw = r[KDM_F_KW], stride = r[KDM_F_STRIDE], pad = r[KDM_F_PAD];
     if (kh < 1 || kw < 1 || stride < 1 || stride > KDM_MAX_DIM || pad < 0 || pad > KDM_MAX_DIM)
         return KDM_ERR_PARAM;
-    /* span / stride + 1 == out, tested without a division so that no libgcc division routine
-     * is linked (the ARMv6-M cores have none in hardware; 32-bit takes about 470 bytes there,
-     * 64-bit about 860 on any core). h, w, out <= KDM_MAX_DIM (checked with the tensors, before
-     * the ops), so span cannot overflow. */
+    /* span / stride + 1 == out, tested without a division: a 64-bit one links libgcc's
+     * (about 860 bytes on a Cortex-M4, 800 on an M0+), and the ARMv6-M cores have no 32-bit
+     * divide instruction either. h, w, out <= KDM_MAX_DIM (checked with the tensors, before the
+     * ops), so span cannot overflow. */
     const int32_t span_h = ti->h + 2 * pad - kh, span_w = ti->w + 2 * pad - kw;
     if (span_h < 0 || span_w < 0 || !window_fits((uint32_t)span_h, (uint32_t)stride, to->h) ||
         !window_fits((uint32_t)span_w, (uint32_t)stride, to->w))

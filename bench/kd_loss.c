@@ -342,29 +342,43 @@ static int cu_ok(cudaError_t e, const char *what)
     return e == cudaSuccess;
 }
 
-/* median ms of `iters` launches of the kernel (variant) or, with variant < 0, of the copy */
+/* median ms of `iters` launches of the kernel (variant) or, with variant < 0, of the copy; NAN
+ * (the failing call printed) when a CUDA call or the kernel fails */
 static double time_gpu(const shape *sh, int dtype, const void *s, const void *t, void *ds,
                        double *rows, int variant, void *copy_dst, size_t copy_bytes, int iters)
 {
-    cudaEvent_t a, b;
-    cudaEventCreate(&a), cudaEventCreate(&b);
-    double v[64];
+    cudaEvent_t a = NULL, b = NULL;
+    double v[64], r = NAN;
+    if (!cu_ok(cudaEventCreate(&a), "cudaEventCreate") ||
+        !cu_ok(cudaEventCreate(&b), "cudaEventCreate"))
+        goto done;
     for (int i = -2; i < iters; i++) {
-        cudaEventRecord(a, 0);
-        if (variant < 0)
-            cudaMemcpyAsync(copy_dst, s, copy_bytes, cudaMemcpyDeviceToDevice, 0);
-        else if (kd_cuda_softmax_kl(NULL, sh->n, sh->c, dtype, s, t, TEMP, 0, 1, ds, dtype, 1.0,
-                                    rows, variant) != KD_OK)
-            return NAN;
-        cudaEventRecord(b, 0);
-        cudaEventSynchronize(b);
+        if (!cu_ok(cudaEventRecord(a, 0), "cudaEventRecord"))
+            goto done;
+        if (variant < 0) {
+            if (!cu_ok(cudaMemcpyAsync(copy_dst, s, copy_bytes, cudaMemcpyDeviceToDevice, 0),
+                       "cudaMemcpyAsync"))
+                goto done;
+        } else if (kd_cuda_softmax_kl(NULL, sh->n, sh->c, dtype, s, t, TEMP, 0, 1, ds, dtype, 1.0,
+                                      rows, variant) != KD_OK) {
+            fprintf(stderr, "bench_kd_loss: %s\n", kd_last_error());
+            goto done;
+        }
         float ms = 0;
-        cudaEventElapsedTime(&ms, a, b);
+        if (!cu_ok(cudaEventRecord(b, 0), "cudaEventRecord") ||
+            !cu_ok(cudaEventSynchronize(b), "cudaEventSynchronize") ||
+            !cu_ok(cudaEventElapsedTime(&ms, a, b), "cudaEventElapsedTime"))
+            goto done;
         if (i >= 0)
             v[i] = ms;
     }
-    cudaEventDestroy(a), cudaEventDestroy(b);
-    return median(v, iters);
+    r = median(v, iters);
+done:
+    if (a && !cu_ok(cudaEventDestroy(a), "cudaEventDestroy"))
+        r = NAN;
+    if (b && !cu_ok(cudaEventDestroy(b), "cudaEventDestroy"))
+        r = NAN;
+    return r;
 }
 
 static int run_gpu(const opts *o)
@@ -404,8 +418,12 @@ static int run_gpu(const opts *o)
             if (variant == KD_SKL_WARP && sh->c > 1024)
                 continue;
             /* check first */
-            kd_cuda_softmax_kl(NULL, sh->n, sh->c, KD_SKL_F32, s_d, t_d, TEMP, 0, 1, g_d,
-                               KD_SKL_F32, 1.0, rows_d, variant);
+            if (kd_cuda_softmax_kl(NULL, sh->n, sh->c, KD_SKL_F32, s_d, t_d, TEMP, 0, 1, g_d,
+                                   KD_SKL_F32, 1.0, rows_d, variant) != KD_OK) {
+                fprintf(stderr, "bench_kd_loss: %s\n", kd_last_error());
+                ok = 0;
+                break;
+            }
             ok = cu_ok(cudaMemcpy(ds, g_d, nc * 4, cudaMemcpyDeviceToHost), "download");
             double e = 0, m = 0;
             for (size_t i = 0; ok && i < nc; i++) {
@@ -423,6 +441,10 @@ static int run_gpu(const opts *o)
                 /* bf16 timing reuses the float buffers as 2-byte data: values do not matter */
                 double kms = time_gpu(sh, dt, s_d, t_d, g_d, rows_d, variant, NULL, 0, o->iters);
                 double cms = time_gpu(sh, dt, s_d, NULL, NULL, NULL, -1, cp_d, bytes / 2, o->iters);
+                if (isnan(kms) || isnan(cms)) {
+                    ok = 0;
+                    break;
+                }
                 char name[32];
                 snprintf(name, sizeof name, "%dx%d", sh->n, sh->c);
                 printf("%-14s %-6s %-6s %10.4f %10.4f %8.2f %9.1f\n", name,
@@ -440,7 +462,10 @@ static int run_gpu(const opts *o)
                 cJSON_AddItemToArray(arr, j);
             }
         }
-        cudaFree(s_d), cudaFree(t_d), cudaFree(g_d), cudaFree(cp_d), cudaFree(rows_d);
+        const int freed = cu_ok(cudaFree(s_d), "cudaFree") & cu_ok(cudaFree(t_d), "cudaFree") &
+                          cu_ok(cudaFree(g_d), "cudaFree") & cu_ok(cudaFree(cp_d), "cudaFree") &
+                          cu_ok(cudaFree(rows_d), "cudaFree");
+        ok = ok && freed;
         free(s), free(t), free(ds), free(ref);
     }
     cJSON_AddItemToObject(root, "shapes", arr);

@@ -54,7 +54,10 @@
 
 /* ---- small helpers ------------------------------------------------------------------------ */
 
-static void h5_quiet(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
+/* Turn off HDF5's printing of its error stack (this file reports errors itself, h5_detail). Its
+ * result is not acted on: if it ever failed, HDF5 would only print its own stack to stderr
+ * beside this file's messages, and every call's result is still checked. */
+static void h5_quiet(void) { (void)H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
 
 typedef struct {
     char inner[384];
@@ -76,8 +79,11 @@ static herr_t h5_walk_cb(unsigned n, const H5E_error2_t *e, void *data)
 static void h5_detail(char *buf, size_t len)
 {
     h5_err_text t = {{0}, {0}};
-    H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, h5_walk_cb, &t);
-    H5Eclear2(H5E_DEFAULT);
+    /* Best effort, on a path that is reporting a failure already: if the walk fails, t stays
+     * empty and the message says there is no detail; a failed clear leaves stale entries that
+     * the next h5_detail would show first. */
+    (void)H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, h5_walk_cb, &t);
+    (void)H5Eclear2(H5E_DEFAULT);
     if (!t.outer[0])
         snprintf(buf, len, "no HDF5 error detail");
     else if (t.inner[0] && strcmp(t.inner, t.outer) != 0 && !strstr(t.outer, t.inner))
@@ -105,12 +111,24 @@ static kd_status h5_fail_at(kd_status st, const char *file, int line, const char
         }                                                                                          \
     } while (0)
 
+/* Close a handle without acting on the result: for error paths (the first error is the one
+ * reported), handles of files only read, and handles that carry no data (dataspaces, property
+ * lists, types). A dataset or attribute closed after this code wrote through it uses H5_CLOSE. */
 static void close_id(hid_t *id, herr_t (*fn)(hid_t))
 {
     if (*id >= 0)
-        fn(*id);
+        (void)fn(*id);
     *id = H5I_INVALID_HID;
 }
+
+/* Close a handle written through: a failure is recorded in st (with the function's `path`)
+ * unless an earlier failure already is. */
+#define H5_CLOSE(id, fn)                                                                           \
+    do {                                                                                           \
+        if ((id) >= 0 && fn(id) < 0 && st == KD_OK)                                                \
+            st = H5_FAIL(KD_ERR_IO, path, #fn);                                                    \
+        (id) = H5I_INVALID_HID;                                                                    \
+    } while (0)
 
 static pthread_once_t f16_once = PTHREAD_ONCE_INIT;
 static hid_t f16_type_id = H5I_INVALID_HID;
@@ -326,9 +344,10 @@ int kd_cache_compress_available(kd_cache_compress c)
     H5Z_filter_t id = compress_filter(c);
     if (id == H5Z_FILTER_NONE)
         return 0;
-    /* In HDF5 1.10 this also tries to load a dynamic plugin for the id. */
+    /* In HDF5 1.10 this also tries to load a dynamic plugin for the id. A failure (< 0) counts
+     * as "not available": the caller then names the filter that cannot be used. */
     htri_t a = H5Zfilter_avail(id);
-    H5Eclear2(H5E_DEFAULT);
+    (void)H5Eclear2(H5E_DEFAULT);
     return a > 0;
 }
 
@@ -359,7 +378,7 @@ static kd_status attr_write_i64(hid_t loc, const char *path, const char *name, i
     H5_CHECK(a = H5Acreate2(loc, name, H5T_STD_I64LE, sp, H5P_DEFAULT, H5P_DEFAULT), "H5Acreate2");
     H5_CHECK(H5Awrite(a, H5T_NATIVE_INT64, &v), "H5Awrite");
 done:
-    close_id(&a, H5Aclose);
+    H5_CLOSE(a, H5Aclose);
     close_id(&sp, H5Sclose);
     if (st != KD_OK)
         kd_fail_context(st, "writing attribute '%s': ", name);
@@ -377,7 +396,7 @@ static kd_status attr_write_str(hid_t loc, const char *path, const char *name, c
     H5_CHECK(a = H5Acreate2(loc, name, t, sp, H5P_DEFAULT, H5P_DEFAULT), "H5Acreate2");
     H5_CHECK(H5Awrite(a, t, s), "H5Awrite");
 done:
-    close_id(&a, H5Aclose);
+    H5_CLOSE(a, H5Aclose);
     close_id(&sp, H5Sclose);
     close_id(&t, H5Tclose);
     if (st != KD_OK)
@@ -456,9 +475,13 @@ static kd_status attr_read_str(hid_t loc, const char *path, const char *name, ch
         H5_CHECK(H5Aread(a, mt, &vs), "H5Aread");
         snprintf(buf, len, "%s", vs ? vs : "");
         if (vs)
-            H5free_memory(vs);
+            (void)H5free_memory(vs); /* nothing to do if HDF5 cannot free its own string */
     } else {
         size_t n = H5Tget_size(t);
+        if (n == 0) {
+            st = H5_FAIL(KD_ERR_IO, path, "H5Tget_size");
+            goto done;
+        }
         tmp = calloc(n + 1, 1);
         if (!tmp) {
             st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
@@ -583,14 +606,18 @@ static void dsets_init(cache_dsets *d)
     d->main = d->idx = d->lse = d->aug = d->lab = d->done = H5I_INVALID_HID;
 }
 
-static void dsets_close(cache_dsets *d)
+/* Close the datasets; returns how many closes failed (for a writer, whose datasets were written
+ * through: kd_cache_writer_close reports it; the readers' callers have nothing to lose). */
+static int dsets_close(cache_dsets *d)
 {
-    close_id(&d->main, H5Dclose);
-    close_id(&d->idx, H5Dclose);
-    close_id(&d->lse, H5Dclose);
-    close_id(&d->aug, H5Dclose);
-    close_id(&d->lab, H5Dclose);
-    close_id(&d->done, H5Dclose);
+    hid_t *ids[] = {&d->main, &d->idx, &d->lse, &d->aug, &d->lab, &d->done};
+    int bad = 0;
+    for (int i = 0; i < 6; i++) {
+        if (*ids[i] >= 0 && H5Dclose(*ids[i]) < 0)
+            bad++;
+        *ids[i] = H5I_INVALID_HID;
+    }
+    return bad;
 }
 
 static char *dims_str(const hsize_t *d, int n, char *buf, size_t len)
@@ -621,8 +648,10 @@ static kd_status dset_open(hid_t f, const char *path, const char *name, H5T_clas
           dapl = H5I_INVALID_HID;
     *out = H5I_INVALID_HID;
     htri_t ex = H5Lexists(f, name, H5P_DEFAULT);
-    if (ex <= 0) {
-        H5Eclear2(H5E_DEFAULT);
+    if (ex < 0)
+        return H5_FAIL(KD_ERR_IO, path, "H5Lexists");
+    if (ex == 0) {
+        (void)H5Eclear2(H5E_DEFAULT); /* best effort: nothing failed, the stack should be empty */
         return KD_FAIL(KD_ERR_FORMAT, "cache '%s' has no dataset /%s (see data/README.md)", path,
                        name);
     }
@@ -645,9 +674,10 @@ static kd_status dset_open(hid_t f, const char *path, const char *name, H5T_clas
     H5_CHECK(sp = H5Dget_space(d), "H5Dget_space");
     hsize_t got[8] = {0};
     int nd = H5Sget_simple_extent_ndims(sp);
+    H5_CHECK(nd, "H5Sget_simple_extent_ndims");
     int ok = nd == ndims && nd <= 8;
     if (ok) {
-        H5Sget_simple_extent_dims(sp, got, NULL);
+        H5_CHECK(H5Sget_simple_extent_dims(sp, got, NULL), "H5Sget_simple_extent_dims");
         for (int i = 0; i < nd; i++)
             if (dims[i] ? got[i] != dims[i] : got[i] < 1)
                 ok = 0;
@@ -677,7 +707,7 @@ static kd_status dset_open(hid_t f, const char *path, const char *name, H5T_clas
             H5Pget_filter2(dcpl, (unsigned)i, &flags, &ncd, cd, sizeof fname, fname, NULL);
         H5_CHECK(id, "H5Pget_filter2");
         htri_t av = H5Zfilter_avail(id);
-        H5Eclear2(H5E_DEFAULT);
+        (void)H5Eclear2(H5E_DEFAULT); /* what a failed plugin search left, dropped */
         if (av <= 0) {
             st = KD_FAIL(KD_ERR_UNSUPPORTED,
                          "cache '%s': dataset /%s is compressed with HDF5 filter %d (%s), which "
@@ -873,7 +903,7 @@ static kd_status dset_create(hid_t f, const char *path, const char *name, hid_t 
     H5_CHECK(H5Pset_fletcher32(dcpl), "H5Pset_fletcher32");
     H5_CHECK(d = H5Dcreate2(f, name, ftype, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT), "H5Dcreate2");
 done:
-    close_id(&d, H5Dclose);
+    H5_CLOSE(d, H5Dclose);
     close_id(&dcpl, H5Pclose);
     close_id(&sp, H5Sclose);
     if (st != KD_OK)
@@ -1017,7 +1047,12 @@ static kd_status dset_copy(hid_t fs, hid_t fd, const char *src_path, const char 
         st = KD_FAIL(KD_ERR_FORMAT, "cache '%s': /%s has an unexpected shape", src_path, name);
         goto done;
     }
-    size_t row = H5Tget_size(t) * (size_t)(nd > 1 ? dims[1] : 1) * (size_t)(nd > 2 ? dims[2] : 1);
+    const size_t esize = H5Tget_size(t);
+    if (esize == 0) {
+        st = H5_FAIL(KD_ERR_IO, src_path, "H5Tget_size");
+        goto done;
+    }
+    size_t row = esize * (size_t)(nd > 1 ? dims[1] : 1) * (size_t)(nd > 2 ? dims[2] : 1);
     if (strcmp(name, "done") == 0)
         block_rows = (int64_t)dims[0];
     buf = malloc(row * (size_t)block_rows);
@@ -1036,7 +1071,7 @@ static kd_status dset_copy(hid_t fs, hid_t fd, const char *src_path, const char 
     }
 done:
     free(buf);
-    close_id(&dd, H5Dclose);
+    H5_CLOSE(dd, H5Dclose);
     close_id(&sp, H5Sclose);
     close_id(&t, H5Tclose);
     close_id(&ds, H5Dclose);
@@ -1374,10 +1409,14 @@ kd_status kd_cache_writer_put(kd_cache_writer *w, int64_t chunk, const float *lo
     if (w->fsync && (st = file_fsync(w->file, path)) != KD_OK)
         goto done;
     w->done[chunk] = 1;
-    if (H5Dwrite(w->ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, w->done) < 0 ||
-        H5Fflush(w->file, H5F_SCOPE_LOCAL) < 0) {
+    if (H5Dwrite(w->ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, w->done) < 0) {
         w->done[chunk] = 0;
         st = H5_FAIL(KD_ERR_IO, path, "H5Dwrite(/done)");
+        goto done;
+    }
+    if (H5Fflush(w->file, H5F_SCOPE_LOCAL) < 0) {
+        w->done[chunk] = 0;
+        st = H5_FAIL(KD_ERR_IO, path, "H5Fflush");
         goto done;
     }
     if (w->fsync && (st = file_fsync(w->file, path)) != KD_OK)
@@ -1395,8 +1434,9 @@ kd_status kd_cache_writer_close(kd_cache_writer *w)
     h5_quiet();
     kd_status st = KD_OK;
     const char *path = w->path;
-    dsets_close(&w->ds);
-    if (w->file >= 0 && H5Fclose(w->file) < 0)
+    if (dsets_close(&w->ds) > 0)
+        st = H5_FAIL(KD_ERR_IO, path, "H5Dclose");
+    if (w->file >= 0 && H5Fclose(w->file) < 0 && st == KD_OK)
         st = H5_FAIL(KD_ERR_IO, path, "H5Fclose");
     w->file = H5I_INVALID_HID;
     if (st == KD_OK && w->final_path && kd_cache_writer_chunks_missing(w) == 0)
@@ -1588,7 +1628,12 @@ static kd_status shard_open(const char *vds_path, const kd_cache_meta *vds, vds_
                      vds_path, sh->file, field, va, vb, redo);
         goto done;
     }
-    if (dset_is_virtual(ds.main) != 0) {
+    const int shard_virt = dset_is_virtual(ds.main);
+    if (shard_virt < 0) {
+        st = H5_FAIL(KD_ERR_FORMAT, sh->file, "H5Dget_create_plist");
+        goto done;
+    }
+    if (shard_virt) {
         st = KD_FAIL(KD_ERR_FORMAT,
                      "cache '%s' is sharded and its shard '%s' is itself a virtual-dataset file; "
                      "shards must hold their rows",
@@ -1877,7 +1922,7 @@ static kd_status vds_dset_create(hid_t f, const char *path, const char *name, hi
     }
     H5_CHECK(d = H5Dcreate2(f, name, ft, vsp, H5P_DEFAULT, dcpl, H5P_DEFAULT), "H5Dcreate2");
 done:
-    close_id(&d, H5Dclose);
+    H5_CLOSE(d, H5Dclose);
     close_id(&ssp, H5Sclose);
     close_id(&sel, H5Sclose);
     close_id(&dcpl, H5Pclose);

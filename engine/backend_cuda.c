@@ -971,7 +971,7 @@ static kd_status cu_graph_end(void **out)
                      xe != cudaSuccess ? cudaGetErrorString(xe) : "");
     }
     if (st != KD_OK) {
-        (void)cudaGetLastError();
+        (void)cudaGetLastError(); /* the failure is reported here, not by the next launch's check */
         return st;
     }
     kd_graphs++;
@@ -1113,7 +1113,7 @@ const kd_backend *kd_backend_cuda(const char **why)
         kd_blas = NULL;
         kd_stream = NULL;
         if (!clean) {
-            (void)cudaGetLastError();
+            (void)cudaGetLastError(); /* reported in `reason`; not the next operation's error */
             const size_t used = strlen(reason);
             snprintf(reason + used, sizeof reason - used, "; releasing the partial start failed");
         }

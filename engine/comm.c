@@ -218,6 +218,8 @@ static kd_status open_mpi(kd_comm **out)
         st = mpi_fail(rc, "Initialized");
         goto fail;
     }
+    /* (MPI_Initialized and MPI_Init_thread run before the error handler below can be set: an
+     * MPI whose default handler aborts stops the process there instead of returning) */
     if (!inited) {
         /* only the main thread calls MPI (the cache prefetch thread and OpenMP do not) */
         if ((rc = MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided)) != MPI_SUCCESS) {
@@ -225,6 +227,14 @@ static kd_status open_mpi(kd_comm **out)
             goto fail;
         }
         im->finalize = 1;
+        if (provided < MPI_THREAD_FUNNELED) {
+            st = KD_FAIL(KD_ERR_UNSUPPORTED,
+                         "MPI gives thread level %d, below MPI_THREAD_FUNNELED (%d): distill runs "
+                         "other threads beside the one that calls MPI (OpenMP, the cache "
+                         "prefetch); use an MPI built with thread support",
+                         provided, MPI_THREAD_FUNNELED);
+            goto fail;
+        }
     }
     /* errors come back as return codes, which every call checks */
     if ((rc = MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN)) != MPI_SUCCESS ||

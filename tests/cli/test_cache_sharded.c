@@ -100,7 +100,9 @@ static int same_bytes(hid_t a, hid_t b, int attr, const char *what, cmp_ctx *x)
     int nb = ok ? H5Sget_simple_extent_dims(sb, db, NULL) : -2;
     ok = ok && na == nb && na >= 0 && memcmp(da, db, sizeof da) == 0;
     hssize_t np = ok ? H5Sget_simple_extent_npoints(sa) : 0;
-    size_t bytes = ok ? (size_t)np * H5Tget_size(ta) : 0;
+    size_t tsize = ok ? H5Tget_size(ta) : 0;
+    ok = ok && np >= 0 && tsize > 0;
+    size_t bytes = ok ? (size_t)np * tsize : 0;
     char *ba = ok ? calloc(bytes + 1, 1) : NULL, *bb = ok ? calloc(bytes + 1, 1) : NULL;
     if (ok && ba && bb) {
         herr_t ra = attr ? H5Aread(a, ta, ba) : H5Dread(a, ta, H5S_ALL, H5S_ALL, H5P_DEFAULT, ba);
@@ -114,11 +116,12 @@ static int same_bytes(hid_t a, hid_t b, int attr, const char *what, cmp_ctx *x)
     x->n++;
     free(ba);
     free(bb);
-    H5Tclose(ta);
-    H5Tclose(tb);
-    H5Sclose(sa);
-    H5Sclose(sb);
-    return ok;
+    /* the handles that were opened must close */
+    const int closed = (ta < 0 || H5Tclose(ta) >= 0) & (tb < 0 || H5Tclose(tb) >= 0) &
+                       (sa < 0 || H5Sclose(sa) >= 0) & (sb < 0 || H5Sclose(sb) >= 0);
+    if (!closed && !x->bad[0])
+        snprintf(x->bad, sizeof x->bad, "%s: closing its type or space failed", what);
+    return ok && closed;
 }
 
 static herr_t attr_cb(hid_t loc, const char *name, const H5A_info_t *info, void *p)
@@ -135,10 +138,9 @@ static herr_t attr_cb(hid_t loc, const char *name, const H5A_info_t *info, void 
     } else {
         same_bytes(a, b, 1, what, x);
     }
-    if (a >= 0)
-        H5Aclose(a);
-    if (b >= 0)
-        H5Aclose(b);
+    if ((a >= 0 && H5Aclose(a) < 0) || (b >= 0 && H5Aclose(b) < 0))
+        if (!x->bad[0])
+            snprintf(x->bad, sizeof x->bad, "%s: H5Aclose failed", what);
     return 0;
 }
 
@@ -157,10 +159,9 @@ static herr_t dset_cb(hid_t loc, const char *name, const H5L_info_t *info, void 
     } else {
         same_bytes(a, b, 0, what, x);
     }
-    if (a >= 0)
-        H5Dclose(a);
-    if (b >= 0)
-        H5Dclose(b);
+    if ((a >= 0 && H5Dclose(a) < 0) || (b >= 0 && H5Dclose(b) < 0))
+        if (!x->bad[0])
+            snprintf(x->bad, sizeof x->bad, "%s: H5Dclose failed", what);
     return 0;
 }
 
@@ -178,7 +179,7 @@ static void counts(hid_t f, hsize_t *attrs, hsize_t *links)
 /* Every root attribute and dataset of a equals b's, and both have the same ones. */
 static void expect_same_cache(const char *a_path, const char *b_path)
 {
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    assert_true(H5Eset_auto2(H5E_DEFAULT, NULL, NULL) >= 0);
     hid_t a = H5Fopen(a_path, H5F_ACC_RDONLY, H5P_DEFAULT);
     hid_t b = H5Fopen(b_path, H5F_ACC_RDONLY, H5P_DEFAULT);
     assert_true(a >= 0 && b >= 0);
@@ -189,8 +190,8 @@ static void expect_same_cache(const char *a_path, const char *b_path)
     assert_true(H5Aiterate2(a, H5_INDEX_NAME, H5_ITER_INC, &idx, attr_cb, &x) >= 0);
     int nattr = x.n;
     assert_true(H5Literate(a, H5_INDEX_NAME, H5_ITER_INC, NULL, dset_cb, &x) >= 0);
-    H5Fclose(a);
-    H5Fclose(b);
+    assert_true(H5Fclose(a) >= 0);
+    assert_true(H5Fclose(b) >= 0);
     if (x.bad[0])
         fail_msg("%s vs %s: %s", a_path, b_path, x.bad);
     printf("  %s == %s: %d attributes, %d datasets\n", a_path, b_path, nattr, x.n - nattr);
@@ -205,26 +206,34 @@ static void undo_chunk(const char *shard, const char *dset, int chunk, int rows)
     hid_t f = H5Fopen(shard, H5F_ACC_RDWR, H5P_DEFAULT);
     assert_true(f >= 0);
     hid_t d = H5Dopen2(f, "done", H5P_DEFAULT);
+    assert_true(d >= 0);
     uint8_t done[64];
     assert_true(H5Dread(d, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, done) >= 0);
     done[chunk] = 0;
     assert_true(H5Dwrite(d, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, done) >= 0);
-    H5Dclose(d);
+    assert_true(H5Dclose(d) >= 0);
     d = H5Dopen2(f, dset, H5P_DEFAULT);
+    assert_true(d >= 0);
     hid_t fs = H5Dget_space(d);
+    assert_true(fs >= 0);
     hsize_t dims[3], start[3] = {(hsize_t)chunk * rows, 0, 0};
     int nd = H5Sget_simple_extent_ndims(fs);
-    H5Sget_simple_extent_dims(fs, dims, NULL);
+    assert_true(nd >= 1 && nd <= 3);
+    assert_true(H5Sget_simple_extent_dims(fs, dims, NULL) == nd);
     dims[0] = (hsize_t)rows;
-    H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, dims, NULL);
+    assert_true(H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, dims, NULL) >= 0);
     hid_t ms = H5Screate_simple(nd, dims, NULL);
-    float *zeros = calloc((size_t)H5Sget_simple_extent_npoints(ms), sizeof(float));
+    assert_true(ms >= 0);
+    const hssize_t np = H5Sget_simple_extent_npoints(ms);
+    assert_true(np > 0);
+    float *zeros = calloc((size_t)np, sizeof(float));
+    assert_non_null(zeros);
     assert_true(H5Dwrite(d, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, zeros) >= 0);
     free(zeros);
-    H5Sclose(ms);
-    H5Sclose(fs);
-    H5Dclose(d);
-    H5Fclose(f);
+    assert_true(H5Sclose(ms) >= 0);
+    assert_true(H5Sclose(fs) >= 0);
+    assert_true(H5Dclose(d) >= 0);
+    assert_true(H5Fclose(f) >= 0);
 }
 
 static int setup(void **state)

@@ -502,26 +502,33 @@ static void assert_same_datasets(const char *a, const char *b)
         if (ea <= 0)
             continue;
         hid_t da = H5Dopen2(fa, names[i], H5P_DEFAULT), db = H5Dopen2(fb, names[i], H5P_DEFAULT);
+        assert_true(da >= 0 && db >= 0);
         hid_t ta = H5Dget_type(da), tb = H5Dget_type(db);
+        assert_true(ta >= 0 && tb >= 0);
         assert_true(H5Tequal(ta, tb) > 0);
-        hssize_t na = H5Sget_simple_extent_npoints(H5Dget_space(da));
-        hssize_t nb = H5Sget_simple_extent_npoints(H5Dget_space(db));
+        hid_t sa = H5Dget_space(da), sb = H5Dget_space(db);
+        assert_true(sa >= 0 && sb >= 0);
+        hssize_t na = H5Sget_simple_extent_npoints(sa);
+        hssize_t nb = H5Sget_simple_extent_npoints(sb);
+        assert_true(na >= 0);
         assert_int_equal(na, nb);
-        size_t bytes = (size_t)na * H5Tget_size(ta);
-        void *ba = malloc(bytes), *bb = malloc(bytes);
+        const size_t tsize = H5Tget_size(ta);
+        assert_true(tsize > 0);
+        size_t bytes = (size_t)na * tsize;
+        void *ba = malloc(bytes + 1), *bb = malloc(bytes + 1);
+        assert_true(ba && bb);
         assert_true(H5Dread(da, ta, H5S_ALL, H5S_ALL, H5P_DEFAULT, ba) >= 0);
         assert_true(H5Dread(db, tb, H5S_ALL, H5S_ALL, H5P_DEFAULT, bb) >= 0);
         if (memcmp(ba, bb, bytes) != 0)
             fail_msg("dataset /%s differs between '%s' and '%s'", names[i], a, b);
         free(ba);
         free(bb);
-        H5Tclose(ta);
-        H5Tclose(tb);
-        H5Dclose(da);
-        H5Dclose(db);
+        assert_true(H5Sclose(sa) >= 0 && H5Sclose(sb) >= 0);
+        assert_true(H5Tclose(ta) >= 0 && H5Tclose(tb) >= 0);
+        assert_true(H5Dclose(da) >= 0 && H5Dclose(db) >= 0);
     }
-    H5Fclose(fa);
-    H5Fclose(fb);
+    assert_true(H5Fclose(fa) >= 0);
+    assert_true(H5Fclose(fb) >= 0);
 }
 
 static double now_s(void)
@@ -776,15 +783,19 @@ static void poke(const char *path, const char *name, int64_t row, int view, int 
     hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
     assert_true(f >= 0);
     hid_t d = H5Dopen2(f, name, H5P_DEFAULT);
+    assert_true(d >= 0);
     hid_t fs = H5Dget_space(d);
+    assert_true(fs >= 0);
     int nd = H5Sget_simple_extent_ndims(fs);
+    assert_true(nd >= 1 && nd <= 3);
     hsize_t start[3] = {(hsize_t)row, (hsize_t)view, (hsize_t)cls}, one[3] = {1, 1, 1};
     assert_true(H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, one, NULL) >= 0);
     hid_t ms = H5Screate_simple(nd, one, NULL);
+    assert_true(ms >= 0);
     assert_true(H5Dwrite(d, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, &val) >= 0);
-    H5Sclose(ms);
-    H5Sclose(fs);
-    H5Dclose(d);
+    assert_true(H5Sclose(ms) >= 0);
+    assert_true(H5Sclose(fs) >= 0);
+    assert_true(H5Dclose(d) >= 0);
     assert_true(H5Fclose(f) >= 0);
 }
 

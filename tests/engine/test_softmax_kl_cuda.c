@@ -141,7 +141,10 @@ static void run_case(int n, int c, int bf16_in, int bf16_out, double temp, int r
                  "err %.3g of max %.3g",
                  c, n, bf16_in ? "bf16" : "f32", bf16_out ? "bf16" : "f32", temp, reverse, extreme,
                  variant, offset, e, m);
-    cudaFree(s_d), cudaFree(t_d), cudaFree(g_d), cudaFree(rows_d);
+    assert_int_equal(cudaFree(s_d), cudaSuccess);
+    assert_int_equal(cudaFree(t_d), cudaSuccess);
+    assert_int_equal(cudaFree(g_d), cudaSuccess);
+    assert_int_equal(cudaFree(rows_d), cudaSuccess);
     free(s), free(t), free(g), free(gd), free(sb), free(tb), free(gb), free(rows);
     free(sd), free(td), free(gdd);
 }
@@ -197,7 +200,10 @@ static void run_rows(int n, int c, const float *s, const float *t, int rev, int 
                      cudaSuccess);
     if (g)
         assert_int_equal(cudaMemcpy(g, g_d, nc, cudaMemcpyDeviceToHost), cudaSuccess);
-    cudaFree(s_d), cudaFree(t_d), cudaFree(g_d), cudaFree(rows_d);
+    assert_int_equal(cudaFree(s_d), cudaSuccess);
+    assert_int_equal(cudaFree(t_d), cudaSuccess);
+    assert_int_equal(cudaFree(g_d), cudaSuccess);
+    assert_int_equal(cudaFree(rows_d), cudaSuccess);
 }
 
 /* the masking rules of the CPU op: infinite rows, empty targets */

@@ -26,6 +26,10 @@ static inline kd_status kd_cuda_check_at(cudaError_t e, const char *what, const 
 {
     if (e == cudaSuccess)
         return KD_OK;
+    /* The runtime also keeps e as its last error: cleared, so that the next launch's check
+     * (kd_launch_status) does not report it again as that launch's failure. A sticky error (the
+     * context is lost) comes back from every later call anyway. */
+    (void)cudaGetLastError();
     return kd_fail_at(KD_ERR_DEVICE, file, line, "%s failed: %s (%s)", what, cudaGetErrorString(e),
                       cudaGetErrorName(e));
 }

@@ -2,7 +2,7 @@
  * emit.c - a quantized, planned graph as a .kdm blob (through kdm_writer) and as C source.
  *
  * Constant data per op, each piece 4-aligned by the builder: packed weight rows (row_stride
- * bytes each, padding zero), int32 bias[out_c], int32 multiplier[out_c] then int32 shift[out_c],
+ * bytes each, padding zero), int32 bias[out_c], int32 multiplier[out_c] then int8 shift[out_c],
  * then op parameters (ADD's 7 words, SOFTMAX's 256-entry table). int4 weights go two per byte,
  * low nibble first, as 4-bit two's complement. Every int32 is written little-endian byte by
  * byte. The finished blob is loaded back with kdm_load before anyone sees it, so a blob the
@@ -137,12 +137,16 @@ static kd_status build(const kd_export_graph *g, kdm_builder *b, uint8_t **blob,
             free(w);
             KD_TRY(st);
             KD_TRY(add_words(b, o->bias_q, (size_t)o->out_c, &off[1]));
-            int32_t *mq = malloc(sizeof(int32_t) * 2 * (size_t)o->out_c);
+            /* int32 multipliers, then one int8 shift a channel (in [-31, 30]) */
+            const size_t n = (size_t)o->out_c;
+            uint8_t *mq = malloc(5 * n);
             if (!mq)
                 return KD_FAIL(KD_ERR_NOMEM, "export: out of memory");
-            memcpy(mq, o->mult, sizeof(int32_t) * (size_t)o->out_c);
-            memcpy(mq + o->out_c, o->shift, sizeof(int32_t) * (size_t)o->out_c);
-            st = add_words(b, mq, 2 * (size_t)o->out_c, &off[2]);
+            for (size_t c = 0; c < n; c++) {
+                put_u32(mq + 4 * c, (uint32_t)o->mult[c]);
+                mq[4 * n + c] = (uint8_t)(int8_t)o->shift[c];
+            }
+            st = kdm_builder_data(b, mq, 5 * n, &off[2]);
             free(mq);
             KD_TRY(st);
         }

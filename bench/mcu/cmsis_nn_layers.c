@@ -322,7 +322,7 @@ int main(void)
             cm_bias[o] =
                 (int32_t)((uint32_t)blob_word(bias_off, (uint32_t)o) + (uint32_t)(tin.zp * sum));
             cm_mult[o] = blob_word(quant_off, (uint32_t)o);
-            cm_shift[o] = blob_word(quant_off, (uint32_t)(out_c + o));
+            cm_shift[o] = (int8_t)kdm_model_blob[quant_off + 4u * (uint32_t)out_c + (uint32_t)o];
         }
 
         const char *type_shown = op_name(type);

@@ -100,7 +100,7 @@ extern "C" {
  *   [11] weights_off     byte offset in the blob of the weights (see layouts below)
  *   [12] row_stride      bytes between weight rows; a multiple of 4, >= the packed row length
  *   [13] bias_off        byte offset of int32 bias[out_c] (4-aligned)
- *   [14] quant_off       byte offset of int32 multiplier[out_c] followed by int32 shift[out_c]
+ *   [14] quant_off       byte offset of int32 multiplier[out_c] followed by int8 shift[out_c]
  *                        (4-aligned); multiplier in [2^30, 2^31) or 0, shift in [-31, 30]
  *   [15] params_off      byte offset of op-specific int32 parameters, or 0:
  *                        ADD: 7 words {left_shift, m1, s1, m2, s2, m_out, s_out} as in
@@ -128,7 +128,7 @@ extern "C" {
  *     with output scale 1/256 and zero-point -128
  */
 #define KDM_MAGIC        0x314D444Bu /* bytes 'K' 'D' 'M' '1' */
-#define KDM_VERSION      2u /* 2: the DSP kernels' scratch sizes (kdm_op_scratch_size) grew */
+#define KDM_VERSION      3u          /* 2: the DSP kernels' scratch sizes grew; 3: int8 shifts */
 #define KDM_HEADER_SIZE  64u
 #define KDM_TENSOR_WORDS 6u
 #define KDM_OP_WORDS     16u

@@ -231,14 +231,15 @@ static inline int32_t kdm_ssat8_asr1(int32_t x)
  * one pixel pair at a time; its offsets are the numbers in their assembly and are checked below.
  */
 typedef struct {
-    const int32_t *bias, *mult, *shift; /* advanced two channels per block */
-    int8_t *out0, *out1;                /* advanced likewise */
-    const void *w;                      /* the block's first weight row */
-    int32_t skip;                       /* row_stride - row bytes of K: row o + 1's end to o + 2 */
-    int32_t rs;                         /* row_stride */
-    const uint8_t *col, *col_end;       /* the staged columns, 4 K bytes */
-    const int32_t *bias_end;            /* bias + out_c */
-    int32_t zp2;                        /* 2 out_zp + 1 */
+    const int32_t *bias, *mult;   /* advanced two channels per block */
+    const int8_t *shift;          /* likewise */
+    int8_t *out0, *out1;          /* advanced likewise */
+    const void *w;                /* the block's first weight row */
+    int32_t skip;                 /* row_stride - row bytes of K: row o + 1's end to o + 2 */
+    int32_t rs;                   /* row_stride */
+    const uint8_t *col, *col_end; /* the staged columns, 4 K bytes */
+    const int32_t *bias_end;      /* bias + out_c */
+    int32_t zp2;                  /* 2 out_zp + 1 */
 } kdm_pair_job_;
 
 typedef char kdm_pair_job_layout_[(sizeof(void *) == 4 && sizeof(kdm_pair_job_) == 48 &&
@@ -297,8 +298,8 @@ static inline void kdm_pair_job_start_(kdm_pair_job_ *j, const kdm_requant_param
  * jobs lay out alike (bias, mult, shift, out0, out1, w, skip, rs, col, col_end, bias_end, zp2),
  * r8 - r11 the sums a00, a01, a10, a11 (a<channel><pixel>), lr the end of row o + 1. Sets r12 to
  * the next block's row o, requantizes the four sums (multipliers two at a time into r1 / r2,
- * shifts into r4 / r6, zp2 into r7), stores them with post-incremented byte stores, advances the
- * job's pointers and branches back to label 1 while channels remain.
+ * shifts (int8) into r4 / r6, zp2 into r7), stores them with post-incremented byte stores, advances
+ * the job's pointers and branches back to label 1 while channels remain.
  */
 #define KDM_ASM_PAIR_JOB_END                                                                       \
     "ldr r0, [r5, #24]\n\t"                                                                        \
@@ -307,7 +308,8 @@ static inline void kdm_pair_job_start_(kdm_pair_job_ *j, const kdm_requant_param
     "ldrd r1, r2, [r0], #8\n\t"                                                                    \
     "str r0, [r5, #4]\n\t"                                                                         \
     "ldr r0, [r5, #8]\n\t"                                                                         \
-    "ldrd r4, r6, [r0], #8\n\t"                                                                    \
+    "ldrsb r4, [r0], #1\n\t"                                                                       \
+    "ldrsb r6, [r0], #1\n\t"                                                                       \
     "str r0, [r5, #8]\n\t" KDM_ASM_JOB_PREP("r1", "r4") KDM_ASM_JOB_PREP(                          \
         "r2", "r6") "ldr r7, [r5, #44]\n\t" KDM_ASM_JOB_REQUANT("r8", "r1", "r4", "r7")            \
         KDM_ASM_JOB_REQUANT("r9", "r1", "r4", "r7") KDM_ASM_JOB_REQUANT("r10", "r2", "r6", "r7")   \
@@ -461,7 +463,7 @@ static inline __attribute__((always_inline)) void kdm_requant_pair_dbl_(int32_t 
  * out0[o1], out1[o1] (o1 == o for an odd last channel, out1 == out0 for an odd last pixel: the
  * same bytes twice). */
 static inline __attribute__((always_inline)) void
-kdm_requant_quad_dbl_(const int32_t *mult, const int32_t *shift, int32_t o, int32_t o1, int32_t a00,
+kdm_requant_quad_dbl_(const int32_t *mult, const int8_t *shift, int32_t o, int32_t o1, int32_t a00,
                       int32_t a01, int32_t a10, int32_t a11, int32_t zp, int32_t zp2, int8_t *out0,
                       int8_t *out1)
 {

@@ -77,7 +77,7 @@ static inline kdm_requant_params requant_of(const op_ctx *x)
     const int32_t *quant = (const int32_t *)BLOB(x, KDM_F_QUANT);
     kdm_requant_params q = {(const int32_t *)BLOB(x, KDM_F_BIAS),
                             quant,
-                            quant + x->out.c,
+                            (const int8_t *)(quant + x->out.c),
                             x->out.zp,
                             x->r[KDM_F_ACT_MIN],
                             x->r[KDM_F_ACT_MAX],

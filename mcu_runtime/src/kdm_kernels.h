@@ -15,8 +15,8 @@
  *     (row_stride a multiple of 4, rows 4-byte aligned). int4: two per byte, low nibble first,
  *     decoded as a signed 4-bit value (-8 .. 7; the exporter writes -7 .. 7). Row padding is
  *     never read as a weight.
- *   - bias / mult / shift point into the blob (4-byte aligned little-endian int32, read in
- *     place: the runtime targets little-endian machines).
+ *   - bias / mult point into the blob (4-byte aligned little-endian int32, read in place: the
+ *     runtime targets little-endian machines), shift to its int8 per channel after mult.
  *   - `scratch` is the arena's scratch area, 4-byte aligned, at least the op's
  *     kdm_op_scratch_size bytes; kernels that need none ignore it.
  *   - Sizes are positive and every index fits int32 (kdm_load bounds the arena and the blob
@@ -38,7 +38,7 @@
 typedef struct {
     const int32_t *bias;      /* [out_c] int32 at scale s_in * s_w[c], input zero-point folded */
     const int32_t *mult;      /* [out_c] Q31 multiplier, 0 or in [2^30, 2^31) */
-    const int32_t *shift;     /* [out_c] power-of-two exponent in [-31, 30] */
+    const int8_t *shift;      /* [out_c] power-of-two exponent in [-31, 30] */
     int32_t out_zp;           /* output zero-point, -128 .. 127 */
     int32_t act_min, act_max; /* output clamp, -128 <= act_min <= act_max <= 127 */
     uint32_t flags;           /* the model's flags (KDM_FLAG_SINGLE_ROUNDING) */

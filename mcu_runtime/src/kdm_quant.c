@@ -150,7 +150,7 @@ KDM_NOINLINE int8_t kdm_requant_single_s8_(int32_t x, int32_t m, int32_t s, int3
 
 /* The single-rounding loops, out of line so that the double-rounding loops (the exporter's
  * default) compile as if they were alone. */
-static KDM_NOINLINE void row_single(const int32_t *mult, const int32_t *shift, int32_t zp,
+static KDM_NOINLINE void row_single(const int32_t *mult, const int8_t *shift, int32_t zp,
                                     const int32_t *acc, int8_t *out, int32_t n)
 {
     for (int32_t i = 0; i < n; i++)
@@ -172,7 +172,8 @@ KDM_NOINLINE void kdm_requant_quad_single_(const kdm_requant_params *q, int32_t 
 void kdm_requant_row_(const kdm_requant_params *q, int32_t c0, const int32_t *acc, int8_t *out,
                       int32_t n)
 {
-    const int32_t *mult = q->mult + c0, *shift = q->shift + c0;
+    const int32_t *mult = q->mult + c0;
+    const int8_t *shift = q->shift + c0;
     const int32_t zp = q->out_zp;
     if (KDM_SINGLE_ROUNDING_(q->flags)) {
         row_single(mult, shift, zp, acc, out, n);

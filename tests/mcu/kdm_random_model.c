@@ -222,10 +222,19 @@ static kd_status put_bias_quant(gen_model *g, int32_t *op, int out_c, int k, int
                                        : INT32_MIN + rnd_int(g, 0, 1 << 20);
         }
     }
-    uint32_t boff, qoff;
+    uint32_t boff, qoff = 0;
     kd_status st = put_words(g, bias, (size_t)out_c, &boff);
-    if (st == KD_OK)
-        st = put_words(g, mult, 2 * (size_t)out_c, &qoff); /* multipliers, then shifts */
+    uint8_t *q = st == KD_OK ? malloc(5 * (size_t)out_c) : NULL;
+    if (st == KD_OK && !q)
+        st = KD_FAIL(KD_ERR_NOMEM, "random model: out of memory");
+    if (st == KD_OK) { /* int32 multipliers, then int8 shifts */
+        for (int o = 0; o < out_c; o++) {
+            put_le32(q + 4 * o, (uint32_t)mult[o]);
+            q[4 * out_c + o] = (uint8_t)(int8_t)shift[o];
+        }
+        st = kdm_builder_data(g->b, q, 5 * (size_t)out_c, &qoff);
+    }
+    free(q);
     free(v);
     op[13] = (int32_t)boff;
     op[14] = (int32_t)qoff;

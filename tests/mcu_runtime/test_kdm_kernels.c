@@ -71,7 +71,8 @@ typedef struct {
     int8_t *in;
     uint8_t *w; /* packed blob layout with random row padding */
     int8_t *wv; /* the same weights unpacked, rows x row_len */
-    int32_t *bias, *mult, *shift;
+    int32_t *bias, *mult;
+    int8_t *shift;
     kdm_requant_params q;
     int32_t n_in, n_out; /* input / output element counts */
 } wcase;
@@ -120,11 +121,11 @@ static void wcase_fill(wcase *t, uint32_t flags)
         spread_log2++;
     t->bias = xmalloc(sizeof(int32_t) * (size_t)out_c);
     t->mult = xmalloc(sizeof(int32_t) * (size_t)out_c);
-    t->shift = xmalloc(sizeof(int32_t) * (size_t)out_c);
+    t->shift = xmalloc(sizeof(int8_t) * (size_t)out_c);
     for (int32_t o = 0; o < out_c; o++) {
         t->bias[o] = rnd_in(-(1 << spread_log2), 1 << spread_log2);
         t->mult[o] = rnd_in(0, 9) == 0 ? 0 : (int32_t)(0x40000000u + (rnd() & 0x3FFFFFFFu));
-        t->shift[o] = -(spread_log2 - 5) + rnd_in(-2, 2);
+        t->shift[o] = (int8_t)(-(spread_log2 - 5) + rnd_in(-2, 2));
     }
     t->mult[0] = 0x7FFFFFFF; /* the largest multiplier */
     /* clamps: none, a ReLU at the zero-point, or a narrower band */

@@ -65,7 +65,8 @@ typedef struct {
     uint8_t dw_w[9][4];   /* 9 taps x 8 nibbles */
     int8_t fc8_w[6][72];
     uint8_t fc4_w[6][4];              /* 8 nibbles per row */
-    int32_t bias[4][8], quant[4][16]; /* conv, dw, fc8, fc4 */
+    int32_t bias[4][8], quant[4][16]; /* conv, dw, fc8, fc4: multipliers, then shifts at 8 */
+    int8_t shift8[4][8];              /* the shifts as the blob stores them (serialize) */
     int32_t add_p[2][7];              /* ADD(avg-max path), ADD(fc8, fc4) */
     int32_t lut[256];
     uint32_t woff[NOP][4]; /* blob offsets of weights, bias, quant, params of each op */
@@ -150,7 +151,7 @@ static void model_init(model *md)
         md->woff[wop[l]][1] = d;
         d += 4u * (uint32_t)nch[l];
         md->woff[wop[l]][2] = d;
-        d += 8u * (uint32_t)nch[l];
+        d += (5u * (uint32_t)nch[l] + 3u) & ~3u; /* int32 multipliers, int8 shifts */
     }
     md->woff[OP_ADD][3] = d;
     md->woff[OP_SUM][3] = d + 28;
@@ -210,10 +211,13 @@ static uint8_t *serialize(model *md, size_t *len)
         assert_int_equal(off, md->woff[wop[l]][0]);
         assert_int_equal(kdm_builder_data(b, md->bias[l], 4 * (size_t)n, &off), KD_OK);
         assert_int_equal(off, md->woff[wop[l]][1]);
-        int32_t q[16];
+        uint8_t q[5 * 8];
         memcpy(q, md->quant[l], 4 * (size_t)n);
-        memcpy(q + n, md->quant[l] + 8, 4 * (size_t)n);
-        assert_int_equal(kdm_builder_data(b, q, 8 * (size_t)n, &off), KD_OK);
+        for (int c = 0; c < n; c++) {
+            md->shift8[l][c] = (int8_t)md->quant[l][8 + c];
+            q[4 * n + c] = (uint8_t)md->shift8[l][c];
+        }
+        assert_int_equal(kdm_builder_data(b, q, 5 * (size_t)n, &off), KD_OK);
         assert_int_equal(off, md->woff[wop[l]][2]);
     }
     assert_int_equal(kdm_builder_data(b, md->add_p[0], sizeof md->add_p[0], &off), KD_OK);
@@ -237,7 +241,7 @@ static uint8_t *serialize(model *md, size_t *len)
 
 static kdm_requant_params rq(const model *md, int l, int32_t zp, int32_t lo)
 {
-    kdm_requant_params q = {md->bias[l], md->quant[l], md->quant[l] + 8, zp, lo, 127, 0};
+    kdm_requant_params q = {md->bias[l], md->quant[l], md->shift8[l], zp, lo, 127, 0};
     return q;
 }
 

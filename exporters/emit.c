@@ -143,6 +143,12 @@ static kd_status build(const kd_export_graph *g, kdm_builder *b, uint8_t **blob,
             if (!mq)
                 return KD_FAIL(KD_ERR_NOMEM, "export: out of memory");
             for (size_t c = 0; c < n; c++) {
+                if (o->shift[c] < -31 || o->shift[c] > 30) { /* kd_quant_multiplier's range */
+                    free(mq);
+                    return KD_FAIL(KD_ERR_INVALID,
+                                   "export: op %d channel %zu: shift %d outside [-31, 30]", i, c,
+                                   (int)o->shift[c]);
+                }
                 put_u32(mq + 4 * c, (uint32_t)o->mult[c]);
                 mq[4 * n + c] = (uint8_t)(int8_t)o->shift[c];
             }

@@ -543,8 +543,11 @@ kd_status kd_export_run(const kd_job *job, const char *checkpoint, const kd_expo
     for (int i = 0; i < r->g->nop; i++) {
         const kd_export_op *op = &r->g->op[i];
         uint32_t rows, stride = kd_export_row_stride(op, &rows);
-        r->op_bytes[i] =
-            rows * stride + (stride ? 12u * (uint32_t)op->out_c : 0) + 4u * (uint32_t)op->nparams;
+        /* weights, then int32 bias[out_c] and the quant record (int32 multipliers, int8 shifts,
+         * padded to 4 bytes like every piece of the blob's data) */
+        const uint32_t oc = (uint32_t)op->out_c;
+        r->op_bytes[i] = rows * stride + (stride ? 4u * oc + ((5u * oc + 3u) & ~3u) : 0) +
+                         4u * (uint32_t)op->nparams;
         r->macs += op->macs;
         if (op->w)
             r->params += (int64_t)op->out_c * op->row_len + op->out_c;

@@ -278,10 +278,10 @@ static KDM_NOINLINE void channels(const kdm_requant_params *q, const int8_t *w, 
  * of 8, out_c even, and every channel's multiplier non-zero and shift negative
  * (kdm_conv2d_s8_dsp checks all of it once per call). Per 2 x 2 block: the two biases by one
  * LDRD, all_groups' loop, the requantization of kdm_requant_pair_dbl_ (SMMLAR, ADD,
- * ASR, QADD, SSAT ASR #1 per value; multipliers and shifts two at a time by LDRD) and four
- * post-incremented byte stores: about 55 instructions around the loop, where the C version
- * (channels) spends 82, its values spilled around the loop's 13 registers. The pointers live
- * in a kdm_pair_job_ (kdm_dsp.h), which the function advances.
+ * ASR, QADD, SSAT ASR #1 per value; multipliers two at a time by LDRD, the int8 shifts by two
+ * LDRSB) and four post-incremented byte stores: about 56 instructions around the loop, where the C
+ * version (channels) spends 82, its values spilled around the loop's 13 registers. The pointers
+ * live in a kdm_pair_job_ (kdm_dsp.h), which the function advances.
  */
 void kdm_conv_pair_job_s8_(kdm_pair_job_ *j);
 
@@ -292,7 +292,7 @@ void kdm_conv_pair_job_s8_(kdm_pair_job_ *j);
 /* r0 = j. Registers in the K loop: r0 - r3 staged words, r4 the staged column, r5 the job, r6 /
  * r7 a weight word and its lanes, r8 a00, r9 a01, r10 a10, r11 a11 (a<channel><pixel>), r12 / lr
  * weight rows o / o + 1. The job and the values that 16-bit Thumb encodings can reach (LDM, LDR
- * / STR with an offset, CMP, LSLS, MVNS) are in low registers: the function is 302 bytes. */
+ * / STR with an offset, CMP, LSLS, MVNS) are in low registers: the function is 306 bytes. */
 __asm__(".section .text.kdm_conv_pair_job_s8_,\"ax\",%progbits\n\t"
         ".syntax unified\n\t"
         ".thumb\n\t"

@@ -43,19 +43,22 @@ static int32_t data(seed *s, const void *p, size_t n)
 static void weighted(seed *s, int32_t *r, int wbits, int rows, int stride, int out_c)
 {
     uint8_t w[2048];
-    int32_t bias[64], quant[128];
+    int32_t bias[64];
+    uint8_t quant[5 * 64]; /* int32 multipliers (little-endian), then one int8 shift each */
     for (int i = 0; i < rows * stride; i++)
         w[i] = (uint8_t)(i * 37 + 11);
     for (int c = 0; c < out_c; c++) {
         bias[c] = c * 100 - 300;
-        quant[c] = 0x50000000 + c * 0x01000000;
-        quant[out_c + c] = -8;
+        const uint32_t m = 0x50000000u + (uint32_t)c * 0x01000000u;
+        for (int b = 0; b < 4; b++)
+            quant[4 * c + b] = (uint8_t)(m >> (8 * b));
+        quant[4 * out_c + c] = (uint8_t)(int8_t)-8;
     }
     r[8] = wbits;
     r[11] = data(s, w, (size_t)rows * stride);
     r[12] = stride;
     r[13] = data(s, bias, 4 * (size_t)out_c);
-    r[14] = data(s, quant, 8 * (size_t)out_c);
+    r[14] = data(s, quant, 5 * (size_t)out_c);
 }
 
 static void op(int32_t *r, int type, int in0, int in1, int out, int k, int stride, int pad)

@@ -559,6 +559,7 @@ static void test_damaged_header(void **state)
     kdm_model m;
     assert_int_equal(load_patched(blob, len, 0, 0x324D444Bu), KDM_ERR_MAGIC); /* "KDM2" */
     assert_int_equal(load_patched(blob, len, 4, KDM_VERSION + 1), KDM_ERR_VERSION);
+    assert_int_equal(load_patched(blob, len, 4, 2), KDM_ERR_VERSION); /* int32 shifts */
     assert_int_equal(load_patched(blob, len, 8, (uint32_t)len + 4), KDM_ERR_TRUNCATED);
     assert_int_equal(load_patched(blob, len, 8, 60), KDM_ERR_RANGE);
     assert_int_equal(load_patched(blob, len, 20, 0), KDM_ERR_RANGE);    /* no tensors */

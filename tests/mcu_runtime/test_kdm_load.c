@@ -70,6 +70,7 @@ typedef struct {
     int32_t add_p[2][7];              /* ADD(avg-max path), ADD(fc8, fc4) */
     int32_t lut[256];
     uint32_t woff[NOP][4]; /* blob offsets of weights, bias, quant, params of each op */
+    uint32_t spare_quant;  /* a copy of fc4's quant record, the data's last piece (unused) */
 } model;
 
 static uint64_t rng = 0x2545F4914F6CDD1Dull;
@@ -156,6 +157,7 @@ static void model_init(model *md)
     md->woff[OP_ADD][3] = d;
     md->woff[OP_SUM][3] = d + 28;
     md->woff[OP_SOFT][3] = d + 56;
+    md->spare_quant = d + 56 + 1024; /* 6 channels: 30 bytes, padded to 32, ending the data */
 
     set_op(md->op[OP_CONV], KDM_OP_CONV2D, T_IN, -1, T_CONV, 3, 1, 1);
     md->op[OP_CONV][8] = 8;
@@ -226,6 +228,12 @@ static uint8_t *serialize(model *md, size_t *len)
     assert_int_equal(off, md->woff[OP_SUM][3]);
     assert_int_equal(kdm_builder_data(b, md->lut, sizeof md->lut, &off), KD_OK);
     assert_int_equal(off, md->woff[OP_SOFT][3]);
+    uint8_t spare[5 * 6];
+    memcpy(spare, md->quant[3], 4 * 6);
+    for (int c = 0; c < 6; c++)
+        spare[4 * 6 + c] = (uint8_t)(int8_t)md->quant[3][8 + c];
+    assert_int_equal(kdm_builder_data(b, spare, sizeof spare, &off), KD_OK);
+    assert_int_equal(off, md->spare_quant);
     for (int i = 0; i < NT; i++)
         assert_int_equal(kdm_builder_tensor(b, md->t[i]), i);
     for (int i = 0; i < NOP; i++)
@@ -444,7 +452,11 @@ MUT(m_avgpool_pad, {
     md->op[OP_AVG][7] = 1;
     md->t[T_AVG][2] = md->t[T_AVG][3] = 4;
 })
-MUT(m_weights_short, md->op[OP_FC4][11] = (int32_t)md->woff[OP_SOFT][3] + 1024 - 20)
+MUT(m_weights_short, md->op[OP_FC4][11] = (int32_t)md->spare_quant + 32 - 20)
+/* fc4's quant record (6 channels: 24 bytes of multipliers, 6 of shifts) as the data's last 32
+ * bytes: loads; 4 bytes later it runs 2 bytes past the end */
+MUT(m_quant_at_end, md->op[OP_FC4][14] = (int32_t)md->spare_quant)
+MUT(m_quant_past_end, md->op[OP_FC4][14] = (int32_t)md->spare_quant + 4)
 MUT(m_add_left_shift, md->add_p[0][0] = 21)
 MUT(m_add_multiplier, md->add_p[1][5] = -5)
 MUT(m_lut_range, md->lut[9] = 65537)
@@ -514,6 +526,8 @@ static void test_damaged_fields(void **state)
         {m_scratch_outside, KDM_ERR_RANGE, "scratch past the arena"},
         {m_scratch_misaligned, KDM_ERR_ALIGN, "scratch misaligned"},
         {m_arena_huge, KDM_ERR_RANGE, "arena of 2 GiB"},
+        {m_quant_at_end, KDM_OK, "quant record ending the data (5 bytes a channel)"},
+        {m_quant_past_end, KDM_ERR_RANGE, "quant record 2 bytes past the data"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         kdm_status st = load_mutated(cases[i].mut);

@@ -139,7 +139,7 @@ static kd_status build(const kd_export_graph *g, kdm_builder *b, uint8_t **blob,
             KD_TRY(add_words(b, o->bias_q, (size_t)o->out_c, &off[1]));
             /* int32 multipliers, then one int8 shift a channel (in [-31, 30]) */
             const size_t n = (size_t)o->out_c;
-            uint8_t *mq = malloc(5 * n);
+            uint8_t *mq = malloc(KDM_QUANT_BYTES(n));
             if (!mq)
                 return KD_FAIL(KD_ERR_NOMEM, "export: out of memory");
             for (size_t c = 0; c < n; c++) {
@@ -152,7 +152,7 @@ static kd_status build(const kd_export_graph *g, kdm_builder *b, uint8_t **blob,
                 put_u32(mq + 4 * c, (uint32_t)o->mult[c]);
                 mq[4 * n + c] = (uint8_t)(int8_t)o->shift[c];
             }
-            st = kdm_builder_data(b, mq, 5 * n, &off[2]);
+            st = kdm_builder_data(b, mq, KDM_QUANT_BYTES(n), &off[2]);
             free(mq);
             KD_TRY(st);
         }

@@ -546,7 +546,8 @@ kd_status kd_export_run(const kd_job *job, const char *checkpoint, const kd_expo
         /* weights, then int32 bias[out_c] and the quant record (int32 multipliers, int8 shifts,
          * padded to 4 bytes like every piece of the blob's data) */
         const uint32_t oc = (uint32_t)op->out_c;
-        r->op_bytes[i] = rows * stride + (stride ? 4u * oc + ((5u * oc + 3u) & ~3u) : 0) +
+        r->op_bytes[i] = rows * stride +
+                         (stride ? 4u * oc + ((KDM_QUANT_BYTES(oc) + 3u) & ~3u) : 0) +
                          4u * (uint32_t)op->nparams;
         r->macs += op->macs;
         if (op->w)

@@ -171,6 +171,15 @@ machine_of() {
     esac
 }
 
+# variant_machine VARIANT: the board of one of cmd_bench's builds (m4-dsp, m4-ref, m7, m0plus)
+variant_machine() {
+    case $1 in
+    m7) machine_of cortex-m7 ;;
+    m0plus) machine_of cortex-m0plus ;;
+    *) machine_of cortex-m4 ;;
+    esac
+}
+
 cmd_check() {
     local dir=$1 bdir=${2:-${KDM_MCU_BUILD:-$root/build/mcu}/check} cpu=${3:-cortex-m4} machine
     [ -f "$dir/samples.bin" ] || die "$dir has no samples.bin"
@@ -274,21 +283,15 @@ cmd_bench() {
     fi
 
     echo "== firmware A (run_samples)"
-    run_check mps2-an386 "$broot/m4-dsp/run_samples.elf" "$dir" "$broot/m4-dsp/run_samples.log" || ok=0
-    run_check mps2-an386 "$broot/m4-ref/run_samples.elf" "$dir" "$broot/m4-ref/run_samples.log" || ok=0
-    run_check mps2-an500 "$broot/m7/run_samples.elf" "$dir" "$broot/m7/run_samples.log" || ok=0
-    if [ $m0 -eq 1 ]; then
-        run_check microbit "$broot/m0plus/run_samples.elf" "$dir" "$broot/m0plus/run_samples.log" || ok=0
-    fi
+    for v in "${variants[@]}"; do
+        run_check "$(variant_machine "$v")" "$broot/$v/run_samples.elf" "$dir" \
+            "$broot/$v/run_samples.log" || ok=0
+    done
 
     echo "== firmware B (bench_layers) and footprint"
     local machine
     for v in "${variants[@]}"; do
-        case $v in
-        m7) machine=mps2-an500 ;;
-        m0plus) machine=microbit ;;
-        *) machine=mps2-an386 ;;
-        esac
+        machine=$(variant_machine "$v")
         for fw in bench_layers footprint; do
             if ! qemu "$machine" "$broot/$v/$fw.elf" "$broot/$v/$fw.log" -icount shift=0; then
                 tail -3 "$broot/$v/$fw.log"

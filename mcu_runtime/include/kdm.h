@@ -132,8 +132,10 @@ extern "C" {
 #define KDM_HEADER_SIZE  64u
 #define KDM_TENSOR_WORDS 6u
 #define KDM_OP_WORDS     16u
-#define KDM_MAX_TENSORS  4096u
-#define KDM_MAX_OPS      4096u
+/* bytes of a weighted op's quant record (op word 14): int32 multiplier[n], then int8 shift[n] */
+#define KDM_QUANT_BYTES(n) (5u * (n))
+#define KDM_MAX_TENSORS    4096u
+#define KDM_MAX_OPS        4096u
 
 #define KDM_FLAG_SINGLE_ROUNDING 1u
 

@@ -97,9 +97,9 @@ static uint32_t im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, 
     int32_t k = 0;
     if (ch == 1 && k_all <= k8) { /* one input channel, every value grouped (a first conv) */
         /* the geometry the inner loop reads in locals (the stores may alias *p for the
-         * compiler); value k at byte
-         * 32 (k / 8) + 2 ((k / 4) % 2) + (0, 16, 8, 24)[k % 4] of column 0 (slot4()'s order),
-         * the last term the low byte of `lane`, which turns a byte per value */
+         * compiler); value k at byte 32 (k / 8) + 2 ((k / 4) % 2) + (0, 16, 8, 24)[k % 4] of
+         * column 0 (slot4()'s order), the last term the low byte of `lane`, which turns a byte
+         * per value */
         const int32_t in_h = p->in_h, in_w = p->in_w, kw = p->kernel_w, zp = p->in_zp;
         uint8_t *g = col + 4 * j;
         uint32_t lane = 0x18081000u, half = 0;

@@ -85,9 +85,8 @@ static void im2col(const kdm_conv_params *p, const int8_t *in, int32_t pix, int3
     }
     if (ch == 1 && k_all <= k4) { /* one input channel, every value grouped (a first conv) */
         /* the geometry the inner loop reads in locals (the stores may alias *p for the
-         * compiler); value k at byte
-         * 16 (k / 4) + (0, 4, 2, 6)[k % 4] of column 0 (the lane order of slot()), the low byte
-         * of `lane`, which turns a byte per value */
+         * compiler); value k at byte 16 (k / 4) + (0, 4, 2, 6)[k % 4] of column 0 (the lane
+         * order of slot()), the last term the low byte of `lane`, which turns a byte per value */
         const int32_t in_h = p->in_h, in_w = p->in_w, kw = p->kernel_w, zp = p->in_zp;
         uint8_t *g = col + 8 * j;
         uint32_t lane = 0x06020400u;

@@ -35,23 +35,6 @@ static void dw_inner(int32_t n, int32_t n_out, int32_t k, int32_t st, int32_t pa
     *hi = b;
 }
 
-/* Interior outputs of a 3x3 channel: n outputs from window origin a (step bytes apart), output
- * bytes ch apart. */
-static void dw3_run(const int8_t *a, int32_t n, int32_t step, int32_t ch, int32_t rb,
-                    const int32_t *k, const kdm_requant_params *q, int32_t c, int8_t *o)
-{
-    const uint32_t bias = (uint32_t)q->bias[c];
-    const int32_t ch2 = 2 * ch;
-    for (; n > 0; n--, a += step, o += ch) {
-        const int8_t *b = a + rb, *d = b + rb;
-        uint32_t s = bias;
-        s += (uint32_t)(a[0] * k[0]) + (uint32_t)(a[ch] * k[1]) + (uint32_t)(a[ch2] * k[2]);
-        s += (uint32_t)(b[0] * k[3]) + (uint32_t)(b[ch] * k[4]) + (uint32_t)(b[ch2] * k[5]);
-        s += (uint32_t)(d[0] * k[6]) + (uint32_t)(d[ch] * k[7]) + (uint32_t)(d[ch2] * k[8]);
-        *o = kdm_requant_out_(q, c, (int32_t)s);
-    }
-}
-
 /*
  * 3x3 at stride 1 or 2 with the scratch kdm_depthwise_scratch_size_ gives (kdm_depthwise_rows_):
  * channel c's input rows are copied into scratch as bytes x + 128, with the input zero-point in
@@ -147,15 +130,11 @@ static void dw_fast(const kdm_conv_params *p, const kdm_requant_params *q, const
                 if (inner && ox == x0) { /* the interior run, then on past it */
                     const int8_t *a = in + iy * rb + ix * ch + c;
                     const int32_t n = x1 - x0;
-                    if (nt == 9 && kw == 3) {
-                        dw3_run(a, n, st * ch, ch, rb, k, q, c, o);
-                    } else {
-                        for (int32_t i = 0; i < n; i++, a += st * ch) {
-                            uint32_t s = (uint32_t)q->bias[c];
-                            for (int32_t t = 0; t < nt; t++)
-                                s += (uint32_t)(a[off[t]] * k[t]);
-                            o[i * ch] = kdm_requant_out_(q, c, (int32_t)s);
-                        }
+                    for (int32_t i = 0; i < n; i++, a += st * ch) {
+                        uint32_t s = (uint32_t)q->bias[c];
+                        for (int32_t t = 0; t < nt; t++)
+                            s += (uint32_t)(a[off[t]] * k[t]);
+                        o[i * ch] = kdm_requant_out_(q, c, (int32_t)s);
                     }
                     ox = x1 - 1;
                     o += (n - 1) * ch;

@@ -189,15 +189,6 @@ KDM_ALWAYS_INLINE int32_t kdm_round_shift_(int32_t v, int32_t right)
 }
 
 /*
- * TFLite's MultiplyByQuantizedMultiplier, bit for bit, for mult != INT32_MIN (kdm_load admits
- * 0 and [2^30, 2^31) only; kdm_requantize handles the rest). Double rounding: x * 2^left wraps
- * like TFLite's int32 multiply on ARM; the saturating rounding doubling high multiply is
- * floor((x * mult + 2^30) / 2^31), which equals gemmlowp's nudge-then-truncate for every
- * product (ties go up, toward +infinity) and cannot saturate or reach INT32_MIN unless
- * mult = INT32_MIN; then kdm_round_shift_. Single rounding: the 64-bit product, one rounding
- * half up, saturated to int32. shift in [-31, 30]. Inlined: it runs once per output value.
- */
-/*
  * ARMv6-M (Cortex-M0/M0+, GCC or clang): floor((x * m + 2^30) / 2^31) for m in [0, 2^31), in
  * at most 34 instructions of assembly (kdm_quant.c; 15 when |x| < 2^15) where C's 64-bit
  * product and shift took libgcc's __aeabi_lmul and Thumb-1 64-bit arithmetic.
@@ -209,6 +200,15 @@ int32_t kdm_dbl_high_m0_(int32_t x, int32_t m);
 #define KDM_M0_ASM 0
 #endif
 
+/*
+ * TFLite's MultiplyByQuantizedMultiplier, bit for bit, for mult != INT32_MIN (kdm_load admits
+ * 0 and [2^30, 2^31) only; kdm_requantize handles the rest). Double rounding: x * 2^left wraps
+ * like TFLite's int32 multiply on ARM; the saturating rounding doubling high multiply is
+ * floor((x * mult + 2^30) / 2^31), which equals gemmlowp's nudge-then-truncate for every
+ * product (ties go up, toward +infinity) and cannot saturate or reach INT32_MIN unless
+ * mult = INT32_MIN; then kdm_round_shift_. Single rounding: the 64-bit product, one rounding
+ * half up, saturated to int32. shift in [-31, 30]. Inlined: it runs once per output value.
+ */
 KDM_ALWAYS_INLINE int32_t kdm_requant_(int32_t x, int32_t mult, int32_t shift, uint32_t flags)
 {
     if (flags & KDM_FLAG_SINGLE_ROUNDING) {

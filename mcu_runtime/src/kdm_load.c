@@ -160,7 +160,7 @@ static kdm_status check_weighted(const kdm_model *m, const data_region *d, const
         return KDM_ERR_RANGE;
     TRY(check_array(d, r[KDM_F_WEIGHTS], rows * (uint32_t)row_stride));
     TRY(check_array(d, r[KDM_F_BIAS], 4 * out_c));
-    TRY(check_array(d, r[KDM_F_QUANT], 5 * out_c)); /* int32 multipliers, int8 shifts */
+    TRY(check_array(d, r[KDM_F_QUANT], KDM_QUANT_BYTES(out_c)));
     const uint8_t *q = m->blob + r[KDM_F_QUANT];
     for (uint64_t c = 0; c < out_c; c++)
         if (!quant_ok((int32_t)kdm_rd32_(q + 4 * c), (int8_t)q[4 * out_c + c]))

@@ -94,17 +94,21 @@ static void unpack_s4(const uint8_t *row, int32_t k, int8_t *dst)
         dst[k - 1] = (int8_t)((int32_t)((uint32_t)row[k >> 1] << 28) >> 28);
 }
 
-/* Weight row o as int8: where it lies (int8), or unpacked into dst with row o + 1 after it at
- * dst + k when two_ch (int4); row o + 1 follows row o by row_stride or k bytes. */
-static const int8_t *rows2(const uint8_t *w, int wbits, int32_t o, int two_ch, int32_t row_stride,
-                           int32_t k, int8_t *dst)
+/* Weight rows o (into *w0) and o + 1 (into *w1; row o again when !two_ch) as int8: where they
+ * lie (int8), or unpacked into dst, row o + 1 at dst + k (int4). */
+static void rows2(const uint8_t *w, int wbits, int32_t o, int two_ch, int32_t row_stride, int32_t k,
+                  int8_t *dst, const int8_t **w0, const int8_t **w1)
 {
-    if (KDM_IS_W8_(wbits))
-        return (const int8_t *)w + o * row_stride;
+    if (KDM_IS_W8_(wbits)) {
+        *w0 = (const int8_t *)w + o * row_stride;
+        *w1 = two_ch ? *w0 + row_stride : *w0;
+        return;
+    }
     unpack_s4(w + o * row_stride, k, dst);
     if (two_ch)
         unpack_s4(w + (o + 1) * row_stride, k, dst + k);
-    return dst;
+    *w0 = dst;
+    *w1 = two_ch ? dst + k : dst;
 }
 
 /* Outputs o, o + 1 (if two_ch) of pixels x0 (into o0[0], o0[1]) and x1 (if two_pix: o1[0],
@@ -138,8 +142,8 @@ static void matmul(const kdm_requant_params *q, const int8_t *in, int32_t n_pix,
 {
     for (int32_t o = 0; o < n_out; o += 2) {
         const int two_ch = o + 1 < n_out;
-        const int8_t *w0 = rows2(w, wbits, o, two_ch, row_stride, k, scratch);
-        const int8_t *w1 = two_ch ? w0 + (KDM_IS_W8_(wbits) ? row_stride : k) : w0;
+        const int8_t *w0, *w1;
+        rows2(w, wbits, o, two_ch, row_stride, k, scratch, &w0, &w1);
         for (int32_t p = 0; p < n_pix; p += 2) {
             const int two_pix = p + 1 < n_pix;
             const int8_t *x0 = in + p * k, *x1 = two_pix ? x0 + k : x0;
@@ -195,8 +199,8 @@ static void conv_im2col(const kdm_conv_params *p, const kdm_requant_params *q, c
         int8_t *o0 = out + n * n_out;
         for (int32_t o = 0; o < n_out; o += 2) {
             const int two_ch = o + 1 < n_out;
-            const int8_t *w0 = rows2(w, wbits, o, two_ch, rs, k, rows);
-            const int8_t *w1 = two_ch ? w0 + (KDM_IS_W8_(wbits) ? rs : k) : w0;
+            const int8_t *w0, *w1;
+            rows2(w, wbits, o, two_ch, rs, k, rows, &w0, &w1);
             block2x2(q, o, two_ch, two_pix, col, x1, w0, w1, k, o0 + o, o0 + n_out + o);
         }
     }

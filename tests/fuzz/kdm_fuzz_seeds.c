@@ -58,7 +58,7 @@ static void weighted(seed *s, int32_t *r, int wbits, int rows, int stride, int o
     r[11] = data(s, w, (size_t)rows * stride);
     r[12] = stride;
     r[13] = data(s, bias, 4 * (size_t)out_c);
-    r[14] = data(s, quant, 5 * (size_t)out_c);
+    r[14] = data(s, quant, KDM_QUANT_BYTES((size_t)out_c));
 }
 
 static void op(int32_t *r, int type, int in0, int in1, int out, int k, int stride, int pad)

@@ -224,7 +224,7 @@ static kd_status put_bias_quant(gen_model *g, int32_t *op, int out_c, int k, int
     }
     uint32_t boff, qoff = 0;
     kd_status st = put_words(g, bias, (size_t)out_c, &boff);
-    uint8_t *q = st == KD_OK ? malloc(5 * (size_t)out_c) : NULL;
+    uint8_t *q = st == KD_OK ? malloc(KDM_QUANT_BYTES((size_t)out_c)) : NULL;
     if (st == KD_OK && !q)
         st = KD_FAIL(KD_ERR_NOMEM, "random model: out of memory");
     if (st == KD_OK) { /* int32 multipliers, then int8 shifts */
@@ -232,7 +232,7 @@ static kd_status put_bias_quant(gen_model *g, int32_t *op, int out_c, int k, int
             put_le32(q + 4 * o, (uint32_t)mult[o]);
             q[4 * out_c + o] = (uint8_t)(int8_t)shift[o];
         }
-        st = kdm_builder_data(g->b, q, 5 * (size_t)out_c, &qoff);
+        st = kdm_builder_data(g->b, q, KDM_QUANT_BYTES((size_t)out_c), &qoff);
     }
     free(q);
     free(v);

@@ -704,6 +704,22 @@ static kd_status build_case(gen_model *g, int kind)
         snprintf(g->desc, sizeof g->desc, "pw_s%d %dx%dx%d s%d ->%d", wbits, c, h, w, s, g->t[t].c);
         return KD_OK;
     }
+    case 6: /* a first layer: one input channel, 3x3 (the Cortex-M4 stages whole window rows
+               where they lie inside the input), with an even out_c, rows and requantization as
+               the exporter writes them, for its assembly channel loop; int8 weights (kind 0
+               has int4 first layers) */
+        wbits = 8;
+        s = rnd_int(g, 1, 2);
+        p = rnd_int(g, 0, 1);
+        h += 2;
+        w += 2;
+        t = add_tensor(g, 1, h, w, rnd_int(g, -30, 30), 0.05f);
+        g->kcheck = 0;
+        KD_TRY(add_conv(g, KDM_OP_CONV2D, t, 2 * rnd_int(g, 1, 12), 3, 3, s, p, wbits, act, &t));
+        g->kcheck = 1;
+        snprintf(g->desc, sizeof g->desc, "conv2d_s%d 1x%dx%d k3x3 s%d p%d ->%d", wbits, h, w, s, p,
+                 g->t[t].c);
+        return KD_OK;
     default: { /* a short network: conv, depthwise, pointwise, pool, FC, softmax */
         int c2 = kc_channels[rnd_int(g, 0, KC_NCH - 1)];
         h += 2;
@@ -747,7 +763,7 @@ static kd_status cmd_kcheck(const char *path, int n, uint64_t seed, int rounding
         uint32_t arena = 0;
         /* the first cases walk every kind once, the rest draw it; flags: the rounding asked
          * for, both alternately by default */
-        st = build_case(&g, i < 7 ? i : rnd_int(&g, 0, 6));
+        st = build_case(&g, i < 8 ? i : rnd_int(&g, 0, 7));
         if (st == KD_OK)
             st = gen_finish(&g, PLAN_DISTINCT,
                             (uint32_t)(rounding == 2 ? i & 1 : rounding) * KDM_FLAG_SINGLE_ROUNDING,

@@ -704,11 +704,12 @@ static kd_status build_case(gen_model *g, int kind)
         snprintf(g->desc, sizeof g->desc, "pw_s%d %dx%dx%d s%d ->%d", wbits, c, h, w, s, g->t[t].c);
         return KD_OK;
     }
-    case 6: /* a first layer: one input channel, 3x3 (the Cortex-M4 stages whole window rows
+    case 6: { /* a first layer: one input channel, 3x3 (the Cortex-M4 stages whole window rows
                where they lie inside the input), with an even out_c, rows and requantization as
-               the exporter writes them, for its assembly channel loop; int8 weights (kind 0
-               has int4 first layers) */
-        wbits = 8;
+               the exporter writes them, for its assembly channel loops; int8 and int4 weights
+               by turns */
+        static int n_first; /* the cases are made one after another */
+        wbits = n_first++ & 1 ? 4 : 8;
         s = rnd_int(g, 1, 2);
         p = rnd_int(g, 0, 1);
         h += 2;
@@ -720,6 +721,7 @@ static kd_status build_case(gen_model *g, int kind)
         snprintf(g->desc, sizeof g->desc, "conv2d_s%d 1x%dx%d k3x3 s%d p%d ->%d", wbits, h, w, s, p,
                  g->t[t].c);
         return KD_OK;
+    }
     default: { /* a short network: conv, depthwise, pointwise, pool, FC, softmax */
         int c2 = kc_channels[rnd_int(g, 0, KC_NCH - 1)];
         h += 2;

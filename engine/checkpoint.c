@@ -8,6 +8,7 @@
  */
 #include "checkpoint.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
@@ -183,6 +184,26 @@ static kd_status meta_real(const kd_safetensors *st, const char *path, const cha
 }
 
 /* The training state a checkpoint's metadata records (kd_checkpoint_save's keys). */
+/* ... and as an unsigned 64-bit number in `base` (10 or 16), digits only. */
+static kd_status meta_u64(const kd_safetensors *st, const char *path, const char *key, int base,
+                          uint64_t *out)
+{
+    const char *v = kd_safetensors_meta(st, key);
+    *out = 0;
+    if (!v)
+        return KD_OK;
+    char *end = NULL;
+    errno = 0;
+    unsigned long long x = strtoull(v, &end, base);
+    if (!(base == 16 ? isxdigit((unsigned char)v[0]) : isdigit((unsigned char)v[0])) || *end ||
+        errno)
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "checkpoint '%s': metadata '%s' is '%s', not an unsigned 64-bit %s number",
+                       path, key, v, base == 16 ? "hexadecimal" : "decimal");
+    *out = x;
+    return KD_OK;
+}
+
 static kd_status read_info(const kd_safetensors *st, const char *path, kd_ckpt_info *info)
 {
     static _Thread_local char opt[16];
@@ -195,9 +216,9 @@ static kd_status read_info(const kd_safetensors *st, const char *path, kd_ckpt_i
     KD_TRY(meta_real(st, path, "epoch_loss", -HUGE_VAL, HUGE_VAL, &info->epoch_loss));
     KD_TRY(meta_count(st, path, "epoch_correct", &info->epoch_correct));
     KD_TRY(meta_count(st, path, "epoch_seen", &info->epoch_seen));
-    /* the seed takes all 64 bits, the hash is hex: strtoull as written */
-    info->seed = (v = kd_safetensors_meta(st, "seed")) ? strtoull(v, NULL, 10) : 0;
-    info->model_hash = (v = kd_safetensors_meta(st, "model_hash")) ? strtoull(v, NULL, 16) : 0;
+    /* the seed takes all 64 bits, the hash is hex */
+    KD_TRY(meta_u64(st, path, "seed", 10, &info->seed));
+    KD_TRY(meta_u64(st, path, "model_hash", 16, &info->model_hash));
     snprintf(opt, sizeof opt, "%s", (v = kd_safetensors_meta(st, "optimizer")) ? v : "");
     info->optimizer = opt;
     return KD_OK;
@@ -340,4 +361,15 @@ done:
     free(hb);
     kd_safetensors_close(st);
     return rc;
+}
+
+kd_status kd_checkpoint_check_model(const char *path, const kd_ckpt_info *info, const kd_model *m,
+                                    const char *desc, const char *remedy)
+{
+    if (!info->model_hash || info->model_hash == m->def_hash)
+        return KD_OK;
+    return KD_FAIL(KD_ERR_CONFIG,
+                   "checkpoint '%s' was written for another architecture than %s (same parameter "
+                   "shapes, other layers or hyper-parameters): %s",
+                   path, desc, remedy);
 }

@@ -426,6 +426,8 @@ kd_status kd_yaml_load_string(const char *text, const char *name, kd_node **out)
     return load_text(text, strlen(text), name, 0, out);
 }
 
+#define KD_YAML_MAX_BYTES (16 << 20)
+
 kd_status kd_yaml_load_file(const char *path, kd_node **out)
 {
     if (!out)
@@ -436,10 +438,12 @@ kd_status kd_yaml_load_file(const char *path, kd_node **out)
     FILE *f = fopen(path, "rb");
     if (!f)
         return KD_FAIL(KD_ERR_NOT_FOUND, "cannot open config '%s': %s", path, strerror(errno));
-    /* Read it all first so a read error (a directory, say) is told apart from bad YAML. */
+    /* Read it all first so a read error (a directory, say) is told apart from bad YAML; a job
+     * file is a few kilobytes, so past KD_YAML_MAX_BYTES (/dev/zero, a data file named by
+     * mistake) reading stops instead of filling memory. */
     size_t len = 0, cap = 4096;
     char *buf = malloc(cap);
-    int err = 0;
+    int err = 0, too_big = 0;
     while (buf) {
         len += fread(buf + len, 1, cap - len, f);
         if (ferror(f)) {
@@ -448,6 +452,10 @@ kd_status kd_yaml_load_file(const char *path, kd_node **out)
         }
         if (len < cap)
             break;
+        if (cap >= KD_YAML_MAX_BYTES) {
+            too_big = 1;
+            break;
+        }
         char *grown = realloc(buf, cap * 2);
         if (!grown)
             free(buf);
@@ -460,6 +468,9 @@ kd_status kd_yaml_load_file(const char *path, kd_node **out)
     kd_status st;
     if (err)
         st = KD_FAIL(KD_ERR_NOT_FOUND, "cannot open config '%s': %s", path, strerror(err));
+    else if (too_big)
+        st = KD_FAIL(KD_ERR_CONFIG, "config '%s' is larger than %d MiB: not a YAML job file", path,
+                     KD_YAML_MAX_BYTES >> 20);
     else
         st = load_text(buf, len, path, 0, out);
     free(buf);

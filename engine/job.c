@@ -267,6 +267,16 @@ static kd_status parse_teacher(kd_job *j)
     return KD_OK;
 }
 
+/* Loss weights and the KD temperature as the float32 losses use them: a weight in
+ * (0, KD_LOSS_WEIGHT_MAX] that float32 does not round to 0; temperatures from 0.01 (logits
+ * scaled by 100) to 100 (a nearly flat teacher), past which the scaled logits or their
+ * gradients leave float32's range or carry nothing. */
+#define KD_LOSS_WEIGHT_MAX 1e6
+#define KD_TEMPERATURE_MIN 0.01
+#define KD_TEMPERATURE_MAX 100.0
+
+static int weight_ok(double w) { return w <= KD_LOSS_WEIGHT_MAX && (float)w > 0.0f; }
+
 static kd_status parse_distill(kd_job *j)
 {
     static const char *const keys[] = {"mode", "losses", NULL};
@@ -318,10 +328,11 @@ static kd_status parse_distill(kd_job *j)
             j->ce_weight = 1.0;
             KD_TRY(kd_node_get_float(l, "weight", 0, &j->ce_weight));
             KD_TRY(kd_node_get_float(l, "label_smoothing", 0, &j->label_smoothing));
-            if (!(j->label_smoothing >= 0 && j->label_smoothing < 1) || !(j->ce_weight > 0))
+            if (!(j->label_smoothing >= 0 && j->label_smoothing < 1) || !weight_ok(j->ce_weight))
                 return KD_FAIL(KD_ERR_CONFIG,
-                               "%s: ce needs weight > 0 and label_smoothing in [0, 1)",
-                               kd_node_where(l, pos, sizeof pos));
+                               "%s: ce needs weight in (0, %g] (and not 0 in float32) and "
+                               "label_smoothing in [0, 1)",
+                               kd_node_where(l, pos, sizeof pos), KD_LOSS_WEIGHT_MAX);
         } else if (!strcmp(type, "kd") || !strcmp(type, "dkd")) {
             if (strcmp(j->mode, "offline") != 0)
                 return KD_FAIL(KD_ERR_CONFIG,
@@ -348,9 +359,13 @@ static kd_status parse_distill(kd_job *j)
                                "reverse (KL(student || teacher)), got '%s'",
                                kd_node_where(kd_node_child(l, "direction"), pos, sizeof pos), dir);
             j->kd_reverse = !strcmp(dir, "reverse");
-            if (!(j->kd_weight > 0) || !(j->kd_temperature > 0))
-                return KD_FAIL(KD_ERR_CONFIG, "%s: %s needs weight > 0 and temperature > 0",
-                               kd_node_where(l, pos, sizeof pos), type);
+            if (!weight_ok(j->kd_weight) || !(j->kd_temperature >= KD_TEMPERATURE_MIN &&
+                                              j->kd_temperature <= KD_TEMPERATURE_MAX))
+                return KD_FAIL(KD_ERR_CONFIG,
+                               "%s: %s needs weight in (0, %g] (and not 0 in float32) and "
+                               "temperature in [%g, %g]",
+                               kd_node_where(l, pos, sizeof pos), type, KD_LOSS_WEIGHT_MAX,
+                               KD_TEMPERATURE_MIN, KD_TEMPERATURE_MAX);
             j->kd_dkd = !strcmp(type, "dkd");
             j->kd_alpha = 1.0;
             j->kd_beta = 8.0;
@@ -361,12 +376,14 @@ static kd_status parse_distill(kd_job *j)
                                "%s: alpha and beta weigh the two parts of a 'dkd' term; a 'kd' "
                                "term has only its weight",
                                kd_node_where(l, pos, sizeof pos));
-            if (j->kd_dkd && (j->kd_reverse || !(j->kd_alpha >= 0) || !(j->kd_beta >= 0) ||
-                              !(j->kd_alpha + j->kd_beta > 0)))
+            if (j->kd_dkd &&
+                (j->kd_reverse || !(j->kd_alpha >= 0) || !(j->kd_beta >= 0) ||
+                 !(j->kd_alpha <= KD_LOSS_WEIGHT_MAX) || !(j->kd_beta <= KD_LOSS_WEIGHT_MAX) ||
+                 !((float)j->kd_alpha + (float)j->kd_beta > 0)))
                 return KD_FAIL(KD_ERR_CONFIG,
-                               "%s: dkd needs direction forward, alpha, beta >= 0 and alpha + "
-                               "beta > 0",
-                               kd_node_where(l, pos, sizeof pos));
+                               "%s: dkd needs direction forward, alpha and beta in [0, %g] and "
+                               "alpha + beta > 0 (in float32)",
+                               kd_node_where(l, pos, sizeof pos), KD_LOSS_WEIGHT_MAX);
         } else {
             return KD_FAIL(KD_ERR_CONFIG, "%s: unknown loss type '%s' (known: ce, kd, dkd)",
                            kd_node_where(l, pos, sizeof pos), type);

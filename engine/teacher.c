@@ -108,7 +108,11 @@ static kd_status open_teacher_model(const kd_job *job, const kd_backend *be, int
                                     kd_model **out)
 {
     KD_TRY(kd_model_build(job->teacher_input, job->teacher_layers, be, max_batch, job->seed, out));
-    kd_status st = kd_checkpoint_load(job->teacher_ckpt, *out, NULL, 0, NULL);
+    kd_ckpt_info info;
+    kd_status st = kd_checkpoint_load(job->teacher_ckpt, *out, NULL, 0, &info);
+    if (st == KD_OK)
+        st = kd_checkpoint_check_model(job->teacher_ckpt, &info, *out, job->teacher_desc,
+                                       "give teacher.model the model it was trained with");
     if (st != KD_OK) {
         kd_model_free(*out);
         *out = NULL;

@@ -858,14 +858,9 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     if (resuming) {
         if ((st = kd_checkpoint_load(path, m, saver.state, nstate, &in)))
             goto done;
-        if (in.model_hash && in.model_hash != m->def_hash) {
-            st = KD_FAIL(KD_ERR_CONFIG,
-                         "checkpoint '%s' was written for another architecture than %s (same "
-                         "parameter shapes, other layers or hyper-parameters): resume it with "
-                         "the model it was trained with",
-                         path, job->model_desc);
+        if ((st = kd_checkpoint_check_model(path, &in, m, job->model_desc,
+                                            "resume it with the model it was trained with")))
             goto done;
-        }
         if (strcmp(in.optimizer, job->optim_name) != 0) {
             st = KD_FAIL(KD_ERR_CONFIG,
                          "checkpoint '%s' was trained with optimizer '%s' but the job uses '%s'",
@@ -893,8 +888,9 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
             in.epoch_seen > d.train.n) {
             st = KD_FAIL(KD_ERR_FORMAT,
                          "checkpoint '%s' holds an inconsistent position (step %" PRId64
-                         ", epoch %" PRId64 " with %" PRId64 " steps per epoch)",
-                         path, in.step, in.epoch, spe);
+                         ", epoch %" PRId64 " with %" PRId64 " steps per epoch, %" PRId64
+                         " of %" PRId64 " samples seen in its epoch)",
+                         path, in.step, in.epoch, spe, in.epoch_seen, d.train.n);
             goto done;
         }
         /* steps, not whole epochs: a checkpoint taken mid-epoch can be past the end too */
@@ -912,6 +908,26 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         saver.info.best_val_acc = in.best_val_acc;
         fprintf(log, "resumed from %s at epoch %" PRId64 ", step %" PRId64 "%s\n", path, epoch0,
                 step, step == job_steps ? ": every epoch is done, nothing left to train" : "");
+    }
+    /* the schedule and the ranks' share of each batch are checked before out_dir is touched:
+     * a refused job (or resume) leaves the run directory as it was */
+    const int64_t n_train = d.train.n;
+    const int64_t steps_per_epoch = (n_train + batch - 1) / batch;
+    kd_sched_cfg sched = job->sched;
+    if (sched.kind == KD_SCHED_COSINE)
+        sched.total_steps = steps_per_epoch * job->epochs;
+    if ((st = kd_sched_cfg_check(&sched, job->optim.lr))) {
+        kd_fail_context(st, "%s (%" PRId64 " steps per epoch x %d epochs): ", job->path,
+                        steps_per_epoch, job->epochs);
+        goto done;
+    }
+    if (world > 1 && (batch < world || (n_train % batch && n_train % batch < world))) {
+        st = KD_FAIL(KD_ERR_CONFIG,
+                     "%s: %d ranks share each batch, but %s has %d samples: every rank needs at "
+                     "least one (change data.batch_size or the number of ranks)",
+                     job->path, world, batch < world ? "data.batch_size" : "the last batch",
+                     batch < world ? batch : (int)(n_train % batch));
+        goto done;
     }
     /* every rank starts from rank 0's parameters, optimizer state and buffers */
     if (world > 1 &&
@@ -935,26 +951,8 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     }
 
 train:;
-    const int64_t n_train = d.train.n;
-    const int64_t steps_per_epoch = (n_train + batch - 1) / batch;
-    kd_sched_cfg sched = job->sched;
-    if (sched.kind == KD_SCHED_COSINE)
-        sched.total_steps = steps_per_epoch * job->epochs;
-    if ((st = kd_sched_cfg_check(&sched, job->optim.lr))) {
-        kd_fail_context(st, "%s (%" PRId64 " steps per epoch x %d epochs): ", job->path,
-                        steps_per_epoch, job->epochs);
-        goto done;
-    }
     const kd_augment_cfg *aug =
         (job->augment.crop_pad > 0 || job->augment.hflip) ? &job->augment : NULL;
-    if (world > 1 && (batch < world || (n_train % batch && n_train % batch < world))) {
-        st = KD_FAIL(KD_ERR_CONFIG,
-                     "%s: %d ranks share each batch, but %s has %d samples: every rank needs at "
-                     "least one (change data.batch_size or the number of ranks)",
-                     job->path, world, batch < world ? "data.batch_size" : "the last batch",
-                     batch < world ? batch : (int)(n_train % batch));
-        goto done;
-    }
     fprintf(log,
             "training %s: %zu parameters, %" PRId64 " samples, %" PRId64
             " steps/epoch, %d epochs, batch %d, %s backend, %d threads",
@@ -1251,9 +1249,12 @@ kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out
     kd_status st;
     int batch = job->eval_batch_size;
     qat_ctx qat = {0, 0, NULL};
+    kd_ckpt_info info;
     if ((st = build_model(job, batch, &be, &m, NULL)) ||
         (st = kd_check_model_fits_data(m, &d.test, job)) || (st = qat_open(job, m, &qat)) ||
-        (st = kd_checkpoint_load(checkpoint, m, NULL, 0, NULL)) ||
+        (st = kd_checkpoint_load(checkpoint, m, NULL, 0, &info)) ||
+        (st = kd_checkpoint_check_model(checkpoint, &info, m, job->model_desc,
+                                        "evaluate it with the job it was trained with")) ||
         (st = be->alloc((void **)&x_dev, (size_t)batch * m->in_numel * sizeof(float))) ||
         (st = be->alloc((void **)&y_dev, (size_t)batch * sizeof(int32_t))))
         goto done;

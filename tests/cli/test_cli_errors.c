@@ -428,6 +428,13 @@ static void test_missing_config(void **state)
     run_expect(tr, 1, job, "No such file", NULL);
     const char *ev[] = {"eval", job, "--checkpoint", "x.safetensors", NULL};
     run_expect(ev, 1, job, NULL);
+    /* an endless file named as a job or as its model: refused after 16 MiB, not read on */
+    const char *endless[] = {"summary", "/dev/zero", NULL};
+    run_expect(endless, 1, "'/dev/zero' is larger than 16 MiB", NULL);
+    char mlp[600];
+    write_mlp_job(tpath(mlp, sizeof mlp, "zero_model.yaml"), "zero_model");
+    const char *model[] = {"summary", mlp, "--set", "model=/dev/zero", NULL};
+    run_expect(model, 1, "'/dev/zero' is larger than 16 MiB", NULL);
 }
 
 /* i. --set with an unknown key, without '=', and without an argument. */
@@ -448,6 +455,40 @@ static void test_set_errors(void **state)
     run_expect(nodata, 1, "--set data=null", "section 'data' is empty", NULL);
     /* control: a valid override is accepted and takes effect */
     const char *ok[] = {"summary", job, "--set", "optim.lr=0.01", NULL};
+    run_expect(ok, 0, "7850", NULL);
+}
+
+/* i2. Loss weights and the KD temperature the float32 losses cannot use: 0 or infinite once
+ * rounded to float32, or outside the temperature range, are refused when the job loads. */
+static void test_loss_ranges(void **state)
+{
+    (void)state;
+    char job[600];
+    write_mlp_job(tpath(job, sizeof job, "losses.yaml"), "losses");
+    const char *teacher = "teacher={model: "
+                          "{input: [1, 28, 28], layers: [flatten, {linear: "
+                          "{out: 10}}]}, checkpoint: t.safetensors}";
+    static const char *const bad[] = {
+        "distill={mode: offline, losses: [{type: kd, temperature: 1e-50}]}",
+        "distill={mode: offline, losses: [{type: kd, temperature: 1e39}]}",
+        "distill={mode: offline, losses: [{type: kd, weight: 1e50}]}",
+        "distill={mode: offline, losses: [{type: kd, weight: 1e-50}]}",
+        "distill={mode: offline, losses: [{type: ce, weight: 1e-50}, {type: kd}]}",
+        "distill={mode: offline, losses: [{type: dkd, alpha: 1e50}]}",
+        NULL};
+    for (int i = 0; bad[i]; i++) {
+        const char *argv[] = {"summary", job, "--set", teacher, "--set", bad[i], NULL};
+        run_expect(argv, 1, bad[i], "needs", NULL);
+    }
+    /* control: the same job with usual values loads */
+    const char *ok[] = {"summary",
+                        job,
+                        "--set",
+                        teacher,
+                        "--set",
+                        "distill={mode: offline, losses: [{type: ce, weight: 0.1}, {type: kd, "
+                        "weight: 0.9, temperature: 0.5}]}",
+                        NULL};
     run_expect(ok, 0, "7850", NULL);
 }
 
@@ -602,6 +643,9 @@ static void test_help(void **state)
     run_expect(d, 0, "usage: distill eval CONFIG --checkpoint FILE", NULL);
     const char *e[] = {"--version", NULL};
     run_expect(e, 0, "distill 0.", NULL);
+    /* help on a command that does not exist is a usage error */
+    const char *f[] = {"help", "bogus", NULL};
+    run_expect(f, 2, "unknown command 'bogus'", "usage: distill <command>", NULL);
 }
 
 int main(void)
@@ -623,6 +667,7 @@ int main(void)
         cmocka_unit_test(test_layer_shapes),
         cmocka_unit_test(test_missing_config),
         cmocka_unit_test(test_set_errors),
+        cmocka_unit_test(test_loss_ranges),
         cmocka_unit_test(test_eval_wrong_model),
         cmocka_unit_test(test_failed_checkpoint_write),
         cmocka_unit_test(test_best_write_failure_then_resume),

@@ -2,8 +2,8 @@
  * test_cli_guards.c - what `distill train` refuses so that nothing already
  * written is lost or silently changed: a fresh start over an existing run, a
  * resume with another optimizer, and a resume of a checkpoint written for
- * another architecture with the same parameter shapes (none of them leaves a new run.out_dir
- * behind). And the OpenMP spin the
+ * another architecture with the same parameter shapes, a resume or fresh run whose schedule
+ * does not fit its length (none of them leaves a new run.out_dir behind). And the OpenMP spin the
  * command sets for itself (GOMP_SPINCOUNT=1000, see engine/train.c) unless the user set one.
  */
 #include <stdarg.h>
@@ -103,6 +103,24 @@ static void test_guards(void **state)
     /* resuming a checkpoint written for another architecture with equal shapes */
     write_job("relu6", "sgd");
     expect(train("--resume", &code), 1, (const char *const[]){ckpt, "another architecture", NULL});
+    /* evaluating it with that job is refused too (its accuracy would be another model's) */
+    const char *eval_other[] = {"eval", job, "--checkpoint", ckpt, NULL};
+    assert_int_equal(kd_run_distill(eval_other, out, sizeof out, &code), 0);
+    expect(code, 1, (const char *const[]){ckpt, "another architecture", "evaluate it", NULL});
+    /* a schedule the run's length cannot hold: refused before config.yaml or metrics.jsonl are
+     * rewritten, and a fresh run refused so leaves no out_dir */
+    write_job("relu", "sgd");
+    const char *cosine[] = {"train",    job,
+                            "--set",    "optim.schedule={type: cosine, warmup_steps: 100}",
+                            "--resume", NULL};
+    assert_int_equal(kd_run_distill(cosine, out, sizeof out, &code), 0);
+    expect(code, 1, (const char *const[]){"warmup_steps (100)", NULL});
+    const char *cosine_fresh[] = {
+        "train", job,     "--set", "optim.schedule={type: cosine, warmup_steps: 100}",
+        "--set", set_out, NULL};
+    assert_int_equal(kd_run_distill(cosine_fresh, out, sizeof out, &code), 0);
+    expect(code, 1, (const char *const[]){"warmup_steps (100)", NULL});
+    assert_false(kd_file_exists(fresh));
 
     assert_true(kd_file_holds(ckpt, c0, lc));
     assert_true(kd_file_holds(metrics, m0, lm));
@@ -139,6 +157,30 @@ static void test_guards(void **state)
            (const char *const[]){ckpt, "is at step 7 (1.40 epochs), past the end", NULL});
     assert_null(strstr(out, "nothing left"));
     assert_true(kd_file_holds(ckpt, c0, lc));
+    /* metadata that does not parse is named, not read as 0 (a model_hash of 0 would skip the
+     * architecture check): the hash's 16 hex digits, then the seed's first digit, made letters */
+    char damaged[400];
+    snprintf(damaged, sizeof damaged, "%s/damaged.safetensors", dir);
+    static const char *const keys[] = {"\"model_hash\":\"", "\"seed\":\"", NULL};
+    for (int k = 0; keys[k]; k++) {
+        uint8_t *d = malloc(lc);
+        assert_non_null(d);
+        memcpy(d, c0, lc);
+        char *hit = NULL;
+        const size_t kl = strlen(keys[k]);
+        for (size_t i = 0; i + kl + 16 <= lc && !hit; i++)
+            if (!memcmp(d + i, keys[k], kl))
+                hit = (char *)d + i + kl;
+        assert_non_null(hit);
+        memset(hit, 'z', k == 0 ? 16 : 1);
+        assert_int_equal(kd_write_bytes(damaged, d, lc), 0);
+        free(d);
+        const char *ev[] = {"eval", job, "--checkpoint", damaged, NULL};
+        assert_int_equal(kd_run_distill(ev, out, sizeof out, &code), 0);
+        expect(code, 1,
+               (const char *const[]){damaged, k == 0 ? "metadata 'model_hash'" : "metadata 'seed'",
+                                     NULL});
+    }
     free(c0);
 
     /* without last.safetensors (deleted, or never written on a full disk) the run's other

@@ -40,6 +40,11 @@ static const char *tp(char *buf, size_t len, const char *name)
     "{input: [1, 28, 28], layers: [{conv2d: {out: 8, kernel: 3, stride: 2, pad: 1}},"              \
     " {batchnorm: {}}, relu, {conv2d: {out: 16, kernel: 3, stride: 2, pad: 1}}, relu,"             \
     " global_avgpool, {linear: {out: 10}}]}"
+/* the teacher with relu6 for its first relu: the same parameter shapes, another architecture */
+#define TEACHER_MODEL_RELU6                                                                        \
+    "{input: [1, 28, 28], layers: [{conv2d: {out: 8, kernel: 3, stride: 2, pad: 1}},"              \
+    " {batchnorm: {}}, relu6, {conv2d: {out: 16, kernel: 3, stride: 2, pad: 1}}, relu,"            \
+    " global_avgpool, {linear: {out: 10}}]}"
 #define STUDENT_MODEL                                                                              \
     "{input: [1, 28, 28], layers: [{conv2d: {out: 8, kernel: 3, stride: 2, pad: 1}},"              \
     " {batchnorm: {}}, relu, {conv2d: {out: 8, kernel: 3, stride: 2, pad: 1}}, relu,"              \
@@ -190,6 +195,12 @@ static void test_cache_then_distill(void **state)
     expect_fail((const char *[]){"train", job, NULL},
                 (const char *const[]){"huge.safetensors", "gave a non-finite logit", NULL});
     assert_null(strstr(out, "lower optim.lr"));
+    /* the teacher's checkpoint under another architecture with equal shapes is refused */
+    snprintf(sec, sizeof sec, "teacher: {model: %s, checkpoint: %s}\n", TEACHER_MODEL_RELU6,
+             tp(res, sizeof res, "teacher/last.safetensors"));
+    write_job(tp(job, sizeof job, "other.yaml"), "other", STUDENT_MODEL, sec, kd_losses, 1);
+    expect_fail((const char *[]){"train", job, NULL},
+                (const char *const[]){"another architecture", "teacher.model", NULL});
 }
 
 /* The two files hold the same bytes. */

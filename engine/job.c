@@ -422,6 +422,20 @@ static kd_status parse_quant(kd_job *j)
     return KD_OK;
 }
 
+/* A refusal of the first of `keys` present in map: it belongs to `owner`, not `chosen`. */
+static kd_status not_for(const kd_node *map, const char *const *keys, const char *owner,
+                         const char *chosen)
+{
+    char pos[160];
+    for (int k = 0; keys[k]; k++) {
+        const kd_node *n = kd_node_child(map, keys[k]);
+        if (n)
+            return KD_FAIL(KD_ERR_CONFIG, "%s: '%s' belongs to %s, not %s: remove it",
+                           kd_node_where(n, pos, sizeof pos), keys[k], owner, chosen);
+    }
+    return KD_OK;
+}
+
 static kd_status parse_optim(kd_job *j)
 {
     static const char *const keys[] = {"name",      "lr",     "momentum", "nesterov",
@@ -445,6 +459,12 @@ static kd_status parse_optim(kd_job *j)
     else
         return KD_FAIL(KD_ERR_CONFIG, "%s: optim.name must be sgd or adamw, got '%s'",
                        kd_node_where(kd_node_child(s, "name"), pos, sizeof pos), j->optim_name);
+    /* a key the chosen optimizer does not read would be silently ignored: refused instead */
+    static const char *const sgd_only[] = {"momentum", "nesterov", NULL}, *const adamw_only[] = {
+                                                                              "beta1", "beta2",
+                                                                              "eps", NULL};
+    const int sgd = o->kind == KD_OPTIM_SGD;
+    KD_TRY(not_for(s, sgd ? adamw_only : sgd_only, sgd ? "adamw" : "sgd", sgd ? "sgd" : "adamw"));
     KD_TRY(kd_node_get_float(s, "lr", 1, &o->lr));
     KD_TRY(kd_node_get_float(s, "momentum", 0, &o->momentum));
     KD_TRY(kd_node_get_bool(s, "nesterov", 0, &o->nesterov));
@@ -480,6 +500,15 @@ static kd_status parse_optim(kd_job *j)
             return KD_FAIL(KD_ERR_CONFIG,
                            "%s: schedule type must be constant, step or cosine, got '%s'",
                            kd_node_where(kd_node_child(sc, "type"), pos, sizeof pos), type);
+        static const char *const step_only[] = {"step_size", "gamma", NULL}, *const cosine_only[] =
+                                                                                 {"min_lr", NULL};
+        const char *chosen = c->kind == KD_SCHED_CONSTANT ? "a constant one"
+                             : c->kind == KD_SCHED_STEP   ? "a step one"
+                                                          : "a cosine one";
+        if (c->kind != KD_SCHED_STEP)
+            KD_TRY(not_for(sc, step_only, "a step schedule", chosen));
+        if (c->kind != KD_SCHED_COSINE)
+            KD_TRY(not_for(sc, cosine_only, "a cosine schedule", chosen));
         KD_TRY(get_int_range(sc, "warmup_steps", 0, 0, INT64_MAX, &c->warmup_steps));
         KD_TRY(get_int_range(sc, "step_size", 0, 0, INT64_MAX, &c->step_size));
         KD_TRY(kd_node_get_float(sc, "min_lr", 0, &c->min_lr));

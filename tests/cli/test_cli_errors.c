@@ -456,6 +456,21 @@ static void test_set_errors(void **state)
     /* control: a valid override is accepted and takes effect */
     const char *ok[] = {"summary", job, "--set", "optim.lr=0.01", NULL};
     run_expect(ok, 0, "7850", NULL);
+    /* keys the chosen optimizer or schedule would ignore are refused, naming their owner */
+    const char *beta[] = {"summary", job, "--set", "optim.beta1=0.5", NULL};
+    run_expect(beta, 1, "'beta1' belongs to adamw, not sgd", NULL);
+    const char *mom[] = {"summary", job, "--set", "optim={name: adamw, lr: 0.01, momentum: 0.9}",
+                         NULL};
+    run_expect(mom, 1, "'momentum' belongs to sgd, not adamw", NULL);
+    const char *gam[] = {"summary", job, "--set", "optim.schedule={type: cosine, gamma: 0.5}",
+                         NULL};
+    run_expect(gam, 1, "'gamma' belongs to a step schedule, not a cosine one", NULL);
+    const char *minlr[] = {"summary", job, "--set", "optim.schedule={min_lr: 0.001}", NULL};
+    run_expect(minlr, 1, "'min_lr' belongs to a cosine schedule, not a constant one", NULL);
+    const char *step[] = {"summary", job, "--set",
+                          "optim.schedule={type: step, step_size: 3, gamma: 0.5, warmup_steps: 2}",
+                          NULL};
+    run_expect(step, 0, "7850", NULL);
 }
 
 /* i2. Loss weights and the KD temperature the float32 losses cannot use: 0 or infinite once

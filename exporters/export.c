@@ -7,12 +7,20 @@
  * first file is created. The output directory is only probed (the nearest existing ancestor
  * must be a writable directory) until then.
  *
+ * The files of one export replace those of an earlier one all together or not at all: each is
+ * written to a temporary name beside its final one, flushed and closed, and only when every one
+ * is complete are they renamed into place (see write_outputs). Outputs of an earlier export that
+ * this one does not write (model.c after --format kdm, say) are removed afterwards and named in
+ * the report, so the folder never pairs new files with old ones.
+ *
  * Evaluation runs the three models on every test sample: the engine's own (unfolded) model in
  * batches as `distill eval` does, the folded float graph, and the blob through the host build of
  * the runtime (kdm_load once, kdm_invoke per sample, inputs quantized with the blob's own
  * kdm_input_quant). Their accuracies and agreements go to the report.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -100,6 +108,127 @@ static kd_status check_creatable(const char *path, const char *what)
         }
         *slash = '\0';
     }
+}
+
+/* The names an export writes into out_dir, in the order they are written; the report is last. */
+static const char *const out_names[] = {"model.kdm", "model.c", "model.h", "samples.bin",
+                                        "report.json"};
+#define N_OUT_NAMES 5
+
+/* path without its last component ("." when it has none). */
+static void dir_part(const char *path, char *dir, size_t n)
+{
+    snprintf(dir, n, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (!slash)
+        snprintf(dir, n, ".");
+    else if (slash == dir)
+        dir[1] = '\0';
+    else
+        *slash = '\0';
+}
+
+/* path as an absolute name with symbolic links, "." and ".." resolved, also when its last
+ * components do not exist yet (those are resolved as text, as kd_mkdir_p will create them). */
+static kd_status canon_path(const char *path, char *out, size_t n)
+{
+    char head[PATH_MAX], rest[PATH_MAX] = "", tmp[PATH_MAX], real[PATH_MAX];
+    if (strlen(path) >= sizeof head)
+        return KD_FAIL(KD_ERR_INVALID, "export: path '%s' is too long", path);
+    snprintf(head, sizeof head, "%s", path);
+    while (!realpath(head[0] ? head : ".", real)) {
+        if (errno != ENOENT)
+            return KD_FAIL(KD_ERR_IO, "export: cannot resolve '%s': '%s': %s", path,
+                           head[0] ? head : ".", strerror(errno));
+        size_t l = strlen(head);
+        while (l > 1 && head[l - 1] == '/')
+            head[--l] = '\0';
+        char *slash = strrchr(head, '/');
+        const char *comp = slash ? slash + 1 : head;
+        if (strlen(comp) + 1 + strlen(rest) >= sizeof tmp)
+            return KD_FAIL(KD_ERR_INVALID, "export: path '%s' is too long", path);
+        size_t lc = strlen(comp), lr = strlen(rest);
+        memcpy(tmp, comp, lc);
+        tmp[lc] = '/';
+        memcpy(tmp + lc + 1, rest, lr + 1);
+        if (!lr)
+            tmp[lc] = '\0';
+        memcpy(rest, tmp, lc + 1 + lr + 1);
+        if (!slash)
+            head[0] = '\0';
+        else if (slash == head)
+            head[1] = '\0';
+        else
+            *slash = '\0';
+    }
+    size_t len = strlen(real);
+    for (char *save = NULL, *c = strtok_r(rest, "/", &save); c; c = strtok_r(NULL, "/", &save)) {
+        if (!strcmp(c, "."))
+            continue;
+        if (!strcmp(c, "..")) {
+            char *slash = strrchr(real, '/');
+            if (slash == real)
+                real[1] = '\0';
+            else
+                *slash = '\0';
+            len = strlen(real);
+            continue;
+        }
+        if (len + 1 + strlen(c) >= sizeof real)
+            return KD_FAIL(KD_ERR_INVALID, "export: path '%s' is too long", path);
+        if (len > 1)
+            real[len++] = '/';
+        memcpy(real + len, c, strlen(c) + 1);
+        len += strlen(c);
+    }
+    if (len >= n)
+        return KD_FAIL(KD_ERR_INVALID, "export: path '%s' is too long", path);
+    memcpy(out, real, len + 1);
+    return KD_OK;
+}
+
+/* --json FILE: an existing regular file (replaced) or a new name in a directory we may write
+ * into, and neither the output directory nor one of the files the exporter writes into it. */
+static kd_status check_json_path(const char *json, const char *out_dir)
+{
+    struct stat s;
+    if (stat(json, &s) == 0) {
+        if (S_ISDIR(s.st_mode))
+            return KD_FAIL(KD_ERR_IO, "export: cannot write the report '%s': it is a directory",
+                           json);
+        if (!S_ISREG(s.st_mode))
+            return KD_FAIL(KD_ERR_IO,
+                           "export: cannot write the report '%s': it exists and is not a regular "
+                           "file",
+                           json);
+        char dir[1024];
+        dir_part(json, dir, sizeof dir);
+        KD_TRY(check_creatable(dir, "report directory"));
+    } else if (errno == ENOENT || errno == ENOTDIR) {
+        KD_TRY(check_creatable(json, "report"));
+    } else {
+        return KD_FAIL(KD_ERR_IO, "export: cannot write the report '%s': %s", json,
+                       strerror(errno));
+    }
+    char cj[PATH_MAX], cd[PATH_MAX];
+    KD_TRY(canon_path(json, cj, sizeof cj));
+    KD_TRY(canon_path(out_dir, cd, sizeof cd));
+    if (!strcmp(cj, cd))
+        return KD_FAIL(KD_ERR_INVALID, "export: --json '%s' is the output directory '%s'", json,
+                       out_dir);
+    size_t ld = strlen(cd);
+    /* cd is "/" or has no trailing slash */
+    const char *in_dir =
+        !strncmp(cj, cd, ld) && (ld == 1 || cj[ld] == '/') ? cj + ld + (ld > 1) : NULL;
+    for (int i = 0; in_dir && i < N_OUT_NAMES - 1; i++) {
+        size_t ln = strlen(out_names[i]);
+        if (!strncmp(in_dir, out_names[i], ln) && (in_dir[ln] == '\0' || in_dir[ln] == '/'))
+            return KD_FAIL(KD_ERR_INVALID,
+                           "export: --json '%s' is the export's own output '%s/%s': give the "
+                           "report another name",
+                           json, out_dir, out_names[i]);
+    }
+    return KD_OK;
 }
 
 /* An existing output file must be replaceable (a directory in its place is not). */
@@ -335,44 +464,203 @@ static void add_file(kd_export_report *r, const char *path)
         snprintf(r->files[r->nfiles++], sizeof r->files[0], "%s", path);
 }
 
+/* One output file: written to tmp (beside path), then renamed over path. While the renames
+ * run, the file it replaces is kept under bak (a hard link) so that they can be undone. */
+typedef struct {
+    char path[1100], tmp[1200], bak[1200];
+    const void *data;
+    size_t len;
+    int tmp_made, bak_made, existed;
+} out_file;
+
+/* Write f's bytes to f->tmp, fsync and close it, every step checked. */
+static kd_status write_tmp(out_file *f)
+{
+    int fd = open(f->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return KD_FAIL(KD_ERR_IO, "export: writing '%s': cannot create '%s': %s", f->path, f->tmp,
+                       strerror(errno));
+    f->tmp_made = 1;
+    const uint8_t *p = f->data;
+    size_t done = 0;
+    while (done < f->len) {
+        ssize_t w = write(fd, p + done, f->len - done);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            int e = w < 0 ? errno : EIO;
+            close(fd);
+            return KD_FAIL(KD_ERR_IO, "export: writing '%s': short write (%zu of %zu bytes): %s",
+                           f->path, done, f->len, strerror(e));
+        }
+        done += (size_t)w;
+    }
+    if (fsync(fd) != 0) {
+        int e = errno;
+        close(fd);
+        return KD_FAIL(KD_ERR_IO, "export: writing '%s': fsync failed: %s", f->path, strerror(e));
+    }
+    if (close(fd) != 0)
+        return KD_FAIL(KD_ERR_IO, "export: writing '%s': close failed: %s", f->path,
+                       strerror(errno));
+    return KD_OK;
+}
+
+/* Make the renames and removals in the directory holding `file` durable. */
+static kd_status sync_dir_of(const char *file)
+{
+    char dir[1024];
+    dir_part(file, dir, sizeof dir);
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return KD_FAIL(KD_ERR_IO, "export: opening directory '%s': %s", dir, strerror(errno));
+    /* some filesystems cannot fsync a directory (EINVAL); their renames need nothing more */
+    if (fsync(fd) != 0 && errno != EINVAL) {
+        int e = errno;
+        close(fd);
+        return KD_FAIL(KD_ERR_IO, "export: fsync of directory '%s' failed: %s", dir, strerror(e));
+    }
+    close(fd);
+    return KD_OK;
+}
+
+/*
+ * Rename every complete temporary file over its final name. Each file about to be replaced is
+ * first linked to its bak name; when a rename fails, the renames done before it are undone
+ * (old files back, new names removed). A filesystem without hard links gets no copy, and a
+ * failed rename there cannot bring back the files already replaced (the message names them).
+ */
+static kd_status commit(out_file *f, int n)
+{
+    for (int i = 0; i < n; i++) {
+        struct stat s;
+        if (lstat(f[i].path, &s) != 0 || S_ISDIR(s.st_mode))
+            continue;
+        f[i].existed = 1;
+        unlink(f[i].bak);
+        if (link(f[i].path, f[i].bak) == 0)
+            f[i].bak_made = 1;
+        else if (errno != EPERM && errno != EOPNOTSUPP && errno != ENOSYS && errno != EMLINK)
+            return KD_FAIL(KD_ERR_IO, "export: cannot keep '%s' as '%s' while replacing it: %s",
+                           f[i].path, f[i].bak, strerror(errno));
+    }
+    int k = 0;
+    for (; k < n; k++) {
+        if (rename(f[k].tmp, f[k].path) != 0)
+            break;
+        f[k].tmp_made = 0;
+    }
+    if (k == n)
+        return KD_OK;
+    char msg[2048];
+    int e = errno;
+    int len = snprintf(msg, sizeof msg, "export: writing '%s': rename of '%s' failed: %s",
+                       f[k].path, f[k].tmp, strerror(e));
+    for (int i = 0; i < k; i++) {
+        if (f[i].bak_made ? rename(f[i].bak, f[i].path) == 0
+                          : !f[i].existed && unlink(f[i].path) == 0) {
+            f[i].bak_made = 0;
+            continue;
+        }
+        if (len >= 0 && (size_t)len < sizeof msg)
+            len += snprintf(msg + len, sizeof msg - (size_t)len, "; '%s' could not be put back%s%s",
+                            f[i].path,
+                            f[i].bak_made  ? ", its previous contents are in "
+                            : f[i].existed ? " (the filesystem keeps no second name of a file)"
+                                           : "",
+                            f[i].bak_made ? f[i].bak : "");
+        f[i].bak_made = 0; /* keep that copy */
+    }
+    return KD_FAIL(KD_ERR_IO, "%s", msg);
+}
+
+/*
+ * Write the export's files (model.kdm, model.c + model.h, samples.bin, the report) as one set:
+ * all go to temporary names first and are renamed into place only once every one is complete,
+ * so a failure (a full disk, say) leaves every earlier file as it was and no temporary file.
+ * Then the outputs of an earlier export in out_dir that this one does not write are removed.
+ */
 static kd_status write_outputs(const kd_export_opts *o, kd_export_report *r, const uint8_t *blob,
                                size_t len, const uint8_t *samples, size_t samples_len)
 {
-    char path[1024];
+    out_file f[N_OUT_NAMES];
+    memset(f, 0, sizeof f);
+    kd_export_text h = {NULL, 0}, c = {NULL, 0};
+    char *json = NULL, report[1024], dir[1024], cd[PATH_MAX], cj[PATH_MAX], path[PATH_MAX + 16];
+    size_t json_len = 0;
+    int n = 0;
+    kd_status st = KD_OK;
+    if (snprintf(report, sizeof report, "%s%s", o->json_path ? o->json_path : o->out_dir,
+                 o->json_path ? "" : "/report.json") >= (int)sizeof report)
+        return KD_FAIL(KD_ERR_INVALID, "export: report path '%s' is too long", report);
     KD_TRY(kd_mkdir_p(o->out_dir));
-    if (o->formats & KD_EXPORT_KDM) {
-        snprintf(path, sizeof path, "%s/model.kdm", o->out_dir);
-        KD_TRY(kd_file_write_bytes(path, blob, len));
-        add_file(r, path);
-    }
-    if (o->formats & KD_EXPORT_C) {
-        KD_TRY(kd_export_write_c(o->out_dir, r->g, blob, len));
-        snprintf(path, sizeof path, "%s/model.c", o->out_dir);
-        add_file(r, path);
-        snprintf(path, sizeof path, "%s/model.h", o->out_dir);
-        add_file(r, path);
-    }
-    if (samples) {
-        snprintf(path, sizeof path, "%s/samples.bin", o->out_dir);
-        KD_TRY(kd_file_write_bytes(path, samples, samples_len));
-        add_file(r, path);
-    }
-    if (o->json_path)
-        snprintf(path, sizeof path, "%s", o->json_path);
-    else
-        snprintf(path, sizeof path, "%s/report.json", o->out_dir);
-    add_file(r, path);
-    if (o->json_path) {
-        /* the report's own directory may differ from out_dir */
-        char dir[1024];
-        snprintf(dir, sizeof dir, "%s", path);
-        char *slash = strrchr(dir, '/');
-        if (slash && slash != dir) {
-            *slash = '\0';
-            KD_TRY(kd_mkdir_p(dir));
+    dir_part(report, dir, sizeof dir);
+    KD_TRY(kd_mkdir_p(dir)); /* the report's own directory may differ from out_dir */
+    KD_TRY(canon_path(o->out_dir, cd, sizeof cd));
+    KD_TRY(canon_path(report, cj, sizeof cj));
+    if ((o->formats & KD_EXPORT_C) && (st = kd_export_c_source(r->g, blob, len, &h, &c)))
+        return st;
+
+    const void *data[N_OUT_NAMES] = {o->formats & KD_EXPORT_KDM ? blob : NULL, c.text, h.text,
+                                     samples, NULL};
+    const size_t lens[N_OUT_NAMES] = {len, c.len, h.len, samples_len, 0};
+    for (int i = 0; i < N_OUT_NAMES; i++) {
+        snprintf(path, sizeof path, "%s%s%s", cd, strcmp(cd, "/") ? "/" : "", out_names[i]);
+        struct stat s;
+        if (i < N_OUT_NAMES - 1 && data[i]) {
+            snprintf(f[n].path, sizeof f[n].path, "%s/%s", o->out_dir, out_names[i]);
+            f[n].data = data[i];
+            f[n].len = lens[i];
+            add_file(r, f[n].path);
+            n++;
+        } else if (strcmp(path, cj) && lstat(path, &s) == 0 && S_ISREG(s.st_mode) &&
+                   r->nremoved < KD_EXPORT_MAX_FILES) {
+            snprintf(r->removed[r->nremoved++], sizeof r->removed[0], "%s/%s", o->out_dir,
+                     out_names[i]);
         }
     }
-    return kd_export_report_write_json(r, path);
+    snprintf(f[n].path, sizeof f[n].path, "%s", report);
+    add_file(r, f[n].path);
+    if ((st = kd_export_report_json(r, &json, &json_len)))
+        goto done;
+    f[n].data = json;
+    f[n].len = json_len;
+    n++;
+
+    for (int i = 0; i < n && st == KD_OK; i++) {
+        if (snprintf(f[i].tmp, sizeof f[i].tmp, "%s.tmp.%ld", f[i].path, (long)getpid()) >=
+                (int)sizeof f[i].tmp ||
+            snprintf(f[i].bak, sizeof f[i].bak, "%s.old.%ld", f[i].path, (long)getpid()) >=
+                (int)sizeof f[i].bak)
+            st = KD_FAIL(KD_ERR_INVALID, "export: path '%s' is too long", f[i].path);
+        else
+            st = write_tmp(&f[i]);
+    }
+    if (st == KD_OK)
+        st = commit(f, n);
+    if (st == KD_OK)
+        st = sync_dir_of(f[0].path);
+    if (st == KD_OK && strcmp(dir, o->out_dir))
+        st = sync_dir_of(report);
+    for (int i = 0; i < r->nremoved && st == KD_OK; i++)
+        if (unlink(r->removed[i]) != 0 && errno != ENOENT)
+            st = KD_FAIL(KD_ERR_IO,
+                         "export: the new files are in place, but '%s', left by an earlier "
+                         "export, could not be removed: %s",
+                         r->removed[i], strerror(errno));
+    if (st == KD_OK && r->nremoved)
+        st = sync_dir_of(f[0].path);
+done:
+    for (int i = 0; i < n; i++) {
+        if (f[i].tmp_made)
+            unlink(f[i].tmp);
+        if (f[i].bak_made)
+            unlink(f[i].bak);
+    }
+    free(h.text);
+    free(c.text);
+    free(json);
+    return st;
 }
 
 /* --int8-layers: the named conv / linear blocks keep 8-bit weights in an int4 export. */
@@ -420,15 +708,12 @@ static kd_status check_opts(const kd_export_opts *o)
                        (long long)o->n_samples);
     char path[1100];
     KD_TRY(check_creatable(o->out_dir, "output directory"));
-    const char *names[] = {"model.kdm", "model.c", "model.h", "samples.bin", "report.json"};
-    for (int i = 0; i < 5; i++) {
-        snprintf(path, sizeof path, "%s/%s", o->out_dir, names[i]);
+    for (int i = 0; i < N_OUT_NAMES; i++) {
+        snprintf(path, sizeof path, "%s/%s", o->out_dir, out_names[i]);
         KD_TRY(check_file_target(path));
     }
-    if (o->json_path) {
-        KD_TRY(check_creatable(o->json_path, "report"));
-        KD_TRY(check_file_target(o->json_path));
-    }
+    if (o->json_path)
+        KD_TRY(check_json_path(o->json_path, o->out_dir));
     return KD_OK;
 }
 
@@ -463,14 +748,9 @@ kd_status kd_export_run(const kd_job *job, const char *checkpoint, const kd_expo
         goto done;
     if ((st = kd_checkpoint_load(checkpoint, m, NULL, 0, &info)))
         goto done;
-    if (info.model_hash && info.model_hash != m->def_hash) {
-        st = KD_FAIL(KD_ERR_CONFIG,
-                     "checkpoint '%s' was written for another architecture than %s (same "
-                     "parameter shapes, other layers or hyper-parameters): export it with the "
-                     "job it was trained with",
-                     checkpoint, job->model_desc);
+    if ((st = kd_checkpoint_check_model(checkpoint, &info, m, job->model_desc,
+                                        "export it with the job it was trained with")))
         goto done;
-    }
     /* A job trained with fake-quantized weights of these bits (QAT) is the model with those
      * weights: the float graph, its calibration and its accuracy use them, and quantizing
      * them again gives back the same integers (engine/quant.h). */

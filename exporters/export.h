@@ -63,11 +63,15 @@
  *     also tried and the smaller plan kept; for a chain it meets the bound max(size of two
  *     adjacent tensors). The kernels' scratch area (the largest kdm_op_scratch_size of any op)
  *     follows the tensors.
- *  6. Write (atomically: temporary file, fsync, rename; DIR created if missing, an old file
- *     replaced only by a complete new one): DIR/model.kdm (format kdm), DIR/model.c +
- *     DIR/model.h (format c: the blob as a const, 4-aligned array in flash, KDM_MODEL_ARENA_SIZE,
- *     KDM_MODEL_OP_MASK, sizes and the input quantization), DIR/samples.bin (--samples, below)
- *     and the report DIR/report.json (or --json FILE).
+ *  6. Write DIR/model.kdm (format kdm), DIR/model.c + DIR/model.h (format c: the blob as a
+ *     const, 4-aligned array in flash, KDM_MODEL_ARENA_SIZE, KDM_MODEL_OP_MASK, sizes and the
+ *     input quantization), DIR/samples.bin (--samples, below) and the report DIR/report.json
+ *     (or --json FILE, a new or regular file, never one of the other outputs), DIR created if
+ *     missing. The files form one set, replaced all together or not at all: each is written to
+ *     a temporary name beside it, flushed and closed, and only when all are complete are they
+ *     renamed into place; any failure removes the temporary files and leaves every earlier file
+ *     as it was. Then the outputs of an earlier export that this one does not write (these
+ *     five names in DIR, nothing else) are removed and listed in the report.
  *  7. Report: per op its engine block(s), type, shapes, MACs, constant bytes (packed weights,
  *     bias, multipliers, parameters), arena bytes of its output and the calibration choice;
  *     totals; and test-set accuracy of the engine's unfolded model, the folded float model and
@@ -126,8 +130,8 @@ typedef struct kd_export_report kd_export_report;
 /*
  * Export the job's model with the weights of `checkpoint` as the options say (steps 1-7
  * above). On success *report (caller frees with kd_export_report_free) describes what was
- * written. On failure nothing in out_dir is created or replaced, except that a failure while
- * writing one file leaves the files written before it (each complete).
+ * written and removed. On failure no file is created, replaced or removed (missing
+ * directories of out_dir or the report may have been created).
  */
 kd_status kd_export_run(const kd_job *job, const char *checkpoint, const kd_export_opts *o,
                         kd_export_report **report);
@@ -344,9 +348,16 @@ kd_status kd_export_blob(const kd_export_graph *g, uint8_t **blob, size_t *len);
 /* Bit mask of the op types g uses (KDM_OP_BIT), for KDM_MODEL_OP_MASK. */
 uint32_t kd_export_op_mask(const kd_export_graph *g);
 
-/* Write dir/model.c and dir/model.h embedding blob (atomically). */
-kd_status kd_export_write_c(const char *dir, const kd_export_graph *g, const uint8_t *blob,
-                            size_t len);
+/* A malloc'd text and its length (no terminating NUL counted). */
+typedef struct {
+    char *text;
+    size_t len;
+} kd_export_text;
+
+/* The contents of model.h and model.c embedding blob (the caller frees h->text and c->text;
+ * both NULL on failure). kd_export_run writes them with the other files of the export. */
+kd_status kd_export_c_source(const kd_export_graph *g, const uint8_t *blob, size_t len,
+                             kd_export_text *h, kd_export_text *c);
 
 /* Quantize one normalised input (engine layout) into int8 NHWC as kdm_input_quant says. */
 void kd_export_quantize_input(const kd_export_graph *g, const float *x, float scale, int32_t zp,

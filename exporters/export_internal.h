@@ -30,10 +30,14 @@ struct kd_export_report {
     int64_t n_samples;
     char files[KD_EXPORT_MAX_FILES][1024];
     int nfiles;
+    /* outputs of an earlier export in out_dir that this one does not write: removed once the
+     * new files are in place */
+    char removed[KD_EXPORT_MAX_FILES][1024];
+    int nremoved;
     double seconds;
 };
 
-/* Write the report as JSON to path (atomically). */
-kd_status kd_export_report_write_json(const kd_export_report *r, const char *path);
+/* The report as JSON text ending in a newline (the caller frees *text). */
+kd_status kd_export_report_json(const kd_export_report *r, char **text, size_t *len);
 
 #endif

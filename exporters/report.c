@@ -11,7 +11,6 @@
 #include <string.h>
 
 #include "export_internal.h"
-#include "fileio.h"
 
 static const char *act_name(int act)
 {
@@ -85,6 +84,12 @@ void kd_export_report_print(const kd_export_report *r, FILE *f)
     }
     for (int i = 0; i < r->nfiles; i++)
         fprintf(f, "  wrote %s\n", r->files[i]);
+    if (r->nremoved) {
+        fprintf(f, "  removed stale");
+        for (int i = 0; i < r->nremoved; i++)
+            fprintf(f, "%s %s", i ? "," : "", r->removed[i]);
+        fprintf(f, " (left by an earlier export, not written by this one)\n");
+    }
 }
 
 static cJSON *shape_json(const kd_export_tensor *t)
@@ -191,27 +196,33 @@ static cJSON *report_json(const kd_export_report *r)
     cJSON *files = cJSON_AddArrayToObject(root, "files");
     for (int i = 0; i < r->nfiles; i++)
         cJSON_AddItemToArray(files, cJSON_CreateString(r->files[i]));
+    cJSON *removed = cJSON_AddArrayToObject(root, "removed");
+    for (int i = 0; i < r->nremoved; i++)
+        cJSON_AddItemToArray(removed, cJSON_CreateString(r->removed[i]));
     cJSON_AddNumberToObject(root, "seconds", r->seconds);
     return root;
 }
 
-kd_status kd_export_report_write_json(const kd_export_report *r, const char *path)
+kd_status kd_export_report_json(const kd_export_report *r, char **text, size_t *len)
 {
+    *text = NULL;
+    *len = 0;
     cJSON *j = report_json(r);
-    char *text = j ? cJSON_Print(j) : NULL;
+    char *t = j ? cJSON_Print(j) : NULL;
     cJSON_Delete(j);
-    if (!text)
+    if (!t)
         return KD_FAIL(KD_ERR_NOMEM, "export: out of memory writing the report");
-    size_t n = strlen(text);
+    size_t n = strlen(t);
     char *buf = malloc(n + 2);
     if (!buf) {
-        free(text);
+        free(t);
         return KD_FAIL(KD_ERR_NOMEM, "export: out of memory writing the report");
     }
-    memcpy(buf, text, n);
+    memcpy(buf, t, n);
     buf[n] = '\n';
-    free(text);
-    kd_status st = kd_file_write_bytes(path, buf, n + 1);
-    free(buf);
-    return st;
+    buf[n + 1] = '\0';
+    free(t);
+    *text = buf;
+    *len = n + 1;
+    return KD_OK;
 }

@@ -9,7 +9,7 @@
 #   calib INSTR
 #   invoke VARIANT INSTR_MEAN HOST_MATCH SAMPLES
 #   stack USED RESERVED ARENA
-#   size VARIANT TEXT DATA BSS RUNTIME_BYTES BLOB_BYTES LIBC_LIBGCC_BYTES STACK_RESERVED
+#   size VARIANT TEXT DATA BSS RUNTIME_BYTES BLOB_BYTES LIBC_LIBGCC_BYTES STACK_RESERVED STACK_USED
 #   dsp|ref|m7|m0 op=I type=T wbits=B in=CxHxW out=CxHxW k=KxK s=S macs=M instr=N reps=R
 #       ipm_milli=X   (m0: the Cortex-M0+ build on QEMU's microbit: matmul_fast.c's blocked
 #       kernels for 1x1 convolutions and fully-connected layers, the reference ones otherwise)
@@ -41,6 +41,7 @@ $1 == "stack" { stack_used = $2; stack_size = $3; arena = $4 }
 $1 == "size" {
     v = $2; variants[++nv] = v
     text[v] = $3; data[v] = $4; bss[v] = $5; rt[v] = $6; blob[v] = $7; libc[v] = $8; stk[v] = $9
+    stk_used[v] = $10
 }
 $1 == "dsp" || $1 == "ref" || $1 == "m7" || $1 == "m0" {
     i = kv($0, "op") + 0
@@ -121,18 +122,19 @@ END {
 
     printf "\nSizes: footprint firmware (startup, semihosting output, the runtime built with " \
         "KDM_OP_MASK = the model's ops, the blob), -Os, --gc-sections\n"
-    printf "%-8s %12s %12s %10s %12s %10s\n", "build", "runtime code", "libgcc+libc", "model blob",
-        "total flash", "static RAM"
+    printf "%-8s %12s %12s %10s %12s %10s %11s\n", "build", "runtime code", "libgcc+libc",
+        "model blob", "total flash", "static RAM", "stack used"
     sizes_json = ""
     for (j = 1; j <= nv; j++) {
         v = variants[j]
         flash = text[v] + data[v]
-        printf "%-8s %12d %12d %10d %12d %10d\n", v, rt[v], libc[v], blob[v], flash,
-            data[v] + bss[v] - stk[v]
+        printf "%-8s %12d %12d %10d %12d %10d %11d\n", v, rt[v], libc[v], blob[v], flash,
+            data[v] + bss[v] - stk[v], stk_used[v]
         sizes_json = sizes_json (j > 1 ? ",\n" : "") sprintf("    %s: {\"runtime_code\": %d, " \
             "\"libgcc_libc\": %d, \"model_blob\": %d, \"total_flash\": %d, \"text\": %d, " \
-            "\"data\": %d, \"bss\": %d, \"static_ram\": %d}", q(v), rt[v], libc[v], blob[v],
-            flash, text[v], data[v], bss[v], data[v] + bss[v] - stk[v])
+            "\"data\": %d, \"bss\": %d, \"static_ram\": %d, \"stack_used\": %d}", q(v), rt[v],
+            libc[v], blob[v], flash, text[v], data[v], bss[v], data[v] + bss[v] - stk[v],
+            stk_used[v])
     }
     ram = arena + stack_used
     printf "RAM: arena %d + stack high-water %d = %d bytes (stack reserved %d; the static RAM " \

@@ -310,7 +310,7 @@ cmd_bench() {
         libc=$(($(map_bytes "$broot/$v/footprint.map" libgcc.a) + $(map_bytes "$broot/$v/footprint.map" libc_nano.a)))
         blob=$(arm-none-eabi-nm -S "$broot/$v/footprint.elf" | awk '$4 == "kdm_model_blob" { print $2 }')
         blob=$((16#${blob:-0}))
-        sizes+=("$v $text $data $bss $rt $blob $libc $(field "$broot/$v/footprint.log" footprint stack_size)")
+        sizes+=("$v $text $data $bss $rt $blob $libc $(field "$broot/$v/footprint.log" footprint stack_size) $(field "$broot/$v/footprint.log" footprint stack_used)")
     done
     local stack_used arena stack_size
     stack_used=$(field "$broot/m4-dsp/footprint.log" footprint stack_used)
@@ -325,7 +325,14 @@ cmd_bench() {
     {
         echo "runtime_sha $runtime_sha"
         echo "export_dir $dir"
-        echo "model $(head -1 "$dir/model.h" | sed 's|^/\*||; s|\*/$||; s/["\\]//g')"
+        # the export's report names its job and checkpoint; else model.h's first line
+        local from=""
+        if [ -f "$dir/report.json" ]; then
+            from=$(sed -n 's/^[[:space:]]*"\(config\|checkpoint\)":[[:space:]]*"\(.*\)",*$/\1 \2/p' \
+                "$dir/report.json" | head -2 | paste -sd ' ' | sed 's/ checkpoint /, checkpoint /')
+        fi
+        [ -n "$from" ] || from=$(head -1 "$dir/model.h" | sed 's|^/\*||; s|\*/$||')
+        echo "model $(printf '%s' "$from" | sed 's/["\\]//g')"
         echo "qemu $(qemu-system-arm --version | head -1 | awk '{ print $4 }')"
         echo "gcc $(arm-none-eabi-gcc -dumpversion)"
         echo "calib $(field "$broot/m4-dsp/bench_layers.log" "calib " instr)"

@@ -116,6 +116,14 @@ static kd_status parse_spec(const char *path, char *out_dir, size_t out_len, row
                          kd_node_where(kd_node_child(r, "quant"), pos, sizeof pos), quant);
             goto done;
         }
+        if (w->bits != 4 && kd_node_child(r, "int8_layers")) { /* it would be ignored */
+            st = KD_FAIL(KD_ERR_CONFIG,
+                         "%s: int8_layers keeps layers of an int4 export at 8 bits; this row is "
+                         "%s",
+                         kd_node_where(kd_node_child(r, "int8_layers"), pos, sizeof pos),
+                         w->bits ? "int8" : "fp32");
+            goto done;
+        }
         (*nrows)++;
     }
 done:
@@ -217,8 +225,9 @@ static kd_status read_mcu(row_t *w)
 static kd_status run_row(row_t *w, int idx, const char *out_dir, const kd_report_opts *o, int mcu)
 {
     kd_job job;
-    KD_TRY(kd_job_load(w->config, o->overrides, &job));
-    kd_status st = KD_OK;
+    kd_status st = kd_job_load(w->config, o->overrides, &job);
+    if (st != KD_OK)
+        return kd_fail_context(st, "report row %d (%s): ", idx + 1, w->label);
     kd_model *m = NULL;
     if ((st = kd_model_build(job.model_input, job.model_layers, kd_backend_cpu(), 1, 0, &m)) !=
         KD_OK)

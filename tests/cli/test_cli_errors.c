@@ -507,6 +507,32 @@ static void test_loss_ranges(void **state)
     run_expect(ok, 0, "7850", NULL);
 }
 
+/* i3. distill report: a row that cannot load its job is named, and int8_layers on a row that
+ * is not int4 (where it would be ignored) is refused before any row runs. */
+static void test_report_rows(void **state)
+{
+    (void)state;
+    char spec[600], text[2048], missing[600], od[600];
+    tpath(missing, sizeof missing, "no-such-job.yaml");
+    snprintf(text, sizeof text,
+             "out_dir: %s\n"
+             "rows:\n"
+             "  - {label: gone, config: %s, checkpoint: x.safetensors}\n",
+             tpath(od, sizeof od, "report_out"), missing);
+    assert_int_equal(kd_write_text(tpath(spec, sizeof spec, "spec1.yaml"), text), 0);
+    const char *gone[] = {"report", spec, "--no-mcu", "--no-progress", NULL};
+    run_expect(gone, 1, "report row 1 (gone)", missing, NULL);
+    snprintf(text, sizeof text,
+             "out_dir: %s\n"
+             "rows:\n"
+             "  - {label: f, config: %s, checkpoint: x.safetensors, int8_layers: '0'}\n",
+             od, missing);
+    assert_int_equal(kd_write_text(tpath(spec, sizeof spec, "spec2.yaml"), text), 0);
+    const char *layers[] = {"report", spec, "--no-mcu", "--no-progress", NULL};
+    run_expect(layers, 1, "spec2.yaml:3", "int8_layers keeps layers of an int4 export", "fp32",
+               NULL);
+}
+
 /* j. eval with a checkpoint of another model lists every mismatched tensor. */
 static void test_eval_wrong_model(void **state)
 {
@@ -683,6 +709,7 @@ int main(void)
         cmocka_unit_test(test_missing_config),
         cmocka_unit_test(test_set_errors),
         cmocka_unit_test(test_loss_ranges),
+        cmocka_unit_test(test_report_rows),
         cmocka_unit_test(test_eval_wrong_model),
         cmocka_unit_test(test_failed_checkpoint_write),
         cmocka_unit_test(test_best_write_failure_then_resume),

@@ -20,7 +20,9 @@
  *
  * Each channel's output row then runs in assembly (kdm_dw3_rows_), two outputs per turn, with
  * the channel's nine weights in six registers: for each kernel row the pairs (w0, w1) and
- * (w1, w2), in slot order for the output row (a table per channel holds the three rotations).
+ * (w1, w2), in slot order for the output row (a table per channel holds the three rotations;
+ * with int8 weights the four channels' tables are built together, one word load per kernel tap
+ * split by SXTB16 and paired by PKHBT / PKHTB).
  * Stride 1, outputs x and x + 1 from the words A = (r0, r1) and B = (r2, r3) of each kernel
  * row:
  *     out x     = SMLAD(A, (w0, w1)) + SMLABT(B, (w1, w2))      r0 w0 + r1 w1 + r2 w2
@@ -498,6 +500,24 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
         if (c0 > ch - 4)
             c0 = ch - 4;
         int skip = 0;
+        const int w8 = KDM_IS_W8_(wbits);
+        if (w8) /* int8: a kernel tap's four channels are one word */
+            for (int32_t ky = 0, at = c0; ky < 3; ky++, at += 3 * rs) {
+                const uint32_t t0 = kdm_ld32(w + at), t1 = kdm_ld32(w + at + rs),
+                               t2 = kdm_ld32(w + at + 2 * rs);
+                const uint32_t e0 = kdm_sxtb16(t0), e1 = kdm_sxtb16(t1), e2 = kdm_sxtb16(t2);
+                const uint32_t o0 = kdm_sxtb16_ror8(t0), o1 = kdm_sxtb16_ror8(t1),
+                               o2 = kdm_sxtb16_ror8(t2);
+                uint32_t *tt = tab + 2 * ky; /* channel i's words at i KDM_DW_TAB_WORDS */
+                tt[0] = kdm_pkhbt16(e0, e1);
+                tt[1] = kdm_pkhbt16(e1, e2);
+                tt[KDM_DW_TAB_WORDS] = kdm_pkhbt16(o0, o1);
+                tt[KDM_DW_TAB_WORDS + 1] = kdm_pkhbt16(o1, o2);
+                tt[2 * KDM_DW_TAB_WORDS] = kdm_pkhtb16(e1, e0);
+                tt[2 * KDM_DW_TAB_WORDS + 1] = kdm_pkhtb16(e2, e1);
+                tt[3 * KDM_DW_TAB_WORDS] = kdm_pkhtb16(o1, o0);
+                tt[3 * KDM_DW_TAB_WORDS + 1] = kdm_pkhtb16(o2, o1);
+            }
         for (int32_t i = 0; i < 4; i++) {
             const int32_t c = c0 + i, m = q->mult[c], s = q->shift[c];
             dw_job *j = &job[i];
@@ -505,15 +525,16 @@ static KDM_NOINLINE void dw_run(const kdm_conv_params *p, const kdm_requant_para
              * row (s - r) mod 3) is the six words from 2 ((3 - r) mod 3); m = 0 (output zp) as
              * weights and bias 0 */
             uint32_t *tt = tab + i * KDM_DW_TAB_WORDS;
-            const int w8 = KDM_IS_W8_(wbits);
             const int32_t up = 28 - 4 * (c & 1); /* int4: the channel's nibble to the top */
-            for (int32_t ky = 0, at = w8 ? c : c >> 1; ky < 3; ky++, at += 3 * rs) {
+            for (int32_t ky = 0, at = c >> 1; ky < 3 && !w8; ky++, at += 3 * rs) {
                 const int32_t k0 = kdm_dw_tap_(w + at, w8, up),
                               k1 = kdm_dw_tap_(w + at + rs, w8, up),
                               k2 = kdm_dw_tap_(w + at + 2 * rs, w8, up);
-                tt[2 * ky] = m ? kdm_pack16(k0, k1) : 0;
-                tt[2 * ky + 1] = m ? kdm_pack16(k1, k2) : 0;
+                tt[2 * ky] = kdm_pack16(k0, k1);
+                tt[2 * ky + 1] = kdm_pack16(k1, k2);
             }
+            for (int32_t e = 0; e < 6 && !m; e++)
+                tt[e] = 0;
             for (int32_t e = 6; e < 10; e++)
                 tt[e] = tt[e - 6];
             j->buf = buf + i * cw;

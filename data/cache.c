@@ -47,6 +47,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -286,6 +287,72 @@ void kd_topk_rows(const float *logits, int n, int c, int k, float *values, int32
         }
         lse[r] = (float)row_lse(x, c);
     }
+}
+
+/*
+ * What is wrong with one (row, view) of a top-k cache, or NULL when nothing is. v: its K values
+ * (finite), ix: their classes (in [0, C)), lse: its stored logsumexp (finite). Every class must
+ * appear once, and lse, the log-sum-exp of the whole row, must be at least that of the K values
+ * (else the top-k would hold more than all of the probability mass and the rest a negative
+ * share) and, when K = C, equal to it. The comparisons allow for values rounded to the stored
+ * dtype (f16: float16, else float32) and a logsumexp rounded to float32 or summed in float: a
+ * row that kd_topk_rows computed always passes. seen: C entries of scratch, *stamp: a counter
+ * advanced by each call (seen is cleared when it wraps). The reason is written into buf.
+ */
+static const char *topk_entry_bad(const float *v, const int32_t *ix, float lse, int K, int C,
+                                  int f16, uint32_t *seen, uint32_t *stamp, char *buf, size_t len)
+{
+    if (++*stamp == 0) {
+        memset(seen, 0, (size_t)C * sizeof *seen);
+        *stamp = 1;
+    }
+    for (int k = 0; k < K; k++) {
+        if (seen[ix[k]] == *stamp) {
+            int first = 0;
+            while (ix[first] != ix[k])
+                first++;
+            snprintf(buf, len,
+                     "duplicate class index %d (top-k slots %d and %d): each slot must name "
+                     "another class",
+                     ix[k], first, k);
+            return buf;
+        }
+        seen[ix[k]] = *stamp;
+    }
+    double mx = v[0], amax = 0.0, sum = 0.0;
+    int at = 0;
+    for (int k = 0; k < K; k++) {
+        if (v[k] > mx) {
+            mx = v[k];
+            at = k;
+        }
+        if (fabs((double)v[k]) > amax)
+            amax = fabs((double)v[k]);
+    }
+    for (int k = 0; k < K; k++)
+        sum += exp((double)v[k] - mx);
+    const double lk = mx + log(sum), l = lse;
+    /* a stored value differs from the logit it rounds by up to 2^-11 (float16) or 2^-24
+     * (float32) of its magnitude, a logsumexp summed in float by a few float32 steps */
+    const double tol = 1e-4 + (f16 ? 0x1p-10 : 0x1p-20) * amax + 0x1p-20 * fabs(l);
+    if (l < mx - tol)
+        snprintf(buf, len,
+                 "logsumexp %.9g is below top-k logit %.9g (class %d): the classes outside the "
+                 "top-k would have negative probability",
+                 l, mx, ix[at]);
+    else if (l < lk - tol)
+        snprintf(buf, len,
+                 "logsumexp %.9g is below %.9g, the log-sum-exp of its %d top-k logits: the "
+                 "classes outside the top-k would have negative probability",
+                 l, lk, K);
+    else if (K == C && l > lk + tol)
+        snprintf(buf, len,
+                 "logsumexp %.9g differs from %.9g, the log-sum-exp of the %d logits stored "
+                 "(topk = num_classes: they are the whole row)",
+                 l, lk, K);
+    else
+        return NULL;
+    return buf;
 }
 
 /* ---- options ------------------------------------------------------------------------------ */
@@ -551,22 +618,23 @@ static kd_status meta_read(hid_t f, const char *path, kd_cache_meta *m)
         return KD_FAIL(KD_ERR_FORMAT,
                        "cache '%s' has format version %lld, this distill reads version %d", path,
                        (long long)v, KD_CACHE_VERSION);
+    int64_t nc, nv, nk; /* as stored: a bad value is reported as it is */
     KD_TRY(attr_read_i64(f, path, "num_samples", 1, &m->num_samples, NULL));
-    KD_TRY(attr_read_i64(f, path, "num_classes", 1, &v, NULL));
-    m->num_classes = v < 1 || v > INT32_MAX ? -1 : (int)v;
-    KD_TRY(attr_read_i64(f, path, "views", 1, &v, NULL));
-    m->views = v < 1 || v > INT32_MAX ? -1 : (int)v;
-    KD_TRY(attr_read_i64(f, path, "topk", 1, &v, NULL));
-    m->topk = v < 0 || v > INT32_MAX ? -1 : (int)v;
+    KD_TRY(attr_read_i64(f, path, "num_classes", 1, &nc, NULL));
+    KD_TRY(attr_read_i64(f, path, "views", 1, &nv, NULL));
+    KD_TRY(attr_read_i64(f, path, "topk", 1, &nk, NULL));
     KD_TRY(attr_read_i64(f, path, "chunk_rows", 1, &m->chunk_rows, NULL));
-    if (m->num_samples < 1 || m->num_classes < 1 || m->views < 1 || m->topk < 0 ||
-        m->topk > m->num_classes || m->chunk_rows < 1)
+    if (m->num_samples < 1 || nc < 1 || nc > INT32_MAX || nv < 1 || nv > INT32_MAX || nk < 0 ||
+        nk > nc || m->chunk_rows < 1)
         return KD_FAIL(KD_ERR_FORMAT,
-                       "cache '%s' has invalid attributes: num_samples %lld, num_classes %d, "
-                       "views %d, topk %d, chunk_rows %lld (need N, C, V, chunk_rows >= 1 and "
+                       "cache '%s' has invalid attributes: num_samples %lld, num_classes %lld, "
+                       "views %lld, topk %lld, chunk_rows %lld (need N, C, V, chunk_rows >= 1 and "
                        "0 <= topk <= C)",
-                       path, (long long)m->num_samples, m->num_classes, m->views, m->topk,
+                       path, (long long)m->num_samples, (long long)nc, (long long)nv, (long long)nk,
                        (long long)m->chunk_rows);
+    m->num_classes = (int)nc;
+    m->views = (int)nv;
+    m->topk = (int)nk;
     KD_TRY(attr_read_str(f, path, "dtype", s, sizeof s));
     if (strcmp(s, "float16") == 0)
         m->dtype = KD_DTYPE_F16;
@@ -821,12 +889,115 @@ static herr_t dset_rows_io(hid_t d, int write, hid_t memtype, int64_t r0, int64_
         goto done;
     rc = write ? H5Dwrite(d, memtype, ms, fs, H5P_DEFAULT, buf)
                : H5Dread(d, memtype, ms, fs, H5P_DEFAULT, buf);
-done:
+done:;
+    /* Every API call below clears HDF5's error stack: keep the failure's stack for h5_detail. */
+    hid_t es = rc < 0 ? H5Eget_current_stack() : H5I_INVALID_HID;
     if (ms >= 0 && H5Sclose(ms) < 0)
         rc = -1;
     if (H5Sclose(fs) < 0)
         rc = -1;
+    /* Best effort: if the stack cannot be put back, the message says there is no detail. */
+    if (es >= 0)
+        (void)H5Eset_current_stack(es);
     return rc;
+}
+
+/* 1 when dataset d's filters include a compressor (anything but fletcher32 and shuffle), 0
+ * when not, -1 on an HDF5 failure. */
+static int dset_compressed(hid_t d)
+{
+    hid_t dcpl = H5Dget_create_plist(d);
+    if (dcpl < 0)
+        return -1;
+    int nf = H5Pget_nfilters(dcpl), comp = nf < 0 ? -1 : 0;
+    for (int i = 0; i < nf && comp == 0; i++) {
+        unsigned flags;
+        size_t ncd = 0;
+        H5Z_filter_t id = H5Pget_filter2(dcpl, (unsigned)i, &flags, &ncd, NULL, 0, NULL, NULL);
+        if (id < 0)
+            comp = -1;
+        else if (id != H5Z_FILTER_FLETCHER32 && id != H5Z_FILTER_SHUFFLE)
+            comp = 1;
+    }
+    if (H5Pclose(dcpl) < 0)
+        comp = -1;
+    return comp;
+}
+
+/* The chunks of a file that cannot be read (chunks_scan). */
+typedef struct {
+    int64_t nbad;     /* chunks with a dataset that cannot be read */
+    int64_t first;    /* the first of them (-1: none) */
+    const char *dset; /* the first failing dataset of that chunk */
+    char detail[700]; /* HDF5's account of that failure */
+} chunk_scan;
+
+/*
+ * Read every chunk that done[] marks written (done NULL: every chunk) of every dataset of the
+ * file ds (metadata m), in its stored type, and count in *out the chunks whose data cannot be
+ * read back (a checksum that fails, a chunk that cannot be decoded). With clear set, their done
+ * entries become 0 (in done only). A read failure is not an error of this function: it returns
+ * KD_OK, or KD_ERR_NOMEM.
+ */
+static kd_status chunks_scan(const cache_dsets *ds, const kd_cache_meta *m, uint8_t *done,
+                             int clear, const char *path, chunk_scan *out)
+{
+    memset(out, 0, sizeof *out);
+    out->first = -1;
+    const int64_t n = meta_rows(m), cr = m->chunk_rows < n ? m->chunk_rows : n;
+    const size_t W = (size_t)meta_width(m) * meta_esize(m);
+    size_t widest = W > (size_t)m->aug_nparams * 4 ? W : (size_t)m->aug_nparams * 4;
+    if (m->topk && widest < (size_t)m->topk * 4)
+        widest = (size_t)m->topk * 4;
+    const hid_t mt = m->dtype == KD_DTYPE_F16 ? f16_type() : H5T_NATIVE_FLOAT;
+    if (mt < 0)
+        return KD_FAIL(KD_ERR_INTERNAL, "cache '%s': cannot build the float16 HDF5 type", path);
+    void *buf = malloc((size_t)cr * (size_t)m->views * widest);
+    if (!buf)
+        return KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
+    const struct {
+        hid_t d, t;
+        const char *name;
+    } sets[] = {{ds->main, mt, m->topk ? "topk_values" : "logits"},
+                {ds->idx, H5T_NATIVE_INT32, "topk_indices"},
+                {ds->lse, H5T_NATIVE_FLOAT, "logsumexp"},
+                {ds->aug, H5T_NATIVE_FLOAT, "aug_params"},
+                {ds->lab, H5T_NATIVE_INT32, "labels"}};
+    for (int64_t i = 0; i < meta_chunks(m); i++) {
+        if (done && !done[i])
+            continue;
+        const int64_t r0 = i * m->chunk_rows, R = n - r0 < m->chunk_rows ? n - r0 : m->chunk_rows;
+        for (size_t k = 0; k < sizeof sets / sizeof sets[0]; k++) {
+            if (sets[k].d < 0 || dset_rows_io(sets[k].d, 0, sets[k].t, r0, R, buf) >= 0)
+                continue;
+            if (out->nbad++ == 0) {
+                out->first = i;
+                out->dset = sets[k].name;
+                h5_detail(out->detail, sizeof out->detail);
+            } else {
+                (void)H5Eclear2(H5E_DEFAULT); /* best effort: the first failure is the one told */
+            }
+            if (clear && done)
+                done[i] = 0;
+            break;
+        }
+    }
+    free(buf);
+    return KD_OK;
+}
+
+/* What a scan found, for a message: "N chunk(s) cannot be read: the first, chunk i (rows a..b),
+ * fails in /name (H5Dread failed: ...)". */
+static void scan_text(const chunk_scan *s, const kd_cache_meta *m, char *buf, size_t len)
+{
+    const int64_t r0 = s->first * m->chunk_rows;
+    const int64_t r1 = r0 + m->chunk_rows < meta_rows(m) ? r0 + m->chunk_rows : meta_rows(m);
+    snprintf(buf, len,
+             "%lld of its %lld chunks cannot be read back (a checksum fails or the data cannot be "
+             "decoded): the first, chunk %lld (rows %lld..%lld), in /%s (H5Dread failed: %s)",
+             (long long)s->nbad, (long long)meta_chunks(m), (long long)s->first,
+             (long long)(m->row_begin + r0), (long long)(m->row_begin + r1 - 1), s->dset,
+             s->detail);
 }
 
 /* ---- writer ------------------------------------------------------------------------------- */
@@ -841,8 +1012,11 @@ struct kd_cache_writer {
     int fsync;
     int64_t nchunks;
     uint8_t *done;
-    uint16_t *half; /* chunk_rows * V * W scratch for float16 */
-    float *zeros;   /* chunk_rows * V * P zeros for aug_params NULL */
+    uint16_t *half;        /* chunk_rows * V * W scratch for float16 */
+    float *zeros;          /* chunk_rows * V * P zeros for aug_params NULL */
+    int readonly;          /* the file could not be opened for writing and needs nothing written */
+    int64_t damaged;       /* done chunks found unreadable at open, now to be written again */
+    uint32_t *seen, stamp; /* top-k checks of put_validate: C class stamps */
 };
 
 static kd_status meta_validate(const kd_cache_meta *m, const char *path)
@@ -1153,6 +1327,68 @@ static kd_status meta_compare_resume(const char *path, const kd_cache_meta *have
     return KD_OK;
 }
 
+/*
+ * 1 when another process has path open under an HDF5 file lock that an open for writing
+ * (write set) or reading would conflict with; 0 when not, or when that cannot be told.
+ */
+static int file_locked(const char *path, int write)
+{
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return 0;
+    int busy = flock(fd, (write ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+    close(fd); /* releases the lock when it was taken */
+    return busy;
+}
+
+/* 1 when path opens read-only as HDF5 and its root attributes are a cache's. */
+static int readable_cache(const char *path)
+{
+    kd_cache_meta m;
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    int ok = f >= 0 && meta_read(f, path, &m) == KD_OK;
+    close_id(&f, H5Fclose);
+    (void)H5Eclear2(H5E_DEFAULT); /* best effort: a failure here only means "not readable" */
+    return ok;
+}
+
+/*
+ * Record why H5Fopen (the call that just failed; its detail is on HDF5's stack) could not open
+ * the existing cache at path: to read it (resume 0), to resume it (resume 1), or, when it was
+ * not writable (werr: the errno of access(W_OK)), to read it for a resume. A file that another
+ * process holds, that this user cannot read, or that is a readable cache open elsewhere or not
+ * writable, is said to be so (KD_ERR_IO); only one that is none of these is called damaged
+ * (KD_ERR_FORMAT), with `damaged` saying what to do.
+ */
+static kd_status open_fail(const char *path, int resume, int werr, const char *damaged)
+{
+    char d[700];
+    h5_detail(d, sizeof d);
+    const char *to = resume ? " to resume it" : "";
+    if (file_locked(path, resume && !werr))
+        return KD_FAIL(KD_ERR_IO,
+                       "cache '%s' is open in another process (a running `distill cache` or "
+                       "`distill train`?), so it cannot be opened%s: H5Fopen failed: %s; run "
+                       "this again when that process has ended (the file is not damaged)",
+                       path, to, d);
+    if (access(path, R_OK) != 0)
+        return KD_FAIL(KD_ERR_IO, "cache '%s' cannot be read%s: %s", path, to, strerror(errno));
+    if (resume && !werr && readable_cache(path))
+        return KD_FAIL(KD_ERR_IO,
+                       "cache '%s' is a readable cache but cannot be opened for writing to resume "
+                       "it: H5Fopen failed: %s; check that the file is writable and not open "
+                       "elsewhere (it is not damaged: do not delete it)",
+                       path, d);
+    if (werr)
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s' cannot be opened for writing (%s) and cannot be read either: "
+                       "H5Fopen failed: %s; %s",
+                       path, strerror(werr), d, damaged);
+    return KD_FAIL(KD_ERR_FORMAT, "cache '%s' %s: H5Fopen failed: %s; %s", path,
+                   resume ? "exists but cannot be reopened to resume it" : "cannot be opened", d,
+                   damaged);
+}
+
 static void writer_free(kd_cache_writer *w)
 {
     if (!w)
@@ -1162,9 +1398,60 @@ static void writer_free(kd_cache_writer *w)
     free(w->done);
     free(w->half);
     free(w->zeros);
+    free(w->seen);
     free(w->path);
     free(w->final_path);
     free(w);
+}
+
+/*
+ * A resumed file's done chunks must read back (/done only says they were written). Chunks that
+ * cannot be read are marked missing, on disk too, so that they are written again. A compressed
+ * file is not repaired in place (its rewritten chunks would move: see the file comment), and a
+ * file opened read-only (werr: why it is not writable) cannot be: both are refused, as is a
+ * read-only file with chunks missing.
+ */
+static kd_status writer_check_chunks(kd_cache_writer *w, int werr)
+{
+    kd_status st = KD_OK;
+    const char *path = w->path;
+    chunk_scan sc;
+    char found[1200];
+    KD_TRY(chunks_scan(&w->ds, &w->meta, w->done, 1, path, &sc));
+    if (sc.nbad) {
+        scan_text(&sc, &w->meta, found, sizeof found);
+        int comp = dset_compressed(w->ds.main);
+        if (comp < 0)
+            return H5_FAIL(KD_ERR_IO, path, "H5Dget_create_plist");
+        if (werr)
+            return KD_FAIL(KD_ERR_FORMAT,
+                           "cache '%s' is damaged: %s; it cannot be opened for writing (%s) to "
+                           "compute them again: make it writable and run `distill cache` again, "
+                           "or delete it and start over",
+                           path, found, strerror(werr));
+        if (comp)
+            return KD_FAIL(KD_ERR_FORMAT,
+                           "cache '%s' is damaged: %s; it is compressed, and a compressed cache "
+                           "is not rewritten in place: delete it and run `distill cache` again to "
+                           "write it anew",
+                           path, found);
+        w->damaged = sc.nbad;
+        /* on disk before anything else, so that no later run trusts these chunks */
+        H5_CHECK(H5Dwrite(w->ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, w->done),
+                 "H5Dwrite(/done)");
+        H5_CHECK(H5Fflush(w->file, H5F_SCOPE_LOCAL), "H5Fflush");
+        if (w->fsync && (st = file_fsync(w->file, path)) != KD_OK)
+            goto done;
+    }
+    if (werr && kd_cache_writer_chunks_missing(w))
+        st = KD_FAIL(KD_ERR_IO,
+                     "cache '%s' has %lld of %lld chunks still to write, and it cannot be opened "
+                     "for writing to resume it: %s; make it writable, or copy it to a writable "
+                     "place and point teacher.cache there (the file is not damaged)",
+                     path, (long long)kd_cache_writer_chunks_missing(w), (long long)w->nchunks,
+                     strerror(werr));
+done:
+    return st;
 }
 
 kd_status kd_cache_writer_open(const char *path, const kd_cache_meta *meta,
@@ -1250,14 +1537,16 @@ kd_status kd_cache_writer_open(const char *path, const kd_cache_meta *meta,
     dsets_init(&w->ds);
     w->fsync = o.fsync;
     w->opts = o;
-    w->file = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    /* A cache that cannot be written (a read-only file system, no write permission) is
+     * opened read-only: when it is complete and readable nothing needs writing. */
+    const int werr = access(path, W_OK) == 0 ? 0 : errno;
+    w->readonly = werr != 0;
+    w->file = H5Fopen(path, werr ? H5F_ACC_RDONLY : H5F_ACC_RDWR, H5P_DEFAULT);
     if (w->file < 0) {
-        char d[700];
-        h5_detail(d, sizeof d);
-        st = KD_FAIL(KD_ERR_FORMAT,
-                     "cache '%s' exists but cannot be reopened to resume it: H5Fopen failed: %s; "
-                     "the file is damaged or not HDF5: delete it to start over",
-                     path, d);
+        st = open_fail(path, 1, werr,
+                       werr ? "the file is damaged or not HDF5: delete it, or point teacher.cache "
+                              "at a writable path, to start over"
+                            : "the file is damaged or not HDF5: delete it to start over");
         goto done;
     }
     kd_cache_meta have;
@@ -1281,11 +1570,15 @@ kd_status kd_cache_writer_open(const char *path, const kd_cache_meta *meta,
     w->done = malloc((size_t)w->nchunks);
     w->half = have.dtype == KD_DTYPE_F16 ? malloc(per_chunk * (size_t)meta_width(&have) * 2) : NULL;
     w->zeros = calloc(per_chunk * (size_t)have.aug_nparams, sizeof(float));
-    if (!w->done || !w->zeros || (have.dtype == KD_DTYPE_F16 && !w->half)) {
+    w->seen = have.topk ? calloc((size_t)have.num_classes, sizeof(uint32_t)) : NULL;
+    if (!w->done || !w->zeros || (have.dtype == KD_DTYPE_F16 && !w->half) ||
+        (have.topk && !w->seen)) {
         st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
         goto done;
     }
-    st = read_done(w->ds.done, w->nchunks, w->done, path);
+    if ((st = read_done(w->ds.done, w->nchunks, w->done, path)) != KD_OK)
+        goto done;
+    st = writer_check_chunks(w, werr);
 done:
     if (st != KD_OK) {
         writer_free(w);
@@ -1320,8 +1613,10 @@ int64_t kd_cache_writer_chunks_missing(const kd_cache_writer *w)
 
 const kd_cache_meta *kd_cache_writer_meta(const kd_cache_writer *w) { return &w->meta; }
 
+int64_t kd_cache_writer_chunks_damaged(const kd_cache_writer *w) { return w->damaged; }
+
 /* Check one chunk's inputs before anything is written. */
-static kd_status put_validate(const kd_cache_writer *w, int64_t g0, int64_t R, const float *main,
+static kd_status put_validate(kd_cache_writer *w, int64_t g0, int64_t R, const float *main,
                               const int32_t *idx, const float *lse, const int32_t *labels)
 {
     const kd_cache_meta *m = &w->meta;
@@ -1355,6 +1650,12 @@ static kd_status put_validate(const kd_cache_writer *w, int64_t g0, int64_t R, c
                     return KD_FAIL(KD_ERR_INVALID,
                                    "cache '%s': non-finite logsumexp at row %lld view %d", w->path,
                                    (long long)(g0 + r), v);
+                char why[256];
+                if (topk_entry_bad(x, ix, lse[(size_t)r * V + v], W, C, f16, w->seen, &w->stamp,
+                                   why, sizeof why))
+                    return KD_FAIL(KD_ERR_INVALID,
+                                   "cache '%s': invalid top-k entry at row %lld view %d: %s",
+                                   w->path, (long long)(g0 + r), v, why);
             }
         }
         if (labels[r] < 0 || labels[r] >= C)
@@ -1379,6 +1680,11 @@ kd_status kd_cache_writer_put(kd_cache_writer *w, int64_t chunk, const float *lo
         return KD_FAIL(KD_ERR_INVALID, "cache '%s': a %s cache needs %s and labels for every chunk",
                        path, m->topk ? "top-k" : "full-logit",
                        m->topk ? "topk_values, topk_indices, lse" : "logits");
+    if (w->readonly)
+        return KD_FAIL(KD_ERR_IO,
+                       "cache '%s' was opened read-only (it is not writable, and complete): "
+                       "chunk %lld cannot be written",
+                       path, (long long)chunk);
     int64_t R = kd_cache_writer_chunk_nrows(w, chunk), r0 = chunk * m->chunk_rows;
     KD_TRY(put_validate(w, m->row_begin + r0, R, main, topk_indices, lse, labels));
 
@@ -2069,6 +2375,29 @@ done:
     return st;
 }
 
+/*
+ * Read back every chunk of shard sh (checked and held open by vds_check) of the sharded cache
+ * at vds_path; a chunk that cannot be read is KD_ERR_FORMAT naming both files.
+ */
+static kd_status shard_scan(const char *vds_path, vds_shard *sh)
+{
+    cache_dsets ds;
+    kd_cache_meta m = sh->meta;
+    chunk_scan sc;
+    kd_status st = dsets_open(sh->fid, sh->file, &m, NULL, &ds);
+    if (st == KD_OK && (st = chunks_scan(&ds, &m, NULL, 0, sh->file, &sc)) == KD_OK && sc.nbad) {
+        char found[1200];
+        scan_text(&sc, &m, found, sizeof found);
+        st = KD_FAIL(KD_ERR_FORMAT,
+                     "cache '%s' is sharded and its shard '%s' is damaged: %s; rerun `distill "
+                     "cache` with the same config and the same number of ranks to compute them "
+                     "again",
+                     vds_path, sh->file, found);
+    }
+    dsets_close(&ds);
+    return st;
+}
+
 kd_status kd_cache_inspect(const char *path, kd_cache_info *info)
 {
     memset(info, 0, sizeof *info);
@@ -2092,14 +2421,8 @@ kd_status kd_cache_inspect(const char *path, kd_cache_info *info)
     uint8_t *done = NULL;
     dsets_init(&ds);
     hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0) {
-        char d[700];
-        h5_detail(d, sizeof d);
-        return KD_FAIL(KD_ERR_FORMAT,
-                       "cache '%s' cannot be opened: H5Fopen failed: %s; the file is damaged or "
-                       "not HDF5: delete it to start over",
-                       path, d);
-    }
+    if (f < 0)
+        return open_fail(path, 0, 0, "the file is damaged or not HDF5: delete it to start over");
     if ((st = meta_read(f, path, &info->meta)) != KD_OK ||
         (st = abs_dir_of(path, absdir, sizeof absdir)) != KD_OK ||
         (st = dsets_open(f, path, &info->meta, absdir, &ds)) != KD_OK)
@@ -2115,6 +2438,8 @@ kd_status kd_cache_inspect(const char *path, kd_cache_info *info)
         st = vds_check(path, &info->meta, &ds, absdir, &sh);
         info->shard_world = sh.world;
         info->nshards = sh.n;
+        for (int i = 0; st == KD_OK && i < sh.n; i++)
+            st = shard_scan(path, &sh.v[i]);
         goto done;
     }
     int64_t nch = meta_chunks(&info->meta);
@@ -2126,6 +2451,15 @@ kd_status kd_cache_inspect(const char *path, kd_cache_info *info)
         goto done;
     for (int64_t i = 0; i < nch; i++)
         info->chunks_missing += done[i] == 0;
+    chunk_scan sc;
+    if ((st = chunks_scan(&ds, &info->meta, done, 0, path, &sc)) == KD_OK && sc.nbad) {
+        char found[1200];
+        scan_text(&sc, &info->meta, found, sizeof found);
+        st = KD_FAIL(KD_ERR_FORMAT,
+                     "cache '%s' is damaged: %s; `distill cache` with the same config, run by one "
+                     "process (without mpirun), computes them again",
+                     path, found);
+    }
 done:
     free(done);
     dsets_close(&ds);
@@ -2190,6 +2524,10 @@ struct kd_cache {
     vds_shards shards; /* a sharded cache: its shard files, held open; else empty */
     rowbuf all;        /* in memory: every row */
     float *widen;      /* 2 W floats: one float16 row widened by row_emit, and a view mean */
+    /* top-k checks of rows_check, run by one thread at a time (kd_cache_open, then the
+     * prefetch thread): K floats (float16 values widened) and C class stamps */
+    float *chk_vals;
+    uint32_t *chk_seen, chk_stamp;
     kd_stream *stream;
 };
 
@@ -2228,8 +2566,9 @@ static size_t row_bytes(const kd_cache *c)
     return v * c->W * c->esize + v * c->P * 4 + 4 + (c->K ? v * c->K * 4 + v * 4 : 0);
 }
 
-/* Stored values finite, indices and labels in range, for rows [j0, j0+R) of b (global g0). */
-static kd_status rows_check(const kd_cache *c, const rowbuf *b, int64_t j0, int64_t R, int64_t g0)
+/* Stored values finite, indices and labels in range, each top-k entry consistent
+ * (topk_entry_bad), for rows [j0, j0+R) of b (global g0). */
+static kd_status rows_check(kd_cache *c, const rowbuf *b, int64_t j0, int64_t R, int64_t g0)
 {
     const char *what = c->K ? "top-k value" : "logit";
     size_t per = (size_t)c->V * c->W;
@@ -2270,6 +2609,21 @@ static kd_status rows_check(const kd_cache *c, const rowbuf *b, int64_t j0, int6
                                        "cache '%s': top-k index %d at row %lld view %d is outside "
                                        "[0, %d)",
                                        c->path, ix[k], (long long)(g0 + r), v, c->meta.num_classes);
+                const size_t vi = (size_t)(j0 + r) * c->V + v;
+                const float *vals = (const float *)b->main + vi * c->K;
+                if (c->esize == 2) {
+                    const uint16_t *h = (const uint16_t *)b->main + vi * c->K;
+                    for (int k = 0; k < c->K; k++)
+                        c->chk_vals[k] = kd_f16_to_f32(h[k]);
+                    vals = c->chk_vals;
+                }
+                char why[256];
+                if (topk_entry_bad(vals, ix, l, c->K, c->meta.num_classes, c->esize == 2,
+                                   c->chk_seen, &c->chk_stamp, why, sizeof why))
+                    return KD_FAIL(KD_ERR_FORMAT,
+                                   "cache '%s' holds an invalid top-k entry at row %lld view %d: "
+                                   "%s; rebuild the cache with `distill cache`",
+                                   c->path, (long long)(g0 + r), v, why);
             }
         }
         const float *aug = b->aug + (size_t)(j0 + r) * c->V * c->P;
@@ -2295,30 +2649,35 @@ static kd_status rows_check(const kd_cache *c, const rowbuf *b, int64_t j0, int6
 }
 
 /* Read file rows [r0, r0+R) into b at row j0, then check them. HDF5 calls only. */
-static kd_status rows_load(const kd_cache *c, rowbuf *b, int64_t j0, int64_t r0, int64_t R)
+static kd_status rows_load(kd_cache *c, rowbuf *b, int64_t j0, int64_t r0, int64_t R)
 {
-    kd_status st = KD_OK;
-    const char *path = c->path;
     size_t v = (size_t)c->V, j = (size_t)j0;
     hid_t mt = c->esize == 2 ? f16_type() : H5T_NATIVE_FLOAT;
-    H5_CHECK(dset_rows_io(c->ds.main, 0, mt, r0, R, b->main + j * v * c->W * c->esize),
-             c->K ? "H5Dread(/topk_values)" : "H5Dread(/logits)");
-    if (c->K) {
-        H5_CHECK(dset_rows_io(c->ds.idx, 0, H5T_NATIVE_INT32, r0, R, b->idx + j * v * c->K),
-                 "H5Dread(/topk_indices)");
-        H5_CHECK(dset_rows_io(c->ds.lse, 0, H5T_NATIVE_FLOAT, r0, R, b->lse + j * v),
-                 "H5Dread(/logsumexp)");
+    const char *bad = NULL;
+    if (dset_rows_io(c->ds.main, 0, mt, r0, R, b->main + j * v * c->W * c->esize) < 0)
+        bad = c->K ? "topk_values" : "logits";
+    else if (c->K && dset_rows_io(c->ds.idx, 0, H5T_NATIVE_INT32, r0, R, b->idx + j * v * c->K) < 0)
+        bad = "topk_indices";
+    else if (c->K && dset_rows_io(c->ds.lse, 0, H5T_NATIVE_FLOAT, r0, R, b->lse + j * v) < 0)
+        bad = "logsumexp";
+    else if (dset_rows_io(c->ds.aug, 0, H5T_NATIVE_FLOAT, r0, R, b->aug + j * v * c->P) < 0)
+        bad = "aug_params";
+    else if (dset_rows_io(c->ds.lab, 0, H5T_NATIVE_INT32, r0, R, b->lab + j) < 0)
+        bad = "labels";
+    if (bad) {
+        char d[700];
+        h5_detail(d, sizeof d);
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s': rows %lld..%lld of /%s cannot be read (H5Dread failed: %s): "
+                       "the cache is damaged (a checksum fails or the data cannot be decoded); "
+                       "run `distill cache` again with the same config%s, which finds the chunks "
+                       "that cannot be read and computes them again, or delete the cache and "
+                       "write it anew",
+                       c->path, (long long)(c->meta.row_begin + r0),
+                       (long long)(c->meta.row_begin + r0 + R - 1), bad, d,
+                       c->shards.n ? " and the same number of ranks" : "");
     }
-    H5_CHECK(dset_rows_io(c->ds.aug, 0, H5T_NATIVE_FLOAT, r0, R, b->aug + j * v * c->P),
-             "H5Dread(/aug_params)");
-    H5_CHECK(dset_rows_io(c->ds.lab, 0, H5T_NATIVE_INT32, r0, R, b->lab + j), "H5Dread(/labels)");
-    st = rows_check(c, b, j0, R, c->meta.row_begin + r0);
-done:
-    if (st != KD_OK && strstr(kd_last_error(), "H5Dread"))
-        kd_fail_context(st,
-                        "rows %lld..%lld (damaged chunk? checksums are verified): ", (long long)r0,
-                        (long long)(r0 + R - 1));
-    return st;
+    return rows_check(c, b, j0, R, c->meta.row_begin + r0);
 }
 
 static void row_copy(const kd_cache *c, rowbuf *dst, int64_t jd, const rowbuf *src, int64_t js)
@@ -2488,12 +2847,9 @@ kd_status kd_cache_open(const char *path, const kd_cache_expect *expect, kd_cach
     c->opts = e;
     c->file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
     if (c->file < 0) {
-        char d[700];
-        h5_detail(d, sizeof d);
-        st = KD_FAIL(KD_ERR_FORMAT,
-                     "cache '%s' cannot be opened: H5Fopen failed: %s; the file is damaged or "
-                     "not HDF5 (truncated or partly copied?): rebuild it with `distill cache`",
-                     path, d);
+        st = open_fail(path, 0, 0,
+                       "the file is damaged or not HDF5 (truncated or partly copied?): rebuild it "
+                       "with `distill cache`");
         goto done;
     }
     if ((st = meta_read(c->file, path, &c->meta)) != KD_OK)
@@ -2519,7 +2875,9 @@ kd_status kd_cache_open(const char *path, const kd_cache_expect *expect, kd_cach
     c->K = c->meta.topk;
     c->P = c->meta.aug_nparams;
     c->esize = meta_esize(&c->meta);
-    if (!(c->widen = malloc(2 * (size_t)c->W * sizeof(float)))) {
+    if (!(c->widen = malloc(2 * (size_t)c->W * sizeof(float))) ||
+        (c->K && (!(c->chk_vals = malloc((size_t)c->K * sizeof(float))) ||
+                  !(c->chk_seen = calloc((size_t)c->meta.num_classes, sizeof(uint32_t)))))) {
         st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
         goto done;
     }
@@ -2827,6 +3185,8 @@ void kd_cache_close(kd_cache *c)
     kd_cache_stream_end(c);
     rowbuf_free(&c->all);
     free(c->widen);
+    free(c->chk_vals);
+    free(c->chk_seen);
     dsets_close(&c->ds);
     close_id(&c->file, H5Fclose);
     shards_free(&c->shards);

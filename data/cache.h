@@ -139,6 +139,15 @@ typedef struct kd_cache_writer kd_cache_writer;
  * KD_ERR_CONFIG or KD_ERR_SHAPE naming the field, the file's value and the
  * requested one. A compressor that is not available: KD_ERR_UNSUPPORTED.
  * A sharded cache's VDS file at path is never written through: KD_ERR_CONFIG.
+ * An existing file's done chunks are read back once: those that cannot be
+ * read (a failing checksum) are marked not done, on disk too, and so are
+ * written again (kd_cache_writer_chunks_damaged counts them); a compressed
+ * file is not repaired in place (KD_ERR_FORMAT: delete it). An existing file
+ * that cannot be written (read-only file system, permissions) is opened
+ * read-only when it is complete and readable (kd_cache_writer_put then
+ * fails), else refused with KD_ERR_IO saying why. A file another process
+ * holds open, or one readable but not writable, is refused with KD_ERR_IO;
+ * only a file that is not a readable cache is called damaged (KD_ERR_FORMAT).
  * On failure *out is NULL and nothing is left open.
  */
 kd_status kd_cache_writer_open(const char *path, const kd_cache_meta *meta,
@@ -154,6 +163,8 @@ int kd_cache_writer_chunk_done(const kd_cache_writer *w, int64_t chunk);
 int64_t kd_cache_writer_chunks_missing(const kd_cache_writer *w);
 /* The metadata in force (defaults filled in). */
 const kd_cache_meta *kd_cache_writer_meta(const kd_cache_writer *w);
+/* Chunks /done claimed that could not be read back at open (now missing, to be written again). */
+int64_t kd_cache_writer_chunks_damaged(const kd_cache_writer *w);
 
 /*
  * Write chunk `chunk` (0-based in this file): R = kd_cache_writer_chunk_nrows
@@ -164,7 +175,9 @@ const kd_cache_meta *kd_cache_writer_meta(const kd_cache_writer *w);
  *                  topk_indices [R, V, K] in [0, C), lse [R, V]
  *                  (kd_topk_rows computes all three from full logits)
  *   aug_params [R, V, P] (NULL writes zeros: identity views), labels [R] in [0, C).
- * Values must be finite and, for float16, within +-65504 (else KD_ERR_INVALID
+ * Values must be finite and, for float16, within +-65504, and each top-k
+ * entry must name K different classes with an lse no smaller than the
+ * log-sum-exp of its K values (equal to it when K = C) (else KD_ERR_INVALID
  * naming the row and view; nothing is written). Float16 conversion rounds to
  * nearest even. Order on disk: data, flush (+fsync), /done[chunk] = 1, flush
  * (+fsync). Rewriting a done chunk is allowed (it is overwritten in place).
@@ -218,12 +231,14 @@ typedef struct {
 } kd_cache_info;
 
 /*
- * Look at path without loading values: *info says whether a cache is there,
- * single or sharded, its metadata and (single) how many chunks are missing.
- * A sharded cache's shards are checked as kd_cache_open checks them; when
- * one is missing or bad the status says so (naming it) while info->exists,
- * sharded, shard_world and meta are still filled in. No file: KD_OK with
- * exists 0. A file that is not a readable cache: its kd_cache_open error.
+ * Look at path: *info says whether a cache is there, single or sharded, its
+ * metadata and (single) how many chunks are missing. A sharded cache's shards
+ * are checked as kd_cache_open checks them; when one is missing or bad the
+ * status says so (naming it) while info->exists, sharded, shard_world and
+ * meta are still filled in. Every written chunk (of the file, or of each
+ * shard) is read back once, without checking values: one that cannot be read
+ * is KD_ERR_FORMAT naming the file, the chunk and its rows. No file: KD_OK
+ * with exists 0. A file that is not a readable cache: its kd_cache_open error.
  */
 kd_status kd_cache_inspect(const char *path, kd_cache_info *info);
 
@@ -283,8 +298,11 @@ typedef struct kd_cache kd_cache;
  * `distill cache` resumes it), compression filters available. When the cache fits in
  * expect->memory_limit it is loaded whole, checking as it loads that every stored logit / top-k
  * value / logsumexp is finite (the first bad row and view is named), top-k indices and labels are
- * in [0, C). Otherwise it is streamed (kd_cache_stream_begin) and the same checks run on each chunk
- * as the prefetch thread loads it. On failure *out is NULL.
+ * in [0, C), each top-k entry names K different classes and its logsumexp is no smaller than
+ * the log-sum-exp of its K values (equal to it when K = C), within float rounding. Data that
+ * cannot be read (a failing checksum) is KD_ERR_FORMAT naming the rows and saying that
+ * `distill cache` computes them again. Otherwise it is streamed (kd_cache_stream_begin) and the
+ * same checks run on each chunk as the prefetch thread loads it. On failure *out is NULL.
  */
 kd_status kd_cache_open(const char *path, const kd_cache_expect *expect, kd_cache **out);
 

@@ -610,9 +610,15 @@ static kd_status cache_write_file(cache_run *r, const char *path, int64_t row_be
     const int64_t R = kd_cache_writer_meta(w)->chunk_rows;
     r->chunks_skipped += nchunks - missing;
     r->chunks_total += nchunks;
+    const int64_t damaged = kd_cache_writer_chunks_damaged(w);
     if (missing < nchunks)
         fprintf(log, "resuming %s: %" PRId64 " of %" PRId64 " chunks already written\n", path,
                 nchunks - missing, nchunks);
+    if (damaged)
+        fprintf(log,
+                "%s: %" PRId64 " chunk(s) marked written could not be read back (a checksum "
+                "fails): computing them again\n",
+                path, damaged);
     double t0 = now_s();
     int64_t done_rows = 0;
     for (int64_t c = 0; c < nchunks; c++) {

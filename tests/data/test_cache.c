@@ -4,7 +4,11 @@
  * compression choice), chunk boundaries, resume after a SIGKILL at a random
  * point (the finished file equals an uninterrupted write), and every bad input
  * the reader and writer must refuse, checking status and message (the file
- * and both sides). Files live in a fresh mkdtemp directory.
+ * and both sides): inconsistent top-k entries, a chunk whose checksum fails
+ * (refused by the reader, recomputed by a resuming writer), a cache that
+ * cannot be written (read-only: run as an unprivileged user, dropping root in
+ * a child when the test runs as root) or that another process holds open.
+ * Files live in a fresh mkdtemp directory.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -12,6 +16,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <errno.h>
+#include <fcntl.h>
 #include <hdf5.h>
 #include <math.h>
 #include <signal.h>
@@ -964,6 +970,366 @@ static void test_writer_refuses(void **state)
     assert_int_not_equal(stat(p2, &sb), 0);
 }
 
+/* Set integer root attribute `name` of the file at path to v. */
+static void set_attr(const char *path, const char *name, int64_t v)
+{
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    assert_true(f >= 0);
+    hid_t a = H5Aopen(f, name, H5P_DEFAULT);
+    assert_true(a >= 0);
+    assert_true(H5Awrite(a, H5T_NATIVE_INT64, &v) >= 0);
+    assert_true(H5Aclose(a) >= 0);
+    assert_true(H5Fclose(f) >= 0);
+}
+
+/* Attributes out of range are reported with the value stored. */
+static void test_bad_attrs(void **state)
+{
+    char path[512];
+    tmp_path(path, sizeof path, "attrs.h5");
+    kd_cache_meta m = make_meta(300, 10, 2, 0, KD_DTYPE_F32, 100);
+    write_cache(path, &m, NULL, 1);
+    set_attr(path, "num_classes", 0);
+    expect_open_fail(path, NULL, KD_ERR_FORMAT, "invalid attributes", "num_classes 0,");
+    set_attr(path, "num_classes", 10);
+    set_attr(path, "views", 0);
+    expect_open_fail(path, NULL, KD_ERR_FORMAT, "invalid attributes", "views 0,");
+    set_attr(path, "views", -7);
+    expect_open_fail(path, NULL, KD_ERR_FORMAT, "invalid attributes", "views -7,");
+}
+
+/* The class of top-k slot k of (row g, view v) as the writer stored it. */
+static int topk_class(const kd_cache_meta *m, int64_t g, int v, int k)
+{
+    float row[64], tv[64], lse;
+    int32_t ti[64];
+    for (int c = 0; c < m->num_classes; c++)
+        row[c] = logit_of(g, v, c);
+    kd_topk_rows(row, 1, m->num_classes, m->topk, tv, ti, &lse);
+    return ti[k];
+}
+
+/* Top-k entries must name K different classes and a logsumexp no smaller than the log-sum-exp
+ * of their values (equal to it when K = C); what the writer computes always passes. */
+static void test_topk_entries(void **state)
+{
+    char path[512], want[128];
+    kd_cache_writer *w;
+    for (int f16 = 0; f16 < 2; f16++) {
+        kd_cache_meta m = make_meta(300, 10, 2, 3, f16 ? KD_DTYPE_F16 : KD_DTYPE_F32, 128);
+        /* a class index repeated in one entry */
+        tmp_path(path, sizeof path, f16 ? "dup16.h5" : "dup32.h5");
+        write_cache(path, &m, NULL, 1);
+        check_cache(path, &m);
+        int c0 = topk_class(&m, 201, 1, 0);
+        poke(path, "topk_indices", 201, 1, 2, (float)c0);
+        snprintf(want, sizeof want, "duplicate class index %d", c0);
+        expect_open_fail(path, NULL, KD_ERR_FORMAT, "row 201 view 1", want);
+        /* ... also when streamed: the prefetch thread's error, reported by get_rows */
+        kd_cache_expect e;
+        expect_init_from(&e, &m);
+        e.memory_limit = -1;
+        kd_cache *c;
+        assert_ok(kd_cache_open(path, &e, &c));
+        uint32_t *seq = perm_make(300, 1, 0);
+        float lo[300 * 10];
+        assert_ok(kd_cache_stream_begin(c, seq, 300));
+        assert_int_equal(kd_cache_get_rows(c, seq, 300, 0, lo, NULL, NULL, NULL, NULL, NULL),
+                         KD_ERR_FORMAT);
+        assert_non_null(strstr(kd_last_error(), want));
+        kd_cache_close(c);
+        free(seq);
+
+        /* a logsumexp below the largest top-k logit: negative mass outside the top-k */
+        tmp_path(path, sizeof path, f16 ? "lse16.h5" : "lse32.h5");
+        write_cache(path, &m, NULL, 1);
+        poke(path, "logsumexp", 17, 0, 0, -40.0f);
+        expect_open_fail(path, NULL, KD_ERR_FORMAT, "row 17 view 0",
+                         "logsumexp -40 is below top-k logit");
+        /* above the largest, below the log-sum-exp of the three (row 3 is a tie: 1, 1, 1) */
+        write_cache(path, &m, NULL, 1);
+        poke(path, "logsumexp", 3, 1, 0, 1.5f);
+        expect_open_fail(path, NULL, KD_ERR_FORMAT, "row 3 view 1",
+                         "the log-sum-exp of its 3 top-k logits");
+    }
+
+    /* K = C: the logsumexp is that of the values stored, within rounding */
+    kd_cache_meta m = make_meta(300, 10, 1, 10, KD_DTYPE_F16, 128);
+    tmp_path(path, sizeof path, "kc.h5");
+    write_cache(path, &m, NULL, 1);
+    check_cache(path, &m);
+    poke(path, "logsumexp", 250, 0, 0, 9.0f);
+    expect_open_fail(path, NULL, KD_ERR_FORMAT, "row 250 view 0", "logsumexp 9 differs from");
+
+    /* Peaked rows with large logits: float16 rounds the top value above the logsumexp by up to
+     * half a step (16 at 30000); the writer's own rows still open. */
+    m = make_meta(64, 10, 1, 2, KD_DTYPE_F16, 64);
+    tmp_path(path, sizeof path, "peaked.h5");
+    float lg[64 * 10], tv[64 * 2], lse[64], aug[64 * 3] = {0};
+    int32_t ti[64 * 2], lab[64];
+    for (int r = 0; r < 64; r++) {
+        lab[r] = r % 10;
+        for (int c = 0; c < 10; c++)
+            lg[r * 10 + c] = c == r % 10 ? 30000.0f + 0.37f * (float)r : -30000.0f;
+    }
+    kd_topk_rows(lg, 64, 10, 2, tv, ti, lse);
+    assert_ok(kd_cache_writer_open(path, &m, NULL, &w));
+    assert_ok(kd_cache_writer_put(w, 0, NULL, tv, ti, lse, aug, lab));
+    assert_ok(kd_cache_writer_close(w));
+    kd_cache *c;
+    assert_ok(kd_cache_open(path, NULL, &c));
+    kd_cache_close(c);
+
+    /* The writer refuses such entries before writing anything. */
+    m = make_meta(100, 10, 1, 3, KD_DTYPE_F32, 100);
+    tmp_path(path, sizeof path, "wdup.h5");
+    assert_ok(kd_cache_writer_open(path, &m, NULL, &w));
+    chunk_data d;
+    chunk_make(&m, 0, 100, &d);
+    d.ti[40 * 3 + 1] = d.ti[40 * 3 + 0];
+    assert_int_equal(kd_cache_writer_put(w, 0, NULL, d.tv, d.ti, d.lse, d.aug, d.lab),
+                     KD_ERR_INVALID);
+    assert_non_null(strstr(kd_last_error(), "row 40 view 0"));
+    assert_non_null(strstr(kd_last_error(), "duplicate class index"));
+    d.ti[40 * 3 + 1] = topk_class(&m, 40, 0, 1);
+    d.lse[60] = d.tv[60 * 3] - 1.0f;
+    assert_int_equal(kd_cache_writer_put(w, 0, NULL, d.tv, d.ti, d.lse, d.aug, d.lab),
+                     KD_ERR_INVALID);
+    assert_non_null(strstr(kd_last_error(), "row 60 view 0"));
+    assert_int_equal(kd_cache_writer_chunk_done(w, 0), 0);
+    chunk_free(&d);
+    assert_ok(kd_cache_writer_close(w));
+}
+
+/* Flip one byte inside the stored chunk of /name that holds `row` (its checksum then fails). */
+static void damage_chunk(const char *path, const char *name, int64_t row)
+{
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    assert_true(f >= 0);
+    hid_t d = H5Dopen2(f, name, H5P_DEFAULT);
+    assert_true(d >= 0);
+    hsize_t at[3] = {(hsize_t)row, 0, 0};
+    unsigned mask = 0;
+    haddr_t addr = HADDR_UNDEF;
+    hsize_t size = 0;
+    assert_true(H5Dget_chunk_info_by_coord(d, at, &mask, &addr, &size) >= 0);
+    assert_true(addr != HADDR_UNDEF && size > 8);
+    assert_true(H5Dclose(d) >= 0);
+    assert_true(H5Fclose(f) >= 0);
+    int fd = open(path, O_RDWR);
+    assert_true(fd >= 0);
+    unsigned char b;
+    off_t off = (off_t)(addr + size / 2);
+    assert_int_equal(pread(fd, &b, 1, off), 1);
+    b ^= 0x10;
+    assert_int_equal(pwrite(fd, &b, 1, off), 1);
+    assert_int_equal(close(fd), 0);
+}
+
+/* A chunk whose checksum fails: the reader says the cache is damaged and what to do; inspect
+ * does not call it complete; a resuming writer marks the chunk missing (on disk too) and a
+ * rewrite of it repairs the cache; a compressed cache is refused instead. */
+static void test_damaged_chunk(void **state)
+{
+    char path[512];
+    tmp_path(path, sizeof path, "flip.h5");
+    kd_cache_meta m = make_meta(1000, 10, 2, 0, KD_DTYPE_F16, 128);
+    write_cache(path, &m, NULL, 1);
+    damage_chunk(path, "logits", 300); /* chunk 2, rows 256..383 */
+    expect_open_fail(path, NULL, KD_ERR_FORMAT, "rows 256..383 of /logits cannot be read",
+                     "run `distill cache` again");
+    assert_non_null(strstr(kd_last_error(), "Fletcher32"));
+    kd_cache_info info;
+    kd_clear_error();
+    assert_int_equal(kd_cache_inspect(path, &info), KD_ERR_FORMAT);
+    assert_non_null(strstr(kd_last_error(), path));
+    assert_non_null(strstr(kd_last_error(), "chunk 2 (rows 256..383)"));
+
+    kd_cache_writer *w;
+    assert_ok(kd_cache_writer_open(path, &m, NULL, &w));
+    assert_int_equal(kd_cache_writer_chunks_missing(w), 1);
+    assert_int_equal(kd_cache_writer_chunks_damaged(w), 1);
+    assert_int_equal(kd_cache_writer_chunk_done(w, 2), 0);
+    assert_ok(kd_cache_writer_close(w));
+    /* /done now says so: a reader calls it incomplete */
+    expect_open_fail(path, NULL, KD_ERR_FORMAT, "1 of 8 chunks are missing", "chunk 2");
+    assert_ok(kd_cache_writer_open(path, &m, NULL, &w));
+    assert_int_equal(kd_cache_writer_chunks_damaged(w), 0);
+    assert_ok(put_chunk(w, &m, 2));
+    assert_ok(kd_cache_writer_close(w));
+    check_cache(path, &m);
+    assert_ok(kd_cache_inspect(path, &info));
+    assert_int_equal(info.chunks_missing, 0);
+
+    /* /aug_params of a top-k cache: the same */
+    m = make_meta(500, 10, 1, 3, KD_DTYPE_F32, 100);
+    tmp_path(path, sizeof path, "flipk.h5");
+    write_cache(path, &m, NULL, 1);
+    damage_chunk(path, "aug_params", 499);
+    expect_open_fail(path, NULL, KD_ERR_FORMAT, "rows 400..499 of /aug_params", "damaged");
+    assert_ok(kd_cache_writer_open(path, &m, NULL, &w));
+    assert_int_equal(kd_cache_writer_chunk_done(w, 4), 0);
+    assert_int_equal(kd_cache_writer_chunks_missing(w), 1);
+    assert_ok(put_chunk(w, &m, 4));
+    assert_ok(kd_cache_writer_close(w));
+    check_cache(path, &m);
+
+    if (!kd_cache_compress_available(KD_CACHE_COMPRESS_DEFLATE))
+        return;
+    kd_cache_write_opts o;
+    kd_cache_write_opts_init(&o);
+    o.compress = KD_CACHE_COMPRESS_DEFLATE;
+    m = make_meta(500, 10, 1, 0, KD_DTYPE_F32, 100);
+    tmp_path(path, sizeof path, "flipz.h5");
+    write_cache(path, &m, &o, 1);
+    damage_chunk(path, "logits", 150);
+    kd_clear_error();
+    w = (kd_cache_writer *)1;
+    assert_int_equal(kd_cache_writer_open(path, &m, &o, &w), KD_ERR_FORMAT);
+    assert_null(w);
+    assert_non_null(strstr(kd_last_error(), path));
+    assert_non_null(strstr(kd_last_error(), "compressed"));
+    assert_non_null(strstr(kd_last_error(), "chunk 1 (rows 100..199)"));
+}
+
+/* Child of test_not_writable (no cmocka asserts here): 0 when every check holds. */
+static int not_writable_child(const char *good, const char *half, const char *junk,
+                              const kd_cache_meta *m)
+{
+    kd_cache_writer *w = NULL;
+    if (access(good, W_OK) == 0 || errno != EACCES)
+        return 10;
+    /* complete: opened read-only, nothing to write */
+    if (kd_cache_writer_open(good, m, NULL, &w) != KD_OK) {
+        fprintf(stderr, "complete: %s\n", kd_last_error());
+        return 11;
+    }
+    if (kd_cache_writer_chunks_missing(w) != 0 || put_chunk(w, m, 0) != KD_ERR_IO ||
+        !strstr(kd_last_error(), "read-only") || kd_cache_writer_close(w) != KD_OK)
+        return 12;
+    /* incomplete: refused, saying why, not called damaged */
+    kd_status st = kd_cache_writer_open(half, m, NULL, &w);
+    const char *msg = kd_last_error();
+    fprintf(stderr, "incomplete: %s\n", msg);
+    if (st != KD_ERR_IO || w || !strstr(msg, half) || !strstr(msg, strerror(EACCES)) ||
+        !strstr(msg, "not damaged") || strstr(msg, "delete"))
+        return 13;
+    /* the reader opens it as before */
+    kd_cache *c;
+    if (kd_cache_open(good, NULL, &c) != KD_OK)
+        return 14;
+    kd_cache_close(c);
+    /* not HDF5 at all: damaged */
+    st = kd_cache_writer_open(junk, m, NULL, &w);
+    msg = kd_last_error();
+    fprintf(stderr, "junk: %s\n", msg);
+    if (st != KD_ERR_FORMAT || !strstr(msg, junk) || !strstr(msg, "damaged"))
+        return 15;
+    return 0;
+}
+
+/* A cache on a read-only file system or without write permission: a complete one is opened
+ * read-only, an incomplete one refused with the reason, and only a file that is not a cache is
+ * called damaged. As root (who may write anyway) the checks run in a child that drops to an
+ * unprivileged user. */
+static void test_not_writable(void **state)
+{
+    char good[512], half[512], junk[512];
+    tmp_path(good, sizeof good, "ro_good.h5");
+    tmp_path(half, sizeof half, "ro_half.h5");
+    tmp_path(junk, sizeof junk, "ro_junk.h5");
+    kd_cache_meta m = make_meta(400, 10, 1, 0, KD_DTYPE_F16, 100);
+    write_cache(good, &m, NULL, 1);
+    write_cache(half, &m, NULL, 2);
+    FILE *f = fopen(junk, "w");
+    assert_non_null(f);
+    fputs("not hdf5\n", f);
+    assert_int_equal(fclose(f), 0);
+    const char *files[] = {good, half, junk};
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(chmod(files[i], 0444), 0);
+    assert_int_equal(chmod(tmpdir, 0755), 0);
+    fflush(NULL);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        if (geteuid() == 0 && (setgid(65534) != 0 || setuid(65534) != 0))
+            _exit(77);
+        _exit(not_writable_child(good, half, junk, &m));
+    }
+    int ws = 0;
+    assert_int_equal(waitpid(pid, &ws, 0), pid);
+    assert_int_equal(chmod(tmpdir, 0700), 0);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(chmod(files[i], 0644), 0);
+    assert_true(WIFEXITED(ws));
+    if (WEXITSTATUS(ws) == 77) {
+        print_message("skipped: cannot drop root privileges to test a file that is not "
+                      "writable\n");
+        return;
+    }
+    assert_int_equal(WEXITSTATUS(ws), 0);
+}
+
+/* A cache another process holds open (HDF5 locks the files it opens) is not called damaged. */
+static void test_open_elsewhere(void **state)
+{
+    const char *lk = getenv("HDF5_USE_FILE_LOCKING");
+    if (lk && (strcmp(lk, "FALSE") == 0 || strcmp(lk, "0") == 0)) {
+        print_message("skipped: HDF5 file locking is off\n");
+        return;
+    }
+    char path[512];
+    tmp_path(path, sizeof path, "busy.h5");
+    kd_cache_meta m = make_meta(300, 10, 1, 0, KD_DTYPE_F32, 100);
+    write_cache(path, &m, NULL, 1);
+    int up[2], down[2];
+    assert_int_equal(pipe(up), 0);
+    assert_int_equal(pipe(down), 0);
+    fflush(NULL);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) { /* hold the cache open for writing until the parent closes its pipe */
+        close(up[0]);
+        close(down[1]);
+        kd_cache_writer *w;
+        char b = kd_cache_writer_open(path, &m, NULL, &w) == KD_OK ? 'y' : 'n';
+        if (write(up[1], &b, 1) != 1 || read(down[0], &b, 1) < 0)
+            _exit(2);
+        kd_cache_writer_close(w);
+        _exit(0);
+    }
+    close(up[1]);
+    close(down[0]);
+    char b = 0;
+    assert_int_equal(read(up[0], &b, 1), 1);
+    assert_int_equal(b, 'y');
+    kd_cache_writer *w = NULL;
+    kd_clear_error();
+    kd_status st = kd_cache_writer_open(path, &m, NULL, &w);
+    char msg[KD_ERRMSG_MAX];
+    snprintf(msg, sizeof msg, "%s", kd_last_error());
+    kd_cache *c = NULL;
+    kd_status st2 = kd_cache_open(path, NULL, &c);
+    char msg2[KD_ERRMSG_MAX];
+    snprintf(msg2, sizeof msg2, "%s", kd_last_error());
+    close(down[1]);
+    close(up[0]);
+    int ws = 0;
+    assert_int_equal(waitpid(pid, &ws, 0), pid);
+    print_message("refused as expected: %s\n", msg);
+    assert_int_equal(st, KD_ERR_IO);
+    assert_null(w);
+    assert_non_null(strstr(msg, path));
+    assert_non_null(strstr(msg, "open in another process"));
+    assert_null(strstr(msg, "delete"));
+    assert_int_equal(st2, KD_ERR_IO);
+    assert_null(c);
+    assert_non_null(strstr(msg2, "open in another process"));
+    assert_true(WIFEXITED(ws) && WEXITSTATUS(ws) == 0);
+    check_cache(path, &m);
+}
+
 static int setup(void **state)
 {
     const char *base = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
@@ -996,6 +1362,11 @@ int main(void)
         cmocka_unit_test(test_nonfinite),
         cmocka_unit_test(test_done_values),
         cmocka_unit_test(test_writer_refuses),
+        cmocka_unit_test(test_bad_attrs),
+        cmocka_unit_test(test_topk_entries),
+        cmocka_unit_test(test_damaged_chunk),
+        cmocka_unit_test(test_not_writable),
+        cmocka_unit_test(test_open_elsewhere),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -113,7 +113,10 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
         t->data = hs;
     }
     char hash[32], step[32], epoch[32], best[64], seed[32], bs[32], ns[32], el[64], ec[32], es[32];
+    char split[32], sched[32];
     snprintf(hash, sizeof hash, "%016" PRIx64, m->def_hash);
+    snprintf(split, sizeof split, "%016" PRIx64, info->split_hash);
+    snprintf(sched, sizeof sched, "%" PRId64, info->schedule_steps);
     snprintf(step, sizeof step, "%" PRId64, info->step);
     snprintf(epoch, sizeof epoch, "%" PRId64, info->epoch);
     snprintf(best, sizeof best, "%.17g", info->best_val_acc);
@@ -123,18 +126,20 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
     snprintf(el, sizeof el, "%.17g", info->epoch_loss);
     snprintf(ec, sizeof ec, "%" PRId64, info->epoch_correct);
     snprintf(es, sizeof es, "%" PRId64, info->epoch_seen);
-    const char *meta[] = {"format",        KD_CKPT_FORMAT,
-                          "model_hash",    hash,
-                          "step",          step,
-                          "epoch",         epoch,
-                          "best_val_acc",  best,
-                          "seed",          seed,
-                          "optimizer",     info->optimizer ? info->optimizer : "none",
-                          "batch_size",    bs,
-                          "train_samples", ns,
-                          "epoch_loss",    el,
-                          "epoch_correct", ec,
-                          "epoch_seen",    es};
+    const char *meta[] = {"format",         KD_CKPT_FORMAT,
+                          "model_hash",     hash,
+                          "step",           step,
+                          "epoch",          epoch,
+                          "best_val_acc",   best,
+                          "seed",           seed,
+                          "optimizer",      info->optimizer ? info->optimizer : "none",
+                          "batch_size",     bs,
+                          "train_samples",  ns,
+                          "epoch_loss",     el,
+                          "epoch_correct",  ec,
+                          "epoch_seen",     es,
+                          "split_hash",     split,
+                          "schedule_steps", sched};
     st = kd_safetensors_save(path, ents, nent, meta, sizeof meta / sizeof meta[0] / 2);
 done:
     free(ents);
@@ -183,7 +188,6 @@ static kd_status meta_real(const kd_safetensors *st, const char *path, const cha
     return KD_OK;
 }
 
-/* The training state a checkpoint's metadata records (kd_checkpoint_save's keys). */
 /* ... and as an unsigned 64-bit number in `base` (10 or 16), digits only. */
 static kd_status meta_u64(const kd_safetensors *st, const char *path, const char *key, int base,
                           uint64_t *out)
@@ -204,6 +208,7 @@ static kd_status meta_u64(const kd_safetensors *st, const char *path, const char
     return KD_OK;
 }
 
+/* The training state a checkpoint's metadata records (kd_checkpoint_save's keys). */
 static kd_status read_info(const kd_safetensors *st, const char *path, kd_ckpt_info *info)
 {
     static _Thread_local char opt[16];
@@ -216,6 +221,8 @@ static kd_status read_info(const kd_safetensors *st, const char *path, kd_ckpt_i
     KD_TRY(meta_real(st, path, "epoch_loss", -HUGE_VAL, HUGE_VAL, &info->epoch_loss));
     KD_TRY(meta_count(st, path, "epoch_correct", &info->epoch_correct));
     KD_TRY(meta_count(st, path, "epoch_seen", &info->epoch_seen));
+    KD_TRY(meta_count(st, path, "schedule_steps", &info->schedule_steps));
+    KD_TRY(meta_u64(st, path, "split_hash", 16, &info->split_hash));
     /* the seed takes all 64 bits, the hash is hex */
     KD_TRY(meta_u64(st, path, "seed", 10, &info->seed));
     KD_TRY(meta_u64(st, path, "model_hash", 16, &info->model_hash));

@@ -5,7 +5,8 @@
  * "1.running_mean", "1.num_batches_tracked"), so a checkpoint loads into the
  * mirrored nn.Sequential; the optimiser state goes in one extra tensor
  * "__optim__.state" [k, nparams]. Metadata (all strings): format, model_hash,
- * step, epoch, best_val_acc, seed, optimizer, batch_size, train_samples. Saving is atomic: the
+ * step, epoch, best_val_acc, seed, optimizer, batch_size, train_samples, the epoch's running
+ * sums, split_hash, schedule_steps. Saving is atomic: the
  * previous file survives any failure.
  */
 #ifndef KD_CHECKPOINT_H
@@ -27,6 +28,11 @@ typedef struct {
     /* the running sums of a checkpoint taken mid-epoch, so metrics resume exactly too */
     double epoch_loss;
     int64_t epoch_correct, epoch_seen;
+    /* the training split's fingerprint (0 = not recorded) and the steps a cosine schedule spans
+     * (0: another schedule), so that a resume can refuse another split and tell when the
+     * schedule changed under it */
+    uint64_t split_hash;
+    int64_t schedule_steps;
     /* read back only: the architecture hash the file was written for (0 = not recorded) */
     uint64_t model_hash;
 } kd_ckpt_info;

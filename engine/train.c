@@ -489,10 +489,35 @@ static char *json_string(const char *s)
     return text;
 }
 
+/* A fingerprint of a training split: FNV-1a over its name, shape, every label and every 61st
+ * input value (a few MB for Fashion-MNIST, milliseconds). A checkpoint records it, and a resume
+ * refuses another split, whose validation samples the run may already have trained on. */
+static uint64_t split_fingerprint(const kd_dataset *d)
+{
+    uint64_t h = 0xcbf29ce484222325u;
+#define FNV_BYTES(p, n)                                                                            \
+    do {                                                                                           \
+        const uint8_t *b_ = (const uint8_t *)(p);                                                  \
+        for (size_t i_ = 0; i_ < (size_t)(n); i_++)                                                \
+            h = (h ^ b_[i_]) * 0x100000001b3u;                                                     \
+    } while (0)
+    const int64_t dims[5] = {d->n, d->c, d->h, d->w, d->num_classes};
+    FNV_BYTES(d->name, strlen(d->name));
+    FNV_BYTES(dims, sizeof dims);
+    FNV_BYTES(d->y, (size_t)d->n * sizeof(int32_t));
+    const size_t nx = (size_t)d->n * (size_t)d->c * (size_t)d->h * (size_t)d->w;
+    for (size_t i = 0; i < nx; i += 61)
+        FNV_BYTES(&d->x[i], sizeof(float));
+#undef FNV_BYTES
+    return h ? h : 1; /* 0 means "not recorded" */
+}
+
 /* result.json, written whole or not at all (a failed write keeps a previous run's file), the
- * run's name and model path escaped as JSON strings. */
+ * run's name and model path escaped as JSON strings; best_val_acc null without a validation
+ * set; train_seconds is this process's, which began at resumed_at_step (0: a fresh run). */
 static kd_status write_result(const char *path, const kd_job *job, size_t nparams,
-                              const kd_eval_result *test, double best_val_acc, double seconds)
+                              const kd_eval_result *test, int have_val, double best_val_acc,
+                              double seconds, int64_t step0)
 {
     char *name = json_string(job->name), *model = json_string(job->model_desc);
     char text[8192]; /* name and model_desc are bounded: 6 bytes per escaped byte at most */
@@ -500,12 +525,16 @@ static kd_status write_result(const char *path, const kd_job *job, size_t nparam
     if (!name || !model) {
         st = KD_FAIL(KD_ERR_NOMEM, "out of memory");
     } else {
+        char best[32] = "null"; /* no validation set (data.val_size: 0): no value */
+        if (have_val)
+            snprintf(best, sizeof best, "%.6f", best_val_acc);
         const int n = snprintf(text, sizeof text,
                                "{\"name\": %s, \"model\": %s, \"params\": %zu, \"epochs\": %d, "
                                "\"seed\": %" PRIu64 ", \"test_acc\": %.6f, \"test_loss\": %.6f, "
-                               "\"best_val_acc\": %.6f, \"train_seconds\": %.1f}\n",
+                               "\"best_val_acc\": %s, \"train_seconds\": %.1f, "
+                               "\"resumed_at_step\": %" PRId64 "}\n",
                                name, model, nparams, job->epochs, job->seed, test->acc, test->loss,
-                               best_val_acc, seconds);
+                               best, seconds, step0);
         st = n > 0 && (size_t)n < sizeof text
                  ? kd_file_write_bytes(path, text, (size_t)n)
                  : KD_FAIL(KD_ERR_INTERNAL, "cannot format '%s'", path);
@@ -822,6 +851,7 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     saver.info.optimizer = job->optim_name;
     saver.info.batch_size = batch;
     saver.info.train_samples = d.train.n;
+    saver.info.split_hash = split_fingerprint(&d.train);
     int64_t step = 0, epoch0 = 0;
     int resuming = opts->resume != NULL;
     char path[600];
@@ -883,6 +913,15 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
                          path, in.batch_size, in.train_samples, batch, d.train.n);
             goto done;
         }
+        if (in.split_hash && in.split_hash != saver.info.split_hash) {
+            st = KD_FAIL(KD_ERR_CONFIG,
+                         "checkpoint '%s' was trained on another training split (data.dataset, "
+                         "data.split_seed, data.val_size or data.train_limit differ, or the data "
+                         "files): its validation numbers would mix samples it trained on; resume "
+                         "with the data settings it was trained with",
+                         path);
+            goto done;
+        }
         int64_t spe = (d.train.n + batch - 1) / batch;
         if (in.step < 0 || in.epoch < 0 || in.epoch != in.step / spe || in.epoch_seen < 0 ||
             in.epoch_seen > d.train.n) {
@@ -920,6 +959,19 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         kd_fail_context(st, "%s (%" PRId64 " steps per epoch x %d epochs): ", job->path,
                         steps_per_epoch, job->epochs);
         goto done;
+    }
+    saver.info.schedule_steps = sched.kind == KD_SCHED_COSINE ? sched.total_steps : 0;
+    if (resuming && rank == 0 && in.schedule_steps && saver.info.schedule_steps &&
+        in.schedule_steps != saver.info.schedule_steps && step < sched.total_steps) {
+        /* a longer (or shorter) run reshapes the cosine from here on: said, not refused */
+        kd_sched_cfg was = sched;
+        was.total_steps = in.schedule_steps;
+        fprintf(log,
+                "note: the cosine schedule now spans %" PRId64 " steps (optim.epochs %d), the "
+                "checkpoint's run %" PRId64 ": the learning rate at step %" PRId64
+                " is %.6g instead of %.6g, and the decay is stretched from there\n",
+                sched.total_steps, job->epochs, in.schedule_steps, step,
+                kd_sched_lr(&sched, job->optim.lr, step), kd_sched_lr(&was, job->optim.lr, step));
     }
     if (world > 1 && (batch < world || (n_train % batch && n_train % batch < world))) {
         st = KD_FAIL(KD_ERR_CONFIG,
@@ -983,7 +1035,8 @@ train:;
                    .losses = train_losses_fn,
                    .ctx = &tl,
                    .use = job->cuda_graph && world == 1 && kd_step_can_record(m)};
-    double t_run = now_s();
+    const double t_run = now_s();
+    const int64_t step0 = step; /* where this process started: its time and speed cover steps on */
     for (int64_t epoch = step / steps_per_epoch; epoch < job->epochs; epoch++) {
         kd_epoch_permutation(perm, (uint32_t)n_train, job->seed, (uint64_t)epoch);
         int64_t first = step - epoch * steps_per_epoch;
@@ -999,6 +1052,7 @@ train:;
             ep_correct = in.epoch_correct;
             ep_seen = ep_flushed = in.epoch_seen;
         }
+        const int64_t ep_seen0 = ep_seen; /* speeds count what this process has run */
         for (int64_t k = first; k < steps_per_epoch; k++) {
             int64_t s0 = k * batch, lo, hi;
             int n = (int)(n_train - s0 < batch ? n_train - s0 : batch);
@@ -1061,7 +1115,7 @@ train:;
                 flushed_step = step;
                 ep_flushed = ep_seen;
             }
-            double sps = ep_seen / (el > 1e-9 ? el : 1e-9);
+            double sps = (double)(ep_seen - ep_seen0) / (el > 1e-9 ? el : 1e-9);
             double left = ((double)(steps_per_epoch - k - 1) * batch +
                            (double)(job->epochs - epoch - 1) * n_train) /
                           (sps > 0 ? sps : 1);
@@ -1143,13 +1197,19 @@ train:;
         if (best && (st = save_ckpt(&saver, "best.safetensors")))
             goto done;
         double lr_now = kd_sched_lr(&sched, job->optim.lr, step > 0 ? step - 1 : 0);
+        char vl[32] = "null", va[32] = "null"; /* no validation set: no values */
+        if (d.have_val) {
+            snprintf(vl, sizeof vl, "%.6f", val.loss);
+            snprintf(va, sizeof va, "%.6f", val.acc);
+        }
+        /* after a resume mid-epoch, epoch_s and samples_per_s cover this process's part */
         fprintf(metrics,
                 "{\"epoch\": %" PRId64 ", \"step\": %" PRId64
-                ", \"train_loss\": %.6f, \"train_acc\": %.6f, \"val_loss\": %.6f, "
-                "\"val_acc\": %.6f, \"lr\": %.6g, \"samples_per_s\": %.1f, \"epoch_s\": %.2f}\n",
+                ", \"train_loss\": %.6f, \"train_acc\": %.6f, \"val_loss\": %s, "
+                "\"val_acc\": %s, \"lr\": %.6g, \"samples_per_s\": %.1f, \"epoch_s\": %.2f}\n",
                 epoch + 1, step, ep_seen ? ep_loss / ep_seen : 0.0,
-                ep_seen ? (double)ep_correct / ep_seen : 0.0, val.loss, val.acc, lr_now,
-                ep_seen / (train_time > 0 ? train_time : 1), train_time);
+                ep_seen ? (double)ep_correct / ep_seen : 0.0, vl, va, lr_now,
+                (double)(ep_seen - ep_seen0) / (train_time > 0 ? train_time : 1), train_time);
         if (fflush(metrics) != 0 || fsync(fileno(metrics)) != 0) {
             st = KD_FAIL(KD_ERR_IO, "cannot write '%s': %s", mpath, strerror(errno));
             goto done;
@@ -1188,7 +1248,8 @@ train:;
                 test.loss, 100 * test.acc, test.n, m->nparams, total);
         char rpath[600];
         snprintf(rpath, sizeof rpath, "%s/result.json", job->out_dir);
-        st = write_result(rpath, job, m->nparams, &test, saver.info.best_val_acc, total);
+        st = write_result(rpath, job, m->nparams, &test, d.have_val, saver.info.best_val_acc, total,
+                          step0);
     }
 done:
     kd_step_release(&sg);

@@ -121,6 +121,11 @@ static void test_guards(void **state)
     assert_int_equal(kd_run_distill(cosine_fresh, out, sizeof out, &code), 0);
     expect(code, 1, (const char *const[]){"warmup_steps (100)", NULL});
     assert_false(kd_file_exists(fresh));
+    /* another validation split (the same sample counts): refused, its validation samples may
+     * have been trained on */
+    const char *split[] = {"train", job, "--set", "data.split_seed=7", "--resume", NULL};
+    assert_int_equal(kd_run_distill(split, out, sizeof out, &code), 0);
+    expect(code, 1, (const char *const[]){ckpt, "another training split", NULL});
 
     assert_true(kd_file_holds(ckpt, c0, lc));
     assert_true(kd_file_holds(metrics, m0, lm));
@@ -214,6 +219,58 @@ static void test_guards(void **state)
     free(r);
 }
 
+/* What a run reports that has no measure behind it is null, and a resume that reshapes a cosine
+ * schedule says so: without a validation set, metrics.jsonl's val_loss / val_acc and
+ * result.json's best_val_acc are null; a cosine run resumed with more epochs notes the learning
+ * rate it now takes at the step it resumes from. */
+static void test_reports(void **state)
+{
+    (void)state;
+    int code;
+    char od[400], set_od[420], path[500];
+    write_job("relu", "sgd");
+    snprintf(od, sizeof od, "%s/noval", dir);
+    snprintf(set_od, sizeof set_od, "run.out_dir=%s", od);
+    const char *noval[] = {"train", job, "--set", set_od, "--set", "data.val_size=0", NULL};
+    assert_int_equal(kd_run_distill(noval, out, sizeof out, &code), 0);
+    expect(code, 0, (const char *const[]){"test:", NULL});
+    snprintf(path, sizeof path, "%s/result.json", od);
+    char *r = kd_read_text(path);
+    assert_non_null(r);
+    if (!strstr(r, "\"best_val_acc\": null") || !strstr(r, "\"resumed_at_step\": 0"))
+        fail_msg("result.json without a validation set:\n%s", r);
+    free(r);
+    snprintf(path, sizeof path, "%s/metrics.jsonl", od);
+    r = kd_read_text(path);
+    assert_non_null(r);
+    if (!strstr(r, "\"val_loss\": null, \"val_acc\": null"))
+        fail_msg("metrics.jsonl without a validation set:\n%s", r);
+    free(r);
+
+    snprintf(od, sizeof od, "%s/cos", dir);
+    snprintf(set_od, sizeof set_od, "run.out_dir=%s", od);
+    const char *cos1[] = {"train", job, "--set", set_od, "--set", "optim.schedule={type: cosine}",
+                          NULL};
+    assert_int_equal(kd_run_distill(cos1, out, sizeof out, &code), 0);
+    expect(code, 0, (const char *const[]){"test:", NULL});
+    const char *cos2[] = {"train",    job,
+                          "--set",    set_od,
+                          "--set",    "optim.schedule={type: cosine}",
+                          "--set",    "optim.epochs=2",
+                          "--resume", NULL};
+    assert_int_equal(kd_run_distill(cos2, out, sizeof out, &code), 0);
+    expect(code, 0,
+           (const char *const[]){"the cosine schedule now spans 10 steps (optim.epochs 2), the "
+                                 "checkpoint's run 5: the learning rate at step 5 is",
+                                 "epoch 2/2", NULL});
+    snprintf(path, sizeof path, "%s/result.json", od);
+    r = kd_read_text(path);
+    assert_non_null(r);
+    if (!strstr(r, "\"resumed_at_step\": 5"))
+        fail_msg("result.json of a resumed run:\n%s", r);
+    free(r);
+}
+
 /* The training log names the spin its OpenMP threads run under: 1000 when the environment sets
  * none (the command ran itself again with it), the user's own value otherwise. */
 static void test_openmp_spin(void **state)
@@ -235,6 +292,7 @@ static void test_openmp_spin(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_guards),
+                                       cmocka_unit_test(test_reports),
                                        cmocka_unit_test(test_openmp_spin)};
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -179,13 +179,14 @@ typedef enum {
 
 typedef enum {
     KDM_OK = 0,
-    KDM_ERR_ARG,       /* a NULL pointer or a length that cannot be right */
+    KDM_ERR_ARG,       /* a NULL pointer, a length that cannot be right, or an input or output
+                          buffer inside the arena */
     KDM_ERR_MAGIC,     /* not a .kdm blob */
     KDM_ERR_VERSION,   /* a .kdm version this runtime does not read */
     KDM_ERR_TRUNCATED, /* the blob is shorter than its header or its total_len says */
     KDM_ERR_CRC,       /* the CRC-32 does not match: the blob is damaged */
     KDM_ERR_RANGE,     /* an offset, size, index or count points outside where it must */
-    KDM_ERR_ALIGN,     /* an offset is not 4-byte aligned where it must be */
+    KDM_ERR_ALIGN,     /* the blob pointer, or an offset in it, is not 4-byte aligned */
     KDM_ERR_OP,        /* an op type, weight width or rounding this runtime (or its masks) lacks */
     KDM_ERR_SHAPE,     /* tensor shapes do not fit the op */
     KDM_ERR_PARAM,     /* an op parameter out of its range (wbits, clamp, shift, ...) */
@@ -233,6 +234,8 @@ void kdm_output_quant(const kdm_model *m, uint32_t *scale_bits, int32_t *zero_po
  * Run the model: copy `input` (kdm_input_size bytes, NHWC) into the arena, run every op,
  * copy the output tensor to `output` (kdm_output_size bytes). `arena` must be 4-byte
  * aligned and at least kdm_arena_size bytes, else KDM_ERR_ARENA and nothing is run.
+ * `input` and `output` (which may be the same buffer) must lie outside the arena's first
+ * kdm_arena_size bytes, else KDM_ERR_ARG and nothing is run.
  */
 kdm_status kdm_invoke(const kdm_model *m, void *arena, size_t arena_len, const int8_t *input,
                       int8_t *output);
@@ -244,11 +247,14 @@ kdm_status kdm_invoke_op(const kdm_model *m, void *arena, size_t arena_len, uint
 /* Multiply-accumulates of op i (conv, depthwise, fully-connected; 0 for the others). */
 uint32_t kdm_op_macs(const kdm_model *m, uint32_t i);
 
-/* Index of the largest output value (the first on ties): the predicted class. */
+/* Index of the largest of x[0 .. n-1] (the first on ties): the predicted class; n >= 1 (0
+ * for n = 0). */
 uint32_t kdm_argmax_s8(const int8_t *x, uint32_t n);
 
 /* Requantize an int32 accumulator by (multiplier, shift) with the model's rounding
- * (flags & KDM_FLAG_SINGLE_ROUNDING); exposed so the exporter and tests use the same code. */
+ * (flags & KDM_FLAG_SINGLE_ROUNDING); exposed so the exporter and tests use the same code.
+ * Models carry multipliers 0 or in [2^30, 2^31) and shifts in [-31, 30]; any other int32
+ * multiplier gives TFLite's result too (a shift outside the range is pinned to it). */
 int32_t kdm_requantize(int32_t acc, int32_t multiplier, int32_t shift, uint32_t flags);
 
 /* CRC-32 as the blob header uses it (exposed for the exporter). */

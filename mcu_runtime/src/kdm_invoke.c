@@ -216,6 +216,13 @@ static kdm_status arena_ok(const kdm_model *m, const void *arena, size_t arena_l
     return KDM_OK;
 }
 
+/* Whether n >= 1 bytes at p overlap the `size` bytes at lo (one unsigned comparison: p + n - 1
+ * - lo wraps to a large value when p + n <= lo). */
+static int overlaps(const void *p, uint32_t n, uintptr_t lo, uint32_t size)
+{
+    return (uintptr_t)p + n - 1u - lo < (uintptr_t)size + n - 1u;
+}
+
 kdm_status kdm_invoke(const kdm_model *m, void *arena, size_t arena_len, const int8_t *input,
                       int8_t *output)
 {
@@ -225,13 +232,19 @@ kdm_status kdm_invoke(const kdm_model *m, void *arena, size_t arena_len, const i
     if (!input || !output)
         return KDM_ERR_ARG;
     uint8_t *a = (uint8_t *)arena;
+    /* the copies in and out must not overlap the tensors they copy (memcpy) */
     kdm_tensor_ t;
+    kdm_tensor_get_(m->tensors, m->output, &t);
+    const uint32_t no = t.c * t.h * t.w, off = t.off;
     kdm_tensor_get_(m->tensors, m->input, &t);
-    memcpy(a + t.off, input, (size_t)t.c * t.h * t.w);
+    const uint32_t ni = t.c * t.h * t.w;
+    if (overlaps(output, no, (uintptr_t)a, m->arena_size) ||
+        overlaps(input, ni, (uintptr_t)a, m->arena_size))
+        return KDM_ERR_ARG;
+    memcpy(a + t.off, input, ni);
     for (uint32_t i = 0; i < m->n_ops; i++)
         run_op(m, a, i);
-    kdm_tensor_get_(m->tensors, m->output, &t);
-    memcpy(output, a + t.off, (size_t)t.c * t.h * t.w);
+    memcpy(output, a + off, no);
     return KDM_OK;
 }
 

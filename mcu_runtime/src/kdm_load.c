@@ -43,7 +43,7 @@ const char *kdm_status_str(kdm_status st)
         "blob truncated",
         "CRC mismatch",
         "offset, size, index or count out of range",
-        "misaligned offset",
+        "blob or offset not 4-byte aligned",
         "unknown or disabled op",
         "tensor shapes do not fit the op",
         "op parameter out of range",

@@ -14,9 +14,10 @@ int32_t kdm_requantize(int32_t acc, int32_t multiplier, int32_t shift, uint32_t 
 {
     /* kdm_load keeps shifts in range; a direct caller's stray value is pinned there */
     shift = shift < -31 ? -31 : shift > 30 ? 30 : shift;
-    if (multiplier == INT32_MIN && !(flags & KDM_FLAG_SINGLE_ROUNDING)) {
-        /* outside what kdm_load admits: the doubling high multiply's one saturating case,
-         * INT32_MIN * INT32_MIN, and products that reach INT32_MIN, done in full */
+    if (multiplier < 0 && !(flags & KDM_FLAG_SINGLE_ROUNDING)) {
+        /* outside what kdm_load admits: with a negative multiplier the doubling high multiply
+         * saturates (INT32_MIN * INT32_MIN) or reaches INT32_MAX, which the rounding shift
+         * of kdm_requant_ does not allow for: done in full */
         int32_t left = shift > 0 ? shift : 0;
         int64_t a = (int32_t)((uint32_t)acc << left);
         int64_t h = (a * multiplier + (1 << 30)) >> 31;

@@ -500,6 +500,15 @@ static int32_t tflite_mbqm(int32_t x, int32_t m, int32_t shift)
 
 static void test_requantize_random(void **state)
 {
+    /* negative multipliers (outside what a model carries) at extreme accumulators: the doubling
+     * high multiply reaches INT32_MAX there (INT32_MIN * (INT32_MIN + 1)) */
+    static const int32_t xe[] = {INT32_MIN, INT32_MIN + 1, -1, 0, 1, INT32_MAX - 1, INT32_MAX},
+                         me[] = {INT32_MIN, INT32_MIN + 1, -0x40000000, -1, 0x40000000, INT32_MAX};
+    for (int a = 0; a < 7; a++)
+        for (int b = 0; b < 6; b++)
+            for (int32_t s = -31; s <= 30; s++)
+                assert_int_equal(kdm_requantize(xe[a], me[b], s, 0), tflite_mbqm(xe[a], me[b], s));
+    assert_int_equal(kdm_requantize(INT32_MIN, INT32_MIN + 1, -1, 0), 1 << 30);
     for (int i = 0; i < 200000; i++) {
         int32_t x = (int32_t)rnd();
         if (i & 1)

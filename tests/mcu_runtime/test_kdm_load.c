@@ -657,6 +657,20 @@ static void test_bad_arguments(void **state)
     assert_int_equal(kdm_invoke(&m, NULL, need, in, out), KDM_ERR_ARG);
     assert_int_equal(kdm_invoke(&m, arena, need, NULL, out), KDM_ERR_ARG);
     assert_int_equal(kdm_invoke(NULL, arena, need, in, out), KDM_ERR_ARG);
+    /* an input or output buffer that overlaps the arena (its first or last byte, or inside) is
+     * refused with nothing run; the byte past the arena's end is outside it */
+    uint8_t *big = aligned_alloc(4, need + 4 + 256);
+    memset(big, 0, need + 4 + 256);
+    memcpy(big + need, in, sizeof in);
+    assert_int_equal(kdm_invoke(&m, big, need, (const int8_t *)big + need - 1, out), KDM_ERR_ARG);
+    assert_int_equal(kdm_invoke(&m, big, need, (const int8_t *)big, out), KDM_ERR_ARG);
+    assert_int_equal(kdm_invoke(&m, big, need, in, (int8_t *)big + need - 1), KDM_ERR_ARG);
+    assert_int_equal(kdm_invoke(&m, big + 4, need, in, (int8_t *)big + 1), KDM_ERR_ARG);
+    assert_int_equal(kdm_invoke(&m, big, need, (const int8_t *)big + need, out), KDM_OK);
+    int8_t out2[6];
+    assert_int_equal(kdm_invoke(&m, arena, need, in, out2), KDM_OK);
+    assert_memory_equal(out, out2, sizeof out);
+    free(big);
     assert_int_equal(kdm_invoke(&m, arena, need, in, out), KDM_OK);
     /* a model whose load failed is refused, not run */
     kdm_model bad;

@@ -4,8 +4,9 @@
 #
 #   KD_SOURCE_DIR=<repo> FUZZ_DIR=<build dir> SEEDGEN=<kdm_fuzz_seeds> bash run_fuzz.sh
 #
-# Compiles tests/fuzz/fuzz_kdm_load.c with every runtime source (mcu_runtime/src/*.c) twice,
-# with -fsanitize=fuzzer,address,undefined: once with the reference kernels, once with
+# Compiles tests/fuzz/fuzz_kdm_load.c with every runtime source (mcu_runtime/src/*.c) three
+# times, with -fsanitize=fuzzer,address,undefined: with the host's default kernels (the blocked
+# kernels for cores without DSP), with -DKDM_FORCE_REF=1 (the reference kernels) and with
 # -DKDM_FORCE_DSP=1 (the DSP kernels on their portable emulation). Each runs for
 # FUZZ_SECONDS (default 10) seconds with -seed=1 from a fresh copy of the seed corpus that
 # kdm_fuzz_seeds writes. Then, as long each: tests/fuzz/fuzz_safetensors.c (engine/safetensors.c,
@@ -87,11 +88,14 @@ seeded() {
     fi
 }
 
-# the .kdm loader with the reference kernels and with the DSP kernels' portable emulation
+# the .kdm loader with each kernel set: the host's default (the blocked kernels of cores without
+# DSP for conv, depthwise and fully-connected), the reference kernels, and the DSP kernels'
+# portable emulation
 rm -rf "$out/seeds" && mkdir -p "$out/seeds"
 "$seeds" "$out/seeds" || { echo "FAIL: seed generator"; exit 1; }
-for variant in ref dsp; do
+for variant in fast ref dsp; do
     def=()
+    [ $variant = ref ] && def=(-DKDM_FORCE_REF=1)
     [ $variant = dsp ] && def=(-DKDM_FORCE_DSP=1)
     exe=$out/fuzz_kdm_load_$variant
     build "$variant" -std=c99 "${san[@]}" "${def[@]}" -I"$src/mcu_runtime/include" \

@@ -57,6 +57,7 @@ void kd_export_report_free(kd_export_report *r)
         return;
     kd_export_graph_free(r->g);
     free(r->op_bytes);
+    free(r->op_wbytes);
     free(r);
 }
 
@@ -816,7 +817,8 @@ kd_status kd_export_run(const kd_job *job, const char *checkpoint, const kd_expo
     r->flags = r->g->flags;
     r->op_mask = kd_export_op_mask(r->g);
     r->op_bytes = calloc((size_t)r->g->nop, sizeof *r->op_bytes);
-    if (!r->op_bytes) {
+    r->op_wbytes = calloc((size_t)r->g->nop, sizeof *r->op_wbytes);
+    if (!r->op_bytes || !r->op_wbytes) {
         st = KD_FAIL(KD_ERR_NOMEM, "export: out of memory");
         goto done;
     }
@@ -826,6 +828,7 @@ kd_status kd_export_run(const kd_job *job, const char *checkpoint, const kd_expo
         /* weights, then int32 bias[out_c] and the quant record (int32 multipliers, int8 shifts,
          * padded to 4 bytes like every piece of the blob's data) */
         const uint32_t oc = (uint32_t)op->out_c;
+        r->op_wbytes[i] = rows * stride;
         r->op_bytes[i] = rows * stride +
                          (stride ? 4u * oc + ((KDM_QUANT_BYTES(oc) + 3u) & ~3u) : 0) +
                          4u * (uint32_t)op->nparams;

@@ -15,7 +15,8 @@ struct kd_export_report {
     int bits, qat, softmax, bias_corrected;
     uint32_t flags, op_mask;
     size_t blob_len;
-    uint32_t *op_bytes; /* constant bytes of each op */
+    uint32_t *op_bytes;  /* constant bytes of each op (weights, bias, quant record, params) */
+    uint32_t *op_wbytes; /* of which its packed weights (rows with their padding) */
     int64_t params, macs, calib_n;
     /* test-set evaluation (evaluated = 0 when skipped) */
     int evaluated;

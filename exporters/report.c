@@ -36,8 +36,9 @@ void kd_export_report_print(const kd_export_report *r, FILE *f)
             r->bias_corrected ? ", bias correction" : "",
             r->flags & KDM_FLAG_SINGLE_ROUNDING ? "single" : "double (TFLite)",
             r->softmax ? ", softmax output" : "");
-    fprintf(f, "  %3s %-16s %-22s %-10s %-10s %2s %9s %8s %7s %-5s %s\n", "op", "blocks", "type",
-            "in", "out", "wb", "MACs", "const B", "arena B", "act", "range (calibration)");
+    fprintf(f, "  %3s %-16s %-22s %-10s %-10s %2s %9s %8s %8s %7s %-5s %s\n", "op", "blocks",
+            "type", "in", "out", "wb", "MACs", "weight B", "const B", "arena B", "act",
+            "range (calibration)");
     for (int i = 0; i < g->nop; i++) {
         const kd_export_op *o = &g->op[i];
         const kd_export_tensor *ti = &g->t[o->in0], *to = &g->t[o->out];
@@ -55,9 +56,9 @@ void kd_export_report_print(const kd_export_report *r, FILE *f)
         char wb[8] = "";
         if (o->wbits)
             snprintf(wb, sizeof wb, "%d", o->wbits);
-        fprintf(f, "  %3d %-16s %-22s %-10s %-10s %2s %9lld %8u %7u %-5s [%.4g, %.4g] %s\n", i,
-                blocks, type, in, out, wb, (long long)o->macs, r->op_bytes[i], to->bytes,
-                act_name(o->act), to->rmin, to->rmax, to->choice);
+        fprintf(f, "  %3d %-16s %-22s %-10s %-10s %2s %9lld %8u %8u %7u %-5s [%.4g, %.4g] %s\n", i,
+                blocks, type, in, out, wb, (long long)o->macs, r->op_wbytes[i], r->op_bytes[i],
+                to->bytes, act_name(o->act), to->rmin, to->rmax, to->choice);
     }
     const kd_export_tensor *ti = &g->t[g->input];
     fprintf(f,
@@ -152,7 +153,9 @@ static cJSON *report_json(const kd_export_report *r)
         }
         cJSON_AddStringToObject(j, "act", o->act ? act_name(o->act) : "none");
         cJSON_AddNumberToObject(j, "macs", (double)o->macs);
-        cJSON_AddNumberToObject(j, "weight_bytes", r->op_bytes[i]);
+        /* the packed weights (rows with their padding), and every constant byte of the op */
+        cJSON_AddNumberToObject(j, "weight_bytes", r->op_wbytes[i]);
+        cJSON_AddNumberToObject(j, "const_bytes", r->op_bytes[i]);
         if (o->wbits) {
             cJSON_AddNumberToObject(j, "weight_bits", o->wbits);
             cJSON_AddStringToObject(j, "weight_scales", o->wchoice);

@@ -291,6 +291,18 @@ static void test_int8(void **state)
     assert_true(fabs(fa - ea) <= 1.0 / 300 + 1e-9); /* folding moves at most a tie */
     assert_true(fabs(ia - fa) <= 0.05);
     assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(rep, "ops")), (int)rd32(blob + 24));
+    /* every constant byte is some op's: the ops' const_bytes add up to the blob's data_len, and
+     * each op's packed weights are part of its constants */
+    double const_sum = 0;
+    const cJSON *op_j;
+    cJSON_ArrayForEach(op_j, cJSON_GetObjectItem(rep, "ops"))
+    {
+        const double wb = cJSON_GetNumberValue(cJSON_GetObjectItem(op_j, "weight_bytes")),
+                     cb = cJSON_GetNumberValue(cJSON_GetObjectItem(op_j, "const_bytes"));
+        assert_true(wb >= 0 && wb <= cb);
+        const_sum += cb;
+    }
+    assert_int_equal((uint32_t)const_sum, rd32(blob + 60));
     cJSON_Delete(rep);
 
     /* samples.bin replays bit for bit */

@@ -51,6 +51,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "fileio.h"
+
 #define KD_CACHE_DEFAULT_MEMORY_LIMIT ((int64_t)2 << 30)
 
 /* ---- small helpers ------------------------------------------------------------------------ */
@@ -188,17 +190,6 @@ static int fsync_path(const char *p, int dir)
     int rc = fsync(fd);
     close(fd);
     return rc;
-}
-
-static void dir_of(const char *path, char *buf, size_t len)
-{
-    const char *slash = strrchr(path, '/');
-    if (!slash)
-        snprintf(buf, len, ".");
-    else if (slash == path)
-        snprintf(buf, len, "/");
-    else
-        snprintf(buf, len, "%.*s", (int)(slash - path), path);
 }
 
 /* ---- float16 ------------------------------------------------------------------------------ */
@@ -1160,7 +1151,7 @@ static kd_status rename_into_place(const char *tmp, const char *final_path, int 
     if (rename(tmp, final_path) != 0)
         return KD_FAIL(KD_ERR_IO, "cache '%s': rename from '%s' failed: %s", final_path, tmp,
                        strerror(errno));
-    dir_of(final_path, dir, sizeof dir);
+    kd_path_dir(final_path, dir, sizeof dir);
     if (sync && fsync_path(dir, 1) != 0)
         return KD_FAIL(KD_ERR_IO, "cache '%s': fsync of directory '%s' failed: %s", final_path, dir,
                        strerror(errno));
@@ -1782,7 +1773,7 @@ static int shard_world_of(const char *name)
 static kd_status abs_dir_of(const char *path, char *buf, size_t len)
 {
     char dir[4096], *abs;
-    dir_of(path, dir, sizeof dir);
+    kd_path_dir(path, dir, sizeof dir);
     if (!(abs = realpath(dir, NULL)))
         return KD_FAIL(KD_ERR_IO, "cache '%s': cannot resolve its directory '%s': %s", path, dir,
                        strerror(errno));
@@ -2320,11 +2311,11 @@ kd_status kd_cache_vds_write(const char *path, const kd_cache_meta *meta, int ns
     vds_shards sh = {0};
     char dir[4096], sdir[4096], absdir[4096];
     char *tmp = NULL;
-    dir_of(path, dir, sizeof dir);
+    kd_path_dir(path, dir, sizeof dir);
     if ((st = abs_dir_of(path, absdir, sizeof absdir)) != KD_OK)
         goto done;
     for (int i = 0; i < nshards; i++) {
-        dir_of(shards[i], sdir, sizeof sdir);
+        kd_path_dir(shards[i], sdir, sizeof sdir);
         if (strcmp(dir, sdir) != 0) {
             st = KD_FAIL(KD_ERR_INVALID,
                          "cache '%s': shard '%s' is not in the VDS file's directory '%s'", path,
@@ -2398,7 +2389,7 @@ static kd_status shard_scan(const char *vds_path, vds_shard *sh)
     return st;
 }
 
-kd_status kd_cache_inspect(const char *path, kd_cache_info *info)
+kd_status kd_cache_inspect(const char *path, int scan_file, kd_cache_info *info)
 {
     memset(info, 0, sizeof *info);
     h5_quiet();
@@ -2452,7 +2443,7 @@ kd_status kd_cache_inspect(const char *path, kd_cache_info *info)
     for (int64_t i = 0; i < nch; i++)
         info->chunks_missing += done[i] == 0;
     chunk_scan sc;
-    if ((st = chunks_scan(&ds, &info->meta, done, 0, path, &sc)) == KD_OK && sc.nbad) {
+    if (scan_file && (st = chunks_scan(&ds, &info->meta, done, 0, path, &sc)) == KD_OK && sc.nbad) {
         char found[1200];
         scan_text(&sc, &info->meta, found, sizeof found);
         st = KD_FAIL(KD_ERR_FORMAT,

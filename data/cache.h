@@ -235,12 +235,14 @@ typedef struct {
  * metadata and (single) how many chunks are missing. A sharded cache's shards
  * are checked as kd_cache_open checks them; when one is missing or bad the
  * status says so (naming it) while info->exists, sharded, shard_world and
- * meta are still filled in. Every written chunk (of the file, or of each
- * shard) is read back once, without checking values: one that cannot be read
- * is KD_ERR_FORMAT naming the file, the chunk and its rows. No file: KD_OK
- * with exists 0. A file that is not a readable cache: its kd_cache_open error.
+ * meta are still filled in. Every written chunk of each shard, and with
+ * scan_file those of a single file, is read back once, without checking
+ * values: one that cannot be read is KD_ERR_FORMAT naming the file, the chunk
+ * and its rows (a writer opening the file reads its chunks back itself, so a
+ * caller about to open one passes scan_file 0). No file: KD_OK with exists 0.
+ * A file that is not a readable cache: its kd_cache_open error.
  */
-kd_status kd_cache_inspect(const char *path, kd_cache_info *info);
+kd_status kd_cache_inspect(const char *path, int scan_file, kd_cache_info *info);
 
 /*
  * KD_OK when an existing cache's metadata `have` (say, from kd_cache_inspect)

@@ -31,15 +31,25 @@ kd_status kd_fwrite_all(FILE *f, const void *p, size_t n, const char *what)
     return KD_OK;
 }
 
-/* The directory holding path, for the fsync that makes the rename durable. */
-static char *dir_of(const char *path)
+void kd_path_dir(const char *path, char *buf, size_t len)
 {
     const char *slash = strrchr(path, '/');
     if (!slash)
-        return strdup(".");
-    if (slash == path)
-        return strdup("/");
-    return strndup(path, (size_t)(slash - path));
+        snprintf(buf, len, ".");
+    else if (slash == path)
+        snprintf(buf, len, "/");
+    else
+        snprintf(buf, len, "%.*s", (int)(slash - path), path);
+}
+
+/* The directory holding path, for the fsync that makes the rename durable. */
+static char *dir_of(const char *path)
+{
+    const size_t len = strlen(path) + 2;
+    char *dir = malloc(len);
+    if (dir)
+        kd_path_dir(path, dir, len);
+    return dir;
 }
 
 kd_status kd_file_write_atomic(const char *path, kd_write_fn fn, void *ctx)

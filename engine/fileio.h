@@ -45,6 +45,9 @@ kd_status kd_fwrite_all(FILE *f, const void *p, size_t n, const char *what);
  */
 kd_status kd_file_read_all(const char *path, void **buf, size_t *len);
 
+/* The directory holding path, into buf: "." without a slash, "/" for a name in the root. */
+void kd_path_dir(const char *path, char *buf, size_t len);
+
 /* mkdir -p: create dir and its missing parents; an existing directory is fine. */
 kd_status kd_mkdir_p(const char *dir);
 

@@ -726,7 +726,8 @@ static kd_status cache_build_single(cache_run *r)
 {
     const char *path = r->job->teacher_cache;
     kd_cache_info info;
-    kd_status st = kd_cache_inspect(path, &info);
+    /* a single file's chunks are read back by the writer that opens it below */
+    kd_status st = kd_cache_inspect(path, 0, &info);
     if (info.sharded) {
         KD_TRY(kd_cache_meta_compare(path, &info.meta, &r->meta));
         if (st == KD_ERR_FORMAT)
@@ -761,7 +762,7 @@ static kd_status cache_sharded_decide(cache_run *r, int world, int32_t *write)
 {
     const char *path = r->job->teacher_cache, *cfg = r->job->path;
     kd_cache_info info;
-    kd_status st = kd_cache_inspect(path, &info);
+    kd_status st = kd_cache_inspect(path, 1, &info);
     *write = 1;
     if (info.sharded) {
         KD_TRY(kd_cache_meta_compare(path, &info.meta, &r->meta));

@@ -489,26 +489,23 @@ static char *json_string(const char *s)
     return text;
 }
 
-/* A fingerprint of a training split: FNV-1a over its name, shape, every label and every 61st
- * input value (a few MB for Fashion-MNIST, milliseconds). A checkpoint records it, and a resume
+/* A fingerprint of a training split: kd_mix64 folded over its name, shape, every label and
+ * every 61st input value (milliseconds for Fashion-MNIST). A checkpoint records it, and a resume
  * refuses another split, whose validation samples the run may already have trained on. */
 static uint64_t split_fingerprint(const kd_dataset *d)
 {
-    uint64_t h = 0xcbf29ce484222325u;
-#define FNV_BYTES(p, n)                                                                            \
-    do {                                                                                           \
-        const uint8_t *b_ = (const uint8_t *)(p);                                                  \
-        for (size_t i_ = 0; i_ < (size_t)(n); i_++)                                                \
-            h = (h ^ b_[i_]) * 0x100000001b3u;                                                     \
-    } while (0)
-    const int64_t dims[5] = {d->n, d->c, d->h, d->w, d->num_classes};
-    FNV_BYTES(d->name, strlen(d->name));
-    FNV_BYTES(dims, sizeof dims);
-    FNV_BYTES(d->y, (size_t)d->n * sizeof(int32_t));
+    uint64_t h = kd_mix64((uint64_t)d->n, (uint64_t)d->c << 32 | (uint64_t)d->h,
+                          (uint64_t)d->w << 32 | (uint64_t)d->num_classes);
+    for (const char *c = d->name; *c; c++)
+        h = kd_mix64(h, (uint8_t)*c, 0);
+    for (int64_t i = 0; i < d->n; i++)
+        h = kd_mix64(h, (uint32_t)d->y[i], 1);
     const size_t nx = (size_t)d->n * (size_t)d->c * (size_t)d->h * (size_t)d->w;
-    for (size_t i = 0; i < nx; i += 61)
-        FNV_BYTES(&d->x[i], sizeof(float));
-#undef FNV_BYTES
+    for (size_t i = 0; i < nx; i += 61) {
+        uint32_t bits;
+        memcpy(&bits, &d->x[i], sizeof bits);
+        h = kd_mix64(h, bits, 2);
+    }
     return h ? h : 1; /* 0 means "not recorded" */
 }
 

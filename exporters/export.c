@@ -116,19 +116,6 @@ static const char *const out_names[] = {"model.kdm", "model.c", "model.h", "samp
                                         "report.json"};
 #define N_OUT_NAMES 5
 
-/* path without its last component ("." when it has none). */
-static void dir_part(const char *path, char *dir, size_t n)
-{
-    snprintf(dir, n, "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (!slash)
-        snprintf(dir, n, ".");
-    else if (slash == dir)
-        dir[1] = '\0';
-    else
-        *slash = '\0';
-}
-
 /* path as an absolute name with symbolic links, "." and ".." resolved, also when its last
  * components do not exist yet (those are resolved as text, as kd_mkdir_p will create them). */
 static kd_status canon_path(const char *path, char *out, size_t n)
@@ -203,7 +190,7 @@ static kd_status check_json_path(const char *json, const char *out_dir)
                            "file",
                            json);
         char dir[1024];
-        dir_part(json, dir, sizeof dir);
+        kd_path_dir(json, dir, sizeof dir);
         KD_TRY(check_creatable(dir, "report directory"));
     } else if (errno == ENOENT || errno == ENOTDIR) {
         KD_TRY(check_creatable(json, "report"));
@@ -511,7 +498,7 @@ static kd_status write_tmp(out_file *f)
 static kd_status sync_dir_of(const char *file)
 {
     char dir[1024];
-    dir_part(file, dir, sizeof dir);
+    kd_path_dir(file, dir, sizeof dir);
     int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
         return KD_FAIL(KD_ERR_IO, "export: opening directory '%s': %s", dir, strerror(errno));
@@ -595,7 +582,7 @@ static kd_status write_outputs(const kd_export_opts *o, kd_export_report *r, con
                  o->json_path ? "" : "/report.json") >= (int)sizeof report)
         return KD_FAIL(KD_ERR_INVALID, "export: report path '%s' is too long", report);
     KD_TRY(kd_mkdir_p(o->out_dir));
-    dir_part(report, dir, sizeof dir);
+    kd_path_dir(report, dir, sizeof dir);
     KD_TRY(kd_mkdir_p(dir)); /* the report's own directory may differ from out_dir */
     KD_TRY(canon_path(o->out_dir, cd, sizeof cd));
     KD_TRY(canon_path(report, cj, sizeof cj));

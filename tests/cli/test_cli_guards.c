@@ -219,6 +219,19 @@ static void test_guards(void **state)
     free(r);
 }
 
+/* File dir/name holds every one of parts. */
+static void expect_in_file(const char *d, const char *name, const char *const *parts)
+{
+    char path[600];
+    snprintf(path, sizeof path, "%s/%s", d, name);
+    char *r = kd_read_text(path);
+    assert_non_null(r);
+    for (int i = 0; parts[i]; i++)
+        if (!strstr(r, parts[i]))
+            fail_msg("%s lacks '%s':\n%s", path, parts[i], r);
+    free(r);
+}
+
 /* What a run reports that has no measure behind it is null, and a resume that reshapes a cosine
  * schedule says so: without a validation set, metrics.jsonl's val_loss / val_acc and
  * result.json's best_val_acc are null; a cosine run resumed with more epochs notes the learning
@@ -227,25 +240,17 @@ static void test_reports(void **state)
 {
     (void)state;
     int code;
-    char od[400], set_od[420], path[500];
+    char od[400], set_od[420];
     write_job("relu", "sgd");
     snprintf(od, sizeof od, "%s/noval", dir);
     snprintf(set_od, sizeof set_od, "run.out_dir=%s", od);
     const char *noval[] = {"train", job, "--set", set_od, "--set", "data.val_size=0", NULL};
     assert_int_equal(kd_run_distill(noval, out, sizeof out, &code), 0);
     expect(code, 0, (const char *const[]){"test:", NULL});
-    snprintf(path, sizeof path, "%s/result.json", od);
-    char *r = kd_read_text(path);
-    assert_non_null(r);
-    if (!strstr(r, "\"best_val_acc\": null") || !strstr(r, "\"resumed_at_step\": 0"))
-        fail_msg("result.json without a validation set:\n%s", r);
-    free(r);
-    snprintf(path, sizeof path, "%s/metrics.jsonl", od);
-    r = kd_read_text(path);
-    assert_non_null(r);
-    if (!strstr(r, "\"val_loss\": null, \"val_acc\": null"))
-        fail_msg("metrics.jsonl without a validation set:\n%s", r);
-    free(r);
+    expect_in_file(od, "result.json",
+                   (const char *const[]){"\"best_val_acc\": null", "\"resumed_at_step\": 0", NULL});
+    expect_in_file(od, "metrics.jsonl",
+                   (const char *const[]){"\"val_loss\": null, \"val_acc\": null", NULL});
 
     snprintf(od, sizeof od, "%s/cos", dir);
     snprintf(set_od, sizeof set_od, "run.out_dir=%s", od);
@@ -263,12 +268,7 @@ static void test_reports(void **state)
            (const char *const[]){"the cosine schedule now spans 10 steps (optim.epochs 2), the "
                                  "checkpoint's run 5: the learning rate at step 5 is",
                                  "epoch 2/2", NULL});
-    snprintf(path, sizeof path, "%s/result.json", od);
-    r = kd_read_text(path);
-    assert_non_null(r);
-    if (!strstr(r, "\"resumed_at_step\": 5"))
-        fail_msg("result.json of a resumed run:\n%s", r);
-    free(r);
+    expect_in_file(od, "result.json", (const char *const[]){"\"resumed_at_step\": 5", NULL});
 }
 
 /* The training log names the spin its OpenMP threads run under: 1000 when the environment sets

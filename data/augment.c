@@ -11,11 +11,21 @@
 #include "augment.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "rng.h"
 
 #define KD_AUGMENT_STREAM 0xa06e47ULL
+
+void kd_augment_describe(const kd_augment_cfg *cfg, char *buf, size_t len)
+{
+    if (!cfg || (cfg->crop_pad <= 0 && !cfg->hflip))
+        snprintf(buf, len, "none");
+    else
+        snprintf(buf, len, "crop_pad=%d hflip=%d", cfg->crop_pad > 0 ? cfg->crop_pad : 0,
+                 cfg->hflip ? 1 : 0);
+}
 
 void kd_augment_draw(const kd_augment_cfg *cfg, uint64_t seed, uint64_t epoch, uint64_t index,
                      float params[KD_AUG_NPARAMS])

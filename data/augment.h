@@ -15,6 +15,7 @@
 #ifndef KD_AUGMENT_H
 #define KD_AUGMENT_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "dataset.h"
@@ -25,6 +26,11 @@ typedef struct {
     int crop_pad; /* dx, dy uniform in [-crop_pad, crop_pad]; 0 disables */
     int hflip;    /* nonzero: flip with probability 0.5 */
 } kd_augment_cfg;
+
+/* The configuration as one short string, the teacher cache's `augment` attribute: "none" when
+ * cfg is NULL or augments nothing, else "crop_pad=N hflip=0|1". len >= KD_AUG_DESC_LEN. */
+#define KD_AUG_DESC_LEN 48
+void kd_augment_describe(const kd_augment_cfg *cfg, char *buf, size_t len);
 
 /*
  * Draw the parameters for sample `index` of `epoch`: counter-based

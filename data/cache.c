@@ -51,6 +51,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "augment.h"
 #include "fileio.h"
 
 #define KD_CACHE_DEFAULT_MEMORY_LIMIT ((int64_t)2 << 30)
@@ -283,12 +284,13 @@ void kd_topk_rows(const float *logits, int n, int c, int k, float *values, int32
 /*
  * What is wrong with one (row, view) of a top-k cache, or NULL when nothing is. v: its K values
  * (finite), ix: their classes (in [0, C)), lse: its stored logsumexp (finite). Every class must
- * appear once, and lse, the log-sum-exp of the whole row, must be at least that of the K values
- * (else the top-k would hold more than all of the probability mass and the rest a negative
- * share) and, when K = C, equal to it. The comparisons allow for values rounded to the stored
- * dtype (f16: float16, else float32) and a logsumexp rounded to float32 or summed in float: a
- * row that kd_topk_rows computed always passes. seen: C entries of scratch, *stamp: a counter
- * advanced by each call (seen is cleared when it wraps). The reason is written into buf.
+ * appear once, the values must not increase from slot to slot, and lse, the log-sum-exp of the
+ * whole row, must be at least that of the K values (else the top-k would hold more than all of the
+ * probability mass and the rest a negative share) and, when K = C, equal to it. The comparisons
+ * allow for values rounded to the stored dtype (f16: float16, else float32) and a logsumexp rounded
+ * to float32 or summed in float: a row that kd_topk_rows computed always passes. seen: C entries of
+ * scratch, *stamp: a counter advanced by each call (seen is cleared when it wraps). The reason is
+ * written into buf.
  */
 static const char *topk_entry_bad(const float *v, const int32_t *ix, float lse, int K, int C,
                                   int f16, uint32_t *seen, uint32_t *stamp, char *buf, size_t len)
@@ -310,6 +312,16 @@ static const char *topk_entry_bad(const float *v, const int32_t *ix, float lse, 
         }
         seen[ix[k]] = *stamp;
     }
+    /* ascending values are most likely the K smallest logits (np.argsort(x) without the minus),
+     * which no logsumexp check can tell from the largest */
+    for (int k = 1; k < K; k++)
+        if (v[k] > v[k - 1]) {
+            snprintf(buf, len,
+                     "top-k values are not in descending order (slot %d holds %.9g, slot %d "
+                     "%.9g): the slots must hold the K largest logits, largest first",
+                     k - 1, (double)v[k - 1], k, (double)v[k]);
+            return buf;
+        }
     double mx = v[0], amax = 0.0, sum = 0.0;
     int at = 0;
     for (int k = 0; k < K; k++) {
@@ -571,10 +583,28 @@ static kd_status meta_write(hid_t f, const char *path, const kd_cache_meta *m)
     KD_TRY(attr_write_str(f, path, "dtype", dtype_str(m->dtype)));
     KD_TRY(attr_write_str(f, path, "teacher_sha256", m->teacher_sha256));
     KD_TRY(attr_write_str(f, path, "dataset_sha256", m->dataset_sha256));
+    if (m->augment[0])
+        KD_TRY(attr_write_str(f, path, "augment", m->augment));
     KD_TRY(attr_write_i64(f, path, "chunk_rows", m->chunk_rows));
     KD_TRY(attr_write_i64(f, path, "row_begin", m->row_begin));
     KD_TRY(attr_write_i64(f, path, "row_end", m->row_end));
     return KD_OK;
+}
+
+/* 1 when s is a value of the `augment` attribute: "none", or "crop_pad=N hflip=B" as
+ * kd_augment_describe writes it (N >= 0, B 0 or 1, not both off), or "" (unknown). */
+static int valid_augment(const char *s)
+{
+    if (!s[0])
+        return 1;
+    int pad = -1, flip = -1, used = 0;
+    if (strcmp(s, "none") != 0 &&
+        (sscanf(s, "crop_pad=%d hflip=%d%n", &pad, &flip, &used) != 2 || s[used] || pad < 0))
+        return 0;
+    char back[KD_AUG_DESC_LEN];
+    const kd_augment_cfg cfg = {pad, flip};
+    kd_augment_describe(pad < 0 ? NULL : &cfg, back, sizeof back);
+    return strcmp(back, s) == 0;
 }
 
 /* Read /done (n chunks) into done and check that each entry is 0 or 1. */
@@ -641,6 +671,18 @@ static kd_status meta_read(hid_t f, const char *path, kd_cache_meta *m)
                        "cache '%s': teacher_sha256 and dataset_sha256 must be 64 lowercase hex "
                        "digits or empty",
                        path);
+    htri_t has_aug = H5Aexists(f, "augment");
+    if (has_aug < 0)
+        return H5_FAIL(KD_ERR_FORMAT, path, "H5Aexists(augment)");
+    if (has_aug) {
+        KD_TRY(attr_read_str(f, path, "augment", s, sizeof s));
+        if (strlen(s) >= sizeof m->augment || !valid_augment(s))
+            return KD_FAIL(KD_ERR_FORMAT,
+                           "cache '%s': attribute augment is '%.60s'; it must be 'none' or "
+                           "'crop_pad=N hflip=0|1' (see data/README.md)",
+                           path, s);
+        memcpy(m->augment, s, strlen(s) + 1);
+    }
     KD_TRY(attr_read_i64(f, path, "row_begin", 0, &m->row_begin, &found));
     if (!found)
         m->row_begin = 0;
@@ -1031,6 +1073,9 @@ static kd_status meta_validate(const kd_cache_meta *m, const char *path)
                        "cache '%s': teacher_sha256 and dataset_sha256 must be 64 lowercase hex "
                        "digits or empty",
                        path);
+    if (!memchr(m->augment, 0, sizeof m->augment) || !valid_augment(m->augment))
+        return KD_FAIL(KD_ERR_INVALID,
+                       "cache '%s': augment must be 'none', 'crop_pad=N hflip=0|1' or empty", path);
     return KD_OK;
 }
 
@@ -1315,6 +1360,11 @@ static kd_status meta_compare_resume(const char *path, const kd_cache_meta *have
         return KD_FAIL(KD_ERR_CONFIG,
                        "cache '%s' exists for dataset sha256 '%s', this run's dataset is '%s': %s",
                        path, have->dataset_sha256, want->dataset_sha256, hint);
+    if (strcmp(have->augment, want->augment) != 0)
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "cache '%s' exists with views augmented '%s', this run augments '%s': %s",
+                       path, have->augment[0] ? have->augment : "(not recorded)",
+                       want->augment[0] ? want->augment : "(not recorded)", hint);
     return KD_OK;
 }
 
@@ -1818,6 +1868,11 @@ static const char *meta_diff(const kd_cache_meta *a, const kd_cache_meta *b, cha
         snprintf(va, len, "'%s'", a->dataset_sha256);
         snprintf(vb, len, "'%s'", b->dataset_sha256);
         return "dataset_sha256";
+    }
+    if (strcmp(a->augment, b->augment) != 0) {
+        snprintf(va, len, "'%s'", a->augment);
+        snprintf(vb, len, "'%s'", b->augment);
+        return "augment";
     }
     return NULL;
 }
@@ -2798,6 +2853,14 @@ static kd_status expect_check(const char *path, const kd_cache_meta *m, const kd
                        "cache '%s' was written for dataset sha256 '%s', the job's dataset has "
                        "sha256 '%s': rebuild it with `distill cache`",
                        path, m->dataset_sha256, e->dataset_sha256);
+    /* the student trains on the cached views (their /aug_params), whatever the job's
+     * data.augment says: a different augmentation is refused rather than silently replaced */
+    if (e->augment[0] && m->augment[0] && strcmp(e->augment, m->augment) != 0)
+        return KD_FAIL(KD_ERR_CONFIG,
+                       "cache '%s' holds views augmented '%s', the job's data.augment is '%s': "
+                       "the student would train on the cached views, not the job's; rebuild the "
+                       "cache with `distill cache` or set data.augment to match",
+                       path, m->augment, e->augment);
     return KD_OK;
 }
 

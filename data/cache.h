@@ -96,6 +96,7 @@ typedef struct {
     int64_t chunk_rows;      /* rows per chunk (HDF5 chunk and /done unit); 0 = default */
     char teacher_sha256[65]; /* hex sha256 of the teacher's weights ("" = unknown) */
     char dataset_sha256[65]; /* hex sha256 identifying the data set ("" = unknown) */
+    char augment[48];        /* the views' augmentation, kd_augment_describe ("" = unknown) */
 } kd_cache_meta;
 
 typedef enum {
@@ -277,6 +278,7 @@ typedef struct {
     int aug_nparams;
     char teacher_sha256[65];
     char dataset_sha256[65];
+    char augment[48]; /* the job's data.augment as kd_augment_describe writes it */
     /* num_samples labels the cache's rows must hold, row by row (NULL: only their range is
      * checked); borrowed: it must outlive the opened cache, whose streaming checks read it */
     const int32_t *labels;

@@ -228,6 +228,9 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
         if (job->cache_stream)
             e.memory_limit = -1;
         kd_dataset_sha256(train, e.dataset_sha256);
+        /* view_targets mean trains unaugmented from a cache of augmented views: no check */
+        if (!job->view_mean)
+            kd_augment_describe(&job->augment, e.augment, sizeof e.augment);
         if (access(job->teacher_ckpt, R_OK) == 0) {
             if ((st = kd_sha256_file_hex(job->teacher_ckpt, e.teacher_sha256)))
                 goto fail;
@@ -516,6 +519,7 @@ static kd_status cache_run_open(cache_run *r)
         .dtype = strcmp(job->cache_dtype, "float32") ? KD_DTYPE_F16 : KD_DTYPE_F32,
         .chunk_rows = job->cache_chunk_rows ? job->cache_chunk_rows : KD_CACHE_DEFAULT_CHUNK_ROWS};
     kd_dataset_sha256(train, r->meta.dataset_sha256);
+    kd_augment_describe(&job->augment, r->meta.augment, sizeof r->meta.augment);
     KD_TRY(kd_sha256_file_hex(job->teacher_ckpt, r->meta.teacher_sha256));
     kd_cache_write_opts_init(&r->wo);
     int comp = kd_cache_compress_from_name(job->cache_compress);

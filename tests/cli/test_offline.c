@@ -387,6 +387,11 @@ static void test_bad_caches(void **state)
     /* another number of views */
     expect_fail((const char *[]){"train", job, "--set", "teacher.views=3", NULL},
                 (const char *const[]){c1, "3", "2", NULL});
+    /* another augmentation than the cached views': the student would train on the views */
+    expect_fail((const char *[]){"train", job, "--set", "data.augment={}", NULL},
+                (const char *const[]){c1, "'crop_pad=2 hflip=1'", "data.augment is 'none'", NULL});
+    expect_fail((const char *[]){"train", job, "--set", "data.augment.crop_pad=3", NULL},
+                (const char *const[]){c1, "'crop_pad=3 hflip=1'", "distill cache", NULL});
     /* another training split (more held out): sample count differs */
     expect_fail((const char *[]){"train", job, "--set", "data.val_size=150", NULL},
                 (const char *const[]){c1, "550", "600", NULL});

@@ -57,6 +57,7 @@ static kd_cache_meta make_meta(int64_t n, int c, int v, int k, kd_dtype dt, int6
     m.chunk_rows = chunk;
     strcpy(m.teacher_sha256, HASH_T);
     strcpy(m.dataset_sha256, HASH_D);
+    strcpy(m.augment, "crop_pad=2 hflip=1");
     return m;
 }
 
@@ -213,6 +214,7 @@ static void expect_init_from(kd_cache_expect *e, const kd_cache_meta *m)
     e->aug_nparams = m->aug_nparams;
     strcpy(e->teacher_sha256, m->teacher_sha256);
     strcpy(e->dataset_sha256, m->dataset_sha256);
+    strcpy(e->augment, m->augment);
 }
 
 static uint32_t *perm_make(int64_t n, unsigned seed, int shuffle)
@@ -702,6 +704,13 @@ static void test_reader_mismatches(void **state)
     expect_init_from(&e, &m);
     e.dtype = KD_DTYPE_F32;
     expect_open_fail(path, &e, KD_ERR_CONFIG, "float16", "float32");
+    /* views augmented otherwise than the job's data.augment: the student would train on them */
+    expect_init_from(&e, &m);
+    strcpy(e.augment, "none");
+    expect_open_fail(path, &e, KD_ERR_CONFIG, "views augmented 'crop_pad=2 hflip=1'",
+                     "data.augment is 'none'");
+    strcpy(e.augment, "crop_pad=4 hflip=1");
+    expect_open_fail(path, &e, KD_ERR_CONFIG, "'crop_pad=2 hflip=1'", "'crop_pad=4 hflip=1'");
 
     /* Labels row by row against the job's (the writer stored g % 10): equal opens, one
      * different row is named, held in memory or streamed */
@@ -907,6 +916,7 @@ static void test_writer_refuses(void **state)
         {"dtype", "float16", "float32", KD_ERR_CONFIG},
         {"chunk", "chunk_rows 100", "chunk_rows 50", KD_ERR_CONFIG},
         {"topk", "topk 0", "topk 2", KD_ERR_SHAPE},
+        {"augment", "'crop_pad=2 hflip=1'", "'none'", KD_ERR_CONFIG},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         kd_cache_meta o = m;
@@ -919,6 +929,7 @@ static void test_writer_refuses(void **state)
         case 5: o.dtype = KD_DTYPE_F32; break;
         case 6: o.chunk_rows = 50; break;
         case 7: o.topk = 2; break;
+        case 8: strcpy(o.augment, "none"); break;
         }
         kd_clear_error();
         w = (kd_cache_writer *)1;
@@ -966,6 +977,9 @@ static void test_writer_refuses(void **state)
     bad = m;
     strcpy(bad.teacher_sha256, "xyz");
     assert_int_equal(kd_cache_writer_open(p2, &bad, NULL, &w), KD_ERR_INVALID);
+    bad = m;
+    strcpy(bad.augment, "crop_pad=2");
+    assert_int_equal(kd_cache_writer_open(p2, &bad, NULL, &w), KD_ERR_INVALID);
     struct stat sb;
     assert_int_not_equal(stat(p2, &sb), 0);
 }
@@ -980,6 +994,58 @@ static void set_attr(const char *path, const char *name, int64_t v)
     assert_true(H5Awrite(a, H5T_NATIVE_INT64, &v) >= 0);
     assert_true(H5Aclose(a) >= 0);
     assert_true(H5Fclose(f) >= 0);
+}
+
+/* Replace (value) or delete (NULL) string root attribute `name` of the file at path. */
+static void set_str_attr(const char *path, const char *name, const char *value)
+{
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    assert_true(f >= 0);
+    if (H5Aexists(f, name) > 0)
+        assert_true(H5Adelete(f, name) >= 0);
+    if (value) {
+        hid_t t = H5Tcopy(H5T_C_S1), sp = H5Screate(H5S_SCALAR);
+        assert_true(t >= 0 && sp >= 0 && H5Tset_size(t, strlen(value) + 1) >= 0);
+        hid_t a = H5Acreate2(f, name, t, sp, H5P_DEFAULT, H5P_DEFAULT);
+        assert_true(a >= 0);
+        assert_true(H5Awrite(a, t, value) >= 0);
+        assert_true(H5Aclose(a) >= 0 && H5Sclose(sp) >= 0 && H5Tclose(t) >= 0);
+    }
+    assert_true(H5Fclose(f) >= 0);
+}
+
+/* The augment attribute: checked against data.augment when both are known; a value that is
+ * not one distill writes is refused; a file without it (written elsewhere) is not checked. */
+static void test_augment_attr(void **state)
+{
+    char path[512];
+    tmp_path(path, sizeof path, "aug.h5");
+    kd_cache_meta m = make_meta(300, 10, 1, 0, KD_DTYPE_F32, 100);
+    write_cache(path, &m, NULL, 1);
+    kd_cache_expect e;
+    expect_init_from(&e, &m);
+    kd_cache *c;
+    assert_ok(kd_cache_open(path, &e, &c));
+    assert_string_equal(kd_cache_meta_of(c)->augment, "crop_pad=2 hflip=1");
+    kd_cache_close(c);
+    e.augment[0] = '\0'; /* the job's augmentation unknown: not compared */
+    assert_ok(kd_cache_open(path, &e, &c));
+    kd_cache_close(c);
+    const char *bad[] = {"crop_pad=-1 hflip=0", "crop_pad=2 hflip=2", "crop_pad=0 hflip=0",
+                         "crop_pad=2  hflip=1", "sideways"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        set_str_attr(path, "augment", bad[i]);
+        expect_open_fail(path, NULL, KD_ERR_FORMAT, "attribute augment is", bad[i]);
+    }
+    set_str_attr(path, "augment", "none");
+    strcpy(e.augment, "none");
+    assert_ok(kd_cache_open(path, &e, &c));
+    kd_cache_close(c);
+    set_str_attr(path, "augment", NULL);
+    strcpy(e.augment, "crop_pad=1 hflip=0");
+    assert_ok(kd_cache_open(path, &e, &c));
+    assert_string_equal(kd_cache_meta_of(c)->augment, "");
+    kd_cache_close(c);
 }
 
 /* Attributes out of range are reported with the value stored. */
@@ -1040,6 +1106,13 @@ static void test_topk_entries(void **state)
         kd_cache_close(c);
         free(seq);
 
+        /* values not in descending order (the K smallest logits, say) */
+        tmp_path(path, sizeof path, f16 ? "asc16.h5" : "asc32.h5");
+        write_cache(path, &m, NULL, 1);
+        poke(path, "topk_values", 50, 0, 2, 100.0f);
+        expect_open_fail(path, NULL, KD_ERR_FORMAT, "row 50 view 0",
+                         "not in descending order (slot 1 holds");
+
         /* a logsumexp below the largest top-k logit: negative mass outside the top-k */
         tmp_path(path, sizeof path, f16 ? "lse16.h5" : "lse32.h5");
         write_cache(path, &m, NULL, 1);
@@ -1092,10 +1165,23 @@ static void test_topk_entries(void **state)
     assert_non_null(strstr(kd_last_error(), "row 40 view 0"));
     assert_non_null(strstr(kd_last_error(), "duplicate class index"));
     d.ti[40 * 3 + 1] = topk_class(&m, 40, 0, 1);
+    const float l60 = d.lse[60];
     d.lse[60] = d.tv[60 * 3] - 1.0f;
     assert_int_equal(kd_cache_writer_put(w, 0, NULL, d.tv, d.ti, d.lse, d.aug, d.lab),
                      KD_ERR_INVALID);
     assert_non_null(strstr(kd_last_error(), "row 60 view 0"));
+    d.lse[60] = l60;
+    /* the slots in ascending order (row 70's entry reversed) */
+    const float t0 = d.tv[70 * 3];
+    const int32_t i0 = d.ti[70 * 3];
+    d.tv[70 * 3] = d.tv[70 * 3 + 2];
+    d.ti[70 * 3] = d.ti[70 * 3 + 2];
+    d.tv[70 * 3 + 2] = t0;
+    d.ti[70 * 3 + 2] = i0;
+    assert_int_equal(kd_cache_writer_put(w, 0, NULL, d.tv, d.ti, d.lse, d.aug, d.lab),
+                     KD_ERR_INVALID);
+    assert_non_null(strstr(kd_last_error(), "row 70 view 0"));
+    assert_non_null(strstr(kd_last_error(), "descending"));
     assert_int_equal(kd_cache_writer_chunk_done(w, 0), 0);
     chunk_free(&d);
     assert_ok(kd_cache_writer_close(w));
@@ -1366,6 +1452,7 @@ int main(void)
         cmocka_unit_test(test_done_values),
         cmocka_unit_test(test_writer_refuses),
         cmocka_unit_test(test_bad_attrs),
+        cmocka_unit_test(test_augment_attr),
         cmocka_unit_test(test_topk_entries),
         cmocka_unit_test(test_damaged_chunk),
         cmocka_unit_test(test_not_writable),

@@ -1360,11 +1360,11 @@ static kd_status meta_compare_resume(const char *path, const kd_cache_meta *have
         return KD_FAIL(KD_ERR_CONFIG,
                        "cache '%s' exists for dataset sha256 '%s', this run's dataset is '%s': %s",
                        path, have->dataset_sha256, want->dataset_sha256, hint);
-    if (strcmp(have->augment, want->augment) != 0)
+    /* a file begun before the attribute existed resumes without it */
+    if (have->augment[0] && want->augment[0] && strcmp(have->augment, want->augment) != 0)
         return KD_FAIL(KD_ERR_CONFIG,
                        "cache '%s' exists with views augmented '%s', this run augments '%s': %s",
-                       path, have->augment[0] ? have->augment : "(not recorded)",
-                       want->augment[0] ? want->augment : "(not recorded)", hint);
+                       path, have->augment, want->augment, hint);
     return KD_OK;
 }
 

@@ -608,10 +608,23 @@ static int valid_augment(const char *s)
 }
 
 /* Read /done (n chunks) into done and check that each entry is 0 or 1. */
-static kd_status read_done(hid_t ds, int64_t n, uint8_t *done, const char *path)
+static kd_status read_done(hid_t ds, int64_t n, uint8_t *done, const char *path, int *unreadable)
 {
-    if (H5Dread(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, done) < 0)
-        return H5_FAIL(KD_ERR_FORMAT, path, "H5Dread(/done)");
+    if (unreadable)
+        *unreadable = 0;
+    if (H5Dread(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, done) < 0) {
+        if (unreadable)
+            *unreadable = 1;
+        char d[700];
+        h5_detail(d, sizeof d);
+        /* without /done nothing says which chunks were written, so resuming cannot help */
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s': its /done dataset (which chunks are written) cannot be read "
+                       "(%s): the file is damaged; run `distill cache` again, which then computes "
+                       "every chunk again (unless the file is compressed), or delete it and write "
+                       "it anew",
+                       path, d);
+    }
     for (int64_t i = 0; i < n; i++)
         if (done[i] > 1)
             return KD_FAIL(KD_ERR_FORMAT,
@@ -1049,6 +1062,7 @@ struct kd_cache_writer {
     float *zeros;          /* chunk_rows * V * P zeros for aug_params NULL */
     int readonly;          /* the file could not be opened for writing and needs nothing written */
     int64_t damaged;       /* done chunks found unreadable at open, now to be written again */
+    int done_lost;         /* /done could not be read at open: every chunk is written again */
     uint32_t *seen, stamp; /* top-k checks of put_validate: C class stamps */
 };
 
@@ -1617,9 +1631,33 @@ kd_status kd_cache_writer_open(const char *path, const kd_cache_meta *meta,
         st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
         goto done;
     }
-    if ((st = read_done(w->ds.done, w->nchunks, w->done, path)) != KD_OK)
-        goto done;
-    st = writer_check_chunks(w, werr);
+    int lost;
+    if ((st = read_done(w->ds.done, w->nchunks, w->done, path, &lost)) == KD_OK) {
+        st = writer_check_chunks(w, werr);
+    } else if (lost) {
+        /* nothing says which chunks were written, so all are written again: not in a compressed
+         * file, which is not rewritten in place (writer_check_chunks), nor in one that cannot be
+         * opened for writing; /done is zeroed on disk first, one write of the whole dataset,
+         * which does not read the damaged one */
+        int comp = werr ? 0 : dset_compressed(w->ds.main);
+        if (werr || comp) {
+            st = comp < 0 ? H5_FAIL(KD_ERR_IO, path, "H5Dget_create_plist")
+                          : KD_FAIL(KD_ERR_FORMAT,
+                                    "cache '%s' is damaged: its /done dataset (which chunks are "
+                                    "written) cannot be read, and the file %s: delete it and run "
+                                    "`distill cache` again to write it anew",
+                                    path,
+                                    werr ? "cannot be opened for writing"
+                                         : "is compressed, so it is not rewritten in place");
+            goto done;
+        }
+        memset(w->done, 0, (size_t)w->nchunks);
+        w->done_lost = 1;
+        st = KD_OK;
+        H5_CHECK(H5Dwrite(w->ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, w->done),
+                 "H5Dwrite(/done)");
+        H5_CHECK(H5Fflush(w->file, H5F_SCOPE_LOCAL), "H5Fflush");
+    }
 done:
     if (st != KD_OK) {
         writer_free(w);
@@ -1655,6 +1693,8 @@ int64_t kd_cache_writer_chunks_missing(const kd_cache_writer *w)
 const kd_cache_meta *kd_cache_writer_meta(const kd_cache_writer *w) { return &w->meta; }
 
 int64_t kd_cache_writer_chunks_damaged(const kd_cache_writer *w) { return w->damaged; }
+
+int kd_cache_writer_done_lost(const kd_cache_writer *w) { return w->done_lost; }
 
 /* Check one chunk's inputs before anything is written. */
 static kd_status put_validate(kd_cache_writer *w, int64_t g0, int64_t R, const float *main,
@@ -2006,7 +2046,7 @@ static kd_status shard_open(const char *vds_path, const kd_cache_meta *vds, vds_
         st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", vds_path);
         goto done;
     }
-    if ((st = read_done(ds.done, nch, done, sh->file))) {
+    if ((st = read_done(ds.done, nch, done, sh->file, NULL))) {
         kd_fail_context(st, "cache '%s' (sharded): ", vds_path);
         goto done;
     }
@@ -2493,7 +2533,7 @@ kd_status kd_cache_inspect(const char *path, int scan_file, kd_cache_info *info)
         st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
         goto done;
     }
-    if ((st = read_done(ds.done, nch, done, path)))
+    if ((st = read_done(ds.done, nch, done, path, NULL)))
         goto done;
     for (int64_t i = 0; i < nch; i++)
         info->chunks_missing += done[i] == 0;
@@ -2941,7 +2981,7 @@ kd_status kd_cache_open(const char *path, const kd_cache_expect *expect, kd_cach
             st = KD_FAIL(KD_ERR_NOMEM, "cache '%s': out of memory", path);
             goto done;
         }
-        if ((st = read_done(c->ds.done, c->nchunks, done, path))) {
+        if ((st = read_done(c->ds.done, c->nchunks, done, path, NULL))) {
             free(done);
             goto done;
         }

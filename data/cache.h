@@ -166,6 +166,10 @@ int64_t kd_cache_writer_chunks_missing(const kd_cache_writer *w);
 const kd_cache_meta *kd_cache_writer_meta(const kd_cache_writer *w);
 /* Chunks /done claimed that could not be read back at open (now missing, to be written again). */
 int64_t kd_cache_writer_chunks_damaged(const kd_cache_writer *w);
+/* 1 when the existing file's /done could not be read at open: nothing says which chunks were
+ * written, so all are missing (and /done zeroed on disk). Not for a compressed file or one that
+ * cannot be opened for writing: those are refused. */
+int kd_cache_writer_done_lost(const kd_cache_writer *w);
 
 /*
  * Write chunk `chunk` (0-based in this file): R = kd_cache_writer_chunk_nrows

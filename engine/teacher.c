@@ -618,6 +618,11 @@ static kd_status cache_write_file(cache_run *r, const char *path, int64_t row_be
     if (missing < nchunks)
         fprintf(log, "resuming %s: %" PRId64 " of %" PRId64 " chunks already written\n", path,
                 nchunks - missing, nchunks);
+    if (kd_cache_writer_done_lost(w))
+        fprintf(log,
+                "%s: its /done dataset (which chunks are written) could not be read: computing "
+                "every chunk again\n",
+                path);
     if (damaged)
         fprintf(log,
                 "%s: %" PRId64 " chunk(s) marked written could not be read back (a checksum "

@@ -1250,6 +1250,22 @@ static void test_damaged_chunk(void **state)
     assert_ok(kd_cache_inspect(path, 1, &info));
     assert_int_equal(info.chunks_missing, 0);
 
+    /* /done itself: the reader says what to do, and a resuming writer, which cannot know which
+     * chunks were written, writes them all again */
+    damage_chunk(path, "done", 0);
+    expect_open_fail(path, NULL, KD_ERR_FORMAT, "its /done dataset", "run `distill cache` again");
+    assert_ok(kd_cache_writer_open(path, &m, NULL, &w));
+    assert_true(kd_cache_writer_done_lost(w));
+    assert_int_equal(kd_cache_writer_chunks_missing(w), 8);
+    assert_ok(kd_cache_writer_close(w));
+    expect_open_fail(path, NULL, KD_ERR_FORMAT, "8 of 8 chunks are missing", "resume");
+    assert_ok(kd_cache_writer_open(path, &m, NULL, &w));
+    assert_false(kd_cache_writer_done_lost(w));
+    for (int ch = 0; ch < 8; ch++)
+        assert_ok(put_chunk(w, &m, ch));
+    assert_ok(kd_cache_writer_close(w));
+    check_cache(path, &m);
+
     /* /aug_params of a top-k cache: the same */
     m = make_meta(500, 10, 1, 3, KD_DTYPE_F32, 100);
     tmp_path(path, sizeof path, "flipk.h5");
@@ -1279,6 +1295,16 @@ static void test_damaged_chunk(void **state)
     assert_non_null(strstr(kd_last_error(), path));
     assert_non_null(strstr(kd_last_error(), "compressed"));
     assert_non_null(strstr(kd_last_error(), "chunk 1 (rows 100..199)"));
+    /* its /done unreadable: not rewritten either */
+    tmp_path(path, sizeof path, "flipzd.h5");
+    write_cache(path, &m, &o, 1);
+    damage_chunk(path, "done", 0);
+    kd_clear_error();
+    assert_int_equal(kd_cache_writer_open(path, &m, &o, &w), KD_ERR_FORMAT);
+    assert_null(w);
+    assert_non_null(strstr(kd_last_error(), "its /done dataset"));
+    assert_non_null(strstr(kd_last_error(), "is compressed"));
+    assert_non_null(strstr(kd_last_error(), "delete it"));
 }
 
 /* Child of test_not_writable (no cmocka asserts here): 0 when every check holds. */

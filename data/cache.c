@@ -1909,7 +1909,7 @@ static const char *meta_diff(const kd_cache_meta *a, const kd_cache_meta *b, cha
         snprintf(vb, len, "'%s'", b->dataset_sha256);
         return "dataset_sha256";
     }
-    if (strcmp(a->augment, b->augment) != 0) {
+    if (a->augment[0] && b->augment[0] && strcmp(a->augment, b->augment) != 0) { /* "": unknown */
         snprintf(va, len, "'%s'", a->augment);
         snprintf(vb, len, "'%s'", b->augment);
         return "augment";

@@ -38,13 +38,16 @@ def topk_rows(logits, k):
 
 def write_cache(path, logits, labels, aug_params=None, topk=0, dtype="float32",
                 teacher_sha256="", dataset_sha256="", chunk_rows=1024, compress=None,
-                level=4):
+                level=4, augment=None):
     """Write logits [N, V, C] (raw, T = 1) and labels [N] as a complete cache at path.
 
     aug_params [N, V, P] float32 records the augmentation of each view (zeros:
     identity views, P = 3 as distill's dx, dy, flip). topk > 0 stores the top-k
     values, their class indices and each row's full logsumexp instead of all C
-    logits. Written to path + ".tmp" and renamed, so a crash leaves no partial
+    logits. augment names the augmentation the views were drawn with as distill
+    compares it with a job's data.augment ("none" or "crop_pad=N hflip=0|1");
+    None leaves it out (not checked), and "none" is written when aug_params is
+    None (identity views). Written to path + ".tmp" and renamed, so a crash leaves no partial
     file at path. Every /done entry is set because every chunk is written here;
     a writer that fills the file incrementally sets done[i] = 1 only after the
     rows of chunk i are written and flushed.
@@ -59,6 +62,7 @@ def write_cache(path, logits, labels, aug_params=None, topk=0, dtype="float32",
     assert np.isfinite(logits).all(), "logits must be finite"
     if aug_params is None:
         aug_params = np.zeros((n, v, 3), dtype=np.float32)
+        augment = "none" if augment is None else augment
     aug_params = np.asarray(aug_params, dtype=np.float32)
     assert aug_params.shape[:2] == (n, v), "aug_params must be [N, V, P]"
     assert dtype in ("float16", "float32")
@@ -88,6 +92,8 @@ def write_cache(path, logits, labels, aug_params=None, topk=0, dtype="float32",
         f.attrs["dtype"] = dtype
         f.attrs["teacher_sha256"] = teacher_sha256
         f.attrs["dataset_sha256"] = dataset_sha256
+        if augment is not None:
+            f.attrs["augment"] = augment
         f.attrs["chunk_rows"] = np.int64(chunk_rows)
         f.attrs["row_begin"] = np.int64(0)
         f.attrs["row_end"] = np.int64(n)

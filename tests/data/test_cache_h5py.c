@@ -66,9 +66,11 @@ static void check(const char *name, int views, int topk, kd_dtype dt, const char
     e.dtype = (int)dt;
     e.aug_nparams = 3;
     strcpy(e.teacher_sha256, "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef");
+    strcpy(e.augment, "none"); /* identity views: h5py's variable-length string */
     kd_cache *c = NULL;
     if (kd_cache_open(path, &e, &c) != KD_OK)
         fail_msg("%s", kd_last_error());
+    assert_string_equal(kd_cache_meta_of(c)->augment, "none");
     uint32_t rows[1500];
     for (int i = 0; i < 1500; i++)
         rows[i] = (uint32_t)(1499 - i);

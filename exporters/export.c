@@ -562,11 +562,43 @@ static kd_status commit(out_file *f, int n)
     return KD_FAIL(KD_ERR_IO, "%s", msg);
 }
 
+/* The outermost missing directory on the way to dir ("" when dir exists): what kd_mkdir_p(dir)
+ * creates, so that a failed export can remove it again. */
+static void missing_top(const char *dir, char *top, size_t len)
+{
+    char cur[PATH_MAX], up[PATH_MAX];
+    struct stat s;
+    top[0] = '\0';
+    snprintf(cur, sizeof cur, "%s", dir);
+    while (cur[0] && stat(cur, &s) != 0 && errno == ENOENT) {
+        snprintf(top, len, "%s", cur);
+        kd_path_dir(cur, up, sizeof up);
+        if (!strcmp(up, cur))
+            break;
+        snprintf(cur, sizeof cur, "%s", up);
+    }
+}
+
+/* Remove dir and its parents up to top, the directories missing_top found missing, as long as
+ * they are empty (rmdir removes nothing else). */
+static void remove_made_dirs(const char *dir, const char *top)
+{
+    char cur[PATH_MAX], up[PATH_MAX];
+    snprintf(cur, sizeof cur, "%s", dir);
+    while (top[0] && rmdir(cur) == 0 && strcmp(cur, top) != 0) {
+        kd_path_dir(cur, up, sizeof up);
+        if (!strcmp(up, cur))
+            break;
+        snprintf(cur, sizeof cur, "%s", up);
+    }
+}
+
 /*
  * Write the export's files (model.kdm, model.c + model.h, samples.bin, the report) as one set:
  * all go to temporary names first and are renamed into place only once every one is complete,
  * so a failure (a full disk, say) leaves every earlier file as it was and no temporary file.
  * Then the outputs of an earlier export in out_dir that this one does not write are removed.
+ * Directories made for them are removed again when the export fails.
  */
 static kd_status write_outputs(const kd_export_opts *o, kd_export_report *r, const uint8_t *blob,
                                size_t len, const uint8_t *samples, size_t samples_len)
@@ -575,19 +607,20 @@ static kd_status write_outputs(const kd_export_opts *o, kd_export_report *r, con
     memset(f, 0, sizeof f);
     kd_export_text h = {NULL, 0}, c = {NULL, 0};
     char *json = NULL, report[1024], dir[1024], cd[PATH_MAX], cj[PATH_MAX], path[PATH_MAX + 16];
+    char made_out[PATH_MAX], made_dir[PATH_MAX];
     size_t json_len = 0;
     int n = 0;
     kd_status st = KD_OK;
     if (snprintf(report, sizeof report, "%s%s", o->json_path ? o->json_path : o->out_dir,
                  o->json_path ? "" : "/report.json") >= (int)sizeof report)
         return KD_FAIL(KD_ERR_INVALID, "export: report path '%s' is too long", report);
-    KD_TRY(kd_mkdir_p(o->out_dir));
     kd_path_dir(report, dir, sizeof dir);
-    KD_TRY(kd_mkdir_p(dir)); /* the report's own directory may differ from out_dir */
-    KD_TRY(canon_path(o->out_dir, cd, sizeof cd));
-    KD_TRY(canon_path(report, cj, sizeof cj));
-    if ((o->formats & KD_EXPORT_C) && (st = kd_export_c_source(r->g, blob, len, &h, &c)))
-        return st;
+    missing_top(o->out_dir, made_out, sizeof made_out);
+    missing_top(dir, made_dir, sizeof made_dir);
+    if ((st = kd_mkdir_p(o->out_dir)) || (st = kd_mkdir_p(dir)) || /* the report's may differ */
+        (st = canon_path(o->out_dir, cd, sizeof cd)) || (st = canon_path(report, cj, sizeof cj)) ||
+        ((o->formats & KD_EXPORT_C) && (st = kd_export_c_source(r->g, blob, len, &h, &c))))
+        goto done;
 
     const void *data[N_OUT_NAMES] = {o->formats & KD_EXPORT_KDM ? blob : NULL, c.text, h.text,
                                      samples, NULL};
@@ -644,6 +677,10 @@ done:
             unlink(f[i].tmp);
         if (f[i].bak_made)
             unlink(f[i].bak);
+    }
+    if (st != KD_OK) {
+        remove_made_dirs(dir, made_dir);
+        remove_made_dirs(o->out_dir, made_out);
     }
     free(h.text);
     free(c.text);

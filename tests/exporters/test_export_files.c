@@ -173,17 +173,30 @@ static void test_failed_export_keeps_old_set(void **state)
     long long c4 = file_size(scratch, "model.c");
     assert_true(c4 > 2 * file_size(scratch, "model.kdm"));
     assert_true(c4 > file_size(scratch, "model.h"));
-    snapshot before;
+    snapshot before, before_again;
     snap(odir, &before);
+    snap(odir, &before_again);
     assert_int_equal(before.n, 5);
     int code = export_to(odir, "int4", "both", "4", NULL, c4 - 1);
     if (code != 1 || !strstr(out, "model.c") || !strstr(out, "File too large"))
         fail_msg("want exit 1 naming model.c and the cause, got %d:\n%s", code, out);
     assert_unchanged(odir, &before);
     snap_free(&before);
+    /* the directories it made for its files are gone again; those that were there stay */
+    char fresh[300], jdir[300], json[320];
+    tp(fresh, sizeof fresh, "new/a/b");
+    tp(jdir, sizeof jdir, "set/j/k");
+    snprintf(json, sizeof json, "%s/r.json", jdir);
+    code = export_to(fresh, "int4", "both", "4", json, c4 - 1);
+    if (code != 1 || !strstr(out, "File too large"))
+        fail_msg("want exit 1 with the cause, got %d:\n%s", code, out);
+    assert_false(kd_file_exists(tp(fresh, sizeof fresh, "new")));
+    assert_false(kd_file_exists(tp(jdir, sizeof jdir, "set/j")));
+    assert_unchanged(odir, &before_again);
     /* without the limit the same export replaces the whole set */
     if (export_to(odir, "int4", "both", "4", NULL, 0) != 0)
         fail_msg("int4 export failed:\n%s", out);
+    snap_free(&before_again);
     assert_null(strstr(out, "removed stale"));
     const char *const names[] = {"model.kdm", "model.c", "model.h", "samples.bin"};
     for (int i = 0; i < 4; i++) {

@@ -216,10 +216,15 @@ kd_status kd_file_read_all(const char *path, void **buf, size_t *len)
 }
 
 /* mkdir one component; an existing directory counts as success, anything else in the way not. */
-static kd_status mkdir_one(const char *dir, const char *full)
+/* mkdir dir (a prefix of full) unless it is a directory already; the first directory made is
+ * recorded in made (when given and still empty). */
+static kd_status mkdir_one(const char *dir, const char *full, char *made, size_t len)
 {
-    if (mkdir(dir, 0755) == 0)
+    if (mkdir(dir, 0755) == 0) {
+        if (made && len && !made[0])
+            snprintf(made, len, "%s", dir);
         return KD_OK;
+    }
     int e = errno;
     struct stat sb;
     if (e == EEXIST || e == EISDIR) {
@@ -233,8 +238,12 @@ static kd_status mkdir_one(const char *dir, const char *full)
                    strerror(e));
 }
 
-kd_status kd_mkdir_p(const char *dir)
+kd_status kd_mkdir_p(const char *dir) { return kd_mkdir_p_made(dir, NULL, 0); }
+
+kd_status kd_mkdir_p_made(const char *dir, char *made, size_t len)
 {
+    if (made && len)
+        made[0] = '\0';
     if (!dir || !*dir)
         return KD_FAIL(KD_ERR_INVALID, "kd_mkdir_p: empty directory name");
     char *buf = strdup(dir);
@@ -246,12 +255,12 @@ kd_status kd_mkdir_p(const char *dir)
         if (*p != '/' || p[-1] == '/')
             continue;
         *p = '\0';
-        st = mkdir_one(buf, dir);
+        st = mkdir_one(buf, dir, made, len);
         *p = '/';
         if (st != KD_OK)
             goto done;
     }
-    st = mkdir_one(buf, dir);
+    st = mkdir_one(buf, dir, made, len);
 done:
     free(buf);
     return st;

@@ -50,6 +50,9 @@ void kd_path_dir(const char *path, char *buf, size_t len);
 
 /* mkdir -p: create dir and its missing parents; an existing directory is fine. */
 kd_status kd_mkdir_p(const char *dir);
+/* kd_mkdir_p, and into made (len bytes) the outermost directory it created ("" when it created
+ * none): removing that one, once empty, undoes the call. */
+kd_status kd_mkdir_p_made(const char *dir, char *made, size_t len);
 
 #ifdef __cplusplus
 }

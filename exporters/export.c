@@ -562,30 +562,13 @@ static kd_status commit(out_file *f, int n)
     return KD_FAIL(KD_ERR_IO, "%s", msg);
 }
 
-/* The outermost missing directory on the way to dir ("" when dir exists): what kd_mkdir_p(dir)
- * creates, so that a failed export can remove it again. */
-static void missing_top(const char *dir, char *top, size_t len)
-{
-    char cur[PATH_MAX], up[PATH_MAX];
-    struct stat s;
-    top[0] = '\0';
-    snprintf(cur, sizeof cur, "%s", dir);
-    while (cur[0] && stat(cur, &s) != 0 && errno == ENOENT) {
-        snprintf(top, len, "%s", cur);
-        kd_path_dir(cur, up, sizeof up);
-        if (!strcmp(up, cur))
-            break;
-        snprintf(cur, sizeof cur, "%s", up);
-    }
-}
-
-/* Remove dir and its parents up to top, the directories missing_top found missing, as long as
- * they are empty (rmdir removes nothing else). */
+/* Remove dir and its parents up to top, the outermost directory kd_mkdir_p_made made for it,
+ * as long as they are empty (rmdir removes nothing else; one never made is passed over). */
 static void remove_made_dirs(const char *dir, const char *top)
 {
     char cur[PATH_MAX], up[PATH_MAX];
     snprintf(cur, sizeof cur, "%s", dir);
-    while (top[0] && rmdir(cur) == 0 && strcmp(cur, top) != 0) {
+    while (top[0] && (rmdir(cur) == 0 || errno == ENOENT) && strcmp(cur, top) != 0) {
         kd_path_dir(cur, up, sizeof up);
         if (!strcmp(up, cur))
             break;
@@ -607,7 +590,7 @@ static kd_status write_outputs(const kd_export_opts *o, kd_export_report *r, con
     memset(f, 0, sizeof f);
     kd_export_text h = {NULL, 0}, c = {NULL, 0};
     char *json = NULL, report[1024], dir[1024], cd[PATH_MAX], cj[PATH_MAX], path[PATH_MAX + 16];
-    char made_out[PATH_MAX], made_dir[PATH_MAX];
+    char made_out[PATH_MAX] = "", made_dir[PATH_MAX] = "";
     size_t json_len = 0;
     int n = 0;
     kd_status st = KD_OK;
@@ -615,9 +598,8 @@ static kd_status write_outputs(const kd_export_opts *o, kd_export_report *r, con
                  o->json_path ? "" : "/report.json") >= (int)sizeof report)
         return KD_FAIL(KD_ERR_INVALID, "export: report path '%s' is too long", report);
     kd_path_dir(report, dir, sizeof dir);
-    missing_top(o->out_dir, made_out, sizeof made_out);
-    missing_top(dir, made_dir, sizeof made_dir);
-    if ((st = kd_mkdir_p(o->out_dir)) || (st = kd_mkdir_p(dir)) || /* the report's may differ */
+    if ((st = kd_mkdir_p_made(o->out_dir, made_out, sizeof made_out)) ||
+        (st = kd_mkdir_p_made(dir, made_dir, sizeof made_dir)) || /* the report's may differ */
         (st = canon_path(o->out_dir, cd, sizeof cd)) || (st = canon_path(report, cj, sizeof cj)) ||
         ((o->formats & KD_EXPORT_C) && (st = kd_export_c_source(r->g, blob, len, &h, &c))))
         goto done;

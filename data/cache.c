@@ -522,14 +522,18 @@ done:
     return st;
 }
 
-/* String attribute, fixed-length or variable-length (h5py's default), into buf. */
-static kd_status attr_read_str(hid_t loc, const char *path, const char *name, char *buf, size_t len)
+/* String attribute, fixed-length or variable-length (h5py's default), into buf; "" when it is
+ * absent and not required. */
+static kd_status attr_read_str(hid_t loc, const char *path, const char *name, int required,
+                               char *buf, size_t len)
 {
     kd_status st = KD_OK;
     hid_t a, t = H5I_INVALID_HID, mt = H5I_INVALID_HID, sp = H5I_INVALID_HID;
     char *tmp = NULL;
     buf[0] = '\0';
-    KD_TRY(attr_open(loc, path, name, 1, &a));
+    KD_TRY(attr_open(loc, path, name, required, &a));
+    if (a < 0) /* optional and absent: "" */
+        return KD_OK;
     H5_CHECK(t = H5Aget_type(a), "H5Aget_type");
     H5_CHECK(sp = H5Aget_space(a), "H5Aget_space");
     if (H5Tget_class(t) != H5T_STRING || H5Sget_simple_extent_npoints(sp) != 1) {
@@ -607,6 +611,13 @@ static int valid_augment(const char *s)
     return strcmp(back, s) == 0;
 }
 
+/* 1 when two augment values differ; "" (unknown: a file written before the attribute existed, or
+ * by another tool) differs from nothing. */
+static int augment_differs(const char *a, const char *b)
+{
+    return a[0] && b[0] && strcmp(a, b) != 0;
+}
+
 /* Read /done (n chunks) into done and check that each entry is 0 or 1. */
 static kd_status read_done(hid_t ds, int64_t n, uint8_t *done, const char *path, int *unreadable)
 {
@@ -641,7 +652,7 @@ static kd_status meta_read(hid_t f, const char *path, kd_cache_meta *m)
     int64_t v;
     int found;
     memset(m, 0, sizeof *m);
-    KD_TRY(attr_read_str(f, path, "format", s, sizeof s));
+    KD_TRY(attr_read_str(f, path, "format", 1, s, sizeof s));
     if (strcmp(s, KD_CACHE_FORMAT) != 0)
         return KD_FAIL(KD_ERR_FORMAT,
                        "cache '%s' is not a distill teacher cache: its format attribute is '%s', "
@@ -669,7 +680,7 @@ static kd_status meta_read(hid_t f, const char *path, kd_cache_meta *m)
     m->num_classes = (int)nc;
     m->views = (int)nv;
     m->topk = (int)nk;
-    KD_TRY(attr_read_str(f, path, "dtype", s, sizeof s));
+    KD_TRY(attr_read_str(f, path, "dtype", 1, s, sizeof s));
     if (strcmp(s, "float16") == 0)
         m->dtype = KD_DTYPE_F16;
     else if (strcmp(s, "float32") == 0)
@@ -677,25 +688,22 @@ static kd_status meta_read(hid_t f, const char *path, kd_cache_meta *m)
     else
         return KD_FAIL(KD_ERR_FORMAT,
                        "cache '%s' has dtype '%s'; a cache stores 'float16' or 'float32'", path, s);
-    KD_TRY(attr_read_str(f, path, "teacher_sha256", m->teacher_sha256, sizeof m->teacher_sha256));
-    KD_TRY(attr_read_str(f, path, "dataset_sha256", m->dataset_sha256, sizeof m->dataset_sha256));
+    KD_TRY(
+        attr_read_str(f, path, "teacher_sha256", 1, m->teacher_sha256, sizeof m->teacher_sha256));
+    KD_TRY(
+        attr_read_str(f, path, "dataset_sha256", 1, m->dataset_sha256, sizeof m->dataset_sha256));
     if (!valid_hash(m->teacher_sha256) || !valid_hash(m->dataset_sha256))
         return KD_FAIL(KD_ERR_FORMAT,
                        "cache '%s': teacher_sha256 and dataset_sha256 must be 64 lowercase hex "
                        "digits or empty",
                        path);
-    htri_t has_aug = H5Aexists(f, "augment");
-    if (has_aug < 0)
-        return H5_FAIL(KD_ERR_FORMAT, path, "H5Aexists(augment)");
-    if (has_aug) {
-        KD_TRY(attr_read_str(f, path, "augment", s, sizeof s));
-        if (strlen(s) >= sizeof m->augment || !valid_augment(s))
-            return KD_FAIL(KD_ERR_FORMAT,
-                           "cache '%s': attribute augment is '%.60s'; it must be 'none' or "
-                           "'crop_pad=N hflip=0|1' (see data/README.md)",
-                           path, s);
-        memcpy(m->augment, s, strlen(s) + 1);
-    }
+    KD_TRY(attr_read_str(f, path, "augment", 0, s, sizeof s)); /* optional: "" unknown */
+    if (strlen(s) >= sizeof m->augment || !valid_augment(s))
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s': attribute augment is '%.60s'; it must be 'none' or "
+                       "'crop_pad=N hflip=0|1' (see data/README.md)",
+                       path, s);
+    memcpy(m->augment, s, strlen(s) + 1);
     KD_TRY(attr_read_i64(f, path, "row_begin", 0, &m->row_begin, &found));
     if (!found)
         m->row_begin = 0;
@@ -1374,8 +1382,7 @@ static kd_status meta_compare_resume(const char *path, const kd_cache_meta *have
         return KD_FAIL(KD_ERR_CONFIG,
                        "cache '%s' exists for dataset sha256 '%s', this run's dataset is '%s': %s",
                        path, have->dataset_sha256, want->dataset_sha256, hint);
-    /* a file begun before the attribute existed resumes without it */
-    if (have->augment[0] && want->augment[0] && strcmp(have->augment, want->augment) != 0)
+    if (augment_differs(have->augment, want->augment))
         return KD_FAIL(KD_ERR_CONFIG,
                        "cache '%s' exists with views augmented '%s', this run augments '%s': %s",
                        path, have->augment, want->augment, hint);
@@ -1460,53 +1467,64 @@ static void writer_free(kd_cache_writer *w)
 }
 
 /*
+ * The damage `found` describes has been cleared from w->done (those chunks are missing now): write
+ * /done so, on disk before anything else, so that no later run trusts them, and they are written
+ * again. A compressed file is not repaired in place (its rewritten chunks would move: see the
+ * file comment), and a file opened read-only (werr: why it is not writable) cannot be: both are
+ * refused. /done is written whole, which does not read its stored chunk (that may be the damage).
+ */
+static kd_status writer_repair(kd_cache_writer *w, int werr, const char *found)
+{
+    kd_status st = KD_OK;
+    const char *path = w->path;
+    int comp = dset_compressed(w->ds.main);
+    if (comp < 0)
+        return H5_FAIL(KD_ERR_IO, path, "H5Dget_create_plist");
+    if (werr)
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s' is damaged: %s; it cannot be opened for writing (%s) to compute "
+                       "them again: make it writable and run `distill cache` again, or delete it "
+                       "and start over",
+                       path, found, strerror(werr));
+    if (comp)
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s' is damaged: %s; it is compressed, and a compressed cache is not "
+                       "rewritten in place: delete it and run `distill cache` again to write it "
+                       "anew",
+                       path, found);
+    H5_CHECK(H5Dwrite(w->ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, w->done),
+             "H5Dwrite(/done)");
+    H5_CHECK(H5Fflush(w->file, H5F_SCOPE_LOCAL), "H5Fflush");
+    if (w->fsync)
+        st = file_fsync(w->file, path);
+done:
+    return st;
+}
+
+/*
  * A resumed file's done chunks must read back (/done only says they were written). Chunks that
- * cannot be read are marked missing, on disk too, so that they are written again. A compressed
- * file is not repaired in place (its rewritten chunks would move: see the file comment), and a
- * file opened read-only (werr: why it is not writable) cannot be: both are refused, as is a
- * read-only file with chunks missing.
+ * cannot be read are marked missing, on disk too, so that they are written again
+ * (writer_repair); a read-only file with chunks missing is refused too.
  */
 static kd_status writer_check_chunks(kd_cache_writer *w, int werr)
 {
-    kd_status st = KD_OK;
     const char *path = w->path;
     chunk_scan sc;
     char found[1200];
     KD_TRY(chunks_scan(&w->ds, &w->meta, w->done, 1, path, &sc));
     if (sc.nbad) {
         scan_text(&sc, &w->meta, found, sizeof found);
-        int comp = dset_compressed(w->ds.main);
-        if (comp < 0)
-            return H5_FAIL(KD_ERR_IO, path, "H5Dget_create_plist");
-        if (werr)
-            return KD_FAIL(KD_ERR_FORMAT,
-                           "cache '%s' is damaged: %s; it cannot be opened for writing (%s) to "
-                           "compute them again: make it writable and run `distill cache` again, "
-                           "or delete it and start over",
-                           path, found, strerror(werr));
-        if (comp)
-            return KD_FAIL(KD_ERR_FORMAT,
-                           "cache '%s' is damaged: %s; it is compressed, and a compressed cache "
-                           "is not rewritten in place: delete it and run `distill cache` again to "
-                           "write it anew",
-                           path, found);
+        KD_TRY(writer_repair(w, werr, found));
         w->damaged = sc.nbad;
-        /* on disk before anything else, so that no later run trusts these chunks */
-        H5_CHECK(H5Dwrite(w->ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, w->done),
-                 "H5Dwrite(/done)");
-        H5_CHECK(H5Fflush(w->file, H5F_SCOPE_LOCAL), "H5Fflush");
-        if (w->fsync && (st = file_fsync(w->file, path)) != KD_OK)
-            goto done;
     }
     if (werr && kd_cache_writer_chunks_missing(w))
-        st = KD_FAIL(KD_ERR_IO,
-                     "cache '%s' has %lld of %lld chunks still to write, and it cannot be opened "
-                     "for writing to resume it: %s; make it writable, or copy it to a writable "
-                     "place and point teacher.cache there (the file is not damaged)",
-                     path, (long long)kd_cache_writer_chunks_missing(w), (long long)w->nchunks,
-                     strerror(werr));
-done:
-    return st;
+        return KD_FAIL(KD_ERR_IO,
+                       "cache '%s' has %lld of %lld chunks still to write, and it cannot be opened "
+                       "for writing to resume it: %s; make it writable, or copy it to a writable "
+                       "place and point teacher.cache there (the file is not damaged)",
+                       path, (long long)kd_cache_writer_chunks_missing(w), (long long)w->nchunks,
+                       strerror(werr));
+    return KD_OK;
 }
 
 kd_status kd_cache_writer_open(const char *path, const kd_cache_meta *meta,
@@ -1634,29 +1652,10 @@ kd_status kd_cache_writer_open(const char *path, const kd_cache_meta *meta,
     int lost;
     if ((st = read_done(w->ds.done, w->nchunks, w->done, path, &lost)) == KD_OK) {
         st = writer_check_chunks(w, werr);
-    } else if (lost) {
-        /* nothing says which chunks were written, so all are written again: not in a compressed
-         * file, which is not rewritten in place (writer_check_chunks), nor in one that cannot be
-         * opened for writing; /done is zeroed on disk first, one write of the whole dataset,
-         * which does not read the damaged one */
-        int comp = werr ? 0 : dset_compressed(w->ds.main);
-        if (werr || comp) {
-            st = comp < 0 ? H5_FAIL(KD_ERR_IO, path, "H5Dget_create_plist")
-                          : KD_FAIL(KD_ERR_FORMAT,
-                                    "cache '%s' is damaged: its /done dataset (which chunks are "
-                                    "written) cannot be read, and the file %s: delete it and run "
-                                    "`distill cache` again to write it anew",
-                                    path,
-                                    werr ? "cannot be opened for writing"
-                                         : "is compressed, so it is not rewritten in place");
-            goto done;
-        }
+    } else if (lost) { /* nothing says which chunks were written: all are written again */
         memset(w->done, 0, (size_t)w->nchunks);
-        w->done_lost = 1;
-        st = KD_OK;
-        H5_CHECK(H5Dwrite(w->ds.done, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, w->done),
-                 "H5Dwrite(/done)");
-        H5_CHECK(H5Fflush(w->file, H5F_SCOPE_LOCAL), "H5Fflush");
+        st = writer_repair(w, werr, "its /done dataset (which chunks are written) cannot be read");
+        w->done_lost = st == KD_OK;
     }
 done:
     if (st != KD_OK) {
@@ -1909,7 +1908,7 @@ static const char *meta_diff(const kd_cache_meta *a, const kd_cache_meta *b, cha
         snprintf(vb, len, "'%s'", b->dataset_sha256);
         return "dataset_sha256";
     }
-    if (a->augment[0] && b->augment[0] && strcmp(a->augment, b->augment) != 0) { /* "": unknown */
+    if (augment_differs(a->augment, b->augment)) {
         snprintf(va, len, "'%s'", a->augment);
         snprintf(vb, len, "'%s'", b->augment);
         return "augment";
@@ -2895,7 +2894,7 @@ static kd_status expect_check(const char *path, const kd_cache_meta *m, const kd
                        path, m->dataset_sha256, e->dataset_sha256);
     /* the student trains on the cached views (their /aug_params), whatever the job's
      * data.augment says: a different augmentation is refused rather than silently replaced */
-    if (e->augment[0] && m->augment[0] && strcmp(e->augment, m->augment) != 0)
+    if (augment_differs(e->augment, m->augment))
         return KD_FAIL(KD_ERR_CONFIG,
                        "cache '%s' holds views augmented '%s', the job's data.augment is '%s': "
                        "the student would train on the cached views, not the job's; rebuild the "

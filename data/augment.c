@@ -20,7 +20,7 @@
 
 void kd_augment_describe(const kd_augment_cfg *cfg, char *buf, size_t len)
 {
-    if (!cfg || (cfg->crop_pad <= 0 && !cfg->hflip))
+    if (!kd_augment_on(cfg))
         snprintf(buf, len, "none");
     else
         snprintf(buf, len, "crop_pad=%d hflip=%d", cfg->crop_pad > 0 ? cfg->crop_pad : 0,

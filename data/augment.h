@@ -27,6 +27,13 @@ typedef struct {
     int hflip;    /* nonzero: flip with probability 0.5 */
 } kd_augment_cfg;
 
+/* 1 when cfg augments anything (a crop pad or flips); NULL augments nothing. Inline: the config
+ * code uses it without linking the augmentation. */
+static inline int kd_augment_on(const kd_augment_cfg *cfg)
+{
+    return cfg && (cfg->crop_pad > 0 || cfg->hflip);
+}
+
 /* The configuration as one short string, the teacher cache's `augment` attribute: "none" when
  * cfg is NULL or augments nothing, else "crop_pad=N hflip=0|1". len >= KD_AUG_DESC_LEN. */
 #define KD_AUG_DESC_LEN 48

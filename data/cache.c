@@ -183,16 +183,6 @@ static int meta_width(const kd_cache_meta *m) { return m->topk ? m->topk : m->nu
 
 static size_t meta_esize(const kd_cache_meta *m) { return m->dtype == KD_DTYPE_F16 ? 2 : 4; }
 
-static int fsync_path(const char *p, int dir)
-{
-    int fd = open(p, dir ? O_RDONLY | O_DIRECTORY : O_RDONLY);
-    if (fd < 0)
-        return -1;
-    int rc = fsync(fd);
-    close(fd);
-    return rc;
-}
-
 /* ---- float16 ------------------------------------------------------------------------------ */
 
 uint16_t kd_f32_to_f16(float x)
@@ -1214,15 +1204,11 @@ static char *tmp_name(const char *final_path)
 /* Rename the closed file tmp over final_path and (when asked) fsync the directory. */
 static kd_status rename_into_place(const char *tmp, const char *final_path, int sync)
 {
-    char dir[4096];
     if (rename(tmp, final_path) != 0)
         return KD_FAIL(KD_ERR_IO, "cache '%s': rename from '%s' failed: %s", final_path, tmp,
                        strerror(errno));
-    kd_path_dir(final_path, dir, sizeof dir);
-    if (sync && fsync_path(dir, 1) != 0)
-        return KD_FAIL(KD_ERR_IO, "cache '%s': fsync of directory '%s' failed: %s", final_path, dir,
-                       strerror(errno));
-    return KD_OK;
+    kd_status st = sync ? kd_fsync_dir_of(final_path) : KD_OK;
+    return st ? kd_fail_context(st, "cache '%s': ", final_path) : KD_OK;
 }
 
 /* fsync (when asked) and close *f, rename tmp over final_path, fsync the directory. */

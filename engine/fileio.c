@@ -10,6 +10,7 @@
 #include "fileio.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,14 +43,21 @@ void kd_path_dir(const char *path, char *buf, size_t len)
         snprintf(buf, len, "%.*s", (int)(slash - path), path);
 }
 
-/* The directory holding path, for the fsync that makes the rename durable. */
-static char *dir_of(const char *path)
+kd_status kd_fsync_dir_of(const char *path)
 {
-    const size_t len = strlen(path) + 2;
-    char *dir = malloc(len);
-    if (dir)
-        kd_path_dir(path, dir, len);
-    return dir;
+    char dir[PATH_MAX];
+    kd_path_dir(path, dir, sizeof dir);
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return KD_FAIL(KD_ERR_IO, "opening directory '%s' to fsync it: %s", dir, strerror(errno));
+    /* Some filesystems cannot fsync a directory (EINVAL); the data is already safe there. */
+    if (fsync(fd) != 0 && errno != EINVAL) {
+        const int e = errno;
+        close(fd);
+        return KD_FAIL(KD_ERR_IO, "fsync of directory '%s' failed: %s", dir, strerror(e));
+    }
+    close(fd);
+    return KD_OK;
 }
 
 kd_status kd_file_write_atomic(const char *path, kd_write_fn fn, void *ctx)
@@ -61,8 +69,7 @@ kd_status kd_file_write_atomic(const char *path, kd_write_fn fn, void *ctx)
     const char *step = NULL;
     int err = 0;
     FILE *f = NULL;
-    int tmp_exists = 0, rc, dfd;
-    char *dir = NULL;
+    int tmp_exists = 0, rc;
     size_t tlen = strlen(path) + 32;
     char *tmp = malloc(tlen);
     if (!tmp)
@@ -121,26 +128,10 @@ kd_status kd_file_write_atomic(const char *path, kd_write_fn fn, void *ctx)
     tmp_exists = 0;
 
     /* Without this the rename itself may be lost on power failure. */
-    dir = dir_of(path);
-    if (!dir) {
-        st = KD_FAIL(KD_ERR_NOMEM, "writing '%s': out of memory", path);
+    if ((st = kd_fsync_dir_of(path)) != KD_OK) {
+        kd_fail_context(st, "writing '%s': ", path);
         goto fail;
     }
-    dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd < 0) {
-        step = "opening directory";
-        err = errno;
-        goto fail;
-    }
-    /* Some filesystems cannot fsync a directory (EINVAL); the data is already safe there. */
-    if (fsync(dfd) != 0 && errno != EINVAL) {
-        err = errno;
-        close(dfd);
-        step = "fsync of directory";
-        goto fail;
-    }
-    close(dfd);
-    free(dir);
     free(tmp);
     return KD_OK;
 
@@ -152,7 +143,6 @@ fail:
         fclose(f);
     if (tmp_exists)
         unlink(tmp);
-    free(dir);
     free(tmp);
     return st;
 }

@@ -48,6 +48,10 @@ kd_status kd_file_read_all(const char *path, void **buf, size_t *len);
 /* The directory holding path, into buf: "." without a slash, "/" for a name in the root. */
 void kd_path_dir(const char *path, char *buf, size_t len);
 
+/* fsync the directory holding path, so that a rename or removal there is durable (a filesystem
+ * that cannot fsync a directory, EINVAL, needs nothing more). */
+kd_status kd_fsync_dir_of(const char *path);
+
 /* mkdir -p: create dir and its missing parents; an existing directory is fine. */
 kd_status kd_mkdir_p(const char *dir);
 /* kd_mkdir_p, and into made (len bytes) the outermost directory it created ("" when it created

@@ -255,7 +255,7 @@ static kd_status parse_teacher(kd_job *j)
                        "is %d",
                        kd_node_where(kd_node_child(s, "view_targets"), pos, sizeof pos),
                        j->cache_topk);
-    if (j->view_mean && (j->augment.crop_pad > 0 || j->augment.hflip))
+    if (j->view_mean && kd_augment_on(&j->augment))
         return KD_FAIL(KD_ERR_CONFIG,
                        "%s: with teacher.view_targets: mean the student trains on the "
                        "unaugmented image; remove data.augment (the views' augmentation is the "

@@ -549,7 +549,7 @@ static kd_status cache_run_open(cache_run *r)
         return KD_FAIL(KD_ERR_NOMEM, "out of memory");
     KD_TRY(r->be->alloc((void **)&r->x_dev, (size_t)r->batch * r->per * sizeof(float)));
     r->fill = (0.0f - train->mean) / train->std;
-    r->aug = (job->augment.crop_pad > 0 || job->augment.hflip) ? &job->augment : NULL;
+    r->aug = kd_augment_on(&job->augment) ? &job->augment : NULL;
     if (r->V > 1 && !r->aug)
         fprintf(r->log, "note: %d views but data.augment is off, so every view is the same image\n",
                 r->V);

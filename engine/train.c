@@ -1000,8 +1000,7 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     }
 
 train:;
-    const kd_augment_cfg *aug =
-        (job->augment.crop_pad > 0 || job->augment.hflip) ? &job->augment : NULL;
+    const kd_augment_cfg *aug = kd_augment_on(&job->augment) ? &job->augment : NULL;
     fprintf(log,
             "training %s: %zu parameters, %" PRId64 " samples, %" PRId64
             " steps/epoch, %d epochs, batch %d, %s backend, %d threads",

@@ -494,24 +494,6 @@ static kd_status write_tmp(out_file *f)
     return KD_OK;
 }
 
-/* Make the renames and removals in the directory holding `file` durable. */
-static kd_status sync_dir_of(const char *file)
-{
-    char dir[1024];
-    kd_path_dir(file, dir, sizeof dir);
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return KD_FAIL(KD_ERR_IO, "export: opening directory '%s': %s", dir, strerror(errno));
-    /* some filesystems cannot fsync a directory (EINVAL); their renames need nothing more */
-    if (fsync(fd) != 0 && errno != EINVAL) {
-        int e = errno;
-        close(fd);
-        return KD_FAIL(KD_ERR_IO, "export: fsync of directory '%s' failed: %s", dir, strerror(e));
-    }
-    close(fd);
-    return KD_OK;
-}
-
 /*
  * Rename every complete temporary file over its final name. Each file about to be replaced is
  * first linked to its bak name; when a rename fails, the renames done before it are undone
@@ -642,9 +624,9 @@ static kd_status write_outputs(const kd_export_opts *o, kd_export_report *r, con
     if (st == KD_OK)
         st = commit(f, n);
     if (st == KD_OK)
-        st = sync_dir_of(f[0].path);
+        st = kd_fsync_dir_of(f[0].path);
     if (st == KD_OK && strcmp(dir, o->out_dir))
-        st = sync_dir_of(report);
+        st = kd_fsync_dir_of(report);
     for (int i = 0; i < r->nremoved && st == KD_OK; i++)
         if (unlink(r->removed[i]) != 0 && errno != ENOENT)
             st = KD_FAIL(KD_ERR_IO,
@@ -652,7 +634,7 @@ static kd_status write_outputs(const kd_export_opts *o, kd_export_report *r, con
                          "export, could not be removed: %s",
                          r->removed[i], strerror(errno));
     if (st == KD_OK && r->nremoved)
-        st = sync_dir_of(f[0].path);
+        st = kd_fsync_dir_of(f[0].path);
 done:
     for (int i = 0; i < n; i++) {
         if (f[i].tmp_made)

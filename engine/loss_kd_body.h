@@ -199,26 +199,31 @@ static void OP(kd_lse_stream)(const T *x, int len, T inv_t, OP(kd_lse) * st)
  * taken from each row's own maximum, where the terms that matter are small:
  * a large common offset (logits near 1e4) never enters the float sums.
  * Raising a maximum by dp (dq) changes w to f_p * (w - sum_p * (dp - dq)).
+ * A class with q_j = -inf and e^p_j > 0 makes w = +inf; whether e^p_j > 0 is
+ * decided against the row's final maximum (the largest such p_j is kept
+ * aside), so the answer does not depend on which chunk the maximum is in.
  */
 static double OP(kd_pair_stream)(const T *p, const T *q, int c, T inv_t, OP(kd_lse) * sp,
                                  OP(kd_lse) * sq)
 {
     double w = 0;
+    T pinf = -(T)INFINITY; /* the largest p_j with q_j = -inf */
     for (int j0 = 0; j0 < c; j0 += KD_CHUNK) {
         const int cl = c - j0 < KD_CHUNK ? c - j0 : KD_CHUNK;
         const T *pc = p + j0, *qc = q + j0;
         T mp = -(T)INFINITY, mq = -(T)INFINITY;
-#pragma omp simd reduction(max : mp, mq)
+#pragma omp simd reduction(max : mp, mq, pinf)
         for (int j = 0; j < cl; j++) {
             mp = pc[j] > mp ? pc[j] : mp;
             mq = qc[j] > mq ? qc[j] : mq;
+            pinf = qc[j] == -(T)INFINITY && pc[j] > pinf ? pc[j] : pinf;
         }
         const double mp0 = sp->m, mq0 = sq->m, sum_p0 = sp->sum;
         double fp = OP(kd_lse_raise)(sp, (double)mp, (double)inv_t);
         OP(kd_lse_raise)(sq, (double)mq, (double)inv_t);
         /* an empty stream had no terms (or w = +inf already); nothing to shift */
         double dp = mp0 == -INFINITY ? 0 : sp->m - mp0, dq = mq0 == -INFINITY ? 0 : sq->m - mq0;
-        if (fp == 0) /* the old terms underflow against the new maximum (w may be +inf) */
+        if (fp == 0) /* the old terms underflow against the new maximum */
             w = 0;
         else if (dp != 0 || dq != 0)
             w = fp * (w - sum_p0 * (dp - dq));
@@ -231,12 +236,14 @@ static double OP(kd_pair_stream)(const T *p, const T *q, int c, T inv_t, OP(kd_l
             T eq = KEXP(xq * inv_t);
             ap += ep;
             aq += eq;
-            aw += ep > 0 ? ep * (xp - xq) : (T)0;
+            aw += ep > 0 && qc[j] != -(T)INFINITY ? ep * (xp - xq) : (T)0;
         }
         sp->sum += (double)ap;
         sq->sum += (double)aq;
         w += (double)aw;
     }
+    if (pinf != -(T)INFINITY && KEXP((pinf - OP(kd_shift)(sp->m)) * inv_t) > 0)
+        w = INFINITY;
     return w;
 }
 

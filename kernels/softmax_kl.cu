@@ -83,8 +83,11 @@ template <typename T, int VEC> __device__ __forceinline__ void store_vec(T *p, c
 
 /* ---- the online state ---- */
 
+/* pinf: the largest target logit of a class the other side masks (-inf); kept out of w, it
+ * makes the row +inf only if its mass does not underflow against the row's final maximum (the
+ * CPU reference's rule, whichever thread or chunk holds the maximum) */
 struct skl_state {
-    float mp, sp, mq, sq, w;
+    float mp, sp, mq, sq, w, pinf;
 };
 
 __device__ __forceinline__ float shift_of(float m) { return m == -INFINITY ? 0.f : m; }
@@ -111,6 +114,7 @@ __device__ __forceinline__ void merge(skl_state &a, skl_state b, float inv_t)
     a.sp += b.sp;
     a.sq += b.sq;
     a.w += b.w;
+    a.pinf = fmaxf(a.pinf, b.pinf);
 }
 
 /* add one class to a state whose maxima already cover it */
@@ -120,7 +124,10 @@ __device__ __forceinline__ void add_class(skl_state &a, float p, float q, float 
     float ep = kd_expf_ftz(xp * inv_t), eq = kd_expf_ftz(xq * inv_t);
     a.sp += ep;
     a.sq += eq;
-    a.w += ep > 0.f ? ep * (xp - xq) : 0.f;
+    if (q == -INFINITY)
+        a.pinf = p > a.pinf ? p : a.pinf;
+    else
+        a.w += ep > 0.f ? ep * (xp - xq) : 0.f;
 }
 
 __device__ __forceinline__ skl_state shfl_state(skl_state a, int off)
@@ -131,6 +138,7 @@ __device__ __forceinline__ skl_state shfl_state(skl_state a, int off)
     b.mq = __shfl_xor_sync(0xffffffffu, a.mq, off);
     b.sq = __shfl_xor_sync(0xffffffffu, a.sq, off);
     b.w = __shfl_xor_sync(0xffffffffu, a.w, off);
+    b.pinf = __shfl_xor_sync(0xffffffffu, a.pinf, off);
     return b;
 }
 
@@ -152,7 +160,9 @@ __device__ __forceinline__ skl_row row_result(const skl_state &a, float inv_t)
 {
     skl_row r;
     r.empty = a.sp == 0.f; /* a NaN sum (NaN or +inf logits) is not empty: NaN goes on */
-    r.inf = !r.empty && (!(a.sq > 0.f) || isinf(a.w));
+    r.inf =
+        !r.empty && (!(a.sq > 0.f) || isinf(a.w) ||
+                     (a.pinf != -INFINITY && kd_expf_ftz((a.pinf - shift_of(a.mp)) * inv_t) > 0.f));
     if (r.empty) {
         r.kl = 0.f;
     } else if (r.inf) {
@@ -234,7 +244,7 @@ __global__ void __launch_bounds__(32 * SKL_WARP_ROWS)
         }
     }
     /* the whole row is here: exact maxima first, then one sum (no rescaling needed) */
-    skl_state a = {-INFINITY, 0.f, -INFINITY, 0.f, 0.f};
+    skl_state a = {-INFINITY, 0.f, -INFINITY, 0.f, 0.f, -INFINITY};
 #pragma unroll
     for (int i = 0; i < VPT; i++) {
         a.mp = fmaxf(a.mp, reverse ? xs[i] : xt[i]);
@@ -248,6 +258,7 @@ __global__ void __launch_bounds__(32 * SKL_WARP_ROWS)
     a.sp = kd_warp_sum_f(a.sp);
     a.sq = kd_warp_sum_f(a.sq);
     a.w = kd_warp_sum_f(a.w);
+    a.pinf = warp_max(a.pinf);
     skl_row r = row_result(a, inv_t);
     if (lane == 0)
         row_loss[row] = (double)coef * (double)r.kl;
@@ -288,8 +299,8 @@ __device__ skl_state block_merge(skl_state a, float inv_t)
         part[warp] = a;
     __syncthreads();
     if (warp == 0) {
-        a = lane < (int)(blockDim.x / 32) ? part[lane]
-                                          : skl_state{-INFINITY, 0.f, -INFINITY, 0.f, 0.f};
+        a = lane < (int)(blockDim.x / 32) ? part[lane] : skl_state{-INFINITY, 0.f, -INFINITY,
+                                                                   0.f,       0.f, -INFINITY};
         for (int off = 16; off > 0; off >>= 1)
             merge(a, shfl_state(a, off), inv_t);
         if (lane == 0)
@@ -312,7 +323,7 @@ __global__ void __launch_bounds__(SKL_BLOCK)
     const int row = blockIdx.x;
     const Tin *sr = s + (size_t)row * c, *tr = t + (size_t)row * c;
     const int nvec = c / VEC;
-    skl_state a = {-INFINITY, 0.f, -INFINITY, 0.f, 0.f};
+    skl_state a = {-INFINITY, 0.f, -INFINITY, 0.f, 0.f, -INFINITY};
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
         float xs[VEC], xt[VEC];
         load_vec<Tin, VEC>(sr + v * VEC, xs);

@@ -541,6 +541,51 @@ static void test_dense_masks(void **state)
         assert_true(isfinite(gf[j]));
 }
 
+/* A class the other side masks (-inf) while the target has mass there makes the loss +inf, but
+ * only if that mass does not underflow against the row's maximum: a target logit 99.5 / T below
+ * the maximum is exp(-99.5) = 0 in float, 800 below it 0 in double. The rows span several
+ * 256-class chunks; the answer must not depend on whether the masked class comes before or after
+ * the maximum (the rescaling between chunks once kept an earlier +inf). */
+static void test_dense_mask_underflow_any_order(void **state)
+{
+    (void)state;
+    enum { C = 600 };
+    static float tf[C], sf[C], gf[C];
+    static double td[C], sd[C], gd[C];
+    const int pos[2][2] = {{0, 300}, {300, 0}}; /* masked class, row maximum */
+    for (int rev = 0; rev < 2; rev++) {
+        double lf[4], ld[4];
+        for (int o = 0; o < 4;
+             o++) { /* o >= 2: the same rows with the class masked on both sides */
+            const int a = pos[o & 1][0], b = pos[o & 1][1];
+            for (int j = 0; j < C; j++) {
+                tf[j] = sf[j] = 0.01f * (float)(j % 7);
+                td[j] = sd[j] = 0.01 * (j % 5);
+            }
+            float *pf = rev ? sf : tf, *qf = rev ? tf : sf;
+            double *pd = rev ? sd : td, *qd = rev ? td : sd;
+            pf[b] = 100.0f;
+            pd[b] = 800.0;
+            pf[a] = o < 2 ? 0.5f : -INFINITY;
+            pd[a] = o < 2 ? 0.5 : -INFINITY;
+            qf[a] = -INFINITY;
+            qd[a] = -INFINITY;
+            lf[o] = kd_cpu_kd_dense_f32(1, C, sf, tf, 1.0, rev, 0, gf, 1);
+            ld[o] = kd_cpu_kd_dense_f64(1, C, sd, td, 1.0, rev, 0, gd, 1);
+            for (int j = 0; j < C; j++)
+                if (!isfinite(gf[j]) || !isfinite(gd[j]))
+                    fail_msg("rev %d case %d: gradient %d not finite", rev, o, j);
+        }
+        for (int o = 0; o < 2; o++) {
+            if (!isfinite(lf[o]) || !isfinite(ld[o]))
+                fail_msg("rev %d, masked class %s the maximum: loss %g (float), %g (double)", rev,
+                         o ? "after" : "before", lf[o], ld[o]);
+            kd_assert_close(lf[o], lf[o + 2], 1e-6 * lf[o + 2]);
+            kd_assert_close(ld[o], ld[o + 2], 1e-12 * ld[o + 2]);
+        }
+    }
+}
+
 /* NaN and +inf are not valid logits: a row holding one has a NaN (or +inf) loss, never a
  * finite one made of the terms the NaN failed to enter, so that training stops on it. A live
  * teacher whose outputs overflow gives such rows. */
@@ -918,6 +963,7 @@ int main(void)
         cmocka_unit_test(test_dense_extreme_rows),
         cmocka_unit_test(test_dense_finite_differences),
         cmocka_unit_test(test_dense_masks),
+        cmocka_unit_test(test_dense_mask_underflow_any_order),
         cmocka_unit_test(test_dkd_reference),
         cmocka_unit_test(test_dkd_generalises_kd),
         cmocka_unit_test(test_dkd_extreme_and_bad_label),

@@ -239,6 +239,48 @@ static void test_masks(void **state)
         }
 }
 
+/* A class the other side masks (-inf) where the target's mass underflows against the row's
+ * maximum (400 above it, / T = 200) counts as masked in both variants and both orders of the
+ * class and the maximum: the row is finite, as on the CPU. Each thread of the block variant sees
+ * part of the row, so its own maximum is not the row's. */
+static void test_mask_underflow(void **state)
+{
+    (void)state;
+    const int cs[2] = {1024, 4096}, at[2][2] = {{0, 600}, {600, 0}};
+    for (int ci = 0; ci < 2; ci++) {
+        const int c = cs[ci];
+        float *s = malloc(sizeof(float) * 2 * c), *t = malloc(sizeof(float) * 2 * c);
+        double rows[2];
+        assert_non_null(s);
+        assert_non_null(t);
+        for (int rev = 0; rev < 2; rev++) {
+            for (int i = 0; i < 2; i++) { /* row i: masked class at[i][0], maximum at[i][1] */
+                float *p = rev ? s + i * c : t + i * c, *q = rev ? t + i * c : s + i * c;
+                for (int j = 0; j < c; j++)
+                    p[j] = q[j] = 0.01f * (float)(j % 7);
+                p[at[i][0]] = 0.5f;
+                q[at[i][0]] = -INFINITY;
+                p[at[i][1]] = 400.0f;
+            }
+            for (int variant = KD_SKL_WARP; variant <= KD_SKL_BLOCK; variant++) {
+                if (variant == KD_SKL_WARP && c > 1024)
+                    continue;
+                run_rows(2, c, s, t, rev, variant, rows, NULL);
+                for (int i = 0; i < 2; i++) {
+                    double want =
+                        kd_cpu_kd_dense_f32(1, c, s + i * c, t + i * c, 2.0, rev, 1, NULL, 1);
+                    assert_true(isfinite(want));
+                    if (!(fabs(rows[i] - want) <= 1e-5 * fmax(1, fabs(want))))
+                        fail_msg("c %d variant %d rev %d row %d: %g, CPU %g", c, variant, rev, i,
+                                 rows[i], want);
+                }
+            }
+        }
+        free(s);
+        free(t);
+    }
+}
+
 /* NaN and +inf logits (not valid; a live teacher that overflows gives them) make the row's loss
  * non-finite on the device as on the CPU: never a finite loss from the terms that stayed
  * finite. Rows: one NaN teacher logit, a +inf teacher logit, an all-NaN teacher row, one NaN
@@ -312,8 +354,8 @@ int main(void)
     printf("%s\n", why);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_variants_f32), cmocka_unit_test(test_variants_bf16),
-        cmocka_unit_test(test_masks),        cmocka_unit_test(test_invalid_rows),
-        cmocka_unit_test(test_backend_slot),
+        cmocka_unit_test(test_masks),        cmocka_unit_test(test_mask_underflow),
+        cmocka_unit_test(test_invalid_rows), cmocka_unit_test(test_backend_slot),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -130,10 +130,14 @@ static void keep(kd_status st)
     }
 }
 
+/* A failed cuBLAS / cuDNN call may leave the CUDA runtime's last error set (a launch it made
+ * failed): cleared here, so that the next kernel's launch check does not report it as its own. */
 static void keep_blas(cublasStatus_t s, const char *what)
 {
-    if (s != CUBLAS_STATUS_SUCCESS)
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        (void)cudaGetLastError();
         keep(KD_FAIL(KD_ERR_DEVICE, "%s failed: cuBLAS status %d", what, (int)s));
+    }
 }
 
 /* engine/cuda_check.h: the failure names the line of the call */
@@ -175,16 +179,24 @@ static kd_status cu_upload(void *dst, const void *src, size_t bytes)
                       "cudaMemcpyAsync host->device");
 }
 
+static kd_status cu_sync(void);
+
+/* The bytes, after the stream's work: a failure kept since the last sync() is reported here
+ * (backend.h), so that results computed after it are never taken as good. */
 static kd_status cu_download(void *dst, const void *src, size_t bytes)
 {
     KD_TRY(cuda_check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, kd_stream),
                       "cudaMemcpyAsync device->host"));
-    return cuda_check(cudaStreamSynchronize(kd_stream), "cudaStreamSynchronize");
+    return cu_sync();
 }
 
+/* Also kept: callers (gradient zeroing) go on without looking, and the next sync() or download
+ * reports it. */
 static kd_status cu_zero(void *dst, size_t bytes)
 {
-    return cuda_check(cudaMemsetAsync(dst, 0, bytes, kd_stream), "cudaMemsetAsync");
+    kd_status st = cuda_check(cudaMemsetAsync(dst, 0, bytes, kd_stream), "cudaMemsetAsync");
+    keep(st);
+    return st;
 }
 
 static kd_status cu_sync(void)
@@ -260,9 +272,11 @@ static void cu_round_bf16(size_t n, float *x) { keep(kd_cuda_round_bf16(kd_strea
 
 static void keep_dnn(cudnnStatus_t s, const char *what)
 {
-    if (s != CUDNN_STATUS_SUCCESS)
+    if (s != CUDNN_STATUS_SUCCESS) {
+        (void)cudaGetLastError(); /* as keep_blas */
         keep(KD_FAIL(KD_ERR_DEVICE, "%s failed: %s (cuDNN status %d)", what, cudnnGetErrorString(s),
                      (int)s));
+    }
 }
 
 static kd_status dnn_check_at(cudnnStatus_t s, const char *what, const char *file, int line)

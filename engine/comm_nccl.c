@@ -34,6 +34,7 @@
  */
 #include "comm.h"
 
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -172,14 +173,23 @@ static kd_status nccl_free(nccl_impl *im)
         return KD_OK;
     if (im->nccl) {
         ncclResult_t ar = ncclSuccess;
-        kd_status q = im->stream ? KD_CUDA_CHECK(cudaStreamSynchronize(im->stream),
-                                                 "cudaStreamSynchronize (closing NCCL)")
-                                 : KD_OK;
-        if (q == KD_OK)
+        kd_status q = KD_OK;
+        /* wait for the queued work while watching the communicator: work whose peer failed
+         * never completes (a stream synchronize would wait forever) but sets its async error */
+        for (;;) {
+            cudaError_t e = im->stream ? cudaStreamQuery(im->stream) : cudaSuccess;
+            if (e != cudaSuccess && e != cudaErrorNotReady) {
+                q = KD_CUDA_CHECK(e, "cudaStreamQuery (closing NCCL)");
+                break;
+            }
             q = KD_NCCL_CHECK(ncclCommGetAsyncError(im->nccl, &ar), im->nccl,
                               "ncclCommGetAsyncError");
-        if (q == KD_OK && ar != ncclSuccess)
-            q = KD_NCCL_CHECK(ar, im->nccl, "the communicator's queued work");
+            if (q == KD_OK && ar != ncclSuccess && ar != ncclInProgress)
+                q = KD_NCCL_CHECK(ar, im->nccl, "the communicator's queued work");
+            if (q != KD_OK || e == cudaSuccess)
+                break;
+            sched_yield();
+        }
         if (q == KD_OK) { /* a failed destroy leaves no handle to abort */
             q = KD_NCCL_CHECK(ncclCommDestroy(im->nccl), NULL, "ncclCommDestroy");
             im->nccl = NULL;

@@ -179,7 +179,16 @@ static kd_status cu_upload(void *dst, const void *src, size_t bytes)
                       "cudaMemcpyAsync host->device");
 }
 
-static kd_status cu_sync(void);
+static kd_status cu_sync(void)
+{
+    keep(cuda_check(cudaStreamSynchronize(kd_stream), "cudaStreamSynchronize"));
+    if (kd_sticky != KD_OK) {
+        kd_status st = kd_sticky;
+        kd_sticky = KD_OK;
+        return KD_FAIL(st, "%s", kd_sticky_msg);
+    }
+    return KD_OK;
+}
 
 /* The bytes, after the stream's work: a failure kept since the last sync() is reported here
  * (backend.h), so that results computed after it are never taken as good. */
@@ -197,17 +206,6 @@ static kd_status cu_zero(void *dst, size_t bytes)
     kd_status st = cuda_check(cudaMemsetAsync(dst, 0, bytes, kd_stream), "cudaMemsetAsync");
     keep(st);
     return st;
-}
-
-static kd_status cu_sync(void)
-{
-    keep(cuda_check(cudaStreamSynchronize(kd_stream), "cudaStreamSynchronize"));
-    if (kd_sticky != KD_OK) {
-        kd_status st = kd_sticky;
-        kd_sticky = KD_OK;
-        return KD_FAIL(st, "%s", kd_sticky_msg);
-    }
-    return KD_OK;
 }
 
 static void cu_linear_fwd(int n, int in, int out, const float *x, const float *w, const float *b,

@@ -221,7 +221,7 @@ static double OP(kd_pair_stream)(const T *p, const T *q, int c, T inv_t, OP(kd_l
         const double mp0 = sp->m, mq0 = sq->m, sum_p0 = sp->sum;
         double fp = OP(kd_lse_raise)(sp, (double)mp, (double)inv_t);
         OP(kd_lse_raise)(sq, (double)mq, (double)inv_t);
-        /* an empty stream had no terms (or w = +inf already); nothing to shift */
+        /* an empty stream had no terms; nothing to shift */
         double dp = mp0 == -INFINITY ? 0 : sp->m - mp0, dq = mq0 == -INFINITY ? 0 : sq->m - mq0;
         if (fp == 0) /* the old terms underflow against the new maximum */
             w = 0;

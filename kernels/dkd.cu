@@ -28,7 +28,14 @@ extern "C" kd_status kd_cuda_dkd(void *stream, int n, int c, const float *s, con
                                  double beta, int t2_scale, float *ds, double scale,
                                  double *row_loss)
 {
-    if (n <= 0)
+    /* ds may be NULL (the loss alone); c = 1 is a zero row (dkd_row) */
+    if (n < 0 || (n > 0 && (c < 1 || !s || !t || !labels || !row_loss)) || !(temperature > 0))
+        return KD_FAIL(KD_ERR_INVALID,
+                       "dkd: bad arguments (n %d, c %d, temperature %g%s): it needs a class or "
+                       "more, a positive temperature, logits, targets, labels and row sums",
+                       n, c, temperature,
+                       !s || !t || !labels || !row_loss ? ", a NULL buffer" : "");
+    if (n == 0)
         return KD_OK;
     const double coef = t2_scale ? temperature * temperature : 1.0, inv_t = 1.0 / temperature;
     const double kk = scale * coef * inv_t / n;

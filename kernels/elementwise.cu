@@ -115,6 +115,8 @@ __global__ void gather_rows_kernel(size_t total, int cols, const unsigned int *s
 extern "C" kd_status kd_cuda_gather_rows(void *stream, int n, int cols, const void *src,
                                          const uint32_t *idx, void *dst)
 {
+    if (n < 0 || cols < 0)
+        return KD_FAIL(KD_ERR_INVALID, "gather_rows: bad shape n %d, cols %d", n, cols);
     const size_t total = (size_t)n * (size_t)cols;
     if (total == 0)
         return KD_OK;
@@ -134,7 +136,11 @@ extern "C" kd_status kd_cuda_round_bf16(void *stream, size_t n, float *x)
 extern "C" kd_status kd_cuda_bias_rows(void *stream, int rows, int cols, const float *bias,
                                        float *y)
 {
-    size_t n = (size_t)rows * cols;
+    if (rows < 0 || cols < 0)
+        return KD_FAIL(KD_ERR_INVALID, "bias_rows: bad shape rows %d, cols %d", rows, cols);
+    if (rows == 0 || cols == 0)
+        return KD_OK;
+    const size_t n = (size_t)rows * (size_t)cols;
     bias_rows_kernel<<<kd_grid_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, cols, bias, y);
     return kd_launch_status("bias_rows");
 }
@@ -142,7 +148,9 @@ extern "C" kd_status kd_cuda_bias_rows(void *stream, int rows, int cols, const f
 extern "C" kd_status kd_cuda_bias_grad_rows(void *stream, int rows, int cols, const float *dy,
                                             float *db)
 {
-    if (cols <= 0)
+    if (rows < 0 || cols < 0)
+        return KD_FAIL(KD_ERR_INVALID, "bias_grad_rows: bad shape rows %d, cols %d", rows, cols);
+    if (cols == 0)
         return KD_OK;
     bias_grad_rows_kernel<<<cols, 256, 0, (cudaStream_t)stream>>>(rows, cols, dy, db);
     return kd_launch_status("bias_grad_rows");
@@ -197,7 +205,9 @@ __global__ void dropout_kernel(size_t n, const float *x, float *y, float *mask, 
 extern "C" kd_status kd_cuda_bias_nchw(void *stream, int n, int c, int hw, const float *bias,
                                        float *y)
 {
-    if (n <= 0 || c <= 0 || hw <= 0)
+    if (n < 0 || c < 0 || hw < 0)
+        return KD_FAIL(KD_ERR_INVALID, "bias_nchw: bad shape n %d, c %d, hw %d", n, c, hw);
+    if (n == 0 || c == 0 || hw == 0)
         return KD_OK;
     size_t total = (size_t)n * c * hw;
     bias_nchw_kernel<<<kd_grid_for(total, 256), 256, 0, (cudaStream_t)stream>>>(total, c, hw, bias,
@@ -208,7 +218,9 @@ extern "C" kd_status kd_cuda_bias_nchw(void *stream, int n, int c, int hw, const
 extern "C" kd_status kd_cuda_bias_grad_nchw(void *stream, int n, int c, int hw, const float *dy,
                                             float *db)
 {
-    if (n <= 0 || c <= 0 || hw <= 0)
+    if (n < 0 || c < 0 || hw < 0)
+        return KD_FAIL(KD_ERR_INVALID, "bias_grad_nchw: bad shape n %d, c %d, hw %d", n, c, hw);
+    if (n == 0 || c == 0 || hw == 0)
         return KD_OK;
     bias_grad_nchw_kernel<<<c, 256, 0, (cudaStream_t)stream>>>(n, c, hw, dy, db);
     return kd_launch_status("bias_grad_nchw");
@@ -266,7 +278,10 @@ extern "C" kd_status kd_cuda_gather_augment(void *stream, int n, int c, int h, i
                                             const uint32_t *idx, const float *params, float fill,
                                             float *x_out, int32_t *y_out)
 {
-    if (n <= 0 || c <= 0 || h <= 0 || w <= 0)
+    if (n < 0 || c < 0 || h < 0 || w < 0)
+        return KD_FAIL(KD_ERR_INVALID, "gather_augment: bad shape n %d, c %d, h %d, w %d", n, c, h,
+                       w);
+    if (n == 0 || c == 0 || h == 0 || w == 0)
         return KD_OK;
     const size_t total = (size_t)n * c * h * w;
     gather_augment_kernel<<<kd_grid_for(total, 256), 256, 0, (cudaStream_t)stream>>>(
@@ -283,7 +298,9 @@ __global__ void add_f64_kernel(int n, const double *src, double *dst)
 
 extern "C" kd_status kd_cuda_add_f64(void *stream, int n, const double *src, double *dst)
 {
-    if (n <= 0)
+    if (n < 0)
+        return KD_FAIL(KD_ERR_INVALID, "add_f64: n = %d", n);
+    if (n == 0)
         return KD_OK;
     add_f64_kernel<<<(n + 255) / 256, 256, 0, (cudaStream_t)stream>>>(n, src, dst);
     return kd_launch_status("add_f64");

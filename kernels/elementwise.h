@@ -3,7 +3,9 @@
  *
  * Every pointer is device memory; every launcher queues work on `stream`
  * (a cudaStream_t passed as void * so C callers need no CUDA headers) and
- * returns KD_ERR_DEVICE with the CUDA error text when the launch fails.
+ * returns KD_ERR_DEVICE with the CUDA error text when the launch fails. The
+ * launchers that take int sizes refuse a negative one with KD_ERR_INVALID before
+ * anything is queued; a size of 0 queues nothing.
  */
 #ifndef KD_KERNELS_ELEMENTWISE_H
 #define KD_KERNELS_ELEMENTWISE_H

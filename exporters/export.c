@@ -740,17 +740,20 @@ kd_status kd_export_run(const kd_job *job, const char *checkpoint, const kd_expo
     if ((st = kd_checkpoint_check_model(checkpoint, &info, m, job->model_desc,
                                         "export it with the job it was trained with")))
         goto done;
-    /* A job trained with fake-quantized weights of these bits (QAT) is the model with those
-     * weights: the float graph, its calibration and its accuracy use them, and quantizing
-     * them again gives back the same integers (engine/quant.h). */
+    /* A job trained with fake-quantized weights (QAT) is the model with those weights, whatever
+     * width it is exported at (its latent float weights were never what it ran with): the float
+     * graph, its calibration and its accuracy use them. Exported at the job's own bits,
+     * quantizing them again gives back the same integers (engine/quant.h); at the other width
+     * they are quantized as any float model is. */
+    r->qat_bits = job->quant_qat ? job->quant_bits : 0;
     r->qat = job->quant_qat && job->quant_bits == o->bits;
-    if (r->qat) {
+    if (r->qat_bits) {
         float *master = malloc(m->nparams * sizeof(float));
         if (!master) {
             st = KD_FAIL(KD_ERR_NOMEM, "export: out of memory");
             goto done;
         }
-        kd_quant_model_apply(m, o->bits, master);
+        kd_quant_model_apply(m, r->qat_bits, master);
         free(master);
     }
     if ((st = kd_load_train_split(job, &train)) || (st = kd_check_model_fits_data(m, &train, job)))

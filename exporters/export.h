@@ -47,11 +47,12 @@
  *     r max|w| / 7) for the smallest error of the row, each weight's squared error weighted by
  *     the mean square of the input channel it multiplies. A job trained with
  *     `quant: {bits: 4, qat: true}` (or bits 8) learnt against plain max-abs scales, so then
- *     exactly those are used. Bias int32 = round(b' / (s_in s_w[o])) - zp_in sum(q_w[o]);
- *     requantization multiplier / shift per channel from s_in s_w[o] / s_out
- *     (kd_quant_multiplier), ADD parameters as TFLite's quantized add (left shift 20), an
- *     optional SOFTMAX with its exp table. Post-training (not QAT) exports then correct each
- *     bias for the mean shift rounding causes (kd_export_bias_correct, on 256 calibration
+ *     exactly those are used; exported at the other width, its float model is still its
+ *     fake-quantized weights (what it trained and `distill eval` runs), quantized as usual. Bias
+ * int32 = round(b' / (s_in s_w[o])) - zp_in sum(q_w[o]); requantization multiplier / shift per
+ * channel from s_in s_w[o] / s_out (kd_quant_multiplier), ADD parameters as TFLite's quantized add
+ * (left shift 20), an optional SOFTMAX with its exp table. Post-training (not QAT) exports then
+ * correct each bias for the mean shift rounding causes (kd_export_bias_correct, on 256 calibration
  *     samples): on the tiny Fashion-MNIST student it lifts INT4 from 76.0 % to 86.8 % and INT8
  *     from 90.02 % to 90.13 % (float 90.33 %). `int8_layers` keeps named layers at 8 bits in an
  *     INT4 export (the first conv, whose rows hold only 9 weights, is the usual candidate).

@@ -13,6 +13,7 @@ struct kd_export_report {
     kd_export_graph *g; /* owned */
     char config[512], checkpoint[512], model[640];
     int bits, qat, softmax, bias_corrected;
+    int qat_bits; /* the job's QAT width (its weights are the float model), else 0 */
     uint32_t flags, op_mask;
     size_t blob_len;
     uint32_t *op_bytes;  /* constant bytes of each op (weights, bias, quant record, params) */

@@ -36,6 +36,11 @@ void kd_export_report_print(const kd_export_report *r, FILE *f)
             r->bias_corrected ? ", bias correction" : "",
             r->flags & KDM_FLAG_SINGLE_ROUNDING ? "single" : "double (TFLite)",
             r->softmax ? ", softmax output" : "");
+    if (r->qat_bits && !r->qat)
+        fprintf(f,
+                "  the float model is the job's int%d QAT weights (as distill eval runs it), "
+                "quantized again to int%d\n",
+                r->qat_bits, r->bits);
     fprintf(f, "  %3s %-16s %-22s %-10s %-10s %2s %9s %8s %8s %7s %-5s %s\n", "op", "blocks",
             "type", "in", "out", "wb", "MACs", "weight B", "const B", "arena B", "act",
             "range (calibration)");
@@ -123,6 +128,7 @@ static cJSON *report_json(const kd_export_report *r)
     cJSON_AddStringToObject(root, "model", r->model);
     cJSON_AddStringToObject(root, "weights", r->bits == 4 ? "int4" : "int8");
     cJSON_AddBoolToObject(root, "qat", r->qat);
+    cJSON_AddNumberToObject(root, "qat_bits", r->qat_bits);
     cJSON_AddBoolToObject(root, "bias_correction", r->bias_corrected);
     cJSON_AddStringToObject(root, "rounding",
                             r->flags & KDM_FLAG_SINGLE_ROUNDING ? "single" : "double");

@@ -520,6 +520,40 @@ static void test_qat_job(void **state)
         }
     }
     free(blob);
+
+    /* Exported at int8, the float model is still the one the job trained and evaluates: the
+     * int4 grid's weights (not the latent floats), quantized again. Each row's largest weight is
+     * on +-7 of that grid, so its int8 codes are round(127 k / 7) for the int4 codes k. */
+    argv[5] = "int8";
+    tp(odir, sizeof odir, "eq8");
+    argv[9] = odir;
+    if (run(argv) != 0)
+        fail_msg("int8 export failed:\n%s", out);
+    snprintf(path, sizeof path, "%s/report.json", odir);
+    rep_text = kd_read_text(path);
+    assert_non_null(rep_text);
+    rep = cJSON_Parse(rep_text);
+    free(rep_text);
+    assert_true(cJSON_IsFalse(cJSON_GetObjectItem(rep, "qat")));
+    assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(rep, "qat_bits")), 4);
+    cJSON_Delete(rep);
+    if (!strstr(out, "the job's int4 QAT weights"))
+        fail_msg("the report does not say which float model it quantized:\n%s", out);
+    snprintf(path, sizeof path, "%s/model.kdm", odir);
+    blob = read_all(path, &len);
+    rec = blob + rd32(blob + 52);
+    assert_int_equal(rd32(rec), KDM_OP_CONV2D);
+    woff = rd32(rec + 11 * 4);
+    stride = rd32(rec + 12 * 4);
+    for (int o = 0; o < out_c; o++) {
+        int sign = g[o] / sqrtf(v[o] + 1e-5f) < 0 ? -1 : 1;
+        for (int j = 0; j < k; j++) {
+            int q = (int8_t)blob[woff + o * stride + j];
+            int k4 = kd_quant_round(w[o * k + j], scale[o], 7);
+            assert_int_equal(q, sign * (int)lrint(127.0 * k4 / 7.0));
+        }
+    }
+    free(blob);
     free(w);
     free(scale);
     kd_model_free(m);

@@ -16,6 +16,7 @@
  * permutation undoes.
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -269,15 +270,34 @@ static kd_status lower_act(lower_ctx *cx, const kd_block *b, cursor *cur)
             note_fused(p, b);
         return KD_OK;
     }
-    kd_export_op *o = absorber(cx, cur->t);
+    kd_export_op *o = absorber(cx, cur->t), *pool = NULL;
+    if (o && o->type == KDM_OP_MAXPOOL2D) {
+        /* relu / relu6 after a max pool (conv -> maxpool -> relu, as PyTorch's MNIST example
+         * writes it): a non-decreasing clamp commutes with max, so it is the clamp of the op
+         * before the pool, when the pool alone reads that op's output */
+        const int ti = o->in0, q = g->t[ti].producer;
+        pool = o;
+        o = q == g->nop - 2 && !is_pinned(cx, ti) ? &g->op[q] : NULL;
+    }
     if (!o || (o->type != KDM_OP_CONV2D && o->type != KDM_OP_DEPTHWISE_CONV2D &&
                o->type != KDM_OP_FULLY_CONNECTED && o->type != KDM_OP_ADD))
-        return unsupported(b, "an activation that does not follow a conv2d, linear or residual "
-                              "(no op output clamp to fuse it into)");
+        return unsupported(b, is_pinned(cx, cur->t)
+                                  ? "an activation of a residual block's input, which the skip "
+                                    "path reads unclamped (a pre-activation block: no op output "
+                                    "clamp can apply to one path alone)"
+                                  : "an activation that does not follow a conv2d, linear, "
+                                    "residual or a max pool of one (no op output clamp to fuse "
+                                    "it into)");
     o->act = six || o->act == KD_EXPORT_ACT_RELU6 ? KD_EXPORT_ACT_RELU6 : KD_EXPORT_ACT_RELU;
-    t->lo = 0;
-    t->hi = o->act == KD_EXPORT_ACT_RELU6 ? 6 : INFINITY;
-    note_fused(o, b);
+    for (int k = 0; k < 2; k++) { /* the op's output, and the pool's that carries its range */
+        kd_export_tensor *r = k ? t : &g->t[o->out];
+        r->lo = 0;
+        r->hi = o->act == KD_EXPORT_ACT_RELU6 ? 6 : INFINITY;
+    }
+    if (pool)
+        note_fused(pool, b);
+    else
+        note_fused(o, b);
     return KD_OK;
 }
 
@@ -324,7 +344,17 @@ static kd_status lower_residual(lower_ctx *cx, const kd_block *b, cursor *cur)
     cx->npinned--;
     if (st != KD_OK)
         return st;
-    const kd_export_tensor *tb = &g->t[body.t];
+    const kd_export_tensor *tb = &g->t[body.t], *ts = &g->t[skip.t];
+    if (tb->c != ts->c || tb->h != ts->h || tb->w != ts->w) {
+        /* after a flatten the engine adds two vectors; the runtime's tensors keep their shapes
+         * (and a flattened [C, H, W] its NHWC order), and ADD takes two of one shape */
+        char why[200];
+        snprintf(why, sizeof why,
+                 "ADD needs its two inputs in one shape, and here the body gives %dx%dx%d and the "
+                 "skip path %dx%dx%d (a flattened tensor keeps its runtime shape)",
+                 tb->c, tb->h, tb->w, ts->c, ts->h, ts->w);
+        return unsupported(b, why);
+    }
     int oi = -1;
     KD_TRY(add_op(g, KDM_OP_ADD, b, body.t, skip.t, tb->c, tb->h, tb->w, &oi));
     cur->t = g->op[oi].out;

@@ -202,6 +202,38 @@ static void test_fold_resnet(void **state)
     kd_model_free(m);
 }
 
+/* relu / relu6 after a max pool (PyTorch's MNIST example: conv -> maxpool -> relu) is the clamp
+ * of the op before the pool; one whose pool input is also a residual's skip path is not. */
+static void test_act_after_maxpool(void **state)
+{
+    (void)state;
+    const char *yaml = "input: [2, 9, 9]\n"
+                       "layers:\n"
+                       "  - conv2d: {out: 6, kernel: 3, pad: 1}\n"
+                       "  - maxpool2d: {kernel: 2, stride: 2}\n"
+                       "  - relu\n"
+                       "  - conv2d: {out: 6, kernel: 3, pad: 1, groups: 6}\n"
+                       "  - batchnorm\n"
+                       "  - maxpool2d: {kernel: 3, stride: 1, pad: 1}\n"
+                       "  - relu6\n"
+                       "  - flatten\n"
+                       "  - linear: {out: 5}\n";
+    const kdm_op_type t[] = {KDM_OP_CONV2D, KDM_OP_MAXPOOL2D, KDM_OP_DEPTHWISE_CONV2D,
+                             KDM_OP_MAXPOOL2D, KDM_OP_FULLY_CONNECTED};
+    check_fold(yaml, 4, 5, t);
+    kd_model *m = build(yaml, 1, NULL);
+    kd_export_graph *g = NULL;
+    assert_int_equal(kd_export_lower(m, &g), KD_OK);
+    assert_int_equal(g->op[0].act, KD_EXPORT_ACT_RELU);
+    assert_int_equal(g->op[2].act, KD_EXPORT_ACT_RELU6);
+    assert_string_equal(g->op[1].fused, "2");
+    /* both the clamped output and the pool's carry the clamp's range */
+    assert_true(g->t[g->op[2].out].lo == 0 && g->t[g->op[2].out].hi == 6);
+    assert_true(g->t[g->op[3].out].lo == 0 && g->t[g->op[3].out].hi == 6);
+    kd_export_graph_free(g);
+    kd_model_free(m);
+}
+
 /* A flatten of [C, H, W] into a linear, where the column permutation is all that differs. */
 static void test_flatten_permutation(void **state)
 {
@@ -265,11 +297,24 @@ static void test_unsupported(void **state)
                        "  - global_avgpool\n  - linear: {out: 3}\n",
                        relu_input);
     /* pre-activation residual: the relu reads the block input that the skip path also reads */
-    const char *const preact[] = {"layer 1.body.0 (relu)", NULL};
+    const char *const preact[] = {"layer 1.body.0 (relu)", "skip path", NULL};
     expect_unsupported("  - conv2d: {out: 4, kernel: 1}\n"
                        "  - residual: {body: [relu, {conv2d: {out: 4, kernel: 1}}]}\n"
                        "  - global_avgpool\n  - linear: {out: 3}\n",
                        preact);
+    /* a residual around a linear after a flatten: the engine adds vectors, the runtime's skip
+     * tensor keeps its [C, H, W] shape (and NHWC order) */
+    const char *const flat_res[] = {"layer 1 (residual)", "one shape", "256x1x1", "4x8x8", NULL};
+    expect_unsupported("  - flatten\n  - residual: {body: [{linear: {out: 256}}]}\n"
+                       "  - linear: {out: 3}\n",
+                       flat_res);
+    /* a max pool and relu at the start of a residual body: the skip path reads the pool's
+     * input unclamped */
+    const char *const pool_preact[] = {"layer 1.body.1 (relu)", NULL};
+    expect_unsupported("  - conv2d: {out: 4, kernel: 1}\n"
+                       "  - residual: {body: [{maxpool2d: {kernel: 3, stride: 1, pad: 1}}, relu]}\n"
+                       "  - global_avgpool\n  - linear: {out: 3}\n",
+                       pool_preact);
     const char *const bn_after_gap[] = {"layer 2 (batchnorm)", NULL};
     expect_unsupported("  - conv2d: {out: 4, kernel: 1}\n  - global_avgpool\n  - batchnorm\n"
                        "  - linear: {out: 3}\n",
@@ -279,9 +324,8 @@ static void test_unsupported(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_fold_mobile),
-        cmocka_unit_test(test_fold_resnet),
-        cmocka_unit_test(test_flatten_permutation),
+        cmocka_unit_test(test_fold_mobile),         cmocka_unit_test(test_fold_resnet),
+        cmocka_unit_test(test_flatten_permutation), cmocka_unit_test(test_act_after_maxpool),
         cmocka_unit_test(test_unsupported),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -375,6 +375,9 @@ int main(int argc, char **argv)
 {
     if (argc < 2)
         return usage_error(usage_main, "%s", "missing command");
+    /* a write past a file size limit fails with EFBIG (and is reported, the previous file
+     * kept) instead of killing the process half-way through it */
+    signal(SIGXFSZ, SIG_IGN);
     const char *cmd = argv[1];
     if (!strcmp(cmd, "train") || !strcmp(cmd, "cache") || !strcmp(cmd, "eval") ||
         !strcmp(cmd, "export") || !strcmp(cmd, "report"))
@@ -494,6 +497,9 @@ int main(int argc, char **argv)
         }
         signal(SIGINT, on_signal);
         signal(SIGTERM, on_signal);
+        signal(SIGHUP, on_signal); /* the terminal closed: stop at a checkpoint too */
+        /* a reader of the log that went away (`distill train ... | head`) does not end the run */
+        signal(SIGPIPE, SIG_IGN);
         kd_train_opts opts = {.resume = resume,
                               .progress = progress && g_comm->rank == 0,
                               .stop = &stop_flag,

@@ -576,6 +576,27 @@ static kd_status trim_metrics(const char *path, int64_t keep_epochs)
     return st;
 }
 
+/*
+ * A resumed run leaves the run directory as it found it until its first commit (a checkpoint
+ * written to last.safetensors): only then is config.yaml replaced by the job it runs and are
+ * the metrics lines past the checkpoint it resumed from dropped, so that a resume that fails
+ * or is killed before it (diverging, or resumed from an earlier epoch's checkpoint and then
+ * stopped) loses no line of the run it would have replaced. Opens *metrics for appending.
+ */
+static kd_status resume_commit_prep(const kd_job *job, const char *mpath, int64_t epoch0,
+                                    int *pending, FILE **metrics)
+{
+    if (!*pending)
+        return KD_OK;
+    KD_TRY(write_config_copy(job));
+    KD_TRY(trim_metrics(mpath, epoch0));
+    *metrics = fopen(mpath, "a");
+    if (!*metrics)
+        return KD_FAIL(KD_ERR_IO, "cannot open '%s': %s", mpath, strerror(errno));
+    *pending = 0;
+    return KD_OK;
+}
+
 typedef struct {
     const kd_job *job;
     kd_model *m;
@@ -756,6 +777,8 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     int32_t *y_host = NULL, *y_dev = NULL;
     uint32_t *perm = NULL;
     FILE *metrics = NULL;
+    char mpath[600] = "";
+    int metrics_pending = 0; /* resume_commit_prep not yet run */
     kd_teacher *teacher = NULL;
     qat_ctx qat = {0, 0, NULL};
     kd_comm *solo = NULL, *nccl = NULL, *comm = NULL;
@@ -986,15 +1009,13 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         goto done;
     if (rank != 0) /* only rank 0 writes files */
         goto train;
-    /* out_dir is made only now, so that a job refused above leaves no empty run directory */
-    if ((st = kd_mkdir_p(job->out_dir)) || (st = write_config_copy(job)))
+    /* out_dir is made only now, so that a job refused above leaves no empty run directory; a
+     * resumed run's config copy and metrics wait for its first commit (resume_commit_prep) */
+    if ((st = kd_mkdir_p(job->out_dir)) || (!resuming && (st = write_config_copy(job))))
         goto done;
-    char mpath[600];
     snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", job->out_dir);
-    if (resuming && (st = trim_metrics(mpath, epoch0)))
-        goto done;
-    metrics = fopen(mpath, resuming ? "a" : "w");
-    if (!metrics) {
+    metrics_pending = resuming;
+    if (!resuming && !(metrics = fopen(mpath, "w"))) {
         st = KD_FAIL(KD_ERR_IO, "cannot open '%s': %s", mpath, strerror(errno));
         goto done;
     }
@@ -1144,7 +1165,8 @@ train:;
                 saver.info.epoch_loss = ep_loss;
                 saver.info.epoch_correct = ep_correct;
                 saver.info.epoch_seen = ep_seen;
-                if ((st = save_ckpt(&saver, "last.safetensors")))
+                if ((st = resume_commit_prep(job, mpath, epoch0, &metrics_pending, &metrics)) ||
+                    (st = save_ckpt(&saver, "last.safetensors")))
                     goto done;
             }
             if (stop && !last) {
@@ -1190,7 +1212,8 @@ train:;
         /* last.safetensors is the epoch's commit point, so it is written after everything
          * else: a failure before it resumes from the previous epoch and redoes this one,
          * rewriting best.safetensors and this epoch's metrics line identically */
-        if (best && (st = save_ckpt(&saver, "best.safetensors")))
+        if ((st = resume_commit_prep(job, mpath, epoch0, &metrics_pending, &metrics)) ||
+            (best && (st = save_ckpt(&saver, "best.safetensors"))))
             goto done;
         double lr_now = kd_sched_lr(&sched, job->optim.lr, step > 0 ? step - 1 : 0);
         char vl[32] = "null", va[32] = "null"; /* no validation set: no values */

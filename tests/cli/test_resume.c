@@ -6,7 +6,8 @@
  * never stopped. The model exercises every piece of training state: batchnorm
  * running statistics, dropout masks, augmentation, SGD momentum and a cosine
  * schedule with warm-up. Kill delays come from a fixed seed (KD_RESUME_SEED
- * overrides it) and are printed, so a failure can be replayed.
+ * overrides it) and are printed, so a failure can be replayed. A resume that fails before its
+ * first checkpoint leaves the run directory's files as they were.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -317,10 +318,76 @@ static void test_resume_is_bit_identical(void **state)
     free(rb);
 }
 
+/* distill train ARGS..., its exit code; the output goes to log */
+static int train_code(const char *const *argv, const char *log)
+{
+    pid_t pid = kd_spawn_distill(argv, log);
+    assert_true(pid > 0);
+    int code = -1;
+    assert_int_equal(kd_wait_exit(pid, &code), 0);
+    return code;
+}
+
+/* A resume from an earlier epoch's checkpoint that fails before its first commit (it diverges)
+ * leaves the run it would have replaced as it was: last.safetensors, config.yaml and every
+ * metrics line. */
+static void test_failed_resume_keeps_run(void **state)
+{
+    (void)state;
+    char dir[600], job[600], log[600], ep1[600], path[700];
+    snprintf(dir, sizeof dir, "%s/C", tmp);
+    snprintf(job, sizeof job, "%s/c.yaml", tmp);
+    snprintf(log, sizeof log, "%s/c.log", tmp);
+    snprintf(ep1, sizeof ep1, "%s/c_epoch1.safetensors", tmp);
+    write_job(job, dir);
+    const char *one[] = {"train", job, "--set", "optim.epochs=1", NULL};
+    if (train_code(one, log) != 0) {
+        print_log(log);
+        fail_msg("the one-epoch run failed");
+    }
+    snprintf(path, sizeof path, "%s/last.safetensors", dir);
+    uint8_t *b = NULL;
+    size_t n = 0;
+    assert_int_equal(kd_read_file(path, &b, &n), 0);
+    assert_int_equal(kd_write_bytes(ep1, b, n), 0);
+    free(b);
+    const char *two[] = {"train", job, "--resume", "--set", "optim.epochs=2", NULL};
+    if (train_code(two, log) != 0) {
+        print_log(log);
+        fail_msg("the resume to epoch 2 failed");
+    }
+    /* the run as it stands: its three files' bytes */
+    static const char *const files[] = {"last.safetensors", "config.yaml", "metrics.jsonl"};
+    uint8_t *before[3];
+    size_t len[3];
+    for (int i = 0; i < 3; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        assert_int_equal(kd_read_file(path, &before[i], &len[i]), 0);
+    }
+    char *m = kd_read_text(path);
+    assert_non_null(strstr(m, "\"epoch\": 2,"));
+    free(m);
+    const char *bad[] = {"train",          job,     "--resume",      ep1, "--set",
+                         "optim.epochs=2", "--set", "optim.lr=1e30", NULL};
+    if (train_code(bad, log) != 1) {
+        print_log(log);
+        fail_msg("the diverging resume did not fail with exit 1");
+    }
+    for (int i = 0; i < 3; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        if (!kd_file_holds(path, before[i], len[i])) {
+            print_log(log);
+            fail_msg("the failed resume changed %s", files[i]);
+        }
+        free(before[i]);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_resume_is_bit_identical),
+        cmocka_unit_test(test_failed_resume_keeps_run),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

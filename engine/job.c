@@ -277,6 +277,14 @@ static kd_status parse_teacher(kd_job *j)
 
 static int weight_ok(double w) { return w <= KD_LOSS_WEIGHT_MAX && (float)w > 0.0f; }
 
+/* The node of l's key (where a message should point: the file, or the --set that gave it), or l
+ * itself when the key is absent or NULL. */
+static const kd_node *key_or(const kd_node *l, const char *key)
+{
+    const kd_node *c = key ? kd_node_child(l, key) : NULL;
+    return c ? c : l;
+}
+
 static kd_status parse_distill(kd_job *j)
 {
     static const char *const keys[] = {"mode", "losses", NULL};
@@ -328,11 +336,14 @@ static kd_status parse_distill(kd_job *j)
             j->ce_weight = 1.0;
             KD_TRY(kd_node_get_float(l, "weight", 0, &j->ce_weight));
             KD_TRY(kd_node_get_float(l, "label_smoothing", 0, &j->label_smoothing));
-            if (!(j->label_smoothing >= 0 && j->label_smoothing < 1) || !weight_ok(j->ce_weight))
-                return KD_FAIL(KD_ERR_CONFIG,
-                               "%s: ce needs weight in (0, %g] (and not 0 in float32) and "
-                               "label_smoothing in [0, 1)",
-                               kd_node_where(l, pos, sizeof pos), KD_LOSS_WEIGHT_MAX);
+            const int ls_ok = j->label_smoothing >= 0 && j->label_smoothing < 1;
+            if (!ls_ok || !weight_ok(j->ce_weight))
+                return KD_FAIL(
+                    KD_ERR_CONFIG,
+                    "%s: ce needs weight in (0, %g] (and not 0 in float32) and "
+                    "label_smoothing in [0, 1)",
+                    kd_node_where(key_or(l, ls_ok ? "weight" : "label_smoothing"), pos, sizeof pos),
+                    KD_LOSS_WEIGHT_MAX);
         } else if (!strcmp(type, "kd") || !strcmp(type, "dkd")) {
             if (strcmp(j->mode, "offline") != 0)
                 return KD_FAIL(KD_ERR_CONFIG,
@@ -359,31 +370,40 @@ static kd_status parse_distill(kd_job *j)
                                "reverse (KL(student || teacher)), got '%s'",
                                kd_node_where(kd_node_child(l, "direction"), pos, sizeof pos), dir);
             j->kd_reverse = !strcmp(dir, "reverse");
-            if (!weight_ok(j->kd_weight) || !(j->kd_temperature >= KD_TEMPERATURE_MIN &&
-                                              j->kd_temperature <= KD_TEMPERATURE_MAX))
-                return KD_FAIL(KD_ERR_CONFIG,
-                               "%s: %s needs weight in (0, %g] (and not 0 in float32) and "
-                               "temperature in [%g, %g]",
-                               kd_node_where(l, pos, sizeof pos), type, KD_LOSS_WEIGHT_MAX,
-                               KD_TEMPERATURE_MIN, KD_TEMPERATURE_MAX);
+            const int w_ok = weight_ok(j->kd_weight);
+            if (!w_ok || !(j->kd_temperature >= KD_TEMPERATURE_MIN &&
+                           j->kd_temperature <= KD_TEMPERATURE_MAX))
+                return KD_FAIL(
+                    KD_ERR_CONFIG,
+                    "%s: %s needs weight in (0, %g] (and not 0 in float32) and "
+                    "temperature in [%g, %g]",
+                    kd_node_where(key_or(l, w_ok ? "temperature" : "weight"), pos, sizeof pos),
+                    type, KD_LOSS_WEIGHT_MAX, KD_TEMPERATURE_MIN, KD_TEMPERATURE_MAX);
             j->kd_dkd = !strcmp(type, "dkd");
             j->kd_alpha = 1.0;
             j->kd_beta = 8.0;
             KD_TRY(kd_node_get_float(l, "alpha", 0, &j->kd_alpha));
             KD_TRY(kd_node_get_float(l, "beta", 0, &j->kd_beta));
             if (!j->kd_dkd && (kd_node_child(l, "alpha") || kd_node_child(l, "beta")))
-                return KD_FAIL(KD_ERR_CONFIG,
-                               "%s: alpha and beta weigh the two parts of a 'dkd' term; a 'kd' "
-                               "term has only its weight",
-                               kd_node_where(l, pos, sizeof pos));
+                return KD_FAIL(
+                    KD_ERR_CONFIG,
+                    "%s: alpha and beta weigh the two parts of a 'dkd' term; a 'kd' "
+                    "term has only its weight",
+                    kd_node_where(key_or(l, kd_node_child(l, "alpha") ? "alpha" : "beta"), pos,
+                                  sizeof pos));
+            const int a_ok = j->kd_alpha >= 0 && j->kd_alpha <= KD_LOSS_WEIGHT_MAX,
+                      b_ok = j->kd_beta >= 0 && j->kd_beta <= KD_LOSS_WEIGHT_MAX;
             if (j->kd_dkd &&
-                (j->kd_reverse || !(j->kd_alpha >= 0) || !(j->kd_beta >= 0) ||
-                 !(j->kd_alpha <= KD_LOSS_WEIGHT_MAX) || !(j->kd_beta <= KD_LOSS_WEIGHT_MAX) ||
-                 !((float)j->kd_alpha + (float)j->kd_beta > 0)))
+                (j->kd_reverse || !a_ok || !b_ok || !((float)j->kd_alpha + (float)j->kd_beta > 0)))
                 return KD_FAIL(KD_ERR_CONFIG,
                                "%s: dkd needs direction forward, alpha and beta in [0, %g] and "
                                "alpha + beta > 0 (in float32)",
-                               kd_node_where(l, pos, sizeof pos), KD_LOSS_WEIGHT_MAX);
+                               kd_node_where(key_or(l, j->kd_reverse ? "direction"
+                                                       : !a_ok       ? "alpha"
+                                                       : !b_ok       ? "beta"
+                                                                     : NULL),
+                                             pos, sizeof pos),
+                               KD_LOSS_WEIGHT_MAX);
         } else {
             return KD_FAIL(KD_ERR_CONFIG, "%s: unknown loss type '%s' (known: ce, kd, dkd)",
                            kd_node_where(l, pos, sizeof pos), type);

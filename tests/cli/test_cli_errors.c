@@ -495,6 +495,18 @@ static void test_loss_ranges(void **state)
         const char *argv[] = {"summary", job, "--set", teacher, "--set", bad[i], NULL};
         run_expect(argv, 1, bad[i], "needs", NULL);
     }
+    /* a bad value of one loss key, given by --set, is named where it came from */
+    const char *terms = "distill={mode: offline, losses: [{type: ce, weight: 0.1}, {type: kd}]}";
+    static const char *const bad_key[] = {
+        "distill.losses.0.label_smoothing=1.0", "distill.losses.1.temperature=1000",
+        "distill.losses.1.weight=-1", "distill.losses.1.alpha=1", NULL};
+    for (int i = 0; bad_key[i]; i++) {
+        const char *argv[] = {"summary", job,     "--set",    teacher, "--set",
+                              terms,     "--set", bad_key[i], NULL};
+        char want[128];
+        snprintf(want, sizeof want, "--set %s: ", bad_key[i]);
+        run_expect(argv, 1, want, NULL);
+    }
     /* control: the same job with usual values loads */
     const char *ok[] = {"summary",
                         job,

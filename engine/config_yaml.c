@@ -353,6 +353,8 @@ static int is_null(const kd_node *n)
             !strcmp(n->value, "Null") || !strcmp(n->value, "NULL"));
 }
 
+int kd_node_is_null(const kd_node *n) { return !n || is_null(n); }
+
 /*
  * Parse one stream holding at most one document. A config file with no
  * document or a null one means "no settings", hence an empty MAP; a --set

@@ -55,6 +55,10 @@ kd_status kd_yaml_load_string(const char *text, const char *name, kd_node **out)
 /* Free a whole tree (NULL is fine). Never free a node that is still inside a tree. */
 void kd_node_free(kd_node *n);
 
+/* 1 when n is NULL or an unquoted null scalar ("", "~", "null"): what the getters take as
+ * absent. */
+int kd_node_is_null(const kd_node *n);
+
 /* The value under key, or NULL when map is NULL, not a MAP, or lacks the key. */
 kd_node *kd_node_child(const kd_node *map, const char *key);
 

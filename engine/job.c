@@ -192,7 +192,7 @@ static kd_status parse_model(kd_job *j)
 {
     char pos[160];
     const kd_node *mnode = kd_node_child(j->root, "model");
-    if (!mnode)
+    if (kd_node_is_null(mnode))
         return KD_FAIL(KD_ERR_CONFIG,
                        "%s: missing required section 'model' (a model file path, or a mapping "
                        "with 'input' and 'layers')",
@@ -216,7 +216,7 @@ static kd_status parse_teacher(kd_job *j)
         return KD_OK;
     j->have_teacher = 1;
     const kd_node *mnode = kd_node_child(s, "model");
-    if (!mnode)
+    if (kd_node_is_null(mnode))
         return KD_FAIL(KD_ERR_CONFIG, "%s: teacher needs 'model' (its model file)",
                        kd_node_where(s, pos, sizeof pos));
     KD_TRY(load_model_def(j, mnode, "teacher model", &j->teacher_doc, j->teacher_desc,

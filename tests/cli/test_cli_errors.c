@@ -495,6 +495,12 @@ static void test_loss_ranges(void **state)
         const char *argv[] = {"summary", job, "--set", teacher, "--set", bad[i], NULL};
         run_expect(argv, 1, bad[i], "needs", NULL);
     }
+    /* a null model is a missing one, not a file named "null" */
+    const char *null_model[] = {"summary", job, "--set", "model=null", NULL};
+    run_expect(null_model, 1, "missing required section 'model'", NULL);
+    const char *null_teacher[] = {"summary",         job, "--set", teacher, "--set",
+                                  "teacher.model=~", NULL};
+    run_expect(null_teacher, 1, "teacher needs 'model'", NULL);
     /* a bad value of one loss key, given by --set, is named where it came from */
     const char *terms = "distill={mode: offline, losses: [{type: ce, weight: 0.1}, {type: kd}]}";
     static const char *const bad_key[] = {

@@ -751,6 +751,56 @@ static char *dims_str(const hsize_t *d, int n, char *buf, size_t len)
  * datasets, is sized for two blocks of chunk_rows rows, and its relative
  * source file names are looked up in vds_dir (NULL: HDF5's default lookup).
  */
+/*
+ * A chunked dataset's chunks: each of the dataset's rank, no dimension 0 and none larger than
+ * the dataset's (a damaged chunk shape makes HDF5 read out of bounds), and every chunk that
+ * covers the dataset present in the file (a chunk missing from the index reads back as the fill
+ * value, zeros, without an error; distill allocates every chunk when it creates the file, and
+ * so does any writer that filled the dataset).
+ */
+static kd_status chunks_check(hid_t d, const char *path, const char *name, int nd,
+                              const hsize_t *dims, const hsize_t *maxd, int cn,
+                              const hsize_t *cdims)
+{
+    char a[128], b[128];
+    int ok = cn == nd;
+    for (int i = 0; i < cn && ok; i++) {
+        /* an extendible dimension may have chunks larger than its current size */
+        const hsize_t lim =
+            maxd[i] == H5S_UNLIMITED && dims[i] < ((hsize_t)1 << 24) ? ((hsize_t)1 << 24) : dims[i];
+        ok = cdims[i] >= 1 && cdims[i] <= lim;
+    }
+    if (!ok)
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s': dataset /%s of shape %s has chunks of %s: the file is damaged "
+                       "(delete it and write the cache again)",
+                       path, name, dims_str(dims, nd, a, sizeof a),
+                       dims_str(cdims, cn < 0 || cn > 8 ? 0 : cn, b, sizeof b));
+    hsize_t at[8] = {0};
+    for (;;) {
+        unsigned mask = 0;
+        haddr_t addr = HADDR_UNDEF;
+        hsize_t bytes = 0;
+        if (H5Dget_chunk_info_by_coord(d, at, &mask, &addr, &bytes) < 0)
+            return H5_FAIL(KD_ERR_IO, path, "H5Dget_chunk_info_by_coord");
+        if (addr == HADDR_UNDEF)
+            return KD_FAIL(KD_ERR_FORMAT,
+                           "cache '%s': dataset /%s has no chunk at %s in the file (its values "
+                           "would read as zeros): the file is damaged (delete it and write the "
+                           "cache again)",
+                           path, name, dims_str(at, nd, a, sizeof a));
+        int i = nd - 1; /* the next chunk, last dimension fastest */
+        for (; i >= 0; i--) {
+            at[i] += cdims[i];
+            if (at[i] < dims[i])
+                break;
+            at[i] = 0;
+        }
+        if (i < 0)
+            return KD_OK;
+    }
+}
+
 static kd_status dset_open(hid_t f, const char *path, const char *name, H5T_class_t cls,
                            size_t size, int ndims, hsize_t *dims, const char *vds_dir,
                            int64_t chunk_rows, hid_t *out)
@@ -784,12 +834,12 @@ static kd_status dset_open(hid_t f, const char *path, const char *name, H5T_clas
         goto done;
     }
     H5_CHECK(sp = H5Dget_space(d), "H5Dget_space");
-    hsize_t got[8] = {0};
+    hsize_t got[8] = {0}, maxd[8] = {0};
     int nd = H5Sget_simple_extent_ndims(sp);
     H5_CHECK(nd, "H5Sget_simple_extent_ndims");
     int ok = nd == ndims && nd <= 8;
     if (ok) {
-        H5_CHECK(H5Sget_simple_extent_dims(sp, got, NULL), "H5Sget_simple_extent_dims");
+        H5_CHECK(H5Sget_simple_extent_dims(sp, got, maxd), "H5Sget_simple_extent_dims");
         for (int i = 0; i < nd; i++)
             if (dims[i] ? got[i] != dims[i] : got[i] < 1)
                 ok = 0;
@@ -837,6 +887,8 @@ static kd_status dset_open(hid_t f, const char *path, const char *name, H5T_clas
             hsize_t cdims[8];
             int cn = H5Pget_chunk(dcpl, 8, cdims);
             H5_CHECK(cn, "H5Pget_chunk");
+            if ((st = chunks_check(d, path, name, nd, got, maxd, cn, cdims)) != KD_OK)
+                goto done;
             for (int i = 0; i < cn; i++)
                 bytes *= (size_t)cdims[i];
         } else {
@@ -1421,6 +1473,18 @@ static kd_status open_fail(const char *path, int resume, int werr, const char *d
                        path, to, d);
     if (access(path, R_OK) != 0)
         return KD_FAIL(KD_ERR_IO, "cache '%s' cannot be read%s: %s", path, to, strerror(errno));
+    /* something else at the path (a mistyped teacher.cache naming a checkpoint, a directory) is
+     * not a damaged cache: it is left alone, and so should the user leave it */
+    struct stat sb;
+    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode))
+        return KD_FAIL(KD_ERR_FORMAT, "cache '%s' is a directory (check teacher.cache)", path);
+    htri_t h5 = H5Fis_hdf5(path);
+    (void)H5Eclear2(H5E_DEFAULT);
+    if (h5 == 0 && stat(path, &sb) == 0 && sb.st_size > 0)
+        return KD_FAIL(KD_ERR_FORMAT,
+                       "cache '%s' is not an HDF5 file (no HDF5 signature): it is no cache, "
+                       "and it is left as it is (check teacher.cache)",
+                       path);
     if (resume && !werr && readable_cache(path))
         return KD_FAIL(KD_ERR_IO,
                        "cache '%s' is a readable cache but cannot be opened for writing to resume "

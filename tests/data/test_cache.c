@@ -755,7 +755,10 @@ static void test_reader_mismatches(void **state)
     FILE *f = fopen(junk, "w");
     fputs("definitely not hdf5\n", f);
     fclose(f);
-    expect_open_fail(junk, NULL, KD_ERR_FORMAT, "H5Fopen", "damaged");
+    /* not HDF5 at all (a mistyped path naming a checkpoint, say): no cache, so no advice to
+     * delete it */
+    expect_open_fail(junk, NULL, KD_ERR_FORMAT, "not an HDF5 file", "left as it is");
+    assert_null(strstr(kd_last_error(), "delete"));
 }
 
 static void test_truncated(void **state)
@@ -1212,6 +1215,46 @@ static void damage_chunk(const char *path, const char *name, int64_t row)
     assert_int_equal(close(fd), 0);
 }
 
+/* A chunk the file's index has lost reads back as the fill value (zeros) without an HDF5 error:
+ * here /labels is made again with chunks allocated only when written, and chunk 0 never is. The
+ * reader and a resuming writer refuse the file, naming the chunk. */
+static void test_missing_chunk(void **state)
+{
+    (void)state;
+    char path[512];
+    tmp_path(path, sizeof path, "hole.h5");
+    kd_cache_meta m = make_meta(1000, 10, 2, 0, KD_DTYPE_F32, 128);
+    write_cache(path, &m, NULL, 1);
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    assert_true(f >= 0);
+    int32_t *lab = malloc(sizeof(int32_t) * 1000);
+    assert_non_null(lab);
+    hid_t d = H5Dopen2(f, "labels", H5P_DEFAULT);
+    assert_true(d >= 0);
+    assert_true(H5Dread(d, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, lab) >= 0);
+    assert_true(H5Dclose(d) >= 0);
+    assert_true(H5Ldelete(f, "labels", H5P_DEFAULT) >= 0);
+    hsize_t n = 1000, chunk = 128, start = 128, count = 1000 - 128;
+    hid_t sp = H5Screate_simple(1, &n, NULL), dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    assert_true(sp >= 0 && dcpl >= 0);
+    assert_true(H5Pset_chunk(dcpl, 1, &chunk) >= 0);
+    assert_true(H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_INCR) >= 0);
+    d = H5Dcreate2(f, "labels", H5T_STD_I32LE, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    assert_true(d >= 0);
+    hid_t ms = H5Screate_simple(1, &count, NULL);
+    assert_true(ms >= 0);
+    assert_true(H5Sselect_hyperslab(sp, H5S_SELECT_SET, &start, NULL, &count, NULL) >= 0);
+    assert_true(H5Dwrite(d, H5T_NATIVE_INT32, ms, sp, H5P_DEFAULT, lab + 128) >= 0);
+    assert_true(H5Sclose(ms) >= 0 && H5Sclose(sp) >= 0 && H5Pclose(dcpl) >= 0);
+    assert_true(H5Dclose(d) >= 0 && H5Fclose(f) >= 0);
+    free(lab);
+    expect_open_fail(path, NULL, KD_ERR_FORMAT, "/labels has no chunk at [0]", "damaged");
+    kd_cache_writer *w = (kd_cache_writer *)1;
+    kd_clear_error();
+    assert_int_equal(kd_cache_writer_open(path, &m, NULL, &w), KD_ERR_FORMAT);
+    assert_non_null(strstr(kd_last_error(), "/labels has no chunk at [0]"));
+}
+
 /* A chunk whose checksum fails: the reader says the cache is damaged and what to do; inspect
  * does not call it complete; a resuming writer marks the chunk missing (on disk too) and a
  * rewrite of it repairs the cache; a compressed cache is refused instead. */
@@ -1338,7 +1381,7 @@ static int not_writable_child(const char *good, const char *half, const char *ju
     st = kd_cache_writer_open(junk, m, NULL, &w);
     msg = kd_last_error();
     fprintf(stderr, "junk: %s\n", msg);
-    if (st != KD_ERR_FORMAT || !strstr(msg, junk) || !strstr(msg, "damaged"))
+    if (st != KD_ERR_FORMAT || !strstr(msg, junk) || !strstr(msg, "not an HDF5 file"))
         return 15;
     return 0;
 }
@@ -1481,6 +1524,7 @@ int main(void)
         cmocka_unit_test(test_augment_attr),
         cmocka_unit_test(test_topk_entries),
         cmocka_unit_test(test_damaged_chunk),
+        cmocka_unit_test(test_missing_chunk),
         cmocka_unit_test(test_not_writable),
         cmocka_unit_test(test_open_elsewhere),
     };

@@ -1765,8 +1765,10 @@ static kd_status put_validate(kd_cache_writer *w, int64_t g0, int64_t R, const f
                 if (f16 && fabsf(x[j]) > 65504.0f)
                     return KD_FAIL(KD_ERR_INVALID,
                                    "cache '%s': logit %g at row %lld view %d does not fit "
-                                   "float16 (|x| <= 65504): write the cache with dtype float32",
-                                   w->path, (double)x[j], (long long)(g0 + r), v);
+                                   "float16 (|x| <= 65504): write the cache with teacher.dtype: "
+                                   "float32, after deleting '%s' (made for float16, it would be "
+                                   "refused)",
+                                   w->path, (double)x[j], (long long)(g0 + r), v, w->path);
             }
             if (m->topk) {
                 const int32_t *ix = idx + ((size_t)r * V + v) * W;
@@ -2977,8 +2979,7 @@ kd_status kd_cache_open(const char *path, const kd_cache_expect *expect, kd_cach
     }
     if (stat(path, &sb) != 0)
         return KD_FAIL(errno == ENOENT ? KD_ERR_NOT_FOUND : KD_ERR_IO,
-                       "cache '%s' cannot be read: %s%s", path, strerror(errno),
-                       errno == ENOENT ? " (write it with `distill cache`)" : "");
+                       "cache '%s' cannot be read: %s", path, strerror(errno));
 
     kd_status st = KD_OK;
     kd_cache *c = calloc(1, sizeof *c);

@@ -248,7 +248,7 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
             else if (st == KD_ERR_NOT_FOUND)
                 st = kd_fail_context(st,
                                      "the teacher cache is missing (write it with: distill "
-                                     "cache %s): ",
+                                     "cache %s, and the same --set options, if any): ",
                                      job->path);
             goto fail;
         }
@@ -636,7 +636,7 @@ static kd_status cache_write_file(cache_run *r, const char *path, int64_t row_be
         if (r->opts->stop && *r->opts->stop) {
             st = KD_FAIL(KD_ERR_INTERRUPTED,
                          "stopped with %" PRId64 " chunks of %s left; run `distill cache %s` "
-                         "again%s to resume",
+                         "again (with the same --set options, if any)%s to resume",
                          kd_cache_writer_chunks_missing(w), path, r->job->path,
                          r->label[0] ? " on the same number of ranks" : "");
             goto done;

@@ -383,7 +383,10 @@ static void test_bad_caches(void **state)
               1);
     snprintf(set, sizeof set, "teacher.cache=%s/nope.h5", dir);
     expect_fail((const char *[]){"train", job, "--set", set, NULL},
-                (const char *const[]){"nope.h5", "distill cache", NULL});
+                (const char *const[]){"nope.h5", "distill cache", "missing.yaml", NULL});
+    const char *once = strstr(out, "distill cache");
+    if (strstr(once + 1, "distill cache"))
+        fail_msg("the advice is given twice:\n%s", out);
     /* another number of views */
     expect_fail((const char *[]){"train", job, "--set", "teacher.views=3", NULL},
                 (const char *const[]){c1, "3", "2", NULL});

@@ -459,6 +459,25 @@ static void test_options(void **state)
     int code = run(bad);
     if (code != 1 || !strstr(out, "'2'") || !strstr(out, "0, 3, 6, 9.body.0"))
         fail_msg("want exit 1 naming the layers, got %d:\n%s", code, out);
+    /* calibration draws from the samples the job trains on: data.train_limit's */
+    const char *limited[] = {"export",       job,
+                             "--checkpoint", ck,
+                             "--set",        "data.train_limit=37",
+                             "--calib",      "1000",
+                             "--quant",      "int8",
+                             "--format",     "kdm",
+                             "--out",        tp(odir, sizeof odir, "el"),
+                             "--no-eval",    NULL};
+    if (run(limited) != 0)
+        fail_msg("export failed:\n%s", out);
+    snprintf(path, sizeof path, "%s/report.json", odir);
+    char *rep_text = kd_read_text(path);
+    assert_non_null(rep_text);
+    cJSON *rep = cJSON_Parse(rep_text);
+    free(rep_text);
+    assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(rep, "calibration_samples")),
+                     37);
+    cJSON_Delete(rep);
 }
 
 /* A job trained with quant: {bits: 4, qat: true} exports with exactly the max-abs integers the

@@ -236,6 +236,19 @@ static void check_c_source(const char *odir, const char *kdm_path)
         fail_msg("model.c does not hold the bytes of %s", kdm_path);
 }
 
+/* The report.json an export wrote into odir, parsed (the caller frees it). */
+static cJSON *read_report(const char *odir)
+{
+    char path[400];
+    snprintf(path, sizeof path, "%s/report.json", odir);
+    char *text = kd_read_text(path);
+    assert_non_null(text);
+    cJSON *rep = cJSON_Parse(text);
+    free(text);
+    assert_non_null(rep);
+    return rep;
+}
+
 static void test_int8(void **state)
 {
     (void)state;
@@ -271,12 +284,7 @@ static void test_int8(void **state)
     check_c_source(odir, path);
 
     /* the report agrees with the files */
-    snprintf(path, sizeof path, "%s/report.json", odir);
-    char *text = kd_read_text(path);
-    assert_non_null(text);
-    cJSON *rep = cJSON_Parse(text);
-    free(text);
-    assert_non_null(rep);
+    cJSON *rep = read_report(odir);
     cJSON *tot = cJSON_GetObjectItem(rep, "totals");
     assert_int_equal((size_t)cJSON_GetNumberValue(cJSON_GetObjectItem(tot, "blob_bytes")), len);
     kdm_model km;
@@ -470,11 +478,7 @@ static void test_options(void **state)
                              "--no-eval",    NULL};
     if (run(limited) != 0)
         fail_msg("export failed:\n%s", out);
-    snprintf(path, sizeof path, "%s/report.json", odir);
-    char *rep_text = kd_read_text(path);
-    assert_non_null(rep_text);
-    cJSON *rep = cJSON_Parse(rep_text);
-    free(rep_text);
+    cJSON *rep = read_report(odir);
     assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(rep, "calibration_samples")),
                      37);
     cJSON_Delete(rep);
@@ -501,11 +505,7 @@ static void test_qat_job(void **state)
                           "--no-eval",    NULL};
     if (run(argv) != 0)
         fail_msg("export failed:\n%s", out);
-    snprintf(path, sizeof path, "%s/report.json", odir);
-    char *rep_text = kd_read_text(path);
-    assert_non_null(rep_text);
-    cJSON *rep = cJSON_Parse(rep_text);
-    free(rep_text);
+    cJSON *rep = read_report(odir);
     assert_true(cJSON_IsTrue(cJSON_GetObjectItem(rep, "qat")));
     assert_true(cJSON_IsFalse(cJSON_GetObjectItem(rep, "bias_correction")));
     cJSON *op0 = cJSON_GetArrayItem(cJSON_GetObjectItem(rep, "ops"), 0);
@@ -548,11 +548,7 @@ static void test_qat_job(void **state)
     argv[9] = odir;
     if (run(argv) != 0)
         fail_msg("int8 export failed:\n%s", out);
-    snprintf(path, sizeof path, "%s/report.json", odir);
-    rep_text = kd_read_text(path);
-    assert_non_null(rep_text);
-    rep = cJSON_Parse(rep_text);
-    free(rep_text);
+    rep = read_report(odir);
     assert_true(cJSON_IsFalse(cJSON_GetObjectItem(rep, "qat")));
     assert_int_equal((int)cJSON_GetNumberValue(cJSON_GetObjectItem(rep, "qat_bits")), 4);
     cJSON_Delete(rep);

@@ -48,7 +48,10 @@
  *     the mean square of the input channel it multiplies. A job trained with
  *     `quant: {bits: 4, qat: true}` (or bits 8) learnt against plain max-abs scales, so then
  *     exactly those are used; exported at the other width, its float model is still its
- *     fake-quantized weights (what it trained and `distill eval` runs), quantized as usual. Bias
+ *     fake-quantized weights (what it trained and `distill eval` runs), quantized as usual. A
+ *     channel whose weights are tiny beside its bias (a batchnorm scale near 0 folded in) has
+ *     its weight scale raised until the bias is 2^24 codes, as TFLite does, rather than a
+ *     bias beyond int32. Bias
  * int32 = round(b' / (s_in s_w[o])) - zp_in sum(q_w[o]); requantization multiplier / shift per
  * channel from s_in s_w[o] / s_out (kd_quant_multiplier), ADD parameters as TFLite's quantized add
  * (left shift 20), an optional SOFTMAX with its exp table. Post-training (not QAT) exports then

@@ -138,6 +138,23 @@ static kd_status channel_ints(const kd_export_graph *g, kd_export_op *o, int c)
     double sw = o->wscale[c];
     if (!(sw > 0) && b != 0)
         sw = fabs(b) / ((double)ti->scale * 65536.0);
+    /* A channel whose weights are tiny beside its bias (a batchnorm scale near 0 folded in)
+     * would need a bias of more than int32 codes at its weights' scale: as TFLite does, its
+     * weight scale is raised until the bias is 2^24 codes (its weights then round to the few
+     * codes, mostly 0, they are worth beside that bias) and its row quantized again. */
+    const double bias_codes_max = 16777216.0;
+    if (sw > 0 && fabs(b) / ((double)ti->scale * sw) > bias_codes_max) {
+        sw = fabs(b) / ((double)ti->scale * bias_codes_max);
+        o->wscale[c] = (float)sw;
+        sw = o->wscale[c];
+        const int qmax = kd_quant_qmax(o->wbits);
+        sum = 0;
+        for (int j = 0; j < o->row_len; j++) {
+            const size_t at = (size_t)c * o->row_len + j;
+            o->q[at] = (int8_t)kd_quant_round(o->w[at], o->wscale[c], qmax);
+            sum += o->q[at];
+        }
+    }
     char what[48];
     snprintf(what, sizeof what, "output channel %d", c);
     if (kd_quant_bias(b, ti->scale, sw, ti->zero_point, sum, &o->bias_q[c]) ||

@@ -574,6 +574,56 @@ static void test_qat_job(void **state)
     kd_model_free(m);
 }
 
+/* A channel whose batchnorm scale is near 0 folds into weights far smaller than its bias: its
+ * weight scale is raised so the bias fits (as TFLite does) instead of the export failing, and
+ * the integer model still agrees with the float one. */
+static void test_tiny_weight_channel(void **state)
+{
+    (void)state;
+    char src[300], ck[300], odir[300], job[300];
+    uint8_t *b = NULL;
+    size_t n = 0;
+    assert_int_equal(kd_read_file(tp(src, sizeof src, "a/last.safetensors"), &b, &n), 0);
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--)
+        hlen = hlen << 8 | b[i];
+    char *head = malloc(hlen + 1);
+    memcpy(head, b + 8, hlen);
+    head[hlen] = 0;
+    cJSON *h = cJSON_Parse(head);
+    free(head);
+    /* the batchnorm after the pointwise conv (layer 7, 16 channels): channel 3's scale */
+    cJSON *e = cJSON_GetObjectItem(h, "7.weight");
+    assert_non_null(e);
+    size_t at =
+        8 + hlen +
+        (size_t)cJSON_GetNumberValue(cJSON_GetArrayItem(cJSON_GetObjectItem(e, "data_offsets"), 0));
+    cJSON_Delete(h);
+    const float tiny = 1e-9f;
+    memcpy(b + at + 3 * sizeof(float), &tiny, sizeof tiny);
+    assert_int_equal(kd_write_bytes(tp(ck, sizeof ck, "a_tiny.safetensors"), b, n), 0);
+    free(b);
+    const char *argv[] = {"export",
+                          tp(job, sizeof job, "a.yaml"),
+                          "--checkpoint",
+                          ck,
+                          "--quant",
+                          "int8",
+                          "--format",
+                          "kdm",
+                          "--out",
+                          tp(odir, sizeof odir, "etiny"),
+                          NULL};
+    if (run(argv) != 0)
+        fail_msg("export failed:\n%s", out);
+    cJSON *rep = read_report(odir);
+    cJSON *acc = cJSON_GetObjectItem(rep, "accuracy");
+    const double agree = cJSON_GetNumberValue(cJSON_GetObjectItem(acc, "int_float_agreement"));
+    fprintf(stderr, "tiny-weight channel: int vs float agreement %.3f\n", agree);
+    assert_true(agree >= 0.9);
+    cJSON_Delete(rep);
+}
+
 static void expect_fail(const char *const *argv, int want, const char *const *parts)
 {
     int code = run(argv);
@@ -757,7 +807,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_int8),          cmocka_unit_test(test_int4_and_rounding),
         cmocka_unit_test(test_flatten_model), cmocka_unit_test(test_options),
-        cmocka_unit_test(test_qat_job),       cmocka_unit_test(test_bad_inputs),
+        cmocka_unit_test(test_qat_job),       cmocka_unit_test(test_tiny_weight_channel),
+        cmocka_unit_test(test_bad_inputs),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -1310,6 +1310,15 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
     FILE *quiet = NULL;
     if (opts->comm && opts->comm->rank != 0 && !(quiet = fopen("/dev/null", "w")))
         return KD_FAIL(KD_ERR_IO, "cannot open /dev/null: %s", strerror(errno));
+    if (job->have_teacher && !strcmp(job->mode, "none")) {
+        /* a section this training never reads: said, not silently ignored (a job file that
+         * holds both a student and its teacher may train the teacher through it this way) */
+        char pos[160];
+        fprintf(quiet ? quiet : stderr,
+                "note: %s: the job has a teacher, but distill.mode is none: this run learns from "
+                "the labels alone (distill.mode: offline and a kd or dkd term learn from it)\n",
+                kd_node_where(kd_node_child(job->root, "teacher"), pos, sizeof pos));
+    }
     kd_status st = train_run(job, opts, quiet ? quiet : stderr);
     if (quiet)
         fclose(quiet);

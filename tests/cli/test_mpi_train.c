@@ -218,6 +218,9 @@ static void test_offline_two_ranks_match_one(void **state)
     if (code != 0)
         fprintf(stderr, "%s", log);
     assert_int_equal(code, 0);
+    /* the teacher section this supervised run does not read is named, not silently ignored */
+    assert_non_null(strstr(log, "note: "));
+    assert_non_null(strstr(log, "the job has a teacher, but distill.mode is none"));
     const char *cargv[] = {"cache", job, "--no-progress", NULL};
     assert_int_equal(kd_run_distill(cargv, log, sizeof log, &code), 0);
     if (code != 0)

@@ -965,8 +965,15 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         step = in.step;
         epoch0 = in.epoch;
         saver.info.best_val_acc = in.best_val_acc;
-        fprintf(log, "resumed from %s at epoch %" PRId64 ", step %" PRId64 "%s\n", path, epoch0,
-                step, step == job_steps ? ": every epoch is done, nothing left to train" : "");
+        /* epochs counted from 1, as the progress lines and the stop message count them */
+        if (step == job_steps)
+            fprintf(log,
+                    "resumed from %s after its last epoch (%d), step %" PRId64
+                    ": every epoch is done, nothing left to train\n",
+                    path, job->epochs, step);
+        else
+            fprintf(log, "resumed from %s in epoch %" PRId64 "/%d, step %" PRId64 "\n", path,
+                    epoch0 + 1, job->epochs, step);
     }
     /* the schedule and the ranks' share of each batch are checked before out_dir is touched:
      * a refused job (or resume) leaves the run directory as it was */

@@ -632,7 +632,7 @@ static void test_failed_checkpoint_write(void **state)
     const char *ev[] = {"eval", job, "--checkpoint", ckpt, NULL};
     run_expect(ev, 0, "accuracy", NULL);
     /* and it still resumes: without the limit the second epoch completes */
-    run_expect(rs, 0, "resumed from", "epoch 2/2", "test: loss", NULL);
+    run_expect(rs, 0, "resumed from", "in epoch 2/2, step", "test: loss", NULL);
 }
 
 /*

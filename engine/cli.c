@@ -155,10 +155,12 @@ static kd_comm *g_comm;
 /* rank of size: the process that failed (named when size > 1) */
 static int fail_as(kd_status st, int rank, int size)
 {
+    /* a stop the user asked for (a signal) is no error */
+    const char *what = st == KD_ERR_INTERRUPTED ? "stopped" : "error";
     if (size > 1)
-        fprintf(stderr, "distill: error (rank %d of %d): %s\n", rank, size, kd_last_error());
+        fprintf(stderr, "distill: %s (rank %d of %d): %s\n", what, rank, size, kd_last_error());
     else
-        fprintf(stderr, "distill: error: %s\n", kd_last_error());
+        fprintf(stderr, "distill: %s: %s\n", what, kd_last_error());
     if (st == KD_ERR_INTERRUPTED)
         return 130;
     return 1;

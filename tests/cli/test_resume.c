@@ -328,6 +328,55 @@ static int train_code(const char *const *argv, const char *log)
     return code;
 }
 
+/* SIGINT, SIGTERM and SIGHUP (a closed terminal) each stop a run at a checkpoint: exit 130, the
+ * message says it stopped (not an error) and where the checkpoint is, and --resume finishes. */
+static void test_signals_stop_at_checkpoint(void **state)
+{
+    (void)state;
+    const int sigs[] = {SIGINT, SIGTERM, SIGHUP};
+    for (int k = 0; k < 3; k++) {
+        char dir[600], job[600], log[600], ckpt[700];
+        snprintf(dir, sizeof dir, "%s/S%d", tmp, k);
+        snprintf(job, sizeof job, "%s/s%d.yaml", tmp, k);
+        snprintf(log, sizeof log, "%s/s%d.log", tmp, k);
+        snprintf(ckpt, sizeof ckpt, "%s/last.safetensors", dir);
+        write_job(job, dir);
+        const char *argv[] = {"train", job, NULL};
+        pid_t pid = kd_spawn_distill(argv, log);
+        assert_true(pid > 0);
+        int code = -1, exited = 0;
+        for (int i = 0; i < 60000 && !inode_of(ckpt); i++) { /* its first checkpoint */
+            if (kd_wait_exit_nohang(pid, &code)) {
+                exited = 1;
+                break;
+            }
+            sleep_ms(1);
+        }
+        if (!exited) {
+            kill(pid, sigs[k]);
+            assert_int_equal(kd_wait_exit(pid, &code), 0);
+        }
+        char *text = kd_read_text(log);
+        assert_non_null(text);
+        if (code != 130 || !strstr(text, "distill: stopped: stopped at epoch") ||
+            !strstr(text, "checkpoint saved") || strstr(text, "error")) {
+            print_log(log);
+            fail_msg("signal %d: want exit 130 and a stop message, got %d", sigs[k], code);
+        }
+        free(text);
+        const long step = ckpt_step(ckpt);
+        assert_true(step > 0 && step < STEPS_TOTAL);
+        if (k == 2) { /* and the run goes on from there */
+            const char *resume[] = {"train", job, "--resume", NULL};
+            if (train_code(resume, log) != 0) {
+                print_log(log);
+                fail_msg("the resume after the stop failed");
+            }
+            assert_int_equal(ckpt_step(ckpt), STEPS_TOTAL);
+        }
+    }
+}
+
 /* A resume from an earlier epoch's checkpoint that fails before its first commit (it diverges)
  * leaves the run it would have replaced as it was: last.safetensors, config.yaml and every
  * metrics line. */
@@ -388,6 +437,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_resume_is_bit_identical),
         cmocka_unit_test(test_failed_resume_keeps_run),
+        cmocka_unit_test(test_signals_stop_at_checkpoint),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

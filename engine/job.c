@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cache.h"
 #include "dataset.h"
 
 static kd_status copy_str(const kd_node *map, const char *key, int required, char *dst, size_t len)
@@ -228,6 +229,10 @@ static kd_status parse_teacher(kd_job *j)
     KD_TRY(get_i32(s, "chunk_rows", 0, 0, 1 << 24, &j->cache_chunk_rows));
     KD_TRY(copy_str(s, "dtype", 0, j->cache_dtype, sizeof j->cache_dtype));
     KD_TRY(copy_str(s, "compress", 0, j->cache_compress, sizeof j->cache_compress));
+    if (kd_cache_compress_from_name(j->cache_compress) < 0)
+        return KD_FAIL(
+            KD_ERR_CONFIG, "%s: teacher.compress must be none, deflate, lz4 or zstd, got '%s'",
+            kd_node_where(kd_node_child(s, "compress"), pos, sizeof pos), j->cache_compress);
     char mem[16] = "auto";
     KD_TRY(copy_str(s, "cache_memory", 0, mem, sizeof mem));
     if (!strcmp(mem, "auto"))

@@ -180,10 +180,13 @@ static kd_status load_splits(const kd_job *job, int need_train, kd_data_splits *
         if (job->val_size >= full.n) {
             int64_t n = full.n;
             kd_dataset_free(&full);
+            char pos[160];
+            const kd_node *vs_node = kd_node_child(kd_node_child(job->root, "data"), "val_size");
             return KD_FAIL(KD_ERR_CONFIG,
                            "%s: data.val_size %" PRId64
                            " leaves no training samples (the training set has %" PRId64 ")",
-                           job->path, job->val_size, n);
+                           vs_node ? kd_node_where(vs_node, pos, sizeof pos) : job->path,
+                           job->val_size, n);
         }
         st = kd_dataset_split(&full, job->val_size, job->split_seed, &d->train, &d->val);
         kd_dataset_free(&full);

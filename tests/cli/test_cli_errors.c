@@ -495,6 +495,12 @@ static void test_loss_ranges(void **state)
         const char *argv[] = {"summary", job, "--set", teacher, "--set", bad[i], NULL};
         run_expect(argv, 1, bad[i], "needs", NULL);
     }
+    /* values checked once the data or the cache is at hand still name where they came from */
+    const char *big_val[] = {"train", job, "--set", "data.val_size=100000000", NULL};
+    run_expect(big_val, 1, "--set data.val_size=100000000: ", "leaves no training samples", NULL);
+    const char *bad_comp[] = {"train", job, "--set", teacher, "--set", "teacher.compress=foo",
+                              NULL};
+    run_expect(bad_comp, 1, "--set teacher.compress=foo: ", "none, deflate, lz4 or zstd", NULL);
     /* a null model is a missing one, not a file named "null" */
     const char *null_model[] = {"summary", job, "--set", "model=null", NULL};
     run_expect(null_model, 1, "missing required section 'model'", NULL);

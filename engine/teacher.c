@@ -223,6 +223,8 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
         e.num_classes = classes;
         e.views = job->cache_views;
         e.topk = job->cache_topk;
+        /* the element type teacher.dtype asks for, as distill cache checks it too */
+        e.dtype = strcmp(job->cache_dtype, "float32") ? KD_DTYPE_F16 : KD_DTYPE_F32;
         e.aug_nparams = KD_AUG_NPARAMS;
         e.labels = train->y;
         if (job->cache_stream)

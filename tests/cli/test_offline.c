@@ -387,6 +387,9 @@ static void test_bad_caches(void **state)
     const char *once = strstr(out, "distill cache");
     if (strstr(once + 1, "distill cache"))
         fail_msg("the advice is given twice:\n%s", out);
+    /* another element type than teacher.dtype asks for (the cache is float16) */
+    expect_fail((const char *[]){"train", job, "--set", "teacher.dtype=float32", NULL},
+                (const char *const[]){c1, "float32", "float16", NULL});
     /* another number of views */
     expect_fail((const char *[]){"train", job, "--set", "teacher.views=3", NULL},
                 (const char *const[]){c1, "3", "2", NULL});

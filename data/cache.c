@@ -369,23 +369,6 @@ void kd_cache_expect_init(kd_cache_expect *e)
     e->aug_nparams = -1;
 }
 
-static const char *const compress_names[] = {"none", "deflate", "lz4", "zstd"};
-
-const char *kd_cache_compress_name(kd_cache_compress c)
-{
-    return (unsigned)c < 4 ? compress_names[c] : "unknown";
-}
-
-int kd_cache_compress_from_name(const char *name)
-{
-    for (int i = 0; i < 4; i++)
-        if (strcmp(name, compress_names[i]) == 0)
-            return i;
-    if (strcmp(name, "gzip") == 0)
-        return KD_CACHE_COMPRESS_DEFLATE;
-    return -1;
-}
-
 static H5Z_filter_t compress_filter(kd_cache_compress c)
 {
     switch (c) {

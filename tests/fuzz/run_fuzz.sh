@@ -114,6 +114,7 @@ seeded safetensors -std=c11 -D_GNU_SOURCE -I"$src/engine" "$src/tests/fuzz/fuzz_
 # --set override, run from the repository root so that the model files they name resolve
 if build config -std=gnu11 -D_GNU_SOURCE -I"$src/engine" -I"$src/data" -I"$src/kernels" \
     "${san[@]}" "$src/tests/fuzz/fuzz_config.c" "$src/engine/job.c" "$src/engine/config_yaml.c" \
+    "$src/data/cache_names.c" \
     "$src/engine/status.c" "$src/engine/optim.c" "$src/engine/rng.c" "$src/data/dataset.c" \
     "$src/data/idx.c" -lyaml -lz -lm -o "$out/fuzz_config"; then
     c=$(corpus config) && cp "$src"/configs/fashion-mnist/*.yaml "$c"/

@@ -2692,6 +2692,13 @@ static kd_status rows_check(kd_cache *c, const rowbuf *b, int64_t j0, int64_t R,
 {
     const char *what = c->K ? "top-k value" : "logit";
     size_t per = (size_t)c->V * c->W;
+    /* the augment attribute's crop_pad and hflip; aug_pad < 0 when it is unknown ("") */
+    int aug_pad = -1, aug_flip = 0, used = 0;
+    if (!strcmp(c->meta.augment, "none"))
+        aug_pad = 0;
+    else if (sscanf(c->meta.augment, "crop_pad=%d hflip=%d%n", &aug_pad, &aug_flip, &used) != 2 ||
+             c->meta.augment[used])
+        aug_pad = -1;
     for (int64_t r = 0; r < R; r++) {
         size_t base = (size_t)(j0 + r) * per;
         for (size_t e = 0; e < per; e++) {
@@ -2747,12 +2754,26 @@ static kd_status rows_check(kd_cache *c, const rowbuf *b, int64_t j0, int64_t R,
             }
         }
         const float *aug = b->aug + (size_t)(j0 + r) * c->V * c->P;
-        for (int e = 0; e < c->V * c->P; e++)
+        for (int e = 0; e < c->V * c->P; e++) {
             if (!isfinite(aug[e]))
                 return KD_FAIL(KD_ERR_FORMAT,
                                "cache '%s' holds a non-finite augmentation parameter (%g) at row "
                                "%lld view %d parameter %d; rebuild the cache with `distill cache`",
                                c->path, (double)aug[e], (long long)(g0 + r), e / c->P, e % c->P);
+            /* a known augmentation's views, as kd_augment_apply reads them: shifts that round
+             * within crop_pad, a flip in [0, 1] (>= 0.5 flips) and none without hflip; anything
+             * else is not a view the teacher was given */
+            const int k = e % c->P;
+            const double v = aug[e];
+            if (aug_pad >= 0 && c->P == KD_AUG_NPARAMS &&
+                (k < 2 ? fabs(nearbyint(v)) > aug_pad : v < 0 || v > 1 || (!aug_flip && v >= 0.5)))
+                return KD_FAIL(KD_ERR_FORMAT,
+                               "cache '%s' holds augmentation parameter %d = %g at row %lld view "
+                               "%d, which its augment attribute '%s' never draws (shifts within "
+                               "crop_pad, a flip in [0, 1] and only with hflip); the file is "
+                               "damaged: rebuild the cache with `distill cache`",
+                               c->path, k, v, (long long)(g0 + r), e / c->P, c->meta.augment);
+        }
         int32_t y = b->lab[j0 + r];
         if (y < 0 || y >= c->meta.num_classes)
             return KD_FAIL(KD_ERR_FORMAT, "cache '%s': label %d at row %lld is outside [0, %d)",

@@ -75,6 +75,13 @@ typedef struct {
     int32_t *ti, *lab;
 } chunk_data;
 
+/* Row g's view v augmentation parameter p, as 'crop_pad=2 hflip=1' draws them: whole shifts in
+ * [-2, 2], a flip of 0 or 1. */
+static float aug_of(int64_t g, int v, int p)
+{
+    return p < 2 ? (float)((g + v + p) % 5) - 2.0f : (float)((g + v) % 2);
+}
+
 static void chunk_make(const kd_cache_meta *m, int64_t ch, int64_t R, chunk_data *d)
 {
     int V = m->views, C = m->num_classes, K = m->topk, P = m->aug_nparams;
@@ -91,7 +98,7 @@ static void chunk_make(const kd_cache_meta *m, int64_t ch, int64_t R, chunk_data
             for (int c = 0; c < C; c++)
                 d->logits[((size_t)r * V + v) * C + c] = logit_of(g, v, c);
             for (int p = 0; p < P; p++)
-                d->aug[((size_t)r * V + v) * P + p] = (float)(g % 5) - 2.0f + 0.5f * (float)(v + p);
+                d->aug[((size_t)r * V + v) * P + p] = aug_of(g, v, p);
         }
     }
     if (K)
@@ -164,8 +171,7 @@ static void verify_rows(kd_cache *c, const kd_cache_meta *m, const uint32_t *ord
             int64_t g = order[p0 + i];
             assert_int_equal(lab[i], g % C);
             for (int p = 0; p < P; p++)
-                assert_true(aug[(size_t)i * P + p] ==
-                            (float)(g % 5) - 2.0f + 0.5f * (float)(view + p));
+                assert_true(aug[(size_t)i * P + p] == aug_of(g, view, p));
             for (int k = 0; k < C; k++)
                 row[k] = logit_of(g, view, k);
             float want_lse;
@@ -1041,8 +1047,25 @@ static void test_augment_attr(void **state)
         set_str_attr(path, "augment", bad[i]);
         expect_open_fail(path, NULL, KD_ERR_FORMAT, "attribute augment is", bad[i]);
     }
+    /* an attribute the stored views do not follow (shifted views called unaugmented, flips
+     * without hflip, shifts beyond crop_pad): the views are not what the file says */
     set_str_attr(path, "augment", "none");
     strcpy(e.augment, "none");
+    expect_open_fail(path, &e, KD_ERR_FORMAT, "never draws", "'none'");
+    set_str_attr(path, "augment", "crop_pad=2 hflip=0");
+    strcpy(e.augment, "crop_pad=2 hflip=0");
+    expect_open_fail(path, &e, KD_ERR_FORMAT, "parameter 2 = 1", "never draws");
+    set_str_attr(path, "augment", "crop_pad=1 hflip=1");
+    strcpy(e.augment, "crop_pad=1 hflip=1");
+    expect_open_fail(path, &e, KD_ERR_FORMAT, "= -2", "never draws");
+    set_str_attr(path, "augment", "crop_pad=2 hflip=1");
+    strcpy(e.augment, "crop_pad=2 hflip=1");
+    assert_ok(kd_cache_open(path, &e, &c));
+    kd_cache_close(c);
+    /* a shift beyond crop_pad in one view of one row */
+    poke(path, "aug_params", 17, 0, 1, 3.0f);
+    expect_open_fail(path, &e, KD_ERR_FORMAT, "parameter 1 = 3 at row 17 view 0", "never draws");
+    poke(path, "aug_params", 17, 0, 1, 2.0f);
     assert_ok(kd_cache_open(path, &e, &c));
     kd_cache_close(c);
     set_str_attr(path, "augment", NULL);

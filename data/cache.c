@@ -276,11 +276,12 @@ void kd_topk_rows(const float *logits, int n, int c, int k, float *values, int32
  * (finite), ix: their classes (in [0, C)), lse: its stored logsumexp (finite). Every class must
  * appear once, the values must not increase from slot to slot, and lse, the log-sum-exp of the
  * whole row, must be at least that of the K values (else the top-k would hold more than all of the
- * probability mass and the rest a negative share) and, when K = C, equal to it. The comparisons
- * allow for values rounded to the stored dtype (f16: float16, else float32) and a logsumexp rounded
- * to float32 or summed in float: a row that kd_topk_rows computed always passes. seen: C entries of
- * scratch, *stamp: a counter advanced by each call (seen is cleared when it wraps). The reason is
- * written into buf.
+ * probability mass and the rest a negative share) and at most that of the whole row with its other
+ * C - K logits at the smallest top-k value (which they cannot exceed), so equal to it when K = C.
+ * The comparisons allow for values rounded to the stored dtype (f16: float16, else float32) and a
+ * logsumexp rounded to float32 or summed in float: a row that kd_topk_rows computed always
+ * passes. seen: C entries of scratch, *stamp: a counter advanced by each call (seen is cleared
+ * when it wraps). The reason is written into buf.
  */
 static const char *topk_entry_bad(const float *v, const int32_t *ix, float lse, int K, int C,
                                   int f16, uint32_t *seen, uint32_t *stamp, char *buf, size_t len)
@@ -343,6 +344,13 @@ static const char *topk_entry_bad(const float *v, const int32_t *ix, float lse, 
                  "logsumexp %.9g differs from %.9g, the log-sum-exp of the %d logits stored "
                  "(topk = num_classes: they are the whole row)",
                  l, lk, K);
+    else if (K < C && l > lk + log1p((double)(C - K) * exp((double)v[K - 1] - lk)) + tol)
+        snprintf(buf, len,
+                 "logsumexp %.9g is above %.9g, the most the row can hold when its other %d "
+                 "classes are at most the smallest top-k logit %.9g: they would hold more than "
+                 "the top-k order allows",
+                 l, lk + log1p((double)(C - K) * exp((double)v[K - 1] - lk)), C - K,
+                 (double)v[K - 1]);
     else
         return NULL;
     return buf;

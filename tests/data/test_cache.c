@@ -1103,7 +1103,8 @@ static int topk_class(const kd_cache_meta *m, int64_t g, int v, int k)
 }
 
 /* Top-k entries must name K different classes and a logsumexp no smaller than the log-sum-exp
- * of their values (equal to it when K = C); what the writer computes always passes. */
+ * of their values and no larger than the whole row's with the other classes at the smallest
+ * top-k value (equal to it when K = C); what the writer computes always passes. */
 static void test_topk_entries(void **state)
 {
     char path[512], want[128];
@@ -1151,6 +1152,16 @@ static void test_topk_entries(void **state)
         poke(path, "logsumexp", 3, 1, 0, 1.5f);
         expect_open_fail(path, NULL, KD_ERR_FORMAT, "row 3 view 1",
                          "the log-sum-exp of its 3 top-k logits");
+        /* above what the whole row can hold with its other 7 classes at most the smallest
+         * top-k logit (1 in the tied row 3: at most log(10 e) = 3.30) */
+        write_cache(path, &m, NULL, 1);
+        poke(path, "logsumexp", 3, 1, 0, 3.4f);
+        expect_open_fail(path, NULL, KD_ERR_FORMAT, "row 3 view 1",
+                         "the most the row can hold when its other 7 classes");
+        poke(path, "logsumexp", 3, 1, 0, 3.3f); /* log(10) + 1 = 3.3026: it may */
+        kd_cache *ok = NULL;
+        assert_ok(kd_cache_open(path, NULL, &ok));
+        kd_cache_close(ok);
     }
 
     /* K = C: the logsumexp is that of the values stored, within rounding */

@@ -153,6 +153,14 @@ static void on_signal(int sig)
 static kd_comm *g_comm;
 
 /* rank of size: the process that failed (named when size > 1) */
+static void catch_unless_ignored(int sig)
+{
+    struct sigaction old;
+    if (sigaction(sig, NULL, &old) == 0 && old.sa_handler == SIG_IGN)
+        return;
+    signal(sig, on_signal);
+}
+
 static int fail_as(kd_status st, int rank, int size)
 {
     /* a stop the user asked for (a signal) is no error */
@@ -497,9 +505,11 @@ int main(int argc, char **argv)
             int per = job.threads / (g_comm->size < job.threads ? g_comm->size : job.threads);
             job.threads = per > 0 ? per : 1;
         }
-        signal(SIGINT, on_signal);
-        signal(SIGTERM, on_signal);
-        signal(SIGHUP, on_signal); /* the terminal closed: stop at a checkpoint too */
+        /* a signal the process was started with ignored stays ignored: nohup's SIGHUP, and
+         * SIGINT for a job a shell started in the background */
+        catch_unless_ignored(SIGINT);
+        catch_unless_ignored(SIGTERM);
+        catch_unless_ignored(SIGHUP); /* the terminal closed: stop at a checkpoint too */
         /* a reader of the log that went away (`distill train ... | head`) does not end the run */
         signal(SIGPIPE, SIG_IGN);
         kd_train_opts opts = {.resume = resume,

@@ -271,20 +271,23 @@ static kd_status lower_act(lower_ctx *cx, const kd_block *b, cursor *cur)
         return KD_OK;
     }
     kd_export_op *o = absorber(cx, cur->t), *pool = NULL;
+    int pool_pinned = 0;
     if (o && o->type == KDM_OP_MAXPOOL2D) {
         /* relu / relu6 after a max pool (conv -> maxpool -> relu, as PyTorch's MNIST example
          * writes it): a non-decreasing clamp commutes with max, so it is the clamp of the op
          * before the pool, when the pool alone reads that op's output */
-        const int ti = o->in0, q = g->t[ti].producer;
+        const int ti = o->in0, q = g->t[ti].producer; /* -1: the pool reads the model input */
         pool = o;
-        o = q == g->nop - 2 && !is_pinned(cx, ti) ? &g->op[q] : NULL;
+        pool_pinned = is_pinned(cx, ti);
+        o = q >= 0 && q == g->nop - 2 && !pool_pinned ? &g->op[q] : NULL;
     }
     if (!o || (o->type != KDM_OP_CONV2D && o->type != KDM_OP_DEPTHWISE_CONV2D &&
                o->type != KDM_OP_FULLY_CONNECTED && o->type != KDM_OP_ADD))
-        return unsupported(b, is_pinned(cx, cur->t)
-                                  ? "an activation of a residual block's input, which the skip "
-                                    "path reads unclamped (a pre-activation block: no op output "
-                                    "clamp can apply to one path alone)"
+        return unsupported(b, is_pinned(cx, cur->t) || pool_pinned
+                                  ? "an activation of a residual block's input (or of a max "
+                                    "pool of it), which the skip path reads unclamped (a "
+                                    "pre-activation block: no op output clamp can apply to one "
+                                    "path alone)"
                                   : "an activation that does not follow a conv2d, linear, "
                                     "residual or a max pool of one (no op output clamp to fuse "
                                     "it into)");

@@ -310,11 +310,17 @@ static void test_unsupported(void **state)
                        flat_res);
     /* a max pool and relu at the start of a residual body: the skip path reads the pool's
      * input unclamped */
-    const char *const pool_preact[] = {"layer 1.body.1 (relu)", NULL};
+    const char *const pool_preact[] = {"layer 1.body.1 (relu)", "skip path", NULL};
     expect_unsupported("  - conv2d: {out: 4, kernel: 1}\n"
                        "  - residual: {body: [{maxpool2d: {kernel: 3, stride: 1, pad: 1}}, relu]}\n"
                        "  - global_avgpool\n  - linear: {out: 3}\n",
                        pool_preact);
+    /* a relu after a max pool of the model input: no op before the pool to clamp */
+    const char *const pool_input[] = {"layer 1 (relu)", "max pool of one", NULL};
+    expect_unsupported("  - maxpool2d: {kernel: 2, stride: 2}\n  - relu\n"
+                       "  - conv2d: {out: 4, kernel: 1}\n  - global_avgpool\n"
+                       "  - linear: {out: 3}\n",
+                       pool_input);
     const char *const bn_after_gap[] = {"layer 2 (batchnorm)", NULL};
     expect_unsupported("  - conv2d: {out: 4, kernel: 1}\n  - global_avgpool\n  - batchnorm\n"
                        "  - linear: {out: 3}\n",

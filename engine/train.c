@@ -583,21 +583,77 @@ static kd_status trim_metrics(const char *path, int64_t keep_epochs)
  * A resumed run leaves the run directory as it found it until its first commit (a checkpoint
  * written to last.safetensors): only then is config.yaml replaced by the job it runs and are
  * the metrics lines past the checkpoint it resumed from dropped, so that a resume that fails
- * or is killed before it (diverging, or resumed from an earlier epoch's checkpoint and then
- * stopped) loses no line of the run it would have replaced. Opens *metrics for appending.
+ * or is stopped before it (diverging, or resumed from an earlier epoch's checkpoint and then
+ * interrupted) loses no line of the run it would have replaced. The two files' earlier bytes
+ * are kept until that checkpoint is written, and put back if writing it (or anything before it)
+ * fails; only a process killed in that window leaves them changed.
  */
-static kd_status resume_commit_prep(const kd_job *job, const char *mpath, int64_t epoch0,
-                                    int *pending, FILE **metrics)
+typedef struct {
+    int pending;         /* resume_commit_prep not yet run */
+    int armed;           /* the files changed, the checkpoint not yet written */
+    const char *mpath;   /* metrics.jsonl */
+    char cpath[600];     /* config.yaml */
+    void *old_m, *old_c; /* their earlier bytes (NULL: there was no such file) */
+    size_t len_m, len_c;
+} resume_guard;
+
+static kd_status keep_old(const char *path, void **buf, size_t *len)
 {
-    if (!*pending)
+    kd_status st = kd_file_read_all(path, buf, len);
+    if (st == KD_ERR_NOT_FOUND) {
+        kd_clear_error();
+        *buf = NULL;
         return KD_OK;
+    }
+    return st;
+}
+
+/* Before a resumed run's first commit: replace config.yaml, trim the metrics, open *metrics. */
+static kd_status resume_commit_prep(const kd_job *job, resume_guard *g, int64_t epoch0,
+                                    FILE **metrics)
+{
+    if (!g->pending)
+        return KD_OK;
+    snprintf(g->cpath, sizeof g->cpath, "%s/config.yaml", job->out_dir);
+    KD_TRY(keep_old(g->mpath, &g->old_m, &g->len_m));
+    KD_TRY(keep_old(g->cpath, &g->old_c, &g->len_c));
+    g->armed = 1;
     KD_TRY(write_config_copy(job));
-    KD_TRY(trim_metrics(mpath, epoch0));
-    *metrics = fopen(mpath, "a");
+    KD_TRY(trim_metrics(g->mpath, epoch0));
+    *metrics = fopen(g->mpath, "a");
     if (!*metrics)
-        return KD_FAIL(KD_ERR_IO, "cannot open '%s': %s", mpath, strerror(errno));
-    *pending = 0;
+        return KD_FAIL(KD_ERR_IO, "cannot open '%s': %s", g->mpath, strerror(errno));
+    g->pending = 0;
     return KD_OK;
+}
+
+/* The first commit is written (ok) or failed: forget the earlier bytes, or put them back (after
+ * the metrics file is closed). A failure to restore is added to the message, not the status. */
+static void resume_guard_end(resume_guard *g, int ok)
+{
+    if (g->armed && !ok) {
+        const char *paths[2] = {g->mpath, g->cpath};
+        void *bufs[2] = {g->old_m, g->old_c};
+        const size_t lens[2] = {g->len_m, g->len_c};
+        char msg[KD_ERRMSG_MAX];
+        snprintf(msg, sizeof msg, "%s", kd_last_error());
+        for (int i = 0; i < 2; i++) {
+            kd_status rs = bufs[i] ? kd_file_write_bytes(paths[i], bufs[i], lens[i])
+                                   : (remove(paths[i]) == 0 || errno == ENOENT
+                                          ? KD_OK
+                                          : KD_FAIL(KD_ERR_IO, "%s", strerror(errno)));
+            if (rs != KD_OK) {
+                size_t n = strlen(msg);
+                snprintf(msg + n, sizeof msg - n, "; '%s' could not be put back as it was: %s",
+                         paths[i], kd_last_error());
+            }
+        }
+        kd_fail_restore(KD_ERR_IO, msg);
+    }
+    free(g->old_m);
+    free(g->old_c);
+    g->old_m = g->old_c = NULL;
+    g->armed = 0;
 }
 
 typedef struct {
@@ -781,7 +837,7 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     uint32_t *perm = NULL;
     FILE *metrics = NULL;
     char mpath[600] = "";
-    int metrics_pending = 0; /* resume_commit_prep not yet run */
+    resume_guard guard = {.mpath = mpath};
     kd_teacher *teacher = NULL;
     qat_ctx qat = {0, 0, NULL};
     kd_comm *solo = NULL, *nccl = NULL, *comm = NULL;
@@ -1024,7 +1080,7 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     if ((st = kd_mkdir_p(job->out_dir)) || (!resuming && (st = write_config_copy(job))))
         goto done;
     snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", job->out_dir);
-    metrics_pending = resuming;
+    guard.pending = resuming;
     if (!resuming && !(metrics = fopen(mpath, "w"))) {
         st = KD_FAIL(KD_ERR_IO, "cannot open '%s': %s", mpath, strerror(errno));
         goto done;
@@ -1175,9 +1231,10 @@ train:;
                 saver.info.epoch_loss = ep_loss;
                 saver.info.epoch_correct = ep_correct;
                 saver.info.epoch_seen = ep_seen;
-                if ((st = resume_commit_prep(job, mpath, epoch0, &metrics_pending, &metrics)) ||
+                if ((st = resume_commit_prep(job, &guard, epoch0, &metrics)) ||
                     (st = save_ckpt(&saver, "last.safetensors")))
                     goto done;
+                resume_guard_end(&guard, 1);
             }
             if (stop && !last) {
                 if (opts->progress)
@@ -1222,7 +1279,7 @@ train:;
         /* last.safetensors is the epoch's commit point, so it is written after everything
          * else: a failure before it resumes from the previous epoch and redoes this one,
          * rewriting best.safetensors and this epoch's metrics line identically */
-        if ((st = resume_commit_prep(job, mpath, epoch0, &metrics_pending, &metrics)) ||
+        if ((st = resume_commit_prep(job, &guard, epoch0, &metrics)) ||
             (best && (st = save_ckpt(&saver, "best.safetensors"))))
             goto done;
         double lr_now = kd_sched_lr(&sched, job->optim.lr, step > 0 ? step - 1 : 0);
@@ -1245,6 +1302,7 @@ train:;
         }
         if ((st = save_ckpt(&saver, "last.safetensors")))
             goto done;
+        resume_guard_end(&guard, 1);
         if (d.have_val)
             fprintf(log,
                     "epoch %" PRId64 "/%d: train loss %.4f acc %.2f%% | val loss %.4f acc "
@@ -1290,6 +1348,7 @@ done:
     free(order);
     if (metrics)
         fclose(metrics);
+    resume_guard_end(&guard, st == KD_OK); /* a failed first commit: the earlier files back */
     if (m) {
         be->release(x_dev);
         be->release(y_dev);

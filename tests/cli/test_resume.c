@@ -378,8 +378,8 @@ static void test_signals_stop_at_checkpoint(void **state)
 }
 
 /* A resume from an earlier epoch's checkpoint that fails before its first commit (it diverges)
- * leaves the run it would have replaced as it was: last.safetensors, config.yaml and every
- * metrics line. */
+ * or in writing it (a file size limit) leaves the run it would have replaced as it was:
+ * last.safetensors, config.yaml and every metrics line. */
 static void test_failed_resume_keeps_run(void **state)
 {
     (void)state;
@@ -427,6 +427,24 @@ static void test_failed_resume_keeps_run(void **state)
         if (!kd_file_holds(path, before[i], len[i])) {
             print_log(log);
             fail_msg("the failed resume changed %s", files[i]);
+        }
+    }
+    /* the same resume failing at its first checkpoint itself (a file size limit below the
+     * checkpoint's size): the config copy and the trimmed metrics it wrote just before are put
+     * back */
+    static char out[1 << 16];
+    const char *full[] = {"train", job, "--resume", ep1, "--set", "optim.epochs=2", NULL};
+    int code = -1;
+    assert_int_equal(kd_run_distill_fsize(full, (long long)len[0] / 2, out, sizeof out, &code), 0);
+    if (code != 1 || !strstr(out, "File too large")) {
+        fprintf(stderr, "%s", out);
+        fail_msg("want exit 1 on the file size limit, got %d", code);
+    }
+    for (int i = 0; i < 3; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        if (!kd_file_holds(path, before[i], len[i])) {
+            fprintf(stderr, "%s", out);
+            fail_msg("the resume that failed at its checkpoint changed %s", files[i]);
         }
         free(before[i]);
     }

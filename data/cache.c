@@ -756,9 +756,12 @@ static kd_status chunks_check(hid_t d, const char *path, const char *name, int n
     char a[128], b[128];
     int ok = cn == nd;
     for (int i = 0; i < cn && ok; i++) {
-        /* an extendible dimension may have chunks larger than its current size */
-        const hsize_t lim =
-            maxd[i] == H5S_UNLIMITED && dims[i] < ((hsize_t)1 << 24) ? ((hsize_t)1 << 24) : dims[i];
+        /* an extendible dimension may have chunks up to its maximum size (an unlimited one:
+         * up to the largest chunk_rows distill takes) */
+        const hsize_t big = (hsize_t)1 << 24, lim = maxd[i] == H5S_UNLIMITED
+                                                        ? (dims[i] > big ? dims[i] : big)
+                                                    : maxd[i] > dims[i] ? maxd[i]
+                                                                        : dims[i];
         ok = cdims[i] >= 1 && cdims[i] <= lim;
     }
     if (!ok)

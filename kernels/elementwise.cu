@@ -150,7 +150,7 @@ extern "C" kd_status kd_cuda_bias_grad_rows(void *stream, int rows, int cols, co
 {
     if (rows < 0 || cols < 0)
         return KD_FAIL(KD_ERR_INVALID, "bias_grad_rows: bad shape rows %d, cols %d", rows, cols);
-    if (cols == 0)
+    if (rows == 0 || cols == 0)
         return KD_OK;
     bias_grad_rows_kernel<<<cols, 256, 0, (cudaStream_t)stream>>>(rows, cols, dy, db);
     return kd_launch_status("bias_grad_rows");

@@ -352,20 +352,29 @@ static void test_signals_stop_at_checkpoint(void **state)
             }
             sleep_ms(1);
         }
+        long before = -1;
         if (!exited) {
+            before = ckpt_step(ckpt);
             kill(pid, sigs[k]);
             assert_int_equal(kd_wait_exit(pid, &code), 0);
         }
         char *text = kd_read_text(log);
         assert_non_null(text);
-        if (code != 130 || !strstr(text, "distill: stopped: stopped at epoch") ||
-            !strstr(text, "checkpoint saved") || strstr(text, "error")) {
+        const char *msg = strstr(text, "distill: stopped: stopped at epoch");
+        long said = -1;
+        if (code != 130 || !msg || !strstr(text, "checkpoint saved") || strstr(text, "error") ||
+            !strstr(msg, " step ") || (said = strtol(strstr(msg, " step ") + 6, NULL, 10)) < 1) {
             print_log(log);
             fail_msg("signal %d: want exit 130 and a stop message, got %d", sigs[k], code);
         }
         free(text);
+        /* the checkpoint is the one the stop wrote, at the step it names, not an earlier one */
         const long step = ckpt_step(ckpt);
-        assert_true(step > 0 && step < STEPS_TOTAL);
+        if (step != said || step < before || step >= STEPS_TOTAL) {
+            print_log(log);
+            fail_msg("signal %d: checkpoint at step %ld, the message says %ld (before: %ld)",
+                     sigs[k], step, said, before);
+        }
         if (k == 2) { /* and the run goes on from there */
             const char *resume[] = {"train", job, "--resume", NULL};
             if (train_code(resume, log) != 0) {

@@ -88,6 +88,7 @@ static void test_empty_launches(void **state)
     assert_int_equal(kd_cuda_bias_rows(NO_STREAM, 0, 3, f, f), KD_OK);
     assert_int_equal(kd_cuda_bias_rows(NO_STREAM, 3, 0, f, f), KD_OK);
     assert_int_equal(kd_cuda_bias_grad_rows(NO_STREAM, 3, 0, f, f), KD_OK);
+    assert_int_equal(kd_cuda_bias_grad_rows(NO_STREAM, 0, 3, f, f), KD_OK);
     assert_int_equal(kd_cuda_bias_nchw(NO_STREAM, 0, 2, 4, f, f), KD_OK);
     assert_int_equal(kd_cuda_bias_grad_nchw(NO_STREAM, 2, 0, 4, f, f), KD_OK);
     assert_int_equal(kd_cuda_gather_augment(NO_STREAM, 0, 1, 28, 28, f, lab, idx, f, 0.f, f, lab),

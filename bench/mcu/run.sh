@@ -68,9 +68,16 @@ need_tools() {
 build() {
     local dir=$1 cpu=$2 ref=$3
     shift 3
-    local rt=()
+    local rt=() stamp
     [ -n "${KDM_RUNTIME_DIR:-}" ] && rt=("-DKDM_RUNTIME_DIR=$KDM_RUNTIME_DIR")
     mkdir -p "$dir"
+    # CMake reads the toolchain's CPU flags only when it first configures a directory: one
+    # configured for another CPU or runtime is configured afresh, never reused with its flags
+    stamp="cpu=$cpu runtime=${KDM_RUNTIME_DIR:-}"
+    if [ -f "$dir/CMakeCache.txt" ] && [ "$(cat "$dir/kdm_build_for" 2>/dev/null)" != "$stamp" ]; then
+        rm -rf "$dir/CMakeCache.txt" "$dir/CMakeFiles"
+    fi
+    printf '%s\n' "$stamp" >"$dir/kdm_build_for"
     if ! cmake -S "$here" -B "$dir" -DCMAKE_TOOLCHAIN_FILE="$root/cmake/arm-none-eabi.cmake" \
         -DKDM_CPU="$cpu" -DKDM_FORCE_REF="$ref" "${rt[@]}" "${cfg_args[@]}" \
         >"$dir/configure.log" 2>&1; then

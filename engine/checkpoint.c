@@ -139,8 +139,11 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
                           "epoch_correct",  ec,
                           "epoch_seen",     es,
                           "split_hash",     split,
-                          "schedule_steps", sched};
-    st = kd_safetensors_save(path, ents, nent, meta, sizeof meta / sizeof meta[0] / 2);
+                          "schedule_steps", sched,
+                          "quant",          info->quant ? info->quant : ""};
+    /* an unrecorded quant (info->quant NULL) is left out: the last pair is not written */
+    const size_t npairs = sizeof meta / sizeof meta[0] / 2 - (info->quant ? 0 : 1);
+    st = kd_safetensors_save(path, ents, nent, meta, npairs);
 done:
     free(ents);
     free(hp);
@@ -228,6 +231,9 @@ static kd_status read_info(const kd_safetensors *st, const char *path, kd_ckpt_i
     KD_TRY(meta_u64(st, path, "model_hash", 16, &info->model_hash));
     snprintf(opt, sizeof opt, "%s", (v = kd_safetensors_meta(st, "optimizer")) ? v : "");
     info->optimizer = opt;
+    static char quant[32];
+    snprintf(quant, sizeof quant, "%s", (v = kd_safetensors_meta(st, "quant")) ? v : "");
+    info->quant = quant;
     return KD_OK;
 }
 
@@ -379,4 +385,39 @@ kd_status kd_checkpoint_check_model(const char *path, const kd_ckpt_info *info, 
                    "checkpoint '%s' was written for another architecture than %s (same parameter "
                    "shapes, other layers or hyper-parameters): %s",
                    path, desc, remedy);
+}
+
+void kd_checkpoint_quant_tag(int bits, int qat, int act, char *buf, size_t len)
+{
+    if (!qat)
+        snprintf(buf, len, "none");
+    else
+        snprintf(buf, len, "qat%d%s", bits, act ? "-act" : "");
+}
+
+/* A tag as the job file would say it. */
+static void quant_words(const char *tag, char *buf, size_t len)
+{
+    int bits = 0, used = 0;
+    if (!strcmp(tag, "none"))
+        snprintf(buf, len, "no quantization-aware training");
+    else if (sscanf(tag, "qat%d%n", &bits, &used) == 1)
+        snprintf(buf, len, "quant: {bits: %d, qat: true%s}", bits,
+                 !strcmp(tag + used, "-act") ? ", activations: true" : "");
+    else
+        snprintf(buf, len, "'%s'", tag);
+}
+
+kd_status kd_checkpoint_check_quant(const char *path, const kd_ckpt_info *info, const char *tag,
+                                    const char *remedy)
+{
+    if (!info->quant || !info->quant[0] || !strcmp(info->quant, tag))
+        return KD_OK;
+    char was[96], is[96];
+    quant_words(info->quant, was, sizeof was);
+    quant_words(tag, is, sizeof is);
+    return KD_FAIL(KD_ERR_CONFIG,
+                   "checkpoint '%s' was trained with %s, the job has %s, so its weights are not "
+                   "the model the job describes: %s",
+                   path, was, is, remedy);
 }

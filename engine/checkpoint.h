@@ -33,9 +33,22 @@ typedef struct {
      * schedule changed under it */
     uint64_t split_hash;
     int64_t schedule_steps;
+    /* how the weights were trained (kd_checkpoint_quant_tag: "none", "qat4", "qat8-act", ...);
+     * NULL when saving: not recorded; read back as "" when the file does not record it */
+    const char *quant;
     /* read back only: the architecture hash the file was written for (0 = not recorded) */
     uint64_t model_hash;
 } kd_ckpt_info;
+
+/* The tag a job's quant section gives its checkpoints: "none" without QAT, else "qat" and the
+ * bits, "-act" when activations are fake-quantized too. */
+void kd_checkpoint_quant_tag(int bits, int qat, int act, char *buf, size_t len);
+
+/* KD_OK unless checkpoint `path` records weights trained otherwise (QAT or not, other bits)
+ * than `tag` says: their float values are then not the model the job describes, so a refusal
+ * naming both and ending with `remedy`. */
+kd_status kd_checkpoint_check_quant(const char *path, const kd_ckpt_info *info, const char *tag,
+                                    const char *remedy);
 
 /* Save params, buffers, counters and (if state != NULL) nstate optimiser floats, atomically;
  * a non-finite value is refused (the run diverged) and path keeps what it held. */

@@ -928,6 +928,10 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     kd_saver saver = {.job = job, .m = m, .state = nstate ? state : NULL, .nstate = nstate};
     saver.info.seed = job->seed;
     saver.info.optimizer = job->optim_name;
+    char quant_tag[32];
+    kd_checkpoint_quant_tag(job->quant_bits, job->quant_qat, job->quant_act, quant_tag,
+                            sizeof quant_tag);
+    saver.info.quant = quant_tag;
     saver.info.batch_size = batch;
     saver.info.train_samples = d.train.n;
     saver.info.split_hash = split_fingerprint(&d.train);
@@ -1394,6 +1398,15 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
     return st;
 }
 
+/* kd_checkpoint_check_quant against the job's quant section */
+kd_status kd_check_checkpoint_quant(const kd_job *job, const char *checkpoint,
+                                    const kd_ckpt_info *info, const char *remedy)
+{
+    char tag[32];
+    kd_checkpoint_quant_tag(job->quant_bits, job->quant_qat, job->quant_act, tag, sizeof tag);
+    return kd_checkpoint_check_quant(checkpoint, info, tag, remedy);
+}
+
 kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out)
 {
     kd_set_threads(job->threads);
@@ -1413,6 +1426,9 @@ kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out
         (st = kd_checkpoint_load(checkpoint, m, NULL, 0, &info)) ||
         (st = kd_checkpoint_check_model(checkpoint, &info, m, job->model_desc,
                                         "evaluate it with the job it was trained with")) ||
+        (st = kd_check_checkpoint_quant(job, checkpoint, &info,
+                                        "evaluate it with the job it was trained "
+                                        "with")) ||
         (st = be->alloc((void **)&x_dev, (size_t)batch * m->in_numel * sizeof(float))) ||
         (st = be->alloc((void **)&y_dev, (size_t)batch * sizeof(int32_t))))
         goto done;

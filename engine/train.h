@@ -8,6 +8,7 @@
 #include <stdio.h>
 
 #include "backend.h"
+#include "checkpoint.h"
 #include "dataset.h"
 #include "job.h"
 #include "status.h"
@@ -73,6 +74,11 @@ void kd_set_threads(int n);
 void kd_openmp_short_spin(char **argv);
 kd_status kd_pick_backend(const kd_job *job, const kd_backend **be, FILE *log);
 kd_status kd_load_train_split(const kd_job *job, kd_dataset *train);
+
+/* Refuse a checkpoint whose recorded quantization-aware training (kd_ckpt_info.quant) differs
+ * from the job's quant section (nothing recorded: accepted), ending the message with remedy. */
+kd_status kd_check_checkpoint_quant(const kd_job *job, const char *checkpoint,
+                                    const kd_ckpt_info *info, const char *remedy);
 
 /* KD_ERR_SHAPE, naming the model and the data set, unless d's samples are the model's input
  * shape and d's class count its number of outputs. */

@@ -738,6 +738,8 @@ kd_status kd_export_run(const kd_job *job, const char *checkpoint, const kd_expo
     if ((st = kd_checkpoint_load(checkpoint, m, NULL, 0, &info)))
         goto done;
     if ((st = kd_checkpoint_check_model(checkpoint, &info, m, job->model_desc,
+                                        "export it with the job it was trained with")) ||
+        (st = kd_check_checkpoint_quant(job, checkpoint, &info,
                                         "export it with the job it was trained with")))
         goto done;
     /* A job trained with fake-quantized weights (QAT) is the model with those weights, whatever

@@ -57,19 +57,22 @@ static const char *tp(char *buf, size_t len, const char *name)
     return buf;
 }
 
-static void write_job(const char *name, const char *model)
+/* name.yaml: the model trained 3 epochs into name/, with `extra` (YAML lines) appended */
+static void write_job_extra(const char *name, const char *model, const char *extra)
 {
     char path[400], od[300], text[4096];
     snprintf(text, sizeof text,
              "run: {name: %s, out_dir: %s, seed: 2, threads: 2, log_every: 1000}\n"
              "data: {dataset: fashion-mnist, root: %s, batch_size: 32, val_size: 50}\n"
              "model: %s\n"
-             "optim: {name: adamw, lr: 0.01, epochs: 3}\n",
-             name, tp(od, sizeof od, name), data, model);
+             "optim: {name: adamw, lr: 0.01, epochs: 3}\n%s",
+             name, tp(od, sizeof od, name), data, model, extra);
     char fname[64];
     snprintf(fname, sizeof fname, "%s.yaml", name);
     assert_int_equal(kd_write_text(tp(path, sizeof path, fname), text), 0);
 }
+
+static void write_job(const char *name, const char *model) { write_job_extra(name, model, ""); }
 
 static int run(const char *const *argv)
 {
@@ -486,19 +489,36 @@ static void test_options(void **state)
 
 /* A job trained with quant: {bits: 4, qat: true} exports with exactly the max-abs integers the
  * training fake-quantized against (up to the sign a negative batchnorm scale gives a row), and
- * without bias correction. The model is a's, so a's checkpoint serves. */
+ * without bias correction. The model is a's, trained one epoch with QAT; a's own checkpoint
+ * (trained without) is refused by that job, and the QAT one by a's. */
 static void test_qat_job(void **state)
 {
     (void)state;
-    char path[400], odir[300], ck[300], text[4096];
-    char *job_a = kd_read_text(tp(path, sizeof path, "a.yaml"));
-    assert_non_null(job_a);
-    snprintf(text, sizeof text, "%squant: {bits: 4, qat: true}\n", job_a);
-    free(job_a);
-    char qjob[300];
-    assert_int_equal(kd_write_text(tp(qjob, sizeof qjob, "aq.yaml"), text), 0);
+    char path[400], odir[300], ck[300], qjob[300];
+    /* model a trained one epoch with QAT into aq/ */
+    char model[2048];
+    snprintf(model, sizeof model, MODEL_A, 2);
+    write_job_extra("aq", model, "quant: {bits: 4, qat: true}\n");
+    const char *train[] = {"train", tp(qjob, sizeof qjob, "aq.yaml"), "--set", "optim.epochs=1",
+                           NULL};
+    if (run(train) != 0)
+        fail_msg("QAT training failed:\n%s", out);
+    char other[300], ajob[300];
+    const char *mixed[] = {"export",       qjob,
+                           "--checkpoint", tp(other, sizeof other, "a/last.safetensors"),
+                           "--quant",      "int4",
+                           "--format",     "kdm",
+                           "--out",        tp(odir, sizeof odir, "eqx"),
+                           "--no-eval",    NULL};
+    if (run(mixed) != 1 || !strstr(out, "was trained with no quantization-aware training") ||
+        !strstr(out, "the job has quant: {bits: 4, qat: true}"))
+        fail_msg("a checkpoint trained without QAT was not refused by the QAT job:\n%s", out);
+    const char *mixed2[] = {"eval", tp(ajob, sizeof ajob, "a.yaml"), "--checkpoint",
+                            tp(other, sizeof other, "aq/last.safetensors"), NULL};
+    if (run(mixed2) != 1 || !strstr(out, "was trained with quant: {bits: 4, qat: true}"))
+        fail_msg("the QAT checkpoint was not refused by the job without QAT:\n%s", out);
     const char *argv[] = {"export",       qjob,
-                          "--checkpoint", tp(ck, sizeof ck, "a/last.safetensors"),
+                          "--checkpoint", tp(ck, sizeof ck, "aq/last.safetensors"),
                           "--quant",      "int4",
                           "--format",     "kdm",
                           "--out",        tp(odir, sizeof odir, "eq"),
@@ -514,7 +534,7 @@ static void test_qat_job(void **state)
 
     /* the first conv's rows (1 input channel: OHWI is OIHW) against the engine's quantizer on
      * the unfolded weights */
-    kd_model *m = load_model("a", NULL);
+    kd_model *m = load_model("aq", NULL);
     const kd_block *conv = &m->blocks[0], *bn = &m->blocks[1];
     int out_c = conv->features, k = 9;
     float *w = malloc(sizeof(float) * (size_t)out_c * k), g[64], v[64];

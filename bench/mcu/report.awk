@@ -36,6 +36,7 @@ $1 == "model" { model = substr($0, 7); gsub(/^ +| +$/, "", model) }
 $1 == "qemu" { qemu = $2 }
 $1 == "gcc" { gcc = $2 }
 $1 == "calib" { calib = $2 }
+$1 == "weights" { export_weights = $2 }
 $1 == "invoke" { inv[$2] = $3; match_[$2] = $4; samples[$2] = $5 }
 $1 == "stack" { stack_used = $2; stack_size = $3; arena = $4 }
 $1 == "size" {
@@ -51,13 +52,15 @@ $1 == "dsp" || $1 == "ref" || $1 == "m7" || $1 == "m0" {
 
 END {
     fail = 0
-    # model quantization: INT4 when every weighted layer is 4-bit
+    # model quantization: the export's (its report.json's "weights", an INT4 export with some
+    # layers kept at 8 bits included), else INT4 when every weighted layer is 4-bit
     weighted = 0; four = 0
     for (i = 0; i < nops; i++) {
         b = kv(L["dsp", i], "wbits") + 0
         if (b > 0) { weighted++; if (b == 4) four++ }
     }
     quant = weighted > 0 && four == weighted ? "int4" : "int8"
+    if (export_weights == "int4" || export_weights == "int8") quant = export_weights
     flash_target = quant == "int4" ? 24576 : 40960
 
     printf "\nCortex-M4 per layer (QEMU mps2-an386, -icount shift=0: 1 ns/instruction, 40 " \

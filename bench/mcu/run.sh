@@ -344,6 +344,11 @@ cmd_bench() {
         fi
         [ -n "$from" ] || from=$(head -1 "$dir/model.h" | sed 's|^/\*||; s|\*/$||')
         echo "model $(printf '%s' "$from" | sed 's/["\\]//g')"
+        # the export's own width (an INT4 export keeps some layers at 8 bits with --int8-layers)
+        if [ -f "$dir/report.json" ]; then
+            echo "weights $(sed -n 's/^[[:space:]]*"weights":[[:space:]]*"\(int[48]\)".*/\1/p' \
+                "$dir/report.json" | head -1)"
+        fi
         echo "qemu $(qemu-system-arm --version | head -1 | awk '{ print $4 }')"
         echo "gcc $(arm-none-eabi-gcc -dumpversion)"
         echo "calib $(field "$broot/m4-dsp/bench_layers.log" "calib " instr)"

@@ -36,6 +36,7 @@ typedef struct {
     int64_t params;
     int64_t flash, ram, instr; /* -1 unknown */
     int mcu_measured;
+    int too_big; /* the firmware does not fit the Cortex-M4 board: host figures only */
     char dir[1024];
 } row_t;
 
@@ -181,6 +182,11 @@ static kd_status run_mcu(const char *src, const char *dir, const char *build_roo
     while (waitpid(pid, &status, 0) < 0)
         if (errno != EINTR)
             return KD_FAIL(KD_ERR_IO, "waitpid failed: %s", strerror(errno));
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 3) /* run.sh: too big for the board */
+        return KD_FAIL(KD_ERR_UNSUPPORTED,
+                       "'%s' does not fit the Cortex-M4 board's memory (QEMU mps2-an386): see "
+                       "'%s'",
+                       dir, log);
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
         return KD_FAIL(KD_ERR_INTERNAL,
                        "the Cortex-M4 run of '%s' failed (exit %d): see '%s' (a firmware whose "
@@ -259,9 +265,14 @@ static kd_status run_row(row_t *w, int idx, const char *out_dir, const kd_report
     if (mcu) {
         char build_root[1100];
         snprintf(build_root, sizeof build_root, "%s/mcu-build", out_dir);
-        if ((st = run_mcu(o->source_dir ? o->source_dir : ".", w->dir, build_root)) != KD_OK ||
-            (st = read_mcu(w)) != KD_OK)
+        st = run_mcu(o->source_dir ? o->source_dir : ".", w->dir, build_root);
+        if (st == KD_ERR_UNSUPPORTED) { /* the row stays, with its blob and arena and a mark */
+            fprintf(stderr, "report: row %d (%s): %s\n", idx + 1, w->label, kd_last_error());
+            w->too_big = 1;
+            st = KD_OK;
+        } else if (st != KD_OK || (st = read_mcu(w)) != KD_OK) {
             goto done;
+        }
     }
 done:
     kd_model_free(m);
@@ -301,6 +312,8 @@ static void print_table(FILE *f, const row_t *rows, int n, int md, int mcu)
             snprintf(ins, sizeof ins, "-");
         if (!w->bits && !md)
             snprintf(fl + strlen(fl), sizeof fl - strlen(fl), "*");
+        if (w->too_big)
+            snprintf(fl + strlen(fl), sizeof fl - strlen(fl), " (too big)");
         fprintf(f, fmt_r, w->label, p, a, fl, ram, ins);
     }
     fprintf(f,
@@ -314,6 +327,12 @@ static void print_table(FILE *f, const row_t *rows, int n, int md, int mcu)
                   "whole test set (host build of the same runtime)."
                 : "Quantized rows: flash = the .kdm blob, RAM = the planned arena (the Cortex-M "
                   "tools were not used); accuracy of the integer model on the test images.");
+    for (int i = 0; i < n; i++)
+        if (rows[i].too_big) {
+            fprintf(f, "(too big): the firmware does not fit the Cortex-M4 board's memory; flash = "
+                       "the .kdm blob, RAM = the planned arena, no instruction count.\n");
+            break;
+        }
 }
 
 static kd_status write_outputs(const char *out_dir, const row_t *rows, int n, int mcu)
@@ -346,6 +365,8 @@ static kd_status write_outputs(const char *out_dir, const row_t *rows, int n, in
         if (w->instr >= 0)
             cJSON_AddNumberToObject(r, "m4_instructions_per_inference", (double)w->instr);
         cJSON_AddBoolToObject(r, "measured_on_cortex_m4", w->mcu_measured);
+        if (w->too_big)
+            cJSON_AddBoolToObject(r, "fits_cortex_m4", 0);
         if (w->dir[0])
             cJSON_AddStringToObject(r, "export_dir", w->dir);
         cJSON_AddItemToArray(arr, r);

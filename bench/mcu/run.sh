@@ -29,7 +29,8 @@
 #       more RAM than the microbit has): each must reproduce the host outputs and all three
 #       print identical lines. The runtime is built with the KDM_ROUNDING_MASK the
 #       cases file names (kdm_random_model --rounding).
-# Exit status: 0 pass, 1 fail, 77 when arm-none-eabi-gcc, qemu-system-arm or cmake is missing.
+# Exit status: 0 pass, 1 fail, 3 (bench) when the model does not fit the Cortex-M4 board's
+# memory, 77 when arm-none-eabi-gcc, qemu-system-arm or cmake is missing.
 #
 # Instruction counts: QEMU's -icount shift=0 runs the virtual clock at 1 ns per instruction; the
 # MPS2 FPGA counter ticks at 25 MHz on it (1 tick = 40 instructions), the microbit's SysTick at
@@ -280,7 +281,12 @@ cmd_bench() {
     cfg_args=(-DKDM_EXPORT_DIR="$dir" -DKDM_KCHECK_SOURCE=)
     local ok=1 v variants=(m4-dsp m4-ref m7) m0=0
     echo "== building (cortex-m4 dsp / ref, cortex-m7, cortex-m0plus) into $broot"
-    build "$broot/m4-dsp" cortex-m4 OFF
+    if ! fit_or_skip=1 build "$broot/m4-dsp" cortex-m4 OFF; then
+        echo "run.sh: $dir does not fit mps2-an386's memory: $(grep -m1 -o \
+            "region .* overflowed by [0-9]* bytes" "$broot/m4-dsp/build.log") (full link log:" \
+            "$broot/m4-dsp/build.log)" >&2
+        exit 3
+    fi
     build "$broot/m4-ref" cortex-m4 ON
     build "$broot/m7" cortex-m7 OFF
     # the microbit has 256 KB of flash and 16 KB of RAM: a larger model (the teacher) gets no M0+

@@ -195,9 +195,13 @@ cmd_check() {
     dir=$(cd "$dir" && pwd)
     cfg_args=(-DKDM_EXPORT_DIR="$dir" -DKDM_KCHECK_SOURCE=)
     if ! fit_or_skip=1 build "$bdir" "$cpu" OFF run_samples; then
-        die "$dir does not fit $machine's memory: $(grep -m1 -o "region .* overflowed by [0-9]* bytes" \
-            "$bdir/build.log") (the model's arena: KDM_MODEL_ARENA_SIZE in $dir/model.h;" \
-            "full link log: $bdir/build.log)"
+        local over what
+        over=$(grep -m1 -o "region .* overflowed by [0-9]* bytes" "$bdir/build.log")
+        case $over in
+        *FLASH*) what="flash holds the runtime and the model's blob (model.c)" ;;
+        *) what="RAM holds the stack and the model's arena: KDM_MODEL_ARENA_SIZE in $dir/model.h" ;;
+        esac
+        die "$dir does not fit $machine's memory: $over ($what; full link log: $bdir/build.log)"
     fi
     run_check "$machine" "$bdir/run_samples.elf" "$dir" "$bdir/run_samples.log"
 }

@@ -40,8 +40,18 @@ build() {
     cmake --build "$BUILD_DIR" -j "$JOBS"
 }
 
+usage="usage: $0 [build|test|quickstart]"
+if [ $# -gt 1 ]; then
+    echo "setup: one command at most, got: $*" >&2
+    echo "$usage" >&2
+    exit 2
+fi
 cmd=${1:-build}
 case "$cmd" in
+help | -h | --help)
+    echo "$usage"
+    sed -n 's/^#   /  /p' "$0"
+    ;;
 build)
     install_deps
     build
@@ -57,7 +67,8 @@ quickstart)
     exec bash bench/quickstart.sh "$BUILD_DIR/distill"
     ;;
 *)
-    echo "usage: $0 [build|test|quickstart]" >&2
+    echo "setup: unknown command '$cmd'" >&2
+    echo "$usage" >&2
     exit 2
     ;;
 esac

@@ -389,7 +389,6 @@ kd_status kd_report_run(const char *spec_path, const kd_report_opts *o, FILE *ou
     KD_TRY(parse_spec(spec_path, out_dir, sizeof out_dir, rows, &n));
     if (o->out_dir)
         snprintf(out_dir, sizeof out_dir, "%s", o->out_dir);
-    KD_TRY(kd_mkdir_p(out_dir));
     int tools =
         have_tool("arm-none-eabi-gcc") && have_tool("qemu-system-arm") && have_tool("cmake");
     if (o->mcu == 1 && !tools)
@@ -397,6 +396,26 @@ kd_status kd_report_run(const char *spec_path, const kd_report_opts *o, FILE *ou
                        "--mcu needs arm-none-eabi-gcc, qemu-system-arm and cmake on PATH "
                        "(Debian: gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm)");
     int mcu = o->mcu < 0 ? tools : o->mcu;
+    /* every row's job and checkpoint, and the Cortex-M script, before any row runs (a row that
+     * cannot start would otherwise stop the report after minutes of earlier rows) */
+    for (int i = 0; i < n; i++) {
+        kd_job job;
+        kd_status st = kd_job_load(rows[i].config, o->overrides, &job);
+        if (st != KD_OK)
+            return kd_fail_context(st, "report row %d (%s): ", i + 1, rows[i].label);
+        kd_job_free(&job);
+        if (access(rows[i].checkpoint, R_OK) != 0)
+            return KD_FAIL(KD_ERR_NOT_FOUND, "report row %d (%s): checkpoint '%s': %s", i + 1,
+                           rows[i].label, rows[i].checkpoint, strerror(errno));
+    }
+    char script[1100];
+    snprintf(script, sizeof script, "%s/bench/mcu/run.sh", o->source_dir ? o->source_dir : ".");
+    if (mcu && access(script, R_OK) != 0)
+        return KD_FAIL(KD_ERR_NOT_FOUND,
+                       "report: the Cortex-M runs need '%s' (%s): run distill report from the "
+                       "source tree, point --source at it, or pass --no-mcu",
+                       script, strerror(errno));
+    KD_TRY(kd_mkdir_p(out_dir));
     for (int i = 0; i < n; i++) {
         if (o->progress)
             fprintf(stderr, "report: row %d/%d: %s%s\n", i + 1, n, rows[i].label,

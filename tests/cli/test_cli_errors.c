@@ -555,6 +555,20 @@ static void test_report_rows(void **state)
     const char *layers[] = {"report", spec, "--no-mcu", "--no-progress", NULL};
     run_expect(layers, 1, "spec2.yaml:3", "int8_layers keeps layers of an int4 export", "fp32",
                NULL);
+    /* every row is checked before the first runs: a later row's missing checkpoint stops the
+     * report before any work, and no output directory is made */
+    char job[600], od3[600], text3[4096];
+    write_mlp_job(tpath(job, sizeof job, "rows.yaml"), "rows");
+    snprintf(text3, sizeof text3,
+             "out_dir: %s\n"
+             "rows:\n"
+             "  - {label: first, config: %s, checkpoint: %s}\n"
+             "  - {label: second, config: %s, checkpoint: %s/nope.safetensors}\n",
+             tpath(od3, sizeof od3, "report_rows"), job, job, job, tmp);
+    assert_int_equal(kd_write_text(tpath(spec, sizeof spec, "spec3.yaml"), text3), 0);
+    const char *later[] = {"report", spec, "--no-mcu", "--no-progress", NULL};
+    run_expect(later, 1, "report row 2 (second)", "nope.safetensors", NULL);
+    assert_false(kd_file_exists(od3));
 }
 
 /* j. eval with a checkpoint of another model lists every mismatched tensor. */

@@ -314,7 +314,15 @@ static void print_table(FILE *f, const row_t *rows, int n, int md, int mcu)
             snprintf(fl + strlen(fl), sizeof fl - strlen(fl), "*");
         if (w->too_big)
             snprintf(fl + strlen(fl), sizeof fl - strlen(fl), " (too big)");
-        fprintf(f, fmt_r, w->label, p, a, fl, ram, ins);
+        char label[2 * sizeof w->label];
+        size_t k = 0;
+        for (const char *c = w->label; *c && k + 2 < sizeof label; c++) {
+            if (md && *c == '|') /* a cell of a markdown table: an escaped bar */
+                label[k++] = '\\';
+            label[k++] = *c;
+        }
+        label[k] = 0;
+        fprintf(f, fmt_r, label, p, a, fl, ram, ins);
     }
     fprintf(f,
             "%sfloat rows: flash = float32 weights (4 bytes a parameter), not deployable "

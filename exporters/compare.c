@@ -345,8 +345,6 @@ static void print_table(FILE *f, const row_t *rows, int n, int md, int mcu)
 
 static kd_status write_outputs(const char *out_dir, const row_t *rows, int n, int mcu)
 {
-    char path[1100];
-    snprintf(path, sizeof path, "%s/report.md", out_dir);
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
@@ -354,9 +352,8 @@ static kd_status write_outputs(const char *out_dir, const row_t *rows, int n, in
         return KD_FAIL(KD_ERR_NOMEM, "out of memory");
     print_table(f, rows, n, 1, mcu);
     fclose(f);
-    kd_status st = kd_file_write_bytes(path, buf, len);
-    free(buf);
-    KD_TRY(st);
+    if (!buf)
+        return KD_FAIL(KD_ERR_NOMEM, "out of memory");
     cJSON *j = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(j, "rows");
     for (int i = 0; i < n; i++) {
         const row_t *w = &rows[i];
@@ -381,12 +378,31 @@ static kd_status write_outputs(const char *out_dir, const row_t *rows, int n, in
     }
     char *text = cJSON_Print(j);
     cJSON_Delete(j);
-    if (!text)
+    if (!text) {
+        free(buf);
         return KD_FAIL(KD_ERR_NOMEM, "out of memory");
-    snprintf(path, sizeof path, "%s/report.json", out_dir);
-    st = kd_file_write_bytes(path, text, strlen(text));
+    }
+    /* both written beside the old ones first, then renamed over them: a failed write (a full
+     * disk) leaves the earlier report.md and report.json as a pair */
+    char md[1100], js[1100], md_tmp[1110], js_tmp[1110];
+    snprintf(md, sizeof md, "%s/report.md", out_dir);
+    snprintf(js, sizeof js, "%s/report.json", out_dir);
+    snprintf(md_tmp, sizeof md_tmp, "%s.new", md);
+    snprintf(js_tmp, sizeof js_tmp, "%s.new", js);
+    kd_status st = kd_file_write_bytes(md_tmp, buf, len);
+    if (st == KD_OK && (st = kd_file_write_bytes(js_tmp, text, strlen(text))) != KD_OK)
+        remove(md_tmp);
+    free(buf);
     free(text);
-    return st;
+    KD_TRY(st);
+    if (rename(js_tmp, js) != 0 || rename(md_tmp, md) != 0) {
+        st =
+            KD_FAIL(KD_ERR_IO, "writing '%s' and '%s': rename failed: %s", md, js, strerror(errno));
+        remove(js_tmp);
+        remove(md_tmp);
+        return st;
+    }
+    return kd_fsync_dir_of(md);
 }
 
 kd_status kd_report_run(const char *spec_path, const kd_report_opts *o, FILE *out)

@@ -569,6 +569,34 @@ static void test_report_rows(void **state)
     const char *later[] = {"report", spec, "--no-mcu", "--no-progress", NULL};
     run_expect(later, 1, "report row 2 (second)", "nope.safetensors", NULL);
     assert_false(kd_file_exists(od3));
+    /* and a float row that runs: its accuracy is distill eval's, its label (with a bar) a
+     * single cell of report.md, report.json beside it */
+    const char *tr[] = {"train", job, NULL};
+    run_expect(tr, 0, "epoch 1/1", NULL);
+    char ckpt[700], ev_acc[64];
+    snprintf(ckpt, sizeof ckpt, "%s/rows/last.safetensors", tmp);
+    const char *ev[] = {"eval", job, "--checkpoint", ckpt, NULL};
+    run_expect(ev, 0, "accuracy", NULL);
+    const char *acc = strstr(out, "accuracy ");
+    assert_non_null(acc);
+    snprintf(ev_acc, sizeof ev_acc, "%.6s", acc + 9);
+    snprintf(text3, sizeof text3,
+             "out_dir: %s\n"
+             "rows:\n"
+             "  - {label: 'mlp | fp32', config: %s, checkpoint: %s}\n",
+             od3, job, ckpt);
+    assert_int_equal(kd_write_text(tpath(spec, sizeof spec, "spec4.yaml"), text3), 0);
+    const char *ok[] = {"report", spec, "--no-mcu", "--no-progress", NULL};
+    run_expect(ok, 0, "written:", ev_acc, NULL);
+    char md[700];
+    snprintf(md, sizeof md, "%s/report.md", od3);
+    char *t = kd_read_text(md);
+    assert_non_null(t);
+    if (!strstr(t, "| mlp \\| fp32 | ") || !strstr(t, ev_acc))
+        fail_msg("report.md lacks the row 'mlp \\| fp32' with %s:\n%s", ev_acc, t);
+    free(t);
+    snprintf(md, sizeof md, "%s/report.json", od3);
+    assert_true(kd_file_exists(md));
 }
 
 /* j. eval with a checkpoint of another model lists every mismatched tensor. */

@@ -294,9 +294,15 @@ static void fmt_bytes(int64_t b, char *buf, size_t len)
 
 static void print_table(FILE *f, const row_t *rows, int n, int md, int mcu)
 {
-    const char *fmt_h = md ? "| %s | %s | %s | %s | %s | %s |\n" : "%-34s %8s %9s %10s %10s %14s\n";
-    const char *fmt_r = md ? "| %s | %s | %s | %s | %s | %s |\n" : "%-34s %8s %9s %10s %10s %14s\n";
-    fprintf(f, fmt_h, "model", "params", "accuracy", "flash", "RAM", "M4 instr/inf");
+    /* the terminal table's first column as wide as its longest label (34 at least) */
+    int width = 34;
+    for (int i = 0; i < n; i++)
+        if ((int)strlen(rows[i].label) > width)
+            width = (int)strlen(rows[i].label);
+    const char *fmt =
+        md ? "| %.*s%s | %s | %s | %s | %s | %s |\n" : "%-*s%s %8s %9s %10s %10s %14s\n";
+    fprintf(f, fmt, md ? 5 : width, "model", "", "params", "accuracy", "flash", "RAM",
+            "M4 instr/inf");
     if (md)
         fprintf(f, "|---|---:|---:|---:|---:|---:|\n");
     for (int i = 0; i < n; i++) {
@@ -322,7 +328,7 @@ static void print_table(FILE *f, const row_t *rows, int n, int md, int mcu)
             label[k++] = *c;
         }
         label[k] = 0;
-        fprintf(f, fmt_r, label, p, a, fl, ram, ins);
+        fprintf(f, fmt, md ? (int)strlen(label) : width, label, "", p, a, fl, ram, ins);
     }
     fprintf(f,
             "%sfloat rows: flash = float32 weights (4 bytes a parameter), not deployable "

@@ -9,6 +9,7 @@
 #include "compare.h"
 
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -411,6 +412,51 @@ static kd_status write_outputs(const char *out_dir, const row_t *rows, int n, in
     return kd_fsync_dir_of(md);
 }
 
+/*
+ * Row directories of an earlier report in out_dir ("NN-int4", "NN-int8") that this one did not
+ * write: removed once the new report is in place, when they hold only what a report row writes
+ * (an export's files and the Cortex-M log and figures); any other file keeps the directory, named
+ * in a note.
+ */
+static void remove_stale_rows(const char *out_dir, const row_t *rows, int n, FILE *out)
+{
+    static const char *const names[] = {"model.kdm",   "model.c", "model.h", "samples.bin",
+                                        "report.json", "mcu.log", "mcu.json"};
+    const int nnames = (int)(sizeof names / sizeof names[0]);
+    for (int i = 1; i <= MAX_ROWS; i++)
+        for (int bits = 4; bits <= 8; bits += 4) {
+            char dir[1100];
+            snprintf(dir, sizeof dir, "%s/%02d-int%d", out_dir, i, bits);
+            int current = 0;
+            for (int r = 0; r < n; r++)
+                current |= !strcmp(rows[r].dir, dir);
+            struct stat sb;
+            if (current || stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
+                continue;
+            DIR *d = opendir(dir);
+            int only_ours = d != NULL;
+            for (struct dirent *e; d && only_ours && (e = readdir(d));) {
+                int known = !strcmp(e->d_name, ".") || !strcmp(e->d_name, "..");
+                for (int k = 0; k < nnames && !known; k++)
+                    known = !strcmp(e->d_name, names[k]);
+                only_ours = known;
+            }
+            if (d)
+                closedir(d);
+            for (int k = 0; k < nnames && only_ours; k++) {
+                char f[1200];
+                snprintf(f, sizeof f, "%s/%s", dir, names[k]);
+                if (remove(f) != 0 && errno != ENOENT)
+                    only_ours = 0;
+            }
+            if (!only_ours || rmdir(dir) != 0)
+                fprintf(out,
+                        "note: %s is from an earlier report and was left in place (it holds "
+                        "other files)\n",
+                        dir);
+        }
+}
+
 kd_status kd_report_run(const char *spec_path, const kd_report_opts *o, FILE *out)
 {
     static row_t rows[MAX_ROWS];
@@ -454,6 +500,7 @@ kd_status kd_report_run(const char *spec_path, const kd_report_opts *o, FILE *ou
     }
     print_table(out, rows, n, 0, mcu);
     KD_TRY(write_outputs(out_dir, rows, n, mcu));
+    remove_stale_rows(out_dir, rows, n, out);
     fprintf(out, "written: %s/report.md, %s/report.json\n", out_dir, out_dir);
     return KD_OK;
 }

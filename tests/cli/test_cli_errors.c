@@ -557,7 +557,7 @@ static void test_report_rows(void **state)
                NULL);
     /* every row is checked before the first runs: a later row's missing checkpoint stops the
      * report before any work, and no output directory is made */
-    char job[600], od3[600], text3[4096];
+    char job[600], od3[600], text3[8192];
     write_mlp_job(tpath(job, sizeof job, "rows.yaml"), "rows");
     snprintf(text3, sizeof text3,
              "out_dir: %s\n"
@@ -597,6 +597,33 @@ static void test_report_rows(void **state)
     free(t);
     snprintf(md, sizeof md, "%s/report.json", od3);
     assert_true(kd_file_exists(md));
+    /* a later report with other rows removes the row directories it no longer writes, unless
+     * they hold a file a report does not write */
+    snprintf(text3, sizeof text3,
+             "out_dir: %s\nrows:\n"
+             "  - {label: f, config: %s, checkpoint: %s}\n"
+             "  - {label: q, config: %s, checkpoint: %s, quant: int8}\n"
+             "  - {label: r, config: %s, checkpoint: %s, quant: int8}\n",
+             od3, job, ckpt, job, ckpt, job, ckpt);
+    assert_int_equal(kd_write_text(tpath(spec, sizeof spec, "spec5.yaml"), text3), 0);
+    const char *two[] = {"report", spec, "--no-mcu", "--no-progress", NULL};
+    run_expect(two, 0, "written:", NULL);
+    char d2[700], d3[700], d1[700], keep[760];
+    snprintf(d1, sizeof d1, "%s/01-int8", od3);
+    snprintf(d2, sizeof d2, "%s/02-int8", od3);
+    snprintf(d3, sizeof d3, "%s/03-int8", od3);
+    assert_true(kd_file_exists(d2) && kd_file_exists(d3));
+    snprintf(keep, sizeof keep, "%s/notes.txt", d3);
+    assert_int_equal(kd_write_text(keep, "mine\n"), 0);
+    snprintf(text3, sizeof text3,
+             "out_dir: %s\nrows:\n  - {label: q, config: %s, checkpoint: %s, quant: int8}\n", od3,
+             job, ckpt);
+    assert_int_equal(kd_write_text(tpath(spec, sizeof spec, "spec6.yaml"), text3), 0);
+    const char *one[] = {"report", spec, "--no-mcu", "--no-progress", NULL};
+    run_expect(one, 0, "written:", "03-int8 is from an earlier report and was left in place", NULL);
+    assert_true(kd_file_exists(d1));
+    assert_false(kd_file_exists(d2));
+    assert_true(kd_file_exists(keep));
 }
 
 /* j. eval with a checkpoint of another model lists every mismatched tensor. */

@@ -326,6 +326,8 @@ static const char *topk_entry_bad(const float *v, const int32_t *ix, float lse, 
     for (int k = 0; k < K; k++)
         sum += exp((double)v[k] - mx);
     const double lk = mx + log(sum), l = lse;
+    /* the whole row's log-sum-exp with its other C - K logits at the smallest top-k value */
+    const double ub = lk + log1p((double)(C - K) * exp((double)v[K - 1] - lk));
     /* a stored value differs from the logit it rounds by up to 2^-11 (float16) or 2^-24
      * (float32) of its magnitude, a logsumexp summed in float by a few float32 steps */
     const double tol = 1e-4 + (f16 ? 0x1p-10 : 0x1p-20) * amax + 0x1p-20 * fabs(l);
@@ -344,13 +346,12 @@ static const char *topk_entry_bad(const float *v, const int32_t *ix, float lse, 
                  "logsumexp %.9g differs from %.9g, the log-sum-exp of the %d logits stored "
                  "(topk = num_classes: they are the whole row)",
                  l, lk, K);
-    else if (K < C && l > lk + log1p((double)(C - K) * exp((double)v[K - 1] - lk)) + tol)
+    else if (K < C && l > ub + tol)
         snprintf(buf, len,
                  "logsumexp %.9g is above %.9g, the most the row can hold when its other %d "
                  "classes are at most the smallest top-k logit %.9g: they would hold more than "
                  "the top-k order allows",
-                 l, lk + log1p((double)(C - K) * exp((double)v[K - 1] - lk)), C - K,
-                 (double)v[K - 1]);
+                 l, ub, C - K, (double)v[K - 1]);
     else
         return NULL;
     return buf;
@@ -576,20 +577,27 @@ static kd_status meta_write(hid_t f, const char *path, const kd_cache_meta *m)
     return KD_OK;
 }
 
-/* 1 when s is a value of the `augment` attribute: "none", or "crop_pad=N hflip=B" as
- * kd_augment_describe writes it (N >= 0, B 0 or 1, not both off), or "" (unknown). */
-static int valid_augment(const char *s)
+/* The crop_pad and hflip of an `augment` value as kd_augment_describe writes it ("none": 0, 0);
+ * 0 when s is not one ("" included). */
+static int augment_parse(const char *s, int *pad, int *flip)
 {
-    if (!s[0])
-        return 1;
-    int pad = -1, flip = -1, used = 0;
+    int used = 0;
+    *pad = *flip = 0;
     if (strcmp(s, "none") != 0 &&
-        (sscanf(s, "crop_pad=%d hflip=%d%n", &pad, &flip, &used) != 2 || s[used] || pad < 0))
+        (sscanf(s, "crop_pad=%d hflip=%d%n", pad, flip, &used) != 2 || s[used] || *pad < 0))
         return 0;
     char back[KD_AUG_DESC_LEN];
-    const kd_augment_cfg cfg = {pad, flip};
-    kd_augment_describe(pad < 0 ? NULL : &cfg, back, sizeof back);
+    const kd_augment_cfg cfg = {*pad, *flip};
+    kd_augment_describe(&cfg, back, sizeof back);
     return strcmp(back, s) == 0;
+}
+
+/* 1 when s is a value of the `augment` attribute: "none", or "crop_pad=N hflip=B" (N >= 0, B 0
+ * or 1, not both off), or "" (unknown). */
+static int valid_augment(const char *s)
+{
+    int pad, flip;
+    return !s[0] || augment_parse(s, &pad, &flip);
 }
 
 /* 1 when two augment values differ; "" (unknown: a file written before the attribute existed, or
@@ -734,15 +742,6 @@ static char *dims_str(const hsize_t *d, int n, char *buf, size_t len)
 }
 
 /*
- * Open /name and check its element class and size and its shape. dims[i] == 0
- * means "any extent >= 1" and receives the extent found. The dataset is opened
- * with a chunk cache that holds at least two of its chunks, and every filter
- * in its pipeline must be available. A virtual dataset (a sharded cache) has
- * no chunks of its own: its chunk cache, which HDF5 hands on to the source
- * datasets, is sized for two blocks of chunk_rows rows, and its relative
- * source file names are looked up in vds_dir (NULL: HDF5's default lookup).
- */
-/*
  * A chunked dataset's chunks: each of the dataset's rank, no dimension 0 and none larger than
  * the dataset's (a damaged chunk shape makes HDF5 read out of bounds), and every chunk that
  * covers the dataset present in the file (a chunk missing from the index reads back as the fill
@@ -795,6 +794,15 @@ static kd_status chunks_check(hid_t d, const char *path, const char *name, int n
     }
 }
 
+/*
+ * Open /name and check its element class and size and its shape. dims[i] == 0
+ * means "any extent >= 1" and receives the extent found. The dataset is opened
+ * with a chunk cache that holds at least two of its chunks, and every filter
+ * in its pipeline must be available. A virtual dataset (a sharded cache) has
+ * no chunks of its own: its chunk cache, which HDF5 hands on to the source
+ * datasets, is sized for two blocks of chunk_rows rows, and its relative
+ * source file names are looked up in vds_dir (NULL: HDF5's default lookup).
+ */
 static kd_status dset_open(hid_t f, const char *path, const char *name, H5T_class_t cls,
                            size_t size, int ndims, hsize_t *dims, const char *vds_dir,
                            int64_t chunk_rows, hid_t *out)
@@ -2659,6 +2667,9 @@ struct kd_cache {
      * prefetch thread): K floats (float16 values widened) and C class stamps */
     float *chk_vals;
     uint32_t *chk_seen, chk_stamp;
+    /* the augment attribute's crop_pad and hflip, which every view's aug_params must follow;
+     * aug_pad -1 when the attribute is unknown ("") */
+    int aug_pad, aug_flip;
     kd_stream *stream;
 };
 
@@ -2703,13 +2714,6 @@ static kd_status rows_check(kd_cache *c, const rowbuf *b, int64_t j0, int64_t R,
 {
     const char *what = c->K ? "top-k value" : "logit";
     size_t per = (size_t)c->V * c->W;
-    /* the augment attribute's crop_pad and hflip; aug_pad < 0 when it is unknown ("") */
-    int aug_pad = -1, aug_flip = 0, used = 0;
-    if (!strcmp(c->meta.augment, "none"))
-        aug_pad = 0;
-    else if (sscanf(c->meta.augment, "crop_pad=%d hflip=%d%n", &aug_pad, &aug_flip, &used) != 2 ||
-             c->meta.augment[used])
-        aug_pad = -1;
     for (int64_t r = 0; r < R; r++) {
         size_t base = (size_t)(j0 + r) * per;
         for (size_t e = 0; e < per; e++) {
@@ -2776,8 +2780,9 @@ static kd_status rows_check(kd_cache *c, const rowbuf *b, int64_t j0, int64_t R,
              * else is not a view the teacher was given */
             const int k = e % c->P;
             const double v = aug[e];
-            if (aug_pad >= 0 && c->P == KD_AUG_NPARAMS &&
-                (k < 2 ? fabs(nearbyint(v)) > aug_pad : v < 0 || v > 1 || (!aug_flip && v >= 0.5)))
+            if (c->aug_pad >= 0 && c->P == KD_AUG_NPARAMS &&
+                (k < 2 ? fabs(nearbyint(v)) > c->aug_pad
+                       : v < 0 || v > 1 || (!c->aug_flip && v >= 0.5)))
                 return KD_FAIL(KD_ERR_FORMAT,
                                "cache '%s' holds augmentation parameter %d = %g at row %lld view "
                                "%d, which its augment attribute '%s' never draws (shifts within "
@@ -3034,6 +3039,8 @@ kd_status kd_cache_open(const char *path, const kd_cache_expect *expect, kd_cach
     c->K = c->meta.topk;
     c->P = c->meta.aug_nparams;
     c->esize = meta_esize(&c->meta);
+    if (!augment_parse(c->meta.augment, &c->aug_pad, &c->aug_flip))
+        c->aug_pad = -1;
     if (!(c->widen = malloc(2 * (size_t)c->W * sizeof(float))) ||
         (c->K && (!(c->chk_vals = malloc((size_t)c->K * sizeof(float))) ||
                   !(c->chk_seen = calloc((size_t)c->meta.num_classes, sizeof(uint32_t)))))) {

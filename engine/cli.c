@@ -152,7 +152,7 @@ static void on_signal(int sig)
 /* the job's ranks while a train or cache command runs (NULL otherwise) */
 static kd_comm *g_comm;
 
-/* rank of size: the process that failed (named when size > 1) */
+/* on_signal for sig, unless the process was started with sig ignored */
 static void catch_unless_ignored(int sig)
 {
     struct sigaction old;
@@ -161,6 +161,7 @@ static void catch_unless_ignored(int sig)
     signal(sig, on_signal);
 }
 
+/* rank of size: the process that failed (named when size > 1) */
 static int fail_as(kd_status st, int rank, int size)
 {
     /* a stop the user asked for (a signal) is no error */

@@ -205,6 +205,12 @@ kd_status kd_teacher_hold(kd_teacher *t, int max_batch, FILE *log)
     return KD_OK;
 }
 
+/* The element type teacher.dtype names (the job loader admits float16 and float32). */
+static kd_dtype cache_dtype(const kd_job *job)
+{
+    return strcmp(job->cache_dtype, "float32") ? KD_DTYPE_F16 : KD_DTYPE_F32;
+}
+
 kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_dataset *train,
                           int max_batch, int classes, FILE *log, kd_teacher **out)
 {
@@ -223,8 +229,7 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
         e.num_classes = classes;
         e.views = job->cache_views;
         e.topk = job->cache_topk;
-        /* the element type teacher.dtype asks for, as distill cache checks it too */
-        e.dtype = strcmp(job->cache_dtype, "float32") ? KD_DTYPE_F16 : KD_DTYPE_F32;
+        e.dtype = cache_dtype(job); /* as distill cache checks it too */
         e.aug_nparams = KD_AUG_NPARAMS;
         e.labels = train->y;
         if (job->cache_stream)
@@ -510,16 +515,16 @@ static kd_status cache_run_open(cache_run *r)
                        "%s: teacher.topk %d must be below the %d classes (0 "
                        "stores full logits)",
                        job->path, r->K, r->C);
-    r->meta = (kd_cache_meta){
-        .num_samples = train->n,
-        .row_begin = 0,
-        .row_end = train->n,
-        .num_classes = r->C,
-        .views = r->V,
-        .topk = r->K,
-        .aug_nparams = KD_AUG_NPARAMS,
-        .dtype = strcmp(job->cache_dtype, "float32") ? KD_DTYPE_F16 : KD_DTYPE_F32,
-        .chunk_rows = job->cache_chunk_rows ? job->cache_chunk_rows : KD_CACHE_DEFAULT_CHUNK_ROWS};
+    r->meta = (kd_cache_meta){.num_samples = train->n,
+                              .row_begin = 0,
+                              .row_end = train->n,
+                              .num_classes = r->C,
+                              .views = r->V,
+                              .topk = r->K,
+                              .aug_nparams = KD_AUG_NPARAMS,
+                              .dtype = cache_dtype(job),
+                              .chunk_rows = job->cache_chunk_rows ? job->cache_chunk_rows
+                                                                  : KD_CACHE_DEFAULT_CHUNK_ROWS};
     kd_dataset_sha256(train, r->meta.dataset_sha256);
     kd_augment_describe(&job->augment, r->meta.augment, sizeof r->meta.augment);
     KD_TRY(kd_sha256_file_hex(job->teacher_ckpt, r->meta.teacher_sha256));

@@ -200,6 +200,19 @@ static kd_status load_splits(const kd_job *job, int need_train, kd_data_splits *
     return st;
 }
 
+void kd_apply_train_limit(const kd_job *job, kd_dataset *train)
+{
+    if (job->train_limit > 0 && job->train_limit < train->n)
+        train->n = job->train_limit;
+}
+
+/* The checkpoint tag of the job's quant section (kd_checkpoint_quant_tag), in buf. */
+static const char *job_quant_tag(const kd_job *job, char *buf, size_t len)
+{
+    kd_checkpoint_quant_tag(job->quant_bits, job->quant_qat, job->quant_act, buf, len);
+    return buf;
+}
+
 kd_status kd_load_train_split(const kd_job *job, kd_dataset *train)
 {
     kd_data_splits d;
@@ -856,10 +869,7 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     if (!strcmp(job->mode, "offline") &&
         (st = kd_teacher_open(job, be, &d.train, batch, m->out_features, log, &teacher)))
         goto done;
-    /* train on the first train_limit samples of the split (which is shuffled): the teacher
-     * cache still covers the whole split, so limits never invalidate it */
-    if (job->train_limit > 0 && job->train_limit < d.train.n)
-        d.train.n = job->train_limit;
+    kd_apply_train_limit(job, &d.train);
     size_t per = m->in_numel;
     size_t nstate = kd_optim_state_floats(&job->optim, m->nparams);
     perm = malloc((size_t)d.train.n * sizeof(uint32_t));
@@ -929,9 +939,7 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     saver.info.seed = job->seed;
     saver.info.optimizer = job->optim_name;
     char quant_tag[32];
-    kd_checkpoint_quant_tag(job->quant_bits, job->quant_qat, job->quant_act, quant_tag,
-                            sizeof quant_tag);
-    saver.info.quant = quant_tag;
+    saver.info.quant = job_quant_tag(job, quant_tag, sizeof quant_tag);
     saver.info.batch_size = batch;
     saver.info.train_samples = d.train.n;
     saver.info.split_hash = split_fingerprint(&d.train);
@@ -1403,8 +1411,7 @@ kd_status kd_check_checkpoint_quant(const kd_job *job, const char *checkpoint,
                                     const kd_ckpt_info *info, const char *remedy)
 {
     char tag[32];
-    kd_checkpoint_quant_tag(job->quant_bits, job->quant_qat, job->quant_act, tag, sizeof tag);
-    return kd_checkpoint_check_quant(checkpoint, info, tag, remedy);
+    return kd_checkpoint_check_quant(checkpoint, info, job_quant_tag(job, tag, sizeof tag), remedy);
 }
 
 kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out)
@@ -1427,8 +1434,7 @@ kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out
         (st = kd_checkpoint_check_model(checkpoint, &info, m, job->model_desc,
                                         "evaluate it with the job it was trained with")) ||
         (st = kd_check_checkpoint_quant(job, checkpoint, &info,
-                                        "evaluate it with the job it was trained "
-                                        "with")) ||
+                                        "evaluate it with the job it was trained with")) ||
         (st = be->alloc((void **)&x_dev, (size_t)batch * m->in_numel * sizeof(float))) ||
         (st = be->alloc((void **)&y_dev, (size_t)batch * sizeof(int32_t))))
         goto done;

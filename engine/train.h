@@ -74,6 +74,9 @@ void kd_set_threads(int n);
 void kd_openmp_short_spin(char **argv);
 kd_status kd_pick_backend(const kd_job *job, const kd_backend **be, FILE *log);
 kd_status kd_load_train_split(const kd_job *job, kd_dataset *train);
+/* Keep the first data.train_limit samples of the (shuffled) training split, the ones the job
+ * trains on; the teacher cache still covers the whole split, so a limit never invalidates it. */
+void kd_apply_train_limit(const kd_job *job, kd_dataset *train);
 
 /* Refuse a checkpoint whose recorded quantization-aware training (kd_ckpt_info.quant) differs
  * from the job's quant section (nothing recorded: accepted), ending the message with remedy. */

@@ -300,10 +300,12 @@ static void print_table(FILE *f, const row_t *rows, int n, int md, int mcu)
     for (int i = 0; i < n; i++)
         if ((int)strlen(rows[i].label) > width)
             width = (int)strlen(rows[i].label);
-    const char *fmt =
-        md ? "| %.*s%s | %s | %s | %s | %s | %s |\n" : "%-*s%s %8s %9s %10s %10s %14s\n";
-    fprintf(f, fmt, md ? 5 : width, "model", "", "params", "accuracy", "flash", "RAM",
-            "M4 instr/inf");
+    const char *md_row = "| %s | %s | %s | %s | %s | %s |\n",
+               *tty_row = "%-*s %8s %9s %10s %10s %14s\n";
+    if (md)
+        fprintf(f, md_row, "model", "params", "accuracy", "flash", "RAM", "M4 instr/inf");
+    else
+        fprintf(f, tty_row, width, "model", "params", "accuracy", "flash", "RAM", "M4 instr/inf");
     if (md)
         fprintf(f, "|---|---:|---:|---:|---:|---:|\n");
     for (int i = 0; i < n; i++) {
@@ -329,7 +331,10 @@ static void print_table(FILE *f, const row_t *rows, int n, int md, int mcu)
             label[k++] = *c;
         }
         label[k] = 0;
-        fprintf(f, fmt, md ? (int)strlen(label) : width, label, "", p, a, fl, ram, ins);
+        if (md)
+            fprintf(f, md_row, label, p, a, fl, ram, ins);
+        else
+            fprintf(f, tty_row, width, label, p, a, fl, ram, ins);
     }
     fprintf(f,
             "%sfloat rows: flash = float32 weights (4 bytes a parameter), not deployable "

@@ -760,9 +760,7 @@ kd_status kd_export_run(const kd_job *job, const char *checkpoint, const kd_expo
     }
     if ((st = kd_load_train_split(job, &train)) || (st = kd_check_model_fits_data(m, &train, job)))
         goto done;
-    /* the samples the job trained on: data.train_limit's first ones of the split (train.c) */
-    if (job->train_limit > 0 && job->train_limit < train.n)
-        train.n = job->train_limit;
+    kd_apply_train_limit(job, &train); /* calibrate on the samples the job trained on */
     if ((o->evaluate || o->n_samples > 0) &&
         ((st = kd_dataset_load(job->dataset, root, 0, &test)) ||
          (st = kd_check_model_fits_data(m, &test, job))))

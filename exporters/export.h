@@ -51,11 +51,11 @@
  *     fake-quantized weights (what it trained and `distill eval` runs), quantized as usual. A
  *     channel whose weights are tiny beside its bias (a batchnorm scale near 0 folded in) has
  *     its weight scale raised until the bias is 2^24 codes, as TFLite does, rather than a
- *     bias beyond int32. Bias
- * int32 = round(b' / (s_in s_w[o])) - zp_in sum(q_w[o]); requantization multiplier / shift per
- * channel from s_in s_w[o] / s_out (kd_quant_multiplier), ADD parameters as TFLite's quantized add
- * (left shift 20), an optional SOFTMAX with its exp table. Post-training (not QAT) exports then
- * correct each bias for the mean shift rounding causes (kd_export_bias_correct, on 256 calibration
+ *     bias beyond int32. Bias int32 = round(b' / (s_in s_w[o])) - zp_in sum(q_w[o]);
+ *     requantization multiplier / shift per channel from s_in s_w[o] / s_out
+ *     (kd_quant_multiplier), ADD parameters as TFLite's quantized add (left shift 20), an
+ *     optional SOFTMAX with its exp table. Post-training (not QAT) exports then correct each
+ *     bias for the mean shift rounding causes (kd_export_bias_correct, on 256 calibration
  *     samples): on the tiny Fashion-MNIST student it lifts INT4 from 76.0 % to 86.8 % and INT8
  *     from 90.02 % to 90.13 % (float 90.33 %). `int8_layers` keeps named layers at 8 bits in an
  *     INT4 export (the first conv, whose rows hold only 9 weights, is the usual candidate).

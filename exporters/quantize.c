@@ -138,23 +138,6 @@ static kd_status channel_ints(const kd_export_graph *g, kd_export_op *o, int c)
     double sw = o->wscale[c];
     if (!(sw > 0) && b != 0)
         sw = fabs(b) / ((double)ti->scale * 65536.0);
-    /* A channel whose weights are tiny beside its bias (a batchnorm scale near 0 folded in)
-     * would need a bias of more than int32 codes at its weights' scale: as TFLite does, its
-     * weight scale is raised until the bias is 2^24 codes (its weights then round to the few
-     * codes, mostly 0, they are worth beside that bias) and its row quantized again. */
-    const double bias_codes_max = 16777216.0;
-    if (sw > 0 && fabs(b) / ((double)ti->scale * sw) > bias_codes_max) {
-        sw = fabs(b) / ((double)ti->scale * bias_codes_max);
-        o->wscale[c] = (float)sw;
-        sw = o->wscale[c];
-        const int qmax = kd_quant_qmax(o->wbits);
-        sum = 0;
-        for (int j = 0; j < o->row_len; j++) {
-            const size_t at = (size_t)c * o->row_len + j;
-            o->q[at] = (int8_t)kd_quant_round(o->w[at], o->wscale[c], qmax);
-            sum += o->q[at];
-        }
-    }
     char what[48];
     snprintf(what, sizeof what, "output channel %d", c);
     if (kd_quant_bias(b, ti->scale, sw, ti->zero_point, sum, &o->bias_q[c]) ||
@@ -205,6 +188,13 @@ static kd_status quantize_weights(kd_export_graph *g, kd_export_op *o, int bits,
                 imp[j] = ti->ch_msq[o->type == KDM_OP_DEPTHWISE_CONV2D ? c : j % ti->c];
             o->wscale[c] = kd_quant_clip_scale(wr, ti->ch_msq ? imp : NULL, o->row_len, bits);
         }
+        /* A channel whose weights are tiny beside its bias (a batchnorm scale near 0 folded
+         * in) would need a bias of more than int32 codes at its weights' scale: as TFLite does,
+         * its weight scale is raised until the bias is 2^24 codes (its weights then round to
+         * the few codes, mostly 0, they are worth beside that bias). */
+        const double bias_codes_max = 16777216.0, b = fabs((double)o->b[c]);
+        if (o->wscale[c] > 0 && b / ((double)ti->scale * o->wscale[c]) > bias_codes_max)
+            o->wscale[c] = (float)(b / ((double)ti->scale * bias_codes_max));
         for (int j = 0; j < o->row_len; j++)
             o->q[(size_t)c * o->row_len + j] = (int8_t)kd_quant_round(wr[j], o->wscale[c], qmax);
         st = channel_ints(g, o, c);

@@ -110,8 +110,9 @@ static void randomize(kd_model *m, uint64_t seed)
     free(b);
 }
 
-/* Engine eval forward vs the folded graph's forward on n random inputs. */
-static void check_fold(const char *yaml, int n, int want_ops, const kdm_op_type *types)
+/* Engine eval forward vs the folded graph's forward on n random inputs; the graph is returned
+ * for further checks (the caller frees it). */
+static kd_export_graph *check_fold(const char *yaml, int n, int want_ops, const kdm_op_type *types)
 {
     kd_status st;
     kd_model *m = build(yaml, n, &st);
@@ -150,9 +151,9 @@ static void check_fold(const char *yaml, int n, int want_ops, const kdm_op_type 
             kd_assert_close(f[j], y[(size_t)s * nout + j], 1e-5 * scale);
     }
     kd_export_acts_free(&a);
-    kd_export_graph_free(g);
     kd_model_free(m);
     free(x);
+    return g;
 }
 
 static void test_fold_mobile(void **state)
@@ -160,11 +161,8 @@ static void test_fold_mobile(void **state)
     (void)state;
     const kdm_op_type t[] = {KDM_OP_CONV2D, KDM_OP_DEPTHWISE_CONV2D, KDM_OP_CONV2D,
                              KDM_OP_GLOBAL_AVGPOOL, KDM_OP_FULLY_CONNECTED};
-    check_fold(mobile, 6, 5, t);
+    kd_export_graph *g = check_fold(mobile, 6, 5, t);
     /* fused activations: relu, relu6, relu, none */
-    kd_model *m = build(mobile, 1, NULL);
-    kd_export_graph *g = NULL;
-    assert_int_equal(kd_export_lower(m, &g), KD_OK);
     assert_int_equal(g->op[0].act, KD_EXPORT_ACT_RELU);
     assert_int_equal(g->op[1].act, KD_EXPORT_ACT_RELU6);
     assert_int_equal(g->op[2].act, KD_EXPORT_ACT_RELU);
@@ -173,7 +171,6 @@ static void test_fold_mobile(void **state)
     /* the pool output keeps its input's quantization */
     assert_int_equal(g->t[g->op[3].out].qsrc, g->op[3].in0);
     kd_export_graph_free(g);
-    kd_model_free(m);
 }
 
 static void test_fold_resnet(void **state)
@@ -184,10 +181,7 @@ static void test_fold_resnet(void **state)
         KDM_OP_CONV2D,          KDM_OP_CONV2D,         KDM_OP_CONV2D, KDM_OP_ADD,
         KDM_OP_MAXPOOL2D,       KDM_OP_CONV2D,         KDM_OP_CONV2D, KDM_OP_ADD,
         KDM_OP_FULLY_CONNECTED, KDM_OP_FULLY_CONNECTED};
-    check_fold(yaml, 5, 10, t);
-    kd_model *m = build(yaml, 1, NULL);
-    kd_export_graph *g = NULL;
-    assert_int_equal(kd_export_lower(m, &g), KD_OK);
+    kd_export_graph *g = check_fold(yaml, 5, 10, t);
     /* relu after the first residual fuses into its ADD, the relu after the max pool is dropped,
      * relu6 fuses into the second ADD */
     assert_int_equal(g->op[3].act, KD_EXPORT_ACT_RELU);
@@ -199,7 +193,6 @@ static void test_fold_resnet(void **state)
     /* the first ADD's skip input is the stem's output */
     assert_int_equal(g->op[3].in1, g->op[0].out);
     kd_export_graph_free(g);
-    kd_model_free(m);
 }
 
 /* relu / relu6 after a max pool (PyTorch's MNIST example: conv -> maxpool -> relu) is the clamp
@@ -220,10 +213,7 @@ static void test_act_after_maxpool(void **state)
                        "  - linear: {out: 5}\n";
     const kdm_op_type t[] = {KDM_OP_CONV2D, KDM_OP_MAXPOOL2D, KDM_OP_DEPTHWISE_CONV2D,
                              KDM_OP_MAXPOOL2D, KDM_OP_FULLY_CONNECTED};
-    check_fold(yaml, 4, 5, t);
-    kd_model *m = build(yaml, 1, NULL);
-    kd_export_graph *g = NULL;
-    assert_int_equal(kd_export_lower(m, &g), KD_OK);
+    kd_export_graph *g = check_fold(yaml, 4, 5, t);
     assert_int_equal(g->op[0].act, KD_EXPORT_ACT_RELU);
     assert_int_equal(g->op[2].act, KD_EXPORT_ACT_RELU6);
     assert_string_equal(g->op[1].fused, "2");
@@ -231,7 +221,6 @@ static void test_act_after_maxpool(void **state)
     assert_true(g->t[g->op[2].out].lo == 0 && g->t[g->op[2].out].hi == 6);
     assert_true(g->t[g->op[3].out].lo == 0 && g->t[g->op[3].out].hi == 6);
     kd_export_graph_free(g);
-    kd_model_free(m);
 }
 
 /* A flatten of [C, H, W] into a linear, where the column permutation is all that differs. */
@@ -244,7 +233,7 @@ static void test_flatten_permutation(void **state)
                        "  - flatten: {}\n"
                        "  - linear: {out: 6}\n";
     const kdm_op_type t[] = {KDM_OP_CONV2D, KDM_OP_FULLY_CONNECTED};
-    check_fold(yaml, 3, 2, t);
+    kd_export_graph_free(check_fold(yaml, 3, 2, t));
 }
 
 static void expect_unsupported(const char *layers, const char *const *parts)

@@ -37,8 +37,11 @@ typedef struct {
     int64_t params;
     int64_t flash, ram, instr; /* -1 unknown */
     int mcu_measured;
-    int too_big; /* the firmware does not fit the Cortex-M4 board: host figures only */
-    char dir[1024];
+    int too_big;      /* the firmware does not fit the Cortex-M4 board: host figures only */
+    char dir[1024];   /* out_dir/NN-intX, where the row ends up */
+    char stage[1024]; /* out_dir/.new/NN-intX, where it is written (kd_report_run) */
+    char old[1024];   /* out_dir/.old/NN-intX, an earlier report's row while the rows swap */
+    int swapped, kept_old;
 } row_t;
 
 static kd_status spec_str(const kd_node *row, const char *key, int required, char *buf, size_t len,
@@ -207,7 +210,7 @@ static int64_t json_int(const cJSON *o, const char *a, const char *b)
 static kd_status read_mcu(row_t *w)
 {
     char json[1100];
-    snprintf(json, sizeof json, "%s/mcu.json", w->dir);
+    snprintf(json, sizeof json, "%s/mcu.json", w->stage);
     void *text = NULL;
     size_t len = 0;
     KD_TRY(kd_file_read_all(json, &text, &len));
@@ -248,12 +251,11 @@ static kd_status run_row(row_t *w, int idx, const char *out_dir, const kd_report
         w->flash = 4 * w->params;
         goto done;
     }
-    snprintf(w->dir, sizeof w->dir, "%s/%02d-int%d", out_dir, idx + 1, w->bits);
     kd_export_opts eo;
     kd_export_opts_default(&eo);
     eo.bits = w->bits;
     eo.formats = KD_EXPORT_KDM | KD_EXPORT_C;
-    eo.out_dir = w->dir;
+    eo.out_dir = w->stage;
     eo.n_samples = 16;
     eo.int8_layers = w->int8_layers[0] ? w->int8_layers : NULL;
     kd_export_report *rep = NULL;
@@ -266,9 +268,12 @@ static kd_status run_row(row_t *w, int idx, const char *out_dir, const kd_report
     if (mcu) {
         char build_root[1100];
         snprintf(build_root, sizeof build_root, "%s/mcu-build", out_dir);
-        st = run_mcu(o->source_dir ? o->source_dir : ".", w->dir, build_root);
+        st = run_mcu(o->source_dir ? o->source_dir : ".", w->stage, build_root);
         if (st == KD_ERR_UNSUPPORTED) { /* the row stays, with its blob and arena and a mark */
-            fprintf(stderr, "report: row %d (%s): %s\n", idx + 1, w->label, kd_last_error());
+            fprintf(stderr,
+                    "report: row %d (%s): the firmware does not fit the Cortex-M4 board's memory "
+                    "(QEMU mps2-an386): see '%s/mcu.log' once the report is written\n",
+                    idx + 1, w->label, w->dir);
             w->too_big = 1;
             st = KD_OK;
         } else if (st != KD_OK || (st = read_mcu(w)) != KD_OK) {
@@ -355,6 +360,8 @@ static void print_table(FILE *f, const row_t *rows, int n, int md, int mcu)
         }
 }
 
+/* report.md and report.json written beside the earlier ones as <name>.new (kd_report_run renames
+ * them in place once the rows are) */
 static kd_status write_outputs(const char *out_dir, const row_t *rows, int n, int mcu)
 {
     char *buf = NULL;
@@ -384,7 +391,7 @@ static kd_status write_outputs(const char *out_dir, const row_t *rows, int n, in
         cJSON_AddBoolToObject(r, "measured_on_cortex_m4", w->mcu_measured);
         if (w->too_big)
             cJSON_AddBoolToObject(r, "fits_cortex_m4", 0);
-        if (w->dir[0])
+        if (w->bits)
             cJSON_AddStringToObject(r, "export_dir", w->dir);
         cJSON_AddItemToArray(arr, r);
     }
@@ -394,72 +401,195 @@ static kd_status write_outputs(const char *out_dir, const row_t *rows, int n, in
         free(buf);
         return KD_FAIL(KD_ERR_NOMEM, "out of memory");
     }
-    /* both written beside the old ones first, then renamed over them: a failed write (a full
-     * disk) leaves the earlier report.md and report.json as a pair */
-    char md[1100], js[1100], md_tmp[1110], js_tmp[1110];
-    snprintf(md, sizeof md, "%s/report.md", out_dir);
-    snprintf(js, sizeof js, "%s/report.json", out_dir);
-    snprintf(md_tmp, sizeof md_tmp, "%s.new", md);
-    snprintf(js_tmp, sizeof js_tmp, "%s.new", js);
-    kd_status st = kd_file_write_bytes(md_tmp, buf, len);
-    if (st == KD_OK && (st = kd_file_write_bytes(js_tmp, text, strlen(text))) != KD_OK)
-        remove(md_tmp);
+    char md[1100], js[1100];
+    snprintf(md, sizeof md, "%s/report.md.new", out_dir);
+    snprintf(js, sizeof js, "%s/report.json.new", out_dir);
+    kd_status st = kd_file_write_bytes(md, buf, len);
+    if (st == KD_OK && (st = kd_file_write_bytes(js, text, strlen(text))) != KD_OK)
+        remove(md);
     free(buf);
     free(text);
-    KD_TRY(st);
-    if (rename(js_tmp, js) != 0 || rename(md_tmp, md) != 0) {
-        st =
-            KD_FAIL(KD_ERR_IO, "writing '%s' and '%s': rename failed: %s", md, js, strerror(errno));
-        remove(js_tmp);
-        remove(md_tmp);
-        return st;
-    }
-    return kd_fsync_dir_of(md);
+    return st;
 }
 
-/*
- * Row directories of an earlier report in out_dir ("NN-int4", "NN-int8") that this one did not
- * write: removed once the new report is in place, when they hold only what a report row writes
- * (an export's files and the Cortex-M log and figures); any other file keeps the directory, named
- * in a note.
- */
+/* What a report row's directory holds: an export's files and the Cortex-M log and figures. */
+static const char *const row_files[] = {"model.kdm",   "model.c", "model.h", "samples.bin",
+                                        "report.json", "mcu.log", "mcu.json"};
+
+/* Removes dir when it holds nothing but row_files: 0 when it is gone (or never was), -1 when it
+ * holds another file or a removal failed. */
+static int remove_row_dir(const char *dir)
+{
+    const int nnames = (int)(sizeof row_files / sizeof row_files[0]);
+    struct stat sb;
+    if (lstat(dir, &sb) != 0)
+        return errno == ENOENT ? 0 : -1;
+    if (!S_ISDIR(sb.st_mode))
+        return -1;
+    DIR *d = opendir(dir);
+    int only_ours = d != NULL;
+    for (struct dirent *e; d && only_ours && (e = readdir(d));) {
+        int known = !strcmp(e->d_name, ".") || !strcmp(e->d_name, "..");
+        for (int k = 0; k < nnames && !known; k++)
+            known = !strcmp(e->d_name, row_files[k]);
+        only_ours = known;
+    }
+    if (d)
+        closedir(d);
+    for (int k = 0; k < nnames && only_ours; k++) {
+        char f[1200];
+        snprintf(f, sizeof f, "%s/%s", dir, row_files[k]);
+        if (remove(f) != 0 && errno != ENOENT)
+            only_ours = 0;
+    }
+    return only_ours && rmdir(dir) == 0 ? 0 : -1;
+}
+
+/* Row directories of an earlier report in out_dir ("NN-int4", "NN-int8") that this one did not
+ * write: removed once the new report is in place, unless they hold a file a report row does not
+ * write (named in a note). */
 static void remove_stale_rows(const char *out_dir, const row_t *rows, int n, FILE *out)
 {
-    static const char *const names[] = {"model.kdm",   "model.c", "model.h", "samples.bin",
-                                        "report.json", "mcu.log", "mcu.json"};
-    const int nnames = (int)(sizeof names / sizeof names[0]);
     for (int i = 1; i <= MAX_ROWS; i++)
         for (int bits = 4; bits <= 8; bits += 4) {
             char dir[1100];
             snprintf(dir, sizeof dir, "%s/%02d-int%d", out_dir, i, bits);
             int current = 0;
             for (int r = 0; r < n; r++)
-                current |= !strcmp(rows[r].dir, dir);
-            struct stat sb;
-            if (current || stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
-                continue;
-            DIR *d = opendir(dir);
-            int only_ours = d != NULL;
-            for (struct dirent *e; d && only_ours && (e = readdir(d));) {
-                int known = !strcmp(e->d_name, ".") || !strcmp(e->d_name, "..");
-                for (int k = 0; k < nnames && !known; k++)
-                    known = !strcmp(e->d_name, names[k]);
-                only_ours = known;
-            }
-            if (d)
-                closedir(d);
-            for (int k = 0; k < nnames && only_ours; k++) {
-                char f[1200];
-                snprintf(f, sizeof f, "%s/%s", dir, names[k]);
-                if (remove(f) != 0 && errno != ENOENT)
-                    only_ours = 0;
-            }
-            if (!only_ours || rmdir(dir) != 0)
+                current |= rows[r].bits && !strcmp(rows[r].dir, dir);
+            if (!current && remove_row_dir(dir) != 0)
                 fprintf(out,
                         "note: %s is from an earlier report and was left in place (it holds "
                         "other files)\n",
                         dir);
         }
+}
+
+/* Every occurrence of from in the file at path replaced by to (a missing file is left alone). */
+static kd_status replace_in_file(const char *path, const char *from, const char *to)
+{
+    void *text = NULL;
+    size_t len = 0, nf = strlen(from), nt = strlen(to);
+    kd_status st = kd_file_read_all(path, &text, &len);
+    if (st == KD_ERR_NOT_FOUND)
+        return KD_OK;
+    KD_TRY(st);
+    const char *t = text;
+    char *buf = NULL;
+    size_t blen = 0;
+    FILE *f = open_memstream(&buf, &blen);
+    if (!f) {
+        free(text);
+        return KD_FAIL(KD_ERR_NOMEM, "out of memory");
+    }
+    for (size_t i = 0; i < len;) {
+        if (nf && len - i >= nf && !memcmp(t + i, from, nf)) {
+            fwrite(to, 1, nt, f);
+            i += nf;
+        } else {
+            fputc(t[i++], f);
+        }
+    }
+    fclose(f);
+    free(text);
+    if (!buf)
+        return KD_FAIL(KD_ERR_NOMEM, "out of memory");
+    st = kd_file_write_bytes(path, buf, blen);
+    free(buf);
+    return st;
+}
+
+/* The files of a row written under out_dir/.new name it there: they are made to name the place
+ * it moves to (the export's and the Cortex-M run's report.json, mcu.json and mcu.log; the paths
+ * JSON-escaped in the JSON files). */
+static kd_status rename_in_row(const row_t *w)
+{
+    static const char *const names[] = {"report.json", "mcu.json", "mcu.log"};
+    for (int k = 0; k < 3; k++) {
+        char path[1100], from[2200], to[2200];
+        snprintf(path, sizeof path, "%s/%s", w->stage, names[k]);
+        snprintf(from, sizeof from, "%s", w->stage);
+        snprintf(to, sizeof to, "%s", w->dir);
+        if (k < 2) {
+            cJSON *a = cJSON_CreateString(w->stage), *b = cJSON_CreateString(w->dir);
+            char *ea = a ? cJSON_PrintUnformatted(a) : NULL,
+                 *eb = b ? cJSON_PrintUnformatted(b) : NULL;
+            if (ea && eb) { /* without the quotes */
+                snprintf(from, sizeof from, "%.*s", (int)strlen(ea) - 2, ea + 1);
+                snprintf(to, sizeof to, "%.*s", (int)strlen(eb) - 2, eb + 1);
+            }
+            cJSON_free(ea);
+            cJSON_free(eb);
+            cJSON_Delete(a);
+            cJSON_Delete(b);
+            if (!ea || !eb)
+                return KD_FAIL(KD_ERR_NOMEM, "out of memory");
+        }
+        KD_TRY(replace_in_file(path, from, to));
+    }
+    return KD_OK;
+}
+
+/* The swap of the rows' directories undone, last first: each new one back to its stage, the
+ * earlier one back in place. */
+static void unswap_rows(row_t *rows, int n)
+{
+    for (int i = n - 1; i >= 0; i--) {
+        row_t *w = &rows[i];
+        if (w->swapped && rename(w->dir, w->stage) == 0)
+            w->swapped = 0;
+        if (w->kept_old && !w->swapped && rename(w->old, w->dir) == 0)
+            w->kept_old = 0;
+    }
+}
+
+/*
+ * The new report put in place of the earlier one. Every row was written under out_dir/.new, so a
+ * report that fails part way leaves the earlier rows and report.md as they were. Here each earlier
+ * row directory moves to out_dir/.old and the new one into its place (renames: undone if one
+ * fails), then report.md and report.json are renamed over the earlier ones, and only then is
+ * out_dir/.old removed.
+ */
+static kd_status commit_rows(const char *out_dir, row_t *rows, int n, int mcu)
+{
+    for (int i = 0; i < n; i++)
+        if (rows[i].bits)
+            KD_TRY(rename_in_row(&rows[i]));
+    KD_TRY(write_outputs(out_dir, rows, n, mcu));
+    char md[1100], js[1100], md_new[1110], js_new[1110];
+    snprintf(md, sizeof md, "%s/report.md", out_dir);
+    snprintf(js, sizeof js, "%s/report.json", out_dir);
+    snprintf(md_new, sizeof md_new, "%s.new", md);
+    snprintf(js_new, sizeof js_new, "%s.new", js);
+    kd_status st = KD_OK;
+    for (int i = 0; i < n && st == KD_OK; i++) {
+        row_t *w = &rows[i];
+        if (!w->bits)
+            continue;
+        if (rename(w->dir, w->old) == 0)
+            w->kept_old = 1;
+        else if (errno != ENOENT)
+            st = KD_FAIL(KD_ERR_IO, "moving the earlier '%s' aside to '%s': %s", w->dir, w->old,
+                         strerror(errno));
+        if (st == KD_OK && rename(w->stage, w->dir) != 0)
+            st = KD_FAIL(KD_ERR_IO, "moving '%s' to '%s': %s", w->stage, w->dir, strerror(errno));
+        w->swapped = st == KD_OK;
+    }
+    if (st == KD_OK && (rename(js_new, js) != 0 || rename(md_new, md) != 0))
+        st =
+            KD_FAIL(KD_ERR_IO, "writing '%s' and '%s': rename failed: %s", md, js, strerror(errno));
+    if (st == KD_OK)
+        st = kd_fsync_dir_of(md);
+    if (st != KD_OK) {
+        unswap_rows(rows, n);
+        remove(js_new);
+        remove(md_new);
+        return st;
+    }
+    for (int i = 0; i < n; i++)
+        if (rows[i].kept_old)
+            remove_row_dir(rows[i].old);
+    return KD_OK;
 }
 
 kd_status kd_report_run(const char *spec_path, const kd_report_opts *o, FILE *out)
@@ -496,15 +626,36 @@ kd_status kd_report_run(const char *spec_path, const kd_report_opts *o, FILE *ou
                        "report: the Cortex-M runs need '%s' (%s): run distill report from the "
                        "source tree, point --source at it, or pass --no-mcu",
                        script, strerror(errno));
-    KD_TRY(kd_mkdir_p(out_dir));
+    /* each quantized row is written under out_dir/.new and put in place by commit_rows; what an
+     * interrupted or failed report left there (or in .old) goes first */
+    char stage_root[600], old_root[600];
+    snprintf(stage_root, sizeof stage_root, "%s/.new", out_dir);
+    snprintf(old_root, sizeof old_root, "%s/.old", out_dir);
+    KD_TRY(kd_mkdir_p(stage_root));
+    KD_TRY(kd_mkdir_p(old_root));
+    for (int i = 0; i < n; i++) {
+        row_t *w = &rows[i];
+        if (!w->bits)
+            continue;
+        snprintf(w->dir, sizeof w->dir, "%s/%02d-int%d", out_dir, i + 1, w->bits);
+        snprintf(w->stage, sizeof w->stage, "%s/%02d-int%d", stage_root, i + 1, w->bits);
+        snprintf(w->old, sizeof w->old, "%s/%02d-int%d", old_root, i + 1, w->bits);
+        if (remove_row_dir(w->stage) != 0 || remove_row_dir(w->old) != 0)
+            return KD_FAIL(KD_ERR_IO,
+                           "report row %d (%s): '%s' or '%s' is left from an earlier report "
+                           "and holds files a report does not write: move them away",
+                           i + 1, w->label, w->stage, w->old);
+    }
     for (int i = 0; i < n; i++) {
         if (o->progress)
             fprintf(stderr, "report: row %d/%d: %s%s\n", i + 1, n, rows[i].label,
                     rows[i].bits && mcu ? " (export, then the Cortex-M4 under QEMU)" : "");
         KD_TRY(run_row(&rows[i], i, out_dir, o, mcu));
     }
+    KD_TRY(commit_rows(out_dir, rows, n, mcu));
+    rmdir(stage_root); /* kept when something else is in them */
+    rmdir(old_root);
     print_table(out, rows, n, 0, mcu);
-    KD_TRY(write_outputs(out_dir, rows, n, mcu));
     remove_stale_rows(out_dir, rows, n, out);
     fprintf(out, "written: %s/report.md, %s/report.json\n", out_dir, out_dir);
     return KD_OK;

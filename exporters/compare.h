@@ -21,7 +21,9 @@
  * + startup), RAM (arena + measured stack) and the exact instruction count of one inference.
  * Without the tools those columns say "-" and flash / RAM fall back to the blob and arena.
  *
- * Output: the table on `out`, out_dir/report.md (the same table) and out_dir/report.json.
+ * Output: the table on `out`, out_dir/report.md (the same table) and out_dir/report.json. The
+ * rows are written under out_dir/.new and moved into place with the two files only once every
+ * row has run: a report that fails or is stopped part way leaves the earlier one as it was.
  */
 #ifndef KD_COMPARE_H
 #define KD_COMPARE_H

@@ -624,6 +624,50 @@ static void test_report_rows(void **state)
     assert_true(kd_file_exists(d1));
     assert_false(kd_file_exists(d2));
     assert_true(kd_file_exists(keep));
+    /* a report whose second row fails leaves the earlier report as it was: its report.md and the
+     * row directory the new first row would replace (marked here by a blob of other bytes) */
+    char blob[760], bad[700], spec6[600], *md_before, *t2;
+    snprintf(spec6, sizeof spec6, "%s", spec);
+    snprintf(blob, sizeof blob, "%s/model.kdm", d1);
+    assert_int_equal(kd_write_text(blob, "the earlier blob\n"), 0);
+    snprintf(md, sizeof md, "%s/report.md", od3);
+    md_before = kd_read_text(md);
+    assert_non_null(md_before);
+    assert_int_equal(kd_write_text(tpath(bad, sizeof bad, "bad.safetensors"), "not one\n"), 0);
+    snprintf(text3, sizeof text3,
+             "out_dir: %s\nrows:\n"
+             "  - {label: q, config: %s, checkpoint: %s, quant: int8}\n"
+             "  - {label: b, config: %s, checkpoint: %s, quant: int8}\n",
+             od3, job, ckpt, job, bad);
+    assert_int_equal(kd_write_text(tpath(spec, sizeof spec, "spec7.yaml"), text3), 0);
+    const char *fails[] = {"report", spec, "--no-mcu", "--no-progress", NULL};
+    run_expect(fails, 1, "report row 2 (b)", "bad.safetensors", NULL);
+    t = kd_read_text(blob);
+    t2 = kd_read_text(md);
+    assert_non_null(t);
+    assert_non_null(t2);
+    assert_string_equal(t, "the earlier blob\n");
+    assert_string_equal(t2, md_before);
+    free(t);
+    free(t2);
+    free(md_before);
+    /* and the next report that runs puts its rows in place and leaves nothing aside */
+    const char *again[] = {"report", spec6, "--no-mcu", "--no-progress", NULL};
+    run_expect(again, 0, "written:", NULL);
+    t = kd_read_text(blob);
+    assert_non_null(t);
+    assert_true(strcmp(t, "the earlier blob\n") != 0);
+    free(t);
+    snprintf(blob, sizeof blob, "%s/report.json", d1); /* its files named where they are */
+    t = kd_read_text(blob);
+    assert_non_null(t);
+    if (strstr(t, "/.new/") || !strstr(t, "01-int8/model.kdm"))
+        fail_msg("%s names the files where they were written:\n%s", blob, t);
+    free(t);
+    snprintf(md, sizeof md, "%s/.new", od3);
+    assert_false(kd_file_exists(md));
+    snprintf(md, sizeof md, "%s/.old", od3);
+    assert_false(kd_file_exists(md));
 }
 
 /* j. eval with a checkpoint of another model lists every mismatched tensor. */

@@ -28,7 +28,7 @@ static kd_status one_close(kd_comm *c)
 
 static const kd_comm_ops single_ops = {one_sum_start,   one_nop,     one_nop,     one_bcast_f32,
                                        one_bcast_bytes, one_sum_f64, one_max_u64, one_nop,
-                                       one_abort,       one_close};
+                                       one_abort,       one_close,   NULL};
 
 static kd_status open_single(kd_comm **out)
 {
@@ -198,7 +198,8 @@ static kd_status mpi_close(kd_comm *c)
 
 static const kd_comm_ops mpi_ops = {
     mpi_sum_start, mpi_sum_progress, mpi_sum_finish, mpi_bcast_f32, mpi_bcast_bytes,
-    mpi_sum_f64,   mpi_max_u64,      mpi_barrier,    mpi_abort,     mpi_close};
+    mpi_sum_f64,   mpi_max_u64,      mpi_barrier,    mpi_abort,     mpi_close,
+    NULL};
 
 static kd_status open_mpi(kd_comm **out)
 {
@@ -301,6 +302,15 @@ kd_status kd_comm_close_after(kd_status st, kd_comm *c)
     char why[KD_ERRMSG_MAX];
     snprintf(why, sizeof why, "%s", kd_last_error());
     return kd_comm_close(c) == KD_OK ? st : kd_fail_restore(st, why);
+}
+
+kd_status kd_comm_drop_after(kd_status st, kd_comm *c)
+{
+    if (st == KD_OK || !c || !c->ops->drop)
+        return st;
+    char why[KD_ERRMSG_MAX];
+    snprintf(why, sizeof why, "%s", kd_last_error());
+    return c->ops->drop(c) == KD_OK ? st : kd_fail_restore(st, why);
 }
 
 void kd_comm_abort(kd_comm *c, int code)

@@ -26,7 +26,9 @@
  * Errors: every MPI and NCCL return code is checked and turned into a status
  * with the library's message. A rank that fails cannot leave the others
  * waiting in a collective: the CLI calls kd_comm_abort, which ends the whole
- * job (MPI_Abort) with the exit code.
+ * job (MPI_Abort) with the exit code; before that, the trainer's teardown
+ * lets go of the device's queued collectives (kd_comm_drop_after), so that
+ * freeing its buffers cannot wait on a peer that will never join.
  */
 #ifndef KD_COMM_H
 #define KD_COMM_H
@@ -52,6 +54,7 @@ typedef struct {
     kd_status (*barrier)(kd_comm *c);
     void (*abort)(kd_comm *c, int code);
     kd_status (*close)(kd_comm *c); /* frees c whatever it returns */
+    kd_status (*drop)(kd_comm *c);  /* kd_comm_drop_after; NULL: nothing to do */
 } kd_comm_ops;
 
 struct kd_comm {
@@ -96,6 +99,14 @@ kd_status kd_comm_close(kd_comm *c);
 /* kd_comm_close(c) at the end of work that returned st: a failed st stays the result, with its
  * message (a teardown failure after it is not reported), else the close's own result. */
 kd_status kd_comm_close_after(kd_status st, kd_comm *c);
+
+/* At the end of work that returned st, on a failure: the rank stops waiting for its peers before
+ * it frees anything. NCCL aborts the communicator, so that no collective the device still has
+ * queued (one a peer will never join) holds up the frees and synchronizations that follow, and
+ * the CLI's kd_comm_abort is reached. Nothing for the single and MPI communicators (their
+ * collectives run inside the calls) or when st is KD_OK. Returns st with its message (a failure
+ * of the abort itself is not reported, as in kd_comm_close_after). c may be NULL. */
+kd_status kd_comm_drop_after(kd_status st, kd_comm *c);
 
 /* End every rank of the job with this exit code (MPI_Abort); a no-op for one rank. */
 void kd_comm_abort(kd_comm *c, int code);

@@ -131,14 +131,22 @@ static kd_status nccl_max_u64(kd_comm *c, uint64_t *buf, int n)
 
 static kd_status nccl_barrier(kd_comm *c) { return c->host->ops->barrier(c->host); }
 
-static void nccl_abort(kd_comm *c, int code)
+/* The communicator aborted: its queued collectives stop without their peers (a failing rank's
+ * teardown would otherwise wait for them). */
+static kd_status nccl_drop(kd_comm *c)
 {
     nccl_impl *im = c->impl;
+    kd_status st = KD_OK;
     if (im && im->nccl) {
-        /* the job is ending with `code` whatever NCCL says; MPI_Abort follows */
-        (void)ncclCommAbort(im->nccl);
-        im->nccl = NULL;
+        st = KD_NCCL_CHECK(ncclCommAbort(im->nccl), NULL, "ncclCommAbort");
+        im->nccl = NULL; /* aborted or not, the handle is not used again */
     }
+    return st;
+}
+
+static void nccl_abort(kd_comm *c, int code)
+{
+    (void)nccl_drop(c); /* the job ends with `code` whatever NCCL says: MPI_Abort follows */
     c->host->ops->abort(c->host, code);
 }
 
@@ -217,9 +225,10 @@ static kd_status nccl_close(kd_comm *c)
     return st;
 }
 
-static const kd_comm_ops nccl_ops = {
-    nccl_sum_start, nccl_sum_progress, nccl_sum_finish, nccl_bcast_f32, nccl_bcast_bytes,
-    nccl_sum_f64,   nccl_max_u64,      nccl_barrier,    nccl_abort,     nccl_close};
+static const kd_comm_ops nccl_ops = {nccl_sum_start, nccl_sum_progress, nccl_sum_finish,
+                                     nccl_bcast_f32, nccl_bcast_bytes,  nccl_sum_f64,
+                                     nccl_max_u64,   nccl_barrier,      nccl_abort,
+                                     nccl_close,     nccl_drop};
 
 /* The streams, the events and the communicator; on failure im holds what was made. */
 static kd_status nccl_setup(kd_comm *host, nccl_impl *im)

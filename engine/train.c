@@ -1351,6 +1351,7 @@ train:;
                           step0);
     }
 done:
+    st = kd_comm_drop_after(st, nccl); /* before anything below can wait on the device */
     kd_step_release(&sg);
     weights_master(m, &qat);
     free(qat.saved);

@@ -2039,6 +2039,14 @@ static kd_status shard_open(const char *vds_path, const kd_cache_meta *vds, vds_
 {
     static const char *const redo = "rerun `distill cache` with the same config and the same "
                                     "number of ranks to rewrite it";
+    /* a shard that is there but not this cache's is never overwritten: it must go first */
+    char del[1400], np[32] = "";
+    const int w = shard_world_of(sh->name);
+    if (w > 1)
+        snprintf(np, sizeof np, "mpirun -np %d ", w);
+    snprintf(del, sizeof del,
+             "delete '%s' and rerun `%sdistill cache` with the same config to write it again",
+             sh->file, np);
     struct stat sb;
     kd_status st = KD_OK;
     cache_dsets ds;
@@ -2057,7 +2065,7 @@ static kd_status shard_open(const char *vds_path, const kd_cache_meta *vds, vds_
         return KD_FAIL(KD_ERR_FORMAT,
                        "cache '%s' is sharded and its shard '%s' cannot be opened: H5Fopen "
                        "failed: %s; the shard is damaged: %s",
-                       vds_path, sh->file, d, redo);
+                       vds_path, sh->file, d, del);
     }
     if ((st = meta_read(sh->fid, sh->file, &sh->meta)) != KD_OK ||
         (st = dsets_open(sh->fid, sh->file, &sh->meta, NULL, &ds)) != KD_OK) {
@@ -2070,7 +2078,7 @@ static kd_status shard_open(const char *vds_path, const kd_cache_meta *vds, vds_
         st = KD_FAIL(KD_ERR_FORMAT,
                      "cache '%s' is sharded and its shard '%s' has %s %s where the VDS file has "
                      "%s: the shard belongs to another cache; %s",
-                     vds_path, sh->file, field, va, vb, redo);
+                     vds_path, sh->file, field, va, vb, del);
         goto done;
     }
     const int shard_virt = dset_is_virtual(ds.main);

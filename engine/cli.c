@@ -514,16 +514,19 @@ int main(int argc, char **argv)
         catch_unless_ignored(SIGHUP); /* the terminal closed: stop at a checkpoint too */
         /* a reader of the log that went away (`distill train ... | head`) does not end the run */
         signal(SIGPIPE, SIG_IGN);
+        int stopped_together = 0;
         kd_train_opts opts = {.resume = resume,
                               .progress = progress && g_comm->rank == 0,
                               .stop = &stop_flag,
-                              .comm = g_comm};
+                              .comm = g_comm,
+                              .stopped_together = &stopped_together};
         if (usage == usage_cache)
             opts.resume = NULL;
         st = usage == usage_train ? kd_train(&job, &opts) : kd_cache_build(&job, &opts);
         rc = st == KD_OK ? 0 : fail(st);
-        if (rc != 0 && g_comm->size > 1) {
-            /* the other ranks may be waiting in a collective: end the job */
+        if (rc != 0 && g_comm->size > 1 && !stopped_together) {
+            /* the other ranks may be waiting in a collective: end the job (a stop every rank
+             * took together ends each rank by itself, with its exit code) */
             fflush(stderr);
             kd_comm_abort(g_comm, rc);
         }

@@ -52,9 +52,10 @@ static int env_int(const char *name)
 
 int kd_comm_launched(void)
 {
-    /* Open MPI's mpirun, MPICH/Hydra and other PMI launchers, Slurm's srun */
+    /* Open MPI's mpirun, MPICH/Hydra and other PMI launchers, Slurm's srun (a step's task
+     * count: SLURM_NTASKS is also set in an sbatch script itself, which runs one process) */
     static const char *const sizes[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE",
-                                        "SLURM_NTASKS", "SLURM_NPROCS"};
+                                        "SLURM_STEP_NUM_TASKS"};
     for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++)
         if (env_int(sizes[i]) > 1)
             return 1;
@@ -335,14 +336,23 @@ static uint64_t hash_bytes(const void *p, size_t n)
     return h;
 }
 
-kd_status kd_comm_check_same(kd_comm *c, const void *p, size_t n, const char *what)
+kd_status kd_comm_all_same(kd_comm *c, const void *p, size_t n, int *same)
 {
+    *same = 1;
     if (!c || c->size == 1)
         return KD_OK;
     kd_comm *h = c->host ? c->host : c;
     uint64_t mine = hash_bytes(p, n), v[2] = {mine, ~mine};
     KD_TRY(h->ops->max_u64(h, v, 2));
-    if (v[0] != mine || ~v[1] != mine)
+    *same = v[0] == mine && ~v[1] == mine;
+    return KD_OK;
+}
+
+kd_status kd_comm_check_same(kd_comm *c, const void *p, size_t n, const char *what)
+{
+    int same = 1;
+    KD_TRY(kd_comm_all_same(c, p, n, &same));
+    if (!same)
         return KD_FAIL(KD_ERR_INTERNAL,
                        "the ranks disagree on %s (rank %d of %d holds other values than another "
                        "rank): the data-parallel run is no longer one run",

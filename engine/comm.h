@@ -112,9 +112,12 @@ kd_status kd_comm_drop_after(kd_status st, kd_comm *c);
 void kd_comm_abort(kd_comm *c, int code);
 
 /*
- * KD_ERR_INTERNAL naming `what` unless every rank holds the same n bytes at p (host
- * memory): compares a 64-bit hash through max and min.
+ * *same = 1 when every rank holds the same n bytes at p (host memory), else 0 on every rank:
+ * compares a 64-bit hash through max and min (a collective: every rank calls it).
  */
+kd_status kd_comm_all_same(kd_comm *c, const void *p, size_t n, int *same);
+
+/* KD_ERR_INTERNAL naming `what` unless kd_comm_all_same finds the ranks the same. */
 kd_status kd_comm_check_same(kd_comm *c, const void *p, size_t n, const char *what);
 
 /* Rows [*lo, *hi) of n that rank r of w takes: contiguous, sizes differing by at most 1. */

@@ -525,6 +525,73 @@ static uint64_t split_fingerprint(const kd_dataset *d)
     return h ? h : 1; /* 0 means "not recorded" */
 }
 
+/*
+ * Every rank must run the same job: its settings decide which collectives run at which step, so
+ * ranks started with another config file, --set option, model file or data file would wait for
+ * one another forever. Compared before the first step: the job as resolved (every section with its
+ * overrides, and the model and teacher files; run.threads and run.out_dir left out, a host's cores
+ * being its own and only rank 0 writing) and a fingerprint of the training split.
+ */
+static kd_status ranks_same_job(kd_comm *comm, const kd_job *job, const kd_dataset *train)
+{
+    if (comm->size == 1)
+        return KD_OK;
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    if (!f)
+        return KD_FAIL(KD_ERR_NOMEM, "out of memory");
+    kd_status st = KD_OK;
+    const kd_node *r = job->root;
+    for (size_t i = 0; r && r->kind == KD_NODE_MAP && i < r->len && st == KD_OK; i++) {
+        const kd_node *sec = r->items[i];
+        int is_run = !strcmp(r->keys[i], "run") && sec->kind == KD_NODE_MAP;
+        for (size_t k = 0; is_run && k < sec->len && st == KD_OK; k++)
+            if (strcmp(sec->keys[k], "threads") && strcmp(sec->keys[k], "out_dir")) {
+                fprintf(f, "run.%s:\n", sec->keys[k]);
+                st = kd_node_write_yaml(sec->items[k], f);
+            }
+        if (!is_run) {
+            fprintf(f, "%s:\n", r->keys[i]);
+            st = kd_node_write_yaml(sec, f);
+        }
+    }
+    const kd_node *files[2] = {job->model_doc, job->teacher_doc};
+    for (int i = 0; i < 2 && st == KD_OK; i++)
+        if (files[i]) {
+            fprintf(f, "file %d:\n", i);
+            st = kd_node_write_yaml(files[i], f);
+        }
+    uint64_t split = split_fingerprint(train);
+    fwrite(&split, sizeof split, 1, f);
+    if (fclose(f) != 0 && st == KD_OK)
+        st = KD_FAIL(KD_ERR_NOMEM, "out of memory");
+    int same = 1;
+    if (st == KD_OK)
+        st = kd_comm_all_same(comm, text, len, &same);
+    free(text);
+    if (st == KD_OK && !same)
+        st = KD_FAIL(KD_ERR_CONFIG,
+                     "%s: the %d ranks were not started with the same job: a config file, a "
+                     "--set option, the model file or the training data differ between them "
+                     "(run.threads and run.out_dir may differ); start every rank with the same "
+                     "ones",
+                     job->path, comm->size);
+    return st;
+}
+
+/* A stop on *opts->stop, which every rank takes at the same step: the ranks wait for rank 0 to
+ * commit its checkpoint (the others returning at once would end the job while it writes), then
+ * each returns KD_ERR_INTERRUPTED with nothing left to wait for. */
+static kd_status stop_together(kd_comm *comm, const kd_train_opts *opts)
+{
+    if (comm->size > 1)
+        KD_TRY(comm->ops->barrier(comm));
+    if (opts->stopped_together)
+        *opts->stopped_together = 1;
+    return KD_OK;
+}
+
 /* result.json, written whole or not at all (a failed write keeps a previous run's file), the
  * run's name and model path escaped as JSON strings; best_val_acc null without a validation
  * set; train_seconds is this process's, which began at resumed_at_step (0: a fresh run). */
@@ -863,7 +930,8 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     if ((st = build_model(job, max_batch, &be, &m, log)))
         goto done;
     if ((st = kd_check_model_fits_data(m, &d.train, job)) || (st = qat_open(job, m, &qat)) ||
-        (st = open_ranks(job, opts, be, &solo, &nccl, &comm)))
+        (st = open_ranks(job, opts, be, &solo, &nccl, &comm)) ||
+        (st = ranks_same_job(comm, job, &d.train)))
         goto done;
     const int rank = comm->rank, world = comm->size;
     if (!strcmp(job->mode, "offline") &&
@@ -1046,6 +1114,25 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
             fprintf(log, "resumed from %s in epoch %" PRId64 "/%d, step %" PRId64 "\n", path,
                     epoch0 + 1, job->epochs, step);
     }
+    if (world > 1) {
+        /* each rank reads the checkpoint itself: all must have read the same one (a rank's
+         * own stale out_dir would put it at another step, and the ranks would wait for one
+         * another) */
+        double pos[6] = {(double)step,          (double)epoch0,
+                         (double)in.epoch_seen, (double)in.epoch_correct,
+                         in.epoch_loss,         in.best_val_acc};
+        int same = 1;
+        if ((st = kd_comm_all_same(comm, pos, sizeof pos, &same)))
+            goto done;
+        if (!same) {
+            st = KD_FAIL(KD_ERR_CONFIG,
+                         "the ranks resumed from different checkpoints (this rank's, '%s', is "
+                         "at step %" PRId64 "): every rank must read the same one (a run.out_dir "
+                         "all the ranks share, or --resume with one file)",
+                         path, step);
+            goto done;
+        }
+    }
     /* the schedule and the ranks' share of each batch are checked before out_dir is touched:
      * a refused job (or resume) leaves the run directory as it was */
     const int64_t n_train = d.train.n;
@@ -1071,12 +1158,21 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
                 sched.total_steps, job->epochs, in.schedule_steps, step,
                 kd_sched_lr(&sched, job->optim.lr, step), kd_sched_lr(&was, job->optim.lr, step));
     }
-    if (world > 1 && (batch < world || (n_train % batch && n_train % batch < world))) {
+    if (world > 1 && n_train < world) {
         st = KD_FAIL(KD_ERR_CONFIG,
-                     "%s: %d ranks share each batch, but %s has %d samples: every rank needs at "
-                     "least one (change data.batch_size or the number of ranks)",
-                     job->path, world, batch < world ? "data.batch_size" : "the last batch",
-                     batch < world ? batch : (int)(n_train % batch));
+                     "%s: %d ranks share each batch, but the training split has %" PRId64
+                     " sample%s: every rank needs at least one (raise data.train_limit, or run on "
+                     "fewer ranks)",
+                     job->path, world, n_train, n_train == 1 ? "" : "s");
+        goto done;
+    }
+    if (world > 1 && (batch < world || (n_train % batch && n_train % batch < world))) {
+        const int have = batch < world ? batch : (int)(n_train % batch);
+        st = KD_FAIL(KD_ERR_CONFIG,
+                     "%s: %d ranks share each batch, but %s has %d sample%s: every rank needs "
+                     "at least one (change data.batch_size or the number of ranks)",
+                     job->path, world, batch < world ? "data.batch_size" : "the last batch", have,
+                     have == 1 ? "" : "s");
         goto done;
     }
     /* every rank starts from rank 0's parameters, optimizer state and buffers */
@@ -1251,6 +1347,8 @@ train:;
             if (stop && !last) {
                 if (opts->progress)
                     fputc('\n', stderr);
+                if ((st = stop_together(comm, opts)))
+                    goto done;
                 st = KD_FAIL(KD_ERR_INTERRUPTED,
                              "stopped at epoch %" PRId64 " step %" PRId64
                              "; checkpoint saved in %s/last.safetensors (continue with --resume)",
@@ -1328,6 +1426,8 @@ train:;
                     ep_seen ? 100.0 * ep_correct / ep_seen : 0.0, train_time);
     epoch_end:
         if (stop && epoch + 1 < job->epochs) {
+            if ((st = stop_together(comm, opts)))
+                goto done;
             st = KD_FAIL(KD_ERR_INTERRUPTED,
                          "stopped after epoch %" PRId64 "; checkpoint saved in "
                          "%s/last.safetensors (continue with --resume)",

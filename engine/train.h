@@ -19,6 +19,9 @@ typedef struct {
     int progress; /* 1: redraw a progress bar on stderr; 0: plain log lines */
     volatile sig_atomic_t *stop; /* set by a signal handler: save a checkpoint and stop */
     struct kd_comm *comm;        /* the job's ranks (engine/comm.h); NULL = one process */
+    /* out (may be NULL): set to 1 when the run stopped on *stop with every rank at the same
+     * step, after rank 0's checkpoint: no rank waits for another, none needs to end the job */
+    int *stopped_together;
 } kd_train_opts;
 
 typedef struct {

@@ -826,6 +826,23 @@ static void test_help(void **state)
     run_expect(f, 2, "unknown command 'bogus'", "usage: distill <command>", NULL);
 }
 
+/* run.comm: single under a launcher: refused inside an srun step of several tasks (each task
+ * would train alone and write the same files), not in an sbatch script that merely has
+ * SLURM_NTASKS set (it runs one process). */
+static void test_single_under_slurm(void **state)
+{
+    (void)state;
+    char job[600];
+    write_mlp_job(tpath(job, sizeof job, "slurm.yaml"), "slurm");
+    const char *tr[] = {"train", job, "--set", "run.comm=single", NULL};
+    setenv("SLURM_STEP_NUM_TASKS", "4", 1);
+    run_expect(tr, 1, "run.comm is single but the job was started as one of several ranks", NULL);
+    unsetenv("SLURM_STEP_NUM_TASKS");
+    setenv("SLURM_NTASKS", "4", 1);
+    run_expect(tr, 0, "epoch 1/1", NULL);
+    unsetenv("SLURM_NTASKS");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -852,6 +869,7 @@ int main(void)
         cmocka_unit_test(test_best_write_failure_then_resume),
         cmocka_unit_test(test_usage_errors),
         cmocka_unit_test(test_help),
+        cmocka_unit_test(test_single_under_slurm),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

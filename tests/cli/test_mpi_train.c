@@ -16,10 +16,14 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <dirent.h>
+#include <fcntl.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "comm.h"
 #include "kd_cli_util.h"
@@ -255,6 +259,160 @@ static void test_batch_smaller_than_ranks(void **state)
     assert_non_null(strstr(log, "data.batch_size"));
 }
 
+/* <tmp>/<name>.yaml of `epochs` epochs in batches of 63, its out_dir <tmp>/<name> and the
+ * --set value naming it. */
+static void named_job(const char *name, int epochs, char job[600], char out[600], char set[640])
+{
+    snprintf(job, 600, "%s/%s.yaml", tmp, name);
+    snprintf(out, 600, "%s/%s", tmp, name);
+    snprintf(set, 640, "run.out_dir=%s", out);
+    write_job(job, epochs, 63);
+}
+
+/* Two ranks of different jobs (MPMD: `-np 1 A : -np 1 B`), their output in log. */
+static int run_two(const char *const *a, const char *const *b, char *log, size_t loglen)
+{
+    const char *argv[64];
+    int n = 0, code = -1;
+    argv[n++] = "--allow-run-as-root";
+    argv[n++] = "--oversubscribe";
+    for (int side = 0; side < 2; side++) {
+        if (side)
+            argv[n++] = ":";
+        argv[n++] = "-np";
+        argv[n++] = "1";
+        argv[n++] = kd_distill_path();
+        for (const char *const *x = side ? b : a; *x; x++)
+            argv[n++] = *x;
+    }
+    argv[n] = NULL;
+    assert_int_equal(kd_run_program(getenv("MPIRUN"), argv, log, loglen, &code), 0);
+    return code;
+}
+
+/*
+ * Ranks that were not started with the same job, or that resume from different checkpoints,
+ * would wait for one another in collectives that never match: both are refused on every rank
+ * before the first step.
+ */
+static void test_ranks_must_agree(void **state)
+{
+    (void)state;
+    char job[600], out[600], set_out[640], log[16384];
+    named_job("agree", 1, job, out, set_out);
+    const char *a[] = {"train", job, "--no-progress", "--set", set_out, NULL};
+    const char *b[] = {"train", job,     "--no-progress",   "--set",
+                       set_out, "--set", "run.log_every=3", NULL};
+    int code = run_two(a, b, log, sizeof log);
+    if (code == 0 || !strstr(log, "were not started with the same job") ||
+        !strstr(log, "rank 1 of 2"))
+        fail_msg("exit %d:\n%s", code, log);
+    /* run.threads may differ: a host's cores are its own */
+    const char *c[] = {"train", job,     "--no-progress", "--set",
+                       set_out, "--set", "run.threads=2", NULL};
+    code = run_two(a, c, log, sizeof log);
+    if (code != 0)
+        fail_msg("exit %d:\n%s", code, log);
+    /* each rank its own out_dir holding another run's checkpoint: one epoch and two */
+    char o1[600], o2[600], s1[640], s2[640];
+    snprintf(o1, sizeof o1, "%s/agree1", tmp);
+    snprintf(o2, sizeof o2, "%s/agree2", tmp);
+    snprintf(s1, sizeof s1, "run.out_dir=%s", o1);
+    snprintf(s2, sizeof s2, "run.out_dir=%s", o2);
+    char job2[600];
+    snprintf(job2, sizeof job2, "%s/job_agree2.yaml", tmp);
+    write_job(job2, 2, 63);
+    assert_int_equal(train(job, o1, 0, NULL, log, sizeof log), 0);
+    assert_int_equal(train(job2, o2, 0, NULL, log, sizeof log), 0);
+    const char *r1[] = {"train", job,     "--no-progress",  "--resume", "--set",
+                        s1,      "--set", "optim.epochs=3", NULL};
+    const char *r2[] = {"train", job,     "--no-progress",  "--resume", "--set",
+                        s2,      "--set", "optim.epochs=3", NULL};
+    code = run_two(r1, r2, log, sizeof log);
+    if (code == 0 || !strstr(log, "the ranks resumed from different checkpoints"))
+        fail_msg("exit %d:\n%s", code, log);
+}
+
+/* The pids whose parent is ppid (from /proc), at most max. */
+static int children_of(pid_t ppid, pid_t *out, int max)
+{
+    DIR *d = opendir("/proc");
+    int n = 0;
+    for (struct dirent *e; d && n < max && (e = readdir(d));) {
+        char path[300], buf[512];
+        snprintf(path, sizeof path, "/proc/%s/stat", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        size_t len = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[len] = 0;
+        const char *rp = strrchr(buf, ')'); /* after the command name: " S ppid" */
+        int pp = 0;
+        if (rp && sscanf(rp + 1, " %*c %d", &pp) == 1 && pp == ppid)
+            out[n++] = (pid_t)atoi(e->d_name);
+    }
+    if (d)
+        closedir(d);
+    return n;
+}
+
+/*
+ * Ctrl-C reaching the ranks of a running job: every rank stops at the same step, rank 0 writes
+ * its checkpoint, and all end by themselves with exit 130, none ending the job for the others
+ * (an MPI_Abort from a rank that returned first would kill rank 0 while it writes).
+ */
+static void test_stop_together(void **state)
+{
+    (void)state;
+    char job[600], out[600], set_out[640], logp[600];
+    named_job("stop", 200, job, out, set_out);
+    snprintf(logp, sizeof logp, "%s/stop.log", tmp);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int fd = open(logp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd < 0)
+            _exit(127);
+        dup2(fd, 1);
+        dup2(fd, 2);
+        execlp(getenv("MPIRUN"), getenv("MPIRUN"), "--allow-run-as-root", "--oversubscribe", "-np",
+               "2", kd_distill_path(), "train", job, "--no-progress", "--set", set_out,
+               (char *)NULL);
+        _exit(127);
+    }
+    /* once the first epoch has ended (its line in the log), both ranks get SIGINT */
+    char *log = NULL;
+    for (int t = 0; t < 1200 && !(log && strstr(log, "epoch 1/200:")); t++) {
+        free(log);
+        usleep(100000);
+        log = kd_read_text(logp);
+    }
+    assert_non_null(log);
+    if (!strstr(log, "epoch 1/200:"))
+        fail_msg("the run never finished its first epoch:\n%s", log);
+    free(log);
+    pid_t ranks[4];
+    int n = children_of(pid, ranks, 4);
+    assert_int_equal(n, 2);
+    for (int i = 0; i < n; i++)
+        assert_int_equal(kill(ranks[i], SIGINT), 0);
+    int code = -1;
+    assert_int_equal(kd_wait_exit(pid, &code), 0);
+    log = kd_read_text(logp);
+    assert_non_null(log);
+    if (code != 130 || strstr(log, "MPI_ABORT") || !strstr(log, "stopped (rank 0 of 2)") ||
+        !strstr(log, "stopped (rank 1 of 2)"))
+        fail_msg("exit %d:\n%s", code, log);
+    free(log);
+    char ckpt[700];
+    snprintf(ckpt, sizeof ckpt, "%s/last.safetensors", out);
+    kd_safetensors *st = NULL;
+    assert_int_equal(kd_safetensors_open(ckpt, &st), KD_OK);
+    assert_true(kd_safetensors_count(st) > 4);
+    kd_safetensors_close(st);
+}
+
 int main(void)
 {
     const char *mpirun = getenv("MPIRUN");
@@ -269,6 +427,8 @@ int main(void)
         cmocka_unit_test(test_two_ranks_match_one),
         cmocka_unit_test(test_offline_two_ranks_match_one),
         cmocka_unit_test(test_batch_smaller_than_ranks),
+        cmocka_unit_test(test_ranks_must_agree),
+        cmocka_unit_test(test_stop_together),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -11,8 +11,10 @@
  */
 #include "train.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -494,6 +496,28 @@ static int run_leftovers(const char *dir, char *buf, size_t len)
             used += (size_t)w;
     }
     return used > 0;
+}
+
+/* Checkpoint writes of an earlier process in dir that were cut off (killed: the atomic writer's
+ * <name>.safetensors.tmp.<pid> is left behind, as large as a checkpoint) are removed, each
+ * named on log; a file whose process is still alive is left alone. */
+static void remove_cut_writes(const char *dir, FILE *log)
+{
+    DIR *d = opendir(dir);
+    for (struct dirent *e; d && (e = readdir(d));) {
+        const char *t = strstr(e->d_name, ".safetensors.tmp.");
+        char *end = NULL;
+        long pid = t ? strtol(t + strlen(".safetensors.tmp."), &end, 10) : 0;
+        if (!t || !end || *end || pid <= 0 || pid == (long)getpid() ||
+            (kill((pid_t)pid, 0) != 0 ? errno != ESRCH : 1))
+            continue;
+        char p[1200];
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        if (unlink(p) == 0)
+            fprintf(log, "removed %s: a checkpoint write that was cut off\n", p);
+    }
+    if (d)
+        closedir(d);
 }
 
 /* s as a JSON string with its quotes (malloc'd, free with cJSON_free), or NULL. */
@@ -1175,6 +1199,8 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
                      have == 1 ? "" : "s");
         goto done;
     }
+    if (rank == 0) /* the job runs: what a killed process left in out_dir can go */
+        remove_cut_writes(job->out_dir, log);
     /* every rank starts from rank 0's parameters, optimizer state and buffers */
     if (world > 1 &&
         ((st = comm->ops->bcast_f32(comm, m->params, m->nparams, 0)) ||

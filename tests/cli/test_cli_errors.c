@@ -826,6 +826,26 @@ static void test_help(void **state)
     run_expect(f, 2, "unknown command 'bogus'", "usage: distill <command>", NULL);
 }
 
+/* A checkpoint write cut off by a kill leaves <name>.safetensors.tmp.<pid>, as large as a
+ * checkpoint: the next run in that out_dir removes it, unless its process is still alive. */
+static void test_cut_writes_removed(void **state)
+{
+    (void)state;
+    char job[600], od[600], dead[700], live[700];
+    write_mlp_job(tpath(job, sizeof job, "cut.yaml"), "cut");
+    tpath(od, sizeof od, "cut");
+    assert_int_equal(mkdir(od, 0755), 0);
+    /* a pid above the kernel's limit (at most 2^22) is never alive; this test's own is */
+    snprintf(dead, sizeof dead, "%s/last.safetensors.tmp.%d", od, 2147483000);
+    snprintf(live, sizeof live, "%s/best.safetensors.tmp.%ld", od, (long)getpid());
+    assert_int_equal(kd_write_text(dead, "half a checkpoint"), 0);
+    assert_int_equal(kd_write_text(live, "being written"), 0);
+    const char *tr[] = {"train", job, NULL};
+    run_expect(tr, 0, "epoch 1/1", "a checkpoint write that was cut off", NULL);
+    assert_false(kd_file_exists(dead));
+    assert_true(kd_file_exists(live));
+}
+
 /* run.comm: single under a launcher: refused inside an srun step of several tasks (each task
  * would train alone and write the same files), not in an sbatch script that merely has
  * SLURM_NTASKS set (it runs one process). */
@@ -870,6 +890,7 @@ int main(void)
         cmocka_unit_test(test_usage_errors),
         cmocka_unit_test(test_help),
         cmocka_unit_test(test_single_under_slurm),
+        cmocka_unit_test(test_cut_writes_removed),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -13,6 +13,7 @@
 # Alternating matters on a shared machine, whose speed drifts by tens of percent within
 # minutes.
 set -eu
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 a=${1:?usage: ab_builds.sh BUILD_A BUILD_B [RUNS] [THREADS] [STEPS]}
 b=${2:?usage: ab_builds.sh BUILD_A BUILD_B [RUNS] [THREADS] [STEPS]}
 runs=${3:-5}

@@ -14,6 +14,7 @@
 # it; what this measures is the reader's own cost (HDF5 chunk reads, float16 decoding, the
 # prefetch hand-off) on the training critical path. Writes bench/results/cache_train.json.
 set -euo pipefail
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 BIN=${1:-build/distill}
 RUNS=${2:-runs}
@@ -23,13 +24,15 @@ CKPT=$RUNS/fmnist-teacher/last.safetensors
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
-epoch_times() { # mode round -> prints the per-epoch training seconds
-    local out=$TMP/$1-$2
-    "$BIN" train configs/fashion-mnist/tiny_distill.yaml --no-progress \
-        --set run.out_dir="$out" --set optim.epochs=2 --set data.val_size=5000 \
+train_round() { # mode round: a 2-epoch training, its log in $TMP/mode-round.log
+    if ! "$BIN" train configs/fashion-mnist/tiny_distill.yaml --no-progress \
+        --set run.out_dir="$TMP/$1-$2" --set optim.epochs=2 --set data.val_size=5000 \
         --set teacher.cache="$CACHE" --set teacher.checkpoint="$CKPT" \
-        --set teacher.cache_memory="$1" >"$TMP/$1-$2.log" 2>&1
-    sed -n 's/^epoch [0-9]*\/[0-9]*: train .* | \([0-9.]*\)s$/\1/p' "$TMP/$1-$2.log"
+        --set teacher.cache_memory="$1" >"$TMP/$1-$2.log" 2>&1; then
+        echo "cache_train: the training with teacher.cache_memory=$1 failed:" >&2
+        tail -5 "$TMP/$1-$2.log" >&2
+        exit 1
+    fi
 }
 
 declare -A T
@@ -37,7 +40,10 @@ for round in $(seq 1 "${ROUNDS:-5}"); do
     modes="auto stream"
     [ $((round % 2)) -eq 0 ] && modes="stream auto"
     for mode in $modes; do
-        T[$mode]+="$(epoch_times $mode $round | tr '\n' ' ')"
+        train_round "$mode" "$round"
+        # the per-epoch training seconds of its log
+        T[$mode]+="$(sed -n 's/^epoch [0-9]*\/[0-9]*: train .* | \([0-9.]*\)s$/\1/p' \
+            "$TMP/$mode-$round.log" | tr '\n' ' ')"
     done
 done
 python3 - "${T[auto]}" "${T[stream]}" <<'PY'

@@ -49,7 +49,11 @@ while [ $# -gt 0 ]; do
         --summary) SUMMARY=$2 ;;
         esac
         shift 2 ;;
+    -h | --help)
+        sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+        exit 0 ;;
     *)
+        echo "compare_pytorch.sh: unknown argument '$1'" >&2
         sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
         exit 1 ;;
     esac

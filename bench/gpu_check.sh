@@ -10,15 +10,25 @@
 # (e.g. COMPARE_ARGS="--rounds 1"). Then the tiny CNN twice more, with and without --no-graph
 # (same options otherwise): the summary gives its training samples/s with the step replayed
 # from a CUDA graph and without. Results and logs go to $OUT when set, else bench/results.
-# Exits non-zero when a GPU test fails or is skipped (a skip here means no device answered) or a
+# Exits 1 at once when nvidia-smi finds no GPU (GPU_CHECK_ANYWAY=1 goes on). Exits non-zero
+# when a GPU test fails or is skipped (a skip here means no device answered) or a
 # benchmark fails; a comparison that could not be measured (an operation the CUDA backend lacks
 # yet, no torch) shows in the summary without failing the check, and neither does a missed target.
 set -uo pipefail
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 BUILD=${1:-build-gpu}
 OUTDIR=${OUT:-bench/results}
 mkdir -p "$OUTDIR"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# no device, no point building for minutes first (GPU_CHECK_ANYWAY=1 goes on: a machine whose GPU
+# answers CUDA but has no nvidia-smi)
+if ! nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; then
+    if [ "${GPU_CHECK_ANYWAY:-0}" != 1 ]; then
+        echo "gpu_check: nvidia-smi found no NVIDIA GPU: run this on a machine with one" \
+            "(GPU_CHECK_ANYWAY=1 builds and runs the checks anyway)" >&2
+        exit 1
+    fi
+fi
 
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release >/dev/null || exit 1
 cmake --build "$BUILD" -j "$(nproc)" 2>&1 | tail -3 || exit 1

@@ -8,6 +8,7 @@
 #
 #   bash bench/quickstart.sh [DISTILL_BINARY] [OUT_DIR]
 set -euo pipefail
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 BIN=${1:-build/distill}
 OUT=${2:-runs/quickstart}

@@ -13,6 +13,7 @@
 # QEMU). Takes about six hours on 2 cores. Each run logs to OUT_ROOT/<name>/train.log; a finished run is skipped and an
 # interrupted one resumes from its last checkpoint.
 set -euo pipefail
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 BIN=${1:-build/distill}
 OUT=${2:-runs}

@@ -12,6 +12,7 @@
 # Rounds alternate the order of the settings (ROUNDS, default 2); the table gives the median
 # over rounds. Run on an otherwise idle machine. Writes bench/results/sweep_openmp.json.
 set -euo pipefail
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 BIN=${1:-build/distill}
 JOBS=${2:-2}

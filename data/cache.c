@@ -1,6 +1,5 @@
 /*
- * cache.c - the HDF5 teacher-logit cache (schema: DESIGN.md section 3,
- * data/README.md).
+ * cache.c - the HDF5 teacher-logit cache (schema: data/README.md).
  *
  * Row layout in memory (one "row" = one sample, all its views), used by the
  * in-memory reader, the streaming ring and the chunk loader alike:

@@ -1,8 +1,8 @@
 /*
  * cache.h - the teacher-logit cache: an HDF5 file of raw teacher logits (T = 1)
  * for every sample and augmented view, written once by `distill cache` and read
- * by every student run. The schema is DESIGN.md section 3; data/README.md
- * documents it for writers in other frameworks.
+ * by every student run. data/README.md documents its schema, for writers in other frameworks
+ * too.
  *
  * Shapes: N samples (rows), V views per sample, C classes, K top-k entries
  * (K = 0 stores the full C logits), P = KD_AUG_NPARAMS augmentation floats.

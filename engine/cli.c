@@ -417,14 +417,14 @@ int main(int argc, char **argv)
         usage = usage_cache;
     else if (!strcmp(cmd, "help")) {
         const char *t = argc > 2 ? argv[2] : "";
-        const char *text = !strcmp(t, "train")     ? usage_train
-                           : !strcmp(t, "cache")   ? usage_cache
-                           : !strcmp(t, "eval")    ? usage_eval
-                           : !strcmp(t, "summary") ? usage_summary
-                           : !strcmp(t, "export")  ? usage_export
-                           : !strcmp(t, "report")  ? usage_report
-                           : !*t                   ? usage_main
-                                                   : NULL;
+        const char *text = !strcmp(t, "train")         ? usage_train
+                           : !strcmp(t, "cache")       ? usage_cache
+                           : !strcmp(t, "eval")        ? usage_eval
+                           : !strcmp(t, "summary")     ? usage_summary
+                           : !strcmp(t, "export")      ? usage_export
+                           : !strcmp(t, "report")      ? usage_report
+                           : !*t || !strcmp(t, "help") ? usage_main
+                                                       : NULL;
         if (!text)
             return usage_error(usage_main, "no help for unknown command '%s'", t);
         fputs(text, stdout);

@@ -1,7 +1,7 @@
 /*
  * quant.h - the weight quantizer shared by quantization-aware training and the exporter.
  *
- * Weights are quantized symmetrically per output channel (DESIGN.md section 3): for a row
+ * Weights are quantized symmetrically per output channel (mcu_runtime/include/kdm.h): for a row
  * w[o, 0..k) (a conv's O x (I*kh*kw) or a linear's out x in), scale[o] = max|w[o, :]| / qmax
  * with qmax = 127 for 8 bits and 7 for 4 bits, and q = clamp(round(w / scale), -qmax, qmax),
  * rounding half away from zero. A row of zeros gets scale 0 and q = 0.
@@ -31,7 +31,7 @@ int kd_quant_round(float w, float scale, int qmax);
 void kd_quant_fake_rows(const float *w, int64_t out_c, int64_t k, int bits, float *wq);
 
 /*
- * Activations are int8, asymmetric, per tensor (DESIGN.md section 3): the range [lo, hi] is
+ * Activations are int8, asymmetric, per tensor (mcu_runtime/include/kdm.h): the range [lo, hi] is
  * widened to hold 0, scale = (hi - lo) / 255 and zero_point = round(-128 - lo / scale) clamped
  * to [-128, 127]; an empty range gives scale 1/255, zero point -128. The exporter's rule.
  */

@@ -446,6 +446,10 @@ cmd_cmsis() {
 mode=bench
 case "${1:-}" in
 bench | check | compare | kcheck | cmsis) mode=$1 && shift ;;
+-h | --help)
+    awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"
+    exit 0
+    ;;
 esac
 [ $# -ge 1 ] || {
     awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"

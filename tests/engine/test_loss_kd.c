@@ -874,6 +874,44 @@ static void test_topk_uniform_tail_equals_dense(void **state)
     topk_free(&x);
 }
 
+/* At T = 1 the k + 1 buckets group the teacher's true distribution, so the bucket KL is at most
+ * the full KL in either direction (the data-processing inequality), row by row. At T != 1 the
+ * tail bucket is the equal-tail stand-in, not a grouping, and the bound fails: a row where the
+ * top-k loss at T = 0.5 exceeds the dense one shows it. */
+static void test_topk_lower_bound_at_t1(void **state)
+{
+    (void)state;
+    kd_rng r;
+    kd_rng_seed(&r, 61, 0);
+    const int c = 37, ks[] = {1, 3, 7, 36};
+    for (int kk = 0; kk < 4; kk++) {
+        const int k = ks[kk];
+        topk_case x = topk_make(&r, 8, c, k, 4.0);
+        for (int i = 0; i < 8; i++)
+            for (int rev = 0; rev < 2; rev++) {
+                const double *si = x.s + (size_t)i * c;
+                double full =
+                           kd_cpu_kd_dense_f64(1, c, si, x.t + (size_t)i * c, 1.0, rev, 0, NULL, 1),
+                       bucket = kd_cpu_kd_topk_f64(1, c, k, si, x.tv + (size_t)i * k,
+                                                   x.ti + (size_t)i * k, x.lse + i, 1.0, rev, 0,
+                                                   NULL, 1);
+                if (bucket > full * (1 + 1e-12) + 1e-15)
+                    fail_msg("k=%d row %d rev=%d: bucket KL %.17g above the full KL %.17g", k, i,
+                             rev, bucket, full);
+            }
+        topk_free(&x);
+    }
+    double s4[4] = {0, 0, 0, 0}, t4[4] = {3, 1, -3, 0}, tv = 3, lse = 0;
+    int32_t ti = 0;
+    for (int j = 0; j < 4; j++)
+        lse += exp(t4[j]);
+    lse = log(lse);
+    const double full = kd_cpu_kd_dense_f64(1, 4, s4, t4, 0.5, 0, 1, NULL, 1),
+                 bucket = kd_cpu_kd_topk_f64(1, 4, 1, s4, &tv, &ti, &lse, 0.5, 0, 1, NULL, 1);
+    if (!(bucket > full))
+        fail_msg("T = 0.5: bucket %.17g, full %.17g (expected above)", bucket, full);
+}
+
 /* 1 - sum(top-k) <= 0 from rounding: clamped to the floor, the loss stays finite both ways */
 static void test_topk_tail_clamp(void **state)
 {
@@ -971,6 +1009,7 @@ int main(void)
         cmocka_unit_test(test_topk_full_equals_dense),
         cmocka_unit_test(test_topk_reference),
         cmocka_unit_test(test_topk_uniform_tail_equals_dense),
+        cmocka_unit_test(test_topk_lower_bound_at_t1),
         cmocka_unit_test(test_topk_tail_clamp),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -549,46 +549,90 @@ static uint64_t split_fingerprint(const kd_dataset *d)
     return h ? h : 1; /* 0 means "not recorded" */
 }
 
+/* The keys of the job that may differ between ranks: a host's cores, where a rank would write
+ * (only rank 0 does), where it finds the data (the split's fingerprint covers its contents) and
+ * how much memory it gives the teacher cache. */
+static int per_host_key(const char *section, const char *key)
+{
+    static const char *const keys[][2] = {
+        {"run", "threads"}, {"run", "out_dir"}, {"data", "root"}, {"teacher", "cache_memory"}};
+    for (size_t i = 0; section && i < sizeof keys / sizeof keys[0]; i++)
+        if (!strcmp(section, keys[i][0]) && !strcmp(key, keys[i][1]))
+            return 1;
+    return 0;
+}
+
+/* n in a canonical form: scalars with their quoting and length, maps with their keys sorted (the
+ * order --set options add keys in does not matter), per_host_key entries of the top-level
+ * sections left out (section: the top-level section n is, NULL elsewhere). */
+static void write_canonical(FILE *f, const kd_node *n, int depth, const char *section)
+{
+    if (n->kind == KD_NODE_SCALAR) {
+        fprintf(f, "%c%zu:%s", n->quoted ? 'q' : 's', strlen(n->value), n->value);
+        return;
+    }
+    if (n->kind == KD_NODE_SEQ) {
+        fprintf(f, "[%zu", n->len);
+        for (size_t i = 0; i < n->len; i++)
+            write_canonical(f, n->items[i], depth + 1, NULL);
+        fputc(']', f);
+        return;
+    }
+    size_t *ord = malloc((n->len ? n->len : 1) * sizeof *ord);
+    if (!ord) {
+        fputs("(out of memory)", f); /* the caller's fclose reports it as a difference at most */
+        return;
+    }
+    for (size_t i = 0; i < n->len; i++) { /* insertion sort: maps are small */
+        size_t j = i;
+        for (; j > 0 && strcmp(n->keys[ord[j - 1]], n->keys[i]) > 0; j--)
+            ord[j] = ord[j - 1];
+        ord[j] = i;
+    }
+    fprintf(f, "{%zu", n->len);
+    for (size_t i = 0; i < n->len; i++) {
+        const char *k = n->keys[ord[i]];
+        if (depth == 1 && per_host_key(section, k))
+            continue;
+        fprintf(f, "%zu:%s=", strlen(k), k);
+        write_canonical(f, n->items[ord[i]], depth + 1, depth == 0 ? k : NULL);
+    }
+    fputc('}', f);
+    free(ord);
+}
+
 /*
  * Every rank must run the same job: its settings decide which collectives run at which step, so
- * ranks started with another config file, --set option, model file or data file would wait for
- * one another forever. Compared before the first step: the job as resolved (every section with its
- * overrides, and the model and teacher files; run.threads and run.out_dir left out, a host's cores
- * being its own and only rank 0 writing) and a fingerprint of the training split.
+ * ranks started with another config file, --set option, model file, data file, backend or
+ * --resume would wait for one another forever. Compared on the MPI communicator before anything
+ * else runs across the ranks (NCCL's setup included): the job as resolved in canonical form (every
+ * section with its overrides, and the model and teacher files; per_host_key left out), the
+ * backend, whether and how the run resumes, and a fingerprint of the training split.
  */
-static kd_status ranks_same_job(kd_comm *comm, const kd_job *job, const kd_dataset *train)
+static kd_status ranks_same_job(kd_comm *comm, const kd_job *job, const kd_dataset *train,
+                                const kd_backend *be, const char *resume)
 {
-    if (comm->size == 1)
+    if (!comm || comm->size == 1)
         return KD_OK;
     char *text = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&text, &len);
     if (!f)
         return KD_FAIL(KD_ERR_NOMEM, "out of memory");
-    kd_status st = KD_OK;
-    const kd_node *r = job->root;
-    for (size_t i = 0; r && r->kind == KD_NODE_MAP && i < r->len && st == KD_OK; i++) {
-        const kd_node *sec = r->items[i];
-        int is_run = !strcmp(r->keys[i], "run") && sec->kind == KD_NODE_MAP;
-        for (size_t k = 0; is_run && k < sec->len && st == KD_OK; k++)
-            if (strcmp(sec->keys[k], "threads") && strcmp(sec->keys[k], "out_dir")) {
-                fprintf(f, "run.%s:\n", sec->keys[k]);
-                st = kd_node_write_yaml(sec->items[k], f);
-            }
-        if (!is_run) {
-            fprintf(f, "%s:\n", r->keys[i]);
-            st = kd_node_write_yaml(sec, f);
-        }
+    const kd_node *docs[3] = {job->root, job->model_doc, job->teacher_doc};
+    for (int i = 0; i < 3; i++) {
+        fprintf(f, "|%d:", i);
+        if (docs[i])
+            write_canonical(f, docs[i], 0, NULL);
     }
-    const kd_node *files[2] = {job->model_doc, job->teacher_doc};
-    for (int i = 0; i < 2 && st == KD_OK; i++)
-        if (files[i]) {
-            fprintf(f, "file %d:\n", i);
-            st = kd_node_write_yaml(files[i], f);
-        }
+    fprintf(f, "|backend %s|resume %s|", be->name,
+            !resume                   ? "no"
+            : !strcmp(resume, "auto") ? "auto"
+                                      : "file");
     uint64_t split = split_fingerprint(train);
     fwrite(&split, sizeof split, 1, f);
-    if (fclose(f) != 0 && st == KD_OK)
+    kd_status st = KD_OK;
+    if (fclose(f) != 0 || !text)
         st = KD_FAIL(KD_ERR_NOMEM, "out of memory");
     int same = 1;
     if (st == KD_OK)
@@ -597,9 +641,9 @@ static kd_status ranks_same_job(kd_comm *comm, const kd_job *job, const kd_datas
     if (st == KD_OK && !same)
         st = KD_FAIL(KD_ERR_CONFIG,
                      "%s: the %d ranks were not started with the same job: a config file, a "
-                     "--set option, the model file or the training data differ between them "
-                     "(run.threads and run.out_dir may differ); start every rank with the same "
-                     "ones",
+                     "--set option, the model file, the training data, the backend (run.device) "
+                     "or --resume differ between them (run.threads, run.out_dir, data.root and "
+                     "teacher.cache_memory may differ); start every rank with the same ones",
                      job->path, comm->size);
     return st;
 }
@@ -954,8 +998,8 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     if ((st = build_model(job, max_batch, &be, &m, log)))
         goto done;
     if ((st = kd_check_model_fits_data(m, &d.train, job)) || (st = qat_open(job, m, &qat)) ||
-        (st = open_ranks(job, opts, be, &solo, &nccl, &comm)) ||
-        (st = ranks_same_job(comm, job, &d.train)))
+        (st = ranks_same_job(opts->comm, job, &d.train, be, opts->resume)) ||
+        (st = open_ranks(job, opts, be, &solo, &nccl, &comm)))
         goto done;
     const int rank = comm->rank, world = comm->size;
     if (!strcmp(job->mode, "offline") &&
@@ -1037,7 +1081,7 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     saver.info.split_hash = split_fingerprint(&d.train);
     int64_t step = 0, epoch0 = 0;
     int resuming = opts->resume != NULL;
-    char path[600];
+    char path[600] = "";
     char found[160];
     if (resuming && !strcmp(opts->resume, "auto")) {
         /* a run stopped before its first checkpoint simply starts again */

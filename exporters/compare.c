@@ -416,6 +416,51 @@ static kd_status write_outputs(const char *out_dir, const row_t *rows, int n, in
 static const char *const row_files[] = {"model.kdm",   "model.c", "model.h", "samples.bin",
                                         "report.json", "mcu.log", "mcu.json"};
 
+/* The row directory under out_dir/.new, which the report owns: every file in it removed (an
+ * interrupted export's temporary files too), then the directory. 0 when it is gone. */
+static int remove_stage_dir(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return errno == ENOENT ? 0 : -1;
+    for (struct dirent *e; (e = readdir(d));) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+            continue;
+        char f[1400];
+        snprintf(f, sizeof f, "%s/%s", dir, e->d_name);
+        unlink(f);
+    }
+    closedir(d);
+    return rmdir(dir) == 0 ? 0 : -1;
+}
+
+/* An earlier row directory moved aside to old (out_dir/.old) while its replacement went to dir:
+ * the files a report writes are removed, any other file (the user's) moves into dir, and old is
+ * removed. 0 when old is gone; -1 when something stays in it (a name dir already has). */
+static int merge_back(const char *old, const char *dir)
+{
+    DIR *d = opendir(old);
+    if (!d)
+        return errno == ENOENT ? 0 : -1;
+    for (struct dirent *e; (e = readdir(d));) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+            continue;
+        int ours = 0;
+        for (size_t k = 0; k < sizeof row_files / sizeof row_files[0]; k++)
+            ours |= !strcmp(e->d_name, row_files[k]);
+        char f[1400], t[1400];
+        struct stat sb;
+        snprintf(f, sizeof f, "%s/%s", old, e->d_name);
+        snprintf(t, sizeof t, "%s/%s", dir, e->d_name);
+        if (ours)
+            unlink(f);
+        else if (lstat(t, &sb) != 0 && errno == ENOENT)
+            rename(f, t);
+    }
+    closedir(d);
+    return rmdir(old) == 0 ? 0 : -1;
+}
+
 /* Removes dir when it holds nothing but row_files: 0 when it is gone (or never was), -1 when it
  * holds another file or a removal failed. */
 static int remove_row_dir(const char *dir)
@@ -499,34 +544,44 @@ static kd_status replace_in_file(const char *path, const char *from, const char 
     return st;
 }
 
-/* The files of a row written under out_dir/.new name it there: they are made to name the place
- * it moves to (the export's and the Cortex-M run's report.json, mcu.json and mcu.log; the paths
- * JSON-escaped in the JSON files). */
-static kd_status rename_in_row(const row_t *w)
+/* text as a JSON string's contents (escaped, without the quotes) into buf; 0 when out of memory */
+static int json_inner(const char *text, char *buf, size_t len)
+{
+    cJSON *j = cJSON_CreateString(text);
+    char *e = j ? cJSON_PrintUnformatted(j) : NULL;
+    if (e)
+        snprintf(buf, len, "%.*s", (int)strlen(e) - 2, e + 1);
+    cJSON_free(e);
+    cJSON_Delete(j);
+    return e != NULL;
+}
+
+/*
+ * The files of a row written under out_dir/.new name it there: they are made to name the place
+ * it moves to (the export's report.json, the Cortex-M run's mcu.json and mcu.log), both as
+ * written and in the absolute form bench/mcu/run.sh records (its realpath, with the realpath of
+ * out_dir for the destination); JSON-escaped in the JSON files.
+ */
+static kd_status rename_in_row(const row_t *w, const char *out_dir)
 {
     static const char *const names[] = {"report.json", "mcu.json", "mcu.log"};
-    for (int k = 0; k < 3; k++) {
-        char path[1100], from[2200], to[2200];
-        snprintf(path, sizeof path, "%s/%s", w->stage, names[k]);
-        snprintf(from, sizeof from, "%s", w->stage);
-        snprintf(to, sizeof to, "%s", w->dir);
-        if (k < 2) {
-            cJSON *a = cJSON_CreateString(w->stage), *b = cJSON_CreateString(w->dir);
-            char *ea = a ? cJSON_PrintUnformatted(a) : NULL,
-                 *eb = b ? cJSON_PrintUnformatted(b) : NULL;
-            if (ea && eb) { /* without the quotes */
-                snprintf(from, sizeof from, "%.*s", (int)strlen(ea) - 2, ea + 1);
-                snprintf(to, sizeof to, "%.*s", (int)strlen(eb) - 2, eb + 1);
-            }
-            cJSON_free(ea);
-            cJSON_free(eb);
-            cJSON_Delete(a);
-            cJSON_Delete(b);
-            if (!ea || !eb)
+    char stage_abs[4096], out_abs[4096], dir_abs[4200];
+    const int have_abs = realpath(w->stage, stage_abs) && realpath(out_dir, out_abs);
+    if (have_abs)
+        snprintf(dir_abs, sizeof dir_abs, "%s/%s", out_abs, strrchr(w->dir, '/') + 1);
+    for (int k = 0; k < 3; k++)
+        for (int form = 0; form < 2; form++) {
+            const char *from = form ? stage_abs : w->stage, *to = form ? dir_abs : w->dir;
+            if (form && (!have_abs || !strcmp(stage_abs, w->stage)))
+                continue;
+            char path[1100], f[8400], t[8400];
+            snprintf(path, sizeof path, "%s/%s", w->stage, names[k]);
+            snprintf(f, sizeof f, "%s", from);
+            snprintf(t, sizeof t, "%s", to);
+            if (k < 2 && (!json_inner(from, f, sizeof f) || !json_inner(to, t, sizeof t)))
                 return KD_FAIL(KD_ERR_NOMEM, "out of memory");
+            KD_TRY(replace_in_file(path, f, t));
         }
-        KD_TRY(replace_in_file(path, from, to));
-    }
     return KD_OK;
 }
 
@@ -554,7 +609,7 @@ static kd_status commit_rows(const char *out_dir, row_t *rows, int n, int mcu)
 {
     for (int i = 0; i < n; i++)
         if (rows[i].bits)
-            KD_TRY(rename_in_row(&rows[i]));
+            KD_TRY(rename_in_row(&rows[i], out_dir));
     KD_TRY(write_outputs(out_dir, rows, n, mcu));
     char md[1100], js[1100], md_new[1110], js_new[1110];
     snprintf(md, sizeof md, "%s/report.md", out_dir);
@@ -575,21 +630,27 @@ static kd_status commit_rows(const char *out_dir, row_t *rows, int n, int mcu)
             st = KD_FAIL(KD_ERR_IO, "moving '%s' to '%s': %s", w->stage, w->dir, strerror(errno));
         w->swapped = st == KD_OK;
     }
-    if (st == KD_OK && (rename(js_new, js) != 0 || rename(md_new, md) != 0))
-        st =
-            KD_FAIL(KD_ERR_IO, "writing '%s' and '%s': rename failed: %s", md, js, strerror(errno));
-    if (st == KD_OK)
-        st = kd_fsync_dir_of(md);
     if (st != KD_OK) {
         unswap_rows(rows, n);
         remove(js_new);
         remove(md_new);
         return st;
     }
+    /* from here the rows are the new ones: a failure is reported, not undone */
+    if (rename(js_new, js) != 0 || rename(md_new, md) != 0)
+        st = KD_FAIL(KD_ERR_IO,
+                     "the new rows are in place but writing '%s' and '%s' failed: rename: %s "
+                     "(the new files are '%s' and '%s')",
+                     md, js, strerror(errno), md_new, js_new);
+    if (st == KD_OK)
+        st = kd_fsync_dir_of(md);
     for (int i = 0; i < n; i++)
-        if (rows[i].kept_old)
-            remove_row_dir(rows[i].old);
-    return KD_OK;
+        if (rows[i].kept_old && merge_back(rows[i].old, rows[i].dir) != 0)
+            fprintf(stderr,
+                    "report: '%s' (the earlier '%s') holds files of yours that '%s' has too: "
+                    "left there\n",
+                    rows[i].old, rows[i].dir, rows[i].dir);
+    return st;
 }
 
 kd_status kd_report_run(const char *spec_path, const kd_report_opts *o, FILE *out)
@@ -640,11 +701,17 @@ kd_status kd_report_run(const char *spec_path, const kd_report_opts *o, FILE *ou
         snprintf(w->dir, sizeof w->dir, "%s/%02d-int%d", out_dir, i + 1, w->bits);
         snprintf(w->stage, sizeof w->stage, "%s/%02d-int%d", stage_root, i + 1, w->bits);
         snprintf(w->old, sizeof w->old, "%s/%02d-int%d", old_root, i + 1, w->bits);
-        if (remove_row_dir(w->stage) != 0 || remove_row_dir(w->old) != 0)
+        /* a leftover .old row: a report stopped while it swapped the rows; it goes back where
+         * its row is missing, else the files of the user's in it join the row */
+        struct stat sb;
+        if (stat(w->dir, &sb) != 0 && errno == ENOENT)
+            rename(w->old, w->dir);
+        if (remove_stage_dir(w->stage) != 0 || merge_back(w->old, w->dir) != 0)
             return KD_FAIL(KD_ERR_IO,
                            "report row %d (%s): '%s' or '%s' is left from an earlier report "
-                           "and holds files a report does not write: move them away",
-                           i + 1, w->label, w->stage, w->old);
+                           "and cannot be removed (a directory in it, or files of yours that "
+                           "'%s' has too): move it away",
+                           i + 1, w->label, w->stage, w->old, w->dir);
     }
     for (int i = 0; i < n; i++) {
         if (o->progress)

@@ -668,6 +668,25 @@ static void test_report_rows(void **state)
     assert_false(kd_file_exists(md));
     snprintf(md, sizeof md, "%s/.old", od3);
     assert_false(kd_file_exists(md));
+    /* a file of the user's in a row directory stays in it across a new report, and what a
+     * report stopped in an export left under .new does not block the next one */
+    char mine[760], cut[760];
+    snprintf(mine, sizeof mine, "%s/notes.txt", d1);
+    assert_int_equal(kd_write_text(mine, "mine\n"), 0);
+    snprintf(md, sizeof md, "%s/.new", od3);
+    assert_int_equal(mkdir(md, 0755), 0);
+    snprintf(md, sizeof md, "%s/.new/01-int8", od3);
+    assert_int_equal(mkdir(md, 0755), 0);
+    snprintf(cut, sizeof cut, "%s/model.c.tmp.4242", md);
+    assert_int_equal(kd_write_text(cut, "half"), 0);
+    run_expect(again, 0, "written:", NULL);
+    t = kd_read_text(mine);
+    assert_non_null(t);
+    assert_string_equal(t, "mine\n");
+    free(t);
+    assert_false(kd_file_exists(cut));
+    snprintf(md, sizeof md, "%s/.old", od3);
+    assert_false(kd_file_exists(md));
 }
 
 /* j. eval with a checkpoint of another model lists every mismatched tensor. */

@@ -500,7 +500,8 @@ static int run_leftovers(const char *dir, char *buf, size_t len)
 
 /* Checkpoint writes of an earlier process in dir that were cut off (killed: the atomic writer's
  * <name>.safetensors.tmp.<pid> is left behind, as large as a checkpoint) are removed, each
- * named on log; a file whose process is still alive is left alone. */
+ * named on log; a file whose process is still alive here, or that was written to in the last
+ * minute, is left alone. */
 static void remove_cut_writes(const char *dir, FILE *log)
 {
     DIR *d = opendir(dir);
@@ -512,7 +513,12 @@ static void remove_cut_writes(const char *dir, FILE *log)
             (kill((pid_t)pid, 0) != 0 ? errno != ESRCH : 1))
             continue;
         char p[1200];
+        struct stat sb;
         snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        /* and untouched for a minute: a writer on another host (a shared out_dir) is alive
+         * whatever this host's pids say, and it writes on */
+        if (stat(p, &sb) != 0 || !S_ISREG(sb.st_mode) || time(NULL) - sb.st_mtime < 60)
+            continue;
         if (unlink(p) == 0)
             fprintf(log, "removed %s: a checkpoint write that was cut off\n", p);
     }

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include "kd_cli_util.h"
@@ -846,23 +847,34 @@ static void test_help(void **state)
 }
 
 /* A checkpoint write cut off by a kill leaves <name>.safetensors.tmp.<pid>, as large as a
- * checkpoint: the next run in that out_dir removes it, unless its process is still alive. */
+ * checkpoint: the next run in that out_dir removes it, unless its process is still alive or it
+ * was written to in the last minute. */
 static void test_cut_writes_removed(void **state)
 {
     (void)state;
-    char job[600], od[600], dead[700], live[700];
+    char job[600], od[600], dead[700], live[700], fresh[700];
     write_mlp_job(tpath(job, sizeof job, "cut.yaml"), "cut");
     tpath(od, sizeof od, "cut");
     assert_int_equal(mkdir(od, 0755), 0);
     /* a pid above the kernel's limit (at most 2^22) is never alive; this test's own is */
     snprintf(dead, sizeof dead, "%s/last.safetensors.tmp.%d", od, 2147483000);
     snprintf(live, sizeof live, "%s/best.safetensors.tmp.%ld", od, (long)getpid());
+    snprintf(fresh, sizeof fresh, "%s/last.safetensors.tmp.%d", od, 2147483001);
     assert_int_equal(kd_write_text(dead, "half a checkpoint"), 0);
     assert_int_equal(kd_write_text(live, "being written"), 0);
+    assert_int_equal(kd_write_text(fresh, "written a moment ago, on another host perhaps"), 0);
+    /* the first two last written two minutes ago; the third just now */
+    struct timeval old[2];
+    gettimeofday(&old[0], NULL);
+    old[0].tv_sec -= 120;
+    old[1] = old[0];
+    assert_int_equal(utimes(dead, old), 0);
+    assert_int_equal(utimes(live, old), 0);
     const char *tr[] = {"train", job, NULL};
     run_expect(tr, 0, "epoch 1/1", "a checkpoint write that was cut off", NULL);
     assert_false(kd_file_exists(dead));
     assert_true(kd_file_exists(live));
+    assert_true(kd_file_exists(fresh));
 }
 
 /* run.comm: single under a launcher: refused inside an srun step of several tasks (each task

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cache.h" /* kd_f16_to_f32 */
 #include "safetensors.h"
 
 #define KD_CKPT_FORMAT "distill-checkpoint-v1"
@@ -247,6 +248,37 @@ static int same_shape(const kd_st_entry *t, const kd_state_entry *e)
     return 1;
 }
 
+/* n values of t (F32, F16, BF16 or F64: a PyTorch state_dict saved in another precision) as
+ * float32 into out; a float64 beyond float's range becomes inf, which the load then refuses. */
+static void to_f32(const kd_st_entry *t, float *out, size_t n)
+{
+    const unsigned char *p = t->data;
+    if (t->dtype == KD_DTYPE_F32) {
+        memcpy(out, p, n * sizeof(float));
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+        double d;
+        uint32_t u;
+        switch (t->dtype) {
+        case KD_DTYPE_F16:
+            memcpy(&h, p + 2 * i, 2);
+            out[i] = kd_f16_to_f32(h);
+            break;
+        case KD_DTYPE_BF16:
+            memcpy(&h, p + 2 * i, 2);
+            u = (uint32_t)h << 16;
+            memcpy(&out[i], &u, sizeof u);
+            break;
+        default: /* F64 */
+            memcpy(&d, p + 8 * i, 8);
+            out[i] = (float)d;
+            break;
+        }
+    }
+}
+
 kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t nstate,
                              kd_ckpt_info *info)
 {
@@ -265,22 +297,31 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
                 used = sizeof report - 1;                                                          \
         }                                                                                          \
     } while (0)
+    int bad_dtype = 0, missing = 0, weights = 0;
     for (int i = 0; i < m->nentries; i++) {
         const kd_state_entry *e = &m->entries[i];
         const kd_st_entry *t = kd_safetensors_find(st, e->name);
+        const int counter = e->kind == KD_ENTRY_COUNTER;
         char a[64], b[64];
+        weights += !counter;
+        if (!t && counter) /* a PyTorch state_dict without num_batches_tracked: counted from 0 */
+            continue;
         if (!t) {
+            missing++;
             REPORT("\n  missing %s %s", e->name, kd_shape_str(e->shape, e->ndim, a, sizeof a));
             continue;
         }
-        kd_dtype want = e->kind == KD_ENTRY_COUNTER ? KD_DTYPE_I64 : KD_DTYPE_F32;
-        if (!same_shape(t, e))
+        if (!same_shape(t, e)) {
             REPORT("\n  %s is %s in the checkpoint but %s in the model", e->name,
                    kd_shape_str(t->shape, t->ndim, a, sizeof a),
                    kd_shape_str(e->shape, e->ndim, b, sizeof b));
-        else if (t->dtype != want)
+        } else if (counter ? t->dtype != KD_DTYPE_I64 && t->dtype != KD_DTYPE_I32
+                           : t->dtype != KD_DTYPE_F32 && t->dtype != KD_DTYPE_F16 &&
+                                 t->dtype != KD_DTYPE_BF16 && t->dtype != KD_DTYPE_F64) {
+            bad_dtype++;
             REPORT("\n  %s has dtype %s, expected %s", e->name, kd_dtype_name(t->dtype),
-                   kd_dtype_name(want));
+                   counter ? "I64 or I32" : "F32, F16, BF16 or F64");
+        }
     }
     for (size_t i = 0; i < kd_safetensors_count(st); i++) {
         const char *name = kd_safetensors_entry(st, i)->name;
@@ -295,10 +336,26 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
     if (bad) {
         if (bad > 12 && used < sizeof report - 1)
             snprintf(report + used, sizeof report - used, "\n  ... and %d more", bad - 12);
-        rc = KD_FAIL(KD_ERR_SHAPE,
-                     "checkpoint '%s' does not match the model (%d difference%s): is it from "
-                     "another model definition?%s",
-                     path, bad, bad == 1 ? "" : "s", report);
+        char ddp[sizeof m->entries[0].name + 160] = "";
+        if (missing == weights && m->nentries > 0) { /* every name missing: a prefix? */
+            snprintf(ddp, sizeof ddp, "module.%s", m->entries[0].name);
+            snprintf(ddp, sizeof ddp, "%s",
+                     kd_safetensors_find(st, ddp)
+                         ? " (its names start with 'module.', as a DistributedDataParallel "
+                           "state_dict's do: save model.module.state_dict() instead)"
+                         : "");
+        }
+        if (bad == bad_dtype)
+            rc = KD_FAIL(KD_ERR_FORMAT,
+                         "checkpoint '%s' holds %d tensor%s of a type distill does not read: "
+                         "weights and buffers are read from F32, F16, BF16 or F64, counters from "
+                         "I64 or I32%s",
+                         path, bad, bad == 1 ? "" : "s", report);
+        else
+            rc = KD_FAIL(KD_ERR_SHAPE,
+                         "checkpoint '%s' does not match the model (%d difference%s): is it from "
+                         "another model definition?%s%s",
+                         path, bad, bad == 1 ? "" : "s", ddp, report);
         goto done;
     }
     const kd_st_entry *os = NULL;
@@ -334,11 +391,17 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
         const kd_state_entry *e = &m->entries[i];
         const kd_st_entry *t = kd_safetensors_find(st, e->name);
         if (e->kind == KD_ENTRY_COUNTER) {
-            if (e->counter)
+            int32_t c32 = 0;
+            if (e->counter && !t)
+                *e->counter = 0;
+            else if (e->counter && t->dtype == KD_DTYPE_I64)
                 memcpy(e->counter, t->data, sizeof(int64_t));
+            else if (e->counter) {
+                memcpy(&c32, t->data, sizeof c32);
+                *e->counter = c32;
+            }
         } else {
-            memcpy((e->kind == KD_ENTRY_PARAM ? hp : hb) + e->offset, t->data,
-                   e->numel * sizeof(float));
+            to_f32(t, (e->kind == KD_ENTRY_PARAM ? hp : hb) + e->offset, e->numel);
         }
     }
     /* values a trained model cannot hold: refused before anything reaches the model */

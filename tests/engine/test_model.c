@@ -421,6 +421,87 @@ static void write_poisoned(const char *src, const char *dst, const char *name, s
     kd_safetensors_close(st);
 }
 
+/* The every_layer model with distinct parameter and buffer values. */
+static kd_model *build_filled(void)
+{
+    kd_model *a = build(every_layer, 2, NULL);
+    for (size_t i = 0; i < a->nparams; i++)
+        a->params[i] += 0.001f * (float)i;
+    for (size_t i = 0; i < a->nbuffers; i++)
+        a->buffers[i] = 0.5f + 0.01f * (float)i;
+    return a;
+}
+
+/*
+ * A state_dict written by PyTorch in another precision and without what only distill writes
+ * (metadata, optimizer state, num_batches_tracked): weights in float64 load exactly, buffers in
+ * bfloat16 as their float32 widening, missing counters as 0. A tensor of an integer type is
+ * refused as such, and names with DistributedDataParallel's 'module.' prefix get a hint.
+ */
+static void test_checkpoint_other_precisions(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/kd_model_XXXXXX", path[256];
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/pt.safetensors", dir);
+    kd_model *a = build_filled();
+    kd_st_entry *ents = calloc((size_t)a->nentries, sizeof *ents);
+    double *w64 = malloc(a->nparams * sizeof(double));
+    uint16_t *b16 = malloc((a->nbuffers + 1) * sizeof(uint16_t));
+    float *b_want = malloc((a->nbuffers + 1) * sizeof(float));
+    char(*names)[80] = calloc((size_t)a->nentries, sizeof *names);
+    assert_true(ents && w64 && b16 && b_want && names);
+    for (size_t i = 0; i < a->nparams; i++)
+        w64[i] = a->params[i];
+    for (size_t i = 0; i < a->nbuffers; i++) {
+        uint32_t u;
+        memcpy(&u, &a->buffers[i], 4);
+        b16[i] = (uint16_t)(u >> 16);
+        u &= 0xffff0000u;
+        memcpy(&b_want[i], &u, 4);
+    }
+    size_t n = 0;
+    for (int i = 0; i < a->nentries; i++) {
+        const kd_state_entry *e = &a->entries[i];
+        if (e->kind == KD_ENTRY_COUNTER)
+            continue;
+        kd_st_entry *t = &ents[n++];
+        t->name = e->name;
+        t->ndim = e->ndim;
+        memcpy(t->shape, e->shape, sizeof t->shape);
+        t->dtype = e->kind == KD_ENTRY_PARAM ? KD_DTYPE_F64 : KD_DTYPE_BF16;
+        t->data = e->kind == KD_ENTRY_PARAM ? (const void *)(w64 + e->offset)
+                                            : (const void *)(b16 + e->offset);
+    }
+    assert_int_equal(kd_safetensors_save(path, ents, n, NULL, 0), KD_OK);
+    kd_model *b = build(every_layer, 2, NULL);
+    b->blocks[1].bn_batches = 5;
+    assert_int_equal(kd_checkpoint_load(path, b, NULL, 0, NULL), KD_OK);
+    assert_memory_equal(a->params, b->params, a->nparams * sizeof(float));
+    assert_memory_equal(b_want, b->buffers, a->nbuffers * sizeof(float));
+    assert_int_equal(b->blocks[1].bn_batches, 0);
+    /* an integer weight: refused for its type, not as another model */
+    ents[0].dtype = KD_DTYPE_I8;
+    assert_int_equal(kd_safetensors_save(path, ents, n, NULL, 0), KD_OK);
+    assert_int_equal(kd_checkpoint_load(path, b, NULL, 0, NULL), KD_ERR_FORMAT);
+    assert_non_null(strstr(kd_last_error(), "of a type distill does not read"));
+    assert_non_null(strstr(kd_last_error(), "0.weight has dtype I8"));
+    ents[0].dtype = KD_DTYPE_F64;
+    /* every name prefixed with 'module.' */
+    for (size_t i = 0; i < n; i++) {
+        snprintf(names[i], sizeof names[i], "module.%s", ents[i].name);
+        ents[i].name = names[i];
+    }
+    assert_int_equal(kd_safetensors_save(path, ents, n, NULL, 0), KD_OK);
+    assert_int_equal(kd_checkpoint_load(path, b, NULL, 0, NULL), KD_ERR_SHAPE);
+    assert_non_null(strstr(kd_last_error(), "its names start with 'module.'"));
+    free(ents), free(w64), free(b16), free(b_want), free(names);
+    kd_model_free(a);
+    kd_model_free(b);
+    unlink(path);
+    rmdir(dir);
+}
+
 static void test_checkpoint_round_trip(void **state)
 {
     (void)state;
@@ -428,11 +509,7 @@ static void test_checkpoint_round_trip(void **state)
     assert_non_null(mkdtemp(dir));
     char path[256];
     snprintf(path, sizeof path, "%s/ck.safetensors", dir);
-    kd_model *a = build(every_layer, 2, NULL);
-    for (size_t i = 0; i < a->nparams; i++)
-        a->params[i] += 0.001f * (float)i;
-    for (size_t i = 0; i < a->nbuffers; i++)
-        a->buffers[i] = 0.5f + 0.01f * (float)i;
+    kd_model *a = build_filled();
     a->blocks[1].bn_batches = 17;
     float opt[3 * 1000];
     size_t nstate = a->nparams;
@@ -562,6 +639,7 @@ int main(void)
         cmocka_unit_test(test_model_bf16),
         cmocka_unit_test(test_shape_errors),
         cmocka_unit_test(test_checkpoint_round_trip),
+        cmocka_unit_test(test_checkpoint_other_precisions),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

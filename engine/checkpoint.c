@@ -371,8 +371,16 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
                          path, (long long)os->shape[0], (long long)os->shape[1], m->nparams);
             goto done;
         }
+        const char *opt = kd_safetensors_meta(st, "optimizer");
+        if (!os && !opt) {
+            rc = KD_FAIL(KD_ERR_FORMAT,
+                         "checkpoint '%s' holds weights only, no optimizer state (a state_dict "
+                         "saved outside distill?): it can be evaluated, exported or used as a "
+                         "teacher, but a run resumes only from a checkpoint distill wrote",
+                         path);
+            goto done;
+        }
         if (!os || have != nstate) {
-            const char *opt = kd_safetensors_meta(st, "optimizer");
             rc = KD_FAIL(KD_ERR_FORMAT,
                          "checkpoint '%s' has no optimiser state for this job (it holds %zu floats "
                          "from optimizer '%s', the job needs %zu): resume with the optimizer it "

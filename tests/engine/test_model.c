@@ -480,6 +480,10 @@ static void test_checkpoint_other_precisions(void **state)
     assert_memory_equal(a->params, b->params, a->nparams * sizeof(float));
     assert_memory_equal(b_want, b->buffers, a->nbuffers * sizeof(float));
     assert_int_equal(b->blocks[1].bn_batches, 0);
+    /* weights only: no resume from it */
+    float st1[8];
+    assert_int_equal(kd_checkpoint_load(path, b, st1, 8, NULL), KD_ERR_FORMAT);
+    assert_non_null(strstr(kd_last_error(), "holds weights only, no optimizer state"));
     /* an integer weight: refused for its type, not as another model */
     ents[0].dtype = KD_DTYPE_I8;
     assert_int_equal(kd_safetensors_save(path, ents, n, NULL, 0), KD_OK);

@@ -279,6 +279,15 @@ static void to_f32(const kd_st_entry *t, float *out, size_t n)
     }
 }
 
+kd_status kd_checkpoint_weights_only(const char *path)
+{
+    return KD_FAIL(KD_ERR_FORMAT,
+                   "checkpoint '%s' holds weights only, no optimizer state (a state_dict saved "
+                   "outside distill?): it can be evaluated, exported or used as a teacher, but a "
+                   "run resumes only from a checkpoint distill wrote",
+                   path);
+}
+
 kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t nstate,
                              kd_ckpt_info *info)
 {
@@ -373,11 +382,7 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
         }
         const char *opt = kd_safetensors_meta(st, "optimizer");
         if (!os && !opt) {
-            rc = KD_FAIL(KD_ERR_FORMAT,
-                         "checkpoint '%s' holds weights only, no optimizer state (a state_dict "
-                         "saved outside distill?): it can be evaluated, exported or used as a "
-                         "teacher, but a run resumes only from a checkpoint distill wrote",
-                         path);
+            rc = kd_checkpoint_weights_only(path);
             goto done;
         }
         if (!os || have != nstate) {

@@ -65,6 +65,9 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
 kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t nstate,
                              kd_ckpt_info *info);
 
+/* The refusal to resume from `path`, a file without distill's metadata (weights only). */
+kd_status kd_checkpoint_weights_only(const char *path);
+
 /* KD_OK unless checkpoint `path` (read into info) records an architecture hash other than m's:
  * then a refusal naming the file and model desc, ending with `remedy` (what to do instead). */
 kd_status kd_checkpoint_check_model(const char *path, const kd_ckpt_info *info, const kd_model *m,

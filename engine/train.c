@@ -568,6 +568,22 @@ static int per_host_key(const char *section, const char *key)
     return 0;
 }
 
+/* Whether key i of map n is left out of the canonical form: a per_host_key entry of a top-level
+ * section (depth 1), or a top-level section (depth 0) that holds nothing else, so that a rank
+ * given `--set run.threads=2` where the file has no run section still agrees. */
+static int left_out(const kd_node *n, size_t i, int depth, const char *section)
+{
+    if (depth == 1)
+        return per_host_key(section, n->keys[i]);
+    if (depth != 0 || n->items[i]->kind != KD_NODE_MAP)
+        return 0;
+    const kd_node *sec = n->items[i];
+    for (size_t k = 0; k < sec->len; k++)
+        if (!per_host_key(n->keys[i], sec->keys[k]))
+            return 0;
+    return 1;
+}
+
 /* n in a canonical form: scalars with their quoting and length, maps with their keys sorted (the
  * order --set options add keys in does not matter), per_host_key entries of the top-level
  * sections left out (section: the top-level section n is, NULL elsewhere). */
@@ -595,10 +611,13 @@ static void write_canonical(FILE *f, const kd_node *n, int depth, const char *se
             ord[j] = ord[j - 1];
         ord[j] = i;
     }
-    fprintf(f, "{%zu", n->len);
+    size_t kept = 0;
+    for (size_t i = 0; i < n->len; i++)
+        kept += !left_out(n, i, depth, section);
+    fprintf(f, "{%zu", kept);
     for (size_t i = 0; i < n->len; i++) {
         const char *k = n->keys[ord[i]];
-        if (depth == 1 && per_host_key(section, k))
+        if (left_out(n, ord[i], depth, section))
             continue;
         fprintf(f, "%zu:%s=", strlen(k), k);
         write_canonical(f, n->items[ord[i]], depth + 1, depth == 0 ? k : NULL);
@@ -1124,6 +1143,10 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         if ((st = kd_checkpoint_check_model(path, &in, m, job->model_desc,
                                             "resume it with the model it was trained with")))
             goto done;
+        if (!in.optimizer[0]) { /* no metadata: not a checkpoint distill wrote */
+            st = kd_checkpoint_weights_only(path);
+            goto done;
+        }
         if (strcmp(in.optimizer, job->optim_name) != 0) {
             st = KD_FAIL(KD_ERR_CONFIG,
                          "checkpoint '%s' was trained with optimizer '%s' but the job uses '%s'",

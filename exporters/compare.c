@@ -653,6 +653,48 @@ static kd_status commit_rows(const char *out_dir, row_t *rows, int n, int mcu)
     return st;
 }
 
+/*
+ * What an earlier report left under out_dir/.new and .old, for every row number and width:
+ * .new rows are removed. A .old row means that report stopped while it swapped the rows in
+ * (commit_rows). While its report.md.new is still there, report.md is the earlier one: each
+ * swapped row is undone (the new one removed, the earlier one back in place) and the .new
+ * report files removed. Otherwise the swap was complete: a .old row's files of the user's join
+ * the row (merge_back), or the row goes back in place where its directory is missing.
+ */
+static kd_status recover_rows(const char *out_dir, const char *stage_root, const char *old_root)
+{
+    char md_new[700], js_new[700];
+    snprintf(md_new, sizeof md_new, "%s/report.md.new", out_dir);
+    snprintf(js_new, sizeof js_new, "%s/report.json.new", out_dir);
+    struct stat sb;
+    const int unfinished = stat(md_new, &sb) == 0;
+    for (int i = 1; i <= MAX_ROWS; i++)
+        for (int bits = 4; bits <= 8; bits += 4) {
+            char dir[1100], stage[1100], old[1100];
+            snprintf(dir, sizeof dir, "%s/%02d-int%d", out_dir, i, bits);
+            snprintf(stage, sizeof stage, "%s/%02d-int%d", stage_root, i, bits);
+            snprintf(old, sizeof old, "%s/%02d-int%d", old_root, i, bits);
+            int bad = remove_stage_dir(stage) != 0;
+            if (!bad && stat(old, &sb) == 0) {
+                if (unfinished || (stat(dir, &sb) != 0 && errno == ENOENT))
+                    bad = remove_stage_dir(dir) != 0 || rename(old, dir) != 0;
+                else
+                    bad = merge_back(old, dir) != 0;
+            }
+            if (bad)
+                return KD_FAIL(KD_ERR_IO,
+                               "'%s' or '%s' is left from an earlier report and cannot be put "
+                               "back or removed (a directory in it, or files of yours that "
+                               "'%s' has too): move it away",
+                               stage, old, dir);
+        }
+    if (unfinished) {
+        remove(md_new);
+        remove(js_new);
+    }
+    return KD_OK;
+}
+
 kd_status kd_report_run(const char *spec_path, const kd_report_opts *o, FILE *out)
 {
     static row_t rows[MAX_ROWS];
@@ -688,12 +730,13 @@ kd_status kd_report_run(const char *spec_path, const kd_report_opts *o, FILE *ou
                        "source tree, point --source at it, or pass --no-mcu",
                        script, strerror(errno));
     /* each quantized row is written under out_dir/.new and put in place by commit_rows; what an
-     * interrupted or failed report left there (or in .old) goes first */
+     * interrupted or failed report left there (or in .old) goes first, whatever rows it had */
     char stage_root[600], old_root[600];
     snprintf(stage_root, sizeof stage_root, "%s/.new", out_dir);
     snprintf(old_root, sizeof old_root, "%s/.old", out_dir);
     KD_TRY(kd_mkdir_p(stage_root));
     KD_TRY(kd_mkdir_p(old_root));
+    KD_TRY(recover_rows(out_dir, stage_root, old_root));
     for (int i = 0; i < n; i++) {
         row_t *w = &rows[i];
         if (!w->bits)
@@ -701,17 +744,6 @@ kd_status kd_report_run(const char *spec_path, const kd_report_opts *o, FILE *ou
         snprintf(w->dir, sizeof w->dir, "%s/%02d-int%d", out_dir, i + 1, w->bits);
         snprintf(w->stage, sizeof w->stage, "%s/%02d-int%d", stage_root, i + 1, w->bits);
         snprintf(w->old, sizeof w->old, "%s/%02d-int%d", old_root, i + 1, w->bits);
-        /* a leftover .old row: a report stopped while it swapped the rows; it goes back where
-         * its row is missing, else the files of the user's in it join the row */
-        struct stat sb;
-        if (stat(w->dir, &sb) != 0 && errno == ENOENT)
-            rename(w->old, w->dir);
-        if (remove_stage_dir(w->stage) != 0 || merge_back(w->old, w->dir) != 0)
-            return KD_FAIL(KD_ERR_IO,
-                           "report row %d (%s): '%s' or '%s' is left from an earlier report "
-                           "and cannot be removed (a directory in it, or files of yours that "
-                           "'%s' has too): move it away",
-                           i + 1, w->label, w->stage, w->old, w->dir);
     }
     for (int i = 0; i < n; i++) {
         if (o->progress)

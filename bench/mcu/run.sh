@@ -192,7 +192,7 @@ cmd_check() {
     local dir=$1 bdir=${2:-${KDM_MCU_BUILD:-$root/build/mcu}/check} cpu=${3:-cortex-m4} machine
     [ -f "$dir/samples.bin" ] || die "$dir has no samples.bin"
     machine=$(machine_of "$cpu")
-    dir=$(cd "$dir" && pwd)
+    dir=$(cd "$dir" && pwd -P)
     cfg_args=(-DKDM_EXPORT_DIR="$dir" -DKDM_KCHECK_SOURCE=)
     if ! fit_or_skip=1 build "$bdir" "$cpu" OFF run_samples; then
         local over what
@@ -281,7 +281,7 @@ map_bytes() {
 cmd_bench() {
     local dir=$1 broot=${KDM_MCU_BUILD:-$root/build/mcu} json=${KDM_MCU_JSON:-$root/bench/results/mcu.json}
     [ -f "$dir/samples.bin" ] || die "$dir has no samples.bin"
-    dir=$(cd "$dir" && pwd)
+    dir=$(cd "$dir" && pwd -P)
     cfg_args=(-DKDM_EXPORT_DIR="$dir" -DKDM_KCHECK_SOURCE=)
     local ok=1 v variants=(m4-dsp m4-ref m7) m0=0
     echo "== building (cortex-m4 dsp / ref, cortex-m7, cortex-m0plus) into $broot"
@@ -391,7 +391,7 @@ cmd_cmsis() {
     [ -f "$cm/Include/arm_nnfunctions.h" ] ||
         die "$cm is not a CMSIS-NN checkout (no Include/arm_nnfunctions.h;" \
             "git clone https://github.com/ARM-software/CMSIS-NN)"
-    dir=$(cd "$dir" && pwd)
+    dir=$(cd "$dir" && pwd -P)
     cm=$(cd "$cm" && pwd)
     local opt=${CMSIS_NN_OPT:--O2} rounding=${CMSIS_NN_ROUNDING:-double}
     cfg_args=(-DKDM_EXPORT_DIR="$dir" -DKDM_KCHECK_SOURCE= -DCMSIS_NN_DIR="$cm"

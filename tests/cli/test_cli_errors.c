@@ -73,6 +73,15 @@ static void write_mlp_job(const char *path, const char *out_name)
     write_job(path, tpath(od, sizeof od, out_name), data, "32", MLP_LINE, "lr: 0.05");
 }
 
+/* The file at path holds exactly want. */
+static void assert_file_text(const char *path, const char *want)
+{
+    char *t = kd_read_text(path);
+    if (!t || strcmp(t, want) != 0)
+        fail_msg("%s holds '%s', not '%s'", path, t ? t : "(unreadable)", want);
+    free(t);
+}
+
 /*
  * Run distill; require exit code `want_rc` and every NULL-terminated
  * substring in the combined output. Prints the command's output on failure.
@@ -627,7 +636,7 @@ static void test_report_rows(void **state)
     assert_true(kd_file_exists(keep));
     /* a report whose second row fails leaves the earlier report as it was: its report.md and the
      * row directory the new first row would replace (marked here by a blob of other bytes) */
-    char blob[760], bad[700], spec6[600], *md_before, *t2;
+    char blob[760], bad[700], spec6[600], *md_before;
     snprintf(spec6, sizeof spec6, "%s", spec);
     snprintf(blob, sizeof blob, "%s/model.kdm", d1);
     assert_int_equal(kd_write_text(blob, "the earlier blob\n"), 0);
@@ -643,14 +652,8 @@ static void test_report_rows(void **state)
     assert_int_equal(kd_write_text(tpath(spec, sizeof spec, "spec7.yaml"), text3), 0);
     const char *fails[] = {"report", spec, "--no-mcu", "--no-progress", NULL};
     run_expect(fails, 1, "report row 2 (b)", "bad.safetensors", NULL);
-    t = kd_read_text(blob);
-    t2 = kd_read_text(md);
-    assert_non_null(t);
-    assert_non_null(t2);
-    assert_string_equal(t, "the earlier blob\n");
-    assert_string_equal(t2, md_before);
-    free(t);
-    free(t2);
+    assert_file_text(blob, "the earlier blob\n");
+    assert_file_text(md, md_before);
     free(md_before);
     /* and the next report that runs puts its rows in place and leaves nothing aside */
     const char *again[] = {"report", spec6, "--no-mcu", "--no-progress", NULL};
@@ -688,6 +691,28 @@ static void test_report_rows(void **state)
     assert_false(kd_file_exists(cut));
     snprintf(md, sizeof md, "%s/.old", od3);
     assert_false(kd_file_exists(md));
+    /* a report stopped while it swapped its rows in (the earlier row moved to .old, the new one
+     * in place, report.md.new not yet renamed): the next report puts the earlier row back, even
+     * when it fails itself */
+    char old_row[760], mdn[700];
+    snprintf(blob, sizeof blob, "%s/model.kdm", d1);
+    assert_int_equal(kd_write_text(blob, "the earlier row\n"), 0);
+    assert_int_equal(mkdir(md, 0755), 0); /* .old */
+    snprintf(old_row, sizeof old_row, "%s/01-int8", md);
+    assert_int_equal(rename(d1, old_row), 0);
+    assert_int_equal(mkdir(d1, 0755), 0);
+    assert_int_equal(kd_write_text(blob, "the interrupted row\n"), 0);
+    snprintf(mdn, sizeof mdn, "%s/report.md.new", od3);
+    assert_int_equal(kd_write_text(mdn, "interrupted\n"), 0);
+    snprintf(md, sizeof md, "%s/report.md", od3);
+    md_before = kd_read_text(md);
+    assert_non_null(md_before);
+    run_expect(fails, 1, "report row 2 (b)", NULL);
+    assert_file_text(blob, "the earlier row\n");
+    assert_file_text(md, md_before);
+    free(md_before);
+    assert_false(kd_file_exists(mdn));
+    assert_false(kd_file_exists(old_row));
 }
 
 /* j. eval with a checkpoint of another model lists every mismatched tensor. */

@@ -317,6 +317,14 @@ static void test_ranks_must_agree(void **state)
     code = run_two(c2, c, log, sizeof log);
     if (code != 0)
         fail_msg("exit %d:\n%s", code, log);
+    /* a per-host key given to one rank only, where the file does not have it (rank 1 writes
+     * nothing, so its out_dir does not matter) */
+    const char *d[] = {"train", job, "--no-progress", NULL};
+    snprintf(out, sizeof out, "%s/agree_d", tmp);
+    snprintf(set_out, sizeof set_out, "run.out_dir=%s", out);
+    code = run_two(a, d, log, sizeof log);
+    if (code != 0)
+        fail_msg("exit %d:\n%s", code, log);
     /* one rank resuming and the other not */
     const char *res[] = {"train", job, "--no-progress", "--resume", "--set", set_out, NULL};
     code = run_two(res, a, log, sizeof log);

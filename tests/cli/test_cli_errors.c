@@ -22,6 +22,7 @@
 
 #include "kd_cli_util.h"
 #include "kd_fake_data.h"
+#include "safetensors.h"
 
 #define OUT_LEN  (64 * 1024)
 #define N_TRAIN  300
@@ -902,6 +903,35 @@ static void test_cut_writes_removed(void **state)
     assert_true(kd_file_exists(fresh));
 }
 
+/* --resume from a file holding weights only (a state_dict saved outside distill: no metadata, no
+ * optimizer state) is refused as such, whether the job keeps optimizer state or not. */
+static void test_resume_weights_only(void **state)
+{
+    (void)state;
+    char job[600], ckpt[700], bare[700];
+    write_mlp_job(tpath(job, sizeof job, "bare.yaml"), "bare");
+    const char *tr[] = {"train", job, NULL};
+    run_expect(tr, 0, "epoch 1/1", NULL);
+    tpath(ckpt, sizeof ckpt, "bare/last.safetensors");
+    tpath(bare, sizeof bare, "bare_weights.safetensors");
+    kd_safetensors *st = NULL;
+    assert_int_equal(kd_safetensors_open(ckpt, &st), KD_OK);
+    kd_st_entry ents[16];
+    size_t n = 0;
+    for (size_t i = 0; i < kd_safetensors_count(st) && n < 16; i++)
+        if (strcmp(kd_safetensors_entry(st, i)->name, "__optim__.state") != 0)
+            ents[n++] = *kd_safetensors_entry(st, i);
+    assert_int_equal(kd_safetensors_save(bare, ents, n, NULL, 0), KD_OK);
+    kd_safetensors_close(st);
+    char od[720];
+    snprintf(od, sizeof od, "run.out_dir=%s", tpath(ckpt, sizeof ckpt, "bare2"));
+    const char *momentum[] = {"train", job, "--resume", bare, "--set", od, NULL};
+    run_expect(momentum, 1, bare, "holds weights only, no optimizer state", NULL);
+    const char *plain[] = {"train", job,     "--resume",         bare, "--set",
+                           od,      "--set", "optim.momentum=0", NULL};
+    run_expect(plain, 1, bare, "holds weights only, no optimizer state", NULL);
+}
+
 /* run.comm: single under a launcher: refused inside an srun step of several tasks (each task
  * would train alone and write the same files), not in an sbatch script that merely has
  * SLURM_NTASKS set (it runs one process). */
@@ -947,6 +977,7 @@ int main(void)
         cmocka_unit_test(test_help),
         cmocka_unit_test(test_single_under_slurm),
         cmocka_unit_test(test_cut_writes_removed),
+        cmocka_unit_test(test_resume_weights_only),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -296,22 +296,25 @@ kd_status kd_comm_open(const char *kind, kd_comm **out)
 
 kd_status kd_comm_close(kd_comm *c) { return c ? c->ops->close(c) : KD_OK; }
 
-kd_status kd_comm_close_after(kd_status st, kd_comm *c)
+/* op(c) after work that failed with st: st stays the result, with its message (a failure of op
+ * after it is not reported). */
+static kd_status after_failure(kd_status st, kd_comm *c, kd_status (*op)(kd_comm *))
 {
-    if (st == KD_OK)
-        return kd_comm_close(c);
     char why[KD_ERRMSG_MAX];
     snprintf(why, sizeof why, "%s", kd_last_error());
-    return kd_comm_close(c) == KD_OK ? st : kd_fail_restore(st, why);
+    return op(c) == KD_OK ? st : kd_fail_restore(st, why);
+}
+
+kd_status kd_comm_close_after(kd_status st, kd_comm *c)
+{
+    return st == KD_OK ? kd_comm_close(c) : after_failure(st, c, kd_comm_close);
 }
 
 kd_status kd_comm_drop_after(kd_status st, kd_comm *c)
 {
     if (st == KD_OK || !c || !c->ops->drop)
         return st;
-    char why[KD_ERRMSG_MAX];
-    snprintf(why, sizeof why, "%s", kd_last_error());
-    return c->ops->drop(c) == KD_OK ? st : kd_fail_restore(st, why);
+    return after_failure(st, c, c->ops->drop);
 }
 
 void kd_comm_abort(kd_comm *c, int code)

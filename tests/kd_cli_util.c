@@ -7,6 +7,7 @@
 #include "kd_cli_util.h"
 #include "kd_fake_data.h"
 
+#include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -319,6 +320,14 @@ char *kd_read_text(const char *path)
     uint8_t *b = NULL;
     size_t n = 0;
     return kd_read_file(path, &b, &n) == 0 ? (char *)b : NULL;
+}
+
+struct cJSON *kd_read_json(const char *path)
+{
+    char *text = kd_read_text(path);
+    cJSON *j = text ? cJSON_Parse(text) : NULL;
+    free(text);
+    return j;
 }
 
 int kd_files_equal(const char *a, const char *b)

@@ -12,6 +12,10 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+/* The JSON file at path parsed (free with cJSON_Delete), or NULL when it cannot be read or
+ * parsed. */
+struct cJSON *kd_read_json(const char *path);
+
 /* $DISTILL, or NULL when it is not set. */
 const char *kd_distill_path(void);
 

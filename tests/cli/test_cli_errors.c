@@ -83,6 +83,16 @@ static void assert_file_text(const char *path, const char *want)
     free(t);
 }
 
+/* A report in out_dir left nothing under out_dir/.new or out_dir/.old. */
+static void assert_nothing_aside(const char *out_dir)
+{
+    char p[700];
+    snprintf(p, sizeof p, "%s/.new", out_dir);
+    assert_false(kd_file_exists(p));
+    snprintf(p, sizeof p, "%s/.old", out_dir);
+    assert_false(kd_file_exists(p));
+}
+
 /*
  * Run distill; require exit code `want_rc` and every NULL-terminated
  * substring in the combined output. Prints the command's output on failure.
@@ -669,10 +679,7 @@ static void test_report_rows(void **state)
     if (strstr(t, "/.new/") || !strstr(t, "01-int8/model.kdm"))
         fail_msg("%s names the files where they were written:\n%s", blob, t);
     free(t);
-    snprintf(md, sizeof md, "%s/.new", od3);
-    assert_false(kd_file_exists(md));
-    snprintf(md, sizeof md, "%s/.old", od3);
-    assert_false(kd_file_exists(md));
+    assert_nothing_aside(od3);
     /* a file of the user's in a row directory stays in it across a new report, and what a
      * report stopped in an export left under .new does not block the next one */
     char mine[760], cut[760];
@@ -685,20 +692,17 @@ static void test_report_rows(void **state)
     snprintf(cut, sizeof cut, "%s/model.c.tmp.4242", md);
     assert_int_equal(kd_write_text(cut, "half"), 0);
     run_expect(again, 0, "written:", NULL);
-    t = kd_read_text(mine);
-    assert_non_null(t);
-    assert_string_equal(t, "mine\n");
-    free(t);
+    assert_file_text(mine, "mine\n");
     assert_false(kd_file_exists(cut));
-    snprintf(md, sizeof md, "%s/.old", od3);
-    assert_false(kd_file_exists(md));
+    assert_nothing_aside(od3);
     /* a report stopped while it swapped its rows in (the earlier row moved to .old, the new one
      * in place, report.md.new not yet renamed): the next report puts the earlier row back, even
      * when it fails itself */
     char old_row[760], mdn[700];
     snprintf(blob, sizeof blob, "%s/model.kdm", d1);
     assert_int_equal(kd_write_text(blob, "the earlier row\n"), 0);
-    assert_int_equal(mkdir(md, 0755), 0); /* .old */
+    snprintf(md, sizeof md, "%s/.old", od3);
+    assert_int_equal(mkdir(md, 0755), 0);
     snprintf(old_row, sizeof old_row, "%s/01-int8", md);
     assert_int_equal(rename(d1, old_row), 0);
     assert_int_equal(mkdir(d1, 0755), 0);

@@ -244,10 +244,7 @@ static cJSON *read_report(const char *odir)
 {
     char path[400];
     snprintf(path, sizeof path, "%s/report.json", odir);
-    char *text = kd_read_text(path);
-    assert_non_null(text);
-    cJSON *rep = cJSON_Parse(text);
-    free(text);
+    cJSON *rep = kd_read_json(path);
     assert_non_null(rep);
     return rep;
 }

@@ -241,10 +241,7 @@ static void test_stale_outputs_removed(void **state)
     assert_true(has(odir, "notes.txt"));
     assert_true(has(odir, "model.bin"));
     snprintf(p, sizeof p, "%s/report.json", odir);
-    char *text = kd_read_text(p);
-    assert_non_null(text);
-    cJSON *rep = cJSON_Parse(text);
-    free(text);
+    cJSON *rep = kd_read_json(p);
     assert_non_null(rep);
     assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(rep, "removed")), 3);
     cJSON_Delete(rep);
@@ -259,10 +256,7 @@ static void test_stale_outputs_removed(void **state)
 
 static const char *weights_of(const char *path, char *buf, size_t len)
 {
-    char *text = kd_read_text(path);
-    assert_non_null(text);
-    cJSON *rep = cJSON_Parse(text);
-    free(text);
+    cJSON *rep = kd_read_json(path);
     assert_non_null(rep);
     snprintf(buf, len, "%s", cJSON_GetStringValue(cJSON_GetObjectItem(rep, "weights")));
     cJSON_Delete(rep);

@@ -416,6 +416,15 @@ static kd_status write_outputs(const char *out_dir, const row_t *rows, int n, in
 static const char *const row_files[] = {"model.kdm",   "model.c", "model.h", "samples.bin",
                                         "report.json", "mcu.log", "mcu.json"};
 
+/* name is one of row_files. */
+static int is_row_file(const char *name)
+{
+    for (size_t k = 0; k < sizeof row_files / sizeof row_files[0]; k++)
+        if (!strcmp(name, row_files[k]))
+            return 1;
+    return 0;
+}
+
 /* The row directory under out_dir/.new, which the report owns: every file in it removed (an
  * interrupted export's temporary files too), then the directory. 0 when it is gone. */
 static int remove_stage_dir(const char *dir)
@@ -445,14 +454,11 @@ static int merge_back(const char *old, const char *dir)
     for (struct dirent *e; (e = readdir(d));) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
             continue;
-        int ours = 0;
-        for (size_t k = 0; k < sizeof row_files / sizeof row_files[0]; k++)
-            ours |= !strcmp(e->d_name, row_files[k]);
         char f[1400], t[1400];
         struct stat sb;
         snprintf(f, sizeof f, "%s/%s", old, e->d_name);
         snprintf(t, sizeof t, "%s/%s", dir, e->d_name);
-        if (ours)
+        if (is_row_file(e->d_name))
             unlink(f);
         else if (lstat(t, &sb) != 0 && errno == ENOENT)
             rename(f, t);
@@ -473,12 +479,8 @@ static int remove_row_dir(const char *dir)
         return -1;
     DIR *d = opendir(dir);
     int only_ours = d != NULL;
-    for (struct dirent *e; d && only_ours && (e = readdir(d));) {
-        int known = !strcmp(e->d_name, ".") || !strcmp(e->d_name, "..");
-        for (int k = 0; k < nnames && !known; k++)
-            known = !strcmp(e->d_name, row_files[k]);
-        only_ours = known;
-    }
+    for (struct dirent *e; d && only_ours && (e = readdir(d));)
+        only_ours = !strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") || is_row_file(e->d_name);
     if (d)
         closedir(d);
     for (int k = 0; k < nnames && only_ours; k++) {

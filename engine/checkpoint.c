@@ -28,8 +28,8 @@
  * 0 when every value is valid.
  */
 static int first_invalid(const kd_model *m, const float *hp, const float *hb, const float *state,
-                         size_t nstate, int check_var, const kd_state_entry **bad, size_t *at,
-                         float *v)
+                         size_t nstate, size_t nonneg_from, int check_var,
+                         const kd_state_entry **bad, size_t *at, float *v)
 {
     for (int i = 0; i < m->nentries; i++) {
         const kd_state_entry *e = &m->entries[i];
@@ -44,7 +44,7 @@ static int first_invalid(const kd_model *m, const float *hp, const float *hb, co
             }
     }
     for (size_t j = 0; j < nstate; j++)
-        if (!isfinite(state[j])) {
+        if (!isfinite(state[j]) || (j >= nonneg_from && state[j] < 0)) {
             *bad = NULL, *at = j, *v = state[j];
             return 1;
         }
@@ -74,7 +74,7 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
     const kd_state_entry *bad;
     size_t at;
     float v;
-    if (first_invalid(m, hp, hb, hs, state ? nstate : 0, 0, &bad, &at, &v)) {
+    if (first_invalid(m, hp, hb, hs, state ? nstate : 0, SIZE_MAX, 0, &bad, &at, &v)) {
         if (bad)
             st = KD_FAIL(KD_ERR_INTERNAL,
                          "'%s' not written: %s[%zu] is %g at step %" PRId64
@@ -114,10 +114,11 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
         t->data = hs;
     }
     char hash[32], step[32], epoch[32], best[64], seed[32], bs[32], ns[32], el[64], ec[32], es[32];
-    char split[32], sched[32];
+    char split[32], sched[32], run[32];
     snprintf(hash, sizeof hash, "%016" PRIx64, m->def_hash);
     snprintf(split, sizeof split, "%016" PRIx64, info->split_hash);
     snprintf(sched, sizeof sched, "%" PRId64, info->schedule_steps);
+    snprintf(run, sizeof run, "%016" PRIx64, info->run_id);
     snprintf(step, sizeof step, "%" PRId64, info->step);
     snprintf(epoch, sizeof epoch, "%" PRId64, info->epoch);
     snprintf(best, sizeof best, "%.17g", info->best_val_acc);
@@ -141,10 +142,20 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
                           "epoch_seen",     es,
                           "split_hash",     split,
                           "schedule_steps", sched,
-                          "quant",          info->quant ? info->quant : ""};
-    /* an unrecorded quant (info->quant NULL) is left out: the last pair is not written */
-    const size_t npairs = sizeof meta / sizeof meta[0] / 2 - (info->quant ? 0 : 1);
-    st = kd_safetensors_save(path, ents, nent, meta, npairs);
+                          "quant",          info->quant ? info->quant : "",
+                          "run_id",         run};
+    /* what is not recorded (info->quant NULL, run_id 0) is left out */
+    const char *kept[sizeof meta / sizeof meta[0]];
+    size_t npairs = 0;
+    for (size_t i = 0; i < sizeof meta / sizeof meta[0]; i += 2) {
+        if ((!strcmp(meta[i], "quant") && !info->quant) ||
+            (!strcmp(meta[i], "run_id") && !info->run_id))
+            continue;
+        kept[2 * npairs] = meta[i];
+        kept[2 * npairs + 1] = meta[i + 1];
+        npairs++;
+    }
+    st = kd_safetensors_save(path, ents, nent, kept, npairs);
 done:
     free(ents);
     free(hp);
@@ -230,12 +241,22 @@ static kd_status read_info(const kd_safetensors *st, const char *path, kd_ckpt_i
     /* the seed takes all 64 bits, the hash is hex */
     KD_TRY(meta_u64(st, path, "seed", 10, &info->seed));
     KD_TRY(meta_u64(st, path, "model_hash", 16, &info->model_hash));
+    KD_TRY(meta_u64(st, path, "run_id", 16, &info->run_id));
     snprintf(opt, sizeof opt, "%s", (v = kd_safetensors_meta(st, "optimizer")) ? v : "");
     info->optimizer = opt;
     static char quant[32];
     snprintf(quant, sizeof quant, "%s", (v = kd_safetensors_meta(st, "quant")) ? v : "");
     info->quant = quant;
     return KD_OK;
+}
+
+kd_status kd_checkpoint_read_info(const char *path, kd_ckpt_info *info)
+{
+    kd_safetensors *st = NULL;
+    KD_TRY(kd_safetensors_open(path, &st));
+    const kd_status rc = read_info(st, path, info);
+    kd_safetensors_close(st);
+    return rc;
 }
 
 static int same_shape(const kd_st_entry *t, const kd_state_entry *e)
@@ -421,8 +442,12 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
     const kd_state_entry *invalid;
     size_t at;
     float v;
+    /* AdamW's second moments (the state's second half) are averages of squares */
+    const char *opt = state ? kd_safetensors_meta(st, "optimizer") : NULL;
+    const size_t nonneg =
+        opt && !strcmp(opt, "adamw") && nstate == 2 * m->nparams ? m->nparams : SIZE_MAX;
     if (first_invalid(m, hp, hb, state ? (const float *)os->data : NULL, /* aligned */
-                      state ? nstate : 0, 1, &invalid, &at, &v)) {
+                      state ? nstate : 0, nonneg, 1, &invalid, &at, &v)) {
         if (invalid)
             rc = KD_FAIL(KD_ERR_FORMAT,
                          "checkpoint '%s': %s[%zu] is %g, %s: the file is damaged or was saved "
@@ -433,8 +458,9 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
         else
             rc = KD_FAIL(KD_ERR_FORMAT,
                          "checkpoint '%s': the optimizer state (__optim__.state) holds %g at "
-                         "index %zu: the file is damaged or was saved from a diverged run",
-                         path, (double)v, at);
+                         "index %zu%s: the file is damaged or was saved from a diverged run",
+                         path, (double)v, at,
+                         at >= nonneg ? " (an AdamW second moment, which cannot be negative)" : "");
         goto done;
     }
     if (info && (rc = read_info(st, path, info)))

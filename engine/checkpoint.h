@@ -38,6 +38,9 @@ typedef struct {
     const char *quant;
     /* read back only: the architecture hash the file was written for (0 = not recorded) */
     uint64_t model_hash;
+    /* the run the weights belong to: a hash of the job that started it, carried on by its
+     * resumes (0 = not recorded; saving 0 records nothing) */
+    uint64_t run_id;
 } kd_ckpt_info;
 
 /* The tag a job's quant section gives its checkpoints: "none" without QAT, else "qat" and the
@@ -64,6 +67,10 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
  */
 kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t nstate,
                              kd_ckpt_info *info);
+
+/* The metadata of checkpoint `path` into info, as kd_checkpoint_load gives it, without reading
+ * its tensors into a model. */
+kd_status kd_checkpoint_read_info(const char *path, kd_ckpt_info *info);
 
 /* The refusal to resume from `path`, a file without distill's metadata (weights only). */
 kd_status kd_checkpoint_weights_only(const char *path);

@@ -14,6 +14,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -272,4 +273,92 @@ kd_status kd_file_write_bytes(const char *path, const void *p, size_t n)
 {
     kd_bytes_ctx c = {p, n, path};
     return kd_file_write_atomic(path, write_bytes_fn, &c);
+}
+
+void kd_remove_made_dirs(const char *dir, const char *top)
+{
+    char cur[PATH_MAX], up[PATH_MAX];
+    snprintf(cur, sizeof cur, "%s", dir);
+    while (top[0] && (rmdir(cur) == 0 || errno == ENOENT) && strcmp(cur, top) != 0) {
+        kd_path_dir(cur, up, sizeof up);
+        if (!strcmp(up, cur))
+            break;
+        snprintf(cur, sizeof cur, "%s", up);
+    }
+}
+
+kd_status kd_dir_lock_take(const char *dir, const char *what, kd_dir_lock *l, FILE *log)
+{
+    l->fd = -1;
+    l->made[0] = '\0';
+    snprintf(l->dir, sizeof l->dir, "%s", dir);
+    if (snprintf(l->path, sizeof l->path, "%s/.distill.lock", dir) >= (int)sizeof l->path)
+        return KD_FAIL(KD_ERR_INVALID, "%s '%s': the path is too long", what, dir);
+    KD_TRY(kd_mkdir_p_made(dir, l->made, sizeof l->made));
+    kd_status st = KD_OK;
+    /* the file is removed when a run ends: one locked after its holder removed it is not the
+     * lock any more, and the open starts again */
+    for (int tries = 0; tries < 8; tries++) {
+        const int fd = open(l->path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (fd < 0) {
+            st = KD_FAIL(KD_ERR_IO, "cannot create the lock file '%s': %s", l->path,
+                         strerror(errno));
+            goto fail;
+        }
+        if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+            const int e = errno;
+            if (e == EWOULDBLOCK) {
+                char who[128] = "";
+                const ssize_t n = pread(fd, who, sizeof who - 1, 0);
+                who[n > 0 ? n : 0] = '\0';
+                who[strcspn(who, "\n")] = '\0';
+                close(fd);
+                st = KD_FAIL(KD_ERR_CONFIG,
+                             "%s '%s' is in use: another distill process%s%s%s is writing there "
+                             "(it holds %s); wait for it to end, or choose another %s",
+                             what, dir, who[0] ? " (" : "", who, who[0] ? ")" : "", l->path, what);
+                goto fail;
+            }
+            close(fd);
+            if (log)
+                fprintf(log,
+                        "note: cannot lock '%s' (%s): nothing stops another process from writing "
+                        "into %s at the same time\n",
+                        l->path, strerror(e), dir);
+            return KD_OK;
+        }
+        struct stat a, b;
+        if (fstat(fd, &a) == 0 && stat(l->path, &b) == 0 && a.st_dev == b.st_dev &&
+            a.st_ino == b.st_ino) {
+            char host[64] = "?", me[128];
+            if (gethostname(host, sizeof host) != 0)
+                snprintf(host, sizeof host, "?");
+            host[sizeof host - 1] = '\0';
+            const int n = snprintf(me, sizeof me, "pid %ld on %s\n", (long)getpid(), host);
+            /* who holds it, for the message above: a file that cannot say so still locks */
+            if ((ftruncate(fd, 0) != 0 || pwrite(fd, me, (size_t)n, 0) != (ssize_t)n) && log)
+                fprintf(log, "note: cannot write to the lock file '%s': %s\n", l->path,
+                        strerror(errno));
+            l->fd = fd;
+            return KD_OK;
+        }
+        close(fd);
+    }
+    st = KD_FAIL(KD_ERR_IO, "cannot lock '%s': the file keeps being removed", l->path);
+fail:
+    kd_remove_made_dirs(dir, l->made);
+    return st;
+}
+
+void kd_dir_lock_drop(kd_dir_lock *l, int failed)
+{
+    if (l->fd >= 0) {
+        /* before the lock goes: a process that opened the file meanwhile finds, once it has
+         * locked it, that it is not the lock any more */
+        unlink(l->path);
+        close(l->fd);
+        l->fd = -1;
+    }
+    if (failed)
+        kd_remove_made_dirs(l->dir, l->made);
 }

@@ -9,6 +9,7 @@
 #ifndef KD_FILEIO_H
 #define KD_FILEIO_H
 
+#include <limits.h>
 #include <stddef.h>
 #include <stdio.h>
 
@@ -57,6 +58,24 @@ kd_status kd_mkdir_p(const char *dir);
 /* kd_mkdir_p, and into made (len bytes) the outermost directory it created ("" when it created
  * none): removing that one, once empty, undoes the call. */
 kd_status kd_mkdir_p_made(const char *dir, char *made, size_t len);
+/* Remove dir and its parents up to top, the outermost directory kd_mkdir_p_made made for it,
+ * as long as they are empty (rmdir removes nothing else; with top "" nothing is removed). */
+void kd_remove_made_dirs(const char *dir, const char *top);
+
+/*
+ * A directory one process writes at a time (a training run's out_dir): kd_dir_lock_take makes dir
+ * (and its missing parents) and holds an flock on dir/.distill.lock, which names its holder (pid
+ * and host); while it is held, a second kd_dir_lock_take on dir fails at once (KD_ERR_CONFIG,
+ * naming the holder and what). On a filesystem without flock the directory is used unlocked and
+ * a note says so on log. kd_dir_lock_drop removes the lock file and releases the lock; with
+ * failed set it also removes the directories kd_dir_lock_take made, if they are empty.
+ */
+typedef struct {
+    int fd; /* -1: no lock held */
+    char dir[PATH_MAX], path[PATH_MAX], made[PATH_MAX];
+} kd_dir_lock;
+kd_status kd_dir_lock_take(const char *dir, const char *what, kd_dir_lock *l, FILE *log);
+void kd_dir_lock_drop(kd_dir_lock *l, int failed);
 
 #ifdef __cplusplus
 }

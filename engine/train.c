@@ -498,6 +498,38 @@ static int run_leftovers(const char *dir, char *buf, size_t len)
     return used > 0;
 }
 
+/* 1 when file lies in directory dir (both as the filesystem resolves them); 0 when not, or when
+ * either cannot be resolved. */
+static int in_dir(const char *file, const char *dir)
+{
+    char fd[PATH_MAX], a[PATH_MAX], b[PATH_MAX];
+    kd_path_dir(file, fd, sizeof fd);
+    return realpath(fd, a) && realpath(dir, b) && !strcmp(a, b);
+}
+
+/* --resume FILE with run.out_dir dir holding a run (its files in found): KD_OK when FILE goes on
+ * with that run (it lies in dir, or records the run id of dir/last.safetensors), else a refusal:
+ * the resumed run would overwrite another. A FILE that cannot be read passes: loading it says
+ * what is wrong. */
+static kd_status resume_into(const char *file, const char *dir, const char *found)
+{
+    kd_ckpt_info f = {0}, d = {0};
+    char last[PATH_MAX];
+    snprintf(last, sizeof last, "%s/last.safetensors", dir);
+    if (in_dir(file, dir) || kd_checkpoint_read_info(file, &f) != KD_OK)
+        return KD_OK;
+    if (kd_checkpoint_read_info(last, &d) == KD_OK && f.run_id && f.run_id == d.run_id)
+        return KD_OK;
+    return KD_FAIL(KD_ERR_CONFIG,
+                   "%s already holds a run (%s), and '%s' is not a checkpoint of that run%s: "
+                   "resuming there would overwrite it; choose another run.out_dir, or move its "
+                   "files away",
+                   dir, found, file,
+                   f.run_id && d.run_id ? ""
+                                        : " (or it cannot be told: a checkpoint of an "
+                                          "earlier build records no run id)");
+}
+
 /* Checkpoint writes of an earlier process in dir that were cut off (killed: the atomic writer's
  * <name>.safetensors.tmp.<pid> is left behind, as large as a checkpoint) are removed, each
  * named on log; a file whose process is still alive here, or that was written to in the last
@@ -626,6 +658,43 @@ static void write_canonical(FILE *f, const kd_node *n, int depth, const char *se
     free(ord);
 }
 
+/* The job in canonical form: the config with its overrides, the model file and the teacher's
+ * (per_host_key left out). */
+static void write_job_canonical(FILE *f, const kd_job *job)
+{
+    const kd_node *docs[3] = {job->root, job->model_doc, job->teacher_doc};
+    for (int i = 0; i < 3; i++) {
+        fprintf(f, "|%d:", i);
+        if (docs[i])
+            write_canonical(f, docs[i], 0, NULL);
+    }
+}
+
+/* The id a fresh run gives its checkpoints (kd_ckpt_info.run_id): its job in canonical form,
+ * hashed (never 0). Two runs of one job share it, and they train alike. */
+static kd_status job_run_id(const kd_job *job, uint64_t *id)
+{
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    if (!f)
+        return KD_FAIL(KD_ERR_NOMEM, "out of memory");
+    write_job_canonical(f, job);
+    if (fclose(f) != 0 || !text) {
+        free(text);
+        return KD_FAIL(KD_ERR_NOMEM, "out of memory");
+    }
+    uint64_t h = kd_mix64((uint64_t)len, 0x72756e6964u, 0);
+    for (size_t i = 0; i < len; i += 8) {
+        uint64_t w = 0;
+        memcpy(&w, text + i, len - i < 8 ? len - i : 8);
+        h = kd_mix64(h, w, (uint64_t)i);
+    }
+    free(text);
+    *id = h ? h : 1;
+    return KD_OK;
+}
+
 /*
  * Every rank must run the same job: its settings decide which collectives run at which step, so
  * ranks started with another config file, --set option, model file, data file, backend or
@@ -644,12 +713,7 @@ static kd_status ranks_same_job(kd_comm *comm, const kd_job *job, const kd_datas
     FILE *f = open_memstream(&text, &len);
     if (!f)
         return KD_FAIL(KD_ERR_NOMEM, "out of memory");
-    const kd_node *docs[3] = {job->root, job->model_doc, job->teacher_doc};
-    for (int i = 0; i < 3; i++) {
-        fprintf(f, "|%d:", i);
-        if (docs[i])
-            write_canonical(f, docs[i], 0, NULL);
-    }
+    write_job_canonical(f, job);
     fprintf(f, "|backend %s|resume %s|", be->name,
             !resume                   ? "no"
             : !strcmp(resume, "auto") ? "auto"
@@ -1104,6 +1168,8 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     saver.info.batch_size = batch;
     saver.info.train_samples = d.train.n;
     saver.info.split_hash = split_fingerprint(&d.train);
+    if ((st = job_run_id(job, &saver.info.run_id)))
+        goto done;
     int64_t step = 0, epoch0 = 0;
     int resuming = opts->resume != NULL;
     char path[600] = "";
@@ -1125,6 +1191,9 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         }
     } else if (resuming) {
         snprintf(path, sizeof path, "%s", opts->resume);
+        if (run_leftovers(job->out_dir, found, sizeof found) &&
+            (st = resume_into(path, job->out_dir, found)))
+            goto done;
     } else if (run_leftovers(job->out_dir, found, sizeof found)) {
         /* a fresh start never writes over a run already in out_dir */
         st = KD_FAIL(KD_ERR_CONFIG,
@@ -1141,7 +1210,10 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         if ((st = kd_checkpoint_load(path, m, saver.state, nstate, &in)))
             goto done;
         if ((st = kd_checkpoint_check_model(path, &in, m, job->model_desc,
-                                            "resume it with the model it was trained with")))
+                                            "resume it with the model it was trained with")) ||
+            (st = kd_check_checkpoint_quant(job, path, &in,
+                                            "resume it with the quant section it was trained "
+                                            "with")))
             goto done;
         if (!in.optimizer[0]) { /* no metadata: not a checkpoint distill wrote */
             st = kd_checkpoint_weights_only(path);
@@ -1201,6 +1273,8 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         step = in.step;
         epoch0 = in.epoch;
         saver.info.best_val_acc = in.best_val_acc;
+        if (in.run_id) /* the run goes on: its checkpoints keep the id its first job gave them */
+            saver.info.run_id = in.run_id;
         /* epochs counted from 1, as the progress lines and the stop message count them */
         if (step == job_steps)
             fprintf(log,
@@ -1282,8 +1356,9 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         goto done;
     if (rank != 0) /* only rank 0 writes files */
         goto train;
-    /* out_dir is made only now, so that a job refused above leaves no empty run directory; a
-     * resumed run's config copy and metrics wait for its first commit (resume_commit_prep) */
+    /* out_dir exists (kd_train's lock made it, and removes it again if the job fails before
+     * anything is written); a resumed run's config copy and metrics wait for its first commit
+     * (resume_commit_prep) */
     if ((st = kd_mkdir_p(job->out_dir)) || (!resuming && (st = write_config_copy(job))))
         goto done;
     snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", job->out_dir);
@@ -1546,6 +1621,11 @@ train:;
                 test.loss, 100 * test.acc, test.n, m->nparams, total);
         char rpath[600];
         snprintf(rpath, sizeof rpath, "%s/result.json", job->out_dir);
+        if (step0 == steps_per_epoch * job->epochs && access(rpath, F_OK) == 0) {
+            /* its train_seconds are the training's, which this process did none of */
+            fprintf(log, "%s kept: this process trained nothing\n", rpath);
+            goto done;
+        }
         st = write_result(rpath, job, m->nparams, &test, d.have_val, saver.info.best_val_acc, total,
                           step0);
     }
@@ -1600,7 +1680,17 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
                 "the labels alone (distill.mode: offline and a kd or dkd term learn from it)\n",
                 kd_node_where(kd_node_child(job->root, "teacher"), pos, sizeof pos));
     }
-    kd_status st = train_run(job, opts, quiet ? quiet : stderr);
+    /* the process that writes the run (rank 0) holds out_dir from before it looks at what is
+     * there until the run ends: a second run sent there (a sweep that forgot run.out_dir) is
+     * refused instead of mixing its files with this one's */
+    kd_dir_lock lock = {.fd = -1};
+    kd_status st = KD_OK;
+    if (!quiet)
+        st = kd_dir_lock_take(job->out_dir, "run.out_dir", &lock, stderr);
+    if (st == KD_OK)
+        st = train_run(job, opts, quiet ? quiet : stderr);
+    /* a job refused before it wrote anything leaves no run directory it made */
+    kd_dir_lock_drop(&lock, st != KD_OK);
     if (quiet)
         fclose(quiet);
     return st;

@@ -544,20 +544,6 @@ static kd_status commit(out_file *f, int n)
     return KD_FAIL(KD_ERR_IO, "%s", msg);
 }
 
-/* Remove dir and its parents up to top, the outermost directory kd_mkdir_p_made made for it,
- * as long as they are empty (rmdir removes nothing else; one never made is passed over). */
-static void remove_made_dirs(const char *dir, const char *top)
-{
-    char cur[PATH_MAX], up[PATH_MAX];
-    snprintf(cur, sizeof cur, "%s", dir);
-    while (top[0] && (rmdir(cur) == 0 || errno == ENOENT) && strcmp(cur, top) != 0) {
-        kd_path_dir(cur, up, sizeof up);
-        if (!strcmp(up, cur))
-            break;
-        snprintf(cur, sizeof cur, "%s", up);
-    }
-}
-
 /*
  * Write the export's files (model.kdm, model.c + model.h, samples.bin, the report) as one set:
  * all go to temporary names first and are renamed into place only once every one is complete,
@@ -643,8 +629,8 @@ done:
             unlink(f[i].bak);
     }
     if (st != KD_OK) {
-        remove_made_dirs(dir, made_dir);
-        remove_made_dirs(o->out_dir, made_out);
+        kd_remove_made_dirs(dir, made_dir);
+        kd_remove_made_dirs(o->out_dir, made_out);
     }
     free(h.text);
     free(c.text);

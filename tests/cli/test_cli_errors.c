@@ -20,6 +20,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include "fileio.h"
 #include "kd_cli_util.h"
 #include "kd_fake_data.h"
 #include "safetensors.h"
@@ -953,6 +954,85 @@ static void test_single_under_slurm(void **state)
     unsetenv("SLURM_NTASKS");
 }
 
+/* A run.out_dir another process is writing (it holds the directory's lock) is refused, naming
+ * that process, and nothing is written there; once the lock is gone the job runs, and a run
+ * leaves no lock file behind. A job refused after the lock was taken removes the directories
+ * it made for its run. */
+static void test_out_dir_in_use(void **state)
+{
+    (void)state;
+    char job[600], od[600], p[700], who[64];
+    write_mlp_job(tpath(job, sizeof job, "busy.yaml"), "busy");
+    tpath(od, sizeof od, "busy");
+    kd_dir_lock lock;
+    assert_int_equal(kd_dir_lock_take(od, "run.out_dir", &lock, NULL), KD_OK);
+    snprintf(who, sizeof who, "(pid %ld on ", (long)getpid());
+    const char *tr[] = {"train", job, NULL};
+    run_expect(tr, 1, "run.out_dir", od, "is in use: another distill process", who, NULL);
+    snprintf(p, sizeof p, "%s/metrics.jsonl", od);
+    assert_false(kd_file_exists(p));
+    snprintf(p, sizeof p, "%s/config.yaml", od);
+    assert_false(kd_file_exists(p));
+    kd_dir_lock_drop(&lock, 0);
+    snprintf(p, sizeof p, "%s/.distill.lock", od);
+    assert_false(kd_file_exists(p));
+    run_expect(tr, 0, "epoch 1/1", NULL);
+    assert_false(kd_file_exists(p));
+    char made[600], nested[700], ood[720];
+    tpath(made, sizeof made, "made");
+    snprintf(nested, sizeof nested, "%s/inner", made);
+    snprintf(ood, sizeof ood, "run.out_dir=%s", nested);
+    tpath(p, sizeof p, "no_such.safetensors");
+    const char *refused[] = {"train", job, "--set", ood, "--resume", p, NULL};
+    run_expect(refused, 1, p, NULL);
+    assert_false(kd_file_exists(made));
+}
+
+/* --resume FILE into a run.out_dir that holds another run is refused and leaves that run as it
+ * was; the run's own checkpoint resumes there, from its directory or a copy elsewhere, and when
+ * every epoch is done its result.json (whose train_seconds are the training's) is kept. A
+ * checkpoint trained with another quant section is refused too. */
+static void test_resume_into_other_run(void **state)
+{
+    (void)state;
+    char job[600], a_last[700], a_best[700], b_last[700], a_res[700], ob[720];
+    write_mlp_job(tpath(job, sizeof job, "runa.yaml"), "runa");
+    const char *tr_a[] = {"train", job, NULL};
+    run_expect(tr_a, 0, "epoch 1/1", NULL);
+    snprintf(ob, sizeof ob, "run.out_dir=%s", tpath(b_last, sizeof b_last, "runb"));
+    const char *tr_b[] = {"train", job, "--set", ob, "--set", "optim.lr=0.01", NULL};
+    run_expect(tr_b, 0, "epoch 1/1", NULL);
+    tpath(a_last, sizeof a_last, "runa/last.safetensors");
+    tpath(a_best, sizeof a_best, "runa/best.safetensors");
+    tpath(b_last, sizeof b_last, "runb/last.safetensors");
+    char *res0 = kd_read_text(tpath(a_res, sizeof a_res, "runa/result.json"));
+    assert_non_null(res0);
+    uint8_t *ck0 = NULL;
+    size_t n0 = 0;
+    assert_int_equal(kd_read_file(a_last, &ck0, &n0), 0);
+    const char *other[] = {"train", job, "--set", "optim.epochs=2", "--resume", b_last, NULL};
+    run_expect(other, 1, "already holds a run", b_last, "is not a checkpoint of that run", NULL);
+    assert_true(kd_file_holds(a_last, ck0, n0));
+    assert_file_text(a_res, res0);
+    const char *own[] = {"train", job, "--resume", a_best, NULL};
+    run_expect(own, 0, "nothing left to train", "result.json kept: this process trained nothing",
+               NULL);
+    assert_file_text(a_res, res0);
+    /* a copy of the run's checkpoint kept elsewhere is still that run's (its run id) */
+    char copy[700];
+    assert_int_equal(kd_write_bytes(tpath(copy, sizeof copy, "runa_copy.safetensors"), ck0, n0), 0);
+    const char *from_copy[] = {"train", job, "--resume", copy, NULL};
+    run_expect(from_copy, 0, "nothing left to train", NULL);
+    assert_true(kd_file_holds(a_last, ck0, n0));
+    const char *qat[] = {"train",          job,        "--set", "quant.bits=8", "--set",
+                         "quant.qat=true", "--resume", NULL};
+    run_expect(qat, 1, "was trained with no quantization-aware training",
+               "resume it with the quant section it was trained with", NULL);
+    assert_true(kd_file_holds(a_last, ck0, n0));
+    free(ck0);
+    free(res0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -982,6 +1062,8 @@ int main(void)
         cmocka_unit_test(test_single_under_slurm),
         cmocka_unit_test(test_cut_writes_removed),
         cmocka_unit_test(test_resume_weights_only),
+        cmocka_unit_test(test_out_dir_in_use),
+        cmocka_unit_test(test_resume_into_other_run),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

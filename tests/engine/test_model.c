@@ -594,6 +594,23 @@ static void test_checkpoint_round_trip(void **state)
     write_poisoned(path, bad, "__optim__.state", 7, INFINITY);
     assert_int_equal(kd_checkpoint_load(bad, b, opt2, nstate, NULL), KD_ERR_FORMAT);
     assert_non_null(strstr(kd_last_error(), "__optim__.state) holds inf at index 7"));
+    /* AdamW's state: first moments (the first half) may be negative, second moments may not */
+    const size_t np = a->nparams;
+    assert_true(2 * np <= 3000);
+    for (size_t i = 0; i < 2 * np; i++)
+        opt[i] = (i < np ? -1.f : 1.f) * (float)(i + 1) * 1e-3f;
+    kd_ckpt_info adam = info;
+    adam.optimizer = "adamw";
+    assert_int_equal(kd_checkpoint_save(path, a, opt, 2 * np, &adam), KD_OK);
+    assert_int_equal(kd_checkpoint_load(path, b, opt2, 2 * np, NULL), KD_OK);
+    assert_memory_equal(opt, opt2, 2 * np * sizeof(float));
+    write_poisoned(path, bad, "__optim__.state", np + 2, -0.25f);
+    assert_int_equal(kd_checkpoint_load(bad, b, opt2, 2 * np, NULL), KD_ERR_FORMAT);
+    assert_non_null(strstr(kd_last_error(), "an AdamW second moment, which cannot be negative"));
+    assert_memory_equal(a->params, b->params, b->nparams * sizeof(float));
+    assert_int_equal(kd_checkpoint_save(path, a, opt, nstate, &info), KD_OK);
+    for (size_t i = 0; i < nstate; i++)
+        opt[i] = (float)i;
     assert_memory_equal(b_params, b->params, b->nparams * sizeof(float));
     free(b_params);
     unlink(bad);

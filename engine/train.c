@@ -658,32 +658,39 @@ static void write_canonical(FILE *f, const kd_node *n, int depth, const char *se
     free(ord);
 }
 
-/* The job in canonical form: the config with its overrides, the model file and the teacher's
- * (per_host_key left out). */
-static void write_job_canonical(FILE *f, const kd_job *job)
+/* The job in canonical form (the config with its overrides, the model file and the teacher's;
+ * per_host_key left out), then tail and the n bytes at extra: a malloc'd text into *text, *len. */
+static kd_status job_text(const kd_job *job, const char *tail, const void *extra, size_t n,
+                          char **text, size_t *len)
 {
+    *text = NULL;
+    FILE *f = open_memstream(text, len);
+    if (!f)
+        return KD_FAIL(KD_ERR_NOMEM, "out of memory");
     const kd_node *docs[3] = {job->root, job->model_doc, job->teacher_doc};
     for (int i = 0; i < 3; i++) {
         fprintf(f, "|%d:", i);
         if (docs[i])
             write_canonical(f, docs[i], 0, NULL);
     }
+    fputs(tail, f);
+    if (n)
+        fwrite(extra, 1, n, f);
+    if (fclose(f) != 0 || !*text) {
+        free(*text);
+        *text = NULL;
+        return KD_FAIL(KD_ERR_NOMEM, "out of memory");
+    }
+    return KD_OK;
 }
 
 /* The id a fresh run gives its checkpoints (kd_ckpt_info.run_id): its job in canonical form,
  * hashed (never 0). Two runs of one job share it, and they train alike. */
 static kd_status job_run_id(const kd_job *job, uint64_t *id)
 {
-    char *text = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&text, &len);
-    if (!f)
-        return KD_FAIL(KD_ERR_NOMEM, "out of memory");
-    write_job_canonical(f, job);
-    if (fclose(f) != 0 || !text) {
-        free(text);
-        return KD_FAIL(KD_ERR_NOMEM, "out of memory");
-    }
+    char *text;
+    size_t len;
+    KD_TRY(job_text(job, "", NULL, 0, &text, &len));
     uint64_t h = kd_mix64((uint64_t)len, 0x72756e6964u, 0);
     for (size_t i = 0; i < len; i += 8) {
         uint64_t w = 0;
@@ -708,24 +715,16 @@ static kd_status ranks_same_job(kd_comm *comm, const kd_job *job, const kd_datas
 {
     if (!comm || comm->size == 1)
         return KD_OK;
-    char *text = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&text, &len);
-    if (!f)
-        return KD_FAIL(KD_ERR_NOMEM, "out of memory");
-    write_job_canonical(f, job);
-    fprintf(f, "|backend %s|resume %s|", be->name,
-            !resume                   ? "no"
-            : !strcmp(resume, "auto") ? "auto"
-                                      : "file");
-    uint64_t split = split_fingerprint(train);
-    fwrite(&split, sizeof split, 1, f);
-    kd_status st = KD_OK;
-    if (fclose(f) != 0 || !text)
-        st = KD_FAIL(KD_ERR_NOMEM, "out of memory");
+    char tail[160], *text;
+    size_t len;
+    snprintf(tail, sizeof tail, "|backend %s|resume %s|", be->name,
+             !resume                   ? "no"
+             : !strcmp(resume, "auto") ? "auto"
+                                       : "file");
+    const uint64_t split = split_fingerprint(train);
+    KD_TRY(job_text(job, tail, &split, sizeof split, &text, &len));
     int same = 1;
-    if (st == KD_OK)
-        st = kd_comm_all_same(comm, text, len, &same);
+    kd_status st = kd_comm_all_same(comm, text, len, &same);
     free(text);
     if (st == KD_OK && !same)
         st = KD_FAIL(KD_ERR_CONFIG,

@@ -65,7 +65,12 @@ static const char *const usage_eval =
     "usage: distill eval CONFIG --checkpoint FILE [--set KEY=VALUE ...]\n"
     "\n"
     "Evaluate FILE (a safetensors checkpoint of the job's model) on the test split of the job's\n"
-    "data set and print the loss and accuracy.\n";
+    "data set and print the loss and accuracy.\n"
+    "\n"
+    "options:\n"
+    "  --progress, --no-progress\n"
+    "                      force the progress line on or off (default: on for a terminal)\n"
+    "  --set KEY=VALUE     override a config key (repeatable)\n";
 
 static const char *const usage_cache =
     "usage: distill cache CONFIG [--set KEY=VALUE ...] [--progress|--no-progress]\n"
@@ -467,9 +472,9 @@ int main(int argc, char **argv)
                 if (config || (len > 12 && !strcmp(nx + len - 12, ".safetensors")))
                     resume = argv[++i];
             }
-        } else if (!strcmp(a, "--progress") && (usage == usage_train || usage == usage_cache)) {
+        } else if (!strcmp(a, "--progress") && usage != usage_summary) {
             progress = 1;
-        } else if (!strcmp(a, "--no-progress") && (usage == usage_train || usage == usage_cache)) {
+        } else if (!strcmp(a, "--no-progress") && usage != usage_summary) {
             progress = 0;
         } else if (a[0] == '-') {
             free(sets);
@@ -539,7 +544,7 @@ int main(int argc, char **argv)
         }
     } else if (usage == usage_eval) {
         kd_eval_result r;
-        st = kd_eval(&job, checkpoint, &r);
+        st = kd_eval(&job, checkpoint, progress, &r);
         if (st == KD_OK)
             printf("%s: test loss %.4f accuracy %.2f%% (%lld samples)\n", checkpoint, r.loss,
                    100 * r.acc, (long long)r.n);

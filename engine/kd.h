@@ -9,7 +9,7 @@
  *     kd_train_opts opts = {.resume = NULL, .progress = 1, .stop = NULL};
  *     st = kd_train(&job, &opts);        // checkpoints, metrics.jsonl, result.json in out_dir
  *     kd_eval_result r;
- *     st = kd_eval(&job, "runs/fmnist-teacher/best.safetensors", &r);
+ *     st = kd_eval(&job, "runs/fmnist-teacher/best.safetensors", 0, &r);
  *     kd_job_free(&job);
  *
  * Lower down, a model can be built and run directly: kd_yaml_load_file() reads a model

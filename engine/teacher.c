@@ -103,9 +103,10 @@ static kd_status check_teacher_input(const kd_job *job, const kd_model *m, const
     return KD_OK;
 }
 
-/* Build the teacher model and load its checkpoint (also used by `distill cache`). */
+/* Build the teacher model and load its checkpoint (also used by `distill cache`); a checkpoint
+ * trained with quantization-aware training is said on log (may be NULL) to run as float. */
 static kd_status open_teacher_model(const kd_job *job, const kd_backend *be, int max_batch,
-                                    kd_model **out)
+                                    FILE *log, kd_model **out)
 {
     KD_TRY(kd_model_build(job->teacher_input, job->teacher_layers, be, max_batch, job->seed, out));
     kd_ckpt_info info;
@@ -118,6 +119,12 @@ static kd_status open_teacher_model(const kd_job *job, const kd_backend *be, int
         *out = NULL;
         return kd_fail_context(st, "loading the teacher (%s): ", job->teacher_desc);
     }
+    if (log && info.quant && info.quant[0] && strcmp(info.quant, "none") != 0)
+        fprintf(log,
+                "note: teacher checkpoint '%s' was trained with quantization-aware training "
+                "(%s); the teacher runs its float weights, not the quantized model it was "
+                "evaluated as in training\n",
+                job->teacher_ckpt, info.quant);
     return KD_OK;
 }
 
@@ -278,7 +285,7 @@ kd_status kd_teacher_open(const kd_job *job, const kd_backend *be, const kd_data
                     "trains on unaugmented images\n",
                     t->views);
     } else {
-        if ((st = open_teacher_model(job, be, max_batch, &t->model)) ||
+        if ((st = open_teacher_model(job, be, max_batch, log, &t->model)) ||
             (st = check_teacher_input(job, t->model, train)))
             goto fail;
         if (t->model->out_features != classes) {
@@ -496,11 +503,11 @@ static kd_status cache_run_open(cache_run *r)
     KD_TRY(kd_load_train_split(job, &r->train));
     r->have_train = 1;
     r->batch = job->eval_batch_size;
-    kd_status st = open_teacher_model(job, r->be, r->batch, &r->m);
+    kd_status st = open_teacher_model(job, r->be, r->batch, r->log, &r->m);
     if (st == KD_ERR_UNSUPPORTED && r->be != kd_backend_cpu() && !strcmp(job->device, "auto")) {
         fprintf(r->log, "device: cpu (%s)\n", kd_last_error());
         r->be = kd_backend_cpu();
-        st = open_teacher_model(job, r->be, r->batch, &r->m);
+        st = open_teacher_model(job, r->be, r->batch, r->log, &r->m);
     }
     if (st != KD_OK)
         return st;

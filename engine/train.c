@@ -395,7 +395,8 @@ static const char diverged_hint[] =
  * loss fails, naming `what` (the set and when) and adding `hint`. */
 static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_dev, int32_t *y_dev,
                           const float *x_res, const int32_t *y_res, double smoothing, qat_ctx *q,
-                          kd_comm *comm, const char *what, const char *hint, kd_eval_result *r)
+                          kd_comm *comm, const char *what, const char *hint, int progress,
+                          kd_eval_result *r)
 {
     const kd_backend *be = m->be;
     size_t per = (size_t)d->c * d->h * d->w;
@@ -409,7 +410,18 @@ static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_
         y_res = d->y;
     }
     weights_for_step(m, q);
+    /* progress (a terminal's): a line on stderr once the evaluation has taken a second, redrawn
+     * every 0.2 s and cleared at the end */
+    const double t0 = progress ? now_s() : 0;
+    double drawn = 0;
     for (int64_t s0 = lo; s0 < hi && st == KD_OK; s0 += batch) {
+        const double el = progress ? now_s() - t0 : 0;
+        if (el > 1 && el - drawn > 0.2) {
+            fprintf(stderr, "\revaluating the %s: %" PRId64 "/%" PRId64 " samples   ", what,
+                    s0 - lo, hi - lo);
+            fflush(stderr);
+            drawn = el;
+        }
         int n = (int)(hi - s0 < batch ? hi - s0 : batch);
         const float *xb = x_dev;
         const int32_t *yb = y_dev;
@@ -433,6 +445,8 @@ static kd_status evaluate(kd_model *m, const kd_dataset *d, int batch, float *x_
     }
     if (st == KD_OK)
         st = be->sync();
+    if (drawn > 0)
+        fprintf(stderr, "\r%*s\r", (int)strlen(what) + 48, "");
     weights_master(m, q);
     KD_TRY(st);
     if (comm && comm->size > 1) {
@@ -1093,6 +1107,11 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     if (!strcmp(job->mode, "offline") &&
         (st = kd_teacher_open(job, be, &d.train, batch, m->out_features, log, &teacher)))
         goto done;
+    if (job->train_limit > d.train.n)
+        fprintf(log,
+                "note: data.train_limit is %" PRId64 ", more than the %" PRId64
+                " samples of the training split: all of them are used\n",
+                (int64_t)job->train_limit, (int64_t)d.train.n);
     kd_apply_train_limit(job, &d.train);
     size_t per = m->in_numel;
     size_t nstate = kd_optim_state_floats(&job->optim, m->nparams);
@@ -1548,7 +1567,7 @@ train:;
         char what[64];
         snprintf(what, sizeof what, "validation set after epoch %" PRId64, epoch + 1);
         if (d.have_val && (st = evaluate(m, &d.val, eval_batch, x_dev, y_dev, xv_res, yv_res, 0.0,
-                                         &qat, comm, what, diverged_hint, &val)))
+                                         &qat, comm, what, diverged_hint, opts->progress, &val)))
             goto done;
         int best = d.have_val && val.acc > saver.info.best_val_acc;
         if (best)
@@ -1611,7 +1630,7 @@ train:;
     {
         kd_eval_result test;
         if ((st = evaluate(m, &d.test, eval_batch, x_dev, y_dev, NULL, NULL, 0.0, &qat, comm,
-                           "test set after training", diverged_hint, &test)))
+                           "test set after training", diverged_hint, opts->progress, &test)))
             goto done;
         if (rank != 0)
             goto done;
@@ -1703,7 +1722,7 @@ kd_status kd_check_checkpoint_quant(const kd_job *job, const char *checkpoint,
     return kd_checkpoint_check_quant(checkpoint, info, job_quant_tag(job, tag, sizeof tag), remedy);
 }
 
-kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out)
+kd_status kd_eval(const kd_job *job, const char *checkpoint, int progress, kd_eval_result *out)
 {
     kd_set_threads(job->threads);
     const kd_backend *be = NULL;
@@ -1728,7 +1747,7 @@ kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out
         (st = be->alloc((void **)&y_dev, (size_t)batch * sizeof(int32_t))))
         goto done;
     st = evaluate(m, &d.test, batch, x_dev, y_dev, NULL, NULL, 0.0, &qat, NULL, "test set",
-                  ": its finite weights overflow float32 on this data", out);
+                  ": its finite weights overflow float32 on this data", progress, out);
 done:
     free(qat.saved);
     if (m) {

@@ -64,8 +64,9 @@ void kd_step_release(kd_step *s);
 /* The model's backend records graphs. */
 int kd_step_can_record(const struct kd_model *m);
 
-/* Evaluate a checkpoint of the job's model on the data set's test split. */
-kd_status kd_eval(const kd_job *job, const char *checkpoint, kd_eval_result *out);
+/* Evaluate a checkpoint of the job's model on the data set's test split; with progress set, a
+ * progress line on stderr (for a terminal) while it takes more than a second. */
+kd_status kd_eval(const kd_job *job, const char *checkpoint, int progress, kd_eval_result *out);
 
 /* Pieces shared with `distill cache`: thread count for BLAS and OpenMP; the job's backend
  * (device: auto falls back to the CPU, saying why on log); the training split (data.val_size

@@ -245,7 +245,7 @@ static kd_status run_row(row_t *w, int idx, const char *out_dir, const kd_report
     w->params = (int64_t)kd_model_num_params(m);
     if (!w->bits) {
         kd_eval_result r;
-        if ((st = kd_eval(&job, w->checkpoint, &r)) != KD_OK)
+        if ((st = kd_eval(&job, w->checkpoint, 0, &r)) != KD_OK)
             goto done;
         w->acc = r.acc;
         w->flash = 4 * w->params;

@@ -170,6 +170,12 @@ static void test_good_job_trains(void **state)
     run_expect(argv, 0, "test: loss", NULL);
     assert_true(kd_file_exists(tpath(res, sizeof res, "good/result.json")));
     assert_true(kd_file_exists(tpath(res, sizeof res, "good/last.safetensors")));
+    /* a data.train_limit past the split's size is said, not silently capped */
+    char od[720];
+    snprintf(od, sizeof od, "run.out_dir=%s", tpath(res, sizeof res, "good_limit"));
+    const char *limit[] = {"train", job, "--set", od, "--set", "data.train_limit=100000", NULL};
+    run_expect(limit, 0, "note: data.train_limit is 100000, more than the",
+               "samples of the training split: all of them are used", NULL);
 }
 
 /* run.precision: bf16 trains (and says so); a precision it does not know is refused naming the

@@ -179,6 +179,22 @@ static void test_cache_then_distill(void **state)
     write_job(tp(job, sizeof job, "live.yaml"), "live", STUDENT_MODEL, live_sec, kd_losses, 1);
     expect_ok((const char *[]){"train", job, NULL});
     assert_non_null(strstr(out, "runs live"));
+    assert_null(strstr(out, "quantization-aware"));
+    /* a teacher trained with quantization-aware training runs its float weights, and says so
+     * (its checkpoint's quant metadata "none" made "qat8", same length) */
+    char qat[300], qsec[1024];
+    uint8_t *qk;
+    size_t nq;
+    assert_int_equal(kd_read_file(tp(res, sizeof res, "teacher/last.safetensors"), &qk, &nq), 0);
+    char *q = memmem(qk, nq, "\"quant\"", 7), *none = q ? memmem(q, 16, "none", 4) : NULL;
+    assert_non_null(none);
+    memcpy(none, "qat8", 4);
+    assert_int_equal(kd_write_bytes(tp(qat, sizeof qat, "qat.safetensors"), qk, nq), 0);
+    free(qk);
+    snprintf(qsec, sizeof qsec, "teacher: {model: %s, checkpoint: %s}\n", TEACHER_MODEL, qat);
+    write_job(tp(job, sizeof job, "qatt.yaml"), "qatt", STUDENT_MODEL, qsec, kd_losses, 1);
+    expect_ok((const char *[]){"train", job, NULL});
+    assert_non_null(strstr(out, "was trained with quantization-aware training (qat8)"));
     /* a live teacher whose finite weights overflow float32 is named as the cause of the
      * non-finite loss, not the student's learning rate */
     char huge[300], sec[1024];

@@ -246,6 +246,12 @@ static int cmd_export(int argc, char **argv)
             BAD("%s needs a value", a);
             break;
         }
+        if (takes && strcmp(a, "--set") != 0) /* a second one would silently replace the first */
+            for (int j = 2; j < i; j++)
+                if (!strcmp(argv[j], a)) {
+                    BAD("%s is given twice", a);
+                    break;
+                }
         if (takes)
             i++;
         if (!strcmp(a, "--set"))
@@ -457,12 +463,17 @@ int main(int argc, char **argv)
             }
             sets[nsets++] = v;
         } else if (!strcmp(a, "--checkpoint") && usage == usage_eval) {
-            if (i + 1 >= argc) {
+            if (i + 1 >= argc || checkpoint) {
                 free(sets);
-                return usage_error(usage, "%s needs a file", "--checkpoint");
+                return usage_error(usage, checkpoint ? "%s is given twice" : "%s needs a file",
+                                   "--checkpoint");
             }
             checkpoint = argv[++i];
         } else if (!strcmp(a, "--resume") && usage == usage_train) {
+            if (resume) {
+                free(sets);
+                return usage_error(usage, "%s is given twice", "--resume");
+            }
             /* the checkpoint is optional: a following word is taken as it when CONFIG was
              * already given or the word names a .safetensors file */
             resume = "auto";

@@ -643,10 +643,16 @@ static kd_status mark_int8_layers(kd_export_graph *g, const char *list, int bits
 {
     if (bits != 4)
         return KD_FAIL(KD_ERR_INVALID, "export: --int8-layers only applies to --quant int4");
-    char buf[1024];
-    snprintf(buf, sizeof buf, "%s", list);
-    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
-         tok = strtok_r(NULL, ",", &save)) {
+    char tok[256];
+    for (const char *p = list;; p++) {
+        const size_t n = strcspn(p, ",");
+        if (n == 0 || n >= sizeof tok)
+            return KD_FAIL(KD_ERR_INVALID,
+                           "export: --int8-layers '%s' holds %s layer name (a comma-separated "
+                           "list of the model's conv2d and linear layers)",
+                           list, n ? "an over-long" : "an empty");
+        memcpy(tok, p, n);
+        tok[n] = '\0';
         int found = 0;
         for (int i = 0; i < g->nop; i++)
             if (g->op[i].w && !strcmp(g->op[i].name, tok)) {
@@ -665,8 +671,10 @@ static kd_status mark_int8_layers(kd_export_graph *g, const char *list, int bits
                            "of the model (those are: %s)",
                            tok, names);
         }
+        p += n;
+        if (!*p)
+            return KD_OK;
     }
-    return KD_OK;
 }
 
 static kd_status check_opts(const kd_export_opts *o)

@@ -862,6 +862,16 @@ static void test_usage_errors(void **state)
     run_expect(f, 2, "unexpected argument 'extra'", NULL);
     const char *g[] = {"eval", job, "--resume", NULL};
     run_expect(g, 2, "unknown option '--resume'", "usage: distill eval", NULL);
+    /* an option given twice is refused, not silently replaced by the second */
+    const char *h[] = {"eval",          job, "--checkpoint", "a.safetensors", "--checkpoint",
+                       "b.safetensors", NULL};
+    run_expect(h, 2, "--checkpoint is given twice", "usage: distill eval", NULL);
+    const char *r2[] = {"train", job, "--resume", "--resume", NULL};
+    run_expect(r2, 2, "--resume is given twice", "usage: distill train", NULL);
+    const char *x[] = {"export",   job, "--checkpoint", "a.safetensors", "--quant", "int8",
+                       "--format", "c", "--quant",      "int4",          "--out",   "o",
+                       NULL};
+    run_expect(x, 2, "--quant is given twice", "usage: distill export", NULL);
 }
 
 /* m. Help is not an error. */

@@ -467,6 +467,13 @@ static void test_options(void **state)
     int code = run(bad);
     if (code != 1 || !strstr(out, "'2'") || !strstr(out, "0, 3, 6, 9.body.0"))
         fail_msg("want exit 1 naming the layers, got %d:\n%s", code, out);
+    /* an empty name in the list (a doubled or trailing comma) is refused, not skipped */
+    for (int i = 0; i < 2; i++) {
+        bad[7] = i ? "0," : "0,,6";
+        code = run(bad);
+        if (code != 1 || !strstr(out, "holds an empty layer name"))
+            fail_msg("want exit 1 on --int8-layers %s, got %d:\n%s", bad[7], code, out);
+    }
     /* calibration draws from the samples the job trains on: data.train_limit's */
     const char *limited[] = {"export",       job,
                              "--checkpoint", ck,

@@ -114,11 +114,12 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
         t->data = hs;
     }
     char hash[32], step[32], epoch[32], best[64], seed[32], bs[32], ns[32], el[64], ec[32], es[32];
-    char split[32], sched[32], run[32];
+    char split[32], sched[32], run[32], jid[32];
     snprintf(hash, sizeof hash, "%016" PRIx64, m->def_hash);
     snprintf(split, sizeof split, "%016" PRIx64, info->split_hash);
     snprintf(sched, sizeof sched, "%" PRId64, info->schedule_steps);
     snprintf(run, sizeof run, "%016" PRIx64, info->run_id);
+    snprintf(jid, sizeof jid, "%016" PRIx64, info->job_id);
     snprintf(step, sizeof step, "%" PRId64, info->step);
     snprintf(epoch, sizeof epoch, "%" PRId64, info->epoch);
     snprintf(best, sizeof best, "%.17g", info->best_val_acc);
@@ -143,13 +144,15 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
                           "split_hash",     split,
                           "schedule_steps", sched,
                           "quant",          info->quant ? info->quant : "",
-                          "run_id",         run};
-    /* what is not recorded (info->quant NULL, run_id 0) is left out */
+                          "run_id",         run,
+                          "job_id",         jid};
+    /* what is not recorded (info->quant NULL, run_id or job_id 0) is left out */
     const char *kept[sizeof meta / sizeof meta[0]];
     size_t npairs = 0;
     for (size_t i = 0; i < sizeof meta / sizeof meta[0]; i += 2) {
         if ((!strcmp(meta[i], "quant") && !info->quant) ||
-            (!strcmp(meta[i], "run_id") && !info->run_id))
+            (!strcmp(meta[i], "run_id") && !info->run_id) ||
+            (!strcmp(meta[i], "job_id") && !info->job_id))
             continue;
         kept[2 * npairs] = meta[i];
         kept[2 * npairs + 1] = meta[i + 1];
@@ -242,6 +245,7 @@ static kd_status read_info(const kd_safetensors *st, const char *path, kd_ckpt_i
     KD_TRY(meta_u64(st, path, "seed", 10, &info->seed));
     KD_TRY(meta_u64(st, path, "model_hash", 16, &info->model_hash));
     KD_TRY(meta_u64(st, path, "run_id", 16, &info->run_id));
+    KD_TRY(meta_u64(st, path, "job_id", 16, &info->job_id));
     snprintf(opt, sizeof opt, "%s", (v = kd_safetensors_meta(st, "optimizer")) ? v : "");
     info->optimizer = opt;
     static char quant[32];
@@ -456,11 +460,12 @@ kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t
                          strstr(invalid->name, "running_var") ? "a variance must be finite and >= 0"
                                                               : "not a finite number");
         else
-            rc = KD_FAIL(KD_ERR_FORMAT,
-                         "checkpoint '%s': the optimizer state (__optim__.state) holds %g at "
-                         "index %zu%s: the file is damaged or was saved from a diverged run",
-                         path, (double)v, at,
-                         at >= nonneg ? " (an AdamW second moment, which cannot be negative)" : "");
+            rc = KD_FAIL(
+                KD_ERR_FORMAT,
+                "checkpoint '%s': the optimizer state (__optim__.state) holds %g at "
+                "index %zu%s: the file is damaged or was saved from a diverged run",
+                path, (double)v, at,
+                at >= nonneg && v < 0 ? " (an AdamW second moment, which cannot be negative)" : "");
         goto done;
     }
     if (info && (rc = read_info(st, path, info)))

@@ -39,8 +39,9 @@ typedef struct {
     /* read back only: the architecture hash the file was written for (0 = not recorded) */
     uint64_t model_hash;
     /* the run the weights belong to: a hash of the job that started it, carried on by its
-     * resumes (0 = not recorded; saving 0 records nothing) */
-    uint64_t run_id;
+     * resumes; and a hash of the job that wrote this checkpoint (0 = not recorded; saving 0
+     * records nothing) */
+    uint64_t run_id, job_id;
 } kd_ckpt_info;
 
 /* The tag a job's quant section gives its checkpoints: "none" without QAT, else "qat" and the

@@ -62,7 +62,8 @@ static const char *const usage_train =
     "Ctrl-C saves a checkpoint and stops; run again with --resume to continue.\n";
 
 static const char *const usage_eval =
-    "usage: distill eval CONFIG --checkpoint FILE [--set KEY=VALUE ...]\n"
+    "usage: distill eval CONFIG --checkpoint FILE [--set KEY=VALUE ...] "
+    "[--progress|--no-progress]\n"
     "\n"
     "Evaluate FILE (a safetensors checkpoint of the job's model) on the test split of the job's\n"
     "data set and print the loss and accuracy.\n"

@@ -275,8 +275,20 @@ kd_status kd_file_write_bytes(const char *path, const void *p, size_t n)
     return kd_file_write_atomic(path, write_bytes_fn, &c);
 }
 
+/* 1 when path has a ".." component: walking up such a path by its text is not walking up the
+ * directories it names. */
+static int has_dotdot(const char *path)
+{
+    for (const char *p = strstr(path, ".."); p; p = strstr(p + 2, ".."))
+        if ((p == path || p[-1] == '/') && (p[2] == '\0' || p[2] == '/'))
+            return 1;
+    return 0;
+}
+
 void kd_remove_made_dirs(const char *dir, const char *top)
 {
+    if (has_dotdot(dir)) /* left as they are, rather than removing one not made here */
+        return;
     char cur[PATH_MAX], up[PATH_MAX];
     snprintf(cur, sizeof cur, "%s", dir);
     while (top[0] && (rmdir(cur) == 0 || errno == ENOENT) && strcmp(cur, top) != 0) {
@@ -290,6 +302,7 @@ void kd_remove_made_dirs(const char *dir, const char *top)
 kd_status kd_dir_lock_take(const char *dir, const char *what, kd_dir_lock *l, FILE *log)
 {
     l->fd = -1;
+    l->unlocked = 0;
     l->made[0] = '\0';
     snprintf(l->dir, sizeof l->dir, "%s", dir);
     if (snprintf(l->path, sizeof l->path, "%s/.distill.lock", dir) >= (int)sizeof l->path)
@@ -297,9 +310,17 @@ kd_status kd_dir_lock_take(const char *dir, const char *what, kd_dir_lock *l, FI
     KD_TRY(kd_mkdir_p_made(dir, l->made, sizeof l->made));
     kd_status st = KD_OK;
     /* the file is removed when a run ends: one locked after its holder removed it is not the
-     * lock any more, and the open starts again */
+     * lock any more, and the open starts again; so does one whose directory a run that failed
+     * at the same moment removed (it made it, and found it empty) */
     for (int tries = 0; tries < 8; tries++) {
         const int fd = open(l->path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (fd < 0 && errno == ENOENT) {
+            char made[PATH_MAX];
+            KD_TRY(kd_mkdir_p_made(dir, made, sizeof made));
+            if (!l->made[0])
+                snprintf(l->made, sizeof l->made, "%s", made);
+            continue;
+        }
         if (fd < 0) {
             st = KD_FAIL(KD_ERR_IO, "cannot create the lock file '%s': %s", l->path,
                          strerror(errno));
@@ -319,7 +340,9 @@ kd_status kd_dir_lock_take(const char *dir, const char *what, kd_dir_lock *l, FI
                              what, dir, who[0] ? " (" : "", who, who[0] ? ")" : "", l->path, what);
                 goto fail;
             }
+            /* no locks on this filesystem: the file goes again when the run ends */
             close(fd);
+            l->unlocked = 1;
             if (log)
                 fprintf(log,
                         "note: cannot lock '%s' (%s): nothing stops another process from writing "
@@ -352,12 +375,14 @@ fail:
 
 void kd_dir_lock_drop(kd_dir_lock *l, int failed)
 {
-    if (l->fd >= 0) {
+    if (l->fd >= 0 || l->unlocked) {
         /* before the lock goes: a process that opened the file meanwhile finds, once it has
          * locked it, that it is not the lock any more */
         unlink(l->path);
-        close(l->fd);
+        if (l->fd >= 0)
+            close(l->fd);
         l->fd = -1;
+        l->unlocked = 0;
     }
     if (failed)
         kd_remove_made_dirs(l->dir, l->made);

@@ -59,7 +59,8 @@ kd_status kd_mkdir_p(const char *dir);
  * none): removing that one, once empty, undoes the call. */
 kd_status kd_mkdir_p_made(const char *dir, char *made, size_t len);
 /* Remove dir and its parents up to top, the outermost directory kd_mkdir_p_made made for it,
- * as long as they are empty (rmdir removes nothing else; with top "" nothing is removed). */
+ * as long as they are empty (rmdir removes nothing else; with top "" nothing is removed, and
+ * nothing either when dir has a ".." component). */
 void kd_remove_made_dirs(const char *dir, const char *top);
 
 /*
@@ -71,7 +72,8 @@ void kd_remove_made_dirs(const char *dir, const char *top);
  * failed set it also removes the directories kd_dir_lock_take made, if they are empty.
  */
 typedef struct {
-    int fd; /* -1: no lock held */
+    int fd;       /* -1: no lock held */
+    int unlocked; /* the file was made, but the filesystem has no flock */
     char dir[PATH_MAX], path[PATH_MAX], made[PATH_MAX];
 } kd_dir_lock;
 kd_status kd_dir_lock_take(const char *dir, const char *what, kd_dir_lock *l, FILE *log);

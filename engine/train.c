@@ -522,26 +522,36 @@ static int in_dir(const char *file, const char *dir)
 }
 
 /* --resume FILE with run.out_dir dir holding a run (its files in found): KD_OK when FILE goes on
- * with that run (it lies in dir, or records the run id of dir/last.safetensors), else a refusal:
- * the resumed run would overwrite another. A FILE that cannot be read passes: loading it says
- * what is wrong. */
+ * with that run (it lies in dir, or records the run id of dir's last or best checkpoint), else a
+ * refusal: the resumed run would overwrite another. A FILE that cannot be read passes: loading
+ * it says what is wrong. */
 static kd_status resume_into(const char *file, const char *dir, const char *found)
 {
-    kd_ckpt_info f = {0}, d = {0};
-    char last[PATH_MAX];
-    snprintf(last, sizeof last, "%s/last.safetensors", dir);
+    static const char *const names[] = {"last.safetensors", "best.safetensors"};
+    kd_ckpt_info f = {0};
     if (in_dir(file, dir) || kd_checkpoint_read_info(file, &f) != KD_OK)
         return KD_OK;
-    if (kd_checkpoint_read_info(last, &d) == KD_OK && f.run_id && f.run_id == d.run_id)
-        return KD_OK;
-    return KD_FAIL(KD_ERR_CONFIG,
-                   "%s already holds a run (%s), and '%s' is not a checkpoint of that run%s: "
-                   "resuming there would overwrite it; choose another run.out_dir, or move its "
-                   "files away",
-                   dir, found, file,
-                   f.run_id && d.run_id ? ""
-                                        : " (or it cannot be told: a checkpoint of an "
-                                          "earlier build records no run id)");
+    int seen = 0, unrecorded = !f.run_id;
+    for (int i = 0; i < 2; i++) {
+        char p[PATH_MAX];
+        kd_ckpt_info d = {0};
+        snprintf(p, sizeof p, "%s/%s", dir, names[i]);
+        if (kd_checkpoint_read_info(p, &d) != KD_OK)
+            continue;
+        seen = 1;
+        unrecorded |= !d.run_id;
+        if (f.run_id && f.run_id == d.run_id)
+            return KD_OK;
+    }
+    return KD_FAIL(
+        KD_ERR_CONFIG,
+        "%s already holds a run (%s), and '%s' is not a checkpoint of that run%s: "
+        "resuming there would overwrite it; choose another run.out_dir, or move its "
+        "files away",
+        dir, found, file,
+        !seen        ? " (none of its checkpoints is left to tell)"
+        : unrecorded ? " (or it cannot be told: a checkpoint of an earlier build records no run id)"
+                     : "");
 }
 
 /* Checkpoint writes of an earlier process in dir that were cut off (killed: the atomic writer's
@@ -1094,6 +1104,7 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     uint32_t *order = NULL;
     kd_step sg = {0};
     train_losses tl = {0};
+    kd_dir_lock lock = {.fd = -1};
     int batch = job->batch_size;
     int eval_batch = job->eval_batch_size;
     int max_batch = batch > eval_batch ? batch : eval_batch;
@@ -1104,6 +1115,12 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         (st = open_ranks(job, opts, be, &solo, &nccl, &comm)))
         goto done;
     const int rank = comm->rank, world = comm->size;
+    /* the process that writes the run (rank 0) holds out_dir from before it looks at what is
+     * there until the run ends: a second run sent there (a sweep that forgot run.out_dir) is
+     * refused instead of mixing its files with this one's. Taken once the ranks agree on the
+     * job, so that a rank refusing it (its MPI_Abort ends rank 0 too) leaves no directory. */
+    if (rank == 0 && (st = kd_dir_lock_take(job->out_dir, "run.out_dir", &lock, log)))
+        goto done;
     if (!strcmp(job->mode, "offline") &&
         (st = kd_teacher_open(job, be, &d.train, batch, m->out_features, log, &teacher)))
         goto done;
@@ -1186,8 +1203,10 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
     saver.info.batch_size = batch;
     saver.info.train_samples = d.train.n;
     saver.info.split_hash = split_fingerprint(&d.train);
-    if ((st = job_run_id(job, &saver.info.run_id)))
+    if ((st = job_run_id(job, &saver.info.job_id)))
         goto done;
+    saver.info.run_id = saver.info.job_id; /* a fresh run's: a resume below keeps its own */
+    int into_run = 0; /* --resume FILE into an out_dir already holding that run */
     int64_t step = 0, epoch0 = 0;
     int resuming = opts->resume != NULL;
     char path[600] = "";
@@ -1209,8 +1228,8 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         }
     } else if (resuming) {
         snprintf(path, sizeof path, "%s", opts->resume);
-        if (run_leftovers(job->out_dir, found, sizeof found) &&
-            (st = resume_into(path, job->out_dir, found)))
+        into_run = run_leftovers(job->out_dir, found, sizeof found);
+        if (into_run && (st = resume_into(path, job->out_dir, found)))
             goto done;
     } else if (run_leftovers(job->out_dir, found, sizeof found)) {
         /* a fresh start never writes over a run already in out_dir */
@@ -1291,8 +1310,15 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         step = in.step;
         epoch0 = in.epoch;
         saver.info.best_val_acc = in.best_val_acc;
-        if (in.run_id) /* the run goes on: its checkpoints keep the id its first job gave them */
+        /* the run goes on: its checkpoints keep the id its first job gave them, unless this is
+         * a fork (a checkpoint taken elsewhere, into a directory of its own, with another job):
+         * that run is a new one, which the original's directory must not take back */
+        const int fork = strcmp(opts->resume, "auto") != 0 && !into_run &&
+                         !in_dir(path, job->out_dir) && in.job_id != saver.info.job_id;
+        if (in.run_id && !fork)
             saver.info.run_id = in.run_id;
+        else if (in.run_id)
+            saver.info.run_id = kd_mix64(in.run_id, saver.info.job_id, 0x666f726bu) | 1u;
         /* epochs counted from 1, as the progress lines and the stop message count them */
         if (step == job_steps)
             fprintf(log,
@@ -1680,6 +1706,8 @@ done:
     free(p_host);
     kd_model_free(m);
     free_splits(&d);
+    /* last: a job refused before it wrote anything leaves no run directory it made */
+    kd_dir_lock_drop(&lock, st != KD_OK);
     return st;
 }
 
@@ -1698,17 +1726,7 @@ kd_status kd_train(const kd_job *job, const kd_train_opts *opts)
                 "the labels alone (distill.mode: offline and a kd or dkd term learn from it)\n",
                 kd_node_where(kd_node_child(job->root, "teacher"), pos, sizeof pos));
     }
-    /* the process that writes the run (rank 0) holds out_dir from before it looks at what is
-     * there until the run ends: a second run sent there (a sweep that forgot run.out_dir) is
-     * refused instead of mixing its files with this one's */
-    kd_dir_lock lock = {.fd = -1};
-    kd_status st = KD_OK;
-    if (!quiet)
-        st = kd_dir_lock_take(job->out_dir, "run.out_dir", &lock, stderr);
-    if (st == KD_OK)
-        st = train_run(job, opts, quiet ? quiet : stderr);
-    /* a job refused before it wrote anything leaves no run directory it made */
-    kd_dir_lock_drop(&lock, st != KD_OK);
+    kd_status st = train_run(job, opts, quiet ? quiet : stderr);
     if (quiet)
         fclose(quiet);
     return st;

@@ -1002,6 +1002,13 @@ static void test_out_dir_in_use(void **state)
     const char *refused[] = {"train", job, "--set", ood, "--resume", p, NULL};
     run_expect(refused, 1, p, NULL);
     assert_false(kd_file_exists(made));
+    /* through "..", the directories are left as they are: removing by the path's text would
+     * take an empty one that was there before (pre) and keep the one made (dd) */
+    char pre[600];
+    assert_int_equal(mkdir(tpath(pre, sizeof pre, "pre"), 0755), 0);
+    snprintf(ood, sizeof ood, "run.out_dir=%s/dd/../pre/x", tmp);
+    run_expect(refused, 1, p, NULL);
+    assert_true(kd_file_exists(pre));
 }
 
 /* --resume FILE into a run.out_dir that holds another run is refused and leaves that run as it
@@ -1039,6 +1046,23 @@ static void test_resume_into_other_run(void **state)
     assert_int_equal(kd_write_bytes(tpath(copy, sizeof copy, "runa_copy.safetensors"), ck0, n0), 0);
     const char *from_copy[] = {"train", job, "--resume", copy, NULL};
     run_expect(from_copy, 0, "nothing left to train", NULL);
+    assert_true(kd_file_holds(a_last, ck0, n0));
+    /* and with only best.safetensors left to tell which run the directory holds */
+    char moved[700];
+    assert_int_equal(rename(a_last, tpath(moved, sizeof moved, "runa_last_aside")), 0);
+    run_expect(from_copy, 0, "nothing left to train", NULL);
+    assert_int_equal(rename(moved, a_last), 0);
+    /* a fork (the run's checkpoint trained on elsewhere with another job) is a run of its own:
+     * the original's directory does not take it back */
+    char fork_last[700], of[720];
+    snprintf(of, sizeof of, "run.out_dir=%s", tpath(fork_last, sizeof fork_last, "fork"));
+    const char *fork[] = {
+        "train",         job,        "--set", of,  "--set", "optim.epochs=2", "--set",
+        "optim.lr=0.01", "--resume", copy,    NULL};
+    run_expect(fork, 0, "epoch 2/2", NULL);
+    tpath(fork_last, sizeof fork_last, "fork/last.safetensors");
+    const char *back[] = {"train", job, "--set", "optim.epochs=2", "--resume", fork_last, NULL};
+    run_expect(back, 1, "is not a checkpoint of that run", NULL);
     assert_true(kd_file_holds(a_last, ck0, n0));
     const char *qat[] = {"train",          job,        "--set", "quant.bits=8", "--set",
                          "quant.qat=true", "--resume", NULL};

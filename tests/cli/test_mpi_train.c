@@ -307,6 +307,9 @@ static void test_ranks_must_agree(void **state)
     if (code == 0 || !strstr(log, "were not started with the same job") ||
         !strstr(log, "rank 1 of 2"))
         fail_msg("exit %d:\n%s", code, log);
+    /* refused before rank 0 took its out_dir: no run directory was made */
+    if (kd_file_exists(out))
+        fail_msg("the refused job left %s", out);
     /* run.threads may differ (a host's cores are its own), and so may the order of the --set
      * options that make the same job */
     const char *c[] = {"train",      job,     "--no-progress",  "--set",

@@ -25,10 +25,11 @@ train() { # name config epochs [--set ...]
     "$BIN" train "$cfg" --set "run.out_dir=$OUT/$name" --set "optim.epochs=$epochs" "$@"
 }
 
-# The teacher sees 20000 of the 55000 training samples for 2 epochs here (about 1.5 minutes);
-# the reference run trains on all of them for 20 epochs.
-train teacher configs/fashion-mnist/teacher.yaml 2 --set data.train_limit=20000 \
-    --set optim.schedule.warmup_steps=50
+# The teacher trains for 2 epochs here (about 4 minutes; about 90 % test accuracy), the reference
+# run for 20 (94 %). On a fraction of the data it would end weaker than the students' short runs
+# (20000 samples: 85 %, below the tiny student from scratch), and a student distilled from it
+# then learns less than one trained alone.
+train teacher configs/fashion-mnist/teacher.yaml 2 --set optim.schedule.warmup_steps=50
 echo "== caching the teacher's logits (2 augmented views per sample)"
 "$BIN" cache configs/fashion-mnist/tiny_distill.yaml --set "teacher.checkpoint=$TEACHER_CKPT" \
     --set "teacher.cache=$CACHE" --set teacher.views=2

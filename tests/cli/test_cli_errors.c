@@ -20,6 +20,8 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
+
 #include "fileio.h"
 #include "kd_cli_util.h"
 #include "kd_fake_data.h"
@@ -1073,6 +1075,76 @@ static void test_resume_into_other_run(void **state)
     free(res0);
 }
 
+/* An executable script at path holding text. */
+static void write_script(const char *path, const char *text)
+{
+    assert_int_equal(kd_write_text(path, text), 0);
+    assert_int_equal(chmod(path, 0755), 0);
+}
+
+/* A quantized row whose firmware does not fit the Cortex-M4 board (bench/mcu/run.sh exits 3; a
+ * stand-in source tree's run.sh does, with stand-ins for the tools on PATH) stays in the report
+ * with its blob and arena, marked "(too big)" and without an instruction count, and the log
+ * the message points at is there. */
+static void test_report_too_big(void **state)
+{
+    (void)state;
+    char job[600], src[600], bin[600], p[700], ckpt[700], spec[600], od[600], text[4096];
+    write_mlp_job(tpath(job, sizeof job, "big.yaml"), "big");
+    const char *tr[] = {"train", job, NULL};
+    run_expect(tr, 0, "epoch 1/1", NULL);
+    tpath(ckpt, sizeof ckpt, "big/last.safetensors");
+    tpath(src, sizeof src, "fakesrc");
+    snprintf(p, sizeof p, "%s/bench/mcu", src);
+    assert_int_equal(kd_mkdir_p(p), KD_OK);
+    snprintf(p, sizeof p, "%s/bench/mcu/run.sh", src);
+    write_script(p, "echo \"run.sh: $2 does not fit mps2-an386's memory: region FLASH "
+                    "overflowed by 123 bytes\" >&2\nexit 3\n");
+    assert_int_equal(kd_mkdir_p(tpath(bin, sizeof bin, "fakebin")), KD_OK);
+    static const char *const tools[] = {"arm-none-eabi-gcc", "qemu-system-arm", "cmake"};
+    for (int i = 0; i < 3; i++) {
+        snprintf(p, sizeof p, "%s/%s", bin, tools[i]);
+        write_script(p, "#!/bin/sh\nexit 1\n");
+    }
+    snprintf(text, sizeof text,
+             "out_dir: %s\nrows:\n"
+             "  - {label: f, config: %s, checkpoint: %s}\n"
+             "  - {label: q, config: %s, checkpoint: %s, quant: int8}\n",
+             tpath(od, sizeof od, "big_report"), job, ckpt, job, ckpt);
+    assert_int_equal(kd_write_text(tpath(spec, sizeof spec, "big_spec.yaml"), text), 0);
+    const char *path0 = getenv("PATH");
+    char *saved = strdup(path0 ? path0 : "/usr/bin:/bin"), newpath[4096];
+    snprintf(newpath, sizeof newpath, "%s:%s", bin, saved);
+    setenv("PATH", newpath, 1);
+    const char *rep[] = {"report", spec, "--mcu", "--source", src, "--no-progress", NULL};
+    run_expect(rep, 0, "row 2 (q): the firmware does not fit the Cortex-M4 board's memory",
+               "(too big)", "written:", NULL);
+    setenv("PATH", saved, 1);
+    free(saved);
+    snprintf(p, sizeof p, "%s/report.md", od);
+    char *md = kd_read_text(p);
+    assert_non_null(md);
+    if (!strstr(md, " (too big) |") || !strstr(md, "(too big): the firmware does not fit"))
+        fail_msg("report.md does not mark the row too big:\n%s", md);
+    free(md);
+    snprintf(p, sizeof p, "%s/report.json", od);
+    cJSON *j = kd_read_json(p);
+    assert_non_null(j);
+    const cJSON *rows = cJSON_GetObjectItemCaseSensitive(j, "rows");
+    const cJSON *q = cJSON_GetArrayItem(rows, 1);
+    assert_non_null(q);
+    assert_true(cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(q, "fits_cortex_m4")));
+    assert_null(cJSON_GetObjectItemCaseSensitive(q, "m4_instructions_per_inference"));
+    assert_true(cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(q, "flash_bytes")));
+    assert_null(cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(rows, 0), "fits_cortex_m4"));
+    cJSON_Delete(j);
+    snprintf(p, sizeof p, "%s/02-int8/mcu.log", od);
+    char *log = kd_read_text(p);
+    assert_non_null(log);
+    assert_non_null(strstr(log, "overflowed by 123 bytes"));
+    free(log);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1104,6 +1176,7 @@ int main(void)
         cmocka_unit_test(test_resume_weights_only),
         cmocka_unit_test(test_out_dir_in_use),
         cmocka_unit_test(test_resume_into_other_run),
+        cmocka_unit_test(test_report_too_big),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -638,12 +638,15 @@ static kd_status commit_rows(const char *out_dir, row_t *rows, int n, int mcu)
         remove(md_new);
         return st;
     }
-    /* from here the rows are the new ones: a failure is reported, not undone */
-    if (rename(js_new, js) != 0 || rename(md_new, md) != 0)
+    /* from here the rows are the new ones: a failure is reported, not undone (report.md.new,
+     * renamed last, tells the next report that this one did not finish) */
+    const int js_done = rename(js_new, js) == 0;
+    if (!js_done || rename(md_new, md) != 0)
         st = KD_FAIL(KD_ERR_IO,
-                     "the new rows are in place but writing '%s' and '%s' failed: rename: %s "
-                     "(the new files are '%s' and '%s')",
-                     md, js, strerror(errno), md_new, js_new);
+                     "the new rows are in place but renaming '%s' to '%s' failed: %s (%s)",
+                     js_done ? md_new : js_new, js_done ? md : js, strerror(errno),
+                     js_done ? "report.json is the new one; the new report.md is report.md.new"
+                             : "the new report is in report.md.new and report.json.new");
     if (st == KD_OK)
         st = kd_fsync_dir_of(md);
     for (int i = 0; i < n; i++)
@@ -753,9 +756,10 @@ kd_status kd_report_run(const char *spec_path, const kd_report_opts *o, FILE *ou
                     rows[i].bits && mcu ? " (export, then the Cortex-M4 under QEMU)" : "");
         KD_TRY(run_row(&rows[i], i, out_dir, o, mcu));
     }
-    KD_TRY(commit_rows(out_dir, rows, n, mcu));
+    const kd_status st = commit_rows(out_dir, rows, n, mcu);
     rmdir(stage_root); /* kept when something else is in them */
     rmdir(old_root);
+    KD_TRY(st);
     print_table(out, rows, n, 0, mcu);
     remove_stale_rows(out_dir, rows, n, out);
     fprintf(out, "written: %s/report.md, %s/report.json\n", out_dir, out_dir);

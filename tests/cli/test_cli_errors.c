@@ -1085,7 +1085,7 @@ static void write_script(const char *path, const char *text)
 /* A quantized row whose firmware does not fit the Cortex-M4 board (bench/mcu/run.sh exits 3; a
  * stand-in source tree's run.sh does, with stand-ins for the tools on PATH) stays in the report
  * with its blob and arena, marked "(too big)" and without an instruction count, and the log
- * the message points at is there. */
+ * the message points at is there. Then a report whose report.md cannot be replaced. */
 static void test_report_too_big(void **state)
 {
     (void)state;
@@ -1143,6 +1143,28 @@ static void test_report_too_big(void **state)
     assert_non_null(log);
     assert_non_null(strstr(log, "overflowed by 123 bytes"));
     free(log);
+    /* report.md cannot be replaced (a directory of the user's is in its place): the rows are
+     * the new ones, the message names the file that holds the new report.md, nothing is left
+     * under .new or .old, and the next report (the directory gone) finishes cleanly */
+    char blocker[760];
+    snprintf(p, sizeof p, "%s/report.md", od);
+    assert_int_equal(unlink(p), 0);
+    snprintf(blocker, sizeof blocker, "%s/report.md/mine", od);
+    assert_int_equal(kd_mkdir_p(blocker), KD_OK);
+    const char *again[] = {"report", spec, "--no-mcu", "--no-progress", NULL};
+    run_expect(again, 1, "the new rows are in place but renaming", "report.md.new",
+               "report.json is the new one", NULL);
+    assert_nothing_aside(od);
+    snprintf(p, sizeof p, "%s/report.md.new", od);
+    assert_true(kd_file_exists(p));
+    kd_rm_rf(blocker);
+    snprintf(p, sizeof p, "%s/report.md", od);
+    assert_int_equal(rmdir(p), 0);
+    run_expect(again, 0, "written:", NULL);
+    assert_true(kd_file_exists(p));
+    snprintf(p, sizeof p, "%s/report.md.new", od);
+    assert_false(kd_file_exists(p));
+    assert_nothing_aside(od);
 }
 
 int main(void)

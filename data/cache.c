@@ -657,12 +657,12 @@ static kd_status meta_read(hid_t f, const char *path, kd_cache_meta *m)
     KD_TRY(attr_read_i64(f, path, "views", 1, &nv, NULL));
     KD_TRY(attr_read_i64(f, path, "topk", 1, &nk, NULL));
     KD_TRY(attr_read_i64(f, path, "chunk_rows", 1, &m->chunk_rows, NULL));
-    if (m->num_samples < 1 || nc < 1 || nc > INT32_MAX || nv < 1 || nv > INT32_MAX || nk < 0 ||
-        nk > nc || m->chunk_rows < 1)
+    if (m->num_samples < 1 || m->num_samples > INT32_MAX || nc < 1 || nc > INT32_MAX || nv < 1 ||
+        nv > INT32_MAX || nk < 0 || nk > nc || m->chunk_rows < 1 || m->chunk_rows > INT32_MAX)
         return KD_FAIL(KD_ERR_FORMAT,
                        "cache '%s' has invalid attributes: num_samples %lld, num_classes %lld, "
-                       "views %lld, topk %lld, chunk_rows %lld (need N, C, V, chunk_rows >= 1 and "
-                       "0 <= topk <= C)",
+                       "views %lld, topk %lld, chunk_rows %lld (need N, C, V, chunk_rows from 1 "
+                       "to 2^31 - 1 and 0 <= topk <= C)",
                        path, (long long)m->num_samples, (long long)nc, (long long)nv, (long long)nk,
                        (long long)m->chunk_rows);
     m->num_classes = (int)nc;
@@ -882,6 +882,19 @@ static kd_status dset_open(hid_t f, const char *path, const char *name, H5T_clas
     }
     H5D_layout_t layout = H5Pget_layout(dcpl);
     H5_CHECK(layout, "H5Pget_layout");
+    if (layout == H5D_CONTIGUOUS) {
+        /* a contiguous dataset gets its storage when first written: none means it never was
+         * (its values would all be the fill value) */
+        H5D_space_status_t space;
+        H5_CHECK(H5Dget_space_status(d, &space), "H5Dget_space_status");
+        if (space == H5D_SPACE_STATUS_NOT_ALLOCATED) {
+            st = KD_FAIL(KD_ERR_FORMAT,
+                         "cache '%s': dataset /%s was never written (a contiguous dataset with "
+                         "no storage: every value would be its fill value)",
+                         path, name);
+            goto done;
+        }
+    }
     if (layout == H5D_CHUNKED || layout == H5D_VIRTUAL) {
         size_t bytes = size;
         if (layout == H5D_CHUNKED) {
@@ -3237,7 +3250,10 @@ kd_status kd_cache_stream_begin(kd_cache *c, const uint32_t *order, int64_t n)
     pthread_cond_init(&s->cv, NULL);
     s->n = n;
     s->nslots = c->opts.prefetch_slots > 0 ? c->opts.prefetch_slots : 4;
-    s->slot_rows = c->opts.slot_rows > 0 ? c->opts.slot_rows : 4 * c->meta.chunk_rows;
+    /* a chunk holds at most the cache's rows, whatever chunk_rows a writer chose */
+    const int64_t cr =
+        c->meta.chunk_rows < c->meta.num_samples ? c->meta.chunk_rows : c->meta.num_samples;
+    s->slot_rows = c->opts.slot_rows > 0 ? c->opts.slot_rows : 4 * cr;
     if (s->slot_rows > n)
         s->slot_rows = n;
     s->nseg = div_up(n, s->slot_rows);
@@ -3248,7 +3264,7 @@ kd_status kd_cache_stream_begin(kd_cache *c, const uint32_t *order, int64_t n)
     s->sorted = malloc((size_t)s->slot_rows * sizeof *s->sorted);
     s->bucket = malloc((size_t)(c->nchunks + 1) * sizeof *s->bucket);
     int bad = !s->order || !s->slots || !s->slot_seg || !s->sorted || !s->bucket ||
-              rowbuf_alloc(c, &s->chunk, c->meta.chunk_rows) != 0;
+              rowbuf_alloc(c, &s->chunk, cr) != 0;
     for (int i = 0; !bad && i < s->nslots; i++) {
         bad = rowbuf_alloc(c, &s->slots[i], s->slot_rows) != 0;
         s->slot_seg[i] = -1;

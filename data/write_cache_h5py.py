@@ -9,6 +9,10 @@ them with `write_cache`. The schema is documented in data/README.md.
     python3 data/write_cache_h5py.py --out teacher.h5 --npy logits.npy --labels labels.npy \
         --topk 5 --dtype float16 --compress gzip
 
+Row i must be the i-th sample of the student job's training split: for a
+teacher outside distill, a job with data.val_size: 0, whose split is the
+training file in file order (data/README.md, "Which sample each row is").
+
 Logits come from --npy (an array [N, C] or [N, V, C]) or are random (--seed),
 or follow --pattern arange (exactly representable in float16; used by the
 tests). Labels come from --labels (.npy of N ints) or are row % C.

@@ -1089,6 +1089,11 @@ static void test_bad_attrs(void **state)
     expect_open_fail(path, NULL, KD_ERR_FORMAT, "invalid attributes", "views 0,");
     set_attr(path, "views", -7);
     expect_open_fail(path, NULL, KD_ERR_FORMAT, "invalid attributes", "views -7,");
+    /* a chunk_rows no cache has (sizes computed from it would wrap) */
+    set_attr(path, "views", 2);
+    set_attr(path, "chunk_rows", (int64_t)1 << 62);
+    expect_open_fail(path, NULL, KD_ERR_FORMAT, "invalid attributes",
+                     "chunk_rows 4611686018427387904 (need");
 }
 
 /* The class of top-k slot k of (row g, view v) as the writer stored it. */
@@ -1288,6 +1293,27 @@ static void test_missing_chunk(void **state)
     kd_clear_error();
     assert_int_equal(kd_cache_writer_open(path, &m, NULL, &w), KD_ERR_FORMAT);
     assert_non_null(strstr(kd_last_error(), "/labels has no chunk at [0]"));
+}
+
+/* A contiguous dataset that was never written (no storage allocated: h5py's create_dataset
+ * without data) is refused, not read as its fill value. */
+static void test_contiguous_unwritten(void **state)
+{
+    (void)state;
+    char path[512];
+    tmp_path(path, sizeof path, "contig.h5");
+    kd_cache_meta m = make_meta(300, 10, 1, 0, KD_DTYPE_F32, 100);
+    write_cache(path, &m, NULL, 1);
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    assert_true(f >= 0);
+    assert_true(H5Ldelete(f, "logits", H5P_DEFAULT) >= 0);
+    hsize_t dims[3] = {300, 1, 10};
+    hid_t sp = H5Screate_simple(3, dims, NULL);
+    assert_true(sp >= 0);
+    hid_t d = H5Dcreate2(f, "logits", H5T_IEEE_F32LE, sp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    assert_true(d >= 0);
+    assert_true(H5Dclose(d) >= 0 && H5Sclose(sp) >= 0 && H5Fclose(f) >= 0);
+    expect_open_fail(path, NULL, KD_ERR_FORMAT, "dataset /logits was never written", NULL);
 }
 
 /* A chunk whose checksum fails: the reader says the cache is damaged and what to do; inspect
@@ -1560,6 +1586,7 @@ int main(void)
         cmocka_unit_test(test_topk_entries),
         cmocka_unit_test(test_damaged_chunk),
         cmocka_unit_test(test_missing_chunk),
+        cmocka_unit_test(test_contiguous_unwritten),
         cmocka_unit_test(test_not_writable),
         cmocka_unit_test(test_open_elsewhere),
     };

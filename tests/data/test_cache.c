@@ -1255,6 +1255,16 @@ static void damage_chunk(const char *path, const char *name, int64_t row)
     assert_int_equal(close(fd), 0);
 }
 
+/* A complete cache of m written to tmp/<name> (its path into path), opened for writing. */
+static hid_t written_rw(const char *name, const kd_cache_meta *m, char *path, size_t len)
+{
+    tmp_path(path, len, name);
+    write_cache(path, m, NULL, 1);
+    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    assert_true(f >= 0);
+    return f;
+}
+
 /* A chunk the file's index has lost reads back as the fill value (zeros) without an HDF5 error:
  * here /labels is made again with chunks allocated only when written, and chunk 0 never is. The
  * reader and a resuming writer refuse the file, naming the chunk. */
@@ -1262,11 +1272,8 @@ static void test_missing_chunk(void **state)
 {
     (void)state;
     char path[512];
-    tmp_path(path, sizeof path, "hole.h5");
     kd_cache_meta m = make_meta(1000, 10, 2, 0, KD_DTYPE_F32, 128);
-    write_cache(path, &m, NULL, 1);
-    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
-    assert_true(f >= 0);
+    hid_t f = written_rw("hole.h5", &m, path, sizeof path);
     int32_t *lab = malloc(sizeof(int32_t) * 1000);
     assert_non_null(lab);
     hid_t d = H5Dopen2(f, "labels", H5P_DEFAULT);
@@ -1301,11 +1308,8 @@ static void test_contiguous_unwritten(void **state)
 {
     (void)state;
     char path[512];
-    tmp_path(path, sizeof path, "contig.h5");
     kd_cache_meta m = make_meta(300, 10, 1, 0, KD_DTYPE_F32, 100);
-    write_cache(path, &m, NULL, 1);
-    hid_t f = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
-    assert_true(f >= 0);
+    hid_t f = written_rw("contig.h5", &m, path, sizeof path);
     assert_true(H5Ldelete(f, "logits", H5P_DEFAULT) >= 0);
     hsize_t dims[3] = {300, 1, 10};
     hid_t sp = H5Screate_simple(3, dims, NULL);

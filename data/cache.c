@@ -582,21 +582,23 @@ static int augment_parse(const char *s, int *pad, int *flip)
 {
     int used = 0;
     *pad = *flip = 0;
-    if (strcmp(s, "none") != 0 &&
-        (sscanf(s, "crop_pad=%d hflip=%d%n", pad, flip, &used) != 2 || s[used] || *pad < 0))
-        return 0;
-    char back[KD_AUG_DESC_LEN];
-    const kd_augment_cfg cfg = {*pad, *flip};
-    kd_augment_describe(&cfg, back, sizeof back);
-    return strcmp(back, s) == 0;
+    return !strcmp(s, "none") || (sscanf(s, "crop_pad=%d hflip=%d%n", pad, flip, &used) == 2 &&
+                                  !s[used] && *pad >= 0 && (*flip == 0 || *flip == 1));
 }
 
 /* 1 when s is a value of the `augment` attribute: "none", or "crop_pad=N hflip=B" (N >= 0, B 0
- * or 1, not both off), or "" (unknown). */
-static int valid_augment(const char *s)
+ * or 1), or "" (unknown); s is then rewritten in the form distill writes (kd_augment_describe:
+ * "crop_pad=0 hflip=0" is "none"), which is how values are compared. */
+static int valid_augment(char *s, size_t len)
 {
     int pad, flip;
-    return !s[0] || augment_parse(s, &pad, &flip);
+    if (!s[0])
+        return 1;
+    if (!augment_parse(s, &pad, &flip))
+        return 0;
+    const kd_augment_cfg cfg = {pad, flip};
+    kd_augment_describe(&cfg, s, len);
+    return 1;
 }
 
 /* 1 when two augment values differ; "" (unknown: a file written before the attribute existed, or
@@ -686,7 +688,7 @@ static kd_status meta_read(hid_t f, const char *path, kd_cache_meta *m)
                        "digits or empty",
                        path);
     KD_TRY(attr_read_str(f, path, "augment", 0, s, sizeof s)); /* optional: "" unknown */
-    if (strlen(s) >= sizeof m->augment || !valid_augment(s))
+    if (strlen(s) >= sizeof m->augment || !valid_augment(s, sizeof m->augment))
         return KD_FAIL(KD_ERR_FORMAT,
                        "cache '%s': attribute augment is '%.60s'; it must be 'none' or "
                        "'crop_pad=N hflip=0|1' (see data/README.md)",
@@ -1151,7 +1153,10 @@ static kd_status meta_validate(const kd_cache_meta *m, const char *path)
                        "cache '%s': teacher_sha256 and dataset_sha256 must be 64 lowercase hex "
                        "digits or empty",
                        path);
-    if (!memchr(m->augment, 0, sizeof m->augment) || !valid_augment(m->augment))
+    char aug[sizeof m->augment];
+    memcpy(aug, m->augment, sizeof aug);
+    if (!memchr(aug, 0, sizeof aug) || !valid_augment(aug, sizeof aug) ||
+        strcmp(aug, m->augment) != 0) /* written only in distill's own form */
         return KD_FAIL(KD_ERR_INVALID,
                        "cache '%s': augment must be 'none', 'crop_pad=N hflip=0|1' or empty", path);
     return KD_OK;

@@ -1041,12 +1041,20 @@ static void test_augment_attr(void **state)
     e.augment[0] = '\0'; /* the job's augmentation unknown: not compared */
     assert_ok(kd_cache_open(path, &e, &c));
     kd_cache_close(c);
-    const char *bad[] = {"crop_pad=-1 hflip=0", "crop_pad=2 hflip=2", "crop_pad=0 hflip=0",
-                         "crop_pad=2  hflip=1", "sideways"};
+    const char *bad[] = {"crop_pad=-1 hflip=0", "crop_pad=2 hflip=2", "crop_pad=2 hflip=1 x",
+                         "sideways"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         set_str_attr(path, "augment", bad[i]);
         expect_open_fail(path, NULL, KD_ERR_FORMAT, "attribute augment is", bad[i]);
     }
+    /* another writer's spelling of a valid value is read in distill's form: "crop_pad=0
+     * hflip=0" is "none" (which these views, drawn with crop_pad 2, do not follow) */
+    set_str_attr(path, "augment", "crop_pad=0 hflip=0");
+    expect_open_fail(path, NULL, KD_ERR_FORMAT, "its augment attribute 'none' never draws", NULL);
+    set_str_attr(path, "augment", "crop_pad=2  hflip=1");
+    assert_ok(kd_cache_open(path, &e, &c));
+    assert_string_equal(kd_cache_meta_of(c)->augment, "crop_pad=2 hflip=1");
+    kd_cache_close(c);
     /* an attribute the stored views do not follow (shifted views called unaugmented, flips
      * without hflip, shifts beyond crop_pad): the views are not what the file says */
     set_str_attr(path, "augment", "none");

@@ -257,7 +257,7 @@ static kd_status read_info(const kd_safetensors *st, const char *path, kd_ckpt_i
 kd_status kd_checkpoint_read_info(const char *path, kd_ckpt_info *info)
 {
     kd_safetensors *st = NULL;
-    KD_TRY(kd_safetensors_open(path, &st));
+    KD_TRY(kd_safetensors_open_header(path, &st));
     const kd_status rc = read_info(st, path, info);
     kd_safetensors_close(st);
     return rc;

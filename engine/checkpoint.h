@@ -69,8 +69,8 @@ kd_status kd_checkpoint_save(const char *path, const kd_model *m, const float *s
 kd_status kd_checkpoint_load(const char *path, kd_model *m, float *state, size_t nstate,
                              kd_ckpt_info *info);
 
-/* The metadata of checkpoint `path` into info, as kd_checkpoint_load gives it, without reading
- * its tensors into a model. */
+/* The metadata of checkpoint `path` into info, as kd_checkpoint_load gives it, from its header
+ * alone (no tensor is read). */
 kd_status kd_checkpoint_read_info(const char *path, kd_ckpt_info *info);
 
 /* The refusal to resume from `path`, a file without distill's metadata (weights only). */

@@ -422,7 +422,8 @@ static kd_status parse_metadata(const char *path, kd_safetensors *s, const cJSON
     return KD_OK;
 }
 
-kd_status kd_safetensors_open(const char *path, kd_safetensors **out)
+/* kd_safetensors_open, or with data 0 kd_safetensors_open_header */
+static kd_status st_open(const char *path, int data, kd_safetensors **out)
 {
     if (!path || !out)
         return KD_FAIL(KD_ERR_INVALID, "kd_safetensors_open: NULL argument");
@@ -561,6 +562,8 @@ kd_status kd_safetensors_open(const char *path, kd_safetensors **out)
         total += (sp->end - sp->begin + KD_ST_ALIGN - 1) / KD_ST_ALIGN * KD_ST_ALIGN;
     }
 
+    if (!data) /* the header checked, no tensor read */
+        goto done;
     /* Non-overlapping spans inside the file bound total, so a hostile header cannot inflate it. */
     s->arena = aligned_alloc(KD_ST_ALIGN, total ? (size_t)total : KD_ST_ALIGN);
     if (!s->arena) {
@@ -581,7 +584,7 @@ kd_status kd_safetensors_open(const char *path, kd_safetensors **out)
         }
         pos += (len + KD_ST_ALIGN - 1) / KD_ST_ALIGN * KD_ST_ALIGN;
     }
-
+done:
     close(fd);
     free(header);
     free(spans);
@@ -595,6 +598,16 @@ fail:
     free(spans);
     kd_safetensors_close(s);
     return st;
+}
+
+kd_status kd_safetensors_open(const char *path, kd_safetensors **out)
+{
+    return st_open(path, 1, out);
+}
+
+kd_status kd_safetensors_open_header(const char *path, kd_safetensors **out)
+{
+    return st_open(path, 0, out);
 }
 
 size_t kd_safetensors_count(const kd_safetensors *st) { return st ? st->n : 0; }

@@ -49,6 +49,9 @@ typedef struct kd_safetensors kd_safetensors;
  * with KD_ERR_FORMAT, a missing file with KD_ERR_NOT_FOUND.
  */
 kd_status kd_safetensors_open(const char *path, kd_safetensors **out);
+/* kd_safetensors_open without reading the tensors: the same checks of the header (names, types,
+ * shapes, spans inside the file), every entry's data NULL; for the metadata alone. */
+kd_status kd_safetensors_open_header(const char *path, kd_safetensors **out);
 
 /* Entries in header order. */
 size_t kd_safetensors_count(const kd_safetensors *st);

@@ -107,6 +107,11 @@ static void expect_open_fails(const char *path, kd_status want, const char *prob
     assert_null(st);
     assert_non_null(strstr(kd_last_error(), path));
     assert_non_null(strstr(kd_last_error(), problem));
+    /* the header alone is refused alike: every check here is of the header and the spans */
+    kd_clear_error();
+    assert_int_equal(kd_safetensors_open_header(path, &st), want);
+    assert_null(st);
+    assert_non_null(strstr(kd_last_error(), problem));
 }
 
 /* Write json (+ndata bytes) to dir/bad.safetensors and expect KD_ERR_FORMAT naming problem. */
@@ -208,6 +213,20 @@ static void test_round_trip(void **state)
     assert_string_equal(kd_safetensors_meta(st, "format"), "distill-checkpoint-v1");
     assert_string_equal(kd_safetensors_meta(st, "tricky"), meta[3]);
     assert_null(kd_safetensors_meta(st, "missing"));
+    /* the header alone: the same entries and metadata, no data */
+    kd_safetensors *ho = NULL;
+    assert_int_equal(kd_safetensors_open_header(path, &ho), KD_OK);
+    assert_int_equal(kd_safetensors_count(ho), n);
+    for (size_t i = 0; i < n; i++) {
+        const kd_st_entry *a = kd_safetensors_entry(st, i), *b = kd_safetensors_entry(ho, i);
+        assert_string_equal(a->name, b->name);
+        assert_int_equal(a->dtype, b->dtype);
+        assert_int_equal(a->ndim, b->ndim);
+        assert_memory_equal(a->shape, b->shape, sizeof a->shape);
+        assert_null(b->data);
+    }
+    assert_string_equal(kd_safetensors_meta(ho, "tricky"), meta[3]);
+    kd_safetensors_close(ho);
     kd_safetensors_close(st);
 }
 

@@ -1400,10 +1400,10 @@ static kd_status train_run(const kd_job *job, const kd_train_opts *opts, FILE *l
         goto done;
     if (rank != 0) /* only rank 0 writes files */
         goto train;
-    /* out_dir exists (kd_train's lock made it, and removes it again if the job fails before
-     * anything is written); a resumed run's config copy and metrics wait for its first commit
+    /* out_dir exists (the lock made it, and removes it again if the job fails before anything
+     * is written); a resumed run's config copy and metrics wait for its first commit
      * (resume_commit_prep) */
-    if ((st = kd_mkdir_p(job->out_dir)) || (!resuming && (st = write_config_copy(job))))
+    if (!resuming && (st = write_config_copy(job)))
         goto done;
     snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", job->out_dir);
     guard.pending = resuming;
